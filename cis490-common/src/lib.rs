@@ -1,0 +1,74 @@
+//! Records and map layouts shared by the eBPF programs (`cis490-ebpf`) and the
+//! loader (`cis490`).
+//!
+//! Every type here is `#[repr(C)]` and built only from `u64`/`u32`/byte
+//! arrays laid out so that there is no implicit padding (checked by the
+//! `const` assertions below). The eBPF side writes them; the loader reads
+//! them either as map values (through [`aya::Pod`], feature `user`) or as
+//! ring-buffer bytes (through the `TryFrom<&[u8]>` decoders in [`record`],
+//! which never transmute and are unit-tested on the host).
+#![no_std]
+
+pub mod record;
+pub mod sched;
+
+pub use record::{DecodeError, LifecycleKind, LifecycleRecord, RecordKind};
+pub use sched::{CpuSlice, MaxSlot, SchedStats, HIST_BUCKETS};
+
+/// Length of a kernel task name (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+
+/// Size of the BPF ring buffer that carries streamed records, in bytes
+/// (a power of two and a multiple of the page size).
+pub const RINGBUF_BYTES: u32 = 256 * 1024;
+
+/// Maximum number of target threads tracked at once.
+pub const MAX_THREADS: u32 = 65_536;
+
+/// Index of the log2 histogram bucket for a value: bucket `i` holds values in
+/// `[2^i, 2^(i+1))`, bucket 0 also holds 0.
+///
+/// Written as a branch-free binary search of shifts (not `leading_zeros`) so
+/// that the eBPF verifier can see the result is at most 63 and accept it as
+/// an array index; the same function runs in host tests.
+#[inline(always)]
+pub const fn log2_bucket(mut v: u64) -> usize {
+    let mut r = ((v > 0xFFFF_FFFF) as u64) << 5;
+    v >>= r;
+    let mut s = ((v > 0xFFFF) as u64) << 4;
+    v >>= s;
+    r |= s;
+    s = ((v > 0xFF) as u64) << 3;
+    v >>= s;
+    r |= s;
+    s = ((v > 0xF) as u64) << 2;
+    v >>= s;
+    r |= s;
+    s = ((v > 0x3) as u64) << 1;
+    v >>= s;
+    r |= s;
+    (r | (v >> 1)) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log2_bucket_bounds() {
+        assert_eq!(log2_bucket(0), 0);
+        assert_eq!(log2_bucket(1), 0);
+        assert_eq!(log2_bucket(2), 1);
+        assert_eq!(log2_bucket(3), 1);
+        assert_eq!(log2_bucket(4), 2);
+        assert_eq!(log2_bucket(1023), 9);
+        assert_eq!(log2_bucket(1024), 10);
+        assert_eq!(log2_bucket(u64::MAX), 63);
+        for i in 0..64 {
+            assert_eq!(log2_bucket(1u64 << i), i, "2^{i}");
+            if i > 0 {
+                assert_eq!(log2_bucket((1u64 << i) - 1), i - 1, "2^{i}-1");
+            }
+        }
+    }
+}

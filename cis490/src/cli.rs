@@ -1,0 +1,151 @@
+//! Command-line interface.
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{row::SourceKind, trace::TraceConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cis490",
+    version,
+    about = "Host-side eBPF tracer for QEMU virtual machines",
+    long_about = "cis490 traces one process (a QEMU VM, or any process) from the host with eBPF \
+                  programs on scheduler tracepoints, beside a /proc poller (the oracle), and writes \
+                  an episode directory of JSONL rows that share one schema and one clock, so the \
+                  sources join row by row. Loading eBPF needs root (CAP_BPF + CAP_PERFMON)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace a process and write an episode directory.
+    #[command(
+        long_about = "Trace a process and write an episode directory DATA/episodes/<ULID>/ with \
+                      meta.json, events.jsonl, labels.jsonl, telemetry-<source>.jsonl and, last, \
+                      done.marker. The last line on stdout is the episode directory.\n\n\
+                      Examples:\n  sudo cis490 trace --target-pid 1234 --duration 60\n  \
+                      sudo cis490 trace --interval-ms 10 -- qemu-system-x86_64 ...",
+        after_help = "Tracing stops when the target exits, at --duration, or on SIGINT/SIGTERM. \
+                      A command started with -- that is still running then gets SIGTERM \
+                      (SIGKILL 5 s later)."
+    )]
+    Trace(TraceArgs),
+    /// Print per-source totals of an episode, side by side.
+    Summary(SummaryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Trace this running process (all its threads, including new ones).
+    #[arg(long, value_name = "PID", conflicts_with = "command")]
+    pub target_pid: Option<i32>,
+
+    /// Stop after this many seconds (fractions allowed).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub duration: Option<Duration>,
+
+    /// Bucket width: one row per source every MS milliseconds (>= 1).
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub interval_ms: u64,
+
+    /// Directory that receives episodes/<ULID>/.
+    #[arg(long, value_name = "DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// Sources to record, comma-separated: ebpf, proc.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "ebpf,proc")]
+    pub sources: Vec<SourceKind>,
+
+    /// Kernel BTF to read task_struct offsets and tracepoints from.
+    #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]
+    pub btf: PathBuf,
+
+    /// Log progress to stderr every SECS seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs_or_zero)]
+    pub progress_secs: Duration,
+
+    /// Command to start and trace from its first instruction (after --).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct SummaryArgs {
+    /// An episode directory (as printed by `cis490 trace`).
+    pub episode: PathBuf,
+}
+
+fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("'{s}' must be zero or more seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let d = parse_secs_or_zero(s)?;
+    if d.is_zero() {
+        return Err("must be more than 0 seconds".into());
+    }
+    Ok(d)
+}
+
+impl TraceArgs {
+    pub fn into_config(self, argv: Vec<String>) -> TraceConfig {
+        TraceConfig {
+            target_pid: self.target_pid,
+            command: self.command,
+            duration: self.duration,
+            interval: Duration::from_millis(self.interval_ms),
+            data_dir: self.data_dir,
+            sources: self.sources,
+            btf: self.btf,
+            progress: (!self.progress_secs.is_zero()).then_some(self.progress_secs),
+            argv,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cis490").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn trace_defaults() {
+        let Command::Trace(t) = parse(&["trace", "--target-pid", "7"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(t.target_pid, Some(7));
+        assert_eq!(t.interval_ms, 100);
+        assert_eq!(t.sources, [SourceKind::Ebpf, SourceKind::Proc]);
+        assert_eq!(t.data_dir, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn command_after_double_dash() {
+        let Command::Trace(t) = parse(&["trace", "--duration", "1.5", "--", "sleep", "-x", "3"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!(t.command, ["sleep", "-x", "3"]);
+        assert_eq!(t.duration, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse(&["trace", "--duration", "0", "--", "true"]).is_err());
+        assert!(parse(&["trace", "--duration", "-1", "--", "true"]).is_err());
+        assert!(parse(&["trace", "--sources", "ebpf,nope", "--", "true"]).is_err());
+        assert!(parse(&["trace", "--target-pid", "1", "--", "true"]).is_err());
+    }
+}

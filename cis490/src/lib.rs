@@ -1,0 +1,19 @@
+//! cis490: a host-side eBPF tracer for QEMU virtual machines.
+//!
+//! Data flows one way: kernel tracepoints -> `cis490-ebpf` programs (per-CPU
+//! aggregates + a ring buffer) -> [`sources`] (one per vantage) -> one
+//! [`row::Row`] per source per bucket ([`clock`]) -> [`episode`] files.
+
+pub mod btf;
+pub mod caps;
+pub mod cli;
+pub mod clock;
+pub mod episode;
+pub mod fdwatch;
+pub mod meta;
+pub mod probes;
+pub mod row;
+pub mod sources;
+pub mod summary;
+pub mod target;
+pub mod trace;

@@ -1,0 +1,27 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use cis490::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .format_timestamp_millis()
+        .init();
+    let argv: Vec<String> = std::env::args().collect();
+    let result = match cli.command {
+        Command::Trace(args) => cis490::trace::run(args.into_config(argv)).map(|dir| {
+            // The last line on stdout is the episode directory.
+            println!("{}", dir.display());
+        }),
+        Command::Summary(args) => cis490::summary::run(&args.episode),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! What `meta.json` holds. Written at the start (`status: "running"`) and
+//! rewritten atomically at the end (`"complete"` or `"failed"`).
+
+use serde::Serialize;
+
+use crate::{
+    probes::{KernelFacts, ProbeStatus},
+    row::SourceKind,
+    target::{ExitStatus, TargetInfo},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Running,
+    Complete,
+    Failed,
+}
+
+/// Why tracing stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    TargetExited,
+    Duration,
+    Signal,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Clock {
+    pub t_mono_ns: u64,
+    pub t_wall_ns: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Host {
+    pub hostname: String,
+    pub kernel_release: String,
+    pub kernel_version: String,
+    pub cpus: usize,
+}
+
+impl Host {
+    pub fn current() -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_owned()).unwrap_or_default();
+        Self {
+            hostname: read("/proc/sys/kernel/hostname"),
+            kernel_release: read("/proc/sys/kernel/osrelease"),
+            kernel_version: read("/proc/sys/kernel/version"),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceMeta {
+    pub source: SourceKind,
+    pub file: String,
+    pub available_in_deployment: bool,
+    pub rows: u64,
+}
+
+/// Totals of the eBPF side, for loss accounting.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EbpfTotals {
+    pub ringbuf_bytes: u32,
+    /// Tracepoint hits attributed to the target.
+    pub events: u64,
+    /// Ring-buffer records lost (reserve failed); rows are unaffected.
+    pub dropped_events: u64,
+    /// Hash-map updates that failed (a run-queue delay or thread untracked).
+    pub map_errors: u64,
+    pub records_received: u64,
+    pub records_undecodable: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Meta {
+    pub schema_version: u32,
+    pub id: String,
+    pub status: Status,
+    pub error: Option<String>,
+    pub cis490_version: &'static str,
+    pub command_line: Vec<String>,
+    pub host: Host,
+    pub target: TargetInfo,
+    pub interval_ns: u64,
+    pub duration_limit_s: Option<f64>,
+    pub start: Option<Clock>,
+    pub end: Option<Clock>,
+    pub end_reason: Option<EndReason>,
+    pub target_exit: Option<ExitStatus>,
+    pub sources: Vec<SourceMeta>,
+    pub kernel: Option<KernelFacts>,
+    pub probes: Vec<ProbeStatus>,
+    pub ebpf: EbpfTotals,
+    /// Bucket boundaries that passed while the tracer was late; the row after
+    /// them covers a longer interval (see `interval_ns` of each row).
+    pub skipped_boundaries: u64,
+}

@@ -1,0 +1,24 @@
+//! Telemetry sources. Each answers one question at every bucket boundary:
+//! "what changed since the last boundary?", as a [`Measures`]. The
+//! coordinator stamps the row envelope; no source reads another's output.
+
+pub mod ebpf;
+pub mod proc;
+
+use crate::row::{Measures, SourceKind};
+
+/// A source sampled at every bucket boundary.
+pub trait Source {
+    fn kind(&self) -> SourceKind;
+    /// What changed since the previous call.
+    fn sample(&mut self) -> anyhow::Result<Measures>;
+}
+
+impl Source for proc::ProcSource {
+    fn kind(&self) -> SourceKind {
+        SourceKind::Proc
+    }
+    fn sample(&mut self) -> anyhow::Result<Measures> {
+        Ok(proc::ProcSource::sample(self))
+    }
+}

@@ -1,0 +1,419 @@
+//! The traced process: attach to a running one or spawn a command gated
+//! before `execve`, watch for its exit (pidfd), list its threads, and guard
+//! against pid reuse.
+
+use std::{
+    ffi::{CString, OsStr, OsString},
+    fs,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde::Serialize;
+
+/// What meta.json records about the target.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetInfo {
+    pub pid: i32,
+    /// "attach" (`--target-pid`) or "spawn" (`-- COMMAND`).
+    pub mode: &'static str,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub cmdline: Vec<String>,
+    /// Process start time (clock ticks after boot, `/proc/PID/stat` field 22).
+    pub starttime: u64,
+}
+
+/// How the target process came to be traced.
+pub struct Target {
+    pid: i32,
+    pidfd: OwnedFd,
+    starttime: u64,
+    spawned: Option<Spawned>,
+}
+
+/// A child forked by us, waiting on a pipe before `execve`.
+struct Spawned {
+    /// Write end of the gate pipe; writing one byte releases the child.
+    gate: Option<OwnedFd>,
+    /// Read end of the CLOEXEC error pipe: EOF means `execve` succeeded,
+    /// otherwise the child wrote its errno.
+    exec_err: Option<OwnedFd>,
+    program: String,
+    reaped: bool,
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; on success returns a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Field 22 (starttime) of a stat line; the comm may hold spaces and parens.
+pub fn stat_starttime(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    // Fields after comm start at field 3 (state); starttime is field 22.
+    after.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+fn read_starttime(pid: i32) -> io::Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_starttime(&stat)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))
+}
+
+/// Thread ids of process `pid` (from `/proc/PID/task`).
+pub fn thread_ids(pid: i32) -> io::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Some(tid) = e?.file_name().to_str().and_then(|s| s.parse().ok()) {
+            out.push(tid);
+        }
+    }
+    Ok(out)
+}
+
+/// Finds an executable the way `execvp` would.
+fn resolve_program(program: &OsStr) -> Result<PathBuf> {
+    let shown = program.to_string_lossy();
+    let is_exec = |p: &Path| {
+        let c = CString::new(p.as_os_str().as_bytes()).ok();
+        // SAFETY: access() with a valid NUL-terminated path.
+        p.is_file() && c.is_some_and(|c| unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0)
+    };
+    if program.as_bytes().contains(&b'/') {
+        let p = PathBuf::from(program);
+        if !p.exists() {
+            bail!("cannot start '{shown}': no such file");
+        }
+        if !is_exec(&p) {
+            bail!("cannot start '{shown}': not an executable file");
+        }
+        return Ok(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| is_exec(p))
+        .ok_or_else(|| anyhow!("cannot start '{shown}': command not found in PATH"))
+}
+
+fn pipe(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+impl Target {
+    /// A running process. Fails with a one-line reason if there is none.
+    pub fn attach(pid: i32) -> Result<Self> {
+        if pid <= 0 {
+            bail!("invalid pid {pid}: must be a positive process id");
+        }
+        if pid as u32 == std::process::id() {
+            bail!("refusing to trace cis490 itself (pid {pid})");
+        }
+        let starttime = read_starttime(pid).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => anyhow!("no process with pid {pid}"),
+            _ => anyhow!("cannot read /proc/{pid}/stat: {e}"),
+        })?;
+        let pidfd = pidfd_open(pid).map_err(|e| anyhow!("cannot watch pid {pid}: {e}"))?;
+        Ok(Self { pid, pidfd, starttime, spawned: None })
+    }
+
+    /// Forks a child that will `execve` `argv` once [`Target::release`] is
+    /// called, so the tracer can attach to its pid first and see it from its
+    /// first instruction. Call before any other thread is started.
+    pub fn spawn(argv: &[OsString]) -> Result<Self> {
+        let program = argv.first().ok_or_else(|| anyhow!("no command given after --"))?;
+        let path = resolve_program(program)?;
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| anyhow!("command path contains a NUL byte"))?;
+        let c_args = argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| anyhow!("a command argument contains a NUL byte"))?;
+        let mut c_argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
+        c_argv.push(std::ptr::null());
+
+        let (gate_r, gate_w) = pipe(libc::O_CLOEXEC)?;
+        let (err_r, err_w) = pipe(libc::O_CLOEXEC)?;
+        // SAFETY: between fork and execve the child calls only
+        // async-signal-safe functions (read, write, close, execv, _exit) on
+        // memory prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            bail!("fork failed: {}", io::Error::last_os_error());
+        }
+        if pid == 0 {
+            unsafe {
+                libc::close(gate_w.as_raw_fd());
+                libc::close(err_r.as_raw_fd());
+                let mut b = 0u8;
+                let n = libc::read(gate_r.as_raw_fd(), (&raw mut b).cast(), 1);
+                if n != 1 {
+                    // The tracer went away without releasing us.
+                    libc::_exit(126);
+                }
+                libc::close(gate_r.as_raw_fd());
+                libc::execv(c_path.as_ptr(), c_argv.as_ptr());
+                let errno = *libc::__errno_location();
+                libc::write(err_w.as_raw_fd(), (&raw const errno).cast(), 4);
+                libc::_exit(127);
+            }
+        }
+        drop(gate_r);
+        drop(err_w);
+        let pidfd = pidfd_open(pid).context("pidfd_open of the spawned command")?;
+        let starttime = read_starttime(pid).context("reading the spawned command's stat")?;
+        Ok(Self {
+            pid,
+            pidfd,
+            starttime,
+            spawned: Some(Spawned {
+                gate: Some(gate_w),
+                exec_err: Some(err_r),
+                program: program.to_string_lossy().into_owned(),
+                reaped: false,
+            }),
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn is_spawned(&self) -> bool {
+        self.spawned.is_some()
+    }
+
+    /// A file descriptor that becomes readable when the process exits.
+    pub fn pidfd(&self) -> &OwnedFd {
+        &self.pidfd
+    }
+
+    /// Lets a spawned child `execve` and reports whether that worked.
+    /// A no-op for an attached process.
+    pub fn release(&mut self) -> Result<()> {
+        let Some(sp) = self.spawned.as_mut() else { return Ok(()) };
+        if let Some(gate) = sp.gate.take() {
+            let one = 1u8;
+            // SAFETY: writing one byte from a valid buffer to our pipe.
+            let n = unsafe { libc::write(gate.as_raw_fd(), (&raw const one).cast(), 1) };
+            if n != 1 {
+                bail!("cannot release the spawned command: {}", io::Error::last_os_error());
+            }
+        }
+        if let Some(err) = sp.exec_err.take() {
+            let mut errno = [0u8; 4];
+            // SAFETY: reading into a valid 4-byte buffer; blocks until the
+            // child execs (EOF, CLOEXEC) or writes its errno.
+            let n = unsafe { libc::read(err.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
+            if n == 4 {
+                let e = io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
+                self.reap();
+                bail!("cannot start '{}': {e}", sp_program(&self.spawned));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails if the pid now names another process than the one we opened.
+    pub fn check_same_process(&self) -> Result<()> {
+        match read_starttime(self.pid) {
+            Ok(st) if st == self.starttime => Ok(()),
+            Ok(_) => bail!("pid {} was reused by another process", self.pid),
+            Err(_) => bail!("process {} exited", self.pid),
+        }
+    }
+
+    /// Whether the process has exited (pidfd readable), without blocking.
+    pub fn has_exited(&self) -> bool {
+        let mut pfd = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one valid pollfd with a zero timeout.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    /// The exit status of a spawned child that has exited, without reaping
+    /// it (the /proc oracle still reads the zombie's final counters).
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.spawned.as_ref()?;
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child's pidfd with a valid siginfo.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                self.pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+            )
+        };
+        // SAFETY: si_pid/si_status are valid for SIGCHLD-style siginfo.
+        if rc != 0 || unsafe { info.si_pid() } == 0 {
+            return None;
+        }
+        let status = unsafe { info.si_status() };
+        Some(match info.si_code {
+            libc::CLD_EXITED => ExitStatus::Code(status),
+            _ => ExitStatus::Signal(status),
+        })
+    }
+
+    /// Sends `sig` to the process (spawned children only).
+    pub fn signal(&self, sig: libc::c_int) -> io::Result<()> {
+        // SAFETY: pidfd_send_signal on our pidfd with no siginfo.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), sig, 0usize, 0u32)
+        };
+        if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    /// Reaps a spawned child that has exited (no-op otherwise).
+    pub fn reap(&mut self) {
+        let Some(sp) = self.spawned.as_mut() else { return };
+        if sp.reaped {
+            return;
+        }
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as in exit_status, but consuming the zombie.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                self.pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
+        if rc == 0 && unsafe { info.si_pid() } != 0 {
+            sp.reaped = true;
+        }
+    }
+
+    /// What meta.json records about the target.
+    pub fn info(&self, argv: Option<&[OsString]>) -> TargetInfo {
+        let comm = fs::read_to_string(format!("/proc/{}/comm", self.pid))
+            .map(|s| s.trim_end().to_owned())
+            .unwrap_or_default();
+        let exe = fs::read_link(format!("/proc/{}/exe", self.pid))
+            .ok()
+            .map(|p| p.display().to_string());
+        let cmdline = match argv {
+            Some(a) => a.iter().map(|s| s.to_string_lossy().into_owned()).collect(),
+            None => fs::read(format!("/proc/{}/cmdline", self.pid))
+                .map(|b| {
+                    b.split(|&c| c == 0)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| String::from_utf8_lossy(s).into_owned())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        TargetInfo {
+            pid: self.pid,
+            mode: if self.is_spawned() { "spawn" } else { "attach" },
+            comm,
+            exe,
+            cmdline,
+            starttime: self.starttime,
+        }
+    }
+}
+
+fn sp_program(sp: &Option<Spawned>) -> &str {
+    sp.as_ref().map_or("", |s| s.program.as_str())
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // A spawned child that was never released exits on its own when the
+        // gate closes (read returns 0); reap it if it is already gone.
+        if let Some(sp) = self.spawned.as_mut() {
+            sp.gate.take();
+        }
+        self.reap();
+    }
+}
+
+/// How a spawned command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starttime_survives_parens_in_comm() {
+        let stat = "42 (a) (b c)) S 1 42 42 0 -1 4194304 100 0 0 0 5 6 0 0 20 0 3 0 987654 1 2";
+        assert_eq!(stat_starttime(stat), Some(987654));
+        assert_eq!(stat_starttime("garbage"), None);
+    }
+
+    #[test]
+    fn attach_to_a_missing_pid_is_a_clear_error() {
+        // pid_max is at most 2^22 on Linux.
+        let err = Target::attach(4_194_305).err().unwrap().to_string();
+        assert_eq!(err, "no process with pid 4194305");
+        assert!(Target::attach(0).is_err());
+        assert!(Target::attach(std::process::id() as i32).is_err());
+    }
+
+    #[test]
+    fn unknown_commands_are_clear_errors() {
+        let e = resolve_program(OsStr::new("cis490-no-such-command")).unwrap_err();
+        assert_eq!(e.to_string(), "cannot start 'cis490-no-such-command': command not found in PATH");
+        let e = resolve_program(OsStr::new("/nonexistent/x")).unwrap_err();
+        assert_eq!(e.to_string(), "cannot start '/nonexistent/x': no such file");
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        fs::write(&plain, b"#!/bin/sh\n").unwrap();
+        let e = resolve_program(plain.as_os_str()).unwrap_err();
+        assert!(e.to_string().contains("not an executable"), "{e}");
+        assert!(resolve_program(OsStr::new("true")).is_ok());
+    }
+
+    #[test]
+    fn spawn_is_gated_until_release() {
+        let argv: Vec<OsString> = ["sh", "-c", "exit 7"].iter().map(OsString::from).collect();
+        let mut t = Target::spawn(&argv).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!t.has_exited(), "child ran before release");
+        // Still our fork, not yet sh: comm is the test binary's.
+        assert_eq!(t.info(None).mode, "spawn");
+        t.release().unwrap();
+        for _ in 0..200 {
+            if t.has_exited() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(t.exit_status(), Some(ExitStatus::Code(7)));
+        // Not reaped yet: the zombie's /proc entry is still there.
+        assert!(Path::new(&format!("/proc/{}/stat", t.pid())).exists());
+        t.reap();
+        assert!(!Path::new(&format!("/proc/{}/stat", t.pid())).exists());
+    }
+
+    #[test]
+    fn threads_of_this_process_are_listed() {
+        let tids = thread_ids(std::process::id() as i32).unwrap();
+        assert!(tids.contains(&(std::process::id())));
+    }
+}

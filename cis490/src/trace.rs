@@ -1,0 +1,418 @@
+//! `cis490 trace`: validate, attach or spawn, load the probes, then one event
+//! loop that closes a bucket on every grid boundary (one row per source),
+//! streams lifecycle records into `events.jsonl`, and stops on the target's
+//! exit, the duration, or SIGINT/SIGTERM. The episode is marked done only
+//! when everything was written.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use serde_json::json;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::{Instant, sleep, sleep_until},
+};
+
+use crate::{
+    caps,
+    clock::{BucketClock, ClockPair, Tick, mono_now_ns},
+    episode::{self, EpisodeDir, JsonlFile},
+    fdwatch,
+    meta::{Clock, EbpfTotals, EndReason, Host, Meta, SourceMeta, Status},
+    probes::{KernelFacts, Probes},
+    row::{Row, SourceKind},
+    sources::{
+        Source,
+        ebpf::{EbpfSource, Record, RecordStream},
+        proc::ProcSource,
+    },
+    target::{Target, thread_ids},
+};
+use cis490_common::{LifecycleKind, RINGBUF_BYTES};
+
+/// Everything `cis490 trace` was asked to do.
+#[derive(Clone, Debug)]
+pub struct TraceConfig {
+    pub target_pid: Option<i32>,
+    pub command: Vec<OsString>,
+    pub duration: Option<Duration>,
+    pub interval: Duration,
+    pub data_dir: PathBuf,
+    pub sources: Vec<SourceKind>,
+    pub btf: PathBuf,
+    pub progress: Option<Duration>,
+    /// This process's own argv, for meta.json.
+    pub argv: Vec<String>,
+}
+
+impl TraceConfig {
+    fn validate(&self) -> Result<()> {
+        if self.target_pid.is_some() == !self.command.is_empty() {
+            bail!("give exactly one target: --target-pid PID or -- COMMAND [ARGS...]");
+        }
+        if self.interval < Duration::from_millis(1) {
+            bail!("--interval-ms must be at least 1");
+        }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            bail!("--duration must be positive");
+        }
+        if self.sources.is_empty() {
+            bail!("--sources must name at least one source");
+        }
+        Ok(())
+    }
+}
+
+/// Runs a trace; returns the episode directory.
+pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
+    cfg.validate()?;
+    caps::require_tracing_caps()?;
+    let facts = KernelFacts::probe(&cfg.btf)?;
+    // Fork before any thread exists (the runtime is created below).
+    let mut target = match cfg.target_pid {
+        Some(pid) => Target::attach(pid)?,
+        None => Target::spawn(&cfg.command)?,
+    };
+    let episode = EpisodeDir::create(&cfg.data_dir)?;
+    let argv = (!cfg.command.is_empty()).then_some(cfg.command.as_slice());
+    let mut meta = Meta {
+        schema_version: 1,
+        id: episode.id().to_owned(),
+        status: Status::Running,
+        error: None,
+        cis490_version: env!("CARGO_PKG_VERSION"),
+        command_line: cfg.argv.clone(),
+        host: Host::current(),
+        target: target.info(argv),
+        interval_ns: cfg.interval.as_nanos() as u64,
+        duration_limit_s: cfg.duration.map(|d| d.as_secs_f64()),
+        start: None,
+        end: None,
+        end_reason: None,
+        target_exit: None,
+        sources: Vec::new(),
+        kernel: Some(facts.clone()),
+        probes: Vec::new(),
+        ebpf: EbpfTotals { ringbuf_bytes: RINGBUF_BYTES, ..Default::default() },
+        skipped_boundaries: 0,
+    };
+    episode.write_meta(&meta)?;
+    log::info!("episode {} -> {}", episode.id(), episode.path().display());
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the event loop")?;
+    let result = rt.block_on(trace(&cfg, &facts, &mut target, &episode, &mut meta));
+    match result {
+        Ok(()) => {
+            meta.status = Status::Complete;
+            episode.write_meta(&meta)?;
+            episode.mark_done()?;
+            Ok(episode.path().to_owned())
+        }
+        Err(e) => {
+            meta.status = Status::Failed;
+            meta.error = Some(format!("{e:#}"));
+            if let Err(w) = episode.write_meta(&meta) {
+                log::warn!("{w:#}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A line of `events.jsonl`.
+#[derive(Serialize)]
+struct Event<'a> {
+    t_mono_ns: u64,
+    t_wall_ns: u64,
+    /// The bucket it happened in (`null` before the first one opened).
+    seq: Option<u64>,
+    event: &'a str,
+    #[serde(flatten)]
+    detail: serde_json::Value,
+}
+
+/// The open output files of an episode.
+struct Outputs {
+    events: JsonlFile,
+    rows: Vec<(SourceKind, JsonlFile)>,
+}
+
+impl Outputs {
+    fn event(&mut self, at: ClockPair, seq: Option<u64>, event: &str, detail: serde_json::Value) -> Result<()> {
+        let detail = if detail.is_null() { json!({}) } else { detail };
+        self.events
+            .write(&Event { t_mono_ns: at.mono_ns, t_wall_ns: at.wall_ns, seq, event, detail })
+            .context("cannot write events.jsonl")
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.events.flush()?;
+        for (_, f) in &mut self.rows {
+            f.flush()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.events.sync()?;
+        for (_, f) in &mut self.rows {
+            f.sync()?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a short thread on every online CPU so each CPU switches once: the
+/// scheduler probe then knows what runs everywhere before the baseline.
+fn kick_cpus() {
+    let cpus = aya::util::online_cpus().unwrap_or_default();
+    let handles: Vec<_> = cpus
+        .into_iter()
+        .map(|cpu| {
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu as usize, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+fn lifecycle_event(r: &cis490_common::LifecycleRecord) -> (&'static str, serde_json::Value) {
+    let comm = String::from_utf8_lossy(r.comm_bytes()).into_owned();
+    match r.lifecycle() {
+        Ok(LifecycleKind::ThreadStart) => {
+            ("thread_started", json!({"tid": r.tid, "parent_tid": r.aux, "comm": comm}))
+        }
+        Ok(LifecycleKind::ThreadExit) => ("thread_exited", json!({"tid": r.tid, "comm": comm})),
+        Ok(LifecycleKind::Exec) => ("exec", json!({"tid": r.tid, "old_tid": r.aux, "comm": comm})),
+        Ok(LifecycleKind::Rename) => ("thread_renamed", json!({"tid": r.tid, "comm": comm})),
+        Err(_) => ("unknown_record", json!({"tid": r.tid, "what": r.what})),
+    }
+}
+
+async fn trace(
+    cfg: &TraceConfig,
+    facts: &KernelFacts,
+    target: &mut Target,
+    episode: &EpisodeDir,
+    meta: &mut Meta,
+) -> Result<()> {
+    let pid = target.pid();
+    let mut out = Outputs {
+        events: JsonlFile::create(&episode.file(episode::EVENTS))?,
+        rows: cfg
+            .sources
+            .iter()
+            .map(|&k| Ok((k, JsonlFile::create(&episode.file(&k.file_name()))?)))
+            .collect::<Result<_>>()?,
+    };
+    // Phase labels come later; the file exists from the start.
+    JsonlFile::create(&episode.file(episode::LABELS))?.sync()?;
+
+    let mut probes = Probes::load_and_attach(pid as u32, facts)?;
+    meta.probes = probes.status.clone();
+    let attached_at = ClockPair::now();
+    for p in &probes.status {
+        out.event(attached_at, None, "probe", serde_json::to_value(p)?)?;
+    }
+    let mut logger = match aya_log::EbpfLogger::init(&mut probes.ebpf) {
+        Ok(l) => Some(fdwatch::readable(l)?),
+        Err(e) => {
+            log::debug!("eBPF logging unavailable: {e}");
+            None
+        }
+    };
+    let mut records = RecordStream::new(&mut probes)?;
+    target.check_same_process()?;
+
+    kick_cpus();
+    let tids = if target.is_spawned() { vec![pid as u32] } else { thread_ids(pid).unwrap_or_default() };
+    let task_dir = format!("/proc/{pid}/task");
+    let mut ebpf = EbpfSource::new(&mut probes, &tids, |tid| Path::new(&format!("{task_dir}/{tid}")).exists())?;
+    let mut proc = if cfg.sources.contains(&SourceKind::Proc) { Some(ProcSource::new(pid)?) } else { None };
+
+    let start = ClockPair::now();
+    let mut clock = BucketClock::new(start, cfg.interval.as_nanos() as u64);
+    meta.start = Some(Clock { t_mono_ns: start.mono_ns, t_wall_ns: start.wall_ns });
+    out.event(start, None, "started", json!({"pid": pid, "mode": meta.target.mode, "interval_ns": clock.interval_ns()}))?;
+    target.release()?;
+    if target.is_spawned() {
+        out.event(ClockPair::now(), Some(0), "target_released", json!({"pid": pid}))?;
+    }
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let pidfd = fdwatch::readable(target.pidfd().try_clone()?)?;
+    let mono_to_instant = |mono: u64| Instant::now() + Duration::from_nanos(mono.saturating_sub(mono_now_ns()));
+    let end_at = cfg.duration.map(|d| mono_to_instant(start.mono_ns + d.as_nanos() as u64));
+    let mut next_progress = cfg.progress.map(|p| Instant::now() + p);
+    let mut last_flush = Instant::now();
+
+    let write_rows = |clock: &mut BucketClock, out: &mut Outputs, ebpf: &mut EbpfSource, proc: &mut Option<ProcSource>, now: ClockPair| -> Result<Tick> {
+        let tick = clock.close(now);
+        for (kind, file) in &mut out.rows {
+            let m = match kind {
+                SourceKind::Ebpf => ebpf.sample()?,
+                SourceKind::Proc => proc.as_mut().map(|p| Source::sample(p)).transpose()?.unwrap_or_default(),
+            };
+            let row = Row {
+                episode_id: meta.id.clone(),
+                source: *kind,
+                available_in_deployment: kind.available_in_deployment(),
+                t_mono_ns: tick.end.mono_ns,
+                t_wall_ns: tick.end.wall_ns,
+                interval_ns: tick.interval_ns,
+                seq: tick.seq,
+                m,
+            };
+            file.write(&row).with_context(|| format!("cannot write {}", kind.file_name()))?;
+        }
+        Ok(tick)
+    };
+
+    let reason = loop {
+        let deadline = mono_to_instant(clock.next_deadline_ns());
+        tokio::select! {
+            biased;
+            _ = sigint.recv() => {
+                out.event(ClockPair::now(), None, "signal", json!({"signal": "SIGINT"}))?;
+                break EndReason::Signal;
+            }
+            _ = sigterm.recv() => {
+                out.event(ClockPair::now(), None, "signal", json!({"signal": "SIGTERM"}))?;
+                break EndReason::Signal;
+            }
+            r = pidfd.readable() => {
+                r?.retain_ready();
+                break EndReason::TargetExited;
+            }
+            _ = async { sleep_until(end_at.unwrap()).await }, if end_at.is_some() => {
+                break EndReason::Duration;
+            }
+            _ = sleep_until(deadline) => {
+                let tick = write_rows(&mut clock, &mut out, &mut ebpf, &mut proc, ClockPair::now())?;
+                if last_flush.elapsed() >= Duration::from_secs(1) {
+                    out.flush()?;
+                    last_flush = Instant::now();
+                }
+                if let Some(p) = next_progress.filter(|p| Instant::now() >= *p) {
+                    let t = ebpf.totals();
+                    log::info!(
+                        "traced {:.1} s: {} buckets, {} target events, {} dropped records",
+                        (tick.end.mono_ns - start.mono_ns) as f64 / 1e9,
+                        clock.closed(), t.events, t.dropped
+                    );
+                    next_progress = Some(p + cfg.progress.unwrap_or_default());
+                }
+            }
+            r = records.readable() => {
+                r?;
+                let mut lines = Vec::new();
+                records.drain(|rec| lines.push(rec));
+                for Record::Lifecycle(l) in lines {
+                    let (name, detail) = lifecycle_event(&l);
+                    let at = ClockPair { mono_ns: l.ts_ns, wall_ns: start.wall_of(l.ts_ns) };
+                    out.event(at, clock.seq_of(l.ts_ns), name, detail)?;
+                }
+            }
+            r = async { logger.as_mut().unwrap().readable_mut().await }, if logger.is_some() => {
+                let mut g = r?;
+                g.get_inner_mut().flush();
+                g.clear_ready();
+            }
+        }
+    };
+
+    if reason == EndReason::TargetExited {
+        // Let the last threads finish their final switch-out.
+        sleep(Duration::from_millis(5)).await;
+    }
+    let end = ClockPair::now();
+    let last = write_rows(&mut clock, &mut out, &mut ebpf, &mut proc, end)?;
+    // Detach: no more events after the final row.
+    drop(logger);
+    records.drain(|Record::Lifecycle(l)| {
+        let (name, detail) = lifecycle_event(&l);
+        let at = ClockPair { mono_ns: l.ts_ns, wall_ns: start.wall_of(l.ts_ns) };
+        let _ = out.event(at, clock.seq_of(l.ts_ns), name, detail);
+    });
+    let totals = *ebpf.totals();
+    drop(ebpf);
+    drop(probes);
+
+    match reason {
+        EndReason::TargetExited => {
+            meta.target_exit = target.exit_status();
+            out.event(end, Some(last.seq), "target_exited", json!({"pid": pid, "status": meta.target_exit}))?;
+        }
+        EndReason::Duration => out.event(end, Some(last.seq), "duration_reached", serde_json::Value::Null)?,
+        EndReason::Signal => {}
+    }
+    if target.is_spawned() && reason != EndReason::TargetExited {
+        terminate(target, &mut out).await?;
+    }
+    target.reap();
+
+    meta.end = Some(Clock { t_mono_ns: end.mono_ns, t_wall_ns: end.wall_ns });
+    meta.end_reason = Some(reason);
+    meta.skipped_boundaries = clock.skipped();
+    meta.ebpf.events = totals.events;
+    meta.ebpf.dropped_events = totals.dropped;
+    meta.ebpf.map_errors = totals.map_errors;
+    meta.ebpf.records_received = records.received;
+    meta.ebpf.records_undecodable = records.undecodable;
+    meta.sources = out
+        .rows
+        .iter()
+        .map(|(k, f)| SourceMeta {
+            source: *k,
+            file: k.file_name(),
+            available_in_deployment: k.available_in_deployment(),
+            rows: f.lines(),
+        })
+        .collect();
+    if totals.dropped > 0 || totals.map_errors > 0 || records.undecodable > 0 {
+        log::warn!(
+            "{} ring-buffer records dropped, {} map errors, {} undecodable records (rows are exact; see meta.json)",
+            totals.dropped, totals.map_errors, records.undecodable
+        );
+    }
+    out.event(ClockPair::now(), None, "finished", json!({"reason": reason, "buckets": clock.closed()}))?;
+    out.sync()?;
+    Ok(())
+}
+
+/// Ends a spawned command that outlived the trace: SIGTERM, then SIGKILL
+/// after 5 s.
+async fn terminate(target: &mut Target, out: &mut Outputs) -> Result<()> {
+    if target.has_exited() {
+        return Ok(());
+    }
+    let _ = target.signal(libc::SIGTERM);
+    out.event(ClockPair::now(), None, "target_terminated", json!({"signal": "SIGTERM"}))?;
+    for _ in 0..500 {
+        if target.has_exited() {
+            return Ok(());
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    let _ = target.signal(libc::SIGKILL);
+    out.event(ClockPair::now(), None, "target_terminated", json!({"signal": "SIGKILL"}))?;
+    Ok(())
+}

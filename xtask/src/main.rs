@@ -1,0 +1,185 @@
+//! `cargo xtask <task>`: everything the project needs beyond `cargo build`.
+//!
+//! - `setup`: the eBPF toolchain (nightly + rust-src + bpf-linker built
+//!   against nightly's own LLVM); idempotent and fast when already done.
+//! - `build-ebpf`: builds the eBPF object (through cis490's build.rs) and
+//!   prints its path and program sizes.
+//! - `demo`: setup, build, trace the bundled workload, print a summary.
+//! - `test`: setup, build, run every test (unit, then privileged).
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "cis490 project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (nightly rust-src, bpf-linker) if missing.
+    Setup,
+    /// Build the eBPF object and print its path and program sizes.
+    BuildEbpf {
+        /// Build in release mode.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, trace the bundled workload, print the episode and a summary.
+    Demo {
+        /// Where episodes go.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Set up, build, then run all tests: unit tests, then the privileged
+    /// integration tests (need root).
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A `cargo` command in the workspace, with the toolchain's bin dir on PATH.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd.env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::ensure(),
+        Task::BuildEbpf { release } => build_ebpf(release),
+        Task::Demo { data_dir } => demo(&data_dir),
+        Task::Test { args } => test(&args),
+    }
+}
+
+/// Builds cis490 (whose build.rs builds the eBPF object) and reports the
+/// object that was embedded.
+fn build_ebpf(release: bool) -> Result<()> {
+    setup::ensure()?;
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "cis490", "--message-format=json-render-diagnostics"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().context("cargo build")?;
+    if !out.status.success() {
+        bail!("cargo build -p cis490 failed");
+    }
+    let mut object = None;
+    for line in out.stdout.split(|&b| b == b'\n') {
+        let Ok(msg) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+        if msg["reason"] == "build-script-executed"
+            && msg["package_id"].as_str().is_some_and(|id| id.contains("/cis490#") || id.contains("cis490 "))
+        {
+            if let Some(dir) = msg["out_dir"].as_str() {
+                object = Some(PathBuf::from(dir).join("cis490-ebpf"));
+            }
+        }
+    }
+    let object = object.context("cargo did not report cis490's build-script output directory")?;
+    print_programs(&object)
+}
+
+fn print_programs(path: &Path) -> Result<()> {
+    use object::{Object as _, ObjectSection as _};
+    let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = object::File::parse(&*data)?;
+    println!("eBPF object: {} ({} bytes)", path.display(), data.len());
+    println!("{:<36} {:>8} {:>8}", "program section", "bytes", "insns");
+    for s in file.sections() {
+        let name = s.name().unwrap_or("");
+        if name.starts_with("tp_btf/") || name.starts_with("tracepoint/") || name.starts_with("raw_tp/") {
+            println!("{:<36} {:>8} {:>8}", name, s.size(), s.size() / 8);
+        }
+    }
+    Ok(())
+}
+
+fn build_bins(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "cis490", "--package", "cis490-tests", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }))
+}
+
+fn demo(data_dir: &Path) -> Result<()> {
+    setup::ensure()?;
+    if !is_root() {
+        bail!("the demo loads eBPF programs and needs root: run `sudo -E cargo xtask demo`");
+    }
+    let bin = build_bins(true)?;
+    let data_dir = workspace_root().join(data_dir);
+    eprintln!("tracing the bundled workload (cis490-workload demo, about 3 s)...");
+    let out = Command::new(bin.join("cis490"))
+        .arg("trace")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--")
+        .arg(bin.join("cis490-workload"))
+        .arg("demo")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run cis490")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("cis490 trace failed");
+    }
+    let episode = stdout.lines().last().context("cis490 printed no episode path")?.trim().to_owned();
+    println!("episode: {episode}");
+    run(Command::new(bin.join("cis490")).arg("summary").arg(&episode))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::ensure()?;
+    build_bins(false)?;
+    let mut unit = cargo();
+    unit.args(["test", "--workspace", "--exclude", "cis490-tests", "--"]).args(args);
+    run(&mut unit)?;
+    if !is_root() {
+        bail!(
+            "unit tests passed; the privileged integration tests need root (CAP_BPF, CAP_PERFMON): \
+             run `sudo -E cargo xtask test`"
+        );
+    }
+    let mut privileged = cargo();
+    // One at a time: each test times real workloads on a 2-core machine.
+    privileged
+        .args(["test", "--package", "cis490-tests", "--", "--test-threads=1"])
+        .args(args);
+    run(&mut privileged)
+}
