@@ -14,19 +14,22 @@ pub const HIST_BUCKETS: usize = 64;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SchedStats {
-    /// On-CPU time of completed slices (switch-in to switch-out), ns.
+    /// On-CPU time up to each thread's last switch-out
+    /// (`se.sum_exec_runtime`), ns.
     pub cpu_ns: u64,
-    /// Switches out of a target thread that gave up the CPU (it blocked).
+    /// Switches where a target thread blocked (`nvcsw`).
     pub ctx_voluntary: u64,
-    /// Switches out of a target thread that was preempted or yielded.
+    /// Switches where a target thread was preempted or yielded (`nivcsw`).
     pub ctx_involuntary: u64,
     /// `sched_wakeup` + `sched_wakeup_new` of target threads.
     pub wakeups: u64,
-    /// `sched_migrate_task` of target threads.
+    /// Migrations of target threads between CPUs (`se.nr_migrations`).
     pub migrations: u64,
-    /// Sum of run-queue delays (wakeup or preemption to switch-in), ns.
+    /// Time target threads waited on a run queue (`sched_info.run_delay`),
+    /// ns.
     pub runq_delay_ns: u64,
-    /// Number of run-queue delays measured.
+    /// Run-queue delays observed one by one (wakeup or preemption to
+    /// switch-in); they feed the histogram and the maximum.
     pub runq_delay_count: u64,
     /// Threads of the target created (`sched_process_fork`, new tid).
     pub threads_started: u64,
@@ -39,6 +42,11 @@ pub struct SchedStats {
     /// Map updates that failed (a full hash map): a run-queue delay or a
     /// thread could not be tracked.
     pub map_errors: u64,
+    /// Switches whose CPU state disagreed with what the previous switch on
+    /// that CPU left (a target thread switched out without a switch-in seen,
+    /// or a non-target switch on a CPU thought to run the target): an
+    /// on-CPU slice could not be measured. Should stay 0.
+    pub slice_mismatches: u64,
     /// log2 histogram of run-queue delays (bucket `i`: `[2^i, 2^(i+1))` ns).
     pub runq_hist: [u64; HIST_BUCKETS],
 }
@@ -57,6 +65,7 @@ impl SchedStats {
         events: 0,
         dropped: 0,
         map_errors: 0,
+        slice_mismatches: 0,
         runq_hist: [0; HIST_BUCKETS],
     };
 
@@ -74,6 +83,7 @@ impl SchedStats {
         self.events = self.events.wrapping_add(other.events);
         self.dropped = self.dropped.wrapping_add(other.dropped);
         self.map_errors = self.map_errors.wrapping_add(other.map_errors);
+        self.slice_mismatches = self.slice_mismatches.wrapping_add(other.slice_mismatches);
         for (a, b) in self.runq_hist.iter_mut().zip(other.runq_hist.iter()) {
             *a = a.wrapping_add(*b);
         }
@@ -109,6 +119,44 @@ impl CpuSlice {
     };
 }
 
+/// A target thread's own scheduler counters, as the kernel keeps them in its
+/// `task_struct`, last read when the thread was switched out (map
+/// `THREADS`, keyed by tid). The next switch-out adds the difference to
+/// [`SchedStats`]. Reading the kernel's counters, instead of counting
+/// events, keeps the rows exact when a tracepoint event is not delivered:
+/// the next event that is delivered catches up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreadCounters {
+    /// `se.sum_exec_runtime`, ns.
+    pub runtime_ns: u64,
+    /// `nvcsw`.
+    pub nvcsw: u64,
+    /// `nivcsw`.
+    pub nivcsw: u64,
+    /// `sched_info.run_delay`, ns.
+    pub run_delay_ns: u64,
+    /// `se.nr_migrations`.
+    pub migrations: u64,
+    /// 1 once `sched_process_exit` counted the thread as exited.
+    pub exited: u64,
+}
+
+impl ThreadCounters {
+    /// A counter whose starting value is not known yet: the first
+    /// switch-out only records it.
+    pub const UNKNOWN: u64 = u64::MAX;
+    /// A thread created while traced: every counter starts at 0.
+    pub const NEW: Self = Self {
+        runtime_ns: 0,
+        nvcsw: 0,
+        nivcsw: 0,
+        run_delay_ns: 0,
+        migrations: 0,
+        exited: 0,
+    };
+}
+
 /// Per-bucket maximum of a latency on one CPU, valid for bucket `epoch` only
 /// (map `RUNQ_MAX`, two slots indexed by `epoch & 1`, `PerCpuArray`).
 #[repr(C)]
@@ -118,8 +166,9 @@ pub struct MaxSlot {
     pub max_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SchedStats>() == (12 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<SchedStats>() == (13 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 16);
+const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 6 * 8);
 const _: () = assert!(core::mem::size_of::<MaxSlot>() == 16);
 
 #[cfg(feature = "user")]
@@ -128,6 +177,7 @@ mod pod {
     unsafe impl aya::Pod for super::SchedStats {}
     unsafe impl aya::Pod for super::CpuSlice {}
     unsafe impl aya::Pod for super::MaxSlot {}
+    unsafe impl aya::Pod for super::ThreadCounters {}
 }
 
 #[cfg(test)]

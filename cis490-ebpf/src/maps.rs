@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use cis490_common::{CpuSlice, MaxSlot, SchedStats, MAX_THREADS, RINGBUF_BYTES};
+use cis490_common::{CpuSlice, MaxSlot, SchedStats, ThreadCounters, MAX_THREADS, RINGBUF_BYTES};
 
 /// Cumulative scheduler counters, one slot per CPU.
 #[map]
@@ -24,10 +24,11 @@ pub static RUNQ_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
 #[map]
 pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Target threads alive (tid -> 1). Seeded by the loader from /proc at
-/// attach, kept by fork/exit; makes thread counting idempotent.
+/// Target threads (tid -> their counters at their last switch-out). Seeded
+/// by the loader from /proc at attach, inserted at fork, removed at the
+/// final switch-out of a dead thread; makes thread counting idempotent.
 #[map]
-pub static TIDS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_THREADS, 0);
+pub static THREADS: HashMap<u32, ThreadCounters> = HashMap::with_max_entries(MAX_THREADS, 0);
 
 /// When each target thread became runnable (wakeup or preemption), ns.
 #[map]

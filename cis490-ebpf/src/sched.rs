@@ -3,6 +3,15 @@
 //!
 //! Everything that goes into rows is aggregated in `SCHED_STATS` (per CPU,
 //! cumulative); only thread lifecycle records are streamed.
+//!
+//! Counts come from the kernel's own per-thread counters, read at every
+//! switch-out of a target thread and diffed against the previous read
+//! (`THREADS`), not from counting events: a tracepoint event the kernel does
+//! not deliver (recursion protection, or a kernel that hides some tasks'
+//! switches) delays a count to the thread's next switch-out instead of
+//! losing it. Events still give what counters cannot: wakeups, the
+//! distribution of single run-queue delays, and the running slice at a
+//! bucket boundary (`CPU_SLICE`).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -12,17 +21,20 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use cis490_common::{
-    log2_bucket, CpuSlice, LifecycleKind, LifecycleRecord, RecordKind, SchedStats, COMM_LEN,
-    HIST_BUCKETS,
+    log2_bucket, CpuSlice, LifecycleKind, LifecycleRecord, RecordKind, SchedStats, ThreadCounters,
+    COMM_LEN, HIST_BUCKETS,
 };
 
 use crate::{
-    maps::{add, emit, epoch, stats, CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, TIDS},
-    target::{current, target_tgid, task_tgid, task_tid},
+    maps::{add, emit, epoch, stats, CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, THREADS},
+    target::{current, has_run_delay, target_tgid, task_counters, task_tgid, task_tid},
 };
 
 type Res = Result<(), i32>;
 const NO_MAP: i32 = -1;
+const EEXIST: i32 = -17;
+/// `TASK_DEAD` in `task_struct.__state`: the thread's final switch-out.
+const TASK_DEAD: u32 = 0x80;
 
 /// `sched_switch(bool preempt, struct task_struct *prev,
 ///               struct task_struct *next, unsigned int prev_state)`.
@@ -53,20 +65,18 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
     let s = stats().ok_or(NO_MAP)?;
 
     if prev_is_target {
-        if slice.state == CpuSlice::TARGET && slice.tid == prev_tid {
-            add(unsafe { &raw mut (*s).cpu_ns }, now.saturating_sub(slice.since_ns));
-        }
-        let preempt: u64 = ctx.arg(0);
+        let prev: *const u8 = ctx.arg(1);
         let prev_state: u64 = ctx.arg(3);
-        // The kernel counts nivcsw for a preemption and for a switch in
-        // TASK_RUNNING (yield); either way the thread stays runnable.
-        if preempt & 1 != 0 || prev_state as u32 == 0 {
-            add(unsafe { &raw mut (*s).ctx_involuntary }, 1);
-            if RUNNABLE_SINCE.insert(&prev_tid, &now, BPF_ANY as u64).is_err() {
-                add(unsafe { &raw mut (*s).map_errors }, 1);
-            }
-        } else {
-            add(unsafe { &raw mut (*s).ctx_voluntary }, 1);
+        let prev_state = prev_state as u32;
+        account_switch_out(s, slice, prev, prev_tid, prev_state, now)?;
+        // A thread that leaves the CPU runnable (preempted, or yielding in
+        // TASK_RUNNING) starts waiting now; any older mark is stale.
+        let preempt: u64 = ctx.arg(0);
+        let _ = RUNNABLE_SINCE.remove(&prev_tid);
+        if (preempt & 1 != 0 || prev_state == 0)
+            && RUNNABLE_SINCE.insert(&prev_tid, &now, BPF_ANY as u64).is_err()
+        {
+            add(unsafe { &raw mut (*s).map_errors }, 1);
         }
     }
 
@@ -87,9 +97,61 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
     Ok(())
 }
 
+/// Adds what a target thread did since its previous switch-out, from its
+/// own kernel counters.
+#[inline(always)]
+fn account_switch_out(
+    s: *mut SchedStats,
+    slice: &CpuSlice,
+    prev: *const u8,
+    tid: u32,
+    prev_state: u32,
+    now: u64,
+) -> Res {
+    let c = task_counters(prev)?;
+    let Some(t) = THREADS.get_ptr_mut(&tid) else {
+        // Not tracked (the thread map was full): time the slice instead.
+        if slice.state == CpuSlice::TARGET && slice.tid == tid {
+            add(unsafe { &raw mut (*s).cpu_ns }, now.saturating_sub(slice.since_ns));
+        }
+        add(unsafe { &raw mut (*s).slice_mismatches }, 1);
+        return Ok(());
+    };
+    let t = unsafe { &mut *t };
+    if slice.state != CpuSlice::TARGET || slice.tid != tid {
+        // Its switch-in was not delivered: the counters catch up anyway.
+        add(unsafe { &raw mut (*s).slice_mismatches }, 1);
+    }
+    add(unsafe { &raw mut (*s).cpu_ns }, delta(c.runtime_ns, t.runtime_ns));
+    add(unsafe { &raw mut (*s).ctx_voluntary }, delta(c.nvcsw, t.nvcsw));
+    add(unsafe { &raw mut (*s).ctx_involuntary }, delta(c.nivcsw, t.nivcsw));
+    add(unsafe { &raw mut (*s).migrations }, delta(c.migrations, t.migrations));
+    if has_run_delay() {
+        add(unsafe { &raw mut (*s).runq_delay_ns }, delta(c.run_delay_ns, t.run_delay_ns));
+    }
+    if prev_state & TASK_DEAD != 0 {
+        let _ = THREADS.remove(&tid);
+    } else {
+        t.runtime_ns = c.runtime_ns;
+        t.nvcsw = c.nvcsw;
+        t.nivcsw = c.nivcsw;
+        t.migrations = c.migrations;
+        t.run_delay_ns = c.run_delay_ns;
+    }
+    Ok(())
+}
+
+/// `now - before`, or 0 when `before` was not known.
+#[inline(always)]
+fn delta(now: u64, before: u64) -> u64 {
+    if before == ThreadCounters::UNKNOWN { 0 } else { now.wrapping_sub(before) }
+}
+
 #[inline(always)]
 fn record_runq_delay(s: *mut SchedStats, delay: u64) {
-    add(unsafe { &raw mut (*s).runq_delay_ns }, delay);
+    if !has_run_delay() {
+        add(unsafe { &raw mut (*s).runq_delay_ns }, delay);
+    }
     add(unsafe { &raw mut (*s).runq_delay_count }, 1);
     let b = log2_bucket(delay);
     if b < HIST_BUCKETS {
@@ -134,28 +196,9 @@ fn try_wakeup(ctx: &BtfTracePointContext) -> Res {
     add(unsafe { &raw mut (*s).events }, 1);
     // Keep the earliest time if the thread is already runnable.
     match RUNNABLE_SINCE.insert(&tid, &now, BPF_NOEXIST as u64) {
-        Ok(()) => {}
-        Err(e) if e == -17 => {} // EEXIST
+        Ok(()) | Err(EEXIST) => {}
         Err(_) => add(unsafe { &raw mut (*s).map_errors }, 1),
     }
-    Ok(())
-}
-
-/// `sched_migrate_task(struct task_struct *p, int dest_cpu)`.
-#[btf_tracepoint(function = "sched_migrate_task")]
-pub fn sched_migrate_task(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_migrate(&ctx);
-    0
-}
-
-fn try_migrate(ctx: &BtfTracePointContext) -> Res {
-    let p: *const u8 = ctx.arg(0);
-    if task_tgid(p)? != target_tgid() {
-        return Ok(());
-    }
-    let s = stats().ok_or(NO_MAP)?;
-    add(unsafe { &raw mut (*s).migrations }, 1);
-    add(unsafe { &raw mut (*s).events }, 1);
     Ok(())
 }
 
@@ -187,9 +230,10 @@ fn try_fork(ctx: &BtfTracePointContext) -> Res {
     let tid = task_tid(child)?;
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
-    match TIDS.insert(&tid, &1, BPF_NOEXIST as u64) {
+    // A new task's counters all start at 0.
+    match THREADS.insert(&tid, &ThreadCounters::NEW, BPF_NOEXIST as u64) {
         Ok(()) => add(unsafe { &raw mut (*s).threads_started }, 1),
-        Err(e) if e == -17 => {}
+        Err(EEXIST) => {}
         Err(_) => {
             add(unsafe { &raw mut (*s).map_errors }, 1);
             warn!(ctx, "cis490: thread map full, tid {} not tracked", tid);
@@ -202,7 +246,7 @@ fn try_fork(ctx: &BtfTracePointContext) -> Res {
 }
 
 /// `sched_process_exit(struct task_struct *p, ...)`: fires in the exiting
-/// thread itself.
+/// thread itself (its final switch-out comes after).
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     let _ = try_exit(&ctx);
@@ -216,8 +260,12 @@ fn try_exit(_ctx: &BtfTracePointContext) -> Res {
     }
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
-    if TIDS.remove(&tid).is_ok() {
-        add(unsafe { &raw mut (*s).threads_exited }, 1);
+    if let Some(t) = THREADS.get_ptr_mut(&tid) {
+        let t = unsafe { &mut *t };
+        if t.exited == 0 {
+            t.exited = 1;
+            add(unsafe { &raw mut (*s).threads_exited }, 1);
+        }
     }
     let _ = RUNNABLE_SINCE.remove(&tid);
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);

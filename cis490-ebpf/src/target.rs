@@ -1,15 +1,15 @@
 //! The target filter: which thread group is traced, and the `task_struct`
 //! field offsets the loader resolved from the kernel's BTF.
 //!
-//! Rust has no CO-RE field relocations, so the loader reads the offsets of
-//! `task_struct.pid` and `.tgid` from `/sys/kernel/btf/vmlinux` and writes
-//! them into these read-only globals before loading; the verifier then sees
-//! them as constants.
+//! Rust has no CO-RE field relocations, so the loader reads the offsets from
+//! `/sys/kernel/btf/vmlinux` and writes them into these read-only globals
+//! before loading; the verifier then sees them as constants.
 
 use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
 };
+use cis490_common::ThreadCounters;
 
 #[unsafe(no_mangle)]
 static TARGET_TGID: Global<u32> = Global::new(0);
@@ -17,11 +17,31 @@ static TARGET_TGID: Global<u32> = Global::new(0);
 static TASK_PID_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static TASK_TGID_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.se.sum_exec_runtime`.
+#[unsafe(no_mangle)]
+static TASK_RUNTIME_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TASK_NVCSW_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TASK_NIVCSW_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.se.nr_migrations`.
+#[unsafe(no_mangle)]
+static TASK_MIGRATIONS_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.sched_info.run_delay`; 0 when the kernel has no
+/// CONFIG_SCHED_INFO (then run-queue delay comes from events only).
+#[unsafe(no_mangle)]
+static TASK_RUN_DELAY_OFFSET: Global<u32> = Global::new(0);
 
 /// The traced process (thread-group id).
 #[inline(always)]
 pub fn target_tgid() -> u32 {
     TARGET_TGID.load()
+}
+
+/// Whether the kernel keeps per-thread run-queue delay (`sched_info`).
+#[inline(always)]
+pub fn has_run_delay() -> bool {
+    TASK_RUN_DELAY_OFFSET.load() != 0
 }
 
 /// `(tgid, tid)` of the current task.
@@ -31,12 +51,12 @@ pub fn current() -> (u32, u32) {
     ((id >> 32) as u32, id as u32)
 }
 
-/// Reads a `u32` field of a `struct task_struct *` at a loader-set offset.
+/// Reads a field of a `struct task_struct *` at a loader-set offset.
 #[inline(always)]
-fn task_field(task: *const u8, offset: &Global<u32>) -> Result<u32, i32> {
+fn task_field<T>(task: *const u8, offset: &Global<u32>) -> Result<T, i32> {
     // SAFETY: the offset comes from the kernel's BTF; probe reads are
     // fault-safe.
-    unsafe { bpf_probe_read_kernel(task.add(offset.load() as usize).cast::<u32>()) }
+    unsafe { bpf_probe_read_kernel(task.add(offset.load() as usize).cast::<T>()) }
 }
 
 /// The thread-group id of a `struct task_struct *`.
@@ -49,4 +69,17 @@ pub fn task_tgid(task: *const u8) -> Result<u32, i32> {
 #[inline(always)]
 pub fn task_tid(task: *const u8) -> Result<u32, i32> {
     task_field(task, &TASK_PID_OFFSET)
+}
+
+/// The kernel's own scheduler counters of a task.
+#[inline(always)]
+pub fn task_counters(task: *const u8) -> Result<ThreadCounters, i32> {
+    Ok(ThreadCounters {
+        runtime_ns: task_field(task, &TASK_RUNTIME_OFFSET)?,
+        nvcsw: task_field(task, &TASK_NVCSW_OFFSET)?,
+        nivcsw: task_field(task, &TASK_NIVCSW_OFFSET)?,
+        run_delay_ns: if has_run_delay() { task_field(task, &TASK_RUN_DELAY_OFFSET)? } else { 0 },
+        migrations: task_field(task, &TASK_MIGRATIONS_OFFSET)?,
+        exited: 0,
+    })
 }

@@ -70,6 +70,11 @@ pub struct EbpfTotals {
     pub dropped_events: u64,
     /// Hash-map updates that failed (a run-queue delay or thread untracked).
     pub map_errors: u64,
+    /// Switch-outs of a target thread whose switch-in the kernel did not
+    /// deliver to the probe. Rows stay exact (they come from the thread's
+    /// own counters at switch-out); only the split of that slice across
+    /// buckets is late.
+    pub slice_mismatches: u64,
     pub records_received: u64,
     pub records_undecodable: u64,
 }

@@ -6,7 +6,7 @@
 
 use std::{
     ffi::OsString,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -213,6 +213,10 @@ async fn trace(
     episode: &EpisodeDir,
     meta: &mut Meta,
 ) -> Result<()> {
+    // Handle SIGINT/SIGTERM from here on: a signal during setup still ends
+    // in a complete episode.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let pid = target.pid();
     let mut out = Outputs {
         events: JsonlFile::create(&episode.file(episode::EVENTS))?,
@@ -241,10 +245,13 @@ async fn trace(
     let mut records = RecordStream::new(&mut probes)?;
     target.check_same_process()?;
 
-    kick_cpus();
     let tids = if target.is_spawned() { vec![pid as u32] } else { thread_ids(pid).unwrap_or_default() };
-    let task_dir = format!("/proc/{pid}/task");
-    let mut ebpf = EbpfSource::new(&mut probes, &tids, |tid| Path::new(&format!("{task_dir}/{tid}")).exists())?;
+    let mut ebpf = EbpfSource::new(&mut probes, &tids, |tid| crate::sources::proc::thread_counters(pid, tid).ok())?;
+    // Every CPU switches once: threads running at attach are switched out,
+    // so their counters (seeded from /proc, which lags for a running thread)
+    // catch up before the baseline.
+    kick_cpus();
+    ebpf.rebase()?;
     let mut proc = if cfg.sources.contains(&SourceKind::Proc) { Some(ProcSource::new(pid)?) } else { None };
 
     let start = ClockPair::now();
@@ -254,10 +261,12 @@ async fn trace(
     target.release()?;
     if target.is_spawned() {
         out.event(ClockPair::now(), Some(0), "target_released", json!({"pid": pid}))?;
+        // After execve: the command's own name and executable.
+        meta.target = target.info(Some(&cfg.command));
     }
+    // Let a watcher tailing events.jsonl see that tracing runs.
+    out.flush()?;
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let pidfd = fdwatch::readable(target.pidfd().try_clone()?)?;
     let mono_to_instant = |mono: u64| Instant::now() + Duration::from_nanos(mono.saturating_sub(mono_now_ns()));
     let end_at = cfg.duration.map(|d| mono_to_instant(start.mono_ns + d.as_nanos() as u64));
@@ -375,6 +384,7 @@ async fn trace(
     meta.ebpf.events = totals.events;
     meta.ebpf.dropped_events = totals.dropped;
     meta.ebpf.map_errors = totals.map_errors;
+    meta.ebpf.slice_mismatches = totals.slice_mismatches;
     meta.ebpf.records_received = records.received;
     meta.ebpf.records_undecodable = records.undecodable;
     meta.sources = out

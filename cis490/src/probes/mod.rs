@@ -51,12 +51,22 @@ pub struct ProbeStatus {
     pub error: Option<String>,
 }
 
-/// The BTF-derived facts the programs need, checked before anything loads.
+/// The BTF-derived facts the programs need, checked before anything loads:
+/// byte offsets of the `task_struct` fields the programs read.
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelFacts {
     pub btf_path: String,
     pub task_struct_pid_offset: u32,
     pub task_struct_tgid_offset: u32,
+    /// `se.sum_exec_runtime`.
+    pub task_struct_runtime_offset: u32,
+    pub task_struct_nvcsw_offset: u32,
+    pub task_struct_nivcsw_offset: u32,
+    /// `se.nr_migrations`.
+    pub task_struct_migrations_offset: u32,
+    /// `sched_info.run_delay`; `None` without CONFIG_SCHED_INFO (run-queue
+    /// delay is then summed from wakeup/preemption to switch-in events).
+    pub task_struct_run_delay_offset: Option<u32>,
 }
 
 impl KernelFacts {
@@ -77,10 +87,19 @@ impl KernelFacts {
                 btf_path.display()
             );
         }
+        let task = |m: &str| btf.member_offset("task_struct", m);
+        let nested = |outer: &str, ty: &str, m: &str| -> Result<u32> {
+            Ok(task(outer)? + btf.member_offset(ty, m)?)
+        };
         Ok(Self {
             btf_path: btf_path.display().to_string(),
-            task_struct_pid_offset: btf.member_offset("task_struct", "pid")?,
-            task_struct_tgid_offset: btf.member_offset("task_struct", "tgid")?,
+            task_struct_pid_offset: task("pid")?,
+            task_struct_tgid_offset: task("tgid")?,
+            task_struct_runtime_offset: nested("se", "sched_entity", "sum_exec_runtime")?,
+            task_struct_nvcsw_offset: task("nvcsw")?,
+            task_struct_nivcsw_offset: task("nivcsw")?,
+            task_struct_migrations_offset: nested("se", "sched_entity", "nr_migrations")?,
+            task_struct_run_delay_offset: nested("sched_info", "sched_info", "run_delay").ok(),
         })
     }
 }
@@ -96,6 +115,7 @@ impl Probes {
     /// family. Optional probes that fail are recorded, not fatal.
     pub fn load_and_attach(tgid: u32, facts: &KernelFacts) -> Result<Self> {
         raise_memlock_limit();
+        let run_delay_offset = facts.task_struct_run_delay_offset.unwrap_or(0);
         let btf = aya::Btf::parse_file(&facts.btf_path, aya::Endianness::default())
             .with_context(|| format!("cannot parse kernel BTF {}", facts.btf_path))?;
         let mut ebpf = EbpfLoader::new()
@@ -103,6 +123,11 @@ impl Probes {
             .override_global("TARGET_TGID", &tgid, true)
             .override_global("TASK_PID_OFFSET", &facts.task_struct_pid_offset, true)
             .override_global("TASK_TGID_OFFSET", &facts.task_struct_tgid_offset, true)
+            .override_global("TASK_RUNTIME_OFFSET", &facts.task_struct_runtime_offset, true)
+            .override_global("TASK_NVCSW_OFFSET", &facts.task_struct_nvcsw_offset, true)
+            .override_global("TASK_NIVCSW_OFFSET", &facts.task_struct_nivcsw_offset, true)
+            .override_global("TASK_MIGRATIONS_OFFSET", &facts.task_struct_migrations_offset, true)
+            .override_global("TASK_RUN_DELAY_OFFSET", &run_delay_offset, true)
             .load(EBPF_OBJECT)
             .map_err(|e| anyhow!("cannot load the eBPF object: {e}"))?;
         let mut status = Vec::new();
@@ -120,15 +145,6 @@ impl Probes {
             status.push(st);
         }
         Ok(Self { ebpf, status })
-    }
-
-    /// Whether every named program attached.
-    pub fn attached(&self, programs: &[&str]) -> bool {
-        programs.iter().all(|p| {
-            self.status
-                .iter()
-                .any(|s| s.program == *p && s.state == AttachState::Attached)
-        })
     }
 }
 

@@ -14,14 +14,14 @@ use std::os::fd::AsRawFd;
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use cis490_common::{
-    CpuSlice, LifecycleRecord, MaxSlot, RecordKind, SchedStats, record::record_kind,
+    CpuSlice, LifecycleRecord, MaxSlot, RecordKind, SchedStats, ThreadCounters, record::record_kind,
 };
 use tokio::io::unix::AsyncFd;
 
 use super::Source;
 use crate::{
     clock::mono_now_ns,
-    probes::{Probes, sched},
+    probes::Probes,
     row::{Measures, SourceKind},
 };
 
@@ -43,9 +43,8 @@ pub struct EbpfSource {
     prev: Totals,
     /// Threads seeded from /proc at attach (already alive then).
     base_threads: u64,
-    has_migrations: bool,
-    /// Target threads alive (`TIDS`), seeded here.
-    _tids: HashMap<MapData, u32, u32>,
+    /// Target threads and their counters (`THREADS`), seeded here.
+    _threads: HashMap<MapData, u32, ThreadCounters>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -60,20 +59,28 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 impl EbpfSource {
-    /// Takes the maps out of the loaded object, seeds the thread map with the
-    /// target's current threads and reads the baseline.
-    pub fn new(probes: &mut Probes, tids: &[u32], still_alive: impl Fn(u32) -> bool) -> Result<Self> {
-        let mut tid_map: HashMap<MapData, u32, u32> = take(probes, "TIDS")?;
+    /// Takes the maps out of the loaded object and seeds the thread map with
+    /// the target's current threads and their counters (`counters(tid)`,
+    /// from /proc; `None` for a thread that is gone). Call [`Self::rebase`]
+    /// once every CPU has switched since (a running thread's /proc counters
+    /// lag until its next switch-out).
+    pub fn new(
+        probes: &mut Probes,
+        tids: &[u32],
+        counters: impl Fn(u32) -> Option<ThreadCounters>,
+    ) -> Result<Self> {
+        let mut threads: HashMap<MapData, u32, ThreadCounters> = take(probes, "THREADS")?;
         let mut base_threads = 0u64;
         for &tid in tids {
+            let Some(c) = counters(tid) else { continue };
             // BPF_NOEXIST: a thread the fork probe already saw is not counted twice.
-            if tid_map.insert(tid, 1, 1 /* BPF_NOEXIST */).is_ok() {
+            if threads.insert(tid, c, 1 /* BPF_NOEXIST */).is_ok() {
                 base_threads += 1;
             }
         }
         // A thread listed but gone before it was inserted would stay forever.
         for &tid in tids {
-            if !still_alive(tid) && tid_map.remove(&tid).is_ok() {
+            if counters(tid).is_none() && threads.remove(&tid).is_ok() {
                 base_threads -= 1;
             }
         }
@@ -85,11 +92,16 @@ impl EbpfSource {
             epoch: 0,
             prev: Totals { stats: SchedStats::ZERO, cpu_ns: 0 },
             base_threads,
-            has_migrations: probes.attached(sched::MIGRATIONS),
-            _tids: tid_map,
+            _threads: threads,
         };
-        src.prev = src.read()?.0;
+        src.rebase()?;
         Ok(src)
+    }
+
+    /// Takes the current totals as the baseline of the next row.
+    pub fn rebase(&mut self) -> Result<()> {
+        self.prev = self.read()?.0;
+        Ok(())
     }
 
     /// Publishes the next epoch, then reads the cumulative totals and the
@@ -154,7 +166,7 @@ impl Source for EbpfSource {
                 (self.base_threads + c.threads_started).saturating_sub(c.threads_exited),
             ),
             wakeups: Some(d(c.wakeups, p.wakeups)),
-            migrations: self.has_migrations.then(|| d(c.migrations, p.migrations)),
+            migrations: Some(d(c.migrations, p.migrations)),
             // No delay measured in the bucket: the maximum is 0, not unknown.
             runq_delay_max_ns: Some(max.unwrap_or(0)),
             runq_delay_hist_log2: Some(hist),

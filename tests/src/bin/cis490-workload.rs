@@ -99,6 +99,29 @@ enum Command {
     /// separated by --gap-ms of idle sleep so they stand apart on a timeline. With --out, also
     /// writes {"kind":"demo", "pid", "phases":{...}, "process_cpu_ns", "rusage_self", ...}.
     Demo(DemoArgs),
+
+    /// Write PATH.ready, wait for SIGUSR1, then start and join COUNT short-lived threads.
+    ///
+    /// Threads are unnamed (no prctl rename) and exit at once; they are started in batches of
+    /// 64 alive at a time. Used to flood the tracer's ring buffer with thread start/exit
+    /// records: the process makes exactly COUNT thread starts and COUNT thread exits after the
+    /// signal (plus the main thread's exit at the end). Report: {"kind":"thread-burst",
+    /// "pid", "count", "cpu_ns_before_signal", "process_cpu_ns", "rusage_before_signal",
+    /// "rusage_self"}.
+    ThreadBurst(ThreadBurstArgs),
+}
+
+#[derive(Args, Debug)]
+struct ThreadBurstArgs {
+    /// Number of threads to start (and join) after the signal.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    count: u64,
+    /// Give up (error, exit code 2) if no SIGUSR1 arrives within this many ms; 0 waits forever.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    timeout_ms: u64,
+    /// Where to write the JSON report; the ready file is PATH.ready.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -133,6 +156,15 @@ struct PingpongArgs {
     /// write often preempts the writer, and many switches count as involuntary instead.
     #[arg(long)]
     no_pin: bool,
+    /// Before each write, wait until the peer has blocked (its voluntary switch count, read
+    /// from /proc/self/task/TID/status, went up): every round trip then makes exactly one
+    /// voluntary switch on each side, so the process makes at least 2R.
+    #[arg(long)]
+    handshake: bool,
+    /// After the last round, both threads sleep this long before "pong" exits and the
+    /// report is taken, so a poller (the /proc oracle) sees their final counts.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    linger_ms: u64,
     /// Where to write the JSON report.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
@@ -224,6 +256,7 @@ fn main() {
         Command::ExitAfter(a) => cmd_exit_after(&a),
         Command::WaitSignal(a) => cmd_wait_signal(&a),
         Command::Demo(a) => cmd_demo(&a),
+        Command::ThreadBurst(a) => cmd_thread_burst(&a),
     };
     if let Err(e) = result {
         eprintln!("{PROG}: error: {}", format!("{e:#}").replace('\n', " "));
@@ -569,6 +602,58 @@ fn burn_phase(
     })
 }
 
+/// One side of the ping-pong handshake. Before each blocking read, a thread publishes its own
+/// voluntary switch count (`pre`, from getrusage(RUSAGE_THREAD)) and the round number; the peer
+/// then waits until the kernel's count for that thread (/proc/self/task/TID/status) exceeds
+/// `pre`. That count only goes up once the kernel has committed the thread to sleep, so every
+/// write lands on a blocked reader: one voluntary switch per side per round, no more, no less.
+struct Side {
+    tid: std::sync::atomic::AtomicI32,
+    pre: std::sync::atomic::AtomicU64,
+    round: std::sync::atomic::AtomicU64,
+}
+
+impl Side {
+    const fn new() -> Self {
+        Self {
+            tid: std::sync::atomic::AtomicI32::new(0),
+            pre: std::sync::atomic::AtomicU64::new(0),
+            round: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Called by the thread itself just before it blocks in round `round`.
+    fn about_to_block(&self, round: u64) {
+        self.tid.store(gettid(), Ordering::Relaxed);
+        self.pre.store(rusage(libc::RUSAGE_THREAD).nvcsw, Ordering::Relaxed);
+        self.round.store(round, Ordering::Release);
+    }
+
+    /// Called by the peer: returns once the thread blocked in round `round`.
+    fn wait_blocked(&self, round: u64, buf: &mut String) -> Result<()> {
+        while self.round.load(Ordering::Acquire) < round {
+            std::hint::spin_loop();
+        }
+        let pre = self.pre.load(Ordering::Relaxed);
+        let path = format!("/proc/self/task/{}/status", self.tid.load(Ordering::Relaxed));
+        loop {
+            buf.clear();
+            std::fs::File::open(&path)
+                .and_then(|mut f| f.read_to_string(buf))
+                .with_context(|| format!("read {path}"))?;
+            let now: u64 = buf
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("no voluntary_ctxt_switches in {path}"))?;
+            if now > pre {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
 struct PingpongPhase {
     threads: Vec<ThreadStats>,
     /// CPUs of the calling thread and of "pong", if they were pinned.
@@ -581,7 +666,7 @@ struct PingpongPhase {
 /// With `pin` (and at least two allowed CPUs) the two threads run on two different CPUs, so
 /// that each blocks in read() instead of being preempted by the other's wakeup. The calling
 /// thread's affinity is restored afterwards, so threads it starts later are not pinned.
-fn pingpong_phase(round_trips: u64, pin: bool) -> Result<PingpongPhase> {
+fn pingpong_phase(round_trips: u64, pin: bool, handshake: bool, linger_ms: u64) -> Result<PingpongPhase> {
     let allowed = allowed_cpus()?;
     let pinned_cpus = match allowed[..] {
         [a, b, ..] if pin => Some([a, b]),
@@ -590,16 +675,26 @@ fn pingpong_phase(round_trips: u64, pin: bool) -> Result<PingpongPhase> {
     let (mut r1, w1) = io::pipe().context("pipe")?;
     let (r2, mut w2) = io::pipe().context("pipe")?;
     let start = Instant::now();
+    let (ping_side, pong_side) = (Side::new(), Side::new());
     let threads = thread::scope(|s| -> Result<Vec<ThreadStats>> {
+        let (ping_side, pong_side) = (&ping_side, &pong_side);
         let pong = spawn_named(s, "pong".to_string(), move || -> Result<ThreadStats> {
             if let Some([_, cpu]) = pinned_cpus {
                 set_affinity(&[cpu])?;
             }
             let mut b = [0u8; 1];
-            for _ in 0..round_trips {
+            let mut buf = String::new();
+            for round in 1..=round_trips {
+                if handshake {
+                    pong_side.about_to_block(round);
+                }
                 r1.read_exact(&mut b).context("pong: read pipe 1")?;
+                if handshake {
+                    ping_side.wait_blocked(round, &mut buf)?;
+                }
                 w2.write_all(&b).context("pong: write pipe 2")?;
             }
+            thread::sleep(Duration::from_millis(linger_ms));
             Ok(ThreadStats::current(None))
         })?;
         // Takes the pipe ends by value, so that on error they are closed and "pong" sees EOF
@@ -609,10 +704,18 @@ fn pingpong_phase(round_trips: u64, pin: bool) -> Result<PingpongPhase> {
                 set_affinity(&[cpu])?;
             }
             let mut b = [0u8; 1];
-            for i in 0..round_trips {
-                w1.write_all(&[i as u8]).context("ping: write pipe 1")?;
+            let mut buf = String::new();
+            for round in 1..=round_trips {
+                if handshake {
+                    pong_side.wait_blocked(round, &mut buf)?;
+                }
+                w1.write_all(&[round as u8]).context("ping: write pipe 1")?;
+                if handshake {
+                    ping_side.about_to_block(round);
+                }
                 r2.read_exact(&mut b).context("ping: read pipe 2")?;
             }
+            thread::sleep(Duration::from_millis(linger_ms));
             Ok(ThreadStats::current(None))
         };
         let main = ping(w1, r2);
@@ -720,7 +823,7 @@ fn cmd_pingpong(a: &PingpongArgs) -> Result<()> {
         process_cpu_ns: u64,
         wall_ns: u64,
     }
-    let phase = pingpong_phase(a.round_trips, !a.no_pin)?;
+    let phase = pingpong_phase(a.round_trips, !a.no_pin, a.handshake, a.linger_ms)?;
     let report = Report {
         kind: "pingpong",
         pid: std::process::id(),
@@ -773,23 +876,64 @@ fn cmd_exit_after(a: &ExitAfterArgs) -> Result<()> {
     std::process::exit(0);
 }
 
-fn cmd_wait_signal(a: &WaitSignalArgs) -> Result<()> {
+/// Writes PATH.ready and waits for SIGUSR1 (blocked first, so an early signal stays pending).
+fn ready_then_wait(out: &Path, timeout_ms: u64) -> Result<()> {
     #[derive(Serialize)]
     struct Ready {
         kind: &'static str,
         pid: u32,
     }
-    // Block SIGUSR1 before announcing readiness, so an early signal stays pending.
     let set = block_sigusr1()?;
     write_json_atomic(
-        &with_suffix(&a.out, ".ready"),
+        &with_suffix(out, ".ready"),
         &Ready {
             kind: "ready",
             pid: std::process::id(),
         },
     )?;
-    let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
-    wait_for_sigusr1(&set, timeout)?;
+    let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
+    wait_for_sigusr1(&set, timeout)
+}
+
+fn cmd_thread_burst(a: &ThreadBurstArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        count: u64,
+        cpu_ns_before_signal: u64,
+        process_cpu_ns: u64,
+        rusage_before_signal: Rusage,
+        rusage_self: Rusage,
+    }
+    ready_then_wait(&a.out, a.timeout_ms)?;
+    let cpu_before = process_cpu_ns();
+    let rusage_before = rusage(libc::RUSAGE_SELF);
+    let mut left = a.count;
+    while left > 0 {
+        let batch = left.min(64);
+        let handles: Vec<_> = (0..batch).map(|_| thread::spawn(|| black_box(0u64))).collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow!("a burst thread panicked"))?;
+        }
+        left -= batch;
+    }
+    write_json_atomic(
+        &a.out,
+        &Report {
+            kind: "thread-burst",
+            pid: std::process::id(),
+            count: a.count,
+            cpu_ns_before_signal: cpu_before,
+            process_cpu_ns: process_cpu_ns(),
+            rusage_before_signal: rusage_before,
+            rusage_self: rusage(libc::RUSAGE_SELF),
+        },
+    )
+}
+
+fn cmd_wait_signal(a: &WaitSignalArgs) -> Result<()> {
+    ready_then_wait(&a.out, a.timeout_ms)?;
 
     let cpu_before = process_cpu_ns();
     let rusage_before = rusage(libc::RUSAGE_SELF);
@@ -853,7 +997,7 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
 
     // Unpinned: pinned cross-CPU round trips cost ~100 us each in a VM, which would make this
     // phase alone take seconds.
-    let p2 = pingpong_phase(P2_ROUND_TRIPS, false)?;
+    let p2 = pingpong_phase(P2_ROUND_TRIPS, false, false, 0)?;
     let pingpong = Phase {
         description: format!("pingpong, {P2_ROUND_TRIPS} round trips over two pipes (unpinned)"),
         threads: p2.threads,

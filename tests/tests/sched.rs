@@ -1,0 +1,250 @@
+//! Scheduler telemetry against ground truth and the /proc oracle, on real
+//! workloads traced by the real binary. Needs root.
+
+use std::{process::Command, time::Duration};
+
+use cis490_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// 2 threads x 800 ms of CPU, traced from exec: eBPF cpu_ns within 2% of the
+/// workload's own CLOCK_PROCESS_CPUTIME_ID and of the /proc oracle. A busy
+/// process beside it (not traced) must not count.
+#[test]
+fn cpu_time_matches_ground_truth_and_oracle() {
+    require_root();
+    let dir = scratch("cpu");
+    let out_json = dir.join("cpu.json");
+    // Noise: another process burning CPU at the same time, not traced.
+    let mut noise = Command::new(bin("cis490-workload"))
+        .args(["cpu", "--threads", "1", "--burn-ms", "1500", "--out"])
+        .arg(dir.join("noise.json"))
+        .spawn()
+        .unwrap();
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .args(["cpu", "--threads", "2", "--burn-ms", "800", "--out"])
+            .arg(&out_json),
+        T,
+    );
+    noise.wait().unwrap();
+    let ep = Episode::from_output(&out);
+    let truth = report(&out_json);
+    assert!(ep.is_done());
+    assert_eq!(ep.meta["status"], "complete");
+    assert_eq!(ep.meta["end_reason"], "target_exited");
+
+    // The workload measures itself until just before it writes its report;
+    // what follows (JSON, exit) is well under a millisecond.
+    let process_cpu = truth["process_cpu_ns"].as_f64().unwrap();
+    let burn = truth["burn_cpu_ns"].as_f64().unwrap();
+    assert!(burn > 1.5e9, "the workload burned {burn} ns");
+    let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
+    let proc = ep.sum("proc", "cpu_ns") as f64;
+    assert_close("ebpf cpu_ns vs ground truth", ebpf, process_cpu, 0.02);
+    assert_close("ebpf cpu_ns vs /proc oracle", ebpf, proc, 0.02);
+    // Threads: main + 2 burners at the peak, in both sources.
+    assert_eq!(ep.max("ebpf", "threads"), truth["max_threads_alive"].as_u64().unwrap());
+    assert_eq!(ep.max("proc", "threads"), truth["max_threads_alive"].as_u64().unwrap());
+    // Involuntary switches: the burners are preempted; sources agree within 5%.
+    let (e, p) = (ep.sum("ebpf", "ctx_switches_involuntary"), ep.sum("proc", "ctx_switches_involuntary"));
+    assert!(e > 0);
+    assert_close("involuntary switches ebpf vs /proc", e as f64, p as f64, 0.05);
+    // Nothing lost.
+    assert_eq!(ep.sum("ebpf", "dropped_events"), 0);
+    // Rows of both sources share seq and clock pair, bucket by bucket.
+    let (er, pr) = (ep.rows("ebpf"), ep.rows("proc"));
+    assert_eq!(er.len(), pr.len());
+    for (a, b) in er.iter().zip(pr) {
+        for k in ["seq", "t_mono_ns", "t_wall_ns", "interval_ns"] {
+            assert_eq!(a[k], b[k], "{k}");
+        }
+    }
+}
+
+/// Threads created after attach are counted (cpu, thread count, lifecycle
+/// events), and the per-thread names arrive in events.jsonl.
+#[test]
+fn threads_started_after_attach_are_counted() {
+    require_root();
+    let dir = scratch("late");
+    let out_json = dir.join("late.json");
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .args(["--interval-ms", "20", "--"])
+            .arg(bin("cis490-workload"))
+            .args(["cpu", "--threads", "1", "--burn-ms", "300", "--late-threads", "2"])
+            .args(["--late-delay-ms", "150", "--start-delay-ms", "200", "--out"])
+            .arg(&out_json),
+        T,
+    );
+    let ep = Episode::from_output(&out);
+    let truth = report(&out_json);
+    let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
+    assert_close("ebpf cpu_ns vs ground truth", ebpf, truth["process_cpu_ns"].as_f64().unwrap(), 0.02);
+    assert_eq!(ep.max("ebpf", "threads"), truth["max_threads_alive"].as_u64().unwrap());
+    // Every thread the workload reports was announced, with its name.
+    for t in truth["threads"].as_array().unwrap() {
+        let tid = &t["tid"];
+        assert!(ep.events_named("thread_started").any(|e| &e["tid"] == tid), "no thread_started for {t}");
+        assert!(ep.events_named("thread_exited").any(|e| &e["tid"] == tid), "no thread_exited for {t}");
+        assert!(
+            ep.events_named("thread_renamed").any(|e| &e["tid"] == tid && e["comm"] == t["name"]),
+            "no thread_renamed to {} for {tid}",
+            t["name"]
+        );
+    }
+    // The late threads' work shows up after they started: the bucket of the
+    // first late thread's start has a thread count of 3 or more.
+    let late_tid = truth["threads"].as_array().unwrap().iter().find(|t| t["late"] == true).unwrap()["tid"].clone();
+    let started = ep.events_named("thread_started").find(|e| e["tid"] == late_tid).unwrap();
+    let seq = started["seq"].as_u64().unwrap();
+    let row = &ep.rows("ebpf")[seq as usize];
+    assert_eq!(row["seq"].as_u64(), Some(seq));
+    assert!(row["threads"].as_u64().unwrap() >= 3, "threads at the late start: {row}");
+    // At the end every thread is gone.
+    assert_eq!(ep.rows("ebpf").last().unwrap()["threads"], 0);
+}
+
+/// N round trips over pipes, each side blocking every round: at least 2N
+/// voluntary switches, agreeing with the workload's rusage and the oracle.
+#[test]
+fn pipe_pingpong_voluntary_switches() {
+    require_root();
+    let dir = scratch("pingpong");
+    let out_json = dir.join("pp.json");
+    let n = 3000u64;
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .args(["pingpong", "--handshake", "--linger-ms", "300", "--round-trips", &n.to_string()])
+            .arg("--out")
+            .arg(&out_json),
+        T,
+    );
+    let ep = Episode::from_output(&out);
+    let truth = report(&out_json);
+    let vol = ep.sum("ebpf", "ctx_switches_voluntary");
+    assert!(vol >= 2 * n, "ebpf voluntary switches {vol} < 2N = {}", 2 * n);
+    let rusage = truth["rusage_self"]["nvcsw"].as_u64().unwrap();
+    assert!(rusage >= 2 * n, "workload rusage {rusage} < 2N");
+    // The tracer also sees the threads' final switch-out at exit and the
+    // process start-up before the workload measures: a handful more.
+    assert!(vol >= rusage && vol <= rusage + 10, "ebpf {vol} vs rusage {rusage}");
+    // The oracle keeps an exited thread's last-seen counts; the workload's
+    // threads linger 300 ms (more than a poll) after their last round, so
+    // the oracle sees them whole, minus each thread's final switch-out.
+    let proc = ep.sum("proc", "ctx_switches_voluntary");
+    assert!(vol.abs_diff(proc) <= 10, "ebpf {vol} vs /proc {proc}");
+    // Every switch of a blocked thread is later a wakeup.
+    assert!(ep.sum("ebpf", "wakeups") >= 2 * n);
+}
+
+/// Attach to a running process (--target-pid): only work after attach
+/// counts, and the whole process is covered.
+#[test]
+fn attach_to_a_running_process() {
+    require_root();
+    let dir = scratch("attach");
+    let out_json = dir.join("ws.json");
+    let mut wl = Command::new(bin("cis490-workload"))
+        .args(["wait-signal", "--threads", "2", "--burn-ms", "600", "--out"])
+        .arg(&out_json)
+        .spawn()
+        .unwrap();
+    let ready = out_json.with_extension("json.ready");
+    wait_for_file(&ready, T);
+    let pid = wl.id() as i32;
+    let trace = trace_cmd(&dir)
+        .args(["--target-pid", &pid.to_string(), "--duration", "30"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_trace_started(&dir.join("data"), T);
+    // Let a few buckets pass with the single waiting thread.
+    std::thread::sleep(Duration::from_millis(350));
+    kill(pid, libc::SIGUSR1);
+    let out = wait_output(trace, T);
+    wl.wait().unwrap();
+    let ep = Episode::from_output(&out);
+    let truth = report(&out_json);
+    assert_eq!(ep.meta["target"]["mode"], "attach");
+    assert_eq!(ep.meta["end_reason"], "target_exited");
+    let after = truth["process_cpu_ns"].as_f64().unwrap() - truth["cpu_ns_before_signal"].as_f64().unwrap();
+    assert_close("ebpf cpu_ns vs work after attach", ep.sum("ebpf", "cpu_ns") as f64, after, 0.02);
+    assert_close("ebpf cpu_ns vs /proc", ep.sum("ebpf", "cpu_ns") as f64, ep.sum("proc", "cpu_ns") as f64, 0.02);
+    // The process had 1 thread at attach, then 3.
+    assert_eq!(ep.rows("ebpf")[0]["threads"], 1);
+    assert_eq!(ep.max("ebpf", "threads"), 3);
+}
+
+/// A target that exits mid-trace (threads still running) leaves a complete
+/// episode well before --duration.
+#[test]
+fn target_exit_mid_trace_completes_the_episode() {
+    require_root();
+    let dir = scratch("exit");
+    let t0 = std::time::Instant::now();
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .args(["--duration", "30", "--"])
+            .arg(bin("cis490-workload"))
+            .args(["exit-after", "--ms", "400", "--threads", "3", "--out"])
+            .arg(dir.join("exit.json")),
+        T,
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    let ep = Episode::from_output(&out);
+    assert!(ep.is_done());
+    assert_eq!(ep.meta["status"], "complete");
+    assert_eq!(ep.meta["end_reason"], "target_exited");
+    assert_eq!(ep.meta["target_exit"]["code"], 0);
+    assert_eq!(ep.events_named("target_exited").count(), 1);
+    assert_eq!(ep.events.last().unwrap()["event"], "finished");
+    assert_eq!(ep.max("ebpf", "threads"), 4);
+    assert_eq!(ep.rows("ebpf").last().unwrap()["threads"], 0);
+    // The sleepers woke every ms: 3 threads x ~400 wakeups.
+    assert!(ep.sum("ebpf", "wakeups") > 600);
+    let n = ep.rows("ebpf").len();
+    assert!((4..=10).contains(&n), "{n} rows for ~0.4 s at 100 ms");
+}
+
+/// --duration ends the trace and stops a spawned command that is still
+/// running; SIGTERM to the tracer ends it cleanly too.
+#[test]
+fn duration_and_signals_end_the_trace_cleanly() {
+    require_root();
+    let dir = scratch("duration");
+    let t0 = std::time::Instant::now();
+    let out = run_with_timeout(trace_cmd(&dir).args(["--duration", "0.5", "--", "sleep", "30"]), T);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let ep = Episode::from_output(&out);
+    assert!(ep.is_done());
+    assert_eq!(ep.meta["end_reason"], "duration");
+    assert_eq!(ep.events_named("target_terminated").count(), 1);
+    let secs: f64 = ep.rows("ebpf").iter().map(|r| r["interval_ns"].as_f64().unwrap()).sum::<f64>() / 1e9;
+    assert!((0.45..0.7).contains(&secs), "rows cover {secs} s");
+
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let trace = trace_cmd(&dir)
+        .args(["--target-pid", &sleeper.id().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_trace_started(&dir.join("data"), T);
+    kill(trace.id() as i32, libc::SIGTERM);
+    let out = wait_output(trace, T);
+    let ep = Episode::from_output(&out);
+    assert!(ep.is_done());
+    assert_eq!(ep.meta["end_reason"], "signal");
+    assert!(ep.events_named("signal").any(|e| e["signal"] == "SIGTERM"));
+    // An attached process is left alone.
+    assert!(sleeper.try_wait().unwrap().is_none(), "the attached process was killed");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
