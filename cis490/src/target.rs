@@ -169,6 +169,11 @@ impl Target {
                     libc::_exit(126);
                 }
                 libc::close(gate_r.as_raw_fd());
+                // The tracer blocks SIGINT/SIGTERM while it sets up; the
+                // command starts with every signal unblocked.
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 libc::execv(c_path.as_ptr(), c_argv.as_ptr());
                 let errno = *libc::__errno_location();
                 libc::write(err_w.as_raw_fd(), (&raw const errno).cast(), 4);

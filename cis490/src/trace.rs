@@ -68,8 +68,24 @@ impl TraceConfig {
     }
 }
 
+/// SIGINT and SIGTERM, blocked from the start of a trace until the event
+/// loop handles them, so a signal during setup still ends in a complete
+/// episode instead of killing the tracer.
+fn stop_signals(how: libc::c_int) {
+    // SAFETY: a sigset built with sigemptyset/sigaddset, for this thread
+    // (no other thread exists yet when blocking).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 /// Runs a trace; returns the episode directory.
 pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
+    stop_signals(libc::SIG_BLOCK);
     cfg.validate()?;
     caps::require_tracing_caps()?;
     let facts = KernelFacts::probe(&cfg.btf)?;
@@ -217,6 +233,7 @@ async fn trace(
     // in a complete episode.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    stop_signals(libc::SIG_UNBLOCK);
     let pid = target.pid();
     let mut out = Outputs {
         events: JsonlFile::create(&episode.file(episode::EVENTS))?,

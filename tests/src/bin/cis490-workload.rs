@@ -142,6 +142,10 @@ struct CpuArgs {
     /// Idle sleep before the first threads are started, in ms.
     #[arg(long, value_name = "S", default_value_t = 0)]
     start_delay_ms: u64,
+    /// After burning, each thread sleeps this long before it exits, so a poller (the /proc
+    /// oracle) sees its final counts.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    linger_ms: u64,
     /// Where to write the JSON report.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
@@ -568,6 +572,7 @@ fn burn_phase(
     burn_ms: u64,
     late_threads: u32,
     late_delay_ms: u64,
+    linger_ms: u64,
 ) -> Result<BurnPhase> {
     let target_ns = burn_ms * NS_PER_MS;
     let alive = Alive::new();
@@ -580,6 +585,7 @@ fn burn_phase(
                 burn_until_thread_cpu(target_ns);
                 let st = ThreadStats::current(Some(late));
                 alive.leave();
+                thread::sleep(Duration::from_millis(linger_ms));
                 st
             }
         };
@@ -805,7 +811,7 @@ impl CpuReport {
 
 fn cmd_cpu(a: &CpuArgs) -> Result<()> {
     thread::sleep(Duration::from_millis(a.start_delay_ms));
-    let phase = burn_phase(a.threads, a.burn_ms, a.late_threads, a.late_delay_ms)?;
+    let phase = burn_phase(a.threads, a.burn_ms, a.late_threads, a.late_delay_ms, a.linger_ms)?;
     write_json_atomic(&a.out, &CpuReport::new(a.burn_ms, phase))
 }
 
@@ -937,7 +943,7 @@ fn cmd_wait_signal(a: &WaitSignalArgs) -> Result<()> {
 
     let cpu_before = process_cpu_ns();
     let rusage_before = rusage(libc::RUSAGE_SELF);
-    let phase = burn_phase(a.threads, a.burn_ms, 0, 0)?;
+    let phase = burn_phase(a.threads, a.burn_ms, 0, 0, 0)?;
     let mut report = CpuReport::new(a.burn_ms, phase);
     report.cpu_ns_before_signal = Some(cpu_before);
     report.rusage_before_signal = Some(rusage_before);
@@ -982,7 +988,7 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
     let gap = Duration::from_millis(a.gap_ms);
     eprintln!("{PROG} demo: pid {pid}");
 
-    let p1 = burn_phase(P1_THREADS, P1_BURN_MS, 0, 0)?;
+    let p1 = burn_phase(P1_THREADS, P1_BURN_MS, 0, 0, 0)?;
     let burn = Phase {
         description: format!("{P1_THREADS} threads burn {P1_BURN_MS} ms of CPU each"),
         threads: p1.threads,
