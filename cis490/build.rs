@@ -25,7 +25,10 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
     // Rebuild when the shared record layouts change too.
-    println!("cargo:rerun-if-changed={}/../cis490-common/src", root.as_str());
+    println!(
+        "cargo:rerun-if-changed={}/../cis490-common/src",
+        root.as_str()
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),

@@ -13,7 +13,7 @@ pub mod record;
 pub mod sched;
 
 pub use record::{DecodeError, LifecycleKind, LifecycleRecord, RecordKind};
-pub use sched::{CpuSlice, MaxSlot, SchedStats, ThreadCounters, HIST_BUCKETS};
+pub use sched::{CpuSlice, HIST_BUCKETS, MaxSlot, SchedStats, ThreadCounters};
 
 /// Length of a kernel task name (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;

@@ -88,7 +88,9 @@ pub enum DecodeError {
 impl core::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::Short { need, got } => write!(f, "record too short: need {need} bytes, got {got}"),
+            Self::Short { need, got } => {
+                write!(f, "record too short: need {need} bytes, got {got}")
+            }
             Self::UnknownKind(k) => write!(f, "unknown record kind {k}"),
             Self::UnknownLifecycle(k) => write!(f, "unknown lifecycle kind {k}"),
         }
@@ -120,7 +122,10 @@ impl Fields<'_> {
 
 fn check_len(buf: &[u8], need: usize) -> Result<(), DecodeError> {
     if buf.len() < need {
-        Err(DecodeError::Short { need, got: buf.len() })
+        Err(DecodeError::Short {
+            need,
+            got: buf.len(),
+        })
     } else {
         Ok(())
     }
@@ -213,7 +218,10 @@ mod tests {
             LifecycleRecord::try_from(&buf[..39]),
             Err(DecodeError::Short { need: 40, got: 39 })
         );
-        assert_eq!(record_kind(&buf[..3]), Err(DecodeError::Short { need: 4, got: 3 }));
+        assert_eq!(
+            record_kind(&buf[..3]),
+            Err(DecodeError::Short { need: 4, got: 3 })
+        );
         let bad_what = encode(9, 1, 2, 0, b"x");
         assert_eq!(
             LifecycleRecord::try_from(bad_what.as_slice()),

@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use cis490_common::{CpuSlice, MaxSlot, SchedStats, ThreadCounters, MAX_THREADS, RINGBUF_BYTES};
+use cis490_common::{CpuSlice, MAX_THREADS, MaxSlot, RINGBUF_BYTES, SchedStats, ThreadCounters};
 
 /// Cumulative scheduler counters, one slot per CPU.
 #[map]

@@ -21,12 +21,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use cis490_common::{
-    log2_bucket, CpuSlice, LifecycleKind, LifecycleRecord, RecordKind, SchedStats, ThreadCounters,
-    COMM_LEN, HIST_BUCKETS,
+    COMM_LEN, CpuSlice, HIST_BUCKETS, LifecycleKind, LifecycleRecord, RecordKind, SchedStats,
+    ThreadCounters, log2_bucket,
 };
 
 use crate::{
-    maps::{add, emit, epoch, stats, CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, THREADS},
+    maps::{CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, THREADS, add, emit, epoch, stats},
     target::{current, has_run_delay, target_tgid, task_counters, task_tgid, task_tid},
 };
 
@@ -74,7 +74,9 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         let preempt: u64 = ctx.arg(0);
         let _ = RUNNABLE_SINCE.remove(&prev_tid);
         if (preempt & 1 != 0 || prev_state == 0)
-            && RUNNABLE_SINCE.insert(&prev_tid, &now, BPF_ANY as u64).is_err()
+            && RUNNABLE_SINCE
+                .insert(&prev_tid, &now, BPF_ANY as u64)
+                .is_err()
         {
             add(unsafe { &raw mut (*s).map_errors }, 1);
         }
@@ -112,7 +114,10 @@ fn account_switch_out(
     let Some(t) = THREADS.get_ptr_mut(&tid) else {
         // Not tracked (the thread map was full): time the slice instead.
         if slice.state == CpuSlice::TARGET && slice.tid == tid {
-            add(unsafe { &raw mut (*s).cpu_ns }, now.saturating_sub(slice.since_ns));
+            add(
+                unsafe { &raw mut (*s).cpu_ns },
+                now.saturating_sub(slice.since_ns),
+            );
         }
         add(unsafe { &raw mut (*s).slice_mismatches }, 1);
         return Ok(());
@@ -122,12 +127,27 @@ fn account_switch_out(
         // Its switch-in was not delivered: the counters catch up anyway.
         add(unsafe { &raw mut (*s).slice_mismatches }, 1);
     }
-    add(unsafe { &raw mut (*s).cpu_ns }, delta(c.runtime_ns, t.runtime_ns));
-    add(unsafe { &raw mut (*s).ctx_voluntary }, delta(c.nvcsw, t.nvcsw));
-    add(unsafe { &raw mut (*s).ctx_involuntary }, delta(c.nivcsw, t.nivcsw));
-    add(unsafe { &raw mut (*s).migrations }, delta(c.migrations, t.migrations));
+    add(
+        unsafe { &raw mut (*s).cpu_ns },
+        delta(c.runtime_ns, t.runtime_ns),
+    );
+    add(
+        unsafe { &raw mut (*s).ctx_voluntary },
+        delta(c.nvcsw, t.nvcsw),
+    );
+    add(
+        unsafe { &raw mut (*s).ctx_involuntary },
+        delta(c.nivcsw, t.nivcsw),
+    );
+    add(
+        unsafe { &raw mut (*s).migrations },
+        delta(c.migrations, t.migrations),
+    );
     if has_run_delay() {
-        add(unsafe { &raw mut (*s).runq_delay_ns }, delta(c.run_delay_ns, t.run_delay_ns));
+        add(
+            unsafe { &raw mut (*s).runq_delay_ns },
+            delta(c.run_delay_ns, t.run_delay_ns),
+        );
     }
     if prev_state & TASK_DEAD != 0 {
         let _ = THREADS.remove(&tid);
@@ -144,7 +164,11 @@ fn account_switch_out(
 /// `now - before`, or 0 when `before` was not known.
 #[inline(always)]
 fn delta(now: u64, before: u64) -> u64 {
-    if before == ThreadCounters::UNKNOWN { 0 } else { now.wrapping_sub(before) }
+    if before == ThreadCounters::UNKNOWN {
+        0
+    } else {
+        now.wrapping_sub(before)
+    }
 }
 
 #[inline(always)]
@@ -241,7 +265,10 @@ fn try_fork(ctx: &BtfTracePointContext) -> Res {
     }
     let (_, parent_tid) = current();
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    emit(&lifecycle(LifecycleKind::ThreadStart, tid, parent_tid, comm), s);
+    emit(
+        &lifecycle(LifecycleKind::ThreadStart, tid, parent_tid, comm),
+        s,
+    );
     Ok(())
 }
 
@@ -290,7 +317,10 @@ fn try_exec(ctx: &BtfTracePointContext) -> Res {
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    emit(&lifecycle(LifecycleKind::Exec, tid, old_pid as u32, comm), s);
+    emit(
+        &lifecycle(LifecycleKind::Exec, tid, old_pid as u32, comm),
+        s,
+    );
     Ok(())
 }
 

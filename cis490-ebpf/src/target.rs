@@ -78,7 +78,11 @@ pub fn task_counters(task: *const u8) -> Result<ThreadCounters, i32> {
         runtime_ns: task_field(task, &TASK_RUNTIME_OFFSET)?,
         nvcsw: task_field(task, &TASK_NVCSW_OFFSET)?,
         nivcsw: task_field(task, &TASK_NIVCSW_OFFSET)?,
-        run_delay_ns: if has_run_delay() { task_field(task, &TASK_RUN_DELAY_OFFSET)? } else { 0 },
+        run_delay_ns: if has_run_delay() {
+            task_field(task, &TASK_RUN_DELAY_OFFSET)?
+        } else {
+            0
+        },
         migrations: task_field(task, &TASK_MIGRATIONS_OFFSET)?,
         exited: 0,
     })

@@ -23,7 +23,10 @@ struct CapData {
 
 /// The effective capability set of this process as a 64-bit mask.
 fn effective_caps() -> std::io::Result<u64> {
-    let mut hdr = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let mut hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
     let mut data = [CapData::default(); 2];
     // SAFETY: capget with a v3 header writes two CapData structs.
     let rc = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };

@@ -58,7 +58,12 @@ pub struct TraceArgs {
     pub data_dir: PathBuf,
 
     /// Sources to record, comma-separated: ebpf, proc.
-    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "ebpf,proc")]
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "ebpf,proc"
+    )]
     pub sources: Vec<SourceKind>,
 
     /// Kernel BTF to read task_struct offsets and tracepoints from.
@@ -81,7 +86,9 @@ pub struct SummaryArgs {
 }
 
 fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
-    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
     if !v.is_finite() || v < 0.0 {
         return Err(format!("'{s}' must be zero or more seconds"));
     }
@@ -133,7 +140,9 @@ mod tests {
 
     #[test]
     fn command_after_double_dash() {
-        let Command::Trace(t) = parse(&["trace", "--duration", "1.5", "--", "sleep", "-x", "3"]).unwrap().command
+        let Command::Trace(t) = parse(&["trace", "--duration", "1.5", "--", "sleep", "-x", "3"])
+            .unwrap()
+            .command
         else {
             panic!()
         };

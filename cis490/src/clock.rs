@@ -18,7 +18,10 @@ pub struct ClockPair {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid out-pointer; these clocks always exist on Linux.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -158,7 +161,10 @@ mod tests {
     use super::*;
 
     fn pair(mono: u64) -> ClockPair {
-        ClockPair { mono_ns: mono, wall_ns: mono + 1_000_000 }
+        ClockPair {
+            mono_ns: mono,
+            wall_ns: mono + 1_000_000,
+        }
     }
 
     #[test]

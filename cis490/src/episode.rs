@@ -21,7 +21,10 @@ pub const DONE: &str = "done.marker";
 /// directory, fsync, rename over `path`, fsync of the directory. A reader
 /// sees the old content or the new one, never a torn file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
@@ -164,7 +167,10 @@ mod tests {
         write_atomic(&p, b"{\"v\":1}").unwrap();
         write_atomic(&p, b"{\"v\":2}").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"{\"v\":2}");
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, ["meta.json"]);
     }
 
@@ -179,7 +185,11 @@ mod tests {
         fs::create_dir(blocked.join("x")).unwrap();
         assert!(write_atomic(&blocked.join("x"), b"new").is_err());
         assert_eq!(fs::read(&p).unwrap(), b"old");
-        assert_eq!(fs::read_dir(&blocked).unwrap().count(), 1, "temp file removed");
+        assert_eq!(
+            fs::read_dir(&blocked).unwrap().count(),
+            1,
+            "temp file removed"
+        );
     }
 
     #[test]

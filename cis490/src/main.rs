@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
-use clap::Parser;
 use cis490::cli::{Cli, Command};
+use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -42,7 +42,11 @@ pub struct Host {
 
 impl Host {
     pub fn current() -> Self {
-        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_owned()).unwrap_or_default();
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
         Self {
             hostname: read("/proc/sys/kernel/hostname"),
             kernel_release: read("/proc/sys/kernel/osrelease"),

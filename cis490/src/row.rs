@@ -114,7 +114,10 @@ mod tests {
             t_wall_ns: 3,
             interval_ns: 1,
             seq: 0,
-            m: Measures { cpu_ns: Some(0), ..Default::default() },
+            m: Measures {
+                cpu_ns: Some(0),
+                ..Default::default()
+            },
         };
         let v: serde_json::Value = serde_json::to_value(&row).unwrap();
         assert_eq!(v["source"], "proc");

@@ -17,8 +17,15 @@ use serde_json::{Map, Value};
 
 use crate::episode::{DONE, META};
 
-const ENVELOPE: &[&str] =
-    &["episode_id", "source", "available_in_deployment", "t_mono_ns", "t_wall_ns", "interval_ns", "seq"];
+const ENVELOPE: &[&str] = &[
+    "episode_id",
+    "source",
+    "available_in_deployment",
+    "t_mono_ns",
+    "t_wall_ns",
+    "interval_ns",
+    "seq",
+];
 
 /// How a field aggregates over an episode.
 fn is_max_field(name: &str) -> bool {
@@ -94,7 +101,8 @@ fn human(field: &str, v: f64) -> String {
 /// Writes the summary table of an episode to `w`.
 pub fn write_summary(dir: &Path, w: &mut impl Write) -> Result<()> {
     let meta: Value = serde_json::from_slice(
-        &fs::read(dir.join(META)).with_context(|| format!("{} is not an episode directory", dir.display()))?,
+        &fs::read(dir.join(META))
+            .with_context(|| format!("{} is not an episode directory", dir.display()))?,
     )?;
     let done = dir.join(DONE).exists();
     let mut sources = Vec::new();
@@ -103,7 +111,10 @@ pub fn write_summary(dir: &Path, w: &mut impl Write) -> Result<()> {
         let file = s["file"].as_str().unwrap_or_default();
         sources.push((name, aggregate(&read_rows(&dir.join(file))?)));
     }
-    let secs = match (meta["start"]["t_mono_ns"].as_f64(), meta["end"]["t_mono_ns"].as_f64()) {
+    let secs = match (
+        meta["start"]["t_mono_ns"].as_f64(),
+        meta["end"]["t_mono_ns"].as_f64(),
+    ) {
         (Some(a), Some(b)) => format!("{:.2} s", (b - a) / 1e9),
         _ => "?".into(),
     };
@@ -166,8 +177,12 @@ mod tests {
     #[test]
     fn sums_deltas_maxes_levels_and_keeps_nulls() {
         let rows = [
-            obj(json!({"seq": 0, "cpu_ns": 10, "threads": 2, "runq_delay_max_ns": 5, "wakeups": null, "runq_delay_hist_log2": [1, 2]})),
-            obj(json!({"seq": 1, "cpu_ns": 15, "threads": 3, "runq_delay_max_ns": 4, "wakeups": null, "runq_delay_hist_log2": [0, 0, 4]})),
+            obj(
+                json!({"seq": 0, "cpu_ns": 10, "threads": 2, "runq_delay_max_ns": 5, "wakeups": null, "runq_delay_hist_log2": [1, 2]}),
+            ),
+            obj(
+                json!({"seq": 1, "cpu_ns": 15, "threads": 3, "runq_delay_max_ns": 4, "wakeups": null, "runq_delay_hist_log2": [0, 0, 4]}),
+            ),
         ];
         let t = aggregate(&rows);
         assert_eq!(t.rows, 2);

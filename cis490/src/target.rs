@@ -4,8 +4,7 @@
 
 use std::{
     ffi::{CString, OsStr, OsString},
-    fs,
-    io,
+    fs, io,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
         unix::ffi::OsStrExt,
@@ -57,17 +56,20 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Field 22 (starttime) of a stat line; the comm may hold spaces and parens.
-pub fn stat_starttime(stat: &str) -> Option<u64> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    // Fields after comm start at field 3 (state); starttime is field 22.
-    after.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
-}
-
+/// The start time of process `pid` (clock ticks after boot), the pid-reuse
+/// guard; `NotFound` when there is no such process.
 fn read_starttime(pid: i32) -> io::Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    stat_starttime(&stat)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))
+    let to_io = |e: procfs::ProcError| match e {
+        procfs::ProcError::NotFound(_) => {
+            io::Error::new(io::ErrorKind::NotFound, "no such process")
+        }
+        other => io::Error::other(other.to_string()),
+    };
+    Ok(procfs::process::Process::new(pid)
+        .map_err(to_io)?
+        .stat()
+        .map_err(to_io)?
+        .starttime)
 }
 
 /// Thread ids of process `pid` (from `/proc/PID/task`).
@@ -130,14 +132,21 @@ impl Target {
             _ => anyhow!("cannot read /proc/{pid}/stat: {e}"),
         })?;
         let pidfd = pidfd_open(pid).map_err(|e| anyhow!("cannot watch pid {pid}: {e}"))?;
-        Ok(Self { pid, pidfd, starttime, spawned: None })
+        Ok(Self {
+            pid,
+            pidfd,
+            starttime,
+            spawned: None,
+        })
     }
 
     /// Forks a child that will `execve` `argv` once [`Target::release`] is
     /// called, so the tracer can attach to its pid first and see it from its
     /// first instruction. Call before any other thread is started.
     pub fn spawn(argv: &[OsString]) -> Result<Self> {
-        let program = argv.first().ok_or_else(|| anyhow!("no command given after --"))?;
+        let program = argv
+            .first()
+            .ok_or_else(|| anyhow!("no command given after --"))?;
         let path = resolve_program(program)?;
         let c_path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| anyhow!("command path contains a NUL byte"))?;
@@ -213,13 +222,18 @@ impl Target {
     /// Lets a spawned child `execve` and reports whether that worked.
     /// A no-op for an attached process.
     pub fn release(&mut self) -> Result<()> {
-        let Some(sp) = self.spawned.as_mut() else { return Ok(()) };
+        let Some(sp) = self.spawned.as_mut() else {
+            return Ok(());
+        };
         if let Some(gate) = sp.gate.take() {
             let one = 1u8;
             // SAFETY: writing one byte from a valid buffer to our pipe.
             let n = unsafe { libc::write(gate.as_raw_fd(), (&raw const one).cast(), 1) };
             if n != 1 {
-                bail!("cannot release the spawned command: {}", io::Error::last_os_error());
+                bail!(
+                    "cannot release the spawned command: {}",
+                    io::Error::last_os_error()
+                );
             }
         }
         if let Some(err) = sp.exec_err.take() {
@@ -247,7 +261,11 @@ impl Target {
 
     /// Whether the process has exited (pidfd readable), without blocking.
     pub fn has_exited(&self) -> bool {
-        let mut pfd = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: poll on one valid pollfd with a zero timeout.
         unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
     }
@@ -281,14 +299,26 @@ impl Target {
     pub fn signal(&self, sig: libc::c_int) -> io::Result<()> {
         // SAFETY: pidfd_send_signal on our pidfd with no siginfo.
         let rc = unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), sig, 0usize, 0u32)
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                sig,
+                0usize,
+                0u32,
+            )
         };
-        if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        if rc != 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// Reaps a spawned child that has exited (no-op otherwise).
     pub fn reap(&mut self) {
-        let Some(sp) = self.spawned.as_mut() else { return };
+        let Some(sp) = self.spawned.as_mut() else {
+            return;
+        };
         if sp.reaped {
             return;
         }
@@ -309,21 +339,21 @@ impl Target {
 
     /// What meta.json records about the target.
     pub fn info(&self, argv: Option<&[OsString]>) -> TargetInfo {
-        let comm = fs::read_to_string(format!("/proc/{}/comm", self.pid))
-            .map(|s| s.trim_end().to_owned())
+        let proc = procfs::process::Process::new(self.pid).ok();
+        let comm = proc
+            .as_ref()
+            .and_then(|p| p.stat().ok())
+            .map(|s| s.comm)
             .unwrap_or_default();
-        let exe = fs::read_link(format!("/proc/{}/exe", self.pid))
-            .ok()
+        let exe = proc
+            .as_ref()
+            .and_then(|p| p.exe().ok())
             .map(|p| p.display().to_string());
         let cmdline = match argv {
             Some(a) => a.iter().map(|s| s.to_string_lossy().into_owned()).collect(),
-            None => fs::read(format!("/proc/{}/cmdline", self.pid))
-                .map(|b| {
-                    b.split(|&c| c == 0)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| String::from_utf8_lossy(s).into_owned())
-                        .collect()
-                })
+            None => proc
+                .as_ref()
+                .and_then(|p| p.cmdline().ok())
                 .unwrap_or_default(),
         };
         TargetInfo {
@@ -365,13 +395,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn starttime_survives_parens_in_comm() {
-        let stat = "42 (a) (b c)) S 1 42 42 0 -1 4194304 100 0 0 0 5 6 0 0 20 0 3 0 987654 1 2";
-        assert_eq!(stat_starttime(stat), Some(987654));
-        assert_eq!(stat_starttime("garbage"), None);
-    }
-
-    #[test]
     fn attach_to_a_missing_pid_is_a_clear_error() {
         // pid_max is at most 2^22 on Linux.
         let err = Target::attach(4_194_305).err().unwrap().to_string();
@@ -383,7 +406,10 @@ mod tests {
     #[test]
     fn unknown_commands_are_clear_errors() {
         let e = resolve_program(OsStr::new("cis490-no-such-command")).unwrap_err();
-        assert_eq!(e.to_string(), "cannot start 'cis490-no-such-command': command not found in PATH");
+        assert_eq!(
+            e.to_string(),
+            "cannot start 'cis490-no-such-command': command not found in PATH"
+        );
         let e = resolve_program(OsStr::new("/nonexistent/x")).unwrap_err();
         assert_eq!(e.to_string(), "cannot start '/nonexistent/x': no such file");
         let dir = tempfile::tempdir().unwrap();

@@ -4,11 +4,7 @@
 //! exit, the duration, or SIGINT/SIGTERM. The episode is marked done only
 //! when everything was written.
 
-use std::{
-    ffi::OsString,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
@@ -52,7 +48,7 @@ pub struct TraceConfig {
 
 impl TraceConfig {
     fn validate(&self) -> Result<()> {
-        if self.target_pid.is_some() == !self.command.is_empty() {
+        if self.target_pid.is_some() != self.command.is_empty() {
             bail!("give exactly one target: --target-pid PID or -- COMMAND [ARGS...]");
         }
         if self.interval < Duration::from_millis(1) {
@@ -114,7 +110,10 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
         sources: Vec::new(),
         kernel: Some(facts.clone()),
         probes: Vec::new(),
-        ebpf: EbpfTotals { ringbuf_bytes: RINGBUF_BYTES, ..Default::default() },
+        ebpf: EbpfTotals {
+            ringbuf_bytes: RINGBUF_BYTES,
+            ..Default::default()
+        },
         skipped_boundaries: 0,
     };
     episode.write_meta(&meta)?;
@@ -162,10 +161,22 @@ struct Outputs {
 }
 
 impl Outputs {
-    fn event(&mut self, at: ClockPair, seq: Option<u64>, event: &str, detail: serde_json::Value) -> Result<()> {
+    fn event(
+        &mut self,
+        at: ClockPair,
+        seq: Option<u64>,
+        event: &str,
+        detail: serde_json::Value,
+    ) -> Result<()> {
         let detail = if detail.is_null() { json!({}) } else { detail };
         self.events
-            .write(&Event { t_mono_ns: at.mono_ns, t_wall_ns: at.wall_ns, seq, event, detail })
+            .write(&Event {
+                t_mono_ns: at.mono_ns,
+                t_wall_ns: at.wall_ns,
+                seq,
+                event,
+                detail,
+            })
             .context("cannot write events.jsonl")
     }
 
@@ -212,11 +223,15 @@ fn kick_cpus() {
 fn lifecycle_event(r: &cis490_common::LifecycleRecord) -> (&'static str, serde_json::Value) {
     let comm = String::from_utf8_lossy(r.comm_bytes()).into_owned();
     match r.lifecycle() {
-        Ok(LifecycleKind::ThreadStart) => {
-            ("thread_started", json!({"tid": r.tid, "parent_tid": r.aux, "comm": comm}))
-        }
+        Ok(LifecycleKind::ThreadStart) => (
+            "thread_started",
+            json!({"tid": r.tid, "parent_tid": r.aux, "comm": comm}),
+        ),
         Ok(LifecycleKind::ThreadExit) => ("thread_exited", json!({"tid": r.tid, "comm": comm})),
-        Ok(LifecycleKind::Exec) => ("exec", json!({"tid": r.tid, "old_tid": r.aux, "comm": comm})),
+        Ok(LifecycleKind::Exec) => (
+            "exec",
+            json!({"tid": r.tid, "old_tid": r.aux, "comm": comm}),
+        ),
         Ok(LifecycleKind::Rename) => ("thread_renamed", json!({"tid": r.tid, "comm": comm})),
         Err(_) => ("unknown_record", json!({"tid": r.tid, "what": r.what})),
     }
@@ -262,22 +277,45 @@ async fn trace(
     let mut records = RecordStream::new(&mut probes)?;
     target.check_same_process()?;
 
-    let tids = if target.is_spawned() { vec![pid as u32] } else { thread_ids(pid).unwrap_or_default() };
-    let mut ebpf = EbpfSource::new(&mut probes, &tids, |tid| crate::sources::proc::thread_counters(pid, tid).ok())?;
+    let tids = if target.is_spawned() {
+        vec![pid as u32]
+    } else {
+        thread_ids(pid).unwrap_or_default()
+    };
+    let mut ebpf = EbpfSource::new(&mut probes, &tids, |tid| {
+        crate::sources::proc::thread_counters(pid, tid).ok()
+    })?;
     // Every CPU switches once: threads running at attach are switched out,
     // so their counters (seeded from /proc, which lags for a running thread)
     // catch up before the baseline.
     kick_cpus();
     ebpf.rebase()?;
-    let mut proc = if cfg.sources.contains(&SourceKind::Proc) { Some(ProcSource::new(pid)?) } else { None };
+    let mut proc = if cfg.sources.contains(&SourceKind::Proc) {
+        Some(ProcSource::new(pid)?)
+    } else {
+        None
+    };
 
     let start = ClockPair::now();
     let mut clock = BucketClock::new(start, cfg.interval.as_nanos() as u64);
-    meta.start = Some(Clock { t_mono_ns: start.mono_ns, t_wall_ns: start.wall_ns });
-    out.event(start, None, "started", json!({"pid": pid, "mode": meta.target.mode, "interval_ns": clock.interval_ns()}))?;
+    meta.start = Some(Clock {
+        t_mono_ns: start.mono_ns,
+        t_wall_ns: start.wall_ns,
+    });
+    out.event(
+        start,
+        None,
+        "started",
+        json!({"pid": pid, "mode": meta.target.mode, "interval_ns": clock.interval_ns()}),
+    )?;
     target.release()?;
     if target.is_spawned() {
-        out.event(ClockPair::now(), Some(0), "target_released", json!({"pid": pid}))?;
+        out.event(
+            ClockPair::now(),
+            Some(0),
+            "target_released",
+            json!({"pid": pid}),
+        )?;
         // After execve: the command's own name and executable.
         meta.target = target.info(Some(&cfg.command));
     }
@@ -285,17 +323,29 @@ async fn trace(
     out.flush()?;
 
     let pidfd = fdwatch::readable(target.pidfd().try_clone()?)?;
-    let mono_to_instant = |mono: u64| Instant::now() + Duration::from_nanos(mono.saturating_sub(mono_now_ns()));
-    let end_at = cfg.duration.map(|d| mono_to_instant(start.mono_ns + d.as_nanos() as u64));
+    let mono_to_instant =
+        |mono: u64| Instant::now() + Duration::from_nanos(mono.saturating_sub(mono_now_ns()));
+    let end_at = cfg
+        .duration
+        .map(|d| mono_to_instant(start.mono_ns + d.as_nanos() as u64));
     let mut next_progress = cfg.progress.map(|p| Instant::now() + p);
     let mut last_flush = Instant::now();
 
-    let write_rows = |clock: &mut BucketClock, out: &mut Outputs, ebpf: &mut EbpfSource, proc: &mut Option<ProcSource>, now: ClockPair| -> Result<Tick> {
+    let write_rows = |clock: &mut BucketClock,
+                      out: &mut Outputs,
+                      ebpf: &mut EbpfSource,
+                      proc: &mut Option<ProcSource>,
+                      now: ClockPair|
+     -> Result<Tick> {
         let tick = clock.close(now);
         for (kind, file) in &mut out.rows {
             let m = match kind {
                 SourceKind::Ebpf => ebpf.sample()?,
-                SourceKind::Proc => proc.as_mut().map(|p| Source::sample(p)).transpose()?.unwrap_or_default(),
+                SourceKind::Proc => proc
+                    .as_mut()
+                    .map(Source::sample)
+                    .transpose()?
+                    .unwrap_or_default(),
             };
             let row = Row {
                 episode_id: meta.id.clone(),
@@ -307,7 +357,8 @@ async fn trace(
                 seq: tick.seq,
                 m,
             };
-            file.write(&row).with_context(|| format!("cannot write {}", kind.file_name()))?;
+            file.write(&row)
+                .with_context(|| format!("cannot write {}", kind.file_name()))?;
         }
         Ok(tick)
     };
@@ -375,7 +426,10 @@ async fn trace(
     drop(logger);
     records.drain(|Record::Lifecycle(l)| {
         let (name, detail) = lifecycle_event(&l);
-        let at = ClockPair { mono_ns: l.ts_ns, wall_ns: start.wall_of(l.ts_ns) };
+        let at = ClockPair {
+            mono_ns: l.ts_ns,
+            wall_ns: start.wall_of(l.ts_ns),
+        };
         let _ = out.event(at, clock.seq_of(l.ts_ns), name, detail);
     });
     let totals = *ebpf.totals();
@@ -385,9 +439,19 @@ async fn trace(
     match reason {
         EndReason::TargetExited => {
             meta.target_exit = target.exit_status();
-            out.event(end, Some(last.seq), "target_exited", json!({"pid": pid, "status": meta.target_exit}))?;
+            out.event(
+                end,
+                Some(last.seq),
+                "target_exited",
+                json!({"pid": pid, "status": meta.target_exit}),
+            )?;
         }
-        EndReason::Duration => out.event(end, Some(last.seq), "duration_reached", serde_json::Value::Null)?,
+        EndReason::Duration => out.event(
+            end,
+            Some(last.seq),
+            "duration_reached",
+            serde_json::Value::Null,
+        )?,
         EndReason::Signal => {}
     }
     if target.is_spawned() && reason != EndReason::TargetExited {
@@ -395,7 +459,10 @@ async fn trace(
     }
     target.reap();
 
-    meta.end = Some(Clock { t_mono_ns: end.mono_ns, t_wall_ns: end.wall_ns });
+    meta.end = Some(Clock {
+        t_mono_ns: end.mono_ns,
+        t_wall_ns: end.wall_ns,
+    });
     meta.end_reason = Some(reason);
     meta.skipped_boundaries = clock.skipped();
     meta.ebpf.events = totals.events;
@@ -417,10 +484,17 @@ async fn trace(
     if totals.dropped > 0 || totals.map_errors > 0 || records.undecodable > 0 {
         log::warn!(
             "{} ring-buffer records dropped, {} map errors, {} undecodable records (rows are exact; see meta.json)",
-            totals.dropped, totals.map_errors, records.undecodable
+            totals.dropped,
+            totals.map_errors,
+            records.undecodable
         );
     }
-    out.event(ClockPair::now(), None, "finished", json!({"reason": reason, "buckets": clock.closed()}))?;
+    out.event(
+        ClockPair::now(),
+        None,
+        "finished",
+        json!({"reason": reason, "buckets": clock.closed()}),
+    )?;
     out.sync()?;
     Ok(())
 }
@@ -432,7 +506,12 @@ async fn terminate(target: &mut Target, out: &mut Outputs) -> Result<()> {
         return Ok(());
     }
     let _ = target.signal(libc::SIGTERM);
-    out.event(ClockPair::now(), None, "target_terminated", json!({"signal": "SIGTERM"}))?;
+    out.event(
+        ClockPair::now(),
+        None,
+        "target_terminated",
+        json!({"signal": "SIGTERM"}),
+    )?;
     for _ in 0..500 {
         if target.has_exited() {
             return Ok(());
@@ -440,6 +519,11 @@ async fn terminate(target: &mut Target, out: &mut Outputs) -> Result<()> {
         sleep(Duration::from_millis(10)).await;
     }
     let _ = target.signal(libc::SIGKILL);
-    out.event(ClockPair::now(), None, "target_terminated", json!({"signal": "SIGKILL"}))?;
+    out.event(
+        ClockPair::now(),
+        None,
+        "target_terminated",
+        json!({"signal": "SIGKILL"}),
+    )?;
     Ok(())
 }

@@ -19,7 +19,10 @@ use serde_json::Value;
 /// `target/<profile>/deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// Path of a workspace binary; panics with a hint when it was not built.
@@ -37,7 +40,10 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "privileged test: run as root (sudo -E cargo xtask test)");
+    assert_eq!(
+        euid, 0,
+        "privileged test: run as root (sudo -E cargo xtask test)"
+    );
 }
 
 /// A scratch directory for one test (data dir, workload reports).
@@ -51,13 +57,21 @@ pub fn scratch(name: &str) -> PathBuf {
 /// `cis490 trace ...` with a data dir in `dir`.
 pub fn trace_cmd(dir: &Path) -> Command {
     let mut c = Command::new(bin("cis490"));
-    c.arg("trace").arg("--data-dir").arg(dir.join("data")).arg("--progress-secs").arg("0");
+    c.arg("trace")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--progress-secs")
+        .arg("0");
     c
 }
 
 /// Runs a command to completion, with a timeout.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     wait_output(child, timeout)
 }
 
@@ -91,7 +105,10 @@ pub struct Episode {
 fn read_jsonl(path: &Path) -> Vec<Value> {
     let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line {l}: {e}", path.display())))
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: bad line {l}: {e}", path.display()))
+        })
         .collect()
 }
 
@@ -105,18 +122,27 @@ impl Episode {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        let last = stdout.lines().last().expect("cis490 printed nothing on stdout");
+        let last = stdout
+            .lines()
+            .last()
+            .expect("cis490 printed nothing on stdout");
         Episode::read(Path::new(last.trim()))
     }
 
     pub fn read(dir: &Path) -> Episode {
-        let meta: Value = serde_json::from_slice(&fs::read(dir.join("meta.json")).unwrap()).unwrap();
+        let meta: Value =
+            serde_json::from_slice(&fs::read(dir.join("meta.json")).unwrap()).unwrap();
         let mut rows = HashMap::new();
         for s in meta["sources"].as_array().expect("meta.sources") {
             let name = s["source"].as_str().unwrap().to_owned();
             rows.insert(name, read_jsonl(&dir.join(s["file"].as_str().unwrap())));
         }
-        Episode { dir: dir.to_owned(), events: read_jsonl(&dir.join("events.jsonl")), meta, rows }
+        Episode {
+            dir: dir.to_owned(),
+            events: read_jsonl(&dir.join("events.jsonl")),
+            meta,
+            rows,
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -124,7 +150,9 @@ impl Episode {
     }
 
     pub fn rows(&self, source: &str) -> &[Value] {
-        self.rows.get(source).unwrap_or_else(|| panic!("no {source} rows"))
+        self.rows
+            .get(source)
+            .unwrap_or_else(|| panic!("no {source} rows"))
     }
 
     /// Sum of a per-bucket field over all rows of a source; panics if any
@@ -132,13 +160,21 @@ impl Episode {
     pub fn sum(&self, source: &str, field: &str) -> u64 {
         self.rows(source)
             .iter()
-            .map(|r| r[field].as_u64().unwrap_or_else(|| panic!("{source}.{field} is not a number in {r}")))
+            .map(|r| {
+                r[field]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{source}.{field} is not a number in {r}"))
+            })
             .sum()
     }
 
     /// Maximum of a field over all rows of a source.
     pub fn max(&self, source: &str, field: &str) -> u64 {
-        self.rows(source).iter().filter_map(|r| r[field].as_u64()).max().unwrap_or(0)
+        self.rows(source)
+            .iter()
+            .filter_map(|r| r[field].as_u64())
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn events_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
@@ -148,14 +184,19 @@ impl Episode {
 
 /// A workload report (`--out` JSON).
 pub fn report(path: &Path) -> Value {
-    serde_json::from_slice(&fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    serde_json::from_slice(&fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .unwrap()
 }
 
 /// Waits for a file to appear.
 pub fn wait_for_file(path: &Path, timeout: Duration) {
     let t0 = Instant::now();
     while !path.exists() {
-        assert!(t0.elapsed() < timeout, "{} did not appear within {timeout:?}", path.display());
+        assert!(
+            t0.elapsed() < timeout,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -173,7 +214,10 @@ pub fn wait_trace_started(data_dir: &Path, timeout: Duration) -> PathBuf {
                 }
             }
         }
-        assert!(t0.elapsed() < timeout, "trace did not start within {timeout:?}");
+        assert!(
+            t0.elapsed() < timeout,
+            "trace did not start within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -188,7 +232,10 @@ pub fn assert_close(what: &str, measured: f64, truth: f64, tol: f64) {
         err * 100.0,
         tol * 100.0
     );
-    eprintln!("{what}: {measured} vs {truth} ({:+.3}%)", (measured - truth) / truth * 100.0);
+    eprintln!(
+        "{what}: {measured} vs {truth} ({:+.3}%)",
+        (measured - truth) / truth * 100.0
+    );
 }
 
 /// Sends a signal to a process.

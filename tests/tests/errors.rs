@@ -8,8 +8,12 @@ use cis490_tests::*;
 const T: Duration = Duration::from_secs(30);
 
 fn done_markers(data: &Path) -> usize {
-    let Ok(eps) = fs::read_dir(data.join("episodes")) else { return 0 };
-    eps.flatten().filter(|e| e.path().join("done.marker").exists()).count()
+    let Ok(eps) = fs::read_dir(data.join("episodes")) else {
+        return 0;
+    };
+    eps.flatten()
+        .filter(|e| e.path().join("done.marker").exists())
+        .count()
 }
 
 /// Checks the failure shape and returns the error line.
@@ -17,9 +21,16 @@ fn done_markers(data: &Path) -> usize {
 fn one_line_error(out: &Output, data: &Path) -> String {
     assert!(!out.status.success(), "exit status {}", out.status);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
     assert_eq!(errors.len(), 1, "expected one error line, got:\n{stderr}");
-    assert!(out.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(done_markers(data), 0, "a failed trace left a done.marker");
     errors[0].to_owned()
 }
@@ -29,15 +40,24 @@ fn missing_pid() {
     require_root();
     let dir = scratch("err-pid");
     let out = run_with_timeout(trace_cmd(&dir).args(["--target-pid", "4194305"]), T);
-    assert_eq!(one_line_error(&out, &dir.join("data")), "error: no process with pid 4194305");
-    assert!(!dir.join("data").exists(), "an episode directory was created for a bad pid");
+    assert_eq!(
+        one_line_error(&out, &dir.join("data")),
+        "error: no process with pid 4194305"
+    );
+    assert!(
+        !dir.join("data").exists(),
+        "an episode directory was created for a bad pid"
+    );
 }
 
 #[test]
 fn command_that_cannot_start() {
     require_root();
     let dir = scratch("err-cmd");
-    let out = run_with_timeout(trace_cmd(&dir).args(["--", "cis490-no-such-command", "x"]), T);
+    let out = run_with_timeout(
+        trace_cmd(&dir).args(["--", "cis490-no-such-command", "x"]),
+        T,
+    );
     assert_eq!(
         one_line_error(&out, &dir.join("data")),
         "error: cannot start 'cis490-no-such-command': command not found in PATH"
@@ -48,10 +68,19 @@ fn command_that_cannot_start() {
     fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = run_with_timeout(trace_cmd(&dir).arg("--").arg(&script), T);
     let line = one_line_error(&out, &dir.join("data"));
-    assert!(line.starts_with("error: cannot start '") && line.contains("No such file"), "{line}");
+    assert!(
+        line.starts_with("error: cannot start '") && line.contains("No such file"),
+        "{line}"
+    );
     // That one failed after the episode directory existed: it says so.
-    let ep = fs::read_dir(dir.join("data/episodes")).unwrap().next().unwrap().unwrap().path();
-    let meta: serde_json::Value = serde_json::from_slice(&fs::read(ep.join("meta.json")).unwrap()).unwrap();
+    let ep = fs::read_dir(dir.join("data/episodes"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(ep.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["status"], "failed");
     assert!(meta["error"].as_str().unwrap().contains("cannot start"));
 }
@@ -72,7 +101,10 @@ fn non_root_is_told_which_capabilities() {
         T,
     );
     let line = one_line_error(&out, &dir.join("data"));
-    assert!(line.contains("CAP_BPF") && line.contains("CAP_PERFMON") && line.contains("root"), "{line}");
+    assert!(
+        line.contains("CAP_BPF") && line.contains("CAP_PERFMON") && line.contains("root"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -90,7 +122,10 @@ fn unwritable_data_dir() {
         T,
     );
     let line = one_line_error(&out, &file);
-    assert!(line.starts_with("error: cannot create episode directory"), "{line}");
+    assert!(
+        line.starts_with("error: cannot create episode directory"),
+        "{line}"
+    );
 }
 
 /// Writes a minimal valid BTF blob holding only `int`: a "kernel" without
@@ -103,7 +138,7 @@ fn tiny_btf(path: &Path) {
     types.extend_from_slice(&4u32.to_le_bytes()); // size
     types.extend_from_slice(&(32u32 | (1 << 24)).to_le_bytes()); // 32 bits, signed
     let mut blob = Vec::new();
-    blob.extend_from_slice(&0xeB9Fu16.to_le_bytes());
+    blob.extend_from_slice(&0xEB9F_u16.to_le_bytes());
     blob.push(1); // version
     blob.push(0); // flags
     blob.extend_from_slice(&24u32.to_le_bytes()); // hdr_len
@@ -120,16 +155,27 @@ fn tiny_btf(path: &Path) {
 fn kernel_without_btf_or_tracepoints() {
     require_root();
     let dir = scratch("err-btf");
-    let out = run_with_timeout(trace_cmd(&dir).args(["--btf", "/nonexistent/vmlinux", "--", "true"]), T);
+    let out = run_with_timeout(
+        trace_cmd(&dir).args(["--btf", "/nonexistent/vmlinux", "--", "true"]),
+        T,
+    );
     let line = one_line_error(&out, &dir.join("data"));
-    assert!(line.contains("CONFIG_DEBUG_INFO_BTF") && line.contains("/nonexistent/vmlinux"), "{line}");
+    assert!(
+        line.contains("CONFIG_DEBUG_INFO_BTF") && line.contains("/nonexistent/vmlinux"),
+        "{line}"
+    );
 
     let btf = dir.join("vmlinux-without-tracepoints");
     tiny_btf(&btf);
-    let out = run_with_timeout(trace_cmd(&dir).arg("--btf").arg(&btf).args(["--", "true"]), T);
+    let out = run_with_timeout(
+        trace_cmd(&dir).arg("--btf").arg(&btf).args(["--", "true"]),
+        T,
+    );
     let line = one_line_error(&out, &dir.join("data"));
     assert!(
-        line.starts_with("error: this kernel lacks the tracepoints cis490 needs: sched_switch, sched_wakeup"),
+        line.starts_with(
+            "error: this kernel lacks the tracepoints cis490 needs: sched_switch, sched_wakeup"
+        ),
         "{line}"
     );
 }

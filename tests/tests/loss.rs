@@ -20,7 +20,10 @@ fn ring_buffer_overflow_is_counted_and_rows_stay_exact() {
         .arg(&out_json)
         .spawn()
         .unwrap();
-    wait_for_file(&out_json.with_extension("json.ready"), Duration::from_secs(30));
+    wait_for_file(
+        &out_json.with_extension("json.ready"),
+        Duration::from_secs(30),
+    );
     let pid = wl.id() as i32;
     let trace = trace_cmd(&dir)
         .args(["--target-pid", &pid.to_string(), "--duration", "60"])
@@ -46,8 +49,13 @@ fn ring_buffer_overflow_is_counted_and_rows_stay_exact() {
     // Records the target caused: one start and one exit per burst thread,
     // plus the main thread's exit.
     let expected = 2 * count + 1;
-    assert_eq!(received + dropped, expected, "received {received} + dropped {dropped}");
-    let lines = ep.events_named("thread_started").count() + ep.events_named("thread_exited").count();
+    assert_eq!(
+        received + dropped,
+        expected,
+        "received {received} + dropped {dropped}"
+    );
+    let lines =
+        ep.events_named("thread_started").count() + ep.events_named("thread_exited").count();
     assert_eq!(lines as u64, received);
     // Rows are exact regardless. The process-wide counters the workload
     // reads (CLOCK_PROCESS_CPUTIME_ID, getrusage) fold an exiting thread in
@@ -56,19 +64,34 @@ fn ring_buffer_overflow_is_counted_and_rows_stay_exact() {
     // microseconds and its final (voluntary) switch, which no process-wide
     // counter has. Expected: voluntary = rusage delta + one per burst thread;
     // CPU = process clock delta + a few us per exited thread.
-    let ru = |k: &str| truth["rusage_self"][k].as_u64().unwrap() - truth["rusage_before_signal"][k].as_u64().unwrap();
+    let ru = |k: &str| {
+        truth["rusage_self"][k].as_u64().unwrap()
+            - truth["rusage_before_signal"][k].as_u64().unwrap()
+    };
     let vol = ep.sum("ebpf", "ctx_switches_voluntary");
     let expected_vol = ru("nvcsw") + count;
-    assert!(vol.abs_diff(expected_vol) <= 5, "voluntary {vol} vs rusage delta + {count} = {expected_vol}");
-    let cpu = truth["process_cpu_ns"].as_u64().unwrap() - truth["cpu_ns_before_signal"].as_u64().unwrap();
+    assert!(
+        vol.abs_diff(expected_vol) <= 5,
+        "voluntary {vol} vs rusage delta + {count} = {expected_vol}"
+    );
+    let cpu =
+        truth["process_cpu_ns"].as_u64().unwrap() - truth["cpu_ns_before_signal"].as_u64().unwrap();
     let ebpf_cpu = ep.sum("ebpf", "cpu_ns");
     let tail_per_thread = (ebpf_cpu as f64 - cpu as f64) / count as f64;
-    eprintln!("ebpf cpu {ebpf_cpu} vs process clock {cpu}: {tail_per_thread:.0} ns per exited thread");
-    assert!(ebpf_cpu + 1_000_000 >= cpu, "ebpf cpu {ebpf_cpu} < process clock {cpu}");
+    eprintln!(
+        "ebpf cpu {ebpf_cpu} vs process clock {cpu}: {tail_per_thread:.0} ns per exited thread"
+    );
+    assert!(
+        ebpf_cpu + 1_000_000 >= cpu,
+        "ebpf cpu {ebpf_cpu} < process clock {cpu}"
+    );
     assert!(tail_per_thread < 20_000.0, "ebpf cpu {ebpf_cpu} vs {cpu}");
     assert_eq!(ep.rows("ebpf").last().unwrap()["threads"], 0);
     // The frozen tracer woke up late: one long bucket, counted in meta.
     assert!(ep.meta["skipped_boundaries"].as_u64().unwrap() > 0);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("ring-buffer records dropped"), "no loss warning on stderr:\n{stderr}");
+    assert!(
+        stderr.contains("ring-buffer records dropped"),
+        "no loss warning on stderr:\n{stderr}"
+    );
 }

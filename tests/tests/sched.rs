@@ -25,7 +25,16 @@ fn cpu_time_matches_ground_truth_and_oracle() {
         trace_cmd(&dir)
             .arg("--")
             .arg(bin("cis490-workload"))
-            .args(["cpu", "--threads", "2", "--burn-ms", "800", "--linger-ms", "250", "--out"])
+            .args([
+                "cpu",
+                "--threads",
+                "2",
+                "--burn-ms",
+                "800",
+                "--linger-ms",
+                "250",
+                "--out",
+            ])
             .arg(&out_json),
         T,
     );
@@ -46,15 +55,28 @@ fn cpu_time_matches_ground_truth_and_oracle() {
     assert_close("ebpf cpu_ns vs ground truth", ebpf, process_cpu, 0.02);
     assert_close("ebpf cpu_ns vs /proc oracle", ebpf, proc, 0.02);
     // Threads: main + 2 burners at the peak, in both sources.
-    assert_eq!(ep.max("ebpf", "threads"), truth["max_threads_alive"].as_u64().unwrap());
-    assert_eq!(ep.max("proc", "threads"), truth["max_threads_alive"].as_u64().unwrap());
+    assert_eq!(
+        ep.max("ebpf", "threads"),
+        truth["max_threads_alive"].as_u64().unwrap()
+    );
+    assert_eq!(
+        ep.max("proc", "threads"),
+        truth["max_threads_alive"].as_u64().unwrap()
+    );
     // Context switches: the kernel's own counts (getrusage), and the oracle.
     // The burners linger 250 ms before exiting so the oracle (which keeps an
     // exited thread's last-seen counts) sees them whole; the tracer also sees
     // each thread's final switch-out at exit (+1 voluntary per thread).
     let rusage = &truth["rusage_self"];
-    for (field, key) in [("ctx_switches_involuntary", "nivcsw"), ("ctx_switches_voluntary", "nvcsw")] {
-        let (e, p, r) = (ep.sum("ebpf", field), ep.sum("proc", field), rusage[key].as_u64().unwrap());
+    for (field, key) in [
+        ("ctx_switches_involuntary", "nivcsw"),
+        ("ctx_switches_voluntary", "nvcsw"),
+    ] {
+        let (e, p, r) = (
+            ep.sum("ebpf", field),
+            ep.sum("proc", field),
+            rusage[key].as_u64().unwrap(),
+        );
         assert!(e >= r && e <= r + 5, "{field}: ebpf {e} vs getrusage {r}");
         assert!(e.abs_diff(p) <= 5, "{field}: ebpf {e} vs /proc {p}");
     }
@@ -66,7 +88,11 @@ fn cpu_time_matches_ground_truth_and_oracle() {
         ep.sum("proc", "runq_delay_ns") as f64,
         0.02,
     );
-    assert!(ep.sum("ebpf", "migrations").abs_diff(ep.sum("proc", "migrations")) <= 1);
+    assert!(
+        ep.sum("ebpf", "migrations")
+            .abs_diff(ep.sum("proc", "migrations"))
+            <= 1
+    );
     // Nothing lost.
     assert_eq!(ep.sum("ebpf", "dropped_events"), 0);
     // Rows of both sources share seq and clock pair, bucket by bucket.
@@ -90,7 +116,15 @@ fn threads_started_after_attach_are_counted() {
         trace_cmd(&dir)
             .args(["--interval-ms", "20", "--"])
             .arg(bin("cis490-workload"))
-            .args(["cpu", "--threads", "1", "--burn-ms", "300", "--late-threads", "2"])
+            .args([
+                "cpu",
+                "--threads",
+                "1",
+                "--burn-ms",
+                "300",
+                "--late-threads",
+                "2",
+            ])
             .args(["--late-delay-ms", "150", "--start-delay-ms", "200", "--out"])
             .arg(&out_json),
         T,
@@ -98,27 +132,54 @@ fn threads_started_after_attach_are_counted() {
     let ep = Episode::from_output(&out);
     let truth = report(&out_json);
     let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
-    assert_close("ebpf cpu_ns vs ground truth", ebpf, truth["process_cpu_ns"].as_f64().unwrap(), 0.02);
-    assert_eq!(ep.max("ebpf", "threads"), truth["max_threads_alive"].as_u64().unwrap());
+    assert_close(
+        "ebpf cpu_ns vs ground truth",
+        ebpf,
+        truth["process_cpu_ns"].as_f64().unwrap(),
+        0.02,
+    );
+    assert_eq!(
+        ep.max("ebpf", "threads"),
+        truth["max_threads_alive"].as_u64().unwrap()
+    );
     // Every thread the workload reports was announced, with its name.
     for t in truth["threads"].as_array().unwrap() {
         let tid = &t["tid"];
-        assert!(ep.events_named("thread_started").any(|e| &e["tid"] == tid), "no thread_started for {t}");
-        assert!(ep.events_named("thread_exited").any(|e| &e["tid"] == tid), "no thread_exited for {t}");
         assert!(
-            ep.events_named("thread_renamed").any(|e| &e["tid"] == tid && e["comm"] == t["name"]),
+            ep.events_named("thread_started").any(|e| &e["tid"] == tid),
+            "no thread_started for {t}"
+        );
+        assert!(
+            ep.events_named("thread_exited").any(|e| &e["tid"] == tid),
+            "no thread_exited for {t}"
+        );
+        assert!(
+            ep.events_named("thread_renamed")
+                .any(|e| &e["tid"] == tid && e["comm"] == t["name"]),
             "no thread_renamed to {} for {tid}",
             t["name"]
         );
     }
     // The late threads' work shows up after they started: the bucket of the
     // first late thread's start has a thread count of 3 or more.
-    let late_tid = truth["threads"].as_array().unwrap().iter().find(|t| t["late"] == true).unwrap()["tid"].clone();
-    let started = ep.events_named("thread_started").find(|e| e["tid"] == late_tid).unwrap();
+    let late_tid = truth["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["late"] == true)
+        .unwrap()["tid"]
+        .clone();
+    let started = ep
+        .events_named("thread_started")
+        .find(|e| e["tid"] == late_tid)
+        .unwrap();
     let seq = started["seq"].as_u64().unwrap();
     let row = &ep.rows("ebpf")[seq as usize];
     assert_eq!(row["seq"].as_u64(), Some(seq));
-    assert!(row["threads"].as_u64().unwrap() >= 3, "threads at the late start: {row}");
+    assert!(
+        row["threads"].as_u64().unwrap() >= 3,
+        "threads at the late start: {row}"
+    );
     // At the end every thread is gone.
     assert_eq!(ep.rows("ebpf").last().unwrap()["threads"], 0);
 }
@@ -135,7 +196,14 @@ fn pipe_pingpong_voluntary_switches() {
         trace_cmd(&dir)
             .arg("--")
             .arg(bin("cis490-workload"))
-            .args(["pingpong", "--handshake", "--linger-ms", "300", "--round-trips", &n.to_string()])
+            .args([
+                "pingpong",
+                "--handshake",
+                "--linger-ms",
+                "300",
+                "--round-trips",
+                &n.to_string(),
+            ])
             .arg("--out")
             .arg(&out_json),
         T,
@@ -143,12 +211,19 @@ fn pipe_pingpong_voluntary_switches() {
     let ep = Episode::from_output(&out);
     let truth = report(&out_json);
     let vol = ep.sum("ebpf", "ctx_switches_voluntary");
-    assert!(vol >= 2 * n, "ebpf voluntary switches {vol} < 2N = {}", 2 * n);
+    assert!(
+        vol >= 2 * n,
+        "ebpf voluntary switches {vol} < 2N = {}",
+        2 * n
+    );
     let rusage = truth["rusage_self"]["nvcsw"].as_u64().unwrap();
     assert!(rusage >= 2 * n, "workload rusage {rusage} < 2N");
     // The tracer also sees the threads' final switch-out at exit and the
     // process start-up before the workload measures: a handful more.
-    assert!(vol >= rusage && vol <= rusage + 10, "ebpf {vol} vs rusage {rusage}");
+    assert!(
+        vol >= rusage && vol <= rusage + 10,
+        "ebpf {vol} vs rusage {rusage}"
+    );
     // The oracle keeps an exited thread's last-seen counts; the workload's
     // threads linger 300 ms (more than a poll) after their last round, so
     // the oracle sees them whole, minus each thread's final switch-out.
@@ -189,9 +264,20 @@ fn attach_to_a_running_process() {
     let truth = report(&out_json);
     assert_eq!(ep.meta["target"]["mode"], "attach");
     assert_eq!(ep.meta["end_reason"], "target_exited");
-    let after = truth["process_cpu_ns"].as_f64().unwrap() - truth["cpu_ns_before_signal"].as_f64().unwrap();
-    assert_close("ebpf cpu_ns vs work after attach", ep.sum("ebpf", "cpu_ns") as f64, after, 0.02);
-    assert_close("ebpf cpu_ns vs /proc", ep.sum("ebpf", "cpu_ns") as f64, ep.sum("proc", "cpu_ns") as f64, 0.02);
+    let after =
+        truth["process_cpu_ns"].as_f64().unwrap() - truth["cpu_ns_before_signal"].as_f64().unwrap();
+    assert_close(
+        "ebpf cpu_ns vs work after attach",
+        ep.sum("ebpf", "cpu_ns") as f64,
+        after,
+        0.02,
+    );
+    assert_close(
+        "ebpf cpu_ns vs /proc",
+        ep.sum("ebpf", "cpu_ns") as f64,
+        ep.sum("proc", "cpu_ns") as f64,
+        0.02,
+    );
     // The process had 1 thread at attach, then 3.
     assert_eq!(ep.rows("ebpf")[0]["threads"], 1);
     assert_eq!(ep.max("ebpf", "threads"), 3);
@@ -212,7 +298,11 @@ fn target_exit_mid_trace_completes_the_episode() {
             .arg(dir.join("exit.json")),
         T,
     );
-    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
     let ep = Episode::from_output(&out);
     assert!(ep.is_done());
     assert_eq!(ep.meta["status"], "complete");
@@ -235,13 +325,21 @@ fn duration_and_signals_end_the_trace_cleanly() {
     require_root();
     let dir = scratch("duration");
     let t0 = std::time::Instant::now();
-    let out = run_with_timeout(trace_cmd(&dir).args(["--duration", "0.5", "--", "sleep", "30"]), T);
+    let out = run_with_timeout(
+        trace_cmd(&dir).args(["--duration", "0.5", "--", "sleep", "30"]),
+        T,
+    );
     assert!(t0.elapsed() < Duration::from_secs(5));
     let ep = Episode::from_output(&out);
     assert!(ep.is_done());
     assert_eq!(ep.meta["end_reason"], "duration");
     assert_eq!(ep.events_named("target_terminated").count(), 1);
-    let secs: f64 = ep.rows("ebpf").iter().map(|r| r["interval_ns"].as_f64().unwrap()).sum::<f64>() / 1e9;
+    let secs: f64 = ep
+        .rows("ebpf")
+        .iter()
+        .map(|r| r["interval_ns"].as_f64().unwrap())
+        .sum::<f64>()
+        / 1e9;
     assert!((0.45..0.7).contains(&secs), "rows cover {secs} s");
 
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
@@ -260,7 +358,10 @@ fn duration_and_signals_end_the_trace_cleanly() {
     assert_eq!(ep.meta["end_reason"], "signal");
     assert!(ep.events_named("signal").any(|e| e["signal"] == "SIGTERM"));
     // An attached process is left alone.
-    assert!(sleeper.try_wait().unwrap().is_none(), "the attached process was killed");
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "the attached process was killed"
+    );
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
 }

@@ -51,7 +51,10 @@ enum Task {
 
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A `cargo` command in the workspace, with the toolchain's bin dir on PATH.
@@ -63,7 +66,9 @@ pub fn cargo() -> Command {
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -89,23 +94,33 @@ fn main() -> Result<()> {
 fn build_ebpf(release: bool) -> Result<()> {
     setup::ensure()?;
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "cis490", "--message-format=json-render-diagnostics"]);
+    cmd.args([
+        "build",
+        "--package",
+        "cis490",
+        "--message-format=json-render-diagnostics",
+    ]);
     if release {
         cmd.arg("--release");
     }
-    let out = cmd.stderr(Stdio::inherit()).output().context("cargo build")?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo build")?;
     if !out.status.success() {
         bail!("cargo build -p cis490 failed");
     }
     let mut object = None;
     for line in out.stdout.split(|&b| b == b'\n') {
-        let Ok(msg) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+        let Ok(msg) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue;
+        };
+        // package_id: "path+file:///.../cis490#0.1.0"
         if msg["reason"] == "build-script-executed"
-            && msg["package_id"].as_str().is_some_and(|id| id.contains("/cis490#") || id.contains("cis490 "))
+            && msg["package_id"].as_str().is_some_and(|id| id.contains("/cis490#"))
+            && let Some(dir) = msg["out_dir"].as_str()
         {
-            if let Some(dir) = msg["out_dir"].as_str() {
-                object = Some(PathBuf::from(dir).join("cis490-ebpf"));
-            }
+            object = Some(PathBuf::from(dir).join("cis490-ebpf"));
         }
     }
     let object = object.context("cargo did not report cis490's build-script output directory")?;
@@ -120,7 +135,10 @@ fn print_programs(path: &Path) -> Result<()> {
     println!("{:<36} {:>8} {:>8}", "program section", "bytes", "insns");
     for s in file.sections() {
         let name = s.name().unwrap_or("");
-        if name.starts_with("tp_btf/") || name.starts_with("tracepoint/") || name.starts_with("raw_tp/") {
+        if name.starts_with("tp_btf/")
+            || name.starts_with("tracepoint/")
+            || name.starts_with("raw_tp/")
+        {
             println!("{:<36} {:>8} {:>8}", name, s.size(), s.size() / 8);
         }
     }
@@ -129,12 +147,21 @@ fn print_programs(path: &Path) -> Result<()> {
 
 fn build_bins(release: bool) -> Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "cis490", "--package", "cis490-tests", "--bins"]);
+    cmd.args([
+        "build",
+        "--package",
+        "cis490",
+        "--package",
+        "cis490-tests",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }))
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" }))
 }
 
 fn demo(data_dir: &Path) -> Result<()> {
@@ -159,9 +186,16 @@ fn demo(data_dir: &Path) -> Result<()> {
     if !out.status.success() {
         bail!("cis490 trace failed");
     }
-    let episode = stdout.lines().last().context("cis490 printed no episode path")?.trim().to_owned();
+    let episode = stdout
+        .lines()
+        .last()
+        .context("cis490 printed no episode path")?
+        .trim()
+        .to_owned();
     println!("episode: {episode}");
-    run(Command::new(bin.join("cis490")).arg("summary").arg(&episode))
+    run(Command::new(bin.join("cis490"))
+        .arg("summary")
+        .arg(&episode))
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -170,8 +204,17 @@ fn test(args: &[String]) -> Result<()> {
     let mut unit = cargo();
     // The eBPF crate only builds for the BPF target (cis490's build.rs does
     // that); its shared types are tested through cis490-common.
-    unit.args(["test", "--package", "cis490-common", "--package", "cis490", "--package", "xtask", "--"])
-        .args(args);
+    unit.args([
+        "test",
+        "--package",
+        "cis490-common",
+        "--package",
+        "cis490",
+        "--package",
+        "xtask",
+        "--",
+    ])
+    .args(args);
     run(&mut unit)?;
     if !is_root() {
         bail!(
@@ -182,7 +225,13 @@ fn test(args: &[String]) -> Result<()> {
     let mut privileged = cargo();
     // One at a time: each test times real workloads on a 2-core machine.
     privileged
-        .args(["test", "--package", "cis490-tests", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "--package",
+            "cis490-tests",
+            "--",
+            "--test-threads=1",
+        ])
         .args(args);
     run(&mut privileged)
 }

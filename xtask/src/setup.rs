@@ -24,11 +24,16 @@ const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 fn cargo_bin() -> PathBuf {
-    std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cargo")).join("bin")
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cargo"))
+        .join("bin")
 }
 
 /// PATH with cargo's bin dir (where bpf-linker is installed) in front.
@@ -41,9 +46,14 @@ pub fn path_with_cargo_bin() -> OsString {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -61,7 +71,8 @@ pub fn ensure() -> Result<()> {
         eprintln!("setup: installing the nightly toolchain");
         run(rustup().args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
     }
-    let components = output(rustup().args(["component", "list", "--installed", "--toolchain", NIGHTLY]))?;
+    let components =
+        output(rustup().args(["component", "list", "--installed", "--toolchain", NIGHTLY]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to nightly");
         run(rustup().args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
@@ -91,7 +102,9 @@ fn nightly_llvm() -> Result<(u32, PathBuf)> {
         .next()
         .and_then(|m| m.trim().parse().ok())
         .with_context(|| format!("cannot parse LLVM version {version}"))?;
-    let sysroot = PathBuf::from(output(rustup().args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))?.trim());
+    let sysroot = PathBuf::from(
+        output(rustup().args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))?.trim(),
+    );
     let lib = sysroot.join("lib");
     let so = fs::read_dir(&lib)
         .with_context(|| format!("cannot list {}", lib.display()))?
@@ -102,7 +115,12 @@ fn nightly_llvm() -> Result<(u32, PathBuf)> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("libLLVM.so."))
         })
-        .with_context(|| format!("no libLLVM.so.* in {} (nightly ships its LLVM there)", lib.display()))?;
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {} (nightly ships its LLVM there)",
+                lib.display()
+            )
+        })?;
     Ok((major, so))
 }
 
@@ -132,13 +150,28 @@ fn install_bpf_linker() -> Result<()> {
         "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} ({}); this takes a few minutes, once",
         so.display()
     );
-    run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .env("PATH", path_with_cargo_bin())
-        .env("LLVM_PREFIX", &prefix)
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--force"])
-        .args(["--no-default-features", "--features", &format!("llvm-{major}")]))?;
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .env("PATH", path_with_cargo_bin())
+            .env("LLVM_PREFIX", &prefix)
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--force",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ]),
+    )?;
     if !bpf_linker_works() {
-        bail!("bpf-linker was installed but does not run (check {}/lib)", prefix.display());
+        bail!(
+            "bpf-linker was installed but does not run (check {}/lib)",
+            prefix.display()
+        );
     }
     Ok(())
 }

@@ -123,10 +123,18 @@ impl Probes {
             .override_global("TARGET_TGID", &tgid, true)
             .override_global("TASK_PID_OFFSET", &facts.task_struct_pid_offset, true)
             .override_global("TASK_TGID_OFFSET", &facts.task_struct_tgid_offset, true)
-            .override_global("TASK_RUNTIME_OFFSET", &facts.task_struct_runtime_offset, true)
+            .override_global(
+                "TASK_RUNTIME_OFFSET",
+                &facts.task_struct_runtime_offset,
+                true,
+            )
             .override_global("TASK_NVCSW_OFFSET", &facts.task_struct_nvcsw_offset, true)
             .override_global("TASK_NIVCSW_OFFSET", &facts.task_struct_nivcsw_offset, true)
-            .override_global("TASK_MIGRATIONS_OFFSET", &facts.task_struct_migrations_offset, true)
+            .override_global(
+                "TASK_MIGRATIONS_OFFSET",
+                &facts.task_struct_migrations_offset,
+                true,
+            )
             .override_global("TASK_RUN_DELAY_OFFSET", &run_delay_offset, true)
             .load(EBPF_OBJECT)
             .map_err(|e| anyhow!("cannot load the eBPF object: {e}"))?;
@@ -187,9 +195,15 @@ fn attach_tp_btf(
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        log::debug!("cannot raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "cannot raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

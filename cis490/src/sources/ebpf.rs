@@ -90,7 +90,10 @@ impl EbpfSource {
             runq_max: take(probes, "RUNQ_MAX")?,
             epoch_map: take(probes, "EPOCH")?,
             epoch: 0,
-            prev: Totals { stats: SchedStats::ZERO, cpu_ns: 0 },
+            prev: Totals {
+                stats: SchedStats::ZERO,
+                cpu_ns: 0,
+            },
             base_threads,
             _threads: threads,
         };
@@ -131,7 +134,10 @@ impl EbpfSource {
             .filter(|m| m.epoch == ended)
             .map(|m| m.max_ns)
             .max();
-        let totals = Totals { stats, cpu_ns: stats.cpu_ns.wrapping_add(running) };
+        let totals = Totals {
+            stats,
+            cpu_ns: stats.cpu_ns.wrapping_add(running),
+        };
         Ok((totals, max))
     }
 
@@ -155,16 +161,18 @@ impl Source for EbpfSource {
         // cumulative value monotonic so the episode sum stays exact.
         let cpu_total = cur.cpu_ns.max(self.prev.cpu_ns);
         let hist: Vec<u64> = trim_zeros(
-            c.runq_hist.iter().zip(p.runq_hist.iter()).map(|(a, b)| d(*a, *b)).collect(),
+            c.runq_hist
+                .iter()
+                .zip(p.runq_hist.iter())
+                .map(|(a, b)| d(*a, *b))
+                .collect(),
         );
         let m = Measures {
             cpu_ns: Some(cpu_total - self.prev.cpu_ns),
             ctx_switches_voluntary: Some(d(c.ctx_voluntary, p.ctx_voluntary)),
             ctx_switches_involuntary: Some(d(c.ctx_involuntary, p.ctx_involuntary)),
             runq_delay_ns: Some(d(c.runq_delay_ns, p.runq_delay_ns)),
-            threads: Some(
-                (self.base_threads + c.threads_started).saturating_sub(c.threads_exited),
-            ),
+            threads: Some((self.base_threads + c.threads_started).saturating_sub(c.threads_exited)),
             wakeups: Some(d(c.wakeups, p.wakeups)),
             migrations: Some(d(c.migrations, p.migrations)),
             // No delay measured in the bucket: the maximum is 0, not unknown.
@@ -173,7 +181,10 @@ impl Source for EbpfSource {
             events: Some(d(c.events, p.events)),
             dropped_events: Some(d(c.dropped, p.dropped)),
         };
-        self.prev = Totals { stats: cur.stats, cpu_ns: cpu_total };
+        self.prev = Totals {
+            stats: cur.stats,
+            cpu_ns: cpu_total,
+        };
         Ok(m)
     }
 }
@@ -231,7 +242,10 @@ impl RecordStream {
                 Err(e) => {
                     self.undecodable += 1;
                     if self.undecodable.is_power_of_two() {
-                        log::warn!("undecodable ring-buffer record ({e}); {} so far", self.undecodable);
+                        log::warn!(
+                            "undecodable ring-buffer record ({e}); {} so far",
+                            self.undecodable
+                        );
                     }
                 }
             }

@@ -707,7 +707,10 @@ mod tests {
         // SAFETY: getrusage fills the struct.
         unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
         // Same kernel counters: /proc cannot be ahead of getrusage read later.
-        assert!(c.nvcsw <= ru.ru_nvcsw as u64 && c.nivcsw <= ru.ru_nivcsw as u64, "{c:?}");
+        assert!(
+            c.nvcsw <= ru.ru_nvcsw as u64 && c.nivcsw <= ru.ru_nivcsw as u64,
+            "{c:?}"
+        );
         assert_eq!(c.exited, 0);
         assert!(thread_counters(pid, 4_194_305).is_err());
     }

@@ -631,7 +631,8 @@ impl Side {
     /// Called by the thread itself just before it blocks in round `round`.
     fn about_to_block(&self, round: u64) {
         self.tid.store(gettid(), Ordering::Relaxed);
-        self.pre.store(rusage(libc::RUSAGE_THREAD).nvcsw, Ordering::Relaxed);
+        self.pre
+            .store(rusage(libc::RUSAGE_THREAD).nvcsw, Ordering::Relaxed);
         self.round.store(round, Ordering::Release);
     }
 
@@ -641,7 +642,10 @@ impl Side {
             std::hint::spin_loop();
         }
         let pre = self.pre.load(Ordering::Relaxed);
-        let path = format!("/proc/self/task/{}/status", self.tid.load(Ordering::Relaxed));
+        let path = format!(
+            "/proc/self/task/{}/status",
+            self.tid.load(Ordering::Relaxed)
+        );
         loop {
             buf.clear();
             std::fs::File::open(&path)
@@ -672,7 +676,12 @@ struct PingpongPhase {
 /// With `pin` (and at least two allowed CPUs) the two threads run on two different CPUs, so
 /// that each blocks in read() instead of being preempted by the other's wakeup. The calling
 /// thread's affinity is restored afterwards, so threads it starts later are not pinned.
-fn pingpong_phase(round_trips: u64, pin: bool, handshake: bool, linger_ms: u64) -> Result<PingpongPhase> {
+fn pingpong_phase(
+    round_trips: u64,
+    pin: bool,
+    handshake: bool,
+    linger_ms: u64,
+) -> Result<PingpongPhase> {
     let allowed = allowed_cpus()?;
     let pinned_cpus = match allowed[..] {
         [a, b, ..] if pin => Some([a, b]),
@@ -811,7 +820,13 @@ impl CpuReport {
 
 fn cmd_cpu(a: &CpuArgs) -> Result<()> {
     thread::sleep(Duration::from_millis(a.start_delay_ms));
-    let phase = burn_phase(a.threads, a.burn_ms, a.late_threads, a.late_delay_ms, a.linger_ms)?;
+    let phase = burn_phase(
+        a.threads,
+        a.burn_ms,
+        a.late_threads,
+        a.late_delay_ms,
+        a.linger_ms,
+    )?;
     write_json_atomic(&a.out, &CpuReport::new(a.burn_ms, phase))
 }
 
@@ -918,7 +933,9 @@ fn cmd_thread_burst(a: &ThreadBurstArgs) -> Result<()> {
     let mut left = a.count;
     while left > 0 {
         let batch = left.min(64);
-        let handles: Vec<_> = (0..batch).map(|_| thread::spawn(|| black_box(0u64))).collect();
+        let handles: Vec<_> = (0..batch)
+            .map(|_| thread::spawn(|| black_box(0u64)))
+            .collect();
         for h in handles {
             h.join().map_err(|_| anyhow!("a burst thread panicked"))?;
         }
