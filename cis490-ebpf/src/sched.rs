@@ -68,7 +68,14 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         let prev: *const u8 = ctx.arg(1);
         let prev_state: u64 = ctx.arg(3);
         let prev_state = prev_state as u32;
-        account_switch_out(s, slice, prev, prev_tid, prev_state, now)?;
+        // The loader reads SCHED_STATS, then CPU_SLICE, while this runs.
+        // Closing the slice before adding its time means a concurrent read
+        // can miss this slice for a moment (the next read catches up) but
+        // never count it twice (as running and as done).
+        let was = *slice;
+        unsafe { core::ptr::write_volatile(&raw mut slice.state, CpuSlice::OTHER) };
+        compiler_barrier();
+        account_switch_out(s, &was, prev, prev_tid, prev_state, now)?;
         // A thread that leaves the CPU runnable (preempted, or yielding in
         // TASK_RUNNING) starts waiting now; any older mark is stale.
         let preempt: u64 = ctx.arg(0);
@@ -91,12 +98,23 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         }
         slice.since_ns = now;
         slice.tid = next_tid;
-        slice.state = CpuSlice::TARGET;
+        compiler_barrier();
+        unsafe { core::ptr::write_volatile(&raw mut slice.state, CpuSlice::TARGET) };
     } else {
         slice.state = CpuSlice::OTHER;
     }
     add(unsafe { &raw mut (*s).events }, 1);
     Ok(())
+}
+
+/// Keeps the compiler from moving memory accesses across this point (an
+/// empty asm block that may touch memory). BPF has no fence instruction and
+/// LLVM cannot lower `compiler_fence` for it; the JIT keeps store order on
+/// x86 (TSO).
+#[inline(always)]
+fn compiler_barrier() {
+    // SAFETY: an empty asm block.
+    unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
 }
 
 /// Adds what a target thread did since its previous switch-out, from its

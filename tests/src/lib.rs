@@ -222,6 +222,19 @@ pub fn wait_trace_started(data_dir: &Path, timeout: Duration) -> PathBuf {
     }
 }
 
+/// Starts `cis490 trace ARGS` in the background (data dir under `dir`) and
+/// returns once it has taken its baseline (its `started` event is out).
+pub fn start_trace(dir: &Path, args: &[&str]) -> Child {
+    let child = trace_cmd(dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cis490");
+    wait_trace_started(&dir.join("data"), Duration::from_secs(30));
+    child
+}
+
 /// `|a - b| <= tol * b`, with a readable failure.
 #[track_caller]
 pub fn assert_close(what: &str, measured: f64, truth: f64, tol: f64) {

@@ -25,13 +25,10 @@ fn ring_buffer_overflow_is_counted_and_rows_stay_exact() {
         Duration::from_secs(30),
     );
     let pid = wl.id() as i32;
-    let trace = trace_cmd(&dir)
-        .args(["--target-pid", &pid.to_string(), "--duration", "60"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_trace_started(&dir.join("data"), Duration::from_secs(30));
+    let trace = start_trace(
+        &dir,
+        &["--target-pid", &pid.to_string(), "--duration", "60"],
+    );
     let tracer = trace.id() as i32;
     kill(tracer, libc::SIGSTOP);
     kill(pid, libc::SIGUSR1);

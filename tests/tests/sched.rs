@@ -248,13 +248,10 @@ fn attach_to_a_running_process() {
     let ready = out_json.with_extension("json.ready");
     wait_for_file(&ready, T);
     let pid = wl.id() as i32;
-    let trace = trace_cmd(&dir)
-        .args(["--target-pid", &pid.to_string(), "--duration", "30"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_trace_started(&dir.join("data"), T);
+    let trace = start_trace(
+        &dir,
+        &["--target-pid", &pid.to_string(), "--duration", "30"],
+    );
     // Let a few buckets pass with the single waiting thread.
     std::thread::sleep(Duration::from_millis(350));
     kill(pid, libc::SIGUSR1);
@@ -344,13 +341,7 @@ fn duration_and_signals_end_the_trace_cleanly() {
 
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     let dir = scratch("sigterm");
-    let trace = trace_cmd(&dir)
-        .args(["--target-pid", &sleeper.id().to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_trace_started(&dir.join("data"), T);
+    let trace = start_trace(&dir, &["--target-pid", &sleeper.id().to_string()]);
     kill(trace.id() as i32, libc::SIGTERM);
     let out = wait_output(trace, T);
     let ep = Episode::from_output(&out);

@@ -117,7 +117,9 @@ fn build_ebpf(release: bool) -> Result<()> {
         };
         // package_id: "path+file:///.../cis490#0.1.0"
         if msg["reason"] == "build-script-executed"
-            && msg["package_id"].as_str().is_some_and(|id| id.contains("/cis490#"))
+            && msg["package_id"]
+                .as_str()
+                .is_some_and(|id| id.contains("/cis490#"))
             && let Some(dir) = msg["out_dir"].as_str()
         {
             object = Some(PathBuf::from(dir).join("cis490-ebpf"));

@@ -118,6 +118,8 @@ impl EbpfSource {
         for cpu in self.stats.get(&0, 0).context("SCHED_STATS")?.iter() {
             stats.accumulate(cpu);
         }
+        // After SCHED_STATS: the probe closes a slice before adding its
+        // time, so in this order a slice is never counted twice.
         let slices = self.slices.get(&0, 0).context("CPU_SLICE")?;
         // Read the clock after the maps: every slice start we saw is <= now.
         let now = mono_now_ns();
