@@ -9,9 +9,15 @@
 //! which never transmute and are unit-tested on the host).
 #![no_std]
 
+pub mod block;
+pub mod kvm;
+pub mod net;
 pub mod record;
 pub mod sched;
 
+pub use block::{BlockStats, ReqStart};
+pub use kvm::KvmStats;
+pub use net::{IfStats, NetStats};
 pub use record::{DecodeError, LifecycleKind, LifecycleRecord, RecordKind};
 pub use sched::{CpuSlice, HIST_BUCKETS, MaxSlot, SchedStats, ThreadCounters};
 

@@ -6,7 +6,10 @@
 #![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
+mod block;
+mod kvm;
 mod maps;
+mod net;
 mod sched;
 mod target;
 

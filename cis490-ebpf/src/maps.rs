@@ -6,7 +6,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use cis490_common::{CpuSlice, MAX_THREADS, MaxSlot, RINGBUF_BYTES, SchedStats, ThreadCounters};
+use cis490_common::{
+    BlockStats, CpuSlice, HIST_BUCKETS, KvmStats, MAX_THREADS, MaxSlot, NetStats, RINGBUF_BYTES,
+    ReqStart, SchedStats, ThreadCounters, log2_bucket, net::MAX_IFS,
+};
 
 /// Cumulative scheduler counters, one slot per CPU.
 #[map]
@@ -34,6 +37,31 @@ pub static THREADS: HashMap<u32, ThreadCounters> = HashMap::with_max_entries(MAX
 #[map]
 pub static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THREADS, 0);
 
+/// Cumulative block I/O counters, one slot per CPU.
+#[map]
+pub static BLOCK_STATS: PerCpuArray<BlockStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-bucket block latency maximum, two slots per CPU (`epoch & 1`).
+#[map]
+pub static BLOCK_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
+
+/// Target block requests in flight, keyed by `struct request *`.
+#[map]
+pub static REQS: HashMap<u64, ReqStart> = HashMap::with_max_entries(16_384, 0);
+
+/// Cumulative network counters per tap interface and for sockets.
+#[map]
+pub static NET_STATS: PerCpuArray<NetStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// The target's tap interfaces: `if_key(netns inode, ifindex)` -> slot of
+/// `NetStats::slots`. Kept by the loader as the target opens taps.
+#[map]
+pub static TAP_IFS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_IFS as u32, 0);
+
+/// Cumulative KVM exit counters, one slot per CPU.
+#[map]
+pub static KVM_STATS: PerCpuArray<KvmStats> = PerCpuArray::with_max_entries(1, 0);
+
 /// Streamed records (`cis490_common::record`).
 #[map]
 pub static RECORDS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);
@@ -57,6 +85,33 @@ pub fn add(counter: *mut u64, v: u64) {
 #[inline(always)]
 pub fn epoch() -> u64 {
     EPOCH.get(0).copied().unwrap_or(0)
+}
+
+/// Counts a latency sample in a log2 histogram.
+#[inline(always)]
+pub fn add_to_hist(hist: *mut [u64; HIST_BUCKETS], v: u64) {
+    let b = log2_bucket(v);
+    if b < HIST_BUCKETS {
+        // SAFETY: `hist` points into a map value; `b` is in bounds.
+        add(unsafe { &raw mut (*hist)[b] }, 1);
+    }
+}
+
+/// Raises this CPU's maximum for the current bucket epoch in `slots` (two
+/// slots, `epoch & 1`), resetting it when the epoch moved on.
+#[inline(always)]
+pub fn raise_max(slots: &PerCpuArray<MaxSlot>, v: u64) {
+    let e = epoch();
+    if let Some(slot) = slots.get_ptr_mut((e & 1) as u32) {
+        // SAFETY: a map value pointer, valid for this program run.
+        let slot = unsafe { &mut *slot };
+        if slot.epoch != e {
+            slot.epoch = e;
+            slot.max_ns = v;
+        } else if v > slot.max_ns {
+            slot.max_ns = v;
+        }
+    }
 }
 
 /// Writes `record` to the ring buffer, counting it as dropped when the ring

@@ -21,12 +21,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use cis490_common::{
-    COMM_LEN, CpuSlice, HIST_BUCKETS, LifecycleKind, LifecycleRecord, RecordKind, SchedStats,
-    ThreadCounters, log2_bucket,
+    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, RecordKind, SchedStats, ThreadCounters,
 };
 
 use crate::{
-    maps::{CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, THREADS, add, emit, epoch, stats},
+    maps::{
+        CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, THREADS, add, add_to_hist, emit, raise_max, stats,
+    },
     target::{current, has_run_delay, target_tgid, task_counters, task_tgid, task_tid},
 };
 
@@ -195,21 +196,9 @@ fn record_runq_delay(s: *mut SchedStats, delay: u64) {
         add(unsafe { &raw mut (*s).runq_delay_ns }, delay);
     }
     add(unsafe { &raw mut (*s).runq_delay_count }, 1);
-    let b = log2_bucket(delay);
-    if b < HIST_BUCKETS {
-        add(unsafe { &raw mut (*s).runq_hist[b] }, 1);
-    }
+    add_to_hist(unsafe { &raw mut (*s).runq_hist }, delay);
     // Only sched_switch (interrupts off) touches RUNQ_MAX: no nesting.
-    let e = epoch();
-    if let Some(slot) = RUNQ_MAX.get_ptr_mut((e & 1) as u32) {
-        let slot = unsafe { &mut *slot };
-        if slot.epoch != e {
-            slot.epoch = e;
-            slot.max_ns = delay;
-        } else if delay > slot.max_ns {
-            slot.max_ns = delay;
-        }
-    }
+    raise_max(&RUNQ_MAX, delay);
 }
 
 /// `sched_wakeup(struct task_struct *p)`.

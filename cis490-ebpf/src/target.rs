@@ -51,39 +51,39 @@ pub fn current() -> (u32, u32) {
     ((id >> 32) as u32, id as u32)
 }
 
-/// Reads a field of a `struct task_struct *` at a loader-set offset.
+/// Reads a field of a kernel struct at a loader-set offset (resolved from
+/// the kernel's BTF). Probe reads are fault-safe: a bad pointer is an error.
 #[inline(always)]
-fn task_field<T>(task: *const u8, offset: &Global<u32>) -> Result<T, i32> {
-    // SAFETY: the offset comes from the kernel's BTF; probe reads are
-    // fault-safe.
-    unsafe { bpf_probe_read_kernel(task.add(offset.load() as usize).cast::<T>()) }
+pub fn field<T>(base: *const u8, offset: &Global<u32>) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    unsafe { bpf_probe_read_kernel(base.add(offset.load() as usize).cast::<T>()) }
 }
 
 /// The thread-group id of a `struct task_struct *`.
 #[inline(always)]
 pub fn task_tgid(task: *const u8) -> Result<u32, i32> {
-    task_field(task, &TASK_TGID_OFFSET)
+    field(task, &TASK_TGID_OFFSET)
 }
 
 /// The thread id of a `struct task_struct *`.
 #[inline(always)]
 pub fn task_tid(task: *const u8) -> Result<u32, i32> {
-    task_field(task, &TASK_PID_OFFSET)
+    field(task, &TASK_PID_OFFSET)
 }
 
 /// The kernel's own scheduler counters of a task.
 #[inline(always)]
 pub fn task_counters(task: *const u8) -> Result<ThreadCounters, i32> {
     Ok(ThreadCounters {
-        runtime_ns: task_field(task, &TASK_RUNTIME_OFFSET)?,
-        nvcsw: task_field(task, &TASK_NVCSW_OFFSET)?,
-        nivcsw: task_field(task, &TASK_NIVCSW_OFFSET)?,
+        runtime_ns: field(task, &TASK_RUNTIME_OFFSET)?,
+        nvcsw: field(task, &TASK_NVCSW_OFFSET)?,
+        nivcsw: field(task, &TASK_NIVCSW_OFFSET)?,
         run_delay_ns: if has_run_delay() {
-            task_field(task, &TASK_RUN_DELAY_OFFSET)?
+            field(task, &TASK_RUN_DELAY_OFFSET)?
         } else {
             0
         },
-        migrations: task_field(task, &TASK_MIGRATIONS_OFFSET)?,
+        migrations: field(task, &TASK_MIGRATIONS_OFFSET)?,
         exited: 0,
     })
 }

@@ -114,6 +114,8 @@ struct Location {
     bit_offset: u64,
     /// Bitfield size in bits, when the encoding says (kind_flag structs).
     bitfield_size: u32,
+    /// The member's type.
+    type_id: u32,
 }
 
 /// Parsed kernel BTF: the type table, the string section and a name index.
@@ -280,6 +282,40 @@ impl KernelBtf {
     /// A bitfield member is accepted only when it starts on a byte boundary
     /// (the offset of its first byte is returned).
     pub fn member_offset(&self, struct_name: &str, member: &str) -> Result<u32> {
+        let loc = self.locate(struct_name, member)?;
+        byte_offset(&loc, struct_name, member)
+    }
+
+    /// Byte offset of a dotted member path in `struct struct_name`, e.g.
+    /// `("task_struct", "se.sum_exec_runtime")`: each step but the last must
+    /// be a struct or union member (anonymous members are searched as in
+    /// [`Self::member_offset`]).
+    pub fn member_path_offset(&self, struct_name: &str, path: &str) -> Result<u32> {
+        let mut parts = path.split('.');
+        let first = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .context("empty member path")?;
+        let mut loc = self.locate(struct_name, first)?;
+        let mut walked = format!("{struct_name}.{first}");
+        for part in parts {
+            let inner = self
+                .skip_modifiers(loc.type_id)
+                .filter(|&i| {
+                    self.ty(i)
+                        .is_some_and(|t| matches!(t.kind, kind::STRUCT | kind::UNION))
+                })
+                .with_context(|| format!("`{walked}` in kernel BTF is not a struct or union"))?;
+            loc = self
+                .find_member(inner, part, loc.bit_offset, 0)?
+                .with_context(|| format!("`{walked}` in kernel BTF has no member `{part}`"))?;
+            walked = format!("{walked}.{part}");
+        }
+        byte_offset(&loc, struct_name, path)
+    }
+
+    /// Where `member` is in `struct struct_name` (see `member_offset`).
+    fn locate(&self, struct_name: &str, member: &str) -> Result<Location> {
         let candidates: Vec<u32> = self
             .ids_named(struct_name)
             .iter()
@@ -323,24 +359,7 @@ impl KernelBtf {
                  anonymous struct/union members)"
             );
         };
-        if loc.bit_offset % 8 != 0 {
-            bail!(
-                "member `{member}` of struct `{struct_name}` is a bitfield{} at bit offset {}, \
-                 not on a byte boundary",
-                if loc.bitfield_size != 0 {
-                    format!(" of {} bits", loc.bitfield_size)
-                } else {
-                    String::new()
-                },
-                loc.bit_offset
-            );
-        }
-        u32::try_from(loc.bit_offset / 8).map_err(|_| {
-            anyhow!(
-                "member `{member}` of struct `{struct_name}` has an impossible offset of {} bits",
-                loc.bit_offset
-            )
-        })
+        Ok(loc)
     }
 
     /// Whether a BTF-enabled tracepoint `name` exists (typedef `btf_trace_<name>`).
@@ -422,6 +441,7 @@ impl KernelBtf {
                     return Ok(Some(Location {
                         bit_offset,
                         bitfield_size,
+                        type_id: m.type_id,
                     }));
                 }
                 Some("") => {
@@ -442,6 +462,28 @@ impl KernelBtf {
         }
         Ok(None)
     }
+}
+
+/// The byte offset of a located member; bitfields must start on a byte.
+fn byte_offset(loc: &Location, struct_name: &str, member: &str) -> Result<u32> {
+    if loc.bit_offset % 8 != 0 {
+        bail!(
+            "member `{member}` of struct `{struct_name}` is a bitfield{} at bit offset {}, \
+                 not on a byte boundary",
+            if loc.bitfield_size != 0 {
+                format!(" of {} bits", loc.bitfield_size)
+            } else {
+                String::new()
+            },
+            loc.bit_offset
+        );
+    }
+    u32::try_from(loc.bit_offset / 8).map_err(|_| {
+        anyhow!(
+            "member `{member}` of struct `{struct_name}` has an impossible offset of {} bits",
+            loc.bit_offset
+        )
+    })
 }
 
 /// Walks the type section, recording each type and every struct/union member.
@@ -1041,6 +1083,40 @@ mod tests {
             btf.member_offset("task_struct", "no_such_member_xyz")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn kernel_member_paths() {
+        let Some(btf) = kernel_btf() else { return };
+        let se = btf.member_offset("task_struct", "se").unwrap();
+        let rt = btf
+            .member_offset("sched_entity", "sum_exec_runtime")
+            .unwrap();
+        assert_eq!(
+            btf.member_path_offset("task_struct", "se.sum_exec_runtime")
+                .unwrap(),
+            se + rt
+        );
+        assert_eq!(
+            btf.member_path_offset("task_struct", "pid").unwrap(),
+            btf.member_offset("task_struct", "pid").unwrap()
+        );
+        // sk_buff.dev sits in anonymous unions; net_device.nd_net.net likewise.
+        assert!(btf.member_path_offset("sk_buff", "dev").is_ok());
+        assert!(btf.member_path_offset("net_device", "nd_net.net").is_ok());
+        let e = btf
+            .member_path_offset("task_struct", "pid.x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("task_struct.pid") && e.contains("not a struct"),
+            "{e}"
+        );
+        let e = btf
+            .member_path_offset("task_struct", "se.nope")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("task_struct.se") && e.contains("nope"), "{e}");
     }
 
     #[test]

@@ -70,6 +70,11 @@ pub struct TraceArgs {
     #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]
     pub btf: PathBuf,
 
+    /// Block tracepoints: block_io_start/done (Linux 6.5+), the older
+    /// block_rq_insert/issue/complete, or auto (the first this kernel has).
+    #[arg(long, value_name = "PATH", value_enum, default_value = "auto")]
+    pub block_probes: crate::probes::block::PathChoice,
+
     /// Log progress to stderr every SECS seconds (0: never).
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs_or_zero)]
     pub progress_secs: Duration,
@@ -114,6 +119,9 @@ impl TraceArgs {
             sources: self.sources,
             btf: self.btf,
             progress: (!self.progress_secs.is_zero()).then_some(self.progress_secs),
+            probe_options: crate::probes::Options {
+                block: self.block_probes,
+            },
             argv,
         }
     }

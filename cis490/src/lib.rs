@@ -15,5 +15,6 @@ pub mod probes;
 pub mod row;
 pub mod sources;
 pub mod summary;
+pub mod taps;
 pub mod target;
 pub mod trace;

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::{
-    probes::{KernelFacts, ProbeStatus},
+    probes::{FamilyStatus, KernelFacts, ProbeStatus},
     row::SourceKind,
     target::{ExitStatus, TargetInfo},
 };
@@ -102,6 +102,8 @@ pub struct Meta {
     pub sources: Vec<SourceMeta>,
     pub kernel: Option<KernelFacts>,
     pub probes: Vec<ProbeStatus>,
+    /// Per probe family: whether it measures and which path it took.
+    pub families: Vec<FamilyStatus>,
     pub ebpf: EbpfTotals,
     /// Bucket boundaries that passed while the tracer was late; the row after
     /// them covers a longer interval (see `interval_ns` of each row).

@@ -8,6 +8,8 @@
 //! gives the episode total. A field a source cannot measure is `None`, written
 //! as JSON `null`, never `0`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// A telemetry source. `available_in_deployment` is decided here, once.
@@ -80,6 +82,69 @@ pub struct Measures {
     pub events: Option<u64>,
     /// Records lost because the ring buffer was full.
     pub dropped_events: Option<u64>,
+
+    /// Block read requests completed.
+    pub blk_read_ops: Option<u64>,
+    /// Block write requests completed.
+    pub blk_write_ops: Option<u64>,
+    /// Bytes read from block devices.
+    pub blk_read_bytes: Option<u64>,
+    /// Bytes written to block devices.
+    pub blk_write_bytes: Option<u64>,
+    /// Sum of block request latencies (issue to completion), ns.
+    pub blk_latency_ns_sum: Option<u64>,
+    /// Longest block request latency in the bucket, ns.
+    pub blk_latency_max_ns: Option<u64>,
+    /// log2 histogram of block request latencies (as `runq_delay_hist_log2`).
+    pub blk_latency_hist_log2: Option<Vec<u64>>,
+
+    /// Bytes the target sent (sum of `net_by_if`).
+    pub net_tx_bytes: Option<u64>,
+    /// Bytes the target received.
+    pub net_rx_bytes: Option<u64>,
+    /// Packets the target sent.
+    pub net_tx_packets: Option<u64>,
+    /// Packets the target received.
+    pub net_rx_packets: Option<u64>,
+    /// The same per vantage: a tap interface by name, or `sockets`.
+    pub net_by_if: Option<BTreeMap<String, NetCounters>>,
+
+    /// Hardware VM exits of the target's vCPUs.
+    pub kvm_exits: Option<u64>,
+    /// Hardware VM exits by the kernel's reason name.
+    pub kvm_exit_reasons: Option<BTreeMap<String, u64>>,
+    /// Returns of `KVM_RUN` to the target (exits QEMU itself handles).
+    pub kvm_userspace_exits: Option<u64>,
+    /// The same by `KVM_EXIT_*` reason name.
+    pub kvm_userspace_exit_reasons: Option<BTreeMap<String, u64>>,
+}
+
+/// Network counters of one vantage, from the target's side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetCounters {
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+}
+
+impl Measures {
+    /// Fills the `net_*` totals from `net_by_if` (`None` stays `None`).
+    pub fn set_net(&mut self, by_if: Option<BTreeMap<String, NetCounters>>) {
+        let total = by_if.as_ref().map(|m| {
+            m.values().fold(NetCounters::default(), |a, c| NetCounters {
+                tx_bytes: a.tx_bytes + c.tx_bytes,
+                rx_bytes: a.rx_bytes + c.rx_bytes,
+                tx_packets: a.tx_packets + c.tx_packets,
+                rx_packets: a.rx_packets + c.rx_packets,
+            })
+        });
+        self.net_tx_bytes = total.map(|t| t.tx_bytes);
+        self.net_rx_bytes = total.map(|t| t.rx_bytes);
+        self.net_tx_packets = total.map(|t| t.tx_packets);
+        self.net_rx_packets = total.map(|t| t.rx_packets);
+        self.net_by_if = by_if;
+    }
 }
 
 /// One line of `telemetry-<source>.jsonl`.
@@ -128,6 +193,38 @@ mod tests {
         assert!(v["runq_delay_hist_log2"].is_null());
         let back: Row = serde_json::from_value(v).unwrap();
         assert_eq!(back, row);
+    }
+
+    #[test]
+    fn net_totals_sum_the_vantages() {
+        let mut m = Measures::default();
+        m.set_net(None);
+        assert_eq!(m.net_tx_bytes, None);
+        let mut by = BTreeMap::new();
+        by.insert(
+            "tap0".to_owned(),
+            NetCounters {
+                tx_bytes: 10,
+                rx_bytes: 1,
+                tx_packets: 2,
+                rx_packets: 1,
+            },
+        );
+        by.insert(
+            "sockets".to_owned(),
+            NetCounters {
+                tx_bytes: 5,
+                ..Default::default()
+            },
+        );
+        m.set_net(Some(by));
+        assert_eq!(
+            (m.net_tx_bytes, m.net_rx_bytes, m.net_tx_packets),
+            (Some(15), Some(1), Some(2))
+        );
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["net_by_if"]["tap0"]["tx_bytes"], 10);
+        assert!(v["kvm_exit_reasons"].is_null());
     }
 
     #[test]

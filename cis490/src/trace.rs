@@ -4,7 +4,7 @@
 //! exit, the duration, or SIGINT/SIGTERM. The episode is marked done only
 //! when everything was written.
 
-use std::{ffi::OsString, path::PathBuf, time::Duration};
+use std::{borrow::Cow, ffi::OsString, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
@@ -20,13 +20,14 @@ use crate::{
     episode::{self, EpisodeDir, JsonlFile},
     fdwatch,
     meta::{Clock, EbpfTotals, EndReason, Host, Meta, SourceMeta, Status},
-    probes::{KernelFacts, Probes},
+    probes::{self, KernelFacts, Plan, Probes},
     row::{Row, SourceKind},
     sources::{
-        Source,
+        SampleCtx, Source,
         ebpf::{EbpfSource, Record, RecordStream},
         proc::ProcSource,
     },
+    taps::{self, Holdings},
     target::{Target, thread_ids},
 };
 use cis490_common::{LifecycleKind, RINGBUF_BYTES};
@@ -42,6 +43,7 @@ pub struct TraceConfig {
     pub sources: Vec<SourceKind>,
     pub btf: PathBuf,
     pub progress: Option<Duration>,
+    pub probe_options: probes::Options,
     /// This process's own argv, for meta.json.
     pub argv: Vec<String>,
 }
@@ -110,6 +112,7 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
         sources: Vec::new(),
         kernel: Some(facts.clone()),
         probes: Vec::new(),
+        families: Vec::new(),
         ebpf: EbpfTotals {
             ringbuf_bytes: RINGBUF_BYTES,
             ..Default::default()
@@ -197,6 +200,93 @@ impl Outputs {
     }
 }
 
+/// The sources, and what the coordinator knows about the target that they
+/// share (its tap interfaces and KVM VM, from its fds).
+struct Sources {
+    pid: i32,
+    episode_id: String,
+    ebpf: EbpfSource,
+    proc: Option<ProcSource>,
+    holdings: Holdings,
+    holdings_at: Option<Instant>,
+}
+
+impl Sources {
+    /// How often the target's fds are rescanned for new taps and a KVM VM.
+    const RESCAN: Duration = Duration::from_millis(250);
+
+    fn refresh_holdings(&mut self) {
+        if self.holdings_at.is_some_and(|t| t.elapsed() < Self::RESCAN) {
+            return;
+        }
+        self.holdings_at = Some(Instant::now());
+        match taps::holdings(self.pid) {
+            Ok(h) => self.holdings = h,
+            Err(e) => log::debug!("fds of {}: {e}", self.pid),
+        }
+    }
+
+    /// Takes every source's baseline at one instant.
+    fn baseline(&mut self) -> Result<()> {
+        self.refresh_holdings();
+        let ctx = SampleCtx {
+            holdings: Cow::Borrowed(&self.holdings),
+        };
+        Source::sample(&mut self.ebpf, &ctx)?;
+        if let Some(p) = &mut self.proc {
+            Source::sample(p, &ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the bucket at `now`: one row per source, stamped with the same
+    /// clock pair and `seq`.
+    fn close_bucket(
+        &mut self,
+        clock: &mut BucketClock,
+        out: &mut Outputs,
+        now: ClockPair,
+    ) -> Result<Tick> {
+        self.refresh_holdings();
+        let tick = clock.close(now);
+        let ctx = SampleCtx {
+            holdings: Cow::Borrowed(&self.holdings),
+        };
+        for (kind, file) in &mut out.rows {
+            let m = match kind {
+                SourceKind::Ebpf => Source::sample(&mut self.ebpf, &ctx)?,
+                SourceKind::Proc => self
+                    .proc
+                    .as_mut()
+                    .map(|p| Source::sample(p, &ctx))
+                    .transpose()?
+                    .unwrap_or_default(),
+            };
+            let row = Row {
+                episode_id: self.episode_id.clone(),
+                source: *kind,
+                available_in_deployment: kind.available_in_deployment(),
+                t_mono_ns: tick.end.mono_ns,
+                t_wall_ns: tick.end.wall_ns,
+                interval_ns: tick.interval_ns,
+                seq: tick.seq,
+                m,
+            };
+            file.write(&row)
+                .with_context(|| format!("cannot write {}", kind.file_name()))?;
+        }
+        for tap in self.ebpf.take_new_taps() {
+            out.event(
+                now,
+                Some(tick.seq),
+                "tap_attached",
+                json!({"name": tap.name, "ifindex": tap.ifindex, "netns_inum": tap.netns_inum}),
+            )?;
+        }
+        Ok(tick)
+    }
+}
+
 /// Runs a short thread on every online CPU so each CPU switches once: the
 /// scheduler probe then knows what runs everywhere before the baseline.
 fn kick_cpus() {
@@ -261,11 +351,22 @@ async fn trace(
     // Phase labels come later; the file exists from the start.
     JsonlFile::create(&episode.file(episode::LABELS))?.sync()?;
 
-    let mut probes = Probes::load_and_attach(pid as u32, facts)?;
+    let plan = Plan::new(facts, cfg.probe_options);
+    let mut probes = Probes::load_and_attach(pid as u32, facts, &plan)?;
     meta.probes = probes.status.clone();
+    meta.families = probes.families.clone();
     let attached_at = ClockPair::now();
     for p in &probes.status {
         out.event(attached_at, None, "probe", serde_json::to_value(p)?)?;
+    }
+    for f in &probes.families {
+        if !f.active {
+            log::warn!(
+                "{} telemetry off: {}",
+                f.family,
+                f.note.as_deref().unwrap_or("?")
+            );
+        }
     }
     let mut logger = match aya_log::EbpfLogger::init(&mut probes.ebpf) {
         Ok(l) => Some(fdwatch::readable(l)?),
@@ -282,19 +383,27 @@ async fn trace(
     } else {
         thread_ids(pid).unwrap_or_default()
     };
-    let mut ebpf = EbpfSource::new(&mut probes, &tids, |tid| {
+    let ebpf = EbpfSource::new(&mut probes, &plan, pid, &tids, |tid| {
         crate::sources::proc::thread_counters(pid, tid).ok()
     })?;
-    // Every CPU switches once: threads running at attach are switched out,
-    // so their counters (seeded from /proc, which lags for a running thread)
-    // catch up before the baseline.
-    kick_cpus();
-    ebpf.rebase()?;
-    let mut proc = if cfg.sources.contains(&SourceKind::Proc) {
+    let proc = if cfg.sources.contains(&SourceKind::Proc) {
         Some(ProcSource::new(pid)?)
     } else {
         None
     };
+    let mut sources = Sources {
+        pid,
+        episode_id: meta.id.clone(),
+        ebpf,
+        proc,
+        holdings: Holdings::default(),
+        holdings_at: None,
+    };
+    // Every CPU switches once: threads running at attach are switched out,
+    // so their counters (seeded from /proc, which lags for a running thread)
+    // catch up before the baseline.
+    kick_cpus();
+    sources.baseline()?;
 
     let start = ClockPair::now();
     let mut clock = BucketClock::new(start, cfg.interval.as_nanos() as u64);
@@ -331,38 +440,6 @@ async fn trace(
     let mut next_progress = cfg.progress.map(|p| Instant::now() + p);
     let mut last_flush = Instant::now();
 
-    let write_rows = |clock: &mut BucketClock,
-                      out: &mut Outputs,
-                      ebpf: &mut EbpfSource,
-                      proc: &mut Option<ProcSource>,
-                      now: ClockPair|
-     -> Result<Tick> {
-        let tick = clock.close(now);
-        for (kind, file) in &mut out.rows {
-            let m = match kind {
-                SourceKind::Ebpf => ebpf.sample()?,
-                SourceKind::Proc => proc
-                    .as_mut()
-                    .map(Source::sample)
-                    .transpose()?
-                    .unwrap_or_default(),
-            };
-            let row = Row {
-                episode_id: meta.id.clone(),
-                source: *kind,
-                available_in_deployment: kind.available_in_deployment(),
-                t_mono_ns: tick.end.mono_ns,
-                t_wall_ns: tick.end.wall_ns,
-                interval_ns: tick.interval_ns,
-                seq: tick.seq,
-                m,
-            };
-            file.write(&row)
-                .with_context(|| format!("cannot write {}", kind.file_name()))?;
-        }
-        Ok(tick)
-    };
-
     let reason = loop {
         let deadline = mono_to_instant(clock.next_deadline_ns());
         tokio::select! {
@@ -383,13 +460,13 @@ async fn trace(
                 break EndReason::Duration;
             }
             _ = sleep_until(deadline) => {
-                let tick = write_rows(&mut clock, &mut out, &mut ebpf, &mut proc, ClockPair::now())?;
+                let tick = sources.close_bucket(&mut clock, &mut out, ClockPair::now())?;
                 if last_flush.elapsed() >= Duration::from_secs(1) {
                     out.flush()?;
                     last_flush = Instant::now();
                 }
                 if let Some(p) = next_progress.filter(|p| Instant::now() >= *p) {
-                    let t = ebpf.totals();
+                    let t = sources.ebpf.totals();
                     log::info!(
                         "traced {:.1} s: {} buckets, {} target events, {} dropped records",
                         (tick.end.mono_ns - start.mono_ns) as f64 / 1e9,
@@ -421,7 +498,7 @@ async fn trace(
         sleep(Duration::from_millis(5)).await;
     }
     let end = ClockPair::now();
-    let last = write_rows(&mut clock, &mut out, &mut ebpf, &mut proc, end)?;
+    let last = sources.close_bucket(&mut clock, &mut out, end)?;
     // Detach: no more events after the final row.
     drop(logger);
     records.drain(|Record::Lifecycle(l)| {
@@ -432,8 +509,9 @@ async fn trace(
         };
         let _ = out.event(at, clock.seq_of(l.ts_ns), name, detail);
     });
-    let totals = *ebpf.totals();
-    drop(ebpf);
+    let totals = *sources.ebpf.totals();
+    let block_map_errors = sources.ebpf.block_map_errors();
+    drop(sources);
     drop(probes);
 
     match reason {
@@ -467,7 +545,7 @@ async fn trace(
     meta.skipped_boundaries = clock.skipped();
     meta.ebpf.events = totals.events;
     meta.ebpf.dropped_events = totals.dropped;
-    meta.ebpf.map_errors = totals.map_errors;
+    meta.ebpf.map_errors = totals.map_errors + block_map_errors;
     meta.ebpf.slice_mismatches = totals.slice_mismatches;
     meta.ebpf.records_received = records.received;
     meta.ebpf.records_undecodable = records.undecodable;

@@ -99,8 +99,15 @@ fn cpu_time_matches_ground_truth_and_oracle() {
     // (a slice counted both as running and as done would break this).
     let cpus = std::thread::available_parallelism().unwrap().get() as u64;
     for r in ep.rows("ebpf") {
-        let (cpu, iv) = (r["cpu_ns"].as_u64().unwrap(), r["interval_ns"].as_u64().unwrap());
-        assert!(cpu <= iv * cpus + 100_000, "bucket {} has {cpu} ns of CPU in {iv} ns", r["seq"]);
+        let (cpu, iv) = (
+            r["cpu_ns"].as_u64().unwrap(),
+            r["interval_ns"].as_u64().unwrap(),
+        );
+        assert!(
+            cpu <= iv * cpus + 100_000,
+            "bucket {} has {cpu} ns of CPU in {iv} ns",
+            r["seq"]
+        );
     }
     // Rows of both sources share seq and clock pair, bucket by bucket.
     let (er, pr) = (ep.rows("ebpf"), ep.rows("proc"));

@@ -1,13 +1,27 @@
 //! Loading the embedded eBPF object and attaching each probe family, with a
-//! record of what attached, what fell back and what failed (for meta.json
-//! and for nulling the fields a missing probe would have measured).
+//! record of what attached, which path a family took (its fallbacks) and
+//! what failed: for meta.json, and for nulling the fields a missing probe
+//! would have measured.
+//!
+//! Order: [`KernelFacts::probe`] reads the kernel BTF (member offsets,
+//! tracepoints) and fails early if the scheduler family cannot work;
+//! [`Plan::new`] decides each family's path; [`Probes::load_and_attach`]
+//! loads the object with the offsets and paths as read-only globals, then
+//! attaches family by family.
 
+pub mod block;
+pub mod kvm;
+pub mod net;
 pub mod sched;
+pub mod tracefs;
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
-use anyhow::{Context as _, Result, anyhow, bail};
-use aya::{Ebpf, EbpfLoader, programs::BtfTracePoint};
+use anyhow::{Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{BtfTracePoint, TracePoint},
+};
 use serde::Serialize;
 
 use crate::btf::KernelBtf;
@@ -15,15 +29,35 @@ use crate::btf::KernelBtf;
 /// The eBPF object built by build.rs from `cis490-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cis490-ebpf"));
 
-/// One program of a family: which tracepoint it attaches to and whether the
-/// tracer can run without it.
+/// A kernel struct member a program reads, and the read-only global in the
+/// object that receives its byte offset.
+#[derive(Clone, Copy, Debug)]
+pub struct OffsetSpec {
+    pub global: &'static str,
+    pub ty: &'static str,
+    /// Dotted member path, e.g. `se.sum_exec_runtime`.
+    pub path: &'static str,
+}
+
+/// How a program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKind {
+    /// A BTF-enabled raw tracepoint (`btf_trace_<name>` in the kernel BTF).
+    TpBtf,
+    /// A classic tracepoint of this category (needs tracefs).
+    TracePoint(&'static str),
+}
+
+/// One program of a family.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeSpec {
     /// Program (function) name in the object.
     pub program: &'static str,
-    /// BTF-enabled tracepoint name (`btf_trace_<name>` in the kernel BTF).
     pub tracepoint: &'static str,
-    /// Without it the family cannot work at all: fail the trace.
+    pub kind: ProbeKind,
+    /// Without it the family cannot work at all (for the scheduler family:
+    /// fail the trace).
     pub required: bool,
 }
 
@@ -36,6 +70,8 @@ pub enum AttachState {
     Missing,
     /// Load or attach failed (see `error`).
     Failed,
+    /// Not attached: the family took another path, or cannot work here.
+    Skipped,
 }
 
 /// What meta.json records per probe.
@@ -44,34 +80,47 @@ pub struct ProbeStatus {
     pub family: &'static str,
     pub program: &'static str,
     pub tracepoint: &'static str,
-    /// "tp_btf": a BTF-enabled raw tracepoint.
-    pub kind: &'static str,
+    pub kind: ProbeKind,
     pub required: bool,
     pub state: AttachState,
     pub error: Option<String>,
 }
 
-/// The BTF-derived facts the programs need, checked before anything loads:
-/// byte offsets of the `task_struct` fields the programs read.
+/// What meta.json records per family: whether it measures, and which path
+/// it took (for example `block_io` or the `block_rq` fallback).
+#[derive(Clone, Debug, Serialize)]
+pub struct FamilyStatus {
+    pub family: &'static str,
+    pub active: bool,
+    pub path: Option<&'static str>,
+    /// Why it is inactive or degraded.
+    pub note: Option<String>,
+}
+
+/// The kernel facts the programs need, read from its BTF before anything
+/// loads.
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelFacts {
     pub btf_path: String,
-    pub task_struct_pid_offset: u32,
-    pub task_struct_tgid_offset: u32,
-    /// `se.sum_exec_runtime`.
-    pub task_struct_runtime_offset: u32,
-    pub task_struct_nvcsw_offset: u32,
-    pub task_struct_nivcsw_offset: u32,
-    /// `se.nr_migrations`.
-    pub task_struct_migrations_offset: u32,
-    /// `sched_info.run_delay`; `None` without CONFIG_SCHED_INFO (run-queue
-    /// delay is then summed from wakeup/preemption to switch-in events).
-    pub task_struct_run_delay_offset: Option<u32>,
+    /// Object global -> byte offset (`None`: the member is not in this
+    /// kernel; the family that needs it does not attach).
+    pub offsets: BTreeMap<&'static str, Option<u32>>,
+    #[serde(skip)]
+    btf: Arc<KernelBtf>,
+}
+
+/// Every offset any family needs.
+fn all_offsets() -> impl Iterator<Item = &'static OffsetSpec> {
+    sched::OFFSETS
+        .iter()
+        .chain(block::OFFSETS)
+        .chain(net::OFFSETS)
 }
 
 impl KernelFacts {
-    /// Reads the kernel BTF and fails with one line naming what is missing:
-    /// BTF itself, a `task_struct` field, or a required tracepoint.
+    /// Reads the kernel BTF and fails with one line naming what is missing
+    /// for the scheduler family: BTF itself, a `task_struct` member, or a
+    /// required tracepoint. Other families only record what they lack.
     pub fn probe(btf_path: &Path) -> Result<Self> {
         let btf = KernelBtf::from_file(btf_path)?;
         let required: Vec<&str> = sched::PROBES
@@ -87,110 +136,210 @@ impl KernelFacts {
                 btf_path.display()
             );
         }
-        let task = |m: &str| btf.member_offset("task_struct", m);
-        let nested = |outer: &str, ty: &str, m: &str| -> Result<u32> {
-            Ok(task(outer)? + btf.member_offset(ty, m)?)
-        };
+        let mut offsets = BTreeMap::new();
+        for o in all_offsets() {
+            let off = btf.member_path_offset(o.ty, o.path);
+            if sched::REQUIRED_OFFSETS.contains(&o.global) {
+                offsets.insert(o.global, Some(off?));
+            } else {
+                offsets.insert(o.global, off.ok());
+            }
+        }
         Ok(Self {
             btf_path: btf_path.display().to_string(),
-            task_struct_pid_offset: task("pid")?,
-            task_struct_tgid_offset: task("tgid")?,
-            task_struct_runtime_offset: nested("se", "sched_entity", "sum_exec_runtime")?,
-            task_struct_nvcsw_offset: task("nvcsw")?,
-            task_struct_nivcsw_offset: task("nivcsw")?,
-            task_struct_migrations_offset: nested("se", "sched_entity", "nr_migrations")?,
-            task_struct_run_delay_offset: nested("sched_info", "sched_info", "run_delay").ok(),
+            offsets,
+            btf: Arc::new(btf),
         })
+    }
+
+    pub fn has_tracepoint(&self, name: &str) -> bool {
+        self.btf.has_tracepoint(name)
+    }
+
+    /// Whether every offset a family lists resolved; `Err` names the first
+    /// missing member.
+    pub fn have_offsets(&self, specs: &[OffsetSpec]) -> Result<(), String> {
+        match specs
+            .iter()
+            .find(|o| self.offsets.get(o.global).copied().flatten().is_none())
+        {
+            Some(o) => Err(format!("kernel BTF has no {}.{}", o.ty, o.path)),
+            None => Ok(()),
+        }
     }
 }
 
-/// The loaded object and what became of each probe.
+/// User choices about probe paths.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub block: block::PathChoice,
+}
+
+/// Per-family decisions taken before the object is loaded (they become
+/// read-only globals).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub block: Result<block::BlockPath, String>,
+    pub net: net::NetPlan,
+    pub kvm: Result<kvm::KvmFormat, String>,
+}
+
+impl Plan {
+    pub fn new(facts: &KernelFacts, opts: Options) -> Self {
+        Self {
+            block: block::plan(facts, opts.block),
+            net: net::plan(facts),
+            kvm: kvm::plan(),
+        }
+    }
+
+    /// The globals to set at load time, beyond the offsets.
+    fn globals(&self) -> Vec<(&'static str, u32)> {
+        let mut g = vec![(
+            "BLOCK_LEGACY",
+            matches!(self.block, Ok(block::BlockPath::Rq)) as u32,
+        )];
+        g.extend(kvm::globals(&self.kvm));
+        g
+    }
+}
+
+/// The loaded object and what became of each probe and family.
 pub struct Probes {
     pub ebpf: Ebpf,
     pub status: Vec<ProbeStatus>,
+    pub families: Vec<FamilyStatus>,
 }
 
 impl Probes {
     /// Loads the programs for target thread group `tgid` and attaches every
-    /// family. Optional probes that fail are recorded, not fatal.
-    pub fn load_and_attach(tgid: u32, facts: &KernelFacts) -> Result<Self> {
+    /// family. Only the scheduler family's required probes are fatal.
+    pub fn load_and_attach(tgid: u32, facts: &KernelFacts, plan: &Plan) -> Result<Self> {
         raise_memlock_limit();
-        let run_delay_offset = facts.task_struct_run_delay_offset.unwrap_or(0);
         let btf = aya::Btf::parse_file(&facts.btf_path, aya::Endianness::default())
-            .with_context(|| format!("cannot parse kernel BTF {}", facts.btf_path))?;
-        let mut ebpf = EbpfLoader::new()
+            .map_err(|e| anyhow!("cannot parse kernel BTF {}: {e}", facts.btf_path))?;
+        let offsets: Vec<(&'static str, u32)> = facts
+            .offsets
+            .iter()
+            .map(|(g, o)| (*g, o.unwrap_or(0)))
+            .collect();
+        let globals = plan.globals();
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(Some(&btf))
-            .override_global("TARGET_TGID", &tgid, true)
-            .override_global("TASK_PID_OFFSET", &facts.task_struct_pid_offset, true)
-            .override_global("TASK_TGID_OFFSET", &facts.task_struct_tgid_offset, true)
-            .override_global(
-                "TASK_RUNTIME_OFFSET",
-                &facts.task_struct_runtime_offset,
-                true,
-            )
-            .override_global("TASK_NVCSW_OFFSET", &facts.task_struct_nvcsw_offset, true)
-            .override_global("TASK_NIVCSW_OFFSET", &facts.task_struct_nivcsw_offset, true)
-            .override_global(
-                "TASK_MIGRATIONS_OFFSET",
-                &facts.task_struct_migrations_offset,
-                true,
-            )
-            .override_global("TASK_RUN_DELAY_OFFSET", &run_delay_offset, true)
+            .override_global("TARGET_TGID", &tgid, true);
+        for (name, value) in offsets.iter().chain(globals.iter()) {
+            loader.override_global(name, value, true);
+        }
+        let ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| anyhow!("cannot load the eBPF object: {e}"))?;
-        let mut status = Vec::new();
-        let kernel = KernelBtf::from_file(Path::new(&facts.btf_path))?;
-        for spec in sched::PROBES {
-            let st = attach_tp_btf(&mut ebpf, &btf, &kernel, sched::FAMILY, spec);
-            if spec.required && st.state != AttachState::Attached {
-                bail!(
-                    "cannot attach {} to tracepoint {}: {}",
-                    spec.program,
-                    spec.tracepoint,
-                    st.error.as_deref().unwrap_or("missing")
-                );
-            }
-            status.push(st);
-        }
-        Ok(Self { ebpf, status })
+        let mut a = Attacher {
+            ebpf,
+            btf,
+            facts,
+            status: Vec::new(),
+        };
+        let families = vec![
+            sched::attach(&mut a)?,
+            block::attach(&mut a, &plan.block),
+            net::attach(&mut a, &plan.net),
+            kvm::attach(&mut a, &plan.kvm),
+        ];
+        Ok(Self {
+            ebpf: a.ebpf,
+            status: a.status,
+            families,
+        })
+    }
+
+    pub fn family(&self, name: &str) -> Option<&FamilyStatus> {
+        self.families.iter().find(|f| f.family == name)
+    }
+
+    /// Whether a family measures anything.
+    pub fn active(&self, name: &str) -> bool {
+        self.family(name).is_some_and(|f| f.active)
+    }
+
+    /// Whether one program attached.
+    pub fn attached(&self, program: &str) -> bool {
+        self.status
+            .iter()
+            .any(|s| s.program == program && s.state == AttachState::Attached)
     }
 }
 
-fn attach_tp_btf(
-    ebpf: &mut Ebpf,
-    btf: &aya::Btf,
-    kernel: &KernelBtf,
-    family: &'static str,
-    spec: &ProbeSpec,
-) -> ProbeStatus {
-    let mut st = ProbeStatus {
-        family,
-        program: spec.program,
-        tracepoint: spec.tracepoint,
-        kind: "tp_btf",
-        required: spec.required,
-        state: AttachState::Attached,
-        error: None,
-    };
-    if !kernel.has_tracepoint(spec.tracepoint) {
-        st.state = AttachState::Missing;
-        st.error = Some(format!("no btf_trace_{} in kernel BTF", spec.tracepoint));
-        return st;
+/// Attaches programs of the loaded object and records what happened.
+pub struct Attacher<'a> {
+    ebpf: Ebpf,
+    btf: aya::Btf,
+    facts: &'a KernelFacts,
+    status: Vec<ProbeStatus>,
+}
+
+impl Attacher<'_> {
+    /// Attaches one program; records and returns whether it worked.
+    pub fn attach(&mut self, family: &'static str, spec: &ProbeSpec) -> bool {
+        let state = self.try_attach(spec);
+        let ok = state.is_ok();
+        let (state, error) = match state {
+            Ok(()) => (AttachState::Attached, None),
+            Err((s, e)) => (s, Some(e)),
+        };
+        self.status.push(ProbeStatus {
+            family,
+            program: spec.program,
+            tracepoint: spec.tracepoint,
+            kind: spec.kind,
+            required: spec.required,
+            state,
+            error,
+        });
+        ok
     }
-    let result = (|| -> Result<()> {
-        let prog: &mut BtfTracePoint = ebpf
+
+    /// Records a program that a family decided not to attach.
+    pub fn skip(&mut self, family: &'static str, spec: &ProbeSpec, why: &str) {
+        self.status.push(ProbeStatus {
+            family,
+            program: spec.program,
+            tracepoint: spec.tracepoint,
+            kind: spec.kind,
+            required: spec.required,
+            state: AttachState::Skipped,
+            error: Some(why.to_owned()),
+        });
+    }
+
+    fn try_attach(&mut self, spec: &ProbeSpec) -> Result<(), (AttachState, String)> {
+        let failed = |e: String| (AttachState::Failed, e);
+        let prog = self
+            .ebpf
             .program_mut(spec.program)
-            .ok_or_else(|| anyhow!("program {} not in the object", spec.program))?
-            .try_into()?;
-        prog.load(spec.tracepoint, btf)?;
-        prog.attach()?;
+            .ok_or_else(|| failed(format!("program {} not in the object", spec.program)))?;
+        match spec.kind {
+            ProbeKind::TpBtf => {
+                if !self.facts.has_tracepoint(spec.tracepoint) {
+                    return Err((
+                        AttachState::Missing,
+                        format!("no btf_trace_{} in kernel BTF", spec.tracepoint),
+                    ));
+                }
+                let p: &mut BtfTracePoint = prog.try_into().map_err(|e| failed(format!("{e}")))?;
+                p.load(spec.tracepoint, &self.btf)
+                    .map_err(|e| failed(format!("{e:#}")))?;
+                p.attach().map_err(|e| failed(format!("{e:#}")))?;
+            }
+            ProbeKind::TracePoint(category) => {
+                let p: &mut TracePoint = prog.try_into().map_err(|e| failed(format!("{e}")))?;
+                p.load().map_err(|e| failed(format!("{e:#}")))?;
+                p.attach(category, spec.tracepoint)
+                    .map_err(|e| failed(format!("{e:#}")))?;
+            }
+        }
         Ok(())
-    })();
-    if let Err(e) = result {
-        st.state = AttachState::Failed;
-        st.error = Some(format!("{e:#}"));
     }
-    st
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it.

@@ -5,20 +5,30 @@
 pub mod ebpf;
 pub mod proc;
 
-use crate::row::{Measures, SourceKind};
+use crate::{
+    row::{Measures, SourceKind},
+    taps::Holdings,
+};
+
+/// What the coordinator knows about the target at a boundary, shared by
+/// every source (target discovery, not another source's output).
+#[derive(Clone, Debug, Default)]
+pub struct SampleCtx<'a> {
+    pub holdings: std::borrow::Cow<'a, Holdings>,
+}
 
 /// A source sampled at every bucket boundary.
 pub trait Source {
     fn kind(&self) -> SourceKind;
     /// What changed since the previous call.
-    fn sample(&mut self) -> anyhow::Result<Measures>;
+    fn sample(&mut self, ctx: &SampleCtx<'_>) -> anyhow::Result<Measures>;
 }
 
 impl Source for proc::ProcSource {
     fn kind(&self) -> SourceKind {
         SourceKind::Proc
     }
-    fn sample(&mut self) -> anyhow::Result<Measures> {
-        Ok(proc::ProcSource::sample(self))
+    fn sample(&mut self, ctx: &SampleCtx<'_>) -> anyhow::Result<Measures> {
+        Ok(proc::ProcSource::sample(self, &ctx.holdings.taps))
     }
 }

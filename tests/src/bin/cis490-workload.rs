@@ -17,10 +17,15 @@
 //!
 //! Errors are one line on stderr and exit code 2.
 
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::hint::black_box;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::{self, Scope, ScopedJoinHandle};
@@ -109,6 +114,110 @@ enum Command {
     /// "pid", "count", "cpu_ns_before_signal", "process_cpu_ns", "rusage_before_signal",
     /// "rusage_self"}.
     ThreadBurst(ThreadBurstArgs),
+
+    /// Direct (O_DIRECT) block I/O of a known size, with the kernel's /proc/self/io accounting.
+    ///
+    /// Setup (not part of the measured phase): creates or truncates --file, preallocates it
+    /// with max(W, R) MiB of zeros written with ordinary buffered writes, fsync()s it and drops
+    /// it from the page cache (posix_fadvise DONTNEED). Because the blocks are then allocated
+    /// and written, the direct writes below overwrite them in place and cause no filesystem
+    /// metadata I/O (no allocation, no unwritten-extent conversion).
+    ///
+    /// With --wait-signal, then writes PATH.ready ({"kind":"ready","pid"}) and waits for
+    /// SIGUSR1 (at most --timeout-ms). Then sleeps --start-delay-ms.
+    ///
+    /// Direct phase: reads /proc/self/io, opens the file with O_DIRECT, writes W MiB from
+    /// offset 0 with pwrite() in blocks of --block-kb from a 4096-aligned buffer, calls
+    /// fdatasync() once, reads R MiB from offset 0 with pread() in the same blocks, and reads
+    /// /proc/self/io again. Nothing else in the process does file I/O in between, so
+    /// write_bytes in /proc/self/io grows by exactly W MiB and read_bytes by R MiB (direct
+    /// reads are accounted when their bios are submitted, direct writes when issued).
+    ///
+    /// Report: {"kind":"dio", "pid", "file", "block_bytes", "prealloc_bytes", "write_bytes",
+    /// "read_bytes", "write_calls", "read_calls", "write_ns" (the pwrite() calls), "fdatasync_ns",
+    /// "read_ns" (the pread() calls), "proc_io_before":{...}, "proc_io_after":{...}}, where
+    /// proc_io_* hold every field of /proc/self/io (rchar, wchar, syscr, syscw, read_bytes,
+    /// write_bytes, cancelled_write_bytes). Without --out the report goes to stdout. The file
+    /// is left in place (the caller removes it).
+    Dio(DioArgs),
+
+    /// Create a tap device, write N Ethernet frames into it, then read frames the host sends.
+    ///
+    /// Opens /dev/net/tun and creates tap NAME (IFF_TAP | IFF_NO_PI, not persistent) in the
+    /// process's own network namespace (choose it with `ip netns exec NS cis490-workload ...`).
+    /// The interface is not configured here: with --wait-signal, PATH.ready
+    /// ({"kind":"ready","pid","name"}) is written once the tap exists and the workload waits
+    /// for SIGUSR1 (at most --signal-timeout-ms) so the caller can bring it up (`ip link set
+    /// NAME up`) and start a tracer.
+    ///
+    /// Then writes N frames of exactly S bytes into the tap fd (one write() each): dst
+    /// ff:ff:ff:ff:ff:ff, src 02:00:00:00:00:01, ethertype 0x88b5 (IEEE local experimental),
+    /// then the frame's index (u32, big-endian) and zero padding. The host receives these on
+    /// NAME: they count as rx_packets / rx_bytes in /sys/class/net/NAME/statistics (and are
+    /// then dropped, as no protocol handles 0x88b5). Writing to a tap that is down fails with
+    /// EIO, which is an error (exit code 2).
+    ///
+    /// Then reads frames from the tap fd (poll() + read(), one frame per read) until M frames
+    /// were read or --timeout-ms passed. These are frames the host transmitted on NAME
+    /// (tx_packets / tx_bytes there), e.g. from `cis490-workload send-frames`, but also
+    /// anything the host's stack sends, such as IPv6 neighbour discovery and MLD when the
+    /// link comes up; frames_read_by_ethertype tells them apart (disable IPv6 on NAME to avoid
+    /// them).
+    ///
+    /// Report: {"kind":"tap", "pid", "name" (as the kernel named it), "frame_size",
+    /// "frames_written", "bytes_written", "frames_read", "bytes_read",
+    /// "frames_read_by_ethertype":{"0x88b5":n,...}, "read_timed_out", "write_ns", "read_ns"}.
+    /// Then, after --linger-ms, the fd is closed and the tap disappears with the process.
+    Tap(TapArgs),
+
+    /// Send N Ethernet frames of S bytes out of interface NAME through an AF_PACKET socket.
+    ///
+    /// The host-side peer of `tap`: a frame sent on the host side of a tap is delivered to the
+    /// process holding the tap fd. Opens an AF_PACKET SOCK_RAW socket (protocol 0, so it
+    /// receives nothing), binds it to NAME and calls send() N times with a frame of exactly S
+    /// bytes: dst ff:ff:ff:ff:ff:ff, src 02:00:00:00:00:02, ethertype 0x88b5, the frame's
+    /// index (u32, big-endian), zero padding. The interface must be up (else ENETDOWN, an
+    /// error). A successful send() means the frame was handed to the device's queue; the
+    /// device may still drop it (tx_dropped) if the reader does not keep up, so pace with
+    /// --interval-us if that matters. Report: {"kind":"send-frames", "pid", "ifname",
+    /// "ifindex", "frame_size", "frames_sent", "bytes_sent", "send_calls", "wall_ns"}.
+    SendFrames(SendFramesArgs),
+
+    /// A minimal KVM guest that makes N port-I/O exits, then halts.
+    ///
+    /// Raw ioctls on /dev/kvm (API version 12): one VM with 2 pages of memory at guest
+    /// physical 0x1000, one vCPU in 16-bit real mode (cs base 0, ip 0x1000) running
+    ///
+    ///     mov cx, N ; jcxz done ; again: out 0x10, al ; dec cx ; jnz again ; done: hlt
+    ///
+    /// so the guest makes exactly N KVM_EXIT_IO exits (port 0x10, out, 1 byte, al=0x2a) and
+    /// one KVM_EXIT_HLT (no in-kernel irqchip is created, so hlt exits to user space). KVM_RUN
+    /// is called in a loop on the main thread; every exit is counted by exit_reason. Any other
+    /// exit (or an I/O exit that is not exactly the guest's `out`) stops the guest.
+    ///
+    /// A SIGALRM timer bounds the whole run: if the guest has not halted within --timeout-ms,
+    /// KVM_RUN is interrupted and the run stops.
+    ///
+    /// Report: {"kind":"kvm", "pid", "io_exits", "hlt_exits", "other_exits":{"KVM_EXIT_...":
+    /// n}, "kvm_runs" (KVM_RUN calls), "stop_reason" ("hlt", or what stopped it),
+    /// "final_rip", "final_rcx", "vcpu_mmap_size", "run_ns"}. If the guest did not halt
+    /// cleanly, the report is still written (to --out, or stdout without it) and then the
+    /// workload fails (one-line error, exit code 2).
+    Kvm(KvmArgs),
+
+    /// Receive network traffic on port P and count it (TCP by default, or --udp).
+    ///
+    /// Binds 0.0.0.0:P (P 0 picks a free port), then writes PATH.ready
+    /// ({"kind":"ready","pid","port"}) once it is listening. TCP: accepts one connection and
+    /// reads it to EOF (64 KiB read() calls). UDP: receives datagrams until --bytes B were
+    /// received (if given) or the timeout. Either way --timeout-ms (counted from the ready
+    /// file; 0 waits forever) ends the wait: that is normal for UDP without --bytes and sets
+    /// "timed_out" otherwise.
+    ///
+    /// Report: {"kind":"sink", "pid", "port", "protocol":"tcp"|"udp", "bytes",
+    /// "connections" (tcp) or "datagrams" (udp), "read_calls", "elapsed_ns" (from accept / the
+    /// first datagram to EOF / the last datagram), "timed_out"}.
+    Sink(SinkArgs),
 }
 
 #[derive(Args, Debug)]
@@ -214,6 +323,134 @@ struct DemoArgs {
     out: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct DioArgs {
+    /// File to create (or truncate) and use, on a block-device filesystem (ext4, xfs, btrfs)
+    /// that supports O_DIRECT. (tmpfs accepts O_DIRECT on recent kernels but does no block
+    /// I/O, so read_bytes / write_bytes would not grow.) Left in place afterwards.
+    #[arg(long, value_name = "PATH")]
+    file: PathBuf,
+    /// MiB to write with O_DIRECT, from offset 0.
+    #[arg(long, value_name = "W", value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    write_mb: u64,
+    /// MiB to read back with O_DIRECT, from offset 0 (after the writes).
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    read_mb: u64,
+    /// Size of each pwrite()/pread() in KiB: a multiple of 4, at most 65536. The last call
+    /// is shorter if it does not divide the total.
+    #[arg(long, value_name = "KB", default_value_t = 1024, value_parser = parse_block_kb)]
+    block_kb: u64,
+    /// Idle sleep before the direct phase (after the preallocation and any signal wait).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    start_delay_ms: u64,
+    /// After preallocating, write PATH.ready and wait for SIGUSR1 before the direct phase.
+    #[arg(long, requires = "out")]
+    wait_signal: bool,
+    /// With --wait-signal: give up (error, exit code 2) if no SIGUSR1 arrives within this
+    /// many ms; 0 waits forever.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    timeout_ms: u64,
+    /// Where to write the JSON report (stdout if omitted); the ready file is PATH.ready.
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct TapArgs {
+    /// Name of the tap device to create (at most 15 bytes; a "%d" in it lets the kernel pick
+    /// a number, and the report gives the name it chose).
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// Number of frames to write into the tap (received by the host on NAME).
+    #[arg(long, value_name = "N")]
+    frames: u64,
+    /// Size of each frame written, in bytes, Ethernet header included (no FCS).
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(60..=65535))]
+    size: u64,
+    /// Number of frames to read from the tap (sent by the host on NAME) after writing.
+    #[arg(long, value_name = "M", default_value_t = 0)]
+    read_frames: u64,
+    /// Write PATH.ready once the tap exists and wait for SIGUSR1 before writing frames.
+    #[arg(long)]
+    wait_signal: bool,
+    /// With --wait-signal: give up (error, exit code 2) if no SIGUSR1 arrives within this
+    /// many ms; 0 waits forever.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    signal_timeout_ms: u64,
+    /// Stop reading after this many ms (counted from the first read attempt) even if fewer
+    /// than M frames arrived; the report then says "read_timed_out": true.
+    #[arg(long, value_name = "T", default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// After writing the report, keep the tap (fd open) this long before closing it and
+    /// exiting, so the caller can read the interface's statistics once it sees the report.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    linger_ms: u64,
+    /// Where to write the JSON report; the ready file is PATH.ready.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct SendFramesArgs {
+    /// Interface to send on (e.g. the host side of a tap); it must be up.
+    #[arg(long, value_name = "NAME")]
+    ifname: String,
+    /// Number of frames to send.
+    #[arg(long, value_name = "N")]
+    frames: u64,
+    /// Size of each frame, in bytes, Ethernet header included (no FCS); at most the
+    /// interface's MTU + 14.
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(60..=65535))]
+    size: u64,
+    /// Sleep this many microseconds between two frames (0: back to back).
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    interval_us: u64,
+    /// Where to write the JSON report.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct KvmArgs {
+    /// Number of port-I/O exits the guest makes before it halts (0 to 65535).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16))]
+    io_exits: u16,
+    /// Stop the guest (and fail) if it has not halted within this many ms.
+    #[arg(long, value_name = "MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
+    /// Where to write the JSON report (stdout if omitted).
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct SinkArgs {
+    /// Port to listen on, on 0.0.0.0 (0: any free port, given in the ready file and report).
+    #[arg(long, value_name = "P")]
+    port: u16,
+    /// Receive UDP datagrams instead of one TCP connection.
+    #[arg(long)]
+    udp: bool,
+    /// With --udp: stop once this many bytes (UDP payload) were received.
+    #[arg(long, value_name = "B", requires = "udp")]
+    bytes: Option<u64>,
+    /// Stop waiting this many ms after the ready file was written; 0 waits forever.
+    #[arg(long, value_name = "T", default_value_t = 30_000)]
+    timeout_ms: u64,
+    /// Where to write the JSON report; the ready file is PATH.ready.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+}
+
+fn parse_block_kb(s: &str) -> Result<u64, String> {
+    let kb: u64 = s.parse().map_err(|e| format!("{e}"))?;
+    if kb == 0 || !kb.is_multiple_of(4) || kb > 65536 {
+        return Err("must be a multiple of 4 between 4 and 65536".to_string());
+    }
+    Ok(kb)
+}
+
 fn main() {
     // A panic anywhere (which would mean a broken libc call) is reported like any error.
     std::panic::set_hook(Box::new(|info| {
@@ -241,7 +478,8 @@ fn main() {
         }
         Err(e) => {
             let msg = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                "missing subcommand (cpu, pingpong, exit-after, wait-signal or demo)".to_string()
+                "missing subcommand (cpu, pingpong, exit-after, wait-signal, demo, thread-burst, dio, \
+                 tap, send-frames, kvm or sink)".to_string()
             } else {
                 // clap's first paragraph (the error and any list under it), on one line.
                 let text = e.to_string();
@@ -261,6 +499,11 @@ fn main() {
         Command::WaitSignal(a) => cmd_wait_signal(&a),
         Command::Demo(a) => cmd_demo(&a),
         Command::ThreadBurst(a) => cmd_thread_burst(&a),
+        Command::Dio(a) => cmd_dio(&a),
+        Command::Tap(a) => cmd_tap(&a),
+        Command::SendFrames(a) => cmd_send_frames(&a),
+        Command::Kvm(a) => cmd_kvm(&a),
+        Command::Sink(a) => cmd_sink(&a),
     };
     if let Err(e) = result {
         eprintln!("{PROG}: error: {}", format!("{e:#}").replace('\n', " "));
@@ -1090,4 +1333,1252 @@ fn cmd_demo(a: &DemoArgs) -> Result<()> {
 
 fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers for the I/O, network and KVM subcommands
+// ---------------------------------------------------------------------------------------------
+
+/// Writes the report atomically to `out`, or pretty-prints it on stdout without `--out`.
+fn emit_report(out: Option<&Path>, value: &impl Serialize) -> Result<()> {
+    match out {
+        Some(path) => write_json_atomic(path, value),
+        None => {
+            let mut text = serde_json::to_vec_pretty(value).context("cannot serialise report")?;
+            text.push(b'\n');
+            io::stdout()
+                .write_all(&text)
+                .context("cannot write report to stdout")
+        }
+    }
+}
+
+/// Writes `value` (a ready record with extra fields) to PATH.ready, atomically.
+fn write_ready(out: &Path, value: &impl Serialize) -> Result<()> {
+    write_json_atomic(&with_suffix(out, ".ready"), value)
+}
+
+/// `deadline` for a timeout in ms where 0 means "never".
+fn deadline_after(timeout_ms: u64) -> Option<Instant> {
+    (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms))
+}
+
+/// Waits until `fd` is readable (or has an error or hangup to report) or `deadline` passes.
+/// Returns false at the deadline; also false when interrupted by a signal, so callers loop
+/// until their deadline.
+fn poll_readable(fd: RawFd, deadline: Option<Instant>) -> Result<bool> {
+    let timeout_ms: libc::c_int = match deadline {
+        None => -1,
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            // Rounded up, so that a sub-millisecond remainder does not become a busy loop.
+            left.as_nanos()
+                .div_ceil(NS_PER_MS as u128)
+                .min(i32::MAX as u128) as libc::c_int
+        }
+    };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid, writable pollfd and the count passed is 1; poll only writes
+    // its `revents`.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EINTR) {
+            return Ok(false);
+        }
+        bail!("poll: {err}");
+    }
+    Ok(rc > 0)
+}
+
+/// The result of an ioctl() that returns 0 or a new fd on success and -1 with errno on error.
+fn ioctl_result(rc: libc::c_int, what: &str) -> Result<libc::c_int> {
+    if rc < 0 {
+        bail!("{what}: {}", io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// Takes ownership of a file descriptor a syscall just returned.
+fn owned_fd(fd: libc::c_int) -> OwnedFd {
+    assert!(fd >= 0, "owned_fd({fd})");
+    // SAFETY: the caller got `fd` from a successful syscall that created it, and nothing
+    // else owns or closes it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// A zero-initialised heap buffer whose address is a multiple of `align` (for O_DIRECT).
+struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize, align: usize) -> Result<Self> {
+        let layout = Layout::from_size_align(len.max(1), align)
+            .with_context(|| format!("bad buffer layout ({len} bytes, align {align})"))?;
+        // SAFETY: `layout` has a non-zero size (at least 1 byte, see above).
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr)
+            .with_context(|| format!("cannot allocate an aligned buffer of {len} bytes"))?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `layout.size()` initialised (zeroed) bytes owned by `self`,
+        // borrowed immutably for as long as `self` is.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was returned by alloc_zeroed with exactly this `layout` and is freed
+        // only here.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dio: direct block I/O
+// ---------------------------------------------------------------------------------------------
+
+const MIB: u64 = 1 << 20;
+/// Alignment of the O_DIRECT buffer, offsets and sizes: the largest common logical block size.
+const DIO_ALIGN: usize = 4096;
+
+/// Every "name: value" line of /proc/self/io, in file order.
+fn proc_self_io() -> Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string("/proc/self/io").context("read /proc/self/io")?;
+    let mut map = serde_json::Map::new();
+    for line in text.lines() {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value: u64 = value
+            .trim()
+            .parse()
+            .with_context(|| format!("bad line in /proc/self/io: {line:?}"))?;
+        map.insert(name.trim().to_string(), value.into());
+    }
+    for name in ["read_bytes", "write_bytes"] {
+        if !map.contains_key(name) {
+            bail!("no {name} in /proc/self/io (kernel without CONFIG_TASK_IO_ACCOUNTING?)");
+        }
+    }
+    Ok(map)
+}
+
+/// Creates `path` with `bytes` of zeros (buffered writes), fsync()s it and drops its pages.
+fn preallocate(path: &Path, bytes: u64) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let zeros = vec![0u8; MIB as usize];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        f.write_all(&zeros[..n])
+            .with_context(|| format!("cannot preallocate {}", path.display()))?;
+        left -= n as u64;
+    }
+    f.sync_all()
+        .with_context(|| format!("fsync {}", path.display()))?;
+    // SAFETY: `f` is an open file descriptor; offset 0 with length 0 means the whole file.
+    // posix_fadvise reads no memory.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        bail!(
+            "posix_fadvise(DONTNEED) {}: {}",
+            path.display(),
+            io::Error::from_raw_os_error(rc)
+        );
+    }
+    Ok(())
+}
+
+fn cmd_dio(a: &DioArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        file: String,
+        block_bytes: u64,
+        prealloc_bytes: u64,
+        write_bytes: u64,
+        read_bytes: u64,
+        write_calls: u64,
+        read_calls: u64,
+        write_ns: u64,
+        fdatasync_ns: u64,
+        read_ns: u64,
+        proc_io_before: serde_json::Map<String, serde_json::Value>,
+        proc_io_after: serde_json::Map<String, serde_json::Value>,
+    }
+    let write_bytes = a.write_mb * MIB;
+    let read_bytes = a.read_mb * MIB;
+    let block = a.block_kb * 1024;
+    let prealloc_bytes = write_bytes.max(read_bytes);
+
+    preallocate(&a.file, prealloc_bytes)?;
+    if a.wait_signal {
+        let out = a.out.as_deref().context("--wait-signal needs --out")?;
+        ready_then_wait(out, a.timeout_ms)?;
+    }
+    thread::sleep(Duration::from_millis(a.start_delay_ms));
+
+    // Everything the direct phase needs is set up before the first /proc/self/io reading.
+    let mut buf = AlignedBuf::new(block as usize, DIO_ALIGN)?;
+    for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+        *b = (i % 251) as u8 ^ 0xa5;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&a.file)
+        .with_context(|| format!("cannot open {} with O_DIRECT", a.file.display()))?;
+
+    let proc_io_before = proc_self_io()?;
+    let start = Instant::now();
+    let (mut off, mut write_calls) = (0u64, 0u64);
+    while off < write_bytes {
+        let n = (write_bytes - off).min(block) as usize;
+        let done = file
+            .write_at(&buf.as_slice()[..n], off)
+            .with_context(|| format!("O_DIRECT pwrite of {n} bytes at offset {off}"))?;
+        write_calls += 1;
+        if done != n {
+            bail!("short O_DIRECT write at offset {off}: {done} of {n} bytes");
+        }
+        off += n as u64;
+    }
+    let write_ns = start.elapsed().as_nanos() as u64;
+    let start = Instant::now();
+    file.sync_data()
+        .with_context(|| format!("fdatasync {}", a.file.display()))?;
+    let fdatasync_ns = start.elapsed().as_nanos() as u64;
+
+    let start = Instant::now();
+    let (mut off, mut read_calls) = (0u64, 0u64);
+    while off < read_bytes {
+        let n = (read_bytes - off).min(block) as usize;
+        let done = file
+            .read_at(&mut buf.as_mut_slice()[..n], off)
+            .with_context(|| format!("O_DIRECT pread of {n} bytes at offset {off}"))?;
+        read_calls += 1;
+        if done != n {
+            bail!("short O_DIRECT read at offset {off}: {done} of {n} bytes");
+        }
+        off += n as u64;
+    }
+    let read_ns = start.elapsed().as_nanos() as u64;
+    let proc_io_after = proc_self_io()?;
+    drop(file);
+
+    let report = Report {
+        kind: "dio",
+        pid: std::process::id(),
+        file: a.file.display().to_string(),
+        block_bytes: block,
+        prealloc_bytes,
+        write_bytes,
+        read_bytes,
+        write_calls,
+        read_calls,
+        write_ns,
+        fdatasync_ns,
+        read_ns,
+        proc_io_before,
+        proc_io_after,
+    };
+    emit_report(a.out.as_deref(), &report)
+}
+
+// ---------------------------------------------------------------------------------------------
+// tap and send-frames: Ethernet frames through a tap device
+// ---------------------------------------------------------------------------------------------
+
+/// IEEE 802 "local experimental ethertype 1": no protocol in the kernel handles it.
+const ETHERTYPE_EXPERIMENTAL: u16 = 0x88b5;
+/// Source MAC of frames the workload writes into its tap (the "guest" side).
+const TAP_SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// Source MAC of frames `send-frames` sends (the host side).
+const HOST_SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// `struct ifreq` as TUNSETIFF uses it: the interface name, then `short ifr_flags` at the
+/// start of the 24-byte union.
+#[repr(C)]
+struct IfreqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+const _: () = assert!(std::mem::size_of::<IfreqFlags>() == 40);
+const _: () = assert!(std::mem::size_of::<IfreqFlags>() == std::mem::size_of::<libc::ifreq>());
+const _: () = assert!(std::mem::offset_of!(IfreqFlags, flags) == 16);
+// _IOW('T', 202, int)
+const _: () = assert!(libc::TUNSETIFF == 0x4004_54ca);
+
+/// A broadcast frame of `size` bytes: header, the index `seq` (big-endian), zero padding.
+fn ethernet_frame(src: [u8; 6], seq: u32, size: usize) -> Vec<u8> {
+    let mut f = vec![0u8; size];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&ETHERTYPE_EXPERIMENTAL.to_be_bytes());
+    set_frame_seq(&mut f, seq);
+    f
+}
+
+/// Sets the frame index (the first 4 payload bytes, big-endian; it wraps after 2^32 frames).
+fn set_frame_seq(frame: &mut [u8], seq: u32) {
+    frame[14..18].copy_from_slice(&seq.to_be_bytes());
+}
+
+/// Opens /dev/net/tun and creates the (non-persistent) tap `name`; returns the fd and the
+/// name the kernel gave the device.
+fn create_tap(name: &str) -> Result<(std::fs::File, String)> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['\0', '/']) {
+        bail!(
+            "bad interface name {name:?} (1 to {} bytes, no '/')",
+            libc::IFNAMSIZ - 1
+        );
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .context("cannot open /dev/net/tun")?;
+    let mut ifr = IfreqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    ifr.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq; `ifr` has its exact size and layout
+    // (checked above), is NUL-terminated in `name`, and outlives the call.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+    ioctl_result(rc, &format!("TUNSETIFF (create tap {name})"))?;
+    let len = ifr
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(ifr.name.len());
+    Ok((tun, String::from_utf8_lossy(&ifr.name[..len]).into_owned()))
+}
+
+fn cmd_tap(a: &TapArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct Ready<'a> {
+        kind: &'static str,
+        pid: u32,
+        name: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        name: String,
+        frame_size: u64,
+        frames_written: u64,
+        bytes_written: u64,
+        frames_read: u64,
+        bytes_read: u64,
+        /// Frames read, by ethertype ("0x88b5", "0x86dd", ...; "short" below 14 bytes).
+        frames_read_by_ethertype: BTreeMap<String, u64>,
+        read_timed_out: bool,
+        write_ns: u64,
+        read_ns: u64,
+    }
+    // Blocked before anything else, so that a SIGUSR1 sent as soon as the tap shows up stays
+    // pending instead of killing the process.
+    let sigset = if a.wait_signal {
+        Some(block_sigusr1()?)
+    } else {
+        None
+    };
+    let (mut tap, name) = create_tap(&a.name)?;
+    if let Some(set) = &sigset {
+        write_ready(
+            &a.out,
+            &Ready {
+                kind: "ready",
+                pid: std::process::id(),
+                name: &name,
+            },
+        )?;
+        let timeout = (a.signal_timeout_ms > 0).then(|| Duration::from_millis(a.signal_timeout_ms));
+        wait_for_sigusr1(set, timeout)?;
+    }
+
+    let start = Instant::now();
+    let (mut frames_written, mut bytes_written) = (0u64, 0u64);
+    let mut frame = ethernet_frame(TAP_SRC_MAC, 0, a.size as usize);
+    for i in 0..a.frames {
+        set_frame_seq(&mut frame, i as u32);
+        let n = match tap.write(&frame) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                bail!("write frame {i} into tap {name}: {e} (is the interface up?)")
+            }
+            Err(e) => bail!("write frame {i} into tap {name}: {e}"),
+        };
+        if n != frame.len() {
+            bail!(
+                "short write of frame {i} into tap {name}: {n} of {} bytes",
+                frame.len()
+            );
+        }
+        frames_written += 1;
+        bytes_written += n as u64;
+    }
+    let write_ns = start.elapsed().as_nanos() as u64;
+
+    let start = Instant::now();
+    let deadline = Some(start + Duration::from_millis(a.timeout_ms));
+    let (mut frames_read, mut bytes_read) = (0u64, 0u64);
+    let mut by_type = BTreeMap::new();
+    let mut read_timed_out = false;
+    let mut buf = vec![0u8; 65536];
+    while frames_read < a.read_frames {
+        if !poll_readable(tap.as_raw_fd(), deadline)? {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                read_timed_out = true;
+                break;
+            }
+            continue;
+        }
+        let n = tap
+            .read(&mut buf)
+            .with_context(|| format!("read from tap {name}"))?;
+        frames_read += 1;
+        bytes_read += n as u64;
+        let key = match buf[..n] {
+            [_, _, _, _, _, _, _, _, _, _, _, _, hi, lo, ..] => {
+                format!("{:#06x}", u16::from_be_bytes([hi, lo]))
+            }
+            _ => "short".to_string(),
+        };
+        *by_type.entry(key).or_insert(0u64) += 1;
+    }
+    let read_ns = start.elapsed().as_nanos() as u64;
+
+    let report = Report {
+        kind: "tap",
+        pid: std::process::id(),
+        name,
+        frame_size: a.size,
+        frames_written,
+        bytes_written,
+        frames_read,
+        bytes_read,
+        frames_read_by_ethertype: by_type,
+        read_timed_out,
+        write_ns,
+        read_ns,
+    };
+    write_json_atomic(&a.out, &report)?;
+    thread::sleep(Duration::from_millis(a.linger_ms));
+    drop(tap);
+    Ok(())
+}
+
+fn cmd_send_frames(a: &SendFramesArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        ifname: String,
+        ifindex: u32,
+        frame_size: u64,
+        frames_sent: u64,
+        bytes_sent: u64,
+        send_calls: u64,
+        wall_ns: u64,
+    }
+    let cname = std::ffi::CString::new(a.ifname.as_str())
+        .with_context(|| format!("bad interface name {:?}", a.ifname))?;
+    // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface {}: {}", a.ifname, io::Error::last_os_error());
+    }
+    // Protocol 0: the socket can send but receives nothing.
+    // SAFETY: plain socket() call with constant arguments; it touches no memory.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!(
+            "socket(AF_PACKET, SOCK_RAW): {}",
+            io::Error::last_os_error()
+        );
+    }
+    let sock = owned_fd(fd);
+    // SAFETY: sockaddr_ll is plain integers and byte arrays, for which all-zero is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as libc::c_ushort;
+    sll.sll_protocol = 0;
+    sll.sll_ifindex = ifindex as libc::c_int;
+    // SAFETY: `sll` is an initialised sockaddr_ll and the length passed is exactly its size;
+    // bind only reads it.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&raw const sll).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "bind AF_PACKET socket to {}: {}",
+            a.ifname,
+            io::Error::last_os_error()
+        );
+    }
+
+    let start = Instant::now();
+    let (mut frames_sent, mut bytes_sent, mut send_calls) = (0u64, 0u64, 0u64);
+    let mut frame = ethernet_frame(HOST_SRC_MAC, 0, a.size as usize);
+    for i in 0..a.frames {
+        if i > 0 && a.interval_us > 0 {
+            thread::sleep(Duration::from_micros(a.interval_us));
+        }
+        set_frame_seq(&mut frame, i as u32);
+        // SAFETY: `frame` is a valid buffer of exactly the length passed, outliving the call;
+        // send only reads it.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                frame.as_ptr().cast::<libc::c_void>(),
+                frame.len(),
+                0,
+            )
+        };
+        send_calls += 1;
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            bail!("send frame {i} on {}: {err}", a.ifname);
+        }
+        if n as usize != frame.len() {
+            bail!(
+                "short send of frame {i} on {}: {n} of {} bytes",
+                a.ifname,
+                frame.len()
+            );
+        }
+        frames_sent += 1;
+        bytes_sent += n as u64;
+    }
+    let wall_ns = start.elapsed().as_nanos() as u64;
+    drop(sock);
+
+    let report = Report {
+        kind: "send-frames",
+        pid: std::process::id(),
+        ifname: a.ifname.clone(),
+        ifindex,
+        frame_size: a.size,
+        frames_sent,
+        bytes_sent,
+        send_calls,
+        wall_ns,
+    };
+    write_json_atomic(&a.out, &report)
+}
+
+// ---------------------------------------------------------------------------------------------
+// kvm: a tiny real-mode guest
+// ---------------------------------------------------------------------------------------------
+
+/// The KVM user-space API for x86_64 (include/uapi/linux/kvm.h, arch/x86/include/uapi/asm/
+/// kvm.h): only what `cmd_kvm` needs, with sizes and offsets checked against the UAPI.
+mod kvm_sys {
+    use libc::c_ulong;
+
+    const KVMIO: u64 = 0xae;
+    const IOC_NONE: u64 = 0;
+    const IOC_WRITE: u64 = 1;
+    const IOC_READ: u64 = 2;
+
+    /// `_IOC(dir, KVMIO, nr, size)`.
+    const fn ioc(dir: u64, nr: u64, size: usize) -> c_ulong {
+        ((dir << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr) as c_ulong
+    }
+
+    pub const API_VERSION: i32 = 12;
+    pub const KVM_GET_API_VERSION: c_ulong = ioc(IOC_NONE, 0x00, 0);
+    pub const KVM_CREATE_VM: c_ulong = ioc(IOC_NONE, 0x01, 0);
+    pub const KVM_GET_VCPU_MMAP_SIZE: c_ulong = ioc(IOC_NONE, 0x04, 0);
+    pub const KVM_CREATE_VCPU: c_ulong = ioc(IOC_NONE, 0x41, 0);
+    pub const KVM_SET_USER_MEMORY_REGION: c_ulong =
+        ioc(IOC_WRITE, 0x46, size_of::<UserspaceMemoryRegion>());
+    pub const KVM_SET_TSS_ADDR: c_ulong = ioc(IOC_NONE, 0x47, 0);
+    pub const KVM_RUN: c_ulong = ioc(IOC_NONE, 0x80, 0);
+    pub const KVM_GET_REGS: c_ulong = ioc(IOC_READ, 0x81, size_of::<Regs>());
+    pub const KVM_SET_REGS: c_ulong = ioc(IOC_WRITE, 0x82, size_of::<Regs>());
+    pub const KVM_GET_SREGS: c_ulong = ioc(IOC_READ, 0x83, size_of::<Sregs>());
+    pub const KVM_SET_SREGS: c_ulong = ioc(IOC_WRITE, 0x84, size_of::<Sregs>());
+
+    // The values <linux/kvm.h> gives on x86_64.
+    const _: () = assert!(KVM_GET_API_VERSION == 0xae00);
+    const _: () = assert!(KVM_CREATE_VM == 0xae01);
+    const _: () = assert!(KVM_GET_VCPU_MMAP_SIZE == 0xae04);
+    const _: () = assert!(KVM_CREATE_VCPU == 0xae41);
+    const _: () = assert!(KVM_SET_USER_MEMORY_REGION == 0x4020_ae46);
+    const _: () = assert!(KVM_SET_TSS_ADDR == 0xae47);
+    const _: () = assert!(KVM_RUN == 0xae80);
+    const _: () = assert!(KVM_GET_REGS == 0x8090_ae81);
+    const _: () = assert!(KVM_SET_REGS == 0x4090_ae82);
+    const _: () = assert!(KVM_GET_SREGS == 0x8138_ae83);
+    const _: () = assert!(KVM_SET_SREGS == 0x4138_ae84);
+
+    pub const KVM_EXIT_IO: u32 = 2;
+    pub const KVM_EXIT_HLT: u32 = 5;
+    pub const KVM_EXIT_FAIL_ENTRY: u32 = 9;
+    pub const KVM_EXIT_INTR: u32 = 10;
+    pub const KVM_EXIT_INTERNAL_ERROR: u32 = 17;
+    pub const KVM_EXIT_IO_OUT: u8 = 1;
+
+    /// Names of the exit reasons in <linux/kvm.h> (index = value); later ones print as
+    /// numbers.
+    #[rustfmt::skip]
+    const EXIT_NAMES: [&str; 41] = [
+        "UNKNOWN", "EXCEPTION", "IO", "HYPERCALL", "DEBUG", "HLT", "MMIO", "IRQ_WINDOW_OPEN",
+        "SHUTDOWN", "FAIL_ENTRY", "INTR", "SET_TPR", "TPR_ACCESS", "S390_SIEIC", "S390_RESET",
+        "DCR", "NMI", "INTERNAL_ERROR", "OSI", "PAPR_HCALL", "S390_UCONTROL", "WATCHDOG",
+        "S390_TSCH", "EPR", "SYSTEM_EVENT", "S390_STSI", "IOAPIC_EOI", "HYPERV", "ARM_NISV",
+        "X86_RDMSR", "X86_WRMSR", "DIRTY_RING_FULL", "AP_RESET_HOLD", "X86_BUS_LOCK", "XEN",
+        "RISCV_SBI", "RISCV_CSR", "NOTIFY", "LOONGARCH_IOCSR", "MEMORY_FAULT", "TDX",
+    ];
+
+    pub fn exit_name(reason: u32) -> String {
+        match EXIT_NAMES.get(reason as usize) {
+            Some(name) => format!("KVM_EXIT_{name}"),
+            None => format!("KVM_EXIT_{reason}"),
+        }
+    }
+
+    #[repr(C)]
+    #[derive(Default, Clone, Copy, Debug)]
+    pub struct UserspaceMemoryRegion {
+        pub slot: u32,
+        pub flags: u32,
+        pub guest_phys_addr: u64,
+        pub memory_size: u64,
+        pub userspace_addr: u64,
+    }
+    const _: () = assert!(size_of::<UserspaceMemoryRegion>() == 32);
+
+    #[repr(C)]
+    #[derive(Default, Clone, Copy, Debug)]
+    pub struct Regs {
+        pub rax: u64,
+        pub rbx: u64,
+        pub rcx: u64,
+        pub rdx: u64,
+        pub rsi: u64,
+        pub rdi: u64,
+        pub rsp: u64,
+        pub rbp: u64,
+        pub r8: u64,
+        pub r9: u64,
+        pub r10: u64,
+        pub r11: u64,
+        pub r12: u64,
+        pub r13: u64,
+        pub r14: u64,
+        pub r15: u64,
+        pub rip: u64,
+        pub rflags: u64,
+    }
+    const _: () = assert!(size_of::<Regs>() == 144);
+
+    #[repr(C)]
+    #[derive(Default, Clone, Copy, Debug)]
+    pub struct Segment {
+        pub base: u64,
+        pub limit: u32,
+        pub selector: u16,
+        pub type_: u8,
+        pub present: u8,
+        pub dpl: u8,
+        pub db: u8,
+        pub s: u8,
+        pub l: u8,
+        pub g: u8,
+        pub avl: u8,
+        pub unusable: u8,
+        pub padding: u8,
+    }
+    const _: () = assert!(size_of::<Segment>() == 24);
+
+    #[repr(C)]
+    #[derive(Default, Clone, Copy, Debug)]
+    pub struct Dtable {
+        pub base: u64,
+        pub limit: u16,
+        pub padding: [u16; 3],
+    }
+    const _: () = assert!(size_of::<Dtable>() == 16);
+
+    #[repr(C)]
+    #[derive(Default, Clone, Copy, Debug)]
+    pub struct Sregs {
+        pub cs: Segment,
+        pub ds: Segment,
+        pub es: Segment,
+        pub fs: Segment,
+        pub gs: Segment,
+        pub ss: Segment,
+        pub tr: Segment,
+        pub ldt: Segment,
+        pub gdt: Dtable,
+        pub idt: Dtable,
+        pub cr0: u64,
+        pub cr2: u64,
+        pub cr3: u64,
+        pub cr4: u64,
+        pub cr8: u64,
+        pub efer: u64,
+        pub apic_base: u64,
+        /// KVM_NR_INTERRUPTS (256) bits.
+        pub interrupt_bitmap: [u64; 4],
+    }
+    const _: () = assert!(size_of::<Sregs>() == 312);
+    const _: () = assert!(std::mem::offset_of!(Sregs, gdt) == 192);
+    const _: () = assert!(std::mem::offset_of!(Sregs, cr0) == 224);
+
+    /// The fixed head of `struct kvm_run` (the mmap()ed vCPU area); the exit union follows.
+    #[repr(C)]
+    pub struct RunHeader {
+        pub request_interrupt_window: u8,
+        pub immediate_exit: u8,
+        pub padding1: [u8; 6],
+        pub exit_reason: u32,
+        pub ready_for_interrupt_injection: u8,
+        pub if_flag: u8,
+        pub flags: u16,
+        pub cr8: u64,
+        pub apic_base: u64,
+    }
+    const _: () = assert!(std::mem::offset_of!(RunHeader, exit_reason) == 8);
+    const _: () = assert!(size_of::<RunHeader>() == 32);
+    /// Offset of the exit union in `struct kvm_run`.
+    pub const RUN_UNION_OFFSET: usize = 32;
+
+    /// `kvm_run.io` (KVM_EXIT_IO); the data is at `data_offset` from the start of kvm_run.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct RunIo {
+        pub direction: u8,
+        pub size: u8,
+        pub port: u16,
+        pub count: u32,
+        pub data_offset: u64,
+    }
+    const _: () = assert!(size_of::<RunIo>() == 16);
+
+    /// `kvm_run.fail_entry` (KVM_EXIT_FAIL_ENTRY).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct RunFailEntry {
+        pub hardware_entry_failure_reason: u64,
+        pub cpu: u32,
+    }
+
+    /// The first field of `kvm_run.internal` (KVM_EXIT_INTERNAL_ERROR).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct RunInternal {
+        pub suberror: u32,
+    }
+}
+
+/// Guest physical address of the guest's memory, where its code starts.
+const GUEST_BASE: u64 = 0x1000;
+const GUEST_PAGES: usize = 2;
+const GUEST_IO_PORT: u16 = 0x10;
+const GUEST_AL: u8 = 0x2a;
+
+/// The guest's 16-bit code: `io_exits` times `out 0x10, al`, then `hlt`.
+fn guest_code(io_exits: u16) -> Vec<u8> {
+    let [lo, hi] = io_exits.to_le_bytes();
+    vec![
+        0xb9,
+        lo,
+        hi, // 0: mov cx, imm16
+        0xe3,
+        0x05, // 3: jcxz +5 (to 10: hlt)
+        0xe6,
+        GUEST_IO_PORT as u8, // 5: out imm8, al
+        0x49,                // 7: dec cx
+        0x75,
+        0xfb, // 8: jnz -5 (to 5: out)
+        0xf4, // 10: hlt
+    ]
+}
+/// Guest rip after the `hlt` (which is the last byte of the code).
+const GUEST_RIP_AFTER_HLT: u64 = GUEST_BASE + 11;
+
+/// An mmap()ed region, unmapped on drop.
+struct Mapping {
+    ptr: NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl Mapping {
+    /// mmap(NULL, len, PROT_READ|PROT_WRITE, flags, fd, 0).
+    fn new(len: usize, flags: libc::c_int, fd: RawFd, what: &str) -> Result<Self> {
+        // SAFETY: a fresh mapping at an address the kernel chooses; nothing in this process
+        // is overwritten. `fd` is -1 for anonymous mappings or an open fd.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            bail!("mmap {what} ({len} bytes): {}", io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr).context("mmap returned NULL")?;
+        Ok(Mapping { ptr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe a mapping made by `Mapping::new` and unmapped only here;
+        // no references into it outlive `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr(), self.len) };
+    }
+}
+
+/// Set by the SIGALRM handler when the guest's time is up.
+static KVM_TIMED_OUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigalrm(_sig: libc::c_int) {
+    KVM_TIMED_OUT.store(true, Ordering::SeqCst);
+}
+
+/// Arms ITIMER_REAL to raise SIGALRM after `after` and then every 100 ms (so a KVM_RUN entered
+/// just after one signal is still interrupted by the next), with a handler installed without
+/// SA_RESTART so that KVM_RUN returns EINTR. `None` disarms the timer.
+fn kvm_alarm(after: Option<Duration>) -> Result<()> {
+    if after.is_some() {
+        // SAFETY: sigaction is plain data (a handler address, a sigset and flags), for which
+        // all-zero is valid; the fields that matter are set below.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_sigalrm as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = 0;
+        // SAFETY: `sa` is a valid sigaction whose handler only stores to an atomic (which is
+        // async-signal-safe); a null old-action pointer is allowed.
+        let rc = unsafe {
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            bail!("sigaction(SIGALRM): {}", io::Error::last_os_error());
+        }
+    }
+    let tv = |d: Duration| libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    let zero = Duration::ZERO;
+    let timer = libc::itimerval {
+        it_value: tv(after.map_or(zero, |d| d.max(Duration::from_micros(1)))),
+        it_interval: tv(after.map_or(zero, |_| Duration::from_millis(100))),
+    };
+    // SAFETY: `timer` is a valid itimerval that outlives the call; a null old-value pointer is
+    // allowed.
+    let rc = unsafe { libc::setitimer(libc::ITIMER_REAL, &timer, std::ptr::null_mut()) };
+    if rc != 0 {
+        bail!("setitimer: {}", io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn cmd_kvm(a: &KvmArgs) -> Result<()> {
+    use kvm_sys::*;
+
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        io_exits: u64,
+        hlt_exits: u64,
+        other_exits: BTreeMap<String, u64>,
+        kvm_runs: u64,
+        stop_reason: String,
+        final_rip: Option<u64>,
+        final_rcx: Option<u64>,
+        vcpu_mmap_size: usize,
+        run_ns: u64,
+    }
+
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .context("cannot open /dev/kvm")?;
+    // SAFETY: KVM_GET_API_VERSION takes no argument and touches no memory.
+    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+    let version = ioctl_result(version, "KVM_GET_API_VERSION")?;
+    if version != API_VERSION {
+        bail!("KVM API version {version}, expected {API_VERSION}");
+    }
+    // SAFETY: KVM_CREATE_VM takes the machine type (0: default) and touches no memory.
+    let vm = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };
+    let vm = owned_fd(ioctl_result(vm, "KVM_CREATE_VM")?);
+    // Needed on Intel hosts without "unrestricted guest" to run real-mode code; harmless
+    // elsewhere. Three pages just below 4 GiB, outside the guest's memory.
+    // SAFETY: KVM_SET_TSS_ADDR takes a guest physical address by value; no memory is touched.
+    let rc = unsafe {
+        libc::ioctl(
+            vm.as_raw_fd(),
+            KVM_SET_TSS_ADDR,
+            0xfffb_d000 as libc::c_ulong,
+        )
+    };
+    ioctl_result(rc, "KVM_SET_TSS_ADDR")?;
+
+    let mem_len = GUEST_PAGES * 4096;
+    let mem = Mapping::new(
+        mem_len,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        -1,
+        "guest memory",
+    )?;
+    let code = guest_code(a.io_exits);
+    // SAFETY: `mem` is a fresh, writable mapping of `mem_len` bytes, more than `code.len()`,
+    // and nothing else refers to it yet.
+    unsafe {
+        std::ptr::copy_nonoverlapping(code.as_ptr(), mem.ptr.as_ptr().cast::<u8>(), code.len())
+    };
+    let region = UserspaceMemoryRegion {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: GUEST_BASE,
+        memory_size: mem_len as u64,
+        userspace_addr: mem.ptr.as_ptr() as u64,
+    };
+    // SAFETY: KVM_SET_USER_MEMORY_REGION reads a kvm_userspace_memory_region; `region` has
+    // its exact layout (checked in kvm_sys) and outlives the call. The memory it names stays
+    // mapped until after the VM fd is closed (`mem` is dropped after `vm`, see the end).
+    let rc = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_SET_USER_MEMORY_REGION, &region) };
+    ioctl_result(rc, "KVM_SET_USER_MEMORY_REGION")?;
+
+    // SAFETY: KVM_GET_VCPU_MMAP_SIZE takes no argument and touches no memory.
+    let run_size = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_VCPU_MMAP_SIZE, 0) };
+    let run_size = ioctl_result(run_size, "KVM_GET_VCPU_MMAP_SIZE")? as usize;
+    if run_size < RUN_UNION_OFFSET + 256 {
+        bail!("KVM_GET_VCPU_MMAP_SIZE returned only {run_size} bytes");
+    }
+    // SAFETY: KVM_CREATE_VCPU takes the vCPU id by value and touches no memory.
+    let vcpu = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU, 0) };
+    let vcpu = owned_fd(ioctl_result(vcpu, "KVM_CREATE_VCPU")?);
+    let run = Mapping::new(run_size, libc::MAP_SHARED, vcpu.as_raw_fd(), "kvm_run")?;
+    let run_ptr = run.ptr.as_ptr().cast::<u8>();
+
+    let mut sregs = Sregs::default();
+    // SAFETY: KVM_GET_SREGS writes a kvm_sregs; `sregs` has its exact layout and outlives
+    // the call.
+    let rc = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_GET_SREGS, &mut sregs) };
+    ioctl_result(rc, "KVM_GET_SREGS")?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    // SAFETY: KVM_SET_SREGS reads a kvm_sregs; `sregs` has its exact layout and outlives it.
+    let rc = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_SET_SREGS, &sregs) };
+    ioctl_result(rc, "KVM_SET_SREGS")?;
+    let regs = Regs {
+        rip: GUEST_BASE,
+        rax: GUEST_AL as u64,
+        rflags: 0x2, // bit 1 is reserved and always set
+        ..Regs::default()
+    };
+    // SAFETY: KVM_SET_REGS reads a kvm_regs; `regs` has its exact layout and outlives it.
+    let rc = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_SET_REGS, &regs) };
+    ioctl_result(rc, "KVM_SET_REGS")?;
+
+    let (mut io_exits, mut hlt_exits, mut kvm_runs) = (0u64, 0u64, 0u64);
+    let mut other_exits: BTreeMap<String, u64> = BTreeMap::new();
+    KVM_TIMED_OUT.store(false, Ordering::SeqCst);
+    kvm_alarm(Some(Duration::from_millis(a.timeout_ms)))?;
+    let start = Instant::now();
+    let stop_reason: Result<String> = loop {
+        if KVM_TIMED_OUT.load(Ordering::SeqCst) {
+            break Ok(format!(
+                "timeout: the guest did not halt within {} ms",
+                a.timeout_ms
+            ));
+        }
+        // SAFETY: KVM_RUN takes no argument; it writes only into the vCPU's kvm_run area,
+        // which `run` keeps mapped.
+        let rc = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_RUN, 0) };
+        kvm_runs += 1;
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                *other_exits.entry(exit_name(KVM_EXIT_INTR)).or_insert(0) += 1;
+                continue;
+            }
+            break Err(anyhow!("KVM_RUN: {err}"));
+        }
+        // SAFETY: `run_ptr` points to the kvm_run area of `run_size` bytes (checked to be
+        // larger than the header and the union read below), which the kernel updated before
+        // KVM_RUN returned; volatile reads because the kernel, not Rust, writes it.
+        let exit_reason = unsafe {
+            std::ptr::read_volatile(&raw const (*run_ptr.cast::<RunHeader>()).exit_reason)
+        };
+        match exit_reason {
+            KVM_EXIT_IO => {
+                // SAFETY: as above; the io member of the union is at RUN_UNION_OFFSET.
+                let io = unsafe {
+                    std::ptr::read_volatile(run_ptr.add(RUN_UNION_OFFSET).cast::<RunIo>())
+                };
+                let data_end =
+                    (io.data_offset as usize).saturating_add(io.size as usize * io.count as usize);
+                let data = if io.size == 1 && io.count == 1 && data_end <= run_size {
+                    // SAFETY: the byte at data_offset lies inside the kvm_run area (checked).
+                    Some(unsafe { std::ptr::read_volatile(run_ptr.add(io.data_offset as usize)) })
+                } else {
+                    None
+                };
+                let expected = io.direction == KVM_EXIT_IO_OUT
+                    && io.port == GUEST_IO_PORT
+                    && data == Some(GUEST_AL);
+                if !expected {
+                    *other_exits.entry(exit_name(exit_reason)).or_insert(0) += 1;
+                    break Ok(format!(
+                        "unexpected KVM_EXIT_IO: direction {} port {:#x} size {} count {} data {:?}",
+                        io.direction, io.port, io.size, io.count, data
+                    ));
+                }
+                io_exits += 1;
+            }
+            KVM_EXIT_HLT => {
+                hlt_exits += 1;
+                break Ok("hlt".to_string());
+            }
+            other => {
+                *other_exits.entry(exit_name(other)).or_insert(0) += 1;
+                let detail = match other {
+                    KVM_EXIT_FAIL_ENTRY => {
+                        // SAFETY: as above; fail_entry is at RUN_UNION_OFFSET.
+                        let f = unsafe {
+                            std::ptr::read_volatile(
+                                run_ptr.add(RUN_UNION_OFFSET).cast::<RunFailEntry>(),
+                            )
+                        };
+                        format!(
+                            " (hardware_entry_failure_reason {:#x})",
+                            f.hardware_entry_failure_reason
+                        )
+                    }
+                    KVM_EXIT_INTERNAL_ERROR => {
+                        // SAFETY: as above; internal is at RUN_UNION_OFFSET.
+                        let i = unsafe {
+                            std::ptr::read_volatile(
+                                run_ptr.add(RUN_UNION_OFFSET).cast::<RunInternal>(),
+                            )
+                        };
+                        format!(" (suberror {})", i.suberror)
+                    }
+                    _ => String::new(),
+                };
+                break Ok(format!("unexpected exit {}{detail}", exit_name(other)));
+            }
+        }
+    };
+    let run_ns = start.elapsed().as_nanos() as u64;
+    kvm_alarm(None)?;
+    let stop_reason = stop_reason?;
+
+    let mut regs = Regs::default();
+    // SAFETY: KVM_GET_REGS writes a kvm_regs; `regs` has its exact layout and outlives it.
+    let rc = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_GET_REGS, &mut regs) };
+    let (final_rip, final_rcx) = match ioctl_result(rc, "KVM_GET_REGS") {
+        Ok(_) => (Some(regs.rip), Some(regs.rcx)),
+        Err(_) => (None, None),
+    };
+    // The vCPU and VM go before the memory they use.
+    drop(run);
+    drop(vcpu);
+    drop(vm);
+    drop(mem);
+
+    let halted = stop_reason == "hlt";
+    let report = Report {
+        kind: "kvm",
+        pid: std::process::id(),
+        io_exits,
+        hlt_exits,
+        other_exits,
+        kvm_runs,
+        stop_reason: stop_reason.clone(),
+        final_rip,
+        final_rcx,
+        vcpu_mmap_size: run_size,
+        run_ns,
+    };
+    emit_report(a.out.as_deref(), &report)?;
+    if !halted {
+        bail!("guest stopped after {io_exits} I/O exits: {stop_reason}");
+    }
+    if final_rip != Some(GUEST_RIP_AFTER_HLT) || final_rcx.map(|c| c & 0xffff) != Some(0) {
+        bail!(
+            "guest halted in an unexpected state: rip {final_rip:#x?}, rcx {final_rcx:#x?} \
+             (expected rip {GUEST_RIP_AFTER_HLT:#x}, cx 0)"
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// sink: count received TCP or UDP bytes
+// ---------------------------------------------------------------------------------------------
+
+fn cmd_sink(a: &SinkArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct Ready {
+        kind: &'static str,
+        pid: u32,
+        port: u16,
+    }
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        port: u16,
+        protocol: &'static str,
+        bytes: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        connections: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        datagrams: Option<u64>,
+        read_calls: u64,
+        elapsed_ns: u64,
+        timed_out: bool,
+    }
+    let pid = std::process::id();
+    let mut buf = vec![0u8; 65536];
+    let (mut bytes, mut read_calls, mut count) = (0u64, 0u64, 0u64);
+    let mut timed_out = false;
+    let mut first: Option<Instant> = None;
+    let mut last: Option<Instant> = None;
+
+    let port = if a.udp {
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", a.port))
+            .with_context(|| format!("cannot bind UDP 0.0.0.0:{}", a.port))?;
+        let port = sock.local_addr().context("getsockname")?.port();
+        write_ready(
+            &a.out,
+            &Ready {
+                kind: "ready",
+                pid,
+                port,
+            },
+        )?;
+        let deadline = deadline_after(a.timeout_ms);
+        while a.bytes.is_none_or(|b| bytes < b) {
+            if !poll_readable(sock.as_raw_fd(), deadline)? {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    // The normal end without --bytes.
+                    timed_out = a.bytes.is_some();
+                    break;
+                }
+                continue;
+            }
+            let n = sock.recv(&mut buf).context("recv")?;
+            read_calls += 1;
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = Some(now);
+            count += 1;
+            bytes += n as u64;
+        }
+        port
+    } else {
+        let listener = std::net::TcpListener::bind(("0.0.0.0", a.port))
+            .with_context(|| format!("cannot listen on TCP 0.0.0.0:{}", a.port))?;
+        let port = listener.local_addr().context("getsockname")?.port();
+        write_ready(
+            &a.out,
+            &Ready {
+                kind: "ready",
+                pid,
+                port,
+            },
+        )?;
+        let deadline = deadline_after(a.timeout_ms);
+        let stream = loop {
+            if poll_readable(listener.as_raw_fd(), deadline)? {
+                break Some(listener.accept().context("accept")?.0);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break None;
+            }
+        };
+        match stream {
+            None => timed_out = true,
+            Some(mut stream) => {
+                count = 1;
+                first = Some(Instant::now());
+                loop {
+                    if !poll_readable(stream.as_raw_fd(), deadline)? {
+                        if deadline.is_some_and(|d| Instant::now() >= d) {
+                            timed_out = true;
+                            break;
+                        }
+                        continue;
+                    }
+                    let n = stream.read(&mut buf).context("read from TCP connection")?;
+                    read_calls += 1;
+                    last = Some(Instant::now());
+                    if n == 0 {
+                        break;
+                    }
+                    bytes += n as u64;
+                }
+            }
+        }
+        port
+    };
+    drop(buf);
+
+    let elapsed_ns = match (first, last) {
+        (Some(f), Some(l)) => l.duration_since(f).as_nanos() as u64,
+        _ => 0,
+    };
+    let report = Report {
+        kind: "sink",
+        pid,
+        port,
+        protocol: if a.udp { "udp" } else { "tcp" },
+        bytes,
+        connections: (!a.udp).then_some(count),
+        datagrams: a.udp.then_some(count),
+        read_calls,
+        elapsed_ns,
+        timed_out,
+    };
+    write_json_atomic(&a.out, &report)
 }

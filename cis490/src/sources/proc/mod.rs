@@ -26,7 +26,7 @@
 //!   a process with another start time), every field is `None`.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
 use std::fs::File;
 use std::io::{self, Read};
@@ -34,7 +34,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, ensure};
 
-use crate::row::Measures;
+use crate::row::{Measures, NetCounters};
+
+mod io_bytes;
+mod net_dev;
 
 /// Collects per-bucket deltas for one process from `/proc`.
 #[derive(Debug)]
@@ -64,6 +67,14 @@ pub struct ProcSource {
     /// Cumulative values at the previous sample (or the baseline).
     prev: Snapshot,
     io: Reader,
+    /// `ROOT/PID/io` and its value at the previous sample (`None` if it
+    /// was never readable).
+    io_path: PathBuf,
+    prev_io: Option<io_bytes::IoBytes>,
+    /// `ROOT/PID/net/dev`, and the target's taps there at the previous
+    /// sample (cumulative, from the target's side).
+    net_dev_path: PathBuf,
+    prev_taps: BTreeMap<String, NetCounters>,
     /// Reused buffers for one scan.
     tids: Vec<i32>,
     stale: Vec<ThreadKey>,
@@ -116,11 +127,16 @@ impl ProcSource {
             generation: 0,
             prev: Snapshot::default(),
             io,
+            io_path: proc_dir.join("io"),
+            prev_io: None,
+            net_dev_path: proc_dir.join("net/dev"),
+            prev_taps: BTreeMap::new(),
             tids: Vec::new(),
             stale: Vec::new(),
         };
         src.scan_threads();
         src.prev = src.snapshot(&stat);
+        src.prev_io = src.read_io();
         Ok(src)
     }
 
@@ -130,15 +146,82 @@ impl ProcSource {
     /// Every field is `None` if the process is gone; `wakeups`,
     /// `runq_delay_max_ns`, `runq_delay_hist_log2`, `events` and
     /// `dropped_events` are always `None` (/proc does not have them).
-    pub fn sample(&mut self) -> Measures {
+    ///
+    /// `taps` are the target's tap interfaces (from its fds): their counters
+    /// in `net/dev` fill the `net_*` fields (`null` without taps: /proc has
+    /// no per-process socket traffic).
+    pub fn sample(&mut self, taps: &[String]) -> Measures {
         let Some(stat) = self.read_process_stat() else {
             return Measures::default();
         };
         self.scan_threads();
         let now = self.snapshot(&stat);
-        let m = self.measures(&now, stat.num_threads);
+        let mut m = self.measures(&now, stat.num_threads);
         self.prev = now;
+        self.sample_io(&mut m);
+        self.sample_taps(taps, &mut m);
         m
+    }
+
+    fn read_io(&mut self) -> Option<io_bytes::IoBytes> {
+        match self.io.read_with(&self.io_path, io_bytes::parse_io) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                log::debug!("proc source: {}: {e}", self.io_path.display());
+                None
+            }
+        }
+    }
+
+    /// `blk_read_bytes`/`blk_write_bytes` from `/proc/PID/io`.
+    fn sample_io(&mut self, m: &mut Measures) {
+        let now = self.read_io();
+        if let (Some(now), Some(prev)) = (now, self.prev_io) {
+            m.blk_read_bytes = Some(now.read_bytes.saturating_sub(prev.read_bytes));
+            m.blk_write_bytes = Some(now.write_bytes.saturating_sub(prev.write_bytes));
+        }
+        if now.is_some() {
+            self.prev_io = now;
+        }
+    }
+
+    /// `net_*` and `net_by_if` from the target's taps in `net/dev`. A tap
+    /// counts from the first sample that sees it.
+    fn sample_taps(&mut self, taps: &[String], m: &mut Measures) {
+        if taps.is_empty() && self.prev_taps.is_empty() {
+            return;
+        }
+        let all = match self
+            .io
+            .read_with(&self.net_dev_path, |s| Ok(net_dev::parse_net_dev(s)))
+        {
+            Ok(all) => all,
+            Err(e) => {
+                log::debug!("proc source: {}: {e}", self.net_dev_path.display());
+                return;
+            }
+        };
+        let mut by_if = BTreeMap::new();
+        for name in taps.iter().chain(self.prev_taps.keys()) {
+            let (Some(now), Some(prev)) = (all.get(name), self.prev_taps.get(name)) else {
+                continue;
+            };
+            by_if.insert(
+                name.clone(),
+                NetCounters {
+                    tx_bytes: now.tx_bytes.saturating_sub(prev.tx_bytes),
+                    rx_bytes: now.rx_bytes.saturating_sub(prev.rx_bytes),
+                    tx_packets: now.tx_packets.saturating_sub(prev.tx_packets),
+                    rx_packets: now.rx_packets.saturating_sub(prev.rx_packets),
+                },
+            );
+        }
+        for name in taps {
+            if let Some(now) = all.get(name) {
+                self.prev_taps.insert(name.clone(), *now);
+            }
+        }
+        m.set_net(Some(by_if));
     }
 
     /// The process's own stat, or `None` if the process is gone.
@@ -1085,7 +1168,7 @@ mod tests {
         f.set_thread(PID, a);
         f.set_thread(101, b);
         assert_eq!(
-            src.sample(),
+            src.sample(&[]),
             expect(7, 2, 5 + 20, 1 + 1, 500 + 100, Some(1 + 2))
         );
 
@@ -1108,7 +1191,7 @@ mod tests {
             ..a
         };
         f.set_thread(PID, a);
-        assert_eq!(src.sample(), expect(6, 1, 3, 1, 200, Some(1)));
+        assert_eq!(src.sample(&[]), expect(6, 1, 3, 1, 200, Some(1)));
         assert_eq!(src.threads.len(), 1, "101 is retired");
         assert_eq!(
             src.retired,
@@ -1121,7 +1204,7 @@ mod tests {
         );
 
         // Nothing changes: all zero, not None.
-        assert_eq!(src.sample(), expect(0, 1, 0, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[]), expect(0, 1, 0, 0, 0, Some(0)));
 
         // A new thread is counted from its birth.
         let c = T {
@@ -1140,7 +1223,7 @@ mod tests {
                 ..proc(0, 2)
             },
         );
-        assert_eq!(src.sample(), expect(1, 2, 7, 1, 30, Some(2)));
+        assert_eq!(src.sample(&[]), expect(1, 2, 7, 1, 30, Some(2)));
     }
 
     #[test]
@@ -1174,13 +1257,13 @@ mod tests {
             migr: Some(1),
         };
         f.set_thread(101, new);
-        assert_eq!(src.sample(), expect(0, 2, 3, 2, 70, Some(1)));
+        assert_eq!(src.sample(&[]), expect(0, 2, 3, 2, 70, Some(1)));
         assert_eq!(src.threads.len(), 2);
         assert_eq!(src.retired.voluntary, 50);
 
         let new = T { vol: 4, ..new };
         f.set_thread(101, new);
-        assert_eq!(src.sample(), expect(0, 2, 1, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[]), expect(0, 2, 1, 0, 0, Some(0)));
     }
 
     #[test]
@@ -1216,14 +1299,14 @@ mod tests {
         };
         f.set_thread(101, b);
         fs::remove_file(f.thread_dir(101).join("status")).unwrap();
-        assert_eq!(src.sample(), expect(0, 2, 0, 0, 30, Some(2)));
+        assert_eq!(src.sample(&[]), expect(0, 2, 0, 0, 30, Some(2)));
 
         // 101 is listed but its stat is gone (it exited between the listing
         // and the reads): skipped, and its last-seen values stay counted.
         fs::remove_file(f.thread_dir(101).join("stat")).unwrap();
         let a = T { vol: 2, ..a };
         f.set_thread(PID, a);
-        assert_eq!(src.sample(), expect(0, 2, 1, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[]), expect(0, 2, 1, 0, 0, Some(0)));
         assert_eq!(
             src.retired.voluntary, 40,
             "retired with its last-seen counts"
@@ -1247,11 +1330,11 @@ mod tests {
         // Garbage is not proof the thread is gone: keep it, and do not
         // count it twice when it reads well again.
         fs::write(f.thread_dir(101).join("stat"), "garbage").unwrap();
-        assert_eq!(src.sample(), expect(0, 2, 0, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[]), expect(0, 2, 0, 0, 0, Some(0)));
         assert_eq!(src.threads.len(), 1);
         let b = T { vol: 41, ..b };
         f.set_thread(101, b);
-        assert_eq!(src.sample(), expect(0, 2, 1, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[]), expect(0, 2, 1, 0, 0, Some(0)));
     }
 
     #[test]
@@ -1270,7 +1353,7 @@ mod tests {
         );
         let mut src = f.source();
         fs::remove_dir_all(f.pid_dir()).unwrap();
-        let m = src.sample();
+        let m = src.sample(&[]);
         assert_eq!(m, Measures::default());
         assert!(m.cpu_ns.is_none() && m.threads.is_none() && m.migrations.is_none());
     }
@@ -1307,10 +1390,10 @@ mod tests {
                 migr: Some(1),
             },
         );
-        assert_eq!(src.sample(), Measures::default());
+        assert_eq!(src.sample(&[]), Measures::default());
         // And it stays gone even if the start time looked right again.
         f.set_process('S', proc(30, 1));
-        assert_eq!(src.sample(), Measures::default());
+        assert_eq!(src.sample(&[]), Measures::default());
     }
 
     #[test]
@@ -1328,7 +1411,7 @@ mod tests {
         let mut src = f.source();
         f.set_process('Z', proc(12, 1));
         f.set_thread(PID, T { vol: 3, ..a });
-        assert_eq!(src.sample(), expect(2, 1, 2, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[]), expect(2, 1, 2, 0, 0, Some(0)));
     }
 
     #[test]
@@ -1362,7 +1445,7 @@ mod tests {
             },
         );
         f.set_thread(101, T { invol: 5, ..b });
-        let m = src.sample();
+        let m = src.sample(&[]);
         assert_eq!(m, expect(3, 2, 3, 3, 5, None));
         assert_eq!(m.migrations, None);
     }
@@ -1421,7 +1504,7 @@ mod tests {
             own_ctxt()
         });
         let (tid, worker_cpu, worker_ctxt) = ready_rx.recv().unwrap();
-        let m = src.sample();
+        let m = src.sample(&[]);
         let elapsed = t0.elapsed().as_nanos() as u64;
         go_tx.send(()).unwrap();
         let final_ctxt = worker.join().unwrap();
@@ -1461,7 +1544,7 @@ mod tests {
             thread::sleep(Duration::from_millis(1));
         }
         assert!(!task.exists(), "worker {tid} still in /proc");
-        let m2 = src.sample();
+        let m2 = src.sample(&[]);
         assert!(m2.cpu_ns.is_some() && m2.ctx_switches_voluntary.is_some());
         // Its last-seen counts are those of the first sample, taken after
         // `worker_ctxt` was read and before `final_ctxt`.

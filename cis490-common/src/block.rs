@@ -1,0 +1,79 @@
+//! Block I/O map layouts: requests issued by the target, accounted at
+//! completion (in interrupt context, where the current task is not the
+//! target): the request is attributed when it starts, in the issuing
+//! thread's context, and remembered by its address (`REQS`).
+
+use crate::sched::HIST_BUCKETS;
+
+/// Cumulative per-CPU block I/O counters for the target (map `BLOCK_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockStats {
+    pub read_ops: u64,
+    pub write_ops: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// Sum of issue-to-completion latencies, ns.
+    pub latency_ns: u64,
+    /// Requests whose latency was measured.
+    pub latency_count: u64,
+    /// Requests the kernel map could not hold (not accounted).
+    pub map_errors: u64,
+    /// log2 histogram of latencies (bucket `i`: `[2^i, 2^(i+1))` ns).
+    pub latency_hist: [u64; HIST_BUCKETS],
+}
+
+impl BlockStats {
+    pub const ZERO: Self = Self {
+        read_ops: 0,
+        write_ops: 0,
+        read_bytes: 0,
+        write_bytes: 0,
+        latency_ns: 0,
+        latency_count: 0,
+        map_errors: 0,
+        latency_hist: [0; HIST_BUCKETS],
+    };
+
+    /// Adds `other` into `self` (summing CPUs).
+    pub fn accumulate(&mut self, other: &Self) {
+        self.read_ops = self.read_ops.wrapping_add(other.read_ops);
+        self.write_ops = self.write_ops.wrapping_add(other.write_ops);
+        self.read_bytes = self.read_bytes.wrapping_add(other.read_bytes);
+        self.write_bytes = self.write_bytes.wrapping_add(other.write_bytes);
+        self.latency_ns = self.latency_ns.wrapping_add(other.latency_ns);
+        self.latency_count = self.latency_count.wrapping_add(other.latency_count);
+        self.map_errors = self.map_errors.wrapping_add(other.map_errors);
+        for (a, b) in self.latency_hist.iter_mut().zip(other.latency_hist.iter()) {
+            *a = a.wrapping_add(*b);
+        }
+    }
+}
+
+/// A target request in flight (map `REQS`, keyed by `struct request *`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReqStart {
+    /// When it was issued to the driver (or started, until it is), ns.
+    pub ts_ns: u64,
+    /// Bytes completed so far.
+    pub done_bytes: u64,
+    /// `REQ_OP_READ` or `REQ_OP_WRITE` (other ops are not tracked).
+    pub op: u32,
+    pub _pad: u32,
+}
+
+/// `cmd_flags & REQ_OP_MASK` values.
+pub const REQ_OP_MASK: u32 = 0xff;
+pub const REQ_OP_READ: u32 = 0;
+pub const REQ_OP_WRITE: u32 = 1;
+
+const _: () = assert!(core::mem::size_of::<BlockStats>() == (7 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<ReqStart>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers without padding (asserted above).
+    unsafe impl aya::Pod for super::BlockStats {}
+    unsafe impl aya::Pod for super::ReqStart {}
+}

@@ -1,0 +1,90 @@
+//! Network map layouts. Seen from the target: *tx* is what the target sends
+//! out, *rx* what it receives.
+//!
+//! Two vantages: the target's tap interfaces, counted by interface in the
+//! kernel (frames cross a tap in softirq context, so they are matched by
+//! interface, not by the current task); and the target's own IPv4/IPv6
+//! socket traffic, in process context.
+
+/// Tap interfaces tracked at once.
+pub const MAX_IFS: usize = 16;
+/// Slot of [`NetStats::slots`] that counts socket traffic.
+pub const SOCKET_SLOT: usize = MAX_IFS;
+
+/// Counters of one interface (or of the sockets), from the target's side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfStats {
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+}
+
+impl IfStats {
+    pub const ZERO: Self = Self {
+        tx_bytes: 0,
+        rx_bytes: 0,
+        tx_packets: 0,
+        rx_packets: 0,
+    };
+
+    pub fn accumulate(&mut self, o: &Self) {
+        self.tx_bytes = self.tx_bytes.wrapping_add(o.tx_bytes);
+        self.rx_bytes = self.rx_bytes.wrapping_add(o.rx_bytes);
+        self.tx_packets = self.tx_packets.wrapping_add(o.tx_packets);
+        self.rx_packets = self.rx_packets.wrapping_add(o.rx_packets);
+    }
+}
+
+/// Cumulative per-CPU network counters (map `NET_STATS`, one slot): slots
+/// `0..MAX_IFS` are the tap interfaces (the slot number is the value of
+/// `TAP_IFS`), slot `SOCKET_SLOT` the sockets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetStats {
+    pub slots: [IfStats; MAX_IFS + 1],
+}
+
+impl NetStats {
+    pub const ZERO: Self = Self {
+        slots: [IfStats::ZERO; MAX_IFS + 1],
+    };
+
+    pub fn accumulate(&mut self, o: &Self) {
+        for (a, b) in self.slots.iter_mut().zip(o.slots.iter()) {
+            a.accumulate(b);
+        }
+    }
+}
+
+/// Key of `TAP_IFS`: an interface is its index within its network
+/// namespace (the namespace's inode number).
+#[inline(always)]
+pub const fn if_key(netns_inum: u32, ifindex: u32) -> u64 {
+    ((netns_inum as u64) << 32) | ifindex as u64
+}
+
+/// Socket families counted.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+const _: () = assert!(core::mem::size_of::<IfStats>() == 32);
+const _: () = assert!(core::mem::size_of::<NetStats>() == 32 * (MAX_IFS + 1));
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers without padding (asserted above).
+    unsafe impl aya::Pod for super::NetStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_keys_separate_namespaces() {
+        assert_ne!(if_key(1, 5), if_key(2, 5));
+        assert_eq!(if_key(0xf000_0001, 7), 0xf000_0001_0000_0007);
+    }
+}

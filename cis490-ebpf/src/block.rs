@@ -1,0 +1,172 @@
+//! Block I/O probes: requests the target issues, from issue to completion.
+//!
+//! A request is attributed when it starts, in the context of the thread
+//! that submits it (`block_io_start`, or on kernels before 6.5
+//! `block_rq_insert`/`block_rq_issue`), and remembered by its address in
+//! `REQS`. Completion runs in interrupt context, where the current task is
+//! anyone: it only looks the request up. A request address that a
+//! non-target submitter reuses drops any stale entry.
+
+use aya_ebpf::{
+    Global, bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use cis490_common::{
+    BlockStats, ReqStart,
+    block::{REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE},
+};
+
+use crate::{
+    maps::{BLOCK_MAX, BLOCK_STATS, REQS, add, add_to_hist, raise_max},
+    target::{current, field, target_tgid},
+};
+
+/// `struct request`: `cmd_flags` (the op in its low bits).
+#[unsafe(no_mangle)]
+static REQ_CMD_FLAGS_OFFSET: Global<u32> = Global::new(0);
+/// 1 on kernels without `block_io_start`/`block_io_done`: attribute at
+/// insert or issue and account each completion as final.
+#[unsafe(no_mangle)]
+static BLOCK_LEGACY: Global<u32> = Global::new(0);
+
+type Res = Result<(), i32>;
+const NO_MAP: i32 = -1;
+
+fn block_stats() -> Result<*mut BlockStats, i32> {
+    BLOCK_STATS.get_ptr_mut(0).ok_or(NO_MAP)
+}
+
+/// Attributes request `rq` if the current thread is the target's (and the
+/// op is a read or write); forgets a stale entry otherwise. With
+/// `only_new`, an existing entry is kept (legacy path: insert, then issue).
+#[inline(always)]
+fn start(ctx: &BtfTracePointContext, only_new: bool) -> Res {
+    let rq: u64 = ctx.arg(0);
+    let (tgid, _) = current();
+    if tgid != target_tgid() {
+        if !only_new {
+            let _ = REQS.remove(&rq);
+        }
+        return Ok(());
+    }
+    if only_new && REQS.get_ptr(&rq).is_some() {
+        return Ok(());
+    }
+    let flags: u32 = field(rq as *const u8, &REQ_CMD_FLAGS_OFFSET)?;
+    let op = flags & REQ_OP_MASK;
+    if op != REQ_OP_READ && op != REQ_OP_WRITE {
+        return Ok(());
+    }
+    let start = ReqStart {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        done_bytes: 0,
+        op,
+        _pad: 0,
+    };
+    if REQS.insert(&rq, &start, BPF_ANY as u64).is_err() {
+        add(unsafe { &raw mut (*block_stats()?).map_errors }, 1);
+    }
+    Ok(())
+}
+
+/// `block_io_start(struct request *rq)` (6.5+): I/O accounting starts, in
+/// the submitting thread.
+#[btf_tracepoint(function = "block_io_start")]
+pub fn block_io_start(ctx: BtfTracePointContext) -> i32 {
+    let _ = start(&ctx, false);
+    0
+}
+
+/// `block_rq_insert(struct request *rq)` (legacy path): queued to the I/O
+/// scheduler, in the submitting thread.
+#[btf_tracepoint(function = "block_rq_insert")]
+pub fn block_rq_insert(ctx: BtfTracePointContext) -> i32 {
+    let _ = start(&ctx, false);
+    0
+}
+
+/// `block_rq_issue(struct request *rq)`: sent to the driver. Latency runs
+/// from here. On the legacy path a request issued directly by the target
+/// (no scheduler) is attributed here.
+#[btf_tracepoint(function = "block_rq_issue")]
+pub fn block_rq_issue(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_issue(&ctx);
+    0
+}
+
+fn try_issue(ctx: &BtfTracePointContext) -> Res {
+    if BLOCK_LEGACY.load() != 0 {
+        start(ctx, true)?;
+    }
+    let rq: u64 = ctx.arg(0);
+    if let Some(r) = REQS.get_ptr_mut(&rq) {
+        unsafe { (*r).ts_ns = bpf_ktime_get_ns() };
+    }
+    Ok(())
+}
+
+/// `block_rq_complete(struct request *rq, blk_status_t error,
+/// unsigned int nr_bytes)`: `nr_bytes` of the request are done (a request
+/// can complete in parts).
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn block_rq_complete(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_complete(&ctx);
+    0
+}
+
+fn try_complete(ctx: &BtfTracePointContext) -> Res {
+    let rq: u64 = ctx.arg(0);
+    let Some(r) = REQS.get_ptr_mut(&rq) else {
+        return Ok(());
+    };
+    let error: u64 = ctx.arg(1);
+    let nr_bytes: u64 = ctx.arg(2);
+    let s = block_stats()?;
+    let r = unsafe { &mut *r };
+    if error as u8 == 0 {
+        let bytes = nr_bytes & 0xffff_ffff;
+        r.done_bytes += bytes;
+        if r.op == REQ_OP_READ {
+            add(unsafe { &raw mut (*s).read_bytes }, bytes);
+        } else {
+            add(unsafe { &raw mut (*s).write_bytes }, bytes);
+        }
+    }
+    if BLOCK_LEGACY.load() != 0 {
+        finish(s, rq, r);
+    }
+    Ok(())
+}
+
+/// `block_io_done(struct request *rq)` (6.5+): the request is over.
+#[btf_tracepoint(function = "block_io_done")]
+pub fn block_io_done(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_done(&ctx);
+    0
+}
+
+fn try_done(ctx: &BtfTracePointContext) -> Res {
+    let rq: u64 = ctx.arg(0);
+    let Some(r) = REQS.get_ptr(&rq) else {
+        return Ok(());
+    };
+    let s = block_stats()?;
+    finish(s, rq, unsafe { &*r });
+    Ok(())
+}
+
+/// Counts the request and its latency, and forgets it.
+#[inline(always)]
+fn finish(s: *mut BlockStats, rq: u64, r: &ReqStart) {
+    let latency = unsafe { bpf_ktime_get_ns() }.saturating_sub(r.ts_ns);
+    if r.op == REQ_OP_READ {
+        add(unsafe { &raw mut (*s).read_ops }, 1);
+    } else {
+        add(unsafe { &raw mut (*s).write_ops }, 1);
+    }
+    add(unsafe { &raw mut (*s).latency_ns }, latency);
+    add(unsafe { &raw mut (*s).latency_count }, 1);
+    add_to_hist(unsafe { &raw mut (*s).latency_hist }, latency);
+    raise_max(&BLOCK_MAX, latency);
+    let _ = REQS.remove(&rq);
+}

@@ -1,0 +1,164 @@
+//! Network probes, from the target's side (tx: what it sends out).
+//!
+//! Taps: a frame the target writes into its tap fd enters the host stack as
+//! a packet *received* on the tap (`netif_receive_skb`, softirq context);
+//! a frame the host sends into the tap for the target goes out through the
+//! tap's transmit (`net_dev_xmit`). Both are matched by interface (its
+//! network namespace and index, `TAP_IFS`), never by the current task.
+//! Sockets: `sock_send_length`/`sock_recv_length` (6.3+) in the target's own
+//! threads, IPv4/IPv6 only (not the unix sockets of QMP or a monitor).
+
+use aya_ebpf::{Global, macros::btf_tracepoint, programs::BtfTracePointContext};
+use cis490_common::{
+    IfStats,
+    net::{AF_INET, AF_INET6, MAX_IFS, SOCKET_SLOT, if_key},
+};
+
+use crate::{
+    maps::{NET_STATS, TAP_IFS, add},
+    target::{current, field, target_tgid},
+};
+
+#[unsafe(no_mangle)]
+static SKB_LEN_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SKB_DATA_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SKB_HEAD_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SKB_MAC_HEADER_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SKB_DEV_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static NETDEV_IFINDEX_OFFSET: Global<u32> = Global::new(0);
+/// `net_device.nd_net.net`: the device's `struct net *`.
+#[unsafe(no_mangle)]
+static NETDEV_NET_OFFSET: Global<u32> = Global::new(0);
+/// `net.ns.inum`: the namespace's inode number.
+#[unsafe(no_mangle)]
+static NET_INUM_OFFSET: Global<u32> = Global::new(0);
+/// `sock.__sk_common.skc_family`.
+#[unsafe(no_mangle)]
+static SOCK_FAMILY_OFFSET: Global<u32> = Global::new(0);
+
+type Res = Result<(), i32>;
+const MSG_PEEK: u64 = 2;
+
+/// The `NetStats` slot of a tap of the target, if `dev` is one.
+#[inline(always)]
+fn tap_slot(dev: *const u8) -> Result<Option<usize>, i32> {
+    let ifindex: u32 = field(dev, &NETDEV_IFINDEX_OFFSET)?;
+    let net: u64 = field(dev, &NETDEV_NET_OFFSET)?;
+    let inum: u32 = field(net as *const u8, &NET_INUM_OFFSET)?;
+    Ok(unsafe { TAP_IFS.get(if_key(inum, ifindex)) }
+        .map(|&slot| slot as usize)
+        .filter(|&slot| slot < MAX_IFS))
+}
+
+/// Adds one packet of `bytes` to `slot`, as sent (`tx`) or received.
+#[inline(always)]
+fn count(slot: usize, tx: bool, bytes: u64) {
+    let Some(s) = NET_STATS.get_ptr_mut(0) else {
+        return;
+    };
+    if slot > MAX_IFS {
+        return;
+    }
+    let i: *mut IfStats = unsafe { &raw mut (*s).slots[slot] };
+    unsafe {
+        if tx {
+            add(&raw mut (*i).tx_bytes, bytes);
+            add(&raw mut (*i).tx_packets, 1);
+        } else {
+            add(&raw mut (*i).rx_bytes, bytes);
+            add(&raw mut (*i).rx_packets, 1);
+        }
+    }
+}
+
+/// `netif_receive_skb(struct sk_buff *skb)`: a packet the host receives. On
+/// a tap of the target, that is a frame the target sent.
+#[btf_tracepoint(function = "netif_receive_skb")]
+pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_receive(&ctx);
+    0
+}
+
+fn try_receive(ctx: &BtfTracePointContext) -> Res {
+    let skb: *const u8 = ctx.arg(0);
+    let dev: u64 = field(skb, &SKB_DEV_OFFSET)?;
+    let Some(slot) = tap_slot(dev as *const u8)? else {
+        return Ok(());
+    };
+    // The stack has pulled the link-layer header by now; count the whole
+    // frame, as the interface statistics do.
+    let len: u32 = field(skb, &SKB_LEN_OFFSET)?;
+    let head: u64 = field(skb, &SKB_HEAD_OFFSET)?;
+    let data: u64 = field(skb, &SKB_DATA_OFFSET)?;
+    let mac: u16 = field(skb, &SKB_MAC_HEADER_OFFSET)?;
+    let pulled = if mac == u16::MAX {
+        0
+    } else {
+        data.saturating_sub(head + mac as u64)
+    };
+    count(slot, true, len as u64 + pulled.min(256));
+    Ok(())
+}
+
+/// `net_dev_xmit(struct sk_buff *skb, int rc, struct net_device *dev,
+/// unsigned int skb_len)`: the host sent a packet out of `dev`. On a tap of
+/// the target, that is a frame the target receives.
+#[btf_tracepoint(function = "net_dev_xmit")]
+pub fn net_dev_xmit(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_xmit(&ctx);
+    0
+}
+
+fn try_xmit(ctx: &BtfTracePointContext) -> Res {
+    let rc: u64 = ctx.arg(1);
+    if rc as i32 != 0 {
+        return Ok(());
+    }
+    let dev: *const u8 = ctx.arg(2);
+    let Some(slot) = tap_slot(dev)? else {
+        return Ok(());
+    };
+    let skb_len: u64 = ctx.arg(3);
+    count(slot, false, skb_len & 0xffff_ffff);
+    Ok(())
+}
+
+/// Counts socket traffic of the target's IPv4/IPv6 sockets.
+#[inline(always)]
+fn sock(ctx: &BtfTracePointContext, tx: bool) -> Res {
+    let (tgid, _) = current();
+    if tgid != target_tgid() {
+        return Ok(());
+    }
+    let ret: u64 = ctx.arg(1);
+    let ret = ret as i32;
+    let flags: u64 = ctx.arg(2);
+    if ret <= 0 || (!tx && flags & MSG_PEEK != 0) {
+        return Ok(());
+    }
+    let sk: *const u8 = ctx.arg(0);
+    let family: u16 = field(sk, &SOCK_FAMILY_OFFSET)?;
+    if family == AF_INET || family == AF_INET6 {
+        count(SOCKET_SLOT, tx, ret as u64);
+    }
+    Ok(())
+}
+
+/// `sock_send_length(struct sock *sk, int ret, int flags)` (6.3+).
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
+    let _ = sock(&ctx, true);
+    0
+}
+
+/// `sock_recv_length(struct sock *sk, int ret, int flags)` (6.3+).
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+    let _ = sock(&ctx, false);
+    0
+}
