@@ -275,13 +275,17 @@ impl Sources {
             file.write(&row)
                 .with_context(|| format!("cannot write {}", kind.file_name()))?;
         }
-        for tap in self.ebpf.take_new_taps() {
+        let new_taps = self.ebpf.take_new_taps();
+        for tap in &new_taps {
             out.event(
                 now,
                 Some(tick.seq),
                 "tap_attached",
                 json!({"name": tap.name, "ifindex": tap.ifindex, "netns_inum": tap.netns_inum}),
             )?;
+        }
+        if !new_taps.is_empty() {
+            out.events.flush()?;
         }
         Ok(tick)
     }

@@ -155,17 +155,17 @@ impl Episode {
             .unwrap_or_else(|| panic!("no {source} rows"))
     }
 
-    /// Sum of a per-bucket field over all rows of a source; panics if any
-    /// row has it null.
+    /// Sum of a per-bucket field over the rows of a source that measured
+    /// it; panics if none did. (The oracle's last row is all null when an
+    /// attached target is gone: /proc has nothing to read then.)
     pub fn sum(&self, source: &str, field: &str) -> u64 {
-        self.rows(source)
+        let vals: Vec<u64> = self
+            .rows(source)
             .iter()
-            .map(|r| {
-                r[field]
-                    .as_u64()
-                    .unwrap_or_else(|| panic!("{source}.{field} is not a number in {r}"))
-            })
-            .sum()
+            .filter_map(|r| r[field].as_u64())
+            .collect();
+        assert!(!vals.is_empty(), "{source}.{field} is null in every row");
+        vals.iter().sum()
     }
 
     /// Maximum of a field over all rows of a source.
@@ -219,6 +219,97 @@ pub fn wait_trace_started(data_dir: &Path, timeout: Duration) -> PathBuf {
             "trace did not start within {timeout:?}"
         );
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until the episode's events.jsonl has an event named `name`
+/// (matching `pred`), and returns it.
+pub fn wait_for_event(
+    episode: &Path,
+    name: &str,
+    pred: impl Fn(&Value) -> bool,
+    timeout: Duration,
+) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let text = fs::read_to_string(episode.join("events.jsonl")).unwrap_or_default();
+        for line in text.lines() {
+            if let Ok(v) = serde_json::from_str::<Value>(line)
+                && v["event"] == name
+                && pred(&v)
+            {
+                return v;
+            }
+        }
+        assert!(t0.elapsed() < timeout, "no {name} event within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The only episode directory under `dir/data`.
+pub fn episode_dir(dir: &Path) -> PathBuf {
+    let mut eps: Vec<PathBuf> = fs::read_dir(dir.join("data/episodes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(eps.len(), 1, "expected one episode in {}", dir.display());
+    eps.pop().unwrap()
+}
+
+/// A network namespace for one test, removed (with what lives in it) on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("cis490-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip netns add {name}");
+        Netns(name)
+    }
+
+    /// `ip netns exec NAME` + `argv`.
+    pub fn cmd(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).arg(program);
+        c
+    }
+
+    /// Runs `ip -n NAME ARGS...` and checks it worked.
+    pub fn ip(&self, args: &[&str]) {
+        let st = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip -n {} {args:?}", self.0);
+    }
+
+    /// Runs a shell command inside the namespace and returns its stdout.
+    pub fn sh(&self, script: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-c", script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 

@@ -343,6 +343,10 @@ struct DioArgs {
     /// Idle sleep before the direct phase (after the preallocation and any signal wait).
     #[arg(long, value_name = "MS", default_value_t = 0)]
     start_delay_ms: u64,
+    /// Idle sleep after the direct phase, before exiting, so a poller (the /proc oracle)
+    /// sees the final counts.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    linger_ms: u64,
     /// After preallocating, write PATH.ready and wait for SIGUSR1 before the direct phase.
     #[arg(long, requires = "out")]
     wait_signal: bool,
@@ -1607,6 +1611,7 @@ fn cmd_dio(a: &DioArgs) -> Result<()> {
         proc_io_before,
         proc_io_after,
     };
+    thread::sleep(Duration::from_millis(a.linger_ms));
     emit_report(a.out.as_deref(), &report)
 }
 

@@ -1,0 +1,185 @@
+//! Network against ground truth and the interface statistics: frames the
+//! target writes into and reads from its own tap (in a network namespace
+//! made for the test), another process's tap beside it, and socket traffic.
+
+use std::{process::Command, time::Duration};
+
+use cis490_tests::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+fn by_if(ep: &Episode, source: &str, name: &str, field: &str) -> u64 {
+    ep.rows(source)
+        .iter()
+        .filter_map(|r| r["net_by_if"][name][field].as_u64())
+        .sum()
+}
+
+/// Starts the tap workload in `ns`, waits until the tap exists, brings it up
+/// (IPv6 off, so the host sends nothing of its own into it).
+fn tap_workload(
+    ns: &Netns,
+    dir: &std::path::Path,
+    name: &str,
+    args: &[&str],
+) -> (std::process::Child, std::path::PathBuf) {
+    let out = dir.join(format!("{name}.json"));
+    let child = ns
+        .cmd(&bin("cis490-workload"))
+        .args(["tap", "--name", name, "--wait-signal"])
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .spawn()
+        .unwrap();
+    wait_for_file(&out.with_extension("json.ready"), T);
+    ns.sh(&format!("sysctl -q -w net.ipv6.conf.{name}.disable_ipv6=1"));
+    ns.ip(&["link", "set", name, "up"]);
+    (child, out)
+}
+
+#[test]
+fn tap_traffic_matches_ground_truth_and_interface_statistics() {
+    require_root();
+    let dir = scratch("tap");
+    let ns = Netns::new("tap");
+    let (mut wl, out) = tap_workload(
+        &ns,
+        &dir,
+        "c490t0",
+        &[
+            "--frames",
+            "3000",
+            "--size",
+            "1000",
+            "--read-frames",
+            "800",
+            "--timeout-ms",
+            "10000",
+            "--linger-ms",
+            "400",
+        ],
+    );
+    // Another process's tap in the same namespace, busy at the same time.
+    let (mut noise, _) = tap_workload(&ns, &dir, "c490n0", &["--frames", "2000", "--size", "1200"]);
+    let pid = wl.id() as i32;
+    let trace = start_trace(
+        &dir,
+        &["--target-pid", &pid.to_string(), "--duration", "60"],
+    );
+    let tap = wait_for_event(
+        &episode_dir(&dir),
+        "tap_attached",
+        |e| e["name"] == "c490t0",
+        T,
+    );
+    assert!(tap["ifindex"].as_u64().unwrap() > 0);
+    kill(noise.id() as i32, libc::SIGUSR1);
+    kill(pid, libc::SIGUSR1);
+    let sent = ns
+        .cmd(&bin("cis490-workload"))
+        .args([
+            "send-frames",
+            "--ifname",
+            "c490t0",
+            "--frames",
+            "800",
+            "--size",
+            "600",
+            "--interval-us",
+            "200",
+        ])
+        .arg("--out")
+        .arg(dir.join("sent.json"))
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    assert!(wl.wait().unwrap().success());
+    assert!(noise.wait().unwrap().success());
+    let ep = Episode::from_output(&wait_output(trace, T));
+    let truth = report(&out);
+    let (tx_b, tx_p) = (
+        truth["bytes_written"].as_u64().unwrap(),
+        truth["frames_written"].as_u64().unwrap(),
+    );
+    let (rx_b, rx_p) = (
+        truth["bytes_read"].as_u64().unwrap(),
+        truth["frames_read"].as_u64().unwrap(),
+    );
+    assert_eq!((tx_b, tx_p), (3_000_000, 3000));
+    assert_eq!(
+        (rx_b, rx_p),
+        (480_000, 800),
+        "the target read what was sent"
+    );
+
+    // eBPF, per interface, against what the target did.
+    assert_eq!(by_if(&ep, "ebpf", "c490t0", "tx_bytes"), tx_b);
+    assert_eq!(by_if(&ep, "ebpf", "c490t0", "tx_packets"), tx_p);
+    assert_eq!(by_if(&ep, "ebpf", "c490t0", "rx_bytes"), rx_b);
+    assert_eq!(by_if(&ep, "ebpf", "c490t0", "rx_packets"), rx_p);
+    // ... and against the interface statistics (the oracle reads them from
+    // the target's namespace), within 1%.
+    for field in ["tx_bytes", "rx_bytes", "tx_packets", "rx_packets"] {
+        let (e, p) = (
+            by_if(&ep, "ebpf", "c490t0", field),
+            by_if(&ep, "proc", "c490t0", field),
+        );
+        assert_close(
+            &format!("{field} ebpf vs interface statistics"),
+            e as f64,
+            p as f64,
+            0.01,
+        );
+    }
+    // The other process's tap is not the target's.
+    assert!(
+        ep.rows("ebpf")
+            .iter()
+            .all(|r| r["net_by_if"].get("c490n0").is_none())
+    );
+    assert_eq!(
+        ep.sum("ebpf", "net_tx_bytes"),
+        tx_b + by_if(&ep, "ebpf", "sockets", "tx_bytes")
+    );
+    assert_eq!(
+        ep.sum("proc", "net_tx_bytes"),
+        by_if(&ep, "proc", "c490t0", "tx_bytes")
+    );
+}
+
+#[test]
+fn socket_traffic_is_counted_in_the_target() {
+    require_root();
+    let dir = scratch("sock");
+    let out = dir.join("sink.json");
+    let bytes = 3_000_000u64;
+    let trace = trace_cmd(&dir)
+        .args(["--"])
+        .arg(bin("cis490-workload"))
+        .args(["sink", "--port", "0", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_file(&out.with_extension("json.ready"), T);
+    let ready: Value = report(&out.with_extension("json.ready"));
+    let port = ready["port"].as_u64().unwrap();
+    let st = Command::new("bash")
+        .args([
+            "-c",
+            &format!("head -c {bytes} /dev/zero > /dev/tcp/127.0.0.1/{port}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let ep = Episode::from_output(&wait_output(trace, T));
+    assert_eq!(report(&out)["bytes"].as_u64(), Some(bytes));
+    assert_eq!(by_if(&ep, "ebpf", "sockets", "rx_bytes"), bytes);
+    assert!(by_if(&ep, "ebpf", "sockets", "rx_packets") >= 1);
+    assert_eq!(ep.sum("ebpf", "net_rx_bytes"), bytes);
+    // No tap: /proc has no per-process socket traffic.
+    assert!(ep.rows("proc").iter().all(|r| r["net_rx_bytes"].is_null()));
+}
