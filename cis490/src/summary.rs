@@ -32,6 +32,19 @@ fn is_max_field(name: &str) -> bool {
     name == "threads" || name.ends_with("_max_ns")
 }
 
+/// An object field (`net_by_if`, `kvm_exit_reasons`) as dotted leaves; a
+/// null object stays one null field.
+fn flatten<'a>(name: String, v: &'a Value, out: &mut Vec<(String, &'a Value)>) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, inner) in m {
+                flatten(format!("{name}.{k}"), inner, out);
+            }
+        }
+        _ => out.push((name, v)),
+    }
+}
+
 /// Totals of one source.
 #[derive(Debug, Default)]
 pub struct SourceTotals {
@@ -46,10 +59,13 @@ pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a Map<String, Value>>) -> 
     let mut index: BTreeMap<String, usize> = BTreeMap::new();
     for row in rows {
         out.rows += 1;
+        let mut flat = Vec::new();
         for (k, v) in row {
-            if ENVELOPE.contains(&k.as_str()) {
-                continue;
+            if !ENVELOPE.contains(&k.as_str()) {
+                flatten(k.clone(), v, &mut flat);
             }
+        }
+        for (k, v) in flat {
             let i = *index.entry(k.clone()).or_insert_with(|| {
                 out.fields.push((k.clone(), None));
                 out.fields.len() - 1
@@ -63,7 +79,7 @@ pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a Map<String, Value>>) -> 
                 let slot = &mut out.fields[i].1;
                 *slot = Some(match *slot {
                     None => x,
-                    Some(acc) if is_max_field(k) => acc.max(x),
+                    Some(acc) if is_max_field(&k) => acc.max(x),
                     Some(acc) => acc + x,
                 });
             }
@@ -194,6 +210,19 @@ mod tests {
         assert_eq!(get("runq_delay_hist_log2"), Some(7.0));
         assert!(t.fields.iter().all(|(f, _)| f != "seq"));
         assert_eq!(t.fields[0].0, "cpu_ns", "schema order kept");
+    }
+
+    #[test]
+    fn objects_are_summed_leaf_by_leaf() {
+        let rows = [
+            obj(json!({"net_by_if": {"tap0": {"tx_bytes": 10}}, "kvm_exit_reasons": null})),
+            obj(json!({"net_by_if": {"tap0": {"tx_bytes": 5}, "sockets": {"tx_bytes": 1}}, "kvm_exit_reasons": {}})),
+        ];
+        let t = aggregate(&rows);
+        let get = |k: &str| t.fields.iter().find(|(f, _)| f == k).map(|f| f.1);
+        assert_eq!(get("net_by_if.tap0.tx_bytes"), Some(Some(15.0)));
+        assert_eq!(get("net_by_if.sockets.tx_bytes"), Some(Some(1.0)));
+        assert_eq!(get("kvm_exit_reasons"), Some(None));
     }
 
     #[test]
