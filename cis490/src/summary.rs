@@ -154,6 +154,19 @@ pub fn write_summary(dir: &Path, w: &mut impl Write) -> Result<()> {
             }
         }
     }
+    // An object field that is null in some rows and has leaves in others
+    // shows as its leaves only.
+    let parents: Vec<String> = fields
+        .iter()
+        .filter(|f| {
+            fields.iter().any(|g| {
+                g.strip_prefix(f.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+            })
+        })
+        .cloned()
+        .collect();
+    fields.retain(|f| !parents.contains(f));
     write!(w, "{:<28}", "field")?;
     for (name, t) in &sources {
         write!(w, "{:>18}", format!("{name} ({} rows)", t.rows))?;
@@ -216,7 +229,9 @@ mod tests {
     fn objects_are_summed_leaf_by_leaf() {
         let rows = [
             obj(json!({"net_by_if": {"tap0": {"tx_bytes": 10}}, "kvm_exit_reasons": null})),
-            obj(json!({"net_by_if": {"tap0": {"tx_bytes": 5}, "sockets": {"tx_bytes": 1}}, "kvm_exit_reasons": {}})),
+            obj(
+                json!({"net_by_if": {"tap0": {"tx_bytes": 5}, "sockets": {"tx_bytes": 1}}, "kvm_exit_reasons": {}}),
+            ),
         ];
         let t = aggregate(&rows);
         let get = |k: &str| t.fields.iter().find(|(f, _)| f == k).map(|f| f.1);

@@ -484,6 +484,11 @@ async fn trace(
                 let mut lines = Vec::new();
                 records.drain(|rec| lines.push(rec));
                 for Record::Lifecycle(l) in lines {
+                    if l.lifecycle() == Ok(LifecycleKind::Exec) {
+                        // The target became another program (`ip netns exec`
+                        // becoming QEMU): meta.json names the program it is.
+                        meta.target = target.info(target.is_spawned().then_some(cfg.command.as_slice()));
+                    }
                     let (name, detail) = lifecycle_event(&l);
                     let at = ClockPair { mono_ns: l.ts_ns, wall_ns: start.wall_of(l.ts_ns) };
                     out.event(at, clock.seq_of(l.ts_ns), name, detail)?;

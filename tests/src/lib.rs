@@ -5,6 +5,8 @@
 //! CAP_PERFMON); `cargo xtask test` builds the binaries and runs them one at
 //! a time.
 
+pub mod guest;
+
 use std::{
     collections::HashMap,
     fs,

@@ -7,6 +7,8 @@
 //! - `demo`: setup, build, trace the bundled workload, print a summary.
 //! - `test`: setup, build, run every test (unit, then privileged).
 
+mod demo;
+mod guest;
 mod setup;
 
 use std::{
@@ -47,6 +49,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the test guest (kernel + busybox initramfs, cached outside the
+    /// repo), probe the accelerator, write and print guest.json.
+    Guest {
+        /// Also boot the guest once with a sample disk workload.
+        #[arg(long)]
+        boot: bool,
+    },
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -86,6 +95,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf { release } => build_ebpf(release),
         Task::Demo { data_dir } => demo(&data_dir),
         Task::Test { args } => test(&args),
+        Task::Guest { boot } => guest::task(boot),
     }
 }
 
@@ -172,32 +182,7 @@ fn demo(data_dir: &Path) -> Result<()> {
         bail!("the demo loads eBPF programs and needs root: run `sudo -E cargo xtask demo`");
     }
     let bin = build_bins(true)?;
-    let data_dir = workspace_root().join(data_dir);
-    eprintln!("tracing the bundled workload (cis490-workload demo, about 3 s)...");
-    let out = Command::new(bin.join("cis490"))
-        .arg("trace")
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .arg("--")
-        .arg(bin.join("cis490-workload"))
-        .arg("demo")
-        .stderr(Stdio::inherit())
-        .output()
-        .context("cannot run cis490")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("cis490 trace failed");
-    }
-    let episode = stdout
-        .lines()
-        .last()
-        .context("cis490 printed no episode path")?
-        .trim()
-        .to_owned();
-    println!("episode: {episode}");
-    run(Command::new(bin.join("cis490"))
-        .arg("summary")
-        .arg(&episode))
+    demo::run_demo(&bin, &workspace_root().join(data_dir))
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -224,7 +209,11 @@ fn test(args: &[String]) -> Result<()> {
              run `sudo -E cargo xtask test`"
         );
     }
+    // The QEMU guest the privileged tests boot (built once, cached).
+    let (_, accel, guest_json) = guest::prepare()?;
+    eprintln!("test: QEMU guest ready ({accel}): {}", guest_json.display());
     let mut privileged = cargo();
+    privileged.env(guest::JSON_ENV, &guest_json);
     // One at a time: each test times real workloads on a 2-core machine.
     privileged
         .args([

@@ -1,0 +1,297 @@
+//! The QEMU test guest, seen from the tests and the demo: which kernel,
+//! initramfs and QEMU to use (`guest.json`, written by `cargo xtask guest`,
+//! which builds them), the QEMU command line, and the guest's console
+//! reports (`cis490-guest: key=value`).
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+/// The guest, ready to boot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Guest {
+    /// The kernel image (`vmlinuz-<version>`).
+    pub kernel: PathBuf,
+    /// The initramfs (uncompressed newc cpio).
+    pub initrd: PathBuf,
+    /// The guest kernel's release (`uname -r` inside the guest).
+    pub kernel_version: String,
+    /// The `qemu-system-x86_64` binary.
+    pub qemu: PathBuf,
+}
+
+/// Env var through which the integration tests find `guest.json`.
+pub const JSON_ENV: &str = "CIS490_GUEST_JSON";
+/// Every guest console line meant for us starts with this.
+pub const LINE_PREFIX: &str = "cis490-guest:";
+/// The kernel command line before the workload parameters.
+pub const BASE_APPEND: &str = "console=ttyS0 panic=-1 quiet";
+
+/// The guest described by `guest.json` and the accelerator chosen for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestJson {
+    #[serde(flatten)]
+    pub guest: Guest,
+    pub accel: String,
+}
+
+impl GuestJson {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a guest.json", path.display()))
+    }
+
+    /// The guest `cargo xtask test` prepared (it sets [`JSON_ENV`]).
+    pub fn from_env() -> Result<Self> {
+        let path = std::env::var_os(JSON_ENV).with_context(|| {
+            format!("{JSON_ENV} is not set: run the tests with `cargo xtask test`, which builds the QEMU guest")
+        })?;
+        Self::load(Path::new(&path))
+    }
+
+    /// A launch of this guest with its accelerator.
+    pub fn launch(&self, params: impl Into<String>) -> Launch {
+        Launch {
+            accel: self.accel.clone(),
+            params: params.into(),
+            ..Launch::default()
+        }
+    }
+}
+
+/// The `key=value` reports in a console text (`cis490-guest: disk_write_bytes=4194304`).
+pub fn console_values(console: &str) -> BTreeMap<String, String> {
+    console
+        .lines()
+        .filter_map(|l| l.find(LINE_PREFIX).map(|p| &l[p + LINE_PREFIX.len()..]))
+        .filter_map(|l| l.trim().split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// How to launch the guest.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// "kvm" or "tcg" (as `guest.json` says).
+    pub accel: String,
+    /// Workload parameters appended to [`BASE_APPEND`], e.g.
+    /// `cis490.disk_write_mb=4 cis490.sleep_ms=200`.
+    pub params: String,
+    /// A raw disk image, attached as virtio-blk with `cache=none` (it must
+    /// be on a filesystem that supports O_DIRECT, i.e. not tmpfs).
+    pub disk: Option<PathBuf>,
+    /// A `-nic` value (e.g. `user,model=virtio-net-pci` or
+    /// `tap,ifname=tap0,script=no,downscript=no,model=virtio-net-pci`);
+    /// `none` when unset.
+    pub nic: Option<String>,
+    /// Write the serial console to this file instead of stdout.
+    pub console: Option<PathBuf>,
+}
+
+/// The QEMU command line for a launch (program first): 256 MiB, no display,
+/// serial console on stdout or in a file, `-no-reboot` so the guest's
+/// power-off (or panic) ends QEMU.
+pub fn qemu_argv(g: &Guest, launch: &Launch) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec![
+        g.qemu.clone().into(),
+        "-accel".into(),
+        launch.accel.clone().into(),
+    ];
+    if launch.accel == "kvm" {
+        v.extend(["-cpu".into(), "host".into()]);
+    }
+    v.extend(["-m", "256", "-no-reboot"].map(OsString::from));
+    match &launch.console {
+        Some(path) => {
+            let mut serial = OsString::from("file:");
+            serial.push(path);
+            v.extend([
+                "-display".into(),
+                "none".into(),
+                "-monitor".into(),
+                "none".into(),
+                "-serial".into(),
+                serial,
+            ]);
+        }
+        None => v.push("-nographic".into()),
+    }
+    v.extend([
+        "-kernel".into(),
+        g.kernel.clone().into(),
+        "-initrd".into(),
+        g.initrd.clone().into(),
+    ]);
+    v.extend([
+        "-append".into(),
+        format!("{BASE_APPEND} {}", launch.params).trim_end().into(),
+    ]);
+    if let Some(disk) = &launch.disk {
+        let mut drive = OsString::from("file=");
+        drive.push(disk);
+        drive.push(",format=raw,if=virtio,cache=none");
+        v.extend(["-drive".into(), drive]);
+    }
+    v.extend([
+        "-nic".into(),
+        launch.nic.clone().unwrap_or_else(|| "none".into()).into(),
+    ]);
+    v
+}
+
+/// [`qemu_argv`] as a `Command`; stdio is left to the caller.
+pub fn qemu_command(g: &Guest, launch: &Launch) -> Command {
+    let argv = qemu_argv(g, launch);
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    cmd
+}
+
+/// What a boot printed and how long it took.
+#[derive(Debug, Default)]
+pub struct BootOutcome {
+    /// The console lines from [`LINE_PREFIX`] on (the prefix kept).
+    pub lines: Vec<String>,
+    /// From spawning QEMU to the `booted` line.
+    pub booted: Option<Duration>,
+    /// From spawning QEMU to the `done` line.
+    pub done: Option<Duration>,
+    /// QEMU's exit status (None if it was killed by us).
+    pub status: Option<ExitStatus>,
+    /// True if the timeout expired and QEMU was killed.
+    pub timed_out: bool,
+    /// The whole serial console output, for diagnostics.
+    pub console: String,
+    /// QEMU's stderr.
+    pub stderr: String,
+}
+
+impl BootOutcome {
+    /// The `key=value` lines as a map (`cis490-guest: disk_write_bytes=4194304`).
+    pub fn values(&self) -> BTreeMap<String, String> {
+        self.lines
+            .iter()
+            .filter_map(|l| l[LINE_PREFIX.len()..].trim().split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+}
+
+/// Boots the guest and waits until it powers off, or, with `until_booted`,
+/// only until it prints `booted` (QEMU is then killed). QEMU is killed when
+/// `timeout` expires (`timed_out` is then set; not an error here).
+pub fn boot(
+    g: &Guest,
+    launch: &Launch,
+    timeout: Duration,
+    until_booted: bool,
+) -> Result<BootOutcome> {
+    let mut cmd = qemu_command(g, launch);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run {}", g.qemu.display()))?;
+    let lines = spawn_line_reader(child.stdout.take().unwrap());
+    let stderr = spawn_reader(child.stderr.take().unwrap());
+    let deadline = start + timeout;
+    let mut out = BootOutcome::default();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok((at, line)) => {
+                out.console.push_str(&line);
+                out.console.push('\n');
+                let Some(pos) = line.find(LINE_PREFIX) else {
+                    continue;
+                };
+                let line = line[pos..].trim_end().to_owned();
+                let key = line[LINE_PREFIX.len()..].trim();
+                if key == "booted" {
+                    out.booted = Some(at - start);
+                } else if key == "done" {
+                    out.done = Some(at - start);
+                }
+                out.lines.push(line);
+                if until_booted && out.booted.is_some() {
+                    kill(&mut child);
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                out.timed_out = true;
+                kill(&mut child);
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                out.status = Some(child.wait().context("waiting for QEMU")?);
+                break;
+            }
+        }
+    }
+    out.stderr = stderr.join().unwrap_or_default();
+    Ok(out)
+}
+
+/// Creates a raw disk image of `mib` MiB by writing zeros (so every block is
+/// allocated: not sparse, not fallocated).
+pub fn create_disk(path: &Path, mib: usize) -> Result<()> {
+    let mut f =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        f.write_all(&zeros)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn spawn_line_reader(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+                    if tx.send((Instant::now(), line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Reads all of `r` on a thread.
+fn spawn_reader(mut r: impl std::io::Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = r.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    })
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,186 @@
+//! A real `qemu-system-x86_64` guest (Debian kernel, busybox initramfs,
+//! built by `cargo xtask guest`) does known disk and network work; it must
+//! show up in the QEMU process's rows. The tap and the peer that answers the
+//! guest live in a network namespace made for the test.
+
+use std::{ffi::OsString, fs, time::Duration};
+
+use cis490_tests::{
+    guest::{GuestJson, console_values, create_disk, qemu_argv},
+    *,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn by_if(ep: &Episode, source: &str, name: &str, field: &str) -> u64 {
+    ep.rows(source)
+        .iter()
+        .filter_map(|r| r["net_by_if"][name][field].as_u64())
+        .sum()
+}
+
+#[test]
+fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
+    require_root();
+    let g = GuestJson::from_env().unwrap();
+    let dir = scratch("qemu");
+    let ns = Netns::new("vm");
+    let tap = "c490vm0";
+    ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+    ns.sh(&format!("sysctl -q -w net.ipv6.conf.{tap}.disable_ipv6=1"));
+    ns.ip(&["addr", "add", "10.99.0.1/24", "dev", tap]);
+    ns.ip(&["link", "set", tap, "up"]);
+    let sink_out = dir.join("sink.json");
+    let mut sink = ns
+        .cmd(&bin("cis490-workload"))
+        .args(["sink", "--port", "5555", "--timeout-ms", "170000", "--out"])
+        .arg(&sink_out)
+        .spawn()
+        .unwrap();
+    wait_for_file(
+        &sink_out.with_extension("json.ready"),
+        Duration::from_secs(30),
+    );
+
+    // Reads of QEMU's own files at start-up would be block reads of the QEMU
+    // process too: warm the page cache first, so the rows hold the guest's I/O.
+    let _ = std::process::Command::new(&g.guest.qemu)
+        .arg("--version")
+        .output();
+    for f in [&g.guest.kernel, &g.guest.initrd] {
+        let _ = fs::read(f);
+    }
+    let disk = dir.join("disk.img");
+    create_disk(&disk, 64).unwrap();
+    let (write_mb, read_mb, send) = (16u64, 16u64, 2_000_000u64);
+    let mut launch = g.launch(format!(
+        "cis490.ip=10.99.0.2/24 cis490.disk_write_mb={write_mb} cis490.disk_read_mb={read_mb} \
+         cis490.send=10.99.0.1:5555:{send} cis490.sleep_ms=300"
+    ));
+    launch.disk = Some(disk.clone());
+    launch.nic = Some(format!(
+        "tap,ifname={tap},script=no,downscript=no,model=virtio-net-pci"
+    ));
+    let console = dir.join("console.log");
+    launch.console = Some(console.clone());
+    let mut argv: Vec<OsString> = ["ip", "netns", "exec", &ns.0].map(OsString::from).to_vec();
+    argv.extend(qemu_argv(&g.guest, &launch));
+
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .args(["--duration", "170", "--"])
+            .args(&argv),
+        Duration::from_secs(200),
+    );
+    let ep = Episode::from_output(&out);
+    assert!(sink.wait().unwrap().success());
+    let console = fs::read_to_string(&console).unwrap();
+    let guest = console_values(&console);
+    eprintln!("accel {}; guest said {guest:?}", g.accel);
+    assert!(
+        !guest.contains_key("error"),
+        "the guest failed a step:\n{console}"
+    );
+    assert_eq!(
+        guest.get("disk_write_bytes").map(String::as_str),
+        Some(&*(write_mb * MIB).to_string())
+    );
+    assert_eq!(
+        guest.get("net_sent_bytes").map(String::as_str),
+        Some(&*send.to_string())
+    );
+    assert_eq!(
+        report(&sink_out)["bytes"].as_u64(),
+        Some(send),
+        "the peer got every byte"
+    );
+    assert_eq!(ep.meta["end_reason"], "target_exited");
+    assert!(ep.events_named("tap_attached").any(|e| e["name"] == tap));
+
+    // Disk: with cache=none the guest's direct I/O is QEMU's direct I/O on
+    // the image file: the same bytes, within 5% (QEMU may read or write a
+    // little metadata of its own).
+    let (w, r) = ((write_mb * MIB) as f64, (read_mb * MIB) as f64);
+    let (ew, er) = (
+        ep.sum("ebpf", "blk_write_bytes") as f64,
+        ep.sum("ebpf", "blk_read_bytes") as f64,
+    );
+    assert!(ew >= w && ew <= w * 1.05, "blk_write_bytes {ew} vs {w}");
+    assert!(er >= r && er <= r * 1.05, "blk_read_bytes {er} vs {r}");
+    assert_close(
+        "blk_write_bytes ebpf vs /proc",
+        ew,
+        ep.sum("proc", "blk_write_bytes") as f64,
+        0.05,
+    );
+    assert_close(
+        "blk_read_bytes ebpf vs /proc",
+        er,
+        ep.sum("proc", "blk_read_bytes") as f64,
+        0.05,
+    );
+    assert!(
+        ep.sum("ebpf", "blk_write_ops") >= write_mb,
+        "1 MiB guest writes make at least 16 requests"
+    );
+
+    // Network: the payload plus framing. Every frame the guest sends for
+    // this connection carries 66 bytes of headers (14 Ethernet + 20 IPv4 +
+    // 32 TCP with the timestamp option); the SYN 8 more, and an ARP request
+    // (42 bytes) or two may go out too. How many frames depends on how the
+    // guest's nc chunks its writes (or on TSO), so the check is per frame:
+    // tx bytes = payload + 66 x tx frames, give or take 256 bytes.
+    let tx = by_if(&ep, "ebpf", tap, "tx_bytes");
+    let frames = by_if(&ep, "ebpf", tap, "tx_packets");
+    let expected = send + 66 * frames;
+    eprintln!(
+        "tap tx {tx} bytes in {frames} frames; payload {send}; payload + 66/frame = {expected}"
+    );
+    assert!(
+        tx.abs_diff(expected) <= 256,
+        "tap tx {tx} vs payload + framing {expected}"
+    );
+    assert_close(
+        "tap tx vs what the guest sent, framed",
+        tx as f64,
+        expected as f64,
+        0.05,
+    );
+    // What came back (ACKs) is small but not nothing.
+    assert!(by_if(&ep, "ebpf", tap, "rx_packets") > 0);
+    for field in ["tx_bytes", "rx_bytes", "tx_packets", "rx_packets"] {
+        let (e, p) = (
+            by_if(&ep, "ebpf", tap, field) as f64,
+            by_if(&ep, "proc", tap, field) as f64,
+        );
+        assert_close(
+            &format!("tap {field} ebpf vs interface statistics"),
+            e,
+            p,
+            0.01,
+        );
+    }
+
+    // CPU: QEMU's threads, both sources within 2%.
+    assert_close(
+        "cpu_ns ebpf vs /proc",
+        ep.sum("ebpf", "cpu_ns") as f64,
+        ep.sum("proc", "cpu_ns") as f64,
+        0.02,
+    );
+    assert!(
+        ep.max("ebpf", "threads") >= 2,
+        "QEMU runs a vCPU thread beside its main loop"
+    );
+    // Software emulation runs no KVM guest: no exits to count.
+    if g.accel == "tcg" {
+        assert!(
+            ep.rows("ebpf")
+                .iter()
+                .all(|r| r["kvm_userspace_exits"].is_null())
+        );
+    } else {
+        assert!(ep.sum("ebpf", "kvm_userspace_exits") > 0);
+    }
+    assert_eq!(ep.sum("ebpf", "dropped_events"), 0);
+}

@@ -1,0 +1,128 @@
+//! `cargo xtask demo`: trace a real QEMU guest doing disk and network work
+//! (the bundled default), or, where QEMU cannot be had, the bundled
+//! scheduler workload; then print the episode's per-source summary.
+
+use std::{
+    ffi::OsString,
+    fs,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use cis490_tests::{
+    Netns,
+    guest::{GuestJson, console_values, create_disk, qemu_argv},
+};
+
+use crate::{guest, run};
+
+const TAP: &str = "c490demo0";
+const SEND_BYTES: u64 = 8_000_000;
+const DISK_MB: u64 = 64;
+
+/// Runs `cis490 trace ARGS`, returns the episode directory.
+fn trace(bin: &Path, data_dir: &Path, argv: &[OsString]) -> Result<String> {
+    let out = Command::new(bin.join("cis490"))
+        .arg("trace")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--")
+        .args(argv)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run cis490")?;
+    if !out.status.success() {
+        bail!("cis490 trace failed");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(stdout
+        .lines()
+        .last()
+        .context("cis490 printed no episode path")?
+        .trim()
+        .to_owned())
+}
+
+pub fn run_demo(bin: &Path, data_dir: &Path) -> Result<()> {
+    let episode = match guest::prepare() {
+        Ok((g, accel, _)) => qemu(
+            bin,
+            data_dir,
+            &GuestJson {
+                guest: g,
+                accel: accel.to_owned(),
+            },
+        )?,
+        Err(e) => {
+            eprintln!("demo: no QEMU guest here ({e:#}); tracing the bundled workload instead");
+            eprintln!("demo: tracing cis490-workload demo (about 3 s)...");
+            trace(
+                bin,
+                data_dir,
+                &[bin.join("cis490-workload").into(), "demo".into()],
+            )?
+        }
+    };
+    println!("episode: {episode}");
+    run(Command::new(bin.join("cis490"))
+        .arg("summary")
+        .arg(&episode))
+}
+
+/// The guest writes and reads 64 MiB on its virtio disk (direct I/O,
+/// `cache=none`) and sends 8 MB over TCP through a tap to a peer, both in a
+/// network namespace made for the demo.
+fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
+    let ns = Netns::new("demo");
+    ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
+    ns.sh(&format!("sysctl -q -w net.ipv6.conf.{TAP}.disable_ipv6=1"));
+    ns.ip(&["addr", "add", "10.99.0.1/24", "dev", TAP]);
+    ns.ip(&["link", "set", TAP, "up"]);
+    let work = guest::cache_dir().join("demo");
+    fs::create_dir_all(&work)?;
+    let sink_out = work.join("sink.json");
+    let _ = fs::remove_file(sink_out.with_extension("json.ready"));
+    let mut sink = ns
+        .cmd(&bin.join("cis490-workload"))
+        .args(["sink", "--port", "5555", "--timeout-ms", "300000", "--out"])
+        .arg(&sink_out)
+        .spawn()
+        .context("cannot start the network peer")?;
+    cis490_tests::wait_for_file(
+        &sink_out.with_extension("json.ready"),
+        std::time::Duration::from_secs(30),
+    );
+
+    let disk = work.join("disk.img");
+    create_disk(&disk, 2 * DISK_MB as usize)?;
+    let console = work.join("console.log");
+    let mut launch = g.launch(format!(
+        "cis490.ip=10.99.0.2/24 cis490.disk_write_mb={DISK_MB} cis490.disk_read_mb={DISK_MB} \
+         cis490.send=10.99.0.1:5555:{SEND_BYTES} cis490.sleep_ms=1000"
+    ));
+    launch.disk = Some(disk.clone());
+    launch.nic = Some(format!(
+        "tap,ifname={TAP},script=no,downscript=no,model=virtio-net-pci"
+    ));
+    launch.console = Some(console.clone());
+    let mut argv: Vec<OsString> = ["ip", "netns", "exec", &ns.0].map(OsString::from).to_vec();
+    argv.extend(qemu_argv(&g.guest, &launch));
+    eprintln!(
+        "demo: tracing a QEMU guest ({}, {}): {DISK_MB} MiB written and read on its disk, {SEND_BYTES} bytes sent over its tap",
+        g.guest.kernel_version, g.accel
+    );
+    let episode = trace(bin, data_dir, &argv);
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let _ = fs::remove_file(&disk);
+    let episode = episode?;
+    let said = console_values(&fs::read_to_string(&console).unwrap_or_default());
+    println!("guest reported (ground truth): {said:?}");
+    if let Ok(text) = fs::read_to_string(&sink_out)
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+    {
+        println!("the peer received {} bytes", v["bytes"]);
+    }
+    Ok(episode)
+}
