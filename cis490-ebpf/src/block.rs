@@ -1,9 +1,12 @@
 //! Block I/O probes: requests the target issues, from issue to completion.
 //!
 //! A request is attributed when it starts, in the context of the thread
-//! that submits it (`block_io_start`, or on kernels before 6.5
-//! `block_rq_insert`/`block_rq_issue`), and remembered by its address in
-//! `REQS`. Completion runs in interrupt context, where the current task is
+//! that submits it (`block_io_start`), and remembered by its address in
+//! `REQS`. Kernels before 6.5 have no such tracepoint: there the target's
+//! bios are marked when queued (`block_bio_queue`, in the submitter's
+//! context, `BIOS`), and a request is the target's when its first bio is,
+//! seen at `block_rq_insert` or `block_rq_issue` whatever context those run
+//! in (a plug flush, kblockd). Completion runs in interrupt context, where the current task is
 //! anyone: it only looks the request up. A request address that a
 //! non-target submitter reuses drops any stale entry.
 
@@ -17,13 +20,16 @@ use cis490_common::{
 };
 
 use crate::{
-    maps::{BLOCK_MAX, BLOCK_STATS, REQS, add, add_to_hist, raise_max},
+    maps::{BIOS, BLOCK_MAX, BLOCK_STATS, REQS, add, add_to_hist, raise_max},
     target::{current, field, target_tgid},
 };
 
 /// `struct request`: `cmd_flags` (the op in its low bits).
 #[unsafe(no_mangle)]
 static REQ_CMD_FLAGS_OFFSET: Global<u32> = Global::new(0);
+/// `struct request`: `bio`, its first bio.
+#[unsafe(no_mangle)]
+static REQ_BIO_OFFSET: Global<u32> = Global::new(0);
 /// 1 on kernels without `block_io_start`/`block_io_done`: attribute at
 /// insert or issue and account each completion as final.
 #[unsafe(no_mangle)]
@@ -37,19 +43,28 @@ fn block_stats() -> Result<*mut BlockStats, i32> {
 }
 
 /// Attributes request `rq` if the current thread is the target's (and the
-/// op is a read or write); forgets a stale entry otherwise. With
-/// `only_new`, an existing entry is kept (legacy path: insert, then issue).
+/// op is a read or write); forgets a stale entry otherwise. On the legacy
+/// path (`legacy`), an existing entry is kept (insert, then issue) and a
+/// request whose first bio the target queued is the target's whoever runs.
 #[inline(always)]
-fn start(ctx: &BtfTracePointContext, only_new: bool) -> Res {
+fn start(ctx: &BtfTracePointContext, legacy: bool) -> Res {
     let rq: u64 = ctx.arg(0);
-    let (tgid, _) = current();
-    if tgid != target_tgid() {
-        if !only_new {
-            let _ = REQS.remove(&rq);
-        }
+    if legacy && REQS.get_ptr(&rq).is_some() {
         return Ok(());
     }
-    if only_new && REQS.get_ptr(&rq).is_some() {
+    let (tgid, _) = current();
+    let mut ours = tgid == target_tgid();
+    if legacy {
+        let bio: u64 = field(rq as *const u8, &REQ_BIO_OFFSET)?;
+        if unsafe { BIOS.get(&bio) }.is_some() {
+            let _ = BIOS.remove(&bio);
+            ours = true;
+        }
+    }
+    if !ours {
+        if !legacy {
+            let _ = REQS.remove(&rq);
+        }
         return Ok(());
     }
     let flags: u32 = field(rq as *const u8, &REQ_CMD_FLAGS_OFFSET)?;
@@ -69,6 +84,20 @@ fn start(ctx: &BtfTracePointContext, only_new: bool) -> Res {
     Ok(())
 }
 
+/// `block_bio_queue(struct bio *bio)` (legacy path): a bio is submitted, in
+/// the submitting thread. Marks the target's bios; forgets a stale mark.
+#[btf_tracepoint(function = "block_bio_queue")]
+pub fn block_bio_queue(ctx: BtfTracePointContext) -> i32 {
+    let bio: u64 = ctx.arg(0);
+    let (tgid, _) = current();
+    if tgid == target_tgid() {
+        let _ = BIOS.insert(&bio, &1, BPF_ANY as u64);
+    } else {
+        let _ = BIOS.remove(&bio);
+    }
+    0
+}
+
 /// `block_io_start(struct request *rq)` (6.5+): I/O accounting starts, in
 /// the submitting thread.
 #[btf_tracepoint(function = "block_io_start")]
@@ -78,16 +107,16 @@ pub fn block_io_start(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// `block_rq_insert(struct request *rq)` (legacy path): queued to the I/O
-/// scheduler, in the submitting thread.
+/// scheduler.
 #[btf_tracepoint(function = "block_rq_insert")]
 pub fn block_rq_insert(ctx: BtfTracePointContext) -> i32 {
-    let _ = start(&ctx, false);
+    let _ = start(&ctx, true);
     0
 }
 
 /// `block_rq_issue(struct request *rq)`: sent to the driver. Latency runs
-/// from here. On the legacy path a request issued directly by the target
-/// (no scheduler) is attributed here.
+/// from here. On the legacy path a request that skipped the scheduler is
+/// attributed here.
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn block_rq_issue(ctx: BtfTracePointContext) -> i32 {
     let _ = try_issue(&ctx);

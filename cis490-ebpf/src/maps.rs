@@ -4,7 +4,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use cis490_common::{
     BlockStats, CpuSlice, HIST_BUCKETS, KvmStats, MAX_THREADS, MaxSlot, NetStats, RINGBUF_BYTES,
@@ -48,6 +48,11 @@ pub static BLOCK_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0)
 /// Target block requests in flight, keyed by `struct request *`.
 #[map]
 pub static REQS: HashMap<u64, ReqStart> = HashMap::with_max_entries(16_384, 0);
+
+/// Bios the target queued (legacy block path), keyed by `struct bio *`;
+/// LRU, so marks of bios merged into another request age out.
+#[map]
+pub static BIOS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16_384, 0);
 
 /// Cumulative network counters per tap interface and for sockets.
 #[map]
