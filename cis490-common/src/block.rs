@@ -19,6 +19,11 @@ pub struct BlockStats {
     pub latency_count: u64,
     /// Requests the kernel map could not hold (not accounted).
     pub map_errors: u64,
+    /// Requests whose completion the probes never saw (the kernel did not
+    /// deliver the event): found when their address was reused, or when
+    /// tracing ended, and accounted then with the bytes they were issued
+    /// with.
+    pub missed_completions: u64,
     /// log2 histogram of latencies (bucket `i`: `[2^i, 2^(i+1))` ns).
     pub latency_hist: [u64; HIST_BUCKETS],
 }
@@ -32,6 +37,7 @@ impl BlockStats {
         latency_ns: 0,
         latency_count: 0,
         map_errors: 0,
+        missed_completions: 0,
         latency_hist: [0; HIST_BUCKETS],
     };
 
@@ -44,6 +50,9 @@ impl BlockStats {
         self.latency_ns = self.latency_ns.wrapping_add(other.latency_ns);
         self.latency_count = self.latency_count.wrapping_add(other.latency_count);
         self.map_errors = self.map_errors.wrapping_add(other.map_errors);
+        self.missed_completions = self
+            .missed_completions
+            .wrapping_add(other.missed_completions);
         for (a, b) in self.latency_hist.iter_mut().zip(other.latency_hist.iter()) {
             *a = a.wrapping_add(*b);
         }
@@ -58,9 +67,22 @@ pub struct ReqStart {
     pub ts_ns: u64,
     /// Bytes completed so far.
     pub done_bytes: u64,
+    /// Bytes it had when it was issued (after merges).
+    pub issued_bytes: u64,
+    /// Its first bio: the same request seen again (inserted, then issued;
+    /// requeued) keeps it, a new request at the same address does not.
+    pub bio: u64,
     /// `REQ_OP_READ` or `REQ_OP_WRITE` (other ops are not tracked).
     pub op: u32,
-    pub _pad: u32,
+    /// 1 once issued to the driver.
+    pub issued: u32,
+}
+
+impl ReqStart {
+    /// Bytes issued but never seen completing.
+    pub const fn missing_bytes(&self) -> u64 {
+        self.issued_bytes.saturating_sub(self.done_bytes)
+    }
 }
 
 /// `cmd_flags & REQ_OP_MASK` values.
@@ -68,8 +90,8 @@ pub const REQ_OP_MASK: u32 = 0xff;
 pub const REQ_OP_READ: u32 = 0;
 pub const REQ_OP_WRITE: u32 = 1;
 
-const _: () = assert!(core::mem::size_of::<BlockStats>() == (7 + HIST_BUCKETS) * 8);
-const _: () = assert!(core::mem::size_of::<ReqStart>() == 24);
+const _: () = assert!(core::mem::size_of::<BlockStats>() == (8 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<ReqStart>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {

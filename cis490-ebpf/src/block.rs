@@ -27,6 +27,9 @@ use crate::{
 /// `struct request`: `cmd_flags` (the op in its low bits).
 #[unsafe(no_mangle)]
 static REQ_CMD_FLAGS_OFFSET: Global<u32> = Global::new(0);
+/// `struct request`: `__data_len`, its size.
+#[unsafe(no_mangle)]
+static REQ_DATA_LEN_OFFSET: Global<u32> = Global::new(0);
 /// `struct request`: `bio`, its first bio.
 #[unsafe(no_mangle)]
 static REQ_BIO_OFFSET: Global<u32> = Global::new(0);
@@ -49,22 +52,27 @@ fn block_stats() -> Result<*mut BlockStats, i32> {
 #[inline(always)]
 fn start(ctx: &BtfTracePointContext, legacy: bool) -> Res {
     let rq: u64 = ctx.arg(0);
-    if legacy && REQS.get_ptr(&rq).is_some() {
-        return Ok(());
+    let bio: u64 = field(rq as *const u8, &REQ_BIO_OFFSET)?;
+    if let Some(r) = REQS.get_ptr(&rq) {
+        let r = unsafe { &*r };
+        if legacy && r.bio == bio {
+            // The same request again (inserted, then issued; requeued).
+            return Ok(());
+        }
+        // A new request at the address of one that was issued: that one
+        // completed without the probes seeing it.
+        if r.issued != 0 {
+            catch_up(block_stats()?, rq, r);
+        }
     }
     let (tgid, _) = current();
     let mut ours = tgid == target_tgid();
-    if legacy {
-        let bio: u64 = field(rq as *const u8, &REQ_BIO_OFFSET)?;
-        if unsafe { BIOS.get(&bio) }.is_some() {
-            let _ = BIOS.remove(&bio);
-            ours = true;
-        }
+    if legacy && unsafe { BIOS.get(&bio) }.is_some() {
+        let _ = BIOS.remove(&bio);
+        ours = true;
     }
     if !ours {
-        if !legacy {
-            let _ = REQS.remove(&rq);
-        }
+        let _ = REQS.remove(&rq);
         return Ok(());
     }
     let flags: u32 = field(rq as *const u8, &REQ_CMD_FLAGS_OFFSET)?;
@@ -75,8 +83,10 @@ fn start(ctx: &BtfTracePointContext, legacy: bool) -> Res {
     let start = ReqStart {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         done_bytes: 0,
+        issued_bytes: 0,
+        bio,
         op,
-        _pad: 0,
+        issued: 0,
     };
     if REQS.insert(&rq, &start, BPF_ANY as u64).is_err() {
         add(unsafe { &raw mut (*block_stats()?).map_errors }, 1);
@@ -127,9 +137,18 @@ fn try_issue(ctx: &BtfTracePointContext) -> Res {
     if BLOCK_LEGACY.load() != 0 {
         start(ctx, true)?;
     }
+    // A request can be issued more than once (requeued when the device
+    // queue is full): latency runs from the first issue.
     let rq: u64 = ctx.arg(0);
     if let Some(r) = REQS.get_ptr_mut(&rq) {
-        unsafe { (*r).ts_ns = bpf_ktime_get_ns() };
+        let len: u32 = field(rq as *const u8, &REQ_DATA_LEN_OFFSET)?;
+        unsafe {
+            if (*r).issued == 0 {
+                (*r).ts_ns = bpf_ktime_get_ns();
+                (*r).issued = 1;
+            }
+            (*r).issued_bytes = len as u64;
+        }
     }
     Ok(())
 }
@@ -182,6 +201,24 @@ fn try_done(ctx: &BtfTracePointContext) -> Res {
     let s = block_stats()?;
     finish(s, rq, unsafe { &*r });
     Ok(())
+}
+
+/// Accounts a request whose completion was never delivered: its missing
+/// bytes and the request (no latency: it is not known), and forgets it.
+#[inline(always)]
+fn catch_up(s: *mut BlockStats, rq: u64, r: &ReqStart) {
+    let missing = r.missing_bytes();
+    unsafe {
+        if r.op == REQ_OP_READ {
+            add(&raw mut (*s).read_bytes, missing);
+            add(&raw mut (*s).read_ops, 1);
+        } else {
+            add(&raw mut (*s).write_bytes, missing);
+            add(&raw mut (*s).write_ops, 1);
+        }
+        add(&raw mut (*s).missed_completions, 1);
+    }
+    let _ = REQS.remove(&rq);
 }
 
 /// Counts the request and its latency, and forgets it.

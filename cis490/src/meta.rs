@@ -79,6 +79,9 @@ pub struct EbpfTotals {
     /// own counters at switch-out); only the split of that slice across
     /// buckets is late.
     pub slice_mismatches: u64,
+    /// Block requests whose completion the kernel did not deliver; their
+    /// bytes were accounted when their address was reused or at the end.
+    pub block_missed_completions: u64,
     pub records_received: u64,
     pub records_undecodable: u64,
 }

@@ -506,6 +506,7 @@ async fn trace(
         // Let the last threads finish their final switch-out.
         sleep(Duration::from_millis(5)).await;
     }
+    sources.ebpf.settle(reason == EndReason::TargetExited);
     let end = ClockPair::now();
     let last = sources.close_bucket(&mut clock, &mut out, end)?;
     // Detach: no more events after the final row.
@@ -520,6 +521,7 @@ async fn trace(
     });
     let totals = *sources.ebpf.totals();
     let block_map_errors = sources.ebpf.block_map_errors();
+    meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();
     drop(sources);
     drop(probes);
 
@@ -568,6 +570,13 @@ async fn trace(
             rows: f.lines(),
         })
         .collect();
+    if meta.ebpf.block_missed_completions > 0 {
+        log::warn!(
+            "{} block request completions were not delivered by the kernel; their bytes were \
+             accounted when found (see meta.json)",
+            meta.ebpf.block_missed_completions
+        );
+    }
     if totals.dropped > 0 || totals.map_errors > 0 || records.undecodable > 0 {
         log::warn!(
             "{} ring-buffer records dropped, {} map errors, {} undecodable records (rows are exact; see meta.json)",

@@ -34,11 +34,23 @@ impl BlockPath {
     }
 }
 
-pub const OFFSETS: &[OffsetSpec] = &[OffsetSpec {
-    global: "REQ_CMD_FLAGS_OFFSET",
-    ty: "request",
-    path: "cmd_flags",
-}];
+pub const OFFSETS: &[OffsetSpec] = &[
+    OffsetSpec {
+        global: "REQ_CMD_FLAGS_OFFSET",
+        ty: "request",
+        path: "cmd_flags",
+    },
+    OffsetSpec {
+        global: "REQ_BIO_OFFSET",
+        ty: "request",
+        path: "bio",
+    },
+    OffsetSpec {
+        global: "REQ_DATA_LEN_OFFSET",
+        ty: "request",
+        path: "__data_len",
+    },
+];
 
 const fn tp(program: &'static str) -> ProbeSpec {
     ProbeSpec {
@@ -56,6 +68,7 @@ const IO: &[ProbeSpec] = &[
     tp("block_io_done"),
 ];
 const RQ: &[ProbeSpec] = &[
+    tp("block_bio_queue"),
     tp("block_rq_insert"),
     tp("block_rq_issue"),
     tp("block_rq_complete"),

@@ -342,6 +342,62 @@ impl Attacher<'_> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `*_OFFSET` and flag global of the embedded object is set by the
+    /// loader (a global left at 0 would read the wrong field, silently).
+    #[test]
+    fn every_global_of_the_object_is_set() {
+        use object::{Object as _, ObjectSymbol as _};
+        let obj = object::File::parse(EBPF_OBJECT).unwrap();
+        let globals: Vec<String> = obj
+            .symbols()
+            .filter(|s| {
+                s.section_index().is_some_and(|i| {
+                    obj.section_by_index(i)
+                        .ok()
+                        .and_then(|sec| {
+                            object::ObjectSection::name(&sec)
+                                .ok()
+                                .map(|n| n.starts_with(".rodata"))
+                        })
+                        .unwrap_or(false)
+                })
+            })
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            // Ours: offsets and flags (aya-log has globals of its own).
+            .filter(|n| n.ends_with("_OFFSET") || n == "BLOCK_LEGACY" || n == "TARGET_TGID")
+            .collect();
+        assert!(
+            globals.iter().any(|g| g == "TASK_PID_OFFSET"),
+            "{globals:?}"
+        );
+        let plan_globals = [
+            "BLOCK_LEGACY",
+            "KVM_EXIT_REASON_OFFSET",
+            "KVM_EXIT_ISA_OFFSET",
+            "KVM_USERSPACE_REASON_OFFSET",
+            "KVM_USERSPACE_ERRNO_OFFSET",
+            "TARGET_TGID",
+        ];
+        for g in &globals {
+            assert!(
+                all_offsets().any(|o| o.global == g) || plan_globals.contains(&g.as_str()),
+                "global {g} of the eBPF object is never set by the loader"
+            );
+        }
+        for o in all_offsets() {
+            assert!(
+                globals.iter().any(|g| g == o.global),
+                "offset {} is not in the object",
+                o.global
+            );
+        }
+    }
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it.
 fn raise_memlock_limit() {
     let rlim = libc::rlimit {

@@ -2,15 +2,18 @@
 //! `cis490-ebpf/src/block.rs`).
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, PerCpuArray};
-use cis490_common::{BlockStats, MaxSlot};
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use cis490_common::{BlockStats, MaxSlot, ReqStart, block::REQ_OP_READ};
 
 use super::{hist_delta, max_of, read_percpu, take};
-use crate::{probes::Probes, row::Measures};
+use crate::{clock::mono_now_ns, probes::Probes, row::Measures};
 
 pub struct BlockReader {
     stats: PerCpuArray<MapData, BlockStats>,
     max: PerCpuArray<MapData, MaxSlot>,
+    reqs: HashMap<MapData, u64, ReqStart>,
+    /// Requests accounted here rather than in the kernel (see `settle`).
+    settled: BlockStats,
     prev: BlockStats,
 }
 
@@ -19,6 +22,8 @@ impl BlockReader {
         Ok(Self {
             stats: take(probes, "BLOCK_STATS")?,
             max: take(probes, "BLOCK_MAX")?,
+            reqs: take(probes, "REQS")?,
+            settled: BlockStats::ZERO,
             prev: BlockStats::ZERO,
         })
     }
@@ -27,13 +32,48 @@ impl BlockReader {
         self.prev.map_errors
     }
 
+    pub fn missed_completions(&self) -> u64 {
+        self.prev.missed_completions
+    }
+
+    /// Accounts requests still in the kernel map that were issued but never
+    /// seen completing (their completion event was not delivered): all of
+    /// them once the target is gone, else those issued over a second ago.
+    /// Called before the last row.
+    pub fn settle(&mut self, target_gone: bool) {
+        let now = mono_now_ns();
+        let stale: Vec<(u64, ReqStart)> = self
+            .reqs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| {
+                r.issued != 0 && (target_gone || now.saturating_sub(r.ts_ns) > 1_000_000_000)
+            })
+            .collect();
+        for (rq, r) in stale {
+            if self.reqs.remove(&rq).is_err() {
+                continue; // completed meanwhile
+            }
+            let s = &mut self.settled;
+            if r.op == REQ_OP_READ {
+                s.read_bytes += r.missing_bytes();
+                s.read_ops += 1;
+            } else {
+                s.write_bytes += r.missing_bytes();
+                s.write_ops += 1;
+            }
+            s.missed_completions += 1;
+        }
+    }
+
     pub fn sample(&mut self, ended: u64, m: &mut Measures) -> Result<()> {
-        let c = read_percpu(
+        let mut c = read_percpu(
             &self.stats,
             "BLOCK_STATS",
             BlockStats::ZERO,
             BlockStats::accumulate,
         )?;
+        c.accumulate(&self.settled);
         let max = max_of(&self.max, ended).context("BLOCK_MAX")?;
         let p = &self.prev;
         let d = |a: u64, b: u64| Some(a.saturating_sub(b));

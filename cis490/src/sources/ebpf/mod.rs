@@ -163,6 +163,19 @@ impl EbpfSource {
         self.block.as_ref().map_or(0, |b| b.map_errors())
     }
 
+    /// Block requests whose completion was not delivered, so far.
+    pub fn block_missed_completions(&self) -> u64 {
+        self.block.as_ref().map_or(0, |b| b.missed_completions())
+    }
+
+    /// Before the last row: accounts what the kernel will not report any
+    /// more (block requests whose completion was never delivered).
+    pub fn settle(&mut self, target_gone: bool) {
+        if let Some(b) = &mut self.block {
+            b.settle(target_gone);
+        }
+    }
+
     /// Taps registered with the probes since the last call.
     pub fn take_new_taps(&mut self) -> Vec<Tap> {
         self.net
