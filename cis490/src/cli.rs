@@ -75,6 +75,16 @@ pub struct TraceArgs {
     #[arg(long, value_name = "PATH", value_enum, default_value = "auto")]
     pub block_probes: crate::probes::block::PathChoice,
 
+    /// Mark a phase NAME at SECS seconds after tracing starts, in labels.jsonl
+    /// (repeatable; e.g. --label boot@0 --label detonate@30).
+    #[arg(long = "label", value_name = "NAME@SECS", value_parser = crate::control::parse_label_at)]
+    pub labels: Vec<(String, Duration)>,
+
+    /// Listen on this unix socket for live commands, one per line:
+    /// `label NAME` (mark a phase now), `ping`, `stop` (end tracing).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
     /// Log progress to stderr every SECS seconds (0: never).
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs_or_zero)]
     pub progress_secs: Duration,
@@ -122,6 +132,8 @@ impl TraceArgs {
             probe_options: crate::probes::Options {
                 block: self.block_probes,
             },
+            labels: self.labels,
+            control: self.control,
             argv,
         }
     }

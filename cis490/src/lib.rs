@@ -8,6 +8,7 @@ pub mod btf;
 pub mod caps;
 pub mod cli;
 pub mod clock;
+pub mod control;
 pub mod episode;
 pub mod fdwatch;
 pub mod meta;

@@ -24,6 +24,8 @@ pub enum EndReason {
     TargetExited,
     Duration,
     Signal,
+    /// `stop` on the control socket.
+    Control,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -111,4 +113,8 @@ pub struct Meta {
     /// Bucket boundaries that passed while the tracer was late; the row after
     /// them covers a longer interval (see `interval_ns` of each row).
     pub skipped_boundaries: u64,
+    /// The control socket (`--control`), if any.
+    pub control_socket: Option<String>,
+    /// Lines written to labels.jsonl.
+    pub labels: u64,
 }

@@ -20,15 +20,26 @@ pub enum SourceKind {
     Ebpf,
     /// The /proc poller (the lab's original collector, the oracle).
     Proc,
+    /// perf_event counters of the target (software and hardware events).
+    Perf,
+    /// QEMU's own statistics over its QMP socket.
+    Qmp,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 2] = [SourceKind::Ebpf, SourceKind::Proc];
+    pub const ALL: [SourceKind; 4] = [
+        SourceKind::Ebpf,
+        SourceKind::Proc,
+        SourceKind::Perf,
+        SourceKind::Qmp,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Ebpf => "ebpf",
             Self::Proc => "proc",
+            Self::Perf => "perf",
+            Self::Qmp => "qmp",
         }
     }
 
@@ -36,7 +47,7 @@ impl SourceKind {
     /// deployed detector cannot see the host.
     pub fn available_in_deployment(self) -> bool {
         match self {
-            Self::Ebpf | Self::Proc => false,
+            Self::Ebpf | Self::Proc | Self::Perf | Self::Qmp => false,
         }
     }
 
@@ -52,7 +63,7 @@ impl std::str::FromStr for SourceKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown source '{s}' (known: ebpf, proc)"))
+            .ok_or_else(|| format!("unknown source '{s}' (known: ebpf, proc, perf, qmp)"))
     }
 }
 
@@ -65,6 +76,8 @@ pub struct Measures {
     pub ctx_switches_voluntary: Option<u64>,
     /// Context switches where the thread was preempted (or yielded).
     pub ctx_switches_involuntary: Option<u64>,
+    /// All context switches (voluntary + involuntary; what perf counts).
+    pub ctx_switches: Option<u64>,
     /// Time runnable threads waited for a CPU, ns.
     pub runq_delay_ns: Option<u64>,
     /// Threads alive at the end of the bucket (a level, not a delta).
@@ -117,6 +130,53 @@ pub struct Measures {
     pub kvm_userspace_exits: Option<u64>,
     /// The same by `KVM_EXIT_*` reason name.
     pub kvm_userspace_exit_reasons: Option<BTreeMap<String, u64>>,
+
+    /// Block I/O per guest disk, as QEMU counts it (QMP `query-blockstats`).
+    pub blk_by_dev: Option<BTreeMap<String, BlkCounters>>,
+
+    /// Minor page faults (no I/O).
+    pub page_faults_minor: Option<u64>,
+    /// Major page faults (I/O).
+    pub page_faults_major: Option<u64>,
+    /// CPU cycles (hardware counter).
+    pub cycles: Option<u64>,
+    /// Instructions retired (hardware counter).
+    pub instructions: Option<u64>,
+    /// Cache references (hardware counter).
+    pub cache_references: Option<u64>,
+    /// Cache misses (hardware counter).
+    pub cache_misses: Option<u64>,
+    /// Branch mispredictions (hardware counter).
+    pub branch_misses: Option<u64>,
+}
+
+/// Block counters of one device, as a source counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlkCounters {
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_ops: u64,
+    pub write_ops: u64,
+}
+
+impl Measures {
+    /// Fills `ctx_switches` from the voluntary and involuntary counts.
+    pub fn set_ctx_total(&mut self) {
+        self.ctx_switches = match (self.ctx_switches_voluntary, self.ctx_switches_involuntary) {
+            (Some(v), Some(i)) => Some(v + i),
+            _ => None,
+        };
+    }
+
+    /// Fills `blk_*` totals from `blk_by_dev`.
+    pub fn set_blk_by_dev(&mut self, by_dev: Option<BTreeMap<String, BlkCounters>>) {
+        let sum = |f: fn(&BlkCounters) -> u64| by_dev.as_ref().map(|m| m.values().map(f).sum());
+        self.blk_read_bytes = sum(|c| c.read_bytes);
+        self.blk_write_bytes = sum(|c| c.write_bytes);
+        self.blk_read_ops = sum(|c| c.read_ops);
+        self.blk_write_ops = sum(|c| c.write_ops);
+        self.blk_by_dev = by_dev;
+    }
 }
 
 /// Network counters of one vantage, from the target's side.
@@ -232,6 +292,6 @@ mod tests {
         for k in SourceKind::ALL {
             assert_eq!(k.name().parse::<SourceKind>().unwrap(), k);
         }
-        assert!("perf".parse::<SourceKind>().is_err());
+        assert!("pcap".parse::<SourceKind>().is_err());
     }
 }

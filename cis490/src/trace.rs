@@ -17,6 +17,7 @@ use tokio::{
 use crate::{
     caps,
     clock::{BucketClock, ClockPair, Tick, mono_now_ns},
+    control::{Command as ControlCommand, ControlSocket},
     episode::{self, EpisodeDir, JsonlFile},
     fdwatch,
     meta::{Clock, EbpfTotals, EndReason, Host, Meta, SourceMeta, Status},
@@ -44,6 +45,10 @@ pub struct TraceConfig {
     pub btf: PathBuf,
     pub progress: Option<Duration>,
     pub probe_options: probes::Options,
+    /// Phase labels at fixed times after the start (`--label NAME@SECS`).
+    pub labels: Vec<(String, Duration)>,
+    /// The control socket to listen on (`--control PATH`).
+    pub control: Option<PathBuf>,
     /// This process's own argv, for meta.json.
     pub argv: Vec<String>,
 }
@@ -118,6 +123,8 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
             ..Default::default()
         },
         skipped_boundaries: 0,
+        control_socket: cfg.control.as_ref().map(|p| p.display().to_string()),
+        labels: 0,
     };
     episode.write_meta(&meta)?;
     log::info!("episode {} -> {}", episode.id(), episode.path().display());
@@ -157,9 +164,21 @@ struct Event<'a> {
     detail: serde_json::Value,
 }
 
+/// A line of `labels.jsonl`.
+#[derive(Serialize)]
+struct LabelLine<'a> {
+    t_mono_ns: u64,
+    t_wall_ns: u64,
+    seq: Option<u64>,
+    label: &'a str,
+    /// `cli` (`--label`) or `control` (the control socket).
+    via: &'a str,
+}
+
 /// The open output files of an episode.
 struct Outputs {
     events: JsonlFile,
+    labels: JsonlFile,
     rows: Vec<(SourceKind, JsonlFile)>,
 }
 
@@ -183,8 +202,24 @@ impl Outputs {
             .context("cannot write events.jsonl")
     }
 
+    /// Writes a phase label now (flushed at once: an orchestrator may read it).
+    fn label(&mut self, at: ClockPair, seq: Option<u64>, label: &str, via: &str) -> Result<()> {
+        self.labels
+            .write(&LabelLine {
+                t_mono_ns: at.mono_ns,
+                t_wall_ns: at.wall_ns,
+                seq,
+                label,
+                via,
+            })
+            .context("cannot write labels.jsonl")?;
+        self.labels.flush()?;
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<()> {
         self.events.flush()?;
+        self.labels.flush()?;
         for (_, f) in &mut self.rows {
             f.flush()?;
         }
@@ -193,6 +228,7 @@ impl Outputs {
 
     fn sync(&mut self) -> Result<()> {
         self.events.sync()?;
+        self.labels.sync()?;
         for (_, f) in &mut self.rows {
             f.sync()?;
         }
@@ -255,6 +291,9 @@ impl Sources {
         for (kind, file) in &mut out.rows {
             let m = match kind {
                 SourceKind::Ebpf => Source::sample(&mut self.ebpf, &ctx)?,
+                SourceKind::Perf | SourceKind::Qmp => {
+                    bail!("source {} is not wired yet", kind.name())
+                }
                 SourceKind::Proc => self
                     .proc
                     .as_mut()
@@ -346,14 +385,18 @@ async fn trace(
     let pid = target.pid();
     let mut out = Outputs {
         events: JsonlFile::create(&episode.file(episode::EVENTS))?,
+        labels: JsonlFile::create(&episode.file(episode::LABELS))?,
         rows: cfg
             .sources
             .iter()
             .map(|&k| Ok((k, JsonlFile::create(&episode.file(&k.file_name()))?)))
             .collect::<Result<_>>()?,
     };
-    // Phase labels come later; the file exists from the start.
-    JsonlFile::create(&episode.file(episode::LABELS))?.sync()?;
+    let mut control = cfg
+        .control
+        .as_deref()
+        .map(ControlSocket::bind)
+        .transpose()?;
 
     let plan = Plan::new(facts, cfg.probe_options);
     let mut probes = Probes::load_and_attach(pid as u32, facts, &plan)?;
@@ -442,6 +485,8 @@ async fn trace(
         .duration
         .map(|d| mono_to_instant(start.mono_ns + d.as_nanos() as u64));
     let mut next_progress = cfg.progress.map(|p| Instant::now() + p);
+    let mut timed_labels: Vec<(String, Duration)> = cfg.labels.clone();
+    timed_labels.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
     let mut last_flush = Instant::now();
 
     let reason = loop {
@@ -462,6 +507,38 @@ async fn trace(
             }
             _ = async { sleep_until(end_at.unwrap()).await }, if end_at.is_some() => {
                 break EndReason::Duration;
+            }
+            _ = async {
+                let at = timed_labels.last().map_or(start.mono_ns, |(_, d)| start.mono_ns + d.as_nanos() as u64);
+                sleep_until(mono_to_instant(at)).await
+            }, if !timed_labels.is_empty() => {
+                let (name, _) = timed_labels.pop().expect("checked non-empty");
+                let now = ClockPair::now();
+                out.label(now, clock.seq_of(now.mono_ns), &name, "cli")?;
+                meta.labels += 1;
+            }
+            Some((cmd, reply)) = async { control.as_mut().unwrap().requests.recv().await }, if control.is_some() => {
+                let now = ClockPair::now();
+                let answer = format!("ok {}", now.mono_ns);
+                match cmd {
+                    ControlCommand::Label(name) => {
+                        out.label(now, clock.seq_of(now.mono_ns), &name, "control")?;
+                        meta.labels += 1;
+                        let _ = reply.send(answer);
+                    }
+                    ControlCommand::Ping => {
+                        let _ = reply.send(answer);
+                    }
+                    ControlCommand::Stop => {
+                        out.event(now, None, "control_stop", serde_json::Value::Null)?;
+                        let _ = reply.send(answer);
+                        // Let the connection write its reply before the loop ends.
+                        for _ in 0..4 {
+                            tokio::task::yield_now().await;
+                        }
+                        break EndReason::Control;
+                    }
+                }
             }
             _ = sleep_until(deadline) => {
                 let tick = sources.close_bucket(&mut clock, &mut out, ClockPair::now())?;
@@ -541,7 +618,7 @@ async fn trace(
             "duration_reached",
             serde_json::Value::Null,
         )?,
-        EndReason::Signal => {}
+        EndReason::Signal | EndReason::Control => {}
     }
     if target.is_spawned() && reason != EndReason::TargetExited {
         terminate(target, &mut out).await?;

@@ -187,7 +187,7 @@ fn bad_arguments() {
     for args in [
         &["--interval-ms", "0", "--", "true"][..],
         &["--duration", "0", "--", "true"],
-        &["--sources", "ebpf,perf", "--", "true"],
+        &["--sources", "ebpf,pcap", "--", "true"],
         &[][..],
     ] {
         let out = run_with_timeout(trace_cmd(&dir).args(args), T);

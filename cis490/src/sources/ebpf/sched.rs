@@ -99,6 +99,7 @@ impl SchedReader {
         m.cpu_ns = Some(cpu_total - self.prev.cpu_ns);
         m.ctx_switches_voluntary = d(c.ctx_voluntary, p.ctx_voluntary);
         m.ctx_switches_involuntary = d(c.ctx_involuntary, p.ctx_involuntary);
+        m.set_ctx_total();
         m.runq_delay_ns = d(c.runq_delay_ns, p.runq_delay_ns);
         m.threads = Some((self.base_threads + c.threads_started).saturating_sub(c.threads_exited));
         m.wakeups = d(c.wakeups, p.wakeups);

@@ -157,6 +157,7 @@ impl ProcSource {
         self.scan_threads();
         let now = self.snapshot(&stat);
         let mut m = self.measures(&now, stat.num_threads);
+        m.set_ctx_total();
         self.prev = now;
         self.sample_io(&mut m);
         self.sample_taps(taps, &mut m);

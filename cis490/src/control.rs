@@ -1,0 +1,249 @@
+//! Phase labels and the control socket.
+//!
+//! An orchestrator marks phases (`boot`, `idle`, `detonate`, `teardown`)
+//! either up front (`--label NAME@SECONDS`) or live, over a unix socket
+//! (`--control PATH`) that speaks one command per line:
+//!
+//! ```text
+//! label NAME      -> ok <t_mono_ns>     (writes a line to labels.jsonl)
+//! ping            -> ok <t_mono_ns>
+//! stop            -> ok <t_mono_ns>     (ends tracing, like SIGTERM)
+//! anything else   -> error <why>
+//! ```
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Result, bail};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+
+/// Longest label name accepted.
+pub const MAX_LABEL: usize = 64;
+
+/// Checks a label name: 1 to 64 characters of `[A-Za-z0-9_.:-]`.
+pub fn check_label(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_LABEL {
+        return Err(format!(
+            "a label is 1 to {MAX_LABEL} characters, not {}",
+            name.len()
+        ));
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_.:-".contains(*c)))
+    {
+        Some(c) => Err(format!(
+            "a label is made of letters, digits and _ . : -, not {c:?}"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Parses `NAME@SECONDS` (`--label detonate@30`).
+pub fn parse_label_at(spec: &str) -> Result<(String, Duration), String> {
+    let (name, secs) = spec
+        .rsplit_once('@')
+        .ok_or_else(|| format!("'{spec}' is not NAME@SECONDS"))?;
+    check_label(name)?;
+    let secs: f64 = secs
+        .parse()
+        .map_err(|_| format!("'{secs}' in '{spec}' is not a number of seconds"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("'{spec}': the time must be zero or more seconds"));
+    }
+    Ok((name.to_owned(), Duration::from_secs_f64(secs)))
+}
+
+/// A command read from the control socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Label(String),
+    Ping,
+    Stop,
+}
+
+/// Parses one control line.
+pub fn parse_command(line: &str) -> Result<Command, String> {
+    let line = line.trim();
+    let (verb, arg) = line
+        .split_once(char::is_whitespace)
+        .map_or((line, ""), |(v, a)| (v, a.trim()));
+    match (verb, arg) {
+        ("label", name) => check_label(name).map(|()| Command::Label(name.to_owned())),
+        ("ping", "") => Ok(Command::Ping),
+        ("stop", "") => Ok(Command::Stop),
+        ("", _) => Err("empty command".into()),
+        (v, _) => Err(format!("unknown command '{v}' (label NAME, ping, stop)")),
+    }
+}
+
+/// A command with the way to answer it (the reply line, without newline).
+pub type Request = (Command, oneshot::Sender<String>);
+
+/// Accepts connections on `path` and forwards their commands to the event
+/// loop; removes the socket file when dropped.
+pub struct ControlSocket {
+    path: std::path::PathBuf,
+    pub requests: mpsc::Receiver<Request>,
+}
+
+/// Longest command line read.
+const MAX_LINE: usize = 4096;
+
+impl ControlSocket {
+    pub fn bind(path: &Path) -> Result<Self> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt as _;
+            if !meta.file_type().is_socket() {
+                bail!(
+                    "--control {}: the path exists and is not a socket",
+                    path.display()
+                );
+            }
+            // A socket left by an earlier run.
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| anyhow::anyhow!("--control {}: cannot listen: {e}", path.display()))?;
+        let (tx, requests) = mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream, tx.clone()));
+            }
+        });
+        Ok(Self {
+            path: path.to_owned(),
+            requests,
+        })
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One connection: a command per line, a reply per line.
+async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_LINE as u64 * 1024));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match lines.read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line.len() > MAX_LINE => {
+                let _ = write.write_all(b"error line too long\n").await;
+                return;
+            }
+            Ok(_) => {}
+        }
+        let reply = match parse_command(&line) {
+            Err(e) => format!("error {e}"),
+            Ok(cmd) => {
+                let (otx, orx) = oneshot::channel();
+                if tx.send((cmd, otx)).await.is_err() {
+                    return;
+                }
+                orx.await
+                    .unwrap_or_else(|_| "error tracing has ended".into())
+            }
+        };
+        if write
+            .write_all(format!("{reply}\n").as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_checked() {
+        assert!(check_label("detonate").is_ok());
+        assert!(check_label("phase-2.b:x_y").is_ok());
+        assert!(check_label("").is_err());
+        assert!(check_label("has space").is_err());
+        assert!(check_label(&"x".repeat(65)).is_err());
+        assert!(check_label("ünï").is_err());
+    }
+
+    #[test]
+    fn label_at_seconds() {
+        assert_eq!(
+            parse_label_at("boot@0").unwrap(),
+            ("boot".into(), Duration::ZERO)
+        );
+        assert_eq!(
+            parse_label_at("detonate@1.5").unwrap(),
+            ("detonate".into(), Duration::from_millis(1500))
+        );
+        assert!(parse_label_at("detonate").is_err());
+        assert!(parse_label_at("x@-1").is_err());
+        assert!(parse_label_at("x@soon").is_err());
+        assert!(parse_label_at("a b@1").is_err());
+    }
+
+    #[test]
+    fn commands() {
+        assert_eq!(
+            parse_command("label idle\n"),
+            Ok(Command::Label("idle".into()))
+        );
+        assert_eq!(parse_command("  ping "), Ok(Command::Ping));
+        assert_eq!(parse_command("stop"), Ok(Command::Stop));
+        assert!(parse_command("label").is_err());
+        assert!(parse_command("label two words").is_err());
+        assert!(
+            parse_command("reboot")
+                .unwrap_err()
+                .contains("unknown command")
+        );
+        assert!(parse_command("").is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn socket_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let mut sock = ControlSocket::bind(&path).unwrap();
+        let client = tokio::spawn({
+            let path = path.clone();
+            async move {
+                let s = UnixStream::connect(&path).await.unwrap();
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                let mut replies = Vec::new();
+                for cmd in ["label boot\n", "bogus\n", "ping\n"] {
+                    w.write_all(cmd.as_bytes()).await.unwrap();
+                    let mut line = String::new();
+                    r.read_line(&mut line).await.unwrap();
+                    replies.push(line.trim().to_owned());
+                }
+                replies
+            }
+        });
+        for _ in 0..2 {
+            let (cmd, reply) = sock.requests.recv().await.unwrap();
+            reply.send(format!("ok {cmd:?}")).unwrap();
+        }
+        let replies = client.await.unwrap();
+        assert_eq!(replies[0], r#"ok Label("boot")"#);
+        assert!(replies[1].starts_with("error unknown command"));
+        assert_eq!(replies[2], "ok Ping");
+        drop(sock);
+        assert!(!path.exists(), "socket file removed");
+        // A regular file in the way is refused.
+        std::fs::write(&path, b"").unwrap();
+        assert!(ControlSocket::bind(&path).is_err());
+    }
+}
