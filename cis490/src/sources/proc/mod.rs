@@ -1115,6 +1115,7 @@ mod tests {
             threads: Some(threads),
             ctx_switches_voluntary: Some(vol),
             ctx_switches_involuntary: Some(invol),
+            ctx_switches: Some(vol + invol),
             runq_delay_ns: Some(delay),
             migrations: migr,
             ..Measures::default()
