@@ -57,12 +57,13 @@ pub struct TraceArgs {
     #[arg(long, value_name = "DIR", default_value = "data")]
     pub data_dir: PathBuf,
 
-    /// Sources to record, comma-separated: ebpf, proc.
+    /// Sources to record, comma-separated: ebpf, proc, perf (qmp is added
+    /// by --qmp).
     #[arg(
         long,
         value_name = "LIST",
         value_delimiter = ',',
-        default_value = "ebpf,proc"
+        default_value = "ebpf,proc,perf"
     )]
     pub sources: Vec<SourceKind>,
 
@@ -154,7 +155,10 @@ mod tests {
         };
         assert_eq!(t.target_pid, Some(7));
         assert_eq!(t.interval_ms, 100);
-        assert_eq!(t.sources, [SourceKind::Ebpf, SourceKind::Proc]);
+        assert_eq!(
+            t.sources,
+            [SourceKind::Ebpf, SourceKind::Proc, SourceKind::Perf]
+        );
         assert_eq!(t.data_dir, PathBuf::from("data"));
     }
 

@@ -113,6 +113,10 @@ pub struct Meta {
     /// Bucket boundaries that passed while the tracer was late; the row after
     /// them covers a longer interval (see `interval_ns` of each row).
     pub skipped_boundaries: u64,
+    /// The perf source: what each event counts or why it cannot.
+    pub perf: Option<crate::sources::perf::PerfInfo>,
+    /// Why the perf source is off, if it is.
+    pub perf_error: Option<String>,
     /// The control socket (`--control`), if any.
     pub control_socket: Option<String>,
     /// Lines written to labels.jsonl.

@@ -26,6 +26,7 @@ use crate::{
     sources::{
         SampleCtx, Source,
         ebpf::{EbpfSource, Record, RecordStream},
+        perf::PerfSource,
         proc::ProcSource,
     },
     taps::{self, Holdings},
@@ -123,6 +124,8 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
             ..Default::default()
         },
         skipped_boundaries: 0,
+        perf: None,
+        perf_error: None,
         control_socket: cfg.control.as_ref().map(|p| p.display().to_string()),
         labels: 0,
     };
@@ -243,6 +246,7 @@ struct Sources {
     episode_id: String,
     ebpf: EbpfSource,
     proc: Option<ProcSource>,
+    perf: Option<PerfSource>,
     holdings: Holdings,
     holdings_at: Option<Instant>,
 }
@@ -269,9 +273,8 @@ impl Sources {
             holdings: Cow::Borrowed(&self.holdings),
         };
         Source::sample(&mut self.ebpf, &ctx)?;
-        if let Some(p) = &mut self.proc {
-            Source::sample(p, &ctx)?;
-        }
+        sample_opt(&mut self.proc, &ctx)?;
+        sample_opt(&mut self.perf, &ctx)?;
         Ok(())
     }
 
@@ -291,15 +294,9 @@ impl Sources {
         for (kind, file) in &mut out.rows {
             let m = match kind {
                 SourceKind::Ebpf => Source::sample(&mut self.ebpf, &ctx)?,
-                SourceKind::Perf | SourceKind::Qmp => {
-                    bail!("source {} is not wired yet", kind.name())
-                }
-                SourceKind::Proc => self
-                    .proc
-                    .as_mut()
-                    .map(|p| Source::sample(p, &ctx))
-                    .transpose()?
-                    .unwrap_or_default(),
+                SourceKind::Proc => sample_opt(&mut self.proc, &ctx)?,
+                SourceKind::Perf => sample_opt(&mut self.perf, &ctx)?,
+                SourceKind::Qmp => bail!("source {} is not wired yet", kind.name()),
             };
             let row = Row {
                 episode_id: self.episode_id.clone(),
@@ -328,6 +325,14 @@ impl Sources {
         }
         Ok(tick)
     }
+}
+
+/// A row of an optional source (`null` fields when it is off).
+fn sample_opt<S: Source>(src: &mut Option<S>, ctx: &SampleCtx<'_>) -> Result<crate::row::Measures> {
+    Ok(match src {
+        Some(s) => s.sample(ctx)?,
+        None => crate::row::Measures::default(),
+    })
 }
 
 /// Runs a short thread on every online CPU so each CPU switches once: the
@@ -383,11 +388,29 @@ async fn trace(
     let mut sigterm = signal(SignalKind::terminate())?;
     stop_signals(libc::SIG_UNBLOCK);
     let pid = target.pid();
+    // perf counters first: on a spawned command still held before execve,
+    // they are inherited by every thread it will start.
+    let mut kinds = cfg.sources.clone();
+    let perf = if kinds.contains(&SourceKind::Perf) {
+        match PerfSource::new(pid) {
+            Ok(p) => {
+                meta.perf = Some(p.info());
+                Some(p)
+            }
+            Err(e) => {
+                log::warn!("perf source off: {e:#}");
+                meta.perf_error = Some(format!("{e:#}"));
+                kinds.retain(|k| *k != SourceKind::Perf);
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut out = Outputs {
         events: JsonlFile::create(&episode.file(episode::EVENTS))?,
         labels: JsonlFile::create(&episode.file(episode::LABELS))?,
-        rows: cfg
-            .sources
+        rows: kinds
             .iter()
             .map(|&k| Ok((k, JsonlFile::create(&episode.file(&k.file_name()))?)))
             .collect::<Result<_>>()?,
@@ -443,6 +466,7 @@ async fn trace(
         episode_id: meta.id.clone(),
         ebpf,
         proc,
+        perf,
         holdings: Holdings::default(),
         holdings_at: None,
     };
@@ -597,6 +621,9 @@ async fn trace(
         let _ = out.event(at, clock.seq_of(l.ts_ns), name, detail);
     });
     let totals = *sources.ebpf.totals();
+    if let Some(p) = &sources.perf {
+        meta.perf = Some(p.info());
+    }
     let block_map_errors = sources.ebpf.block_map_errors();
     meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();
     drop(sources);

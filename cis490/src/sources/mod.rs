@@ -3,6 +3,7 @@
 //! coordinator stamps the row envelope; no source reads another's output.
 
 pub mod ebpf;
+pub mod perf;
 pub mod proc;
 
 use crate::{
@@ -30,5 +31,14 @@ impl Source for proc::ProcSource {
     }
     fn sample(&mut self, ctx: &SampleCtx<'_>) -> anyhow::Result<Measures> {
         Ok(proc::ProcSource::sample(self, &ctx.holdings.taps))
+    }
+}
+
+impl Source for perf::PerfSource {
+    fn kind(&self) -> SourceKind {
+        SourceKind::Perf
+    }
+    fn sample(&mut self, _ctx: &SampleCtx<'_>) -> anyhow::Result<Measures> {
+        Ok(perf::PerfSource::sample(self))
     }
 }

@@ -1,0 +1,77 @@
+//! The perf source (perf_event counters of the whole target) against the
+//! eBPF source and ground truth.
+
+use std::time::Duration;
+
+use cis490_tests::*;
+
+#[test]
+fn perf_counters_agree_with_ebpf_and_ground_truth() {
+    require_root();
+    let dir = scratch("perf");
+    let out_json = dir.join("cpu.json");
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .args([
+                "cpu",
+                "--threads",
+                "2",
+                "--burn-ms",
+                "1500",
+                "--late-threads",
+                "1",
+            ])
+            .args(["--late-delay-ms", "300", "--linger-ms", "200", "--out"])
+            .arg(&out_json),
+        Duration::from_secs(60),
+    );
+    let ep = Episode::from_output(&out);
+    let truth = report(&out_json);
+    let info = &ep.meta["perf"];
+    assert_eq!(info["events"]["task-clock"], "counting", "{info}");
+    // Threads started after the counters were opened are inherited.
+    let perf_cpu = ep.sum("perf", "cpu_ns") as f64;
+    assert_close(
+        "perf cpu_ns vs ground truth",
+        perf_cpu,
+        truth["process_cpu_ns"].as_f64().unwrap(),
+        0.02,
+    );
+    assert_close(
+        "perf cpu_ns vs ebpf",
+        perf_cpu,
+        ep.sum("ebpf", "cpu_ns") as f64,
+        0.02,
+    );
+    let (p, e) = (
+        ep.sum("perf", "ctx_switches") as f64,
+        ep.sum("ebpf", "ctx_switches") as f64,
+    );
+    assert_close("perf ctx_switches vs ebpf", p, e, 0.02);
+    assert_eq!(ep.sum("perf", "migrations"), ep.sum("ebpf", "migrations"));
+    assert!(ep.sum("perf", "page_faults_minor") > 0);
+    // Hardware counters: counted where the machine has a PMU, else null
+    // (never 0), with the reason in meta.json.
+    let cycles = info["events"]["cycles"].as_str().unwrap();
+    if cycles == "counting" {
+        eprintln!("hardware counters present: checking cycles and instructions");
+        assert!(ep.sum("perf", "cycles") > 0 && ep.sum("perf", "instructions") > 0);
+    } else {
+        eprintln!("no hardware counters here ({cycles}): checking they are null");
+        for f in [
+            "cycles",
+            "instructions",
+            "cache_references",
+            "cache_misses",
+            "branch_misses",
+        ] {
+            assert!(
+                ep.rows("perf").iter().all(|r| r[f].is_null()),
+                "{f} is not null"
+            );
+        }
+        assert!(cycles.contains("not supported"), "{cycles}");
+    }
+}
