@@ -395,6 +395,8 @@ impl ProcSource {
         }
         Snapshot {
             cpu_ns: ticks_to_ns(stat.cpu_ticks, self.clk_tck),
+            minflt: stat.minflt,
+            majflt: stat.majflt,
             totals,
         }
     }
@@ -410,6 +412,8 @@ impl ProcSource {
             ctx_switches_involuntary: delta(self.seen.ctxt, a.involuntary, b.involuntary),
             runq_delay_ns: delta(self.seen.schedstat, a.run_delay_ns, b.run_delay_ns),
             migrations: delta(self.seen.sched, a.migrations, b.migrations),
+            page_faults_minor: Some(now.minflt.saturating_sub(self.prev.minflt)),
+            page_faults_major: Some(now.majflt.saturating_sub(self.prev.majflt)),
             ..Measures::default()
         }
     }
@@ -476,6 +480,8 @@ struct Seen {
 #[derive(Clone, Copy, Debug, Default)]
 struct Snapshot {
     cpu_ns: u64,
+    minflt: u64,
+    majflt: u64,
     totals: Counters,
 }
 
@@ -483,6 +489,8 @@ struct Snapshot {
 #[derive(Clone, Copy, Debug)]
 struct ProcessStat {
     state: char,
+    minflt: u64,
+    majflt: u64,
     cpu_ticks: u64,
     num_threads: u64,
     start_time: u64,
@@ -492,6 +500,8 @@ impl From<&Stat<'_>> for ProcessStat {
     fn from(st: &Stat<'_>) -> Self {
         ProcessStat {
             state: st.state,
+            minflt: st.minflt,
+            majflt: st.majflt,
             cpu_ticks: st.utime.saturating_add(st.stime),
             num_threads: st.num_threads,
             start_time: st.start_time,
@@ -600,6 +610,10 @@ struct Stat<'a> {
     comm: &'a str,
     /// Field 3.
     state: char,
+    /// Field 10: minor faults (whole process when read from PID/stat).
+    minflt: u64,
+    /// Field 12: major faults.
+    majflt: u64,
     /// Field 14, clock ticks.
     utime: u64,
     /// Field 15, clock ticks.
@@ -642,6 +656,8 @@ fn parse_stat(s: &str) -> anyhow::Result<Stat<'_>> {
         pid,
         comm: &s[open + 1..close],
         state: st,
+        minflt: field(10)?,
+        majflt: field(12)?,
         utime: field(14)?,
         stime: field(15)?,
         num_threads: field(20)?,
@@ -819,6 +835,8 @@ mod tests {
                 pid: 42,
                 comm: "qemu-system-x86",
                 state: 'S',
+                minflt: 120,
+                majflt: 3,
                 utime: 7,
                 stime: 9,
                 num_threads: 5,
@@ -1118,6 +1136,9 @@ mod tests {
             ctx_switches: Some(vol + invol),
             runq_delay_ns: Some(delay),
             migrations: migr,
+            // The fake stat's fault counts do not move.
+            page_faults_minor: Some(0),
+            page_faults_major: Some(0),
             ..Measures::default()
         }
     }
