@@ -37,6 +37,10 @@ pub enum Command {
     Trace(TraceArgs),
     /// Print per-source totals of an episode, side by side.
     Summary(SummaryArgs),
+    /// Validate an episode: complete, every row to the schema, buckets
+    /// aligned across sources, sources agreeing on shared totals. Exits
+    /// non-zero with the problems found.
+    Check(SummaryArgs),
 }
 
 #[derive(Debug, Args)]

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             println!("{}", dir.display());
         }),
         Command::Summary(args) => cis490::summary::run(&args.episode),
+        Command::Check(args) => cis490::check::run(&args.episode),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,454 @@
+//! `cis490 check EPISODE`: validates an episode directory against the
+//! documented schema and the sources against each other. Exits non-zero
+//! with one line per problem.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::Path,
+};
+
+use anyhow::{Result, bail};
+use serde_json::Value;
+
+use crate::{
+    episode::{DONE, EVENTS, LABELS, META},
+    row::{Measures, Row, SourceKind},
+};
+
+/// What a check found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub passed: Vec<String>,
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    fn check(&mut self, ok: bool, what: impl Into<String>) {
+        if ok {
+            self.passed.push(what.into());
+        } else {
+            self.problems.push(what.into());
+        }
+    }
+}
+
+/// The keys every row carries (the envelope and every measure).
+pub fn row_keys() -> BTreeSet<String> {
+    let row = Row {
+        episode_id: String::new(),
+        source: SourceKind::Ebpf,
+        available_in_deployment: false,
+        t_mono_ns: 0,
+        t_wall_ns: 0,
+        interval_ns: 0,
+        seq: 0,
+        m: Measures::default(),
+    };
+    match serde_json::to_value(&row) {
+        Ok(Value::Object(m)) => m.keys().cloned().collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<(usize, Result<Value, String>)>> {
+    let text = fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, serde_json::from_str(l).map_err(|e| e.to_string())))
+        .collect())
+}
+
+/// Totals of a field over rows (`None` when no row measured it).
+fn total(rows: &[Row], f: impl Fn(&Measures) -> Option<u64>) -> Option<u64> {
+    let vals: Vec<u64> = rows.iter().filter_map(|r| f(&r.m)).collect();
+    (!vals.is_empty()).then(|| vals.iter().sum())
+}
+
+/// How far two sources may be apart on a total: a relative share plus an
+/// absolute floor (one clock tick, a few switches per thread, a request).
+struct Tolerance {
+    field: &'static str,
+    get: fn(&Measures) -> Option<u64>,
+    relative: f64,
+    absolute: u64,
+}
+
+const TOLERANCES: &[Tolerance] = &[
+    Tolerance {
+        field: "cpu_ns",
+        get: |m| m.cpu_ns,
+        relative: 0.02,
+        absolute: 20_000_000,
+    },
+    Tolerance {
+        field: "ctx_switches",
+        get: |m| m.ctx_switches,
+        relative: 0.05,
+        absolute: 50,
+    },
+    Tolerance {
+        field: "migrations",
+        get: |m| m.migrations,
+        relative: 0.05,
+        absolute: 10,
+    },
+    Tolerance {
+        field: "blk_read_bytes",
+        get: |m| m.blk_read_bytes,
+        relative: 0.05,
+        absolute: 4 << 20,
+    },
+    Tolerance {
+        field: "blk_write_bytes",
+        get: |m| m.blk_write_bytes,
+        relative: 0.05,
+        absolute: 4 << 20,
+    },
+    Tolerance {
+        field: "page_faults_minor",
+        get: |m| m.page_faults_minor,
+        relative: 0.05,
+        absolute: 50,
+    },
+];
+
+/// Validates `dir`; `Err` only when it cannot be read at all.
+pub fn check(dir: &Path) -> Result<Report> {
+    let mut r = Report::default();
+    if !dir.join(META).exists() {
+        bail!(
+            "{} is not an episode directory (no meta.json)",
+            dir.display()
+        );
+    }
+    let meta: Value = match serde_json::from_slice(&fs::read(dir.join(META))?) {
+        Ok(v) => v,
+        Err(e) => {
+            r.check(false, format!("meta.json does not parse: {e}"));
+            return Ok(r);
+        }
+    };
+    let done = dir.join(DONE).exists();
+    let status = meta["status"].as_str().unwrap_or("?");
+    let why = match status {
+        "running" => "the tracer never finished it (killed, or still running)".to_owned(),
+        "failed" => format!(
+            "the trace failed: {}",
+            meta["error"].as_str().unwrap_or("?")
+        ),
+        _ => String::new(),
+    };
+    r.check(
+        done,
+        if done {
+            "done.marker present".to_owned()
+        } else {
+            format!("incomplete: no done.marker ({status}: {why})")
+        },
+    );
+    r.check(
+        status == "complete",
+        format!(
+            "meta.json status is {status}{}",
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(": {why}")
+            }
+        ),
+    );
+    let id = meta["id"].as_str().unwrap_or("").to_owned();
+    r.check(
+        dir.file_name().is_some_and(|n| n == id.as_str()),
+        format!("directory name is the episode id {id}"),
+    );
+
+    for (name, file) in [("events", EVENTS), ("labels", LABELS)] {
+        match read_jsonl(&dir.join(file)) {
+            Err(e) => r.check(false, format!("{file}: {e}")),
+            Ok(lines) => {
+                let bad: Vec<String> = lines
+                    .iter()
+                    .filter_map(|(n, l)| l.as_ref().err().map(|e| format!("{file}:{n}: {e}")))
+                    .collect();
+                r.check(
+                    bad.is_empty(),
+                    if bad.is_empty() {
+                        format!("{name}: {} lines parse", lines.len())
+                    } else {
+                        bad.join("; ")
+                    },
+                );
+            }
+        }
+    }
+
+    let keys = row_keys();
+    let start = meta["start"]["t_mono_ns"].as_u64();
+    let mut by_source: BTreeMap<String, Vec<Row>> = BTreeMap::new();
+    for s in meta["sources"].as_array().into_iter().flatten() {
+        let (Some(name), Some(file)) = (s["source"].as_str(), s["file"].as_str()) else {
+            r.check(false, format!("meta.json sources entry malformed: {s}"));
+            continue;
+        };
+        let lines = match read_jsonl(&dir.join(file)) {
+            Ok(l) => l,
+            Err(e) => {
+                r.check(false, format!("{file}: {e}"));
+                continue;
+            }
+        };
+        let mut rows = Vec::new();
+        let mut problems = Vec::new();
+        for (n, line) in lines {
+            let v = match line {
+                Ok(v) => v,
+                Err(e) => {
+                    problems.push(format!("{file}:{n}: not JSON: {e}"));
+                    continue;
+                }
+            };
+            let got: BTreeSet<String> = v
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            if got != keys {
+                let missing: Vec<_> = keys.difference(&got).collect();
+                let extra: Vec<_> = got.difference(&keys).collect();
+                problems.push(format!("{file}:{n}: fields differ from the schema (missing {missing:?}, unknown {extra:?})"));
+            }
+            match serde_json::from_value::<Row>(v) {
+                Ok(row) => rows.push(row),
+                Err(e) => problems.push(format!("{file}:{n}: a field has the wrong type: {e}")),
+            }
+        }
+        let expected_rows = s["rows"].as_u64().unwrap_or(0) as usize;
+        if rows.len() != expected_rows {
+            problems.push(format!(
+                "{file}: {} rows, meta.json says {expected_rows}",
+                rows.len()
+            ));
+        }
+        let mut prev = start;
+        for (i, row) in rows.iter().enumerate() {
+            if row.seq != i as u64 {
+                problems.push(format!(
+                    "{file}: row {} has seq {} (gap or reorder)",
+                    i + 1,
+                    row.seq
+                ));
+                break;
+            }
+            if row.source.name() != name || row.episode_id != id {
+                problems.push(format!(
+                    "{file}: row {} has source {} / episode {}",
+                    i + 1,
+                    row.source.name(),
+                    row.episode_id
+                ));
+                break;
+            }
+            if let Some(p) = prev {
+                if row.t_mono_ns <= p && i > 0 {
+                    problems.push(format!(
+                        "{file}: t_mono_ns not strictly increasing at seq {}",
+                        row.seq
+                    ));
+                    break;
+                }
+                if row.interval_ns != row.t_mono_ns.saturating_sub(p) {
+                    problems.push(format!(
+                        "{file}: interval_ns of seq {} is not the time since the previous row",
+                        row.seq
+                    ));
+                    break;
+                }
+            }
+            prev = Some(row.t_mono_ns);
+        }
+        if problems.len() > 3 {
+            let more = problems.len() - 3;
+            problems.truncate(3);
+            problems.push(format!("and {more} more problem(s) in {file}"));
+        }
+        r.check(
+            problems.is_empty(),
+            if problems.is_empty() {
+                format!("{name}: {} rows valid", rows.len())
+            } else {
+                problems.join("; ")
+            },
+        );
+        by_source.insert(name.to_owned(), rows);
+    }
+
+    // Buckets aligned across sources.
+    let mut sources = by_source.iter();
+    if let Some((first, rows)) = sources.next() {
+        for (other, orows) in sources {
+            let aligned = rows.len() == orows.len()
+                && rows.iter().zip(orows).all(|(a, b)| {
+                    (a.seq, a.t_mono_ns, a.t_wall_ns) == (b.seq, b.t_mono_ns, b.t_wall_ns)
+                });
+            r.check(
+                aligned,
+                format!("{first} and {other}: buckets aligned (seq and clock pair)"),
+            );
+        }
+    }
+
+    // Totals of shared fields agree.
+    let names: Vec<&String> = by_source.keys().collect();
+    for t in TOLERANCES {
+        for (i, a) in names.iter().enumerate() {
+            for b in &names[i + 1..] {
+                let (Some(x), Some(y)) =
+                    (total(&by_source[*a], t.get), total(&by_source[*b], t.get))
+                else {
+                    continue;
+                };
+                let allowed = t.absolute.max((x.max(y) as f64 * t.relative) as u64);
+                r.check(
+                    x.abs_diff(y) <= allowed,
+                    format!("{}: {a} {x} vs {b} {y} (allowed {allowed})", t.field),
+                );
+            }
+        }
+    }
+    Ok(r)
+}
+
+pub fn run(dir: &Path) -> Result<()> {
+    let report = check(dir)?;
+    for p in &report.passed {
+        println!("ok    {p}");
+    }
+    for p in &report.problems {
+        println!("FAIL  {p}");
+    }
+    if report.problems.is_empty() {
+        println!("{}: valid ({} checks)", dir.display(), report.passed.len());
+        Ok(())
+    } else {
+        bail!(
+            "{}: {} problem(s); first: {}",
+            dir.display(),
+            report.problems.len(),
+            report.problems[0]
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_keys_include_every_field() {
+        let k = row_keys();
+        for f in [
+            "episode_id",
+            "seq",
+            "cpu_ns",
+            "net_by_if",
+            "kvm_exits",
+            "blk_by_dev",
+            "cycles",
+        ] {
+            assert!(k.contains(f), "{f}");
+        }
+    }
+
+    fn write_episode(dir: &Path, rows: &[Value], done: bool) {
+        let id = dir.file_name().unwrap().to_str().unwrap();
+        let meta = serde_json::json!({"id": id, "status": if done {"complete"} else {"running"},
+            "start": {"t_mono_ns": 1000}, "sources": [{"source": "ebpf", "file": "telemetry-ebpf.jsonl", "rows": rows.len()}]});
+        fs::write(dir.join(META), meta.to_string()).unwrap();
+        fs::write(dir.join(EVENTS), "{\"event\":\"started\"}\n").unwrap();
+        fs::write(dir.join(LABELS), "").unwrap();
+        let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        fs::write(dir.join("telemetry-ebpf.jsonl"), text).unwrap();
+        if done {
+            fs::write(dir.join(DONE), "").unwrap();
+        }
+    }
+
+    fn row(id: &str, seq: u64, t: u64, interval: u64) -> Value {
+        let mut v = serde_json::to_value(Row {
+            episode_id: id.into(),
+            source: SourceKind::Ebpf,
+            available_in_deployment: false,
+            t_mono_ns: t,
+            t_wall_ns: t + 5,
+            interval_ns: interval,
+            seq,
+            m: Measures {
+                cpu_ns: Some(1),
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        v["cpu_ns"] = 1.into();
+        v
+    }
+
+    #[test]
+    fn a_good_episode_passes_and_each_defect_is_named() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("01TEST");
+        fs::create_dir(&dir).unwrap();
+        let good = [row("01TEST", 0, 1100, 100), row("01TEST", 1, 1200, 100)];
+        write_episode(&dir, &good, true);
+        let r = check(&dir).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+
+        let cases: Vec<(Vec<Value>, bool, &str)> = vec![
+            (good.to_vec(), false, "no done.marker"),
+            (
+                vec![good[0].clone(), row("01TEST", 2, 1200, 100)],
+                true,
+                "gap",
+            ),
+            (
+                vec![good[0].clone(), row("01TEST", 1, 1100, 0)],
+                true,
+                "strictly increasing",
+            ),
+            (
+                vec![good[0].clone(), row("01TEST", 1, 1250, 100)],
+                true,
+                "interval_ns",
+            ),
+            (
+                vec![good[0].clone(), {
+                    let mut v = good[1].clone();
+                    v.as_object_mut().unwrap().remove("wakeups");
+                    v
+                }],
+                true,
+                "missing",
+            ),
+            (
+                vec![good[0].clone(), {
+                    let mut v = good[1].clone();
+                    v["cpu_ns"] = "lots".into();
+                    v
+                }],
+                true,
+                "wrong type",
+            ),
+        ];
+        for (rows, done, expect) in cases {
+            let _ = fs::remove_file(dir.join(DONE));
+            write_episode(&dir, &rows, done);
+            let r = check(&dir).unwrap();
+            assert!(
+                r.problems.iter().any(|p| p.contains(expect)),
+                "expected '{expect}' in {:?}",
+                r.problems
+            );
+        }
+    }
+}
