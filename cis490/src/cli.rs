@@ -85,6 +85,14 @@ pub struct TraceArgs {
     #[arg(long = "label", value_name = "NAME@SECS", value_parser = crate::control::parse_label_at)]
     pub labels: Vec<(String, Duration)>,
 
+    /// Also record QEMU's own statistics from its QMP unix socket (QEMU's
+    /// `-qmp unix:PATH,server=on,wait=off`): rows in telemetry-qmp.jsonl,
+    /// QMP events (STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR...) in
+    /// events.jsonl. A socket that is not there yet (QEMU starting) is
+    /// retried for 10 s.
+    #[arg(long, value_name = "SOCKET")]
+    pub qmp: Option<PathBuf>,
+
     /// Listen on this unix socket for live commands, one per line:
     /// `label NAME` (mark a phase now), `ping`, `stop` (end tracing).
     #[arg(long, value_name = "PATH")]
@@ -139,6 +147,7 @@ impl TraceArgs {
             },
             labels: self.labels,
             control: self.control,
+            qmp: self.qmp,
             argv,
         }
     }

@@ -4,8 +4,9 @@
 //! episode, so a shipper never picks up a half-written one.
 
 use std::{
-    fs::{self, File},
+    fs::{self, File, OpenOptions},
     io::{self, BufWriter, Write},
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -16,6 +17,22 @@ pub const META: &str = "meta.json";
 pub const EVENTS: &str = "events.jsonl";
 pub const LABELS: &str = "labels.jsonl";
 pub const DONE: &str = "done.marker";
+
+/// Files of an episode are readable by their owner and group only.
+pub const FILE_MODE: u32 = 0o640;
+/// And so is the directory.
+pub const DIR_MODE: u32 = 0o750;
+
+/// Creates a new file for writing: never an existing one, never through a
+/// symlink, mode [`FILE_MODE`].
+pub fn create_new(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same
 /// directory, fsync, rename over `path`, fsync of the directory. A reader
@@ -33,7 +50,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     tmp_name.push(format!(".tmp{}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| {
-        let mut f = File::create(&tmp)?;
+        let _ = fs::remove_file(&tmp);
+        let mut f = create_new(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -87,7 +105,7 @@ pub type JsonlFile = JsonlWriter<BufWriter<File>>;
 
 impl JsonlFile {
     pub fn create(path: &Path) -> Result<Self> {
-        let f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let f = create_new(path).with_context(|| format!("cannot create {}", path.display()))?;
         Ok(Self::new(BufWriter::with_capacity(64 * 1024, f)))
     }
 
@@ -107,12 +125,15 @@ pub struct EpisodeDir {
 impl EpisodeDir {
     /// Creates `data_dir/episodes/<ULID>/`. Fails with a one-line reason when
     /// the data directory cannot be written.
+    /// The directory itself is created, never reused: an id that exists
+    /// already (or a symlink in its place) is an error, not an overwrite.
     pub fn create(data_dir: &Path) -> Result<Self> {
         let id = ulid::Ulid::new().to_string();
-        let path = data_dir.join("episodes").join(&id);
-        fs::create_dir_all(&path).map_err(|e| {
-            anyhow::anyhow!("cannot create episode directory {}: {e}", path.display())
-        })?;
+        let episodes = data_dir.join("episodes");
+        let path = episodes.join(&id);
+        let fail = |e: io::Error| anyhow::anyhow!("cannot create episode directory {}: {e}", path.display());
+        fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&episodes).map_err(fail)?;
+        fs::DirBuilder::new().mode(DIR_MODE).create(&path).map_err(fail)?;
         Ok(Self { id, path })
     }
 
@@ -205,6 +226,35 @@ mod tests {
         let meta: serde_json::Value =
             serde_json::from_slice(&fs::read(ep.file(META)).unwrap()).unwrap();
         assert_eq!(meta["id"], ep.id());
+    }
+
+    #[test]
+    fn files_are_private_new_and_not_followed_through_symlinks() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let data = tempfile::tempdir().unwrap();
+        let ep = EpisodeDir::create(data.path()).unwrap();
+        ep.write_meta(&serde_json::json!({})).unwrap();
+        let mut w = JsonlFile::create(&ep.file("telemetry-x.jsonl")).unwrap();
+        w.write(&1).unwrap();
+        w.sync().unwrap();
+        for f in [META, "telemetry-x.jsonl"] {
+            let mode = fs::metadata(ep.file(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o027, 0, "{f} has mode {mode:o}");
+        }
+        let mode = fs::metadata(ep.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o027, 0, "dir mode {mode:o}");
+        // An existing file is never reopened, a symlink never followed.
+        assert!(JsonlFile::create(&ep.file("telemetry-x.jsonl")).is_err());
+        let victim = data.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, ep.file("events.jsonl")).unwrap();
+        assert!(JsonlFile::create(&ep.file("events.jsonl")).is_err());
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        // A meta.json symlink is replaced by the rename, not written through.
+        fs::remove_file(ep.file(META)).unwrap();
+        std::os::unix::fs::symlink(&victim, ep.file(META)).unwrap();
+        ep.write_meta(&serde_json::json!({"x": 1})).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod episode;
 pub mod fdwatch;
 pub mod meta;
 pub mod probes;
+pub mod qmp;
 pub mod row;
 pub mod sources;
 pub mod summary;

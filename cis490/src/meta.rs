@@ -117,8 +117,31 @@ pub struct Meta {
     pub perf: Option<crate::sources::perf::PerfInfo>,
     /// Why the perf source is off, if it is.
     pub perf_error: Option<String>,
+    /// The QMP source: what it could read, or why not.
+    pub qmp: Option<serde_json::Value>,
+    /// The tracer's own cost (getrusage at the end).
+    pub tracer: Option<TracerUsage>,
     /// The control socket (`--control`), if any.
     pub control_socket: Option<String>,
     /// Lines written to labels.jsonl.
     pub labels: u64,
+}
+
+/// What the tracer itself used.
+#[derive(Clone, Debug, Serialize)]
+pub struct TracerUsage {
+    /// Peak resident memory, KiB.
+    pub max_rss_kib: u64,
+    pub cpu_user_ns: u64,
+    pub cpu_sys_ns: u64,
+}
+
+impl TracerUsage {
+    pub fn now() -> Self {
+        // SAFETY: getrusage fills a zeroed struct.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+        Self { max_rss_kib: ru.ru_maxrss as u64, cpu_user_ns: ns(ru.ru_utime), cpu_sys_ns: ns(ru.ru_stime) }
+    }
 }

@@ -103,7 +103,8 @@ impl QmpEvent {
     pub fn t_wall_ns(&self) -> Option<u64> {
         let s = u64::try_from(self.timestamp_s).ok()?;
         let us = u64::try_from(self.timestamp_us).ok()?;
-        s.checked_mul(1_000_000_000)?.checked_add(us.checked_mul(1_000)?)
+        s.checked_mul(1_000_000_000)?
+            .checked_add(us.checked_mul(1_000)?)
     }
 }
 
@@ -130,7 +131,11 @@ pub enum Message {
 impl Message {
     /// A short description for logs (`return (id 3)`, `event SHUTDOWN`).
     pub fn describe(&self) -> String {
-        let id = |id: &Option<Value>| id.as_ref().map(|i| format!(" (id {i})")).unwrap_or_default();
+        let id = |id: &Option<Value>| {
+            id.as_ref()
+                .map(|i| format!(" (id {i})"))
+                .unwrap_or_default()
+        };
         match self {
             Message::Greeting { version, .. } => format!("greeting (QEMU {version})"),
             Message::Return { id: i, .. } => format!("return{}", id(i)),
@@ -171,11 +176,18 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
+/// The first `n` characters of `s`.
+fn prefix(s: &str, n: usize) -> &str {
+    s.char_indices().nth(n).map_or(s, |(cut, _)| &s[..cut])
+}
+
 /// The first [`EXCERPT_CHARS`] characters of `line`, quoted.
 fn excerpt(line: &str) -> String {
-    match line.char_indices().nth(EXCERPT_CHARS) {
-        Some((cut, _)) => format!("{:?}... ({} bytes)", &line[..cut], line.len()),
-        None => format!("{line:?}"),
+    let head = prefix(line, EXCERPT_CHARS);
+    if head.len() < line.len() {
+        format!("{head:?}... ({} bytes)", line.len())
+    } else {
+        format!("{line:?}")
     }
 }
 
@@ -201,7 +213,10 @@ const MESSAGE_KEYS: [&str; 4] = ["QMP", "return", "error", "event"];
 pub fn parse_message(line: &str) -> Result<Message, ParseError> {
     if line.len() > MAX_LINE {
         return Err(ParseError::new(
-            format_args!("line of {} bytes is over the {MAX_LINE} byte limit", line.len()),
+            format_args!(
+                "line of {} bytes is over the {MAX_LINE} byte limit",
+                line.len()
+            ),
             line,
         ));
     }
@@ -211,14 +226,21 @@ pub fn parse_message(line: &str) -> Result<Message, ParseError> {
     }
     // serde_json limits nesting (128 levels): deep input is an error, not a
     // stack overflow.
-    let v: Value = serde_json::from_str(text).map_err(|e| ParseError::new(format_args!("invalid JSON ({e})"), line))?;
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| ParseError::new(format_args!("invalid JSON ({e})"), line))?;
     let Value::Object(obj) = v else {
-        return Err(ParseError::new(format_args!("not a JSON object but {}", kind_of(&v)), line));
+        return Err(ParseError::new(
+            format_args!("not a JSON object but {}", kind_of(&v)),
+            line,
+        ));
     };
-    let present: Vec<&str> = MESSAGE_KEYS.into_iter().filter(|k| obj.contains_key(*k)).collect();
+    let present: Vec<&str> = MESSAGE_KEYS
+        .into_iter()
+        .filter(|k| obj.contains_key(*k))
+        .collect();
     match present.as_slice() {
         [] => {
-            let keys: Vec<&str> = obj.keys().map(String::as_str).take(8).collect();
+            let keys: Vec<&str> = obj.keys().take(8).map(|k| prefix(k, 32)).collect();
             Err(ParseError::new(
                 format_args!("unknown message (none of QMP, return, error, event; keys {keys:?})"),
                 line,
@@ -231,34 +253,61 @@ pub fn parse_message(line: &str) -> Result<Message, ParseError> {
         }),
         ["error"] => parse_error(&obj, line),
         ["event"] => parse_event(&obj, line).map(Message::Event),
-        many => Err(ParseError::new(format_args!("ambiguous message (has {many:?})"), line)),
+        many => Err(ParseError::new(
+            format_args!("ambiguous message (has {many:?})"),
+            line,
+        )),
     }
 }
 
-fn member<'a>(obj: &'a Map<String, Value>, key: &str, ctx: &str, line: &str) -> Result<&'a Value, ParseError> {
+fn member<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    ctx: &str,
+    line: &str,
+) -> Result<&'a Value, ParseError> {
     obj.get(key)
         .ok_or_else(|| ParseError::new(format_args!("{ctx} has no '{key}'"), line))
 }
 
 fn object<'a>(v: &'a Value, ctx: &str, line: &str) -> Result<&'a Map<String, Value>, ParseError> {
-    v.as_object()
-        .ok_or_else(|| ParseError::new(format_args!("{ctx} is {} instead of an object", kind_of(v)), line))
+    v.as_object().ok_or_else(|| {
+        ParseError::new(
+            format_args!("{ctx} is {} instead of an object", kind_of(v)),
+            line,
+        )
+    })
 }
 
 fn string<'a>(v: &'a Value, ctx: &str, line: &str) -> Result<&'a str, ParseError> {
-    v.as_str()
-        .ok_or_else(|| ParseError::new(format_args!("{ctx} is {} instead of a string", kind_of(v)), line))
+    v.as_str().ok_or_else(|| {
+        ParseError::new(
+            format_args!("{ctx} is {} instead of a string", kind_of(v)),
+            line,
+        )
+    })
 }
 
 fn parse_greeting(obj: &Map<String, Value>, line: &str) -> Result<Message, ParseError> {
     let qmp = object(&obj["QMP"], "greeting 'QMP'", line)?;
-    let version = object(member(qmp, "version", "greeting", line)?, "greeting 'version'", line)?;
-    let qemu = object(member(version, "qemu", "greeting 'version'", line)?, "greeting 'version.qemu'", line)?;
+    let version = object(
+        member(qmp, "version", "greeting", line)?,
+        "greeting 'version'",
+        line,
+    )?;
+    let qemu = object(
+        member(version, "qemu", "greeting 'version'", line)?,
+        "greeting 'version.qemu'",
+        line,
+    )?;
     let num = |k: &str| -> Result<u64, ParseError> {
         let v = member(qemu, k, "greeting 'version.qemu'", line)?;
         v.as_u64().ok_or_else(|| {
             ParseError::new(
-                format_args!("greeting 'version.qemu.{k}' is {} instead of an unsigned integer", kind_of(v)),
+                format_args!(
+                    "greeting 'version.qemu.{k}' is {} instead of an unsigned integer",
+                    kind_of(v)
+                ),
                 line,
             )
         })
@@ -276,7 +325,10 @@ fn parse_greeting(obj: &Map<String, Value>, line: &str) -> Result<Message, Parse
             .collect::<Result<_, _>>()?,
         Some(other) => {
             return Err(ParseError::new(
-                format_args!("greeting 'capabilities' is {} instead of an array", kind_of(other)),
+                format_args!(
+                    "greeting 'capabilities' is {} instead of an array",
+                    kind_of(other)
+                ),
                 line,
             ));
         }
@@ -294,7 +346,11 @@ fn parse_greeting(obj: &Map<String, Value>, line: &str) -> Result<Message, Parse
 
 fn parse_error(obj: &Map<String, Value>, line: &str) -> Result<Message, ParseError> {
     let err = object(&obj["error"], "'error'", line)?;
-    let class = string(member(err, "class", "'error'", line)?, "'error.class'", line)?;
+    let class = string(
+        member(err, "class", "'error'", line)?,
+        "'error.class'",
+        line,
+    )?;
     let desc = string(member(err, "desc", "'error'", line)?, "'error.desc'", line)?;
     Ok(Message::Error {
         class: class.to_owned(),
@@ -305,12 +361,19 @@ fn parse_error(obj: &Map<String, Value>, line: &str) -> Result<Message, ParseErr
 
 fn parse_event(obj: &Map<String, Value>, line: &str) -> Result<QmpEvent, ParseError> {
     let event = string(&obj["event"], "'event'", line)?;
-    let ts = object(member(obj, "timestamp", "event", line)?, "event 'timestamp'", line)?;
+    let ts = object(
+        member(obj, "timestamp", "event", line)?,
+        "event 'timestamp'",
+        line,
+    )?;
     let int = |k: &str| -> Result<i64, ParseError> {
         let v = member(ts, k, "event 'timestamp'", line)?;
         v.as_i64().ok_or_else(|| {
             ParseError::new(
-                format_args!("event 'timestamp.{k}' is {} instead of an integer", kind_of(v)),
+                format_args!(
+                    "event 'timestamp.{k}' is {} instead of an integer",
+                    kind_of(v)
+                ),
                 line,
             )
         })
@@ -417,7 +480,10 @@ impl LineBuf {
     /// line, or `None` when more bytes are needed.
     fn next_line(&mut self) -> Option<Result<Vec<u8>, ParseError>> {
         loop {
-            let nl = self.buf[self.scanned..].iter().position(|&b| b == b'\n').map(|p| self.scanned + p);
+            let nl = self.buf[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|p| self.scanned + p);
             match nl {
                 Some(pos) => {
                     let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
@@ -471,7 +537,12 @@ fn decode_line(line: Result<Vec<u8>, ParseError>) -> Option<Result<Message, Pars
     };
     let text = match std::str::from_utf8(&bytes) {
         Ok(t) => t,
-        Err(e) => return Some(Err(ParseError::new(format_args!("not UTF-8 ({e})"), &String::from_utf8_lossy(&bytes)))),
+        Err(e) => {
+            return Some(Err(ParseError::new(
+                format_args!("not UTF-8 ({e})"),
+                &String::from_utf8_lossy(&bytes),
+            )));
+        }
     };
     if text.trim().is_empty() {
         return None;
@@ -485,15 +556,30 @@ fn raw_recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `fd` is the
     // open socket owned by the caller's `UnixStream`.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 fn raw_send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for reads of `buf.len()` bytes; `fd` is the
     // open socket owned by the caller's `UnixStream`. MSG_NOSIGNAL: no
     // SIGPIPE if QEMU has gone.
-    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 // ---- Client -------------------------------------------------------------------
@@ -545,7 +631,10 @@ impl QmpClient {
             broken: false,
         };
         match client.read_message(deadline).await? {
-            Message::Greeting { version, capabilities } => {
+            Message::Greeting {
+                version,
+                capabilities,
+            } => {
                 client.version = version;
                 client.capabilities = capabilities;
             }
@@ -556,7 +645,9 @@ impl QmpClient {
                 )));
             }
         }
-        client.execute_until("qmp_capabilities", None, deadline).await?;
+        client
+            .execute_until("qmp_capabilities", None, deadline)
+            .await?;
         Ok(client)
     }
 
@@ -584,12 +675,23 @@ impl QmpClient {
     /// Runs `command` (with `arguments` if given) and returns its `return`
     /// value, within `timeout`. Events that arrive first are queued; replies
     /// to earlier commands that timed out are skipped.
-    pub async fn execute(&mut self, command: &str, args: Option<Value>, timeout: Duration) -> Result<Value, QmpError> {
-        self.execute_until(command, args, Instant::now() + timeout).await
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        self.execute_until(command, args, Instant::now() + timeout)
+            .await
     }
 
     /// [`execute`](Self::execute) with an absolute deadline.
-    pub async fn execute_until(&mut self, command: &str, args: Option<Value>, deadline: Instant) -> Result<Value, QmpError> {
+    pub async fn execute_until(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+        deadline: Instant,
+    ) -> Result<Value, QmpError> {
         if self.broken || self.eof {
             // Deliver what was already received (a SHUTDOWN) before saying so.
             self.drain_buffered();
@@ -611,11 +713,21 @@ impl QmpClient {
         loop {
             match self.read_message(deadline).await? {
                 Message::Event(e) => self.queue_event(e),
-                Message::Return { value, id: Some(got) } if got == want => return Ok(value),
-                Message::Error { class, desc, id: Some(got) } if got == want => {
+                Message::Return {
+                    value,
+                    id: Some(got),
+                } if got == want => return Ok(value),
+                Message::Error {
+                    class,
+                    desc,
+                    id: Some(got),
+                } if got == want => {
                     return Err(QmpError::Command { class, desc });
                 }
-                other => log::debug!("QMP: skipping {} while waiting for '{command}' (id {id})", other.describe()),
+                other => log::debug!(
+                    "QMP: skipping {} while waiting for '{command}' (id {id})",
+                    other.describe()
+                ),
             }
         }
     }
@@ -649,7 +761,9 @@ impl QmpClient {
             self.events.pop_front();
             self.dropped_events += 1;
             if self.dropped_events == 1 {
-                log::warn!("QMP: event queue full ({MAX_QUEUED_EVENTS}); dropping the oldest events");
+                log::warn!(
+                    "QMP: event queue full ({MAX_QUEUED_EVENTS}); dropping the oldest events"
+                );
             }
         }
         self.events.push_back(e);
@@ -681,7 +795,9 @@ impl QmpClient {
         while let Some(line) = self.lines.next_line() {
             match decode_line(line) {
                 Some(Ok(Message::Event(e))) => self.queue_event(e),
-                Some(Ok(other)) => log::debug!("QMP: skipping {} (socket closed)", other.describe()),
+                Some(Ok(other)) => {
+                    log::debug!("QMP: skipping {} (socket closed)", other.describe())
+                }
                 Some(Err(e)) => log::debug!("QMP: skipping a malformed line (socket closed): {e}"),
                 None => {}
             }
@@ -694,7 +810,11 @@ impl QmpClient {
         self.broken = true;
         self.wbuf.clear();
         self.drain_buffered();
-        if is_disconnect(&e) { QmpError::Closed } else { QmpError::Io(e) }
+        if is_disconnect(&e) {
+            QmpError::Closed
+        } else {
+            QmpError::Io(e)
+        }
     }
 
     /// Sends `wbuf` by `deadline`.
@@ -712,7 +832,8 @@ impl QmpClient {
                     }
                     // try_io clears tokio's readiness on WouldBlock.
                     let wbuf = &self.wbuf;
-                    self.stream.try_io(Interest::WRITABLE, || raw_send(fd, wbuf))
+                    self.stream
+                        .try_io(Interest::WRITABLE, || raw_send(fd, wbuf))
                 }
                 r => r,
             };
@@ -720,7 +841,11 @@ impl QmpClient {
                 Ok(n) => {
                     self.wbuf.drain(..n);
                 }
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
                 Err(e) => return Err(self.write_failed(e)),
             }
         }
@@ -757,7 +882,11 @@ impl QmpClient {
                     self.lines.push(&self.chunk[..n]);
                     return Ok(());
                 }
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
                 Err(e) if is_disconnect(&e) => {
                     self.eof = true;
                     return Ok(());
@@ -776,7 +905,9 @@ impl QmpClient {
                 Ok(Ok(())) => {}
             }
             let chunk = &mut self.chunk;
-            got = self.stream.try_io(Interest::READABLE, || raw_recv(fd, chunk));
+            got = self
+                .stream
+                .try_io(Interest::READABLE, || raw_recv(fd, chunk));
         }
     }
 }
@@ -813,7 +944,9 @@ pub(crate) mod fake {
 
     /// An event line.
     pub fn event(name: &str, data: Option<&str>) -> Act {
-        let data = data.map(|d| format!(r#", "data": {d}"#)).unwrap_or_default();
+        let data = data
+            .map(|d| format!(r#", "data": {d}"#))
+            .unwrap_or_default();
         Act::Line(format!(
             r#"{{"timestamp": {{"seconds": 1700000000, "microseconds": 5}}, "event": "{name}"{data}}}"#
         ))
@@ -842,14 +975,19 @@ pub(crate) mod fake {
     /// Serves one connection: sends `on_connect`, then answers each request
     /// line with `handler(request)` (`qmp_capabilities` is answered with
     /// `{}` unless the handler is given it: it sees every request).
-    pub fn serve(on_connect: Vec<Act>, mut handler: impl FnMut(&Value) -> Vec<Act> + Send + 'static) -> Server {
+    pub fn serve(
+        on_connect: Vec<Act>,
+        mut handler: impl FnMut(&Value) -> Vec<Act> + Send + 'static,
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = requests.clone();
         thread::spawn(move || {
-            let Ok((mut sock, _)) = listener.accept() else { return };
+            let Ok((mut sock, _)) = listener.accept() else {
+                return;
+            };
             let mut reader = BufReader::new(sock.try_clone().unwrap());
             // Performs `acts`; false when the connection must end.
             let run = |acts: Vec<Act>, sock: &mut UnixStream| -> bool {
@@ -931,13 +1069,25 @@ mod tests {
                 capabilities: vec!["oob".into()],
             }
         );
-        let Message::Greeting { version, .. } = m else { unreachable!() };
+        let Message::Greeting { version, .. } = m else {
+            unreachable!()
+        };
         assert_eq!(version.to_string(), "7.2.22 (Fake 1)");
         assert!(version.at_least(7, 1) && !version.at_least(7, 3) && !version.at_least(8, 0));
         // No package, no capabilities: still a greeting.
-        let m = parse_message(r#"{"QMP":{"version":{"qemu":{"major":9,"minor":0,"micro":1}}}}"#).unwrap();
-        let Message::Greeting { version, capabilities } = m else { panic!("{m:?}") };
-        assert_eq!((version.to_string(), capabilities.len()), ("9.0.1".to_owned(), 0));
+        let m = parse_message(r#"{"QMP":{"version":{"qemu":{"major":9,"minor":0,"micro":1}}}}"#)
+            .unwrap();
+        let Message::Greeting {
+            version,
+            capabilities,
+        } = m
+        else {
+            panic!("{m:?}")
+        };
+        assert_eq!(
+            (version.to_string(), capabilities.len()),
+            ("9.0.1".to_owned(), 0)
+        );
     }
 
     #[test]
@@ -988,19 +1138,27 @@ mod tests {
             r#"{"timestamp": {"seconds": 1795883966, "microseconds": 562771}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}}"#,
         )
         .unwrap();
-        let Message::Event(e) = m else { panic!("{m:?}") };
+        let Message::Event(e) = m else {
+            panic!("{m:?}")
+        };
         assert_eq!(e.event, "SHUTDOWN");
         assert_eq!(e.data["reason"], "host-qmp-quit");
         assert_eq!((e.timestamp_s, e.timestamp_us), (1795883966, 562771));
         assert_eq!(e.t_wall_ns(), Some(1_795_883_966_562_771_000));
         // STOP has no data: null.
-        let m = parse_message(r#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#).unwrap();
-        let Message::Event(e) = m else { panic!("{m:?}") };
+        let m =
+            parse_message(r#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#)
+                .unwrap();
+        let Message::Event(e) = m else {
+            panic!("{m:?}")
+        };
         assert_eq!((e.event.as_str(), &e.data), ("STOP", &Value::Null));
         // Without a timestamp it is not a QMP event.
         let e = parse_message(r#"{"event": "STOP"}"#).unwrap_err();
         assert!(e.message().contains("no 'timestamp'"), "{e}");
-        let e = parse_message(r#"{"event": "STOP", "timestamp": {"seconds": 1.5, "microseconds": 2}}"#).unwrap_err();
+        let e =
+            parse_message(r#"{"event": "STOP", "timestamp": {"seconds": 1.5, "microseconds": 2}}"#)
+                .unwrap_err();
         assert!(e.message().contains("timestamp.seconds"), "{e}");
     }
 
@@ -1008,7 +1166,10 @@ mod tests {
     fn rejects_truncated_and_non_object_and_unknown_shapes() {
         for (line, want) in [
             (r#"{"return": {"status": "runn"#, "invalid JSON"),
-            (r#"{"QMP": {"version": {"qemu": {"micro": 22"#, "invalid JSON"),
+            (
+                r#"{"QMP": {"version": {"qemu": {"micro": 22"#,
+                "invalid JSON",
+            ),
             ("", "empty line"),
             ("   \r", "empty line"),
             ("[1, 2]", "not a JSON object but an array"),
@@ -1018,9 +1179,18 @@ mod tests {
             (r#"{"execute": "quit"}"#, "unknown message"),
             (r#"{"return": {}, "event": "STOP"}"#, "ambiguous"),
             (r#"{"return": {}} trailing"#, "invalid JSON"),
-            (r#"{"QMP": {"version": {"qemu": {"major": -1, "minor": 0, "micro": 0}}}}"#, "unsigned"),
-            (r#"{"QMP": {"version": {"qemu": {"major": 7, "minor": 0, "micro": 0}}, "capabilities": [1]}}"#, "capability"),
-            (r#"{"event": 5, "timestamp": {"seconds": 1, "microseconds": 2}}"#, "'event' is a number"),
+            (
+                r#"{"QMP": {"version": {"qemu": {"major": -1, "minor": 0, "micro": 0}}}}"#,
+                "unsigned",
+            ),
+            (
+                r#"{"QMP": {"version": {"qemu": {"major": 7, "minor": 0, "micro": 0}}, "capabilities": [1]}}"#,
+                "capability",
+            ),
+            (
+                r#"{"event": 5, "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+                "'event' is a number",
+            ),
         ] {
             let e = parse_message(line).expect_err(line);
             assert!(e.message().contains(want), "{line:?}: {e}");
@@ -1032,14 +1202,28 @@ mod tests {
         let huge = format!(r#"{{"return": "{}"}}"#, "a".repeat(MAX_LINE));
         let e = parse_message(&huge).unwrap_err();
         assert!(e.message().contains("byte limit"), "{e}");
-        assert!(e.to_string().len() < 400, "the error quotes only an excerpt");
+        assert!(
+            e.to_string().len() < 400,
+            "the error quotes only an excerpt"
+        );
         // Just under the limit is fine.
         let big = format!(r#"{{"return": "{}"}}"#, "a".repeat(MAX_LINE - 20));
         assert!(matches!(parse_message(&big), Ok(Message::Return { .. })));
         // Deep nesting: serde_json's recursion limit, not a stack overflow.
-        let deep = format!(r#"{{"return": {}{}}}"#, "[".repeat(100_000), "]".repeat(100_000));
+        let deep = format!(
+            r#"{{"return": {}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
         let e = parse_message(&deep).unwrap_err();
         assert!(e.message().contains("invalid JSON"), "{e}");
+        // Unknown shape with a huge key: the message stays short.
+        let e = parse_message(&format!(r#"{{"{}": 1}}"#, "k".repeat(100_000))).unwrap_err();
+        assert!(
+            e.message().contains("unknown message") && e.message().len() < 1024,
+            "{}",
+            e.message().len()
+        );
         // Multi-byte characters: the excerpt is cut at a char boundary.
         let e = parse_message(&"é".repeat(500)).unwrap_err();
         assert!(e.message().contains("..."), "{e}");
@@ -1094,7 +1278,10 @@ mod tests {
             parsed[parse_message(&text).is_ok() as usize] += 1;
         }
         // The loop must exercise both outcomes to mean anything.
-        assert!(parsed[0] > 1000 && parsed[1] > 1000, "errors/ok: {parsed:?}");
+        assert!(
+            parsed[0] > 1000 && parsed[1] > 1000,
+            "errors/ok: {parsed:?}"
+        );
     }
 
     #[test]
@@ -1113,7 +1300,11 @@ mod tests {
         assert!(lb.next_line().is_none(), "reported once");
         assert!(lb.buf.len() <= 40);
         lb.push(b"xx\nok\n");
-        assert_eq!(lb.next_line().unwrap().unwrap(), b"ok", "the next line after it is intact");
+        assert_eq!(
+            lb.next_line().unwrap().unwrap(),
+            b"ok",
+            "the next line after it is intact"
+        );
         // An over-long line arriving in one piece with its newline.
         lb.push(&[b'y'; 20]);
         lb.push(b"\nfine\n");
@@ -1141,7 +1332,9 @@ mod tests {
         assert_eq!(reqs[0], json!({"execute": "qmp_capabilities", "id": 1}));
         assert_eq!(reqs[1], json!({"execute": "query-status", "id": 2}));
         // Arguments are sent as given.
-        let _ = c.execute("query-stats", Some(json!({"target": "vcpu"})), T).await;
+        let _ = c
+            .execute("query-stats", Some(json!({"target": "vcpu"})), T)
+            .await;
         assert_eq!(
             srv.requests.lock().unwrap()[2],
             json!({"execute": "query-stats", "arguments": {"target": "vcpu"}, "id": 3})
@@ -1162,7 +1355,10 @@ mod tests {
                     event("STOP", None),
                     // A stale reply (another id) must be skipped, not returned.
                     Act::Line(r#"{"return": {"stale": true}, "id": 999}"#.into()),
-                    event("BLOCK_IO_ERROR", Some(r#"{"device": "virtio0", "operation": "write"}"#)),
+                    event(
+                        "BLOCK_IO_ERROR",
+                        Some(r#"{"device": "virtio0", "operation": "write"}"#),
+                    ),
                     ret(req, r#"{"answer": 42}"#),
                     event("RESET", Some(r#"{"guest": true}"#)),
                 ]
@@ -1186,10 +1382,17 @@ mod tests {
     #[tokio::test]
     async fn an_error_reply_is_a_command_error() {
         let srv = serve(greeting(), |req| {
-            vec![err(req, "CommandNotFound", "The command query-stats has not been found")]
+            vec![err(
+                req,
+                "CommandNotFound",
+                "The command query-stats has not been found",
+            )]
         });
         let mut c = QmpClient::connect(&srv.path, T).await.unwrap();
-        match c.execute("query-stats", Some(json!({"target": "vcpu"})), T).await {
+        match c
+            .execute("query-stats", Some(json!({"target": "vcpu"})), T)
+            .await
+        {
             Err(QmpError::Command { class, desc }) => {
                 assert_eq!(class, "CommandNotFound");
                 assert!(desc.contains("query-stats"));
@@ -1197,7 +1400,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Still usable.
-        assert!(matches!(c.execute("x", None, T).await, Err(QmpError::Command { .. })));
+        assert!(matches!(
+            c.execute("x", None, T).await,
+            Err(QmpError::Command { .. })
+        ));
     }
 
     #[tokio::test]
@@ -1208,13 +1414,18 @@ mod tests {
         let r = QmpClient::connect(&srv.path, Duration::from_millis(300)).await;
         assert!(matches!(r, Err(QmpError::Timeout)), "{r:?}");
         let took = t0.elapsed();
-        assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(2), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
 
         // Greets, then never answers a command.
         let srv = serve(greeting(), |_| vec![Act::Hang]);
         let mut c = QmpClient::connect(&srv.path, T).await.unwrap();
         let t0 = std::time::Instant::now();
-        let r = c.execute("query-blockstats", None, Duration::from_millis(300)).await;
+        let r = c
+            .execute("query-blockstats", None, Duration::from_millis(300))
+            .await;
         assert!(matches!(r, Err(QmpError::Timeout)), "{r:?}");
         assert!(t0.elapsed() < Duration::from_secs(2));
         assert!(!c.is_closed(), "a timeout does not close the client");
@@ -1244,15 +1455,30 @@ mod tests {
     #[tokio::test]
     async fn a_closing_server_is_closed() {
         // Closes right after the handshake, with an event first.
-        let srv = serve(greeting(), |_| vec![event("SHUTDOWN", Some(r#"{"guest": true, "reason": "guest-shutdown"}"#)), Act::Close]);
+        let srv = serve(greeting(), |_| {
+            vec![
+                event(
+                    "SHUTDOWN",
+                    Some(r#"{"guest": true, "reason": "guest-shutdown"}"#),
+                ),
+                Act::Close,
+            ]
+        });
         let mut c = QmpClient::connect(&srv.path, T).await.unwrap();
         let r = c.execute("query-blockstats", None, T).await;
         assert!(matches!(r, Err(QmpError::Closed)), "{r:?}");
         assert!(c.is_closed());
-        assert_eq!(c.take_events()[0].event, "SHUTDOWN", "the event before the close is kept");
+        assert_eq!(
+            c.take_events()[0].event,
+            "SHUTDOWN",
+            "the event before the close is kept"
+        );
         // Every later call is Closed at once.
         let t0 = std::time::Instant::now();
-        assert!(matches!(c.execute("x", None, T).await, Err(QmpError::Closed)));
+        assert!(matches!(
+            c.execute("x", None, T).await,
+            Err(QmpError::Closed)
+        ));
         assert!(matches!(c.poll_events(T).await, Err(QmpError::Closed)));
         assert!(t0.elapsed() < Duration::from_secs(1));
 
@@ -1262,7 +1488,9 @@ mod tests {
         assert!(matches!(r, Err(QmpError::Closed)), "{r:?}");
 
         // Closes with half a line: still Closed, not Parse.
-        let srv = serve(greeting(), |_| vec![Act::Raw(br#"{"return": {"#.to_vec()), Act::Close]);
+        let srv = serve(greeting(), |_| {
+            vec![Act::Raw(br#"{"return": {"#.to_vec()), Act::Close]
+        });
         let mut c = QmpClient::connect(&srv.path, T).await.unwrap();
         let r = c.execute("x", None, T).await;
         assert!(matches!(r, Err(QmpError::Closed)), "{r:?}");
@@ -1272,14 +1500,22 @@ mod tests {
     async fn sending_to_a_gone_server_is_closed_and_keeps_its_events() {
         // The server answers `quit`, sends SHUTDOWN and closes; the client
         // only notices when it next sends (EPIPE) or reads (EOF).
-        let srv = serve(greeting(), |req| vec![ret(req, "{}"), event("SHUTDOWN", None), Act::Close]);
+        let srv = serve(greeting(), |req| {
+            vec![ret(req, "{}"), event("SHUTDOWN", None), Act::Close]
+        });
         let mut c = QmpClient::connect(&srv.path, T).await.unwrap();
         c.execute("quit", None, T).await.unwrap();
         // Give the server time to close.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let r = c.execute("query-blockstats", None, T).await;
         assert!(matches!(r, Err(QmpError::Closed)), "{r:?}");
-        assert_eq!(c.take_events().iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), ["SHUTDOWN"]);
+        assert_eq!(
+            c.take_events()
+                .iter()
+                .map(|e| e.event.as_str())
+                .collect::<Vec<_>>(),
+            ["SHUTDOWN"]
+        );
     }
 
     #[tokio::test]
@@ -1291,12 +1527,20 @@ mod tests {
             _ => vec![ret(req, r#""fine""#)],
         });
         let mut c = QmpClient::connect(&srv.path, T).await.unwrap();
-        for (cmd, want) in [("garbage", "invalid JSON"), ("binary", "not UTF-8"), ("array", "not a JSON object")] {
+        for (cmd, want) in [
+            ("garbage", "invalid JSON"),
+            ("binary", "not UTF-8"),
+            ("array", "not a JSON object"),
+        ] {
             match c.execute(cmd, None, T).await {
                 Err(QmpError::Parse(e)) => assert!(e.message().contains(want), "{cmd}: {e}"),
                 other => panic!("{cmd}: {other:?}"),
             }
-            assert_eq!(c.execute("ok", None, T).await.unwrap(), json!("fine"), "after {cmd}");
+            assert_eq!(
+                c.execute("ok", None, T).await.unwrap(),
+                json!("fine"),
+                "after {cmd}"
+            );
         }
     }
 
@@ -1304,7 +1548,11 @@ mod tests {
     async fn an_endless_line_is_bounded() {
         // 3 MiB without a newline, then a good reply.
         let srv = serve(greeting(), |req| {
-            vec![Act::Raw(vec![b'x'; 3 << 20]), Act::Raw(b"\n".to_vec()), ret(req, "1")]
+            vec![
+                Act::Raw(vec![b'x'; 3 << 20]),
+                Act::Raw(b"\n".to_vec()),
+                ret(req, "1"),
+            ]
         });
         let mut c = QmpClient::connect(&srv.path, T).await.unwrap();
         match c.execute("flood", None, T).await {
@@ -1333,6 +1581,9 @@ mod tests {
     async fn a_server_that_does_not_greet_properly_is_a_protocol_error() {
         let srv = serve(vec![Act::Line(r#"{"return": {}}"#.into())], |_| vec![]);
         let r = QmpClient::connect(&srv.path, T).await;
-        assert!(matches!(r, Err(QmpError::Protocol(ref m)) if m.contains("greeting")), "{r:?}");
+        assert!(
+            matches!(r, Err(QmpError::Protocol(ref m)) if m.contains("greeting")),
+            "{r:?}"
+        );
     }
 }

@@ -56,21 +56,23 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// `/proc/PID/stat` of `pid`; `NotFound` when there is no such process.
+fn read_stat(pid: i32) -> io::Result<procfs::process::Stat> {
+    let to_io = |e: procfs::ProcError| match e {
+        procfs::ProcError::NotFound(_) => io::Error::new(io::ErrorKind::NotFound, "no such process"),
+        other => io::Error::other(other.to_string()),
+    };
+    procfs::process::Process::new(pid).map_err(to_io)?.stat().map_err(to_io)
+}
+
 /// The start time of process `pid` (clock ticks after boot), the pid-reuse
 /// guard; `NotFound` when there is no such process.
 fn read_starttime(pid: i32) -> io::Result<u64> {
-    let to_io = |e: procfs::ProcError| match e {
-        procfs::ProcError::NotFound(_) => {
-            io::Error::new(io::ErrorKind::NotFound, "no such process")
-        }
-        other => io::Error::other(other.to_string()),
-    };
-    Ok(procfs::process::Process::new(pid)
-        .map_err(to_io)?
-        .stat()
-        .map_err(to_io)?
-        .starttime)
+    Ok(read_stat(pid)?.starttime)
 }
+
+/// `PF_KTHREAD` in the flags of `/proc/PID/stat`.
+const PF_KTHREAD: u32 = 0x0020_0000;
 
 /// Thread ids of process `pid` (from `/proc/PID/task`).
 pub fn thread_ids(pid: i32) -> io::Result<Vec<u32>> {
@@ -127,10 +129,14 @@ impl Target {
         if pid as u32 == std::process::id() {
             bail!("refusing to trace cis490 itself (pid {pid})");
         }
-        let starttime = read_starttime(pid).map_err(|e| match e.kind() {
+        let stat = read_stat(pid).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => anyhow!("no process with pid {pid}"),
             _ => anyhow!("cannot read /proc/{pid}/stat: {e}"),
         })?;
+        if stat.flags & PF_KTHREAD != 0 {
+            bail!("pid {pid} ({}) is a kernel thread: cis490 traces user processes", stat.comm);
+        }
+        let starttime = stat.starttime;
         let pidfd = pidfd_open(pid).map_err(|e| anyhow!("cannot watch pid {pid}: {e}"))?;
         Ok(Self {
             pid,
@@ -400,6 +406,9 @@ mod tests {
         let err = Target::attach(4_194_305).err().unwrap().to_string();
         assert_eq!(err, "no process with pid 4194305");
         assert!(Target::attach(0).is_err());
+        // kthreadd is pid 2 on Linux.
+        let e = Target::attach(2).err().unwrap().to_string();
+        assert!(e.contains("kernel thread"), "{e}");
         assert!(Target::attach(std::process::id() as i32).is_err());
     }
 

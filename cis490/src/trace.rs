@@ -28,6 +28,7 @@ use crate::{
         ebpf::{EbpfSource, Record, RecordStream},
         perf::PerfSource,
         proc::ProcSource,
+        qmp::QmpSource,
     },
     taps::{self, Holdings},
     target::{Target, thread_ids},
@@ -50,6 +51,8 @@ pub struct TraceConfig {
     pub labels: Vec<(String, Duration)>,
     /// The control socket to listen on (`--control PATH`).
     pub control: Option<PathBuf>,
+    /// QEMU's QMP socket (`--qmp PATH`).
+    pub qmp: Option<PathBuf>,
     /// This process's own argv, for meta.json.
     pub argv: Vec<String>,
 }
@@ -126,6 +129,8 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
         skipped_boundaries: 0,
         perf: None,
         perf_error: None,
+        tracer: None,
+        qmp: None,
         control_socket: cfg.control.as_ref().map(|p| p.display().to_string()),
         labels: 0,
     };
@@ -247,6 +252,9 @@ struct Sources {
     ebpf: EbpfSource,
     proc: Option<ProcSource>,
     perf: Option<PerfSource>,
+    qmp: Option<QmpSlot>,
+    /// How long a QMP query may take within a bucket.
+    qmp_timeout: Duration,
     holdings: Holdings,
     holdings_at: Option<Instant>,
 }
@@ -267,7 +275,7 @@ impl Sources {
     }
 
     /// Takes every source's baseline at one instant.
-    fn baseline(&mut self) -> Result<()> {
+    async fn baseline(&mut self) -> Result<()> {
         self.refresh_holdings();
         let ctx = SampleCtx {
             holdings: Cow::Borrowed(&self.holdings),
@@ -275,12 +283,15 @@ impl Sources {
         Source::sample(&mut self.ebpf, &ctx)?;
         sample_opt(&mut self.proc, &ctx)?;
         sample_opt(&mut self.perf, &ctx)?;
+        if let Some(q) = &mut self.qmp {
+            q.sample(self.qmp_timeout).await;
+        }
         Ok(())
     }
 
     /// Closes the bucket at `now`: one row per source, stamped with the same
     /// clock pair and `seq`.
-    fn close_bucket(
+    async fn close_bucket(
         &mut self,
         clock: &mut BucketClock,
         out: &mut Outputs,
@@ -291,12 +302,16 @@ impl Sources {
         let ctx = SampleCtx {
             holdings: Cow::Borrowed(&self.holdings),
         };
+        let mut drops = 0;
         for (kind, file) in &mut out.rows {
             let m = match kind {
                 SourceKind::Ebpf => Source::sample(&mut self.ebpf, &ctx)?,
                 SourceKind::Proc => sample_opt(&mut self.proc, &ctx)?,
                 SourceKind::Perf => sample_opt(&mut self.perf, &ctx)?,
-                SourceKind::Qmp => bail!("source {} is not wired yet", kind.name()),
+                SourceKind::Qmp => match &mut self.qmp {
+                    Some(q) => q.sample(self.qmp_timeout).await,
+                    None => crate::row::Measures::default(),
+                },
             };
             let row = Row {
                 episode_id: self.episode_id.clone(),
@@ -308,8 +323,24 @@ impl Sources {
                 seq: tick.seq,
                 m,
             };
+            let dropped = (row.source == SourceKind::Ebpf)
+                .then_some(row.m.dropped_events)
+                .flatten();
             file.write(&row)
                 .with_context(|| format!("cannot write {}", kind.file_name()))?;
+            if let Some(n) = dropped.filter(|n| *n > 0) {
+                drops = n;
+            }
+        }
+        if drops > 0 {
+            // Not silent: the loss shows in events.jsonl and on stderr.
+            out.event(now, Some(tick.seq), "drops", json!({"dropped_records": drops}))?;
+            log::warn!("bucket {}: {drops} ring-buffer records dropped (rows stay exact)", tick.seq);
+        }
+        if let Some(q) = &mut self.qmp {
+            for (at, detail) in q.take_events(now) {
+                out.event(at, clock.seq_of(at.mono_ns), "qmp", detail)?;
+            }
         }
         let new_taps = self.ebpf.take_new_taps();
         for tap in &new_taps {
@@ -324,6 +355,74 @@ impl Sources {
             out.events.flush()?;
         }
         Ok(tick)
+    }
+}
+
+/// The QMP source: waiting for QEMU to open its socket, connected, or given
+/// up on.
+enum QmpSlot {
+    Pending { path: PathBuf, since: Instant },
+    Connected(QmpSource),
+    Failed { path: PathBuf, why: String, reported: bool },
+}
+
+impl QmpSlot {
+    /// How long QEMU has to create its QMP socket after tracing starts.
+    const CONNECT_WINDOW: Duration = Duration::from_secs(10);
+
+    /// This bucket's QMP row (`null` fields until connected, or when QMP
+    /// does not answer in time).
+    async fn sample(&mut self, timeout: Duration) -> crate::row::Measures {
+        if let QmpSlot::Pending { path, since } = self {
+            match QmpSource::connect(path, timeout).await {
+                Ok(src) => *self = QmpSlot::Connected(src),
+                // A socket that is there but does not speak QMP (no greeting,
+                // garbage, an error) will not get better: give up at once.
+                // One that is not there yet may be QEMU still starting.
+                Err(e) if path.exists() || since.elapsed() > Self::CONNECT_WINDOW => {
+                    log::warn!("QMP source off: {e:#}");
+                    *self = QmpSlot::Failed { path: path.clone(), why: format!("{e:#}"), reported: false };
+                }
+                Err(e) => log::debug!("QMP not there yet: {e:#}"),
+            }
+            // The connection took this bucket's baseline.
+            return crate::row::Measures::default();
+        }
+        match self {
+            QmpSlot::Connected(src) => src.sample(timeout).await,
+            _ => crate::row::Measures::default(),
+        }
+    }
+
+    /// QMP events to log (with their clock pair from QEMU's wall clock) and
+    /// a one-time event when QMP could not be reached.
+    fn take_events(&mut self, now: ClockPair) -> Vec<(ClockPair, serde_json::Value)> {
+        match self {
+            QmpSlot::Connected(src) => src
+                .take_events()
+                .into_iter()
+                .map(|e| {
+                    let at = e.t_wall_ns().map_or(now, |wall| ClockPair {
+                        mono_ns: (now.mono_ns as i128 + wall as i128 - now.wall_ns as i128).max(0) as u64,
+                        wall_ns: wall,
+                    });
+                    (at, json!({"qmp_event": e.event, "data": e.data}))
+                })
+                .collect(),
+            QmpSlot::Failed { path, why, reported } if !*reported => {
+                *reported = true;
+                vec![(now, json!({"qmp_error": why, "socket": path}))]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn info(&self) -> serde_json::Value {
+        match self {
+            QmpSlot::Connected(src) => serde_json::to_value(src.info()).unwrap_or_default(),
+            QmpSlot::Pending { path, .. } => json!({"socket": path, "error": "never connected"}),
+            QmpSlot::Failed { path, why, .. } => json!({"socket": path, "error": why}),
+        }
     }
 }
 
@@ -391,6 +490,9 @@ async fn trace(
     // perf counters first: on a spawned command still held before execve,
     // they are inherited by every thread it will start.
     let mut kinds = cfg.sources.clone();
+    if cfg.qmp.is_some() && !kinds.contains(&SourceKind::Qmp) {
+        kinds.push(SourceKind::Qmp);
+    }
     let perf = if kinds.contains(&SourceKind::Perf) {
         match PerfSource::new(pid) {
             Ok(p) => {
@@ -467,6 +569,8 @@ async fn trace(
         ebpf,
         proc,
         perf,
+        qmp: cfg.qmp.as_ref().map(|p| QmpSlot::Pending { path: p.clone(), since: Instant::now() }),
+        qmp_timeout: (cfg.interval * 4 / 5).clamp(Duration::from_millis(20), Duration::from_millis(500)),
         holdings: Holdings::default(),
         holdings_at: None,
     };
@@ -474,7 +578,7 @@ async fn trace(
     // so their counters (seeded from /proc, which lags for a running thread)
     // catch up before the baseline.
     kick_cpus();
-    sources.baseline()?;
+    sources.baseline().await?;
 
     let start = ClockPair::now();
     let mut clock = BucketClock::new(start, cfg.interval.as_nanos() as u64);
@@ -565,7 +669,7 @@ async fn trace(
                 }
             }
             _ = sleep_until(deadline) => {
-                let tick = sources.close_bucket(&mut clock, &mut out, ClockPair::now())?;
+                let tick = sources.close_bucket(&mut clock, &mut out, ClockPair::now()).await?;
                 if last_flush.elapsed() >= Duration::from_secs(1) {
                     out.flush()?;
                     last_flush = Instant::now();
@@ -603,13 +707,25 @@ async fn trace(
         }
     };
 
+    if reason == EndReason::Signal {
+        // A second SIGINT or SIGTERM while finishing aborts at once: no
+        // done.marker, so nothing picks up a half-finished episode.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = sigint.recv() => {}
+                _ = sigterm.recv() => {}
+            }
+            eprintln!("error: second signal while finishing: aborted, the episode has no done.marker");
+            std::process::exit(130);
+        });
+    }
     if reason == EndReason::TargetExited {
         // Let the last threads finish their final switch-out.
         sleep(Duration::from_millis(5)).await;
     }
     sources.ebpf.settle(reason == EndReason::TargetExited);
     let end = ClockPair::now();
-    let last = sources.close_bucket(&mut clock, &mut out, end)?;
+    let last = sources.close_bucket(&mut clock, &mut out, end).await?;
     // Detach: no more events after the final row.
     drop(logger);
     records.drain(|Record::Lifecycle(l)| {
@@ -621,6 +737,9 @@ async fn trace(
         let _ = out.event(at, clock.seq_of(l.ts_ns), name, detail);
     });
     let totals = *sources.ebpf.totals();
+    if let Some(q) = &sources.qmp {
+        meta.qmp = Some(q.info());
+    }
     if let Some(p) = &sources.perf {
         meta.perf = Some(p.info());
     }
@@ -657,6 +776,7 @@ async fn trace(
         t_wall_ns: end.wall_ns,
     });
     meta.end_reason = Some(reason);
+    meta.tracer = Some(crate::meta::TracerUsage::now());
     meta.skipped_boundaries = clock.skipped();
     meta.ebpf.events = totals.events;
     meta.ebpf.dropped_events = totals.dropped;

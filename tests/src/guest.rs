@@ -99,6 +99,8 @@ pub struct Launch {
     pub nic: Option<String>,
     /// Write the serial console to this file instead of stdout.
     pub console: Option<PathBuf>,
+    /// Serve QMP on this unix socket (`-qmp unix:PATH,server=on,wait=off`).
+    pub qmp: Option<PathBuf>,
 }
 
 /// The QEMU command line for a launch (program first): 256 MiB, no display,
@@ -149,6 +151,12 @@ pub fn qemu_argv(g: &Guest, launch: &Launch) -> Vec<OsString> {
         "-nic".into(),
         launch.nic.clone().unwrap_or_else(|| "none".into()).into(),
     ]);
+    if let Some(qmp) = &launch.qmp {
+        let mut arg = OsString::from("unix:");
+        arg.push(qmp);
+        arg.push(",server=on,wait=off");
+        v.extend(["-qmp".into(), arg]);
+    }
     v
 }
 

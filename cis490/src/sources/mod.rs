@@ -5,6 +5,7 @@
 pub mod ebpf;
 pub mod perf;
 pub mod proc;
+pub mod qmp;
 
 use crate::{
     row::{Measures, SourceKind},
