@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Map, Value};
 
-use crate::episode::{DONE, META};
+use crate::episode::{DONE, LABELS, META};
 
 const ENVELOPE: &[&str] = &[
     "episode_id",
@@ -146,6 +146,22 @@ pub fn write_summary(dir: &Path, w: &mut impl Write) -> Result<()> {
         meta["interval_ns"].as_f64().unwrap_or(0.0) / 1e6,
         meta["end_reason"].as_str().unwrap_or("?"),
     )?;
+    if let Some(start) = meta["start"]["t_mono_ns"].as_f64() {
+        let labels = read_rows(&dir.join(LABELS)).unwrap_or_default();
+        if !labels.is_empty() {
+            let marks: Vec<String> = labels
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} at {:.2} s",
+                        l["label"].as_str().unwrap_or("?"),
+                        (l["t_mono_ns"].as_f64().unwrap_or(start) - start) / 1e9
+                    )
+                })
+                .collect();
+            writeln!(w, "phases: {}", marks.join(", "))?;
+        }
+    }
     let mut fields: Vec<String> = Vec::new();
     for (_, t) in &sources {
         for (f, _) in &t.fields {
@@ -167,13 +183,14 @@ pub fn write_summary(dir: &Path, w: &mut impl Write) -> Result<()> {
         .cloned()
         .collect();
     fields.retain(|f| !parents.contains(f));
-    write!(w, "{:<28}", "field")?;
+    let width = fields.iter().map(|f| f.len() + 2).max().unwrap_or(0).max(28);
+    write!(w, "{:<width$}", "field")?;
     for (name, t) in &sources {
         write!(w, "{:>18}", format!("{name} ({} rows)", t.rows))?;
     }
     writeln!(w)?;
     for f in &fields {
-        write!(w, "{f:<28}")?;
+        write!(w, "{f:<width$}")?;
         for (_, t) in &sources {
             let v = t.fields.iter().find(|(k, _)| k == f).and_then(|(_, v)| *v);
             write!(w, "{:>18}", v.map_or("-".into(), |v| human(f, v)))?;

@@ -75,6 +75,25 @@ fn read_starttime(pid: i32) -> io::Result<u64> {
 const PF_KTHREAD: u32 = 0x0020_0000;
 
 /// Thread ids of process `pid` (from `/proc/PID/task`).
+/// Sends `sig` to the process behind `pidfd` (never to a reused pid).
+pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal on an open pidfd with no siginfo.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            0usize,
+            0u32,
+        )
+    };
+    if rc != 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 pub fn thread_ids(pid: i32) -> io::Result<Vec<u32>> {
     let mut out = Vec::new();
     for e in fs::read_dir(format!("/proc/{pid}/task"))? {
@@ -303,21 +322,13 @@ impl Target {
 
     /// Sends `sig` to the process (spawned children only).
     pub fn signal(&self, sig: libc::c_int) -> io::Result<()> {
-        // SAFETY: pidfd_send_signal on our pidfd with no siginfo.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                sig,
-                0usize,
-                0u32,
-            )
-        };
-        if rc != 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        pidfd_send_signal(&self.pidfd, sig)
+    }
+
+    /// A handle that can kill a spawned command later, from another task
+    /// (`None` when tracing a process the tracer did not start).
+    pub fn killer(&self) -> Option<OwnedFd> {
+        self.is_spawned().then(|| self.pidfd.try_clone().ok()).flatten()
     }
 
     /// Reaps a spawned child that has exited (no-op otherwise).

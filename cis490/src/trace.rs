@@ -709,11 +709,16 @@ async fn trace(
 
     if reason == EndReason::Signal {
         // A second SIGINT or SIGTERM while finishing aborts at once: no
-        // done.marker, so nothing picks up a half-finished episode.
+        // done.marker, so nothing picks up a half-finished episode. A
+        // spawned command is killed with it rather than left behind.
+        let killer = target.killer();
         tokio::spawn(async move {
             tokio::select! {
                 _ = sigint.recv() => {}
                 _ = sigterm.recv() => {}
+            }
+            if let Some(fd) = &killer {
+                let _ = crate::target::pidfd_send_signal(fd, libc::SIGKILL);
             }
             eprintln!("error: second signal while finishing: aborted, the episode has no done.marker");
             std::process::exit(130);

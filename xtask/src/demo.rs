@@ -5,8 +5,11 @@
 use std::{
     ffi::OsString,
     fs,
-    path::Path,
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -22,11 +25,12 @@ const SEND_BYTES: u64 = 8_000_000;
 const DISK_MB: u64 = 64;
 
 /// Runs `cis490 trace ARGS`, returns the episode directory.
-fn trace(bin: &Path, data_dir: &Path, argv: &[OsString]) -> Result<String> {
+fn trace(bin: &Path, data_dir: &Path, extra: &[OsString], argv: &[OsString]) -> Result<String> {
     let out = Command::new(bin.join("cis490"))
         .arg("trace")
         .arg("--data-dir")
         .arg(data_dir)
+        .args(extra)
         .arg("--")
         .args(argv)
         .stderr(Stdio::inherit())
@@ -60,6 +64,7 @@ pub fn run_demo(bin: &Path, data_dir: &Path) -> Result<()> {
             trace(
                 bin,
                 data_dir,
+                &[],
                 &[bin.join("cis490-workload").into(), "demo".into()],
             )?
         }
@@ -72,7 +77,8 @@ pub fn run_demo(bin: &Path, data_dir: &Path) -> Result<()> {
 
 /// The guest writes and reads 64 MiB on its virtio disk (direct I/O,
 /// `cache=none`) and sends 8 MB over TCP through a tap to a peer, both in a
-/// network namespace made for the demo.
+/// network namespace made for the demo. QEMU serves QMP, so the episode
+/// holds all five sources (ebpf, proc, perf, qmp and the guest's labels).
 fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
     let ns = Netns::new("demo");
     ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
@@ -97,6 +103,7 @@ fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
     let disk = work.join("disk.img");
     create_disk(&disk, 2 * DISK_MB as usize)?;
     let console = work.join("console.log");
+    let _ = fs::remove_file(&console);
     let mut launch = g.launch(format!(
         "cis490.ip=10.99.0.2/24 cis490.disk_write_mb={DISK_MB} cis490.disk_read_mb={DISK_MB} \
          cis490.send=10.99.0.1:5555:{SEND_BYTES} cis490.sleep_ms=1000"
@@ -106,13 +113,33 @@ fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
         "tap,ifname={TAP},script=no,downscript=no,model=virtio-net-pci"
     ));
     launch.console = Some(console.clone());
+    let qmp = work.join("qmp.sock");
+    let _ = fs::remove_file(&qmp);
+    launch.qmp = Some(qmp.clone());
     let mut argv: Vec<OsString> = ["ip", "netns", "exec", &ns.0].map(OsString::from).to_vec();
     argv.extend(qemu_argv(&g.guest, &launch));
     eprintln!(
         "demo: tracing a QEMU guest ({}, {}): {DISK_MB} MiB written and read on its disk, {SEND_BYTES} bytes sent over its tap",
         g.guest.kernel_version, g.accel
     );
-    let episode = trace(bin, data_dir, &argv);
+    let control = work.join("control.sock");
+    let _ = fs::remove_file(&control);
+    let phases = mark_phases(console.clone(), control.clone());
+    let episode = trace(
+        bin,
+        data_dir,
+        &[
+            "--qmp".into(),
+            qmp.into(),
+            "--control".into(),
+            control.into(),
+            "--label".into(),
+            "boot@0".into(),
+        ],
+        &argv,
+    );
+    let marked = phases.join().unwrap_or_default();
+    println!("phases marked live over the control socket: {marked:?}");
     let _ = sink.kill();
     let _ = sink.wait();
     let _ = fs::remove_file(&disk);
@@ -125,4 +152,35 @@ fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
         println!("the peer received {} bytes", v["bytes"]);
     }
     Ok(episode)
+}
+
+/// Marks phases live, as an orchestrator would: watches the guest's console
+/// and sends `label NAME` on the tracer's control socket when the guest
+/// says it booted (`workload`) and when it is done (`teardown`). Returns
+/// the labels the tracer acknowledged.
+fn mark_phases(console: PathBuf, control: PathBuf) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut marked = Vec::new();
+        for (line, label) in [("cis490-guest: booted", "workload"), ("cis490-guest: done", "teardown")] {
+            while !fs::read_to_string(&console).is_ok_and(|c| c.contains(line)) {
+                if Instant::now() > deadline {
+                    return marked;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let Ok(mut s) = UnixStream::connect(&control) else {
+                return marked;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut reply = String::new();
+            if writeln!(s, "label {label}").is_ok()
+                && BufReader::new(&s).read_line(&mut reply).is_ok()
+                && reply.starts_with("ok")
+            {
+                marked.push(label.to_owned());
+            }
+        }
+        marked
+    })
 }
