@@ -70,6 +70,9 @@ pub struct QmpInfo {
     pub errors: u64,
     /// QEMU closed the socket; the rows after that are all `None`.
     pub closed: bool,
+    /// QMP events dropped (oldest first) because more than 4096 arrived
+    /// between two buckets; they are missing from events.jsonl.
+    pub dropped_events: u64,
 }
 
 /// Events kept for [`QmpSource::take_events`] at most (the oldest are
@@ -165,6 +168,8 @@ impl QmpSource {
             net_stats: NET_STATS.into(),
             errors: self.errors,
             closed: self.closed,
+            dropped_events: self.dropped_events
+                + self.client.as_ref().map_or(0, |c| c.dropped_events()),
         }
     }
 
@@ -336,7 +341,9 @@ impl QmpSource {
     /// QEMU has closed the socket: keep its events, drop the client.
     fn close(&mut self) {
         self.collect_events();
-        self.client = None;
+        if let Some(c) = self.client.take() {
+            self.dropped_events += c.dropped_events();
+        }
         if !self.closed {
             self.closed = true;
             if self.saw_shutdown {
