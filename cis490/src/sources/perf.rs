@@ -687,21 +687,32 @@ mod tests {
             }
             // Thread churn, as a thread pool that spawns and retires workers:
             // short-lived threads one after another, before and after GO,
-            // until 300 ms after GO.
+            // until the process has burned 150 ms of CPU after GO (CPU time,
+            // not wall time: on a loaded machine 300 ms of wall time can be
+            // 50 ms of CPU).
             "churn" => {
                 let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let stop2 = stop.clone();
+                let spawned = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let spawned2 = spawned.clone();
                 let spawner = std::thread::spawn(move || {
                     while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
                         std::thread::spawn(|| burn(MS)).join().unwrap();
+                        spawned2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 });
                 std::thread::sleep(Duration::from_millis(20));
                 writeln!(out, "READY").unwrap();
                 wait_line(&mut stdin);
-                std::thread::sleep(Duration::from_millis(300));
+                let before_go = spawned.load(std::sync::atomic::Ordering::Relaxed);
+                let go = clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID);
+                while clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID) - go < 150 * MS {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 spawner.join().unwrap();
+                let n = spawned.load(std::sync::atomic::Ordering::Relaxed) - before_go;
+                writeln!(out, "EXITED {n}").unwrap();
             }
             // The main thread burns 200 ms.
             "burn" => {
@@ -781,6 +792,18 @@ mod tests {
                 assert!(n > 0, "workload exited before printing {word}");
                 if line.trim() == word {
                     return;
+                }
+            }
+        }
+        /// Reads lines until one is `WORD N`; returns N.
+        fn value(&mut self, word: &str) -> u64 {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = self.stdout.read_line(&mut line).unwrap();
+                assert!(n > 0, "workload exited before printing {word}");
+                if let Some(v) = line.trim().strip_prefix(word) {
+                    return v.trim().parse().unwrap();
                 }
             }
         }
@@ -898,8 +921,10 @@ mod tests {
             perf as f64 / 1e6,
             truth as f64 / 1e6
         );
+        // task-clock and the thread CPU clock are two clocks over the same
+        // slices (perf's and the scheduler's): within 2% of each other.
         assert!(
-            perf >= 300 * MS,
+            perf as f64 >= 300.0 * MS as f64 * 0.98,
             "the burner (child of an exited counted thread) burned 300 ms; perf saw {perf}"
         );
         assert!(
@@ -931,7 +956,11 @@ mod tests {
                 info.events[sw]
             );
         }
-        assert!(m.cpu_ns.unwrap() >= 200 * MS);
+        let cpu = m.cpu_ns.unwrap();
+        assert!(
+            cpu as f64 >= 200.0 * MS as f64 * 0.98,
+            "the main thread burned 200 ms of CPU after the counters opened; task-clock saw {cpu}"
+        );
         let hw = [
             ("cycles", m.cycles),
             ("instructions", m.instructions),
@@ -978,21 +1007,28 @@ mod tests {
         let mut src = PerfSource::new(pid).unwrap();
         let after = process_cpu_ns(pid);
         w.go();
+        let exited = w.value("EXITED");
         w.expect("DONE");
         let end = process_cpu_ns(pid);
         let perf = src.sample().cpu_ns.unwrap();
         let (lo, hi) = (end - after, end - before);
         println!(
-            "churn: {} threads opened, perf cpu_ns {:.1} ms, process CPU clock {:.1}..{:.1} ms",
+            "churn: {} threads opened, {exited} threads exited, perf cpu_ns {:.1} ms, process CPU clock {:.1}..{:.1} ms, perf short by {:.1} us per exited thread",
             src.info().threads_opened,
             perf as f64 / 1e6,
             lo as f64 / 1e6,
-            hi as f64 / 1e6
+            hi as f64 / 1e6,
+            (lo as f64 - perf as f64) / exited.max(1) as f64 / 1e3
         );
         assert!(lo >= 100 * MS, "the churn burned too little: {lo}");
+        // A thread's task-clock stops when perf closes its counters in the
+        // exit path, before the thread's last switch-out, which the process
+        // clock still counts: 20 to 32 us per exited thread measured here on
+        // a loaded machine. Allowed: 2%, plus 50 us per exited thread below.
+        let floor = lo as f64 * 0.98 - exited as f64 * 50e3;
         assert!(
-            perf as f64 >= lo as f64 * 0.98 && perf as f64 <= hi as f64 * 1.02,
-            "perf {perf} outside the process CPU clock's {lo}..{hi} (±2%)"
+            perf as f64 >= floor && perf as f64 <= hi as f64 * 1.02,
+            "perf {perf} outside the process CPU clock's {lo}..{hi} (2%, and 50 us per exited thread below)"
         );
     }
 

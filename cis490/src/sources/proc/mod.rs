@@ -797,8 +797,16 @@ mod tests {
         let pid = std::process::id() as i32;
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() } as u32;
-        let spin = std::time::Instant::now();
-        while spin.elapsed() < Duration::from_millis(30) {
+        // 30 ms of this thread's CPU time (not wall time: the machine may be
+        // loaded).
+        let cpu = || {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: `ts` is a valid timespec.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        };
+        let start = cpu();
+        while cpu() - start < 30_000_000 {
             std::hint::black_box(0u64);
         }
         let c = thread_counters(pid, tid).unwrap();
