@@ -1023,12 +1023,14 @@ mod tests {
         assert!(lo >= 100 * MS, "the churn burned too little: {lo}");
         // A thread's task-clock stops when perf closes its counters in the
         // exit path, before the thread's last switch-out, which the process
-        // clock still counts: 20 to 32 us per exited thread measured here on
-        // a loaded machine. Allowed: 2%, plus 50 us per exited thread below.
-        let floor = lo as f64 * 0.98 - exited as f64 * 50e3;
+        // clock still counts: 20 to 90 us per exited thread measured here,
+        // the more the busier the machine (90 at a load average of 11).
+        // Allowed: 2%, plus 200 us per exited thread below. What this test
+        // is for is the upper bound: a thread counted twice.
+        let floor = lo as f64 * 0.98 - exited as f64 * 200e3;
         assert!(
             perf as f64 >= floor && perf as f64 <= hi as f64 * 1.02,
-            "perf {perf} outside the process CPU clock's {lo}..{hi} (2%, and 50 us per exited thread below)"
+            "perf {perf} outside the process CPU clock's {lo}..{hi} (2%, and 200 us per exited thread below)"
         );
     }
 
