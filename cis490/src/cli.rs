@@ -88,8 +88,8 @@ pub struct TraceArgs {
     /// Also record QEMU's own statistics from its QMP unix socket (QEMU's
     /// `-qmp unix:PATH,server=on,wait=off`): rows in telemetry-qmp.jsonl,
     /// QMP events (STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR...) in
-    /// events.jsonl. A socket that is not there yet (QEMU starting) is
-    /// retried for 10 s.
+    /// events.jsonl. A socket that is not there or not answering yet (QEMU
+    /// starting) is retried every bucket for 30 s.
     #[arg(long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
 

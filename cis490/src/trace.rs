@@ -361,29 +361,36 @@ impl Sources {
 /// The QMP source: waiting for QEMU to open its socket, connected, or given
 /// up on.
 enum QmpSlot {
-    Pending { path: PathBuf, since: Instant },
+    Pending { path: PathBuf, since: Instant, last_error: Option<String> },
     Connected(QmpSource),
     Failed { path: PathBuf, why: String, reported: bool },
 }
 
 impl QmpSlot {
-    /// How long QEMU has to create its QMP socket after tracing starts.
-    const CONNECT_WINDOW: Duration = Duration::from_secs(10);
+    /// How long QEMU has, after tracing starts, to create its QMP socket and
+    /// greet on it. QEMU creates the socket early but greets only once its
+    /// main loop runs, which on a loaded machine under TCG can be seconds
+    /// later; each bucket tries again (each try bounded by the sample
+    /// timeout).
+    const CONNECT_WINDOW: Duration = Duration::from_secs(30);
 
     /// This bucket's QMP row (`null` fields until connected, or when QMP
     /// does not answer in time).
     async fn sample(&mut self, timeout: Duration) -> crate::row::Measures {
-        if let QmpSlot::Pending { path, since } = self {
+        if let QmpSlot::Pending { path, since, last_error } = self {
             match QmpSource::connect(path, timeout).await {
                 Ok(src) => *self = QmpSlot::Connected(src),
-                // A socket that is there but does not speak QMP (no greeting,
-                // garbage, an error) will not get better: give up at once.
-                // One that is not there yet may be QEMU still starting.
-                Err(e) if path.exists() || since.elapsed() > Self::CONNECT_WINDOW => {
+                Err(e) if since.elapsed() > Self::CONNECT_WINDOW => {
                     log::warn!("QMP source off: {e:#}");
                     *self = QmpSlot::Failed { path: path.clone(), why: format!("{e:#}"), reported: false };
                 }
-                Err(e) => log::debug!("QMP not there yet: {e:#}"),
+                Err(e) => {
+                    if last_error.is_none() && path.exists() {
+                        log::info!("QMP: no answer yet on {} ({e:#}); retrying", path.display());
+                    }
+                    log::debug!("QMP not there yet: {e:#}");
+                    *last_error = Some(format!("{e:#}"));
+                }
             }
             // The connection took this bucket's baseline.
             return crate::row::Measures::default();
@@ -391,6 +398,19 @@ impl QmpSlot {
         match self {
             QmpSlot::Connected(src) => src.sample(timeout).await,
             _ => crate::row::Measures::default(),
+        }
+    }
+
+    /// At the end of tracing: a connection still not made is a failure,
+    /// reported like one (an event and meta.json's `qmp.error`).
+    fn give_up(&mut self) {
+        if let QmpSlot::Pending { path, last_error, .. } = self {
+            let why = last_error.take().map_or_else(
+                || format!("QEMU never opened its QMP socket {}", path.display()),
+                |e| format!("no QMP session while tracing: {e}"),
+            );
+            log::warn!("QMP source off: {why}");
+            *self = QmpSlot::Failed { path: path.clone(), why, reported: false };
         }
     }
 
@@ -569,7 +589,7 @@ async fn trace(
         ebpf,
         proc,
         perf,
-        qmp: cfg.qmp.as_ref().map(|p| QmpSlot::Pending { path: p.clone(), since: Instant::now() }),
+        qmp: cfg.qmp.as_ref().map(|p| QmpSlot::Pending { path: p.clone(), since: Instant::now(), last_error: None }),
         qmp_timeout: (cfg.interval * 4 / 5).clamp(Duration::from_millis(20), Duration::from_millis(500)),
         holdings: Holdings::default(),
         holdings_at: None,
@@ -729,6 +749,9 @@ async fn trace(
         sleep(Duration::from_millis(5)).await;
     }
     sources.ebpf.settle(reason == EndReason::TargetExited);
+    if let Some(q) = &mut sources.qmp {
+        q.give_up();
+    }
     let end = ClockPair::now();
     let last = sources.close_bucket(&mut clock, &mut out, end).await?;
     // Detach: no more events after the final row.
