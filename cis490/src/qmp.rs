@@ -451,9 +451,10 @@ fn is_disconnect(e: &io::Error) -> bool {
 
 /// Splits a byte stream into lines of at most `max` bytes. Memory is bounded
 /// by `max` plus one read: an over-long line is reported once and its bytes
-/// are dropped up to the next newline.
+/// are dropped up to the next newline. (`pub(crate)`, as [`decode_line`]:
+/// the `qmp` fuzz target in `fuzz/` drives both.)
 #[derive(Debug)]
-struct LineBuf {
+pub(crate) struct LineBuf {
     buf: Vec<u8>,
     /// `buf[..scanned]` holds no newline.
     scanned: usize,
@@ -463,7 +464,7 @@ struct LineBuf {
 }
 
 impl LineBuf {
-    fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         Self {
             buf: Vec::new(),
             scanned: 0,
@@ -472,13 +473,13 @@ impl LineBuf {
         }
     }
 
-    fn push(&mut self, bytes: &[u8]) {
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
 
     /// The next complete line (without `\n`), an error for an over-long
     /// line, or `None` when more bytes are needed.
-    fn next_line(&mut self) -> Option<Result<Vec<u8>, ParseError>> {
+    pub(crate) fn next_line(&mut self) -> Option<Result<Vec<u8>, ParseError>> {
         loop {
             let nl = self.buf[self.scanned..]
                 .iter()
@@ -530,7 +531,9 @@ impl LineBuf {
 }
 
 /// Decodes one line from the socket.
-fn decode_line(line: Result<Vec<u8>, ParseError>) -> Option<Result<Message, ParseError>> {
+pub(crate) fn decode_line(
+    line: Result<Vec<u8>, ParseError>,
+) -> Option<Result<Message, ParseError>> {
     let bytes = match line {
         Ok(b) => b,
         Err(e) => return Some(Err(e)),

@@ -376,8 +376,9 @@ impl QmpSource {
     }
 }
 
-/// The per-disk counters of a `query-blockstats` reply.
-fn parse_blockstats(v: &Value) -> Result<BTreeMap<String, BlkCounters>, String> {
+/// The per-disk counters of a `query-blockstats` reply. (This and the
+/// other reply readers are `pub(crate)` for the `qmp` fuzz target.)
+pub(crate) fn parse_blockstats(v: &Value) -> Result<BTreeMap<String, BlkCounters>, String> {
     let list = v.as_array().ok_or("not a list")?;
     let mut out = BTreeMap::new();
     for (i, dev) in list.iter().enumerate() {
@@ -414,7 +415,7 @@ fn parse_blockstats(v: &Value) -> Result<BTreeMap<String, BlkCounters>, String> 
 
 /// Growth per disk; a new disk, or one whose counters went backwards (a new
 /// device under the same name), counts from zero.
-fn blk_delta(
+pub(crate) fn blk_delta(
     prev: &BTreeMap<String, BlkCounters>,
     cur: &BTreeMap<String, BlkCounters>,
 ) -> BTreeMap<String, BlkCounters> {
@@ -443,7 +444,7 @@ fn blk_delta(
 
 /// The KVM statistic `exits` summed over the vCPUs of a `query-stats`
 /// reply; `None` if no vCPU has it (TCG: an empty list).
-fn sum_kvm_exits(v: &Value) -> Result<Option<u64>, String> {
+pub(crate) fn sum_kvm_exits(v: &Value) -> Result<Option<u64>, String> {
     let list = v.as_array().ok_or("not a list")?;
     let mut sum: Option<u64> = None;
     for entry in list {

@@ -36,8 +36,10 @@ use anyhow::{Context, anyhow, ensure};
 
 use crate::row::{Measures, NetCounters};
 
-mod io_bytes;
-mod net_dev;
+// The parsers are `pub(crate)`: the fuzz targets (`fuzz/`, which compile
+// this module from its file) drive them.
+pub(crate) mod io_bytes;
+pub(crate) mod net_dev;
 
 /// Collects per-bucket deltas for one process from `/proc`.
 #[derive(Debug)]
@@ -595,7 +597,7 @@ fn clock_ticks_per_second() -> anyhow::Result<u64> {
 }
 
 /// Clock ticks to ns, rounding down.
-fn ticks_to_ns(ticks: u64, clk_tck: u64) -> u64 {
+pub(crate) fn ticks_to_ns(ticks: u64, clk_tck: u64) -> u64 {
     let ns = u128::from(ticks) * 1_000_000_000 / u128::from(clk_tck.max(1));
     u64::try_from(ns).unwrap_or(u64::MAX)
 }
@@ -603,30 +605,30 @@ fn ticks_to_ns(ticks: u64, clk_tck: u64) -> u64 {
 /// The fields of `/proc/PID/stat` (or `/proc/PID/task/TID/stat`) this
 /// module uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stat<'a> {
+pub(crate) struct Stat<'a> {
     /// Field 1.
-    pid: i32,
+    pub(crate) pid: i32,
     /// Field 2, without the parentheses.
-    comm: &'a str,
+    pub(crate) comm: &'a str,
     /// Field 3.
-    state: char,
+    pub(crate) state: char,
     /// Field 10: minor faults (whole process when read from PID/stat).
-    minflt: u64,
+    pub(crate) minflt: u64,
     /// Field 12: major faults.
-    majflt: u64,
+    pub(crate) majflt: u64,
     /// Field 14, clock ticks.
-    utime: u64,
+    pub(crate) utime: u64,
     /// Field 15, clock ticks.
-    stime: u64,
+    pub(crate) stime: u64,
     /// Field 20.
-    num_threads: u64,
+    pub(crate) num_threads: u64,
     /// Field 22, clock ticks since boot.
-    start_time: u64,
+    pub(crate) start_time: u64,
 }
 
 /// Parses a stat line. The comm is everything between the first `(` and the
 /// last `)`, and the fields after it are counted from that last `)`.
-fn parse_stat(s: &str) -> anyhow::Result<Stat<'_>> {
+pub(crate) fn parse_stat(s: &str) -> anyhow::Result<Stat<'_>> {
     /// Fields 3 to 22.
     const AFTER_COMM: usize = 20;
     let open = s.find('(').context("stat: no '('")?;
@@ -667,14 +669,14 @@ fn parse_stat(s: &str) -> anyhow::Result<Stat<'_>> {
 
 /// The context-switch counts of one thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct CtxtSwitches {
-    voluntary: u64,
-    involuntary: u64,
+pub(crate) struct CtxtSwitches {
+    pub(crate) voluntary: u64,
+    pub(crate) involuntary: u64,
 }
 
 /// Parses the `voluntary_ctxt_switches:` and `nonvoluntary_ctxt_switches:`
 /// lines of a status file.
-fn parse_status_ctxt(s: &str) -> anyhow::Result<CtxtSwitches> {
+pub(crate) fn parse_status_ctxt(s: &str) -> anyhow::Result<CtxtSwitches> {
     let (mut voluntary, mut involuntary) = (None, None);
     for line in s.lines() {
         if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
@@ -691,17 +693,17 @@ fn parse_status_ctxt(s: &str) -> anyhow::Result<CtxtSwitches> {
 
 /// The three fields of a schedstat file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct SchedStat {
+pub(crate) struct SchedStat {
     /// Time on CPU, ns.
-    sum_exec_runtime_ns: u64,
+    pub(crate) sum_exec_runtime_ns: u64,
     /// Time spent waiting on a run queue, ns.
-    run_delay_ns: u64,
+    pub(crate) run_delay_ns: u64,
     /// Number of timeslices run on this CPU.
-    timeslices: u64,
+    pub(crate) timeslices: u64,
 }
 
 /// Parses a schedstat file: `sum_exec_runtime run_delay timeslices`.
-fn parse_schedstat(s: &str) -> anyhow::Result<SchedStat> {
+pub(crate) fn parse_schedstat(s: &str) -> anyhow::Result<SchedStat> {
     let mut it = s.split_ascii_whitespace();
     let mut next = |name: &str| -> anyhow::Result<u64> {
         let v = it.next().with_context(|| format!("schedstat: no {name}"))?;
@@ -717,7 +719,7 @@ fn parse_schedstat(s: &str) -> anyhow::Result<SchedStat> {
 }
 
 /// Parses the `se.nr_migrations : N` line of a sched file.
-fn parse_sched_migrations(s: &str) -> anyhow::Result<u64> {
+pub(crate) fn parse_sched_migrations(s: &str) -> anyhow::Result<u64> {
     s.lines()
         .filter_map(|line| line.split_once(':'))
         .find(|(key, _)| key.trim() == "se.nr_migrations")

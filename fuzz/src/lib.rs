@@ -1,0 +1,34 @@
+//! The harnesses of the cis490 fuzz targets (`fuzz_targets/*.rs` call one
+//! function each), and the cis490 modules they drive.
+//!
+//! The modules are compiled from cis490's own source files (`#[path]`), so
+//! the targets exercise exactly the code the tracer runs, without building
+//! the `cis490` crate (its build script builds the eBPF object). They are
+//! mounted where cis490 has them relative to `crate` (`crate::row`,
+//! `crate::qmp`), which is all their `use crate::...` lines need. If one of
+//! them starts using another cis490 module, mount that one here too (the
+//! bounded fuzz run of `cargo xtask test` fails to build until then).
+//!
+//! Every harness must not panic on any input; each also asserts properties
+//! that must hold for every input (see each function).
+
+#![allow(dead_code, unused_imports, clippy::all)]
+
+#[path = "../../cis490/src/row.rs"]
+pub mod row;
+
+#[path = "../../cis490/src/qmp.rs"]
+pub mod qmp;
+
+#[path = "../../cis490/src/taps.rs"]
+pub mod taps;
+
+/// `cis490::sources::proc` (with its `io_bytes` and `net_dev` submodules).
+#[path = "../../cis490/src/sources/proc/mod.rs"]
+pub mod proc_source;
+
+/// `cis490::sources::qmp`.
+#[path = "../../cis490/src/sources/qmp.rs"]
+pub mod qmp_source;
+
+pub mod harness;
