@@ -190,13 +190,14 @@ pub struct NetCounters {
 
 impl Measures {
     /// Fills the `net_*` totals from `net_by_if` (`None` stays `None`).
+    /// Totals saturate at `u64::MAX` (only malformed input gets there).
     pub fn set_net(&mut self, by_if: Option<BTreeMap<String, NetCounters>>) {
         let total = by_if.as_ref().map(|m| {
             m.values().fold(NetCounters::default(), |a, c| NetCounters {
-                tx_bytes: a.tx_bytes + c.tx_bytes,
-                rx_bytes: a.rx_bytes + c.rx_bytes,
-                tx_packets: a.tx_packets + c.tx_packets,
-                rx_packets: a.rx_packets + c.rx_packets,
+                tx_bytes: a.tx_bytes.saturating_add(c.tx_bytes),
+                rx_bytes: a.rx_bytes.saturating_add(c.rx_bytes),
+                tx_packets: a.tx_packets.saturating_add(c.tx_packets),
+                rx_packets: a.rx_packets.saturating_add(c.rx_packets),
             })
         });
         self.net_tx_bytes = total.map(|t| t.tx_bytes);
@@ -285,6 +286,28 @@ mod tests {
         let v = serde_json::to_value(&m).unwrap();
         assert_eq!(v["net_by_if"]["tap0"]["tx_bytes"], 10);
         assert!(v["kvm_exit_reasons"].is_null());
+    }
+
+    #[test]
+    fn net_totals_saturate_instead_of_overflowing() {
+        // Found by the `proc` fuzz target (fuzz/seeds/proc/
+        // crash-net-dev-totals-overflow): a net/dev text whose interfaces'
+        // counters sum past u64::MAX panicked ("attempt to add with
+        // overflow") in debug builds and wrapped in release builds.
+        let mut m = Measures::default();
+        let big = NetCounters {
+            tx_bytes: u64::MAX - 1,
+            rx_bytes: 7,
+            tx_packets: u64::MAX,
+            rx_packets: 1,
+        };
+        let by: BTreeMap<String, NetCounters> =
+            [("a".to_owned(), big), ("b".to_owned(), big)].into();
+        m.set_net(Some(by));
+        assert_eq!(m.net_tx_bytes, Some(u64::MAX));
+        assert_eq!(m.net_rx_bytes, Some(14));
+        assert_eq!(m.net_tx_packets, Some(u64::MAX));
+        assert_eq!(m.net_rx_packets, Some(2));
     }
 
     #[test]
