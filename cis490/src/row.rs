@@ -160,10 +160,11 @@ pub struct BlkCounters {
 }
 
 impl Measures {
-    /// Fills `ctx_switches` from the voluntary and involuntary counts.
+    /// Fills `ctx_switches` from the voluntary and involuntary counts
+    /// (saturating at `u64::MAX`: only malformed input gets there).
     pub fn set_ctx_total(&mut self) {
         self.ctx_switches = match (self.ctx_switches_voluntary, self.ctx_switches_involuntary) {
-            (Some(v), Some(i)) => Some(v + i),
+            (Some(v), Some(i)) => Some(v.saturating_add(i)),
             _ => None,
         };
     }
@@ -308,6 +309,24 @@ mod tests {
         assert_eq!(m.net_rx_bytes, Some(14));
         assert_eq!(m.net_tx_packets, Some(u64::MAX));
         assert_eq!(m.net_rx_packets, Some(2));
+    }
+
+    #[test]
+    fn ctx_total_saturates_instead_of_overflowing() {
+        // fuzz/seeds/proc/crash-status-ctx-total-overflow: a status file
+        // whose two counts sum past u64::MAX panicked the `proc` fuzz target
+        // here (found by reading the code after the set_net overflow, then
+        // reproduced with the target; its runs had not reached it).
+        let mut m = Measures {
+            ctx_switches_voluntary: Some(u64::MAX),
+            ctx_switches_involuntary: Some(1),
+            ..Default::default()
+        };
+        m.set_ctx_total();
+        assert_eq!(m.ctx_switches, Some(u64::MAX));
+        m.ctx_switches_involuntary = None;
+        m.set_ctx_total();
+        assert_eq!(m.ctx_switches, None);
     }
 
     #[test]
