@@ -403,12 +403,13 @@ pub(crate) fn parse_blockstats(v: &Value) -> Result<BTreeMap<String, BlkCounters
             read_ops: get("rd_operations")?,
             write_ops: get("wr_operations")?,
         };
-        // Two entries with one name (not expected): their sum.
+        // Two entries with one name (not expected): their sum, saturating
+        // (QEMU's counters are u64).
         let e = out.entry(name).or_insert_with(BlkCounters::default);
-        e.read_bytes += c.read_bytes;
-        e.write_bytes += c.write_bytes;
-        e.read_ops += c.read_ops;
-        e.write_ops += c.write_ops;
+        e.read_bytes = e.read_bytes.saturating_add(c.read_bytes);
+        e.write_bytes = e.write_bytes.saturating_add(c.write_bytes);
+        e.read_ops = e.read_ops.saturating_add(c.read_ops);
+        e.write_ops = e.write_ops.saturating_add(c.write_ops);
     }
     Ok(out)
 }
@@ -557,6 +558,22 @@ mod tests {
                 .contains("rd_bytes")
         );
         assert_eq!(parse_blockstats(&json!([])).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn blockstats_of_one_name_sum_without_overflowing() {
+        // Two entries named alike whose counters sum past u64::MAX panicked
+        // ("attempt to add with overflow") in debug builds. Found by reading
+        // the code, reproduced with the `qmp` fuzz target on
+        // fuzz/seeds/qmp/crash-blockstats-duplicate-name-overflow.
+        let v = json!([
+            {"device": "virtio0", "stats": {"rd_bytes": u64::MAX, "wr_bytes": 1, "rd_operations": 1, "wr_operations": 0}},
+            {"device": "virtio0", "stats": {"rd_bytes": 1, "wr_bytes": 2, "rd_operations": 1, "wr_operations": 0}}
+        ]);
+        assert_eq!(
+            parse_blockstats(&v).unwrap()["virtio0"],
+            blk(u64::MAX, 3, 2, 0)
+        );
     }
 
     #[test]
