@@ -60,10 +60,11 @@ fn read_jsonl(path: &Path) -> Result<Vec<(usize, Result<Value, String>)>> {
         .collect())
 }
 
-/// Totals of a field over rows (`None` when no row measured it).
+/// Totals of a field over rows (`None` when no row measured it),
+/// saturating at `u64::MAX` (rows of a malformed file can get there).
 fn total(rows: &[Row], f: impl Fn(&Measures) -> Option<u64>) -> Option<u64> {
     let vals: Vec<u64> = rows.iter().filter_map(|r| f(&r.m)).collect();
-    (!vals.is_empty()).then(|| vals.iter().sum())
+    (!vals.is_empty()).then(|| vals.iter().fold(0u64, |a, v| a.saturating_add(*v)))
 }
 
 /// How far two sources may be apart on a total: a relative share plus an
@@ -410,6 +411,24 @@ mod tests {
         .unwrap();
         v["cpu_ns"] = 1.into();
         v
+    }
+
+    #[test]
+    fn totals_saturate_instead_of_overflowing() {
+        // Rows summing past u64::MAX made `cis490 check` panic ("attempt to add
+        // with overflow") in debug builds. Found by reading the code.
+        let rows: Vec<Row> = [u64::MAX, 1]
+            .into_iter()
+            .map(|v| {
+                serde_json::from_value(row("01TEST", 0, 1, 1)).map(|mut r: Row| {
+                    r.m.cpu_ns = Some(v);
+                    r
+                })
+            })
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(total(&rows, |m| m.cpu_ns), Some(u64::MAX));
+        assert_eq!(total(&rows, |m| m.wakeups), None);
     }
 
     #[test]
