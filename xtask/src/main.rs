@@ -5,9 +5,12 @@
 //! - `build-ebpf`: builds the eBPF object (through cis490's build.rs) and
 //!   prints its path and program sizes.
 //! - `demo`: setup, build, trace the bundled workload, print a summary.
-//! - `test`: setup, build, run every test (unit, then privileged).
+//! - `test`: setup, build, run every test (unit, a bounded run of every
+//!   fuzz target, then privileged).
+//! - `fuzz`: run the fuzz targets for longer.
 
 mod demo;
+mod fuzz;
 mod guest;
 mod setup;
 
@@ -42,12 +45,24 @@ enum Task {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
-    /// Set up, build, then run all tests: unit tests, then the privileged
-    /// integration tests (need root).
+    /// Set up, build, then run all tests: unit tests, a bounded run of
+    /// every fuzz target, then the privileged integration tests (need root).
     Test {
+        /// Seconds each fuzz target runs (0: skip the fuzz run).
+        #[arg(long, default_value_t = fuzz::TEST_SECS)]
+        fuzz_secs: u64,
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run the fuzz targets (cargo-fuzz, nightly; installed if missing),
+    /// each for `--secs`. See docs/fuzzing.md.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        secs: u64,
+        /// Only this target (record, proc, qmp).
+        target: Option<String>,
     },
     /// Build the test guest (kernel + busybox initramfs, cached outside the
     /// repo), probe the accelerator, write and print guest.json.
@@ -94,7 +109,8 @@ fn main() -> Result<()> {
         Task::Setup => setup::ensure(),
         Task::BuildEbpf { release } => build_ebpf(release),
         Task::Demo { data_dir } => demo(&data_dir),
-        Task::Test { args } => test(&args),
+        Task::Test { fuzz_secs, args } => test(fuzz_secs, &args),
+        Task::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
         Task::Guest { boot } => guest::task(boot),
     }
 }
@@ -185,7 +201,7 @@ fn demo(data_dir: &Path) -> Result<()> {
     demo::run_demo(&bin, &workspace_root().join(data_dir))
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {
     setup::ensure()?;
     build_bins(false)?;
     let mut unit = cargo();
@@ -203,6 +219,11 @@ fn test(args: &[String]) -> Result<()> {
     ])
     .args(args);
     run(&mut unit)?;
+    // No privileges needed: every target for a bounded time (seeds, the
+    // crash regressions among them, then new inputs).
+    if fuzz_secs > 0 {
+        fuzz::run(fuzz_secs, None)?;
+    }
     if !is_root() {
         bail!(
             "unit tests passed; the privileged integration tests need root (CAP_BPF, CAP_PERFMON): \
