@@ -360,6 +360,236 @@ mod tests {
         assert_eq!(m.blk_read_bytes, None);
     }
 
+    /// `docs/row.schema.json`, checked against the draft 2020-12
+    /// metaschema and compiled.
+    fn row_schema() -> (serde_json::Value, jsonschema::Validator) {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/row.schema.json")).unwrap();
+        jsonschema::meta::validate(&schema).expect("row.schema.json is a valid 2020-12 schema");
+        let v = jsonschema::draft202012::new(&schema).unwrap();
+        (schema, v)
+    }
+
+    fn errors(v: &jsonschema::Validator, row: &serde_json::Value) -> Vec<String> {
+        v.iter_errors(row)
+            .map(|e| format!("{}: {e}", e.instance_path()))
+            .collect()
+    }
+
+    /// A row with every measure present; `n` is every count (and every
+    /// histogram element, map entry count...).
+    fn full_row(n: u64) -> Row {
+        let map = |k: &str| BTreeMap::from([(k.to_owned(), n)]);
+        let net = NetCounters {
+            tx_bytes: n,
+            rx_bytes: n,
+            tx_packets: n,
+            rx_packets: n,
+        };
+        let blk = BlkCounters {
+            read_bytes: n,
+            write_bytes: n,
+            read_ops: n,
+            write_ops: n,
+        };
+        // No `..Default::default()`: a new field must be added here too.
+        let m = Measures {
+            cpu_ns: Some(n),
+            ctx_switches_voluntary: Some(n),
+            ctx_switches_involuntary: Some(n),
+            ctx_switches: Some(n),
+            runq_delay_ns: Some(n),
+            threads: Some(n),
+            wakeups: Some(n),
+            migrations: Some(n),
+            runq_delay_max_ns: Some(n),
+            runq_delay_hist_log2: Some(vec![n; 64]),
+            events: Some(n),
+            dropped_events: Some(n),
+            blk_read_ops: Some(n),
+            blk_write_ops: Some(n),
+            blk_read_bytes: Some(n),
+            blk_write_bytes: Some(n),
+            blk_latency_ns_sum: Some(n),
+            blk_latency_max_ns: Some(n),
+            blk_latency_hist_log2: Some(vec![0, n]),
+            net_tx_bytes: Some(n),
+            net_rx_bytes: Some(n),
+            net_tx_packets: Some(n),
+            net_rx_packets: Some(n),
+            net_by_if: Some(BTreeMap::from([
+                ("tap0".to_owned(), net),
+                ("sockets".to_owned(), net),
+            ])),
+            kvm_exits: Some(n),
+            kvm_exit_reasons: Some(map("EPT_VIOLATION")),
+            kvm_userspace_exits: Some(n),
+            kvm_userspace_exit_reasons: Some(map("KVM_EXIT_IO")),
+            blk_by_dev: Some(BTreeMap::from([("virtio0".to_owned(), blk)])),
+            page_faults_minor: Some(n),
+            page_faults_major: Some(n),
+            cycles: Some(n),
+            instructions: Some(n),
+            cache_references: Some(n),
+            cache_misses: Some(n),
+            branch_misses: Some(n),
+        };
+        Row {
+            episode_id: "01M8HJJ72G58PD87B8318Y5SKR".into(),
+            source: SourceKind::Ebpf,
+            available_in_deployment: false,
+            t_mono_ns: n,
+            t_wall_ns: n,
+            interval_ns: n,
+            seq: n,
+            m,
+        }
+    }
+
+    #[test]
+    fn the_schema_has_every_field_and_requires_it() {
+        let (schema, _) = row_schema();
+        let row = serde_json::to_value(full_row(1)).unwrap();
+        let fields: Vec<&String> = row.as_object().unwrap().keys().collect();
+        let props: Vec<&String> = schema["properties"].as_object().unwrap().keys().collect();
+        assert_eq!(props, fields, "schema properties vs Row's fields, in order");
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(required, fields);
+        assert_eq!(schema["additionalProperties"], false);
+        // The full row leaves nothing null, so it exercises every branch.
+        assert!(row.as_object().unwrap().values().all(|v| !v.is_null()));
+    }
+
+    #[test]
+    fn rows_validate_against_the_schema() {
+        let (_, v) = row_schema();
+        let mut all_null = full_row(0);
+        all_null.m = Measures::default();
+        for (what, row) in [
+            ("all null", all_null),
+            ("full, zeros", full_row(0)),
+            ("full", full_row(123_456_789)),
+            ("full, u64::MAX", full_row(u64::MAX)),
+        ] {
+            for source in SourceKind::ALL {
+                let mut row = row.clone();
+                row.source = source;
+                let json = serde_json::to_value(&row).unwrap();
+                assert_eq!(errors(&v, &json), Vec::<String>::new(), "{what} {source:?}");
+                // And what validates here reads back as the same Row.
+                assert_eq!(serde_json::from_value::<Row>(json).unwrap(), row);
+            }
+        }
+    }
+
+    #[test]
+    fn the_schema_rejects_malformed_rows() {
+        let (_, v) = row_schema();
+        let good = serde_json::to_value(full_row(5)).unwrap();
+        assert!(v.is_valid(&good));
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit); 16] = [
+            ("a string for a count", |r| r["cpu_ns"] = "lots".into()),
+            ("a missing field", |r| {
+                r.as_object_mut().unwrap().remove("wakeups");
+            }),
+            ("an unknown field", |r| r["bogus"] = 1.into()),
+            ("a negative count", |r| r["cpu_ns"] = (-1).into()),
+            ("a fraction", |r| r["cpu_ns"] = 1.5.into()),
+            ("past u64::MAX", |r| {
+                r["cycles"] = serde_json::from_str("18446744073709551616").unwrap()
+            }),
+            ("an unknown source", |r| r["source"] = "pcap".into()),
+            ("a null envelope field", |r| {
+                r["seq"] = serde_json::Value::Null
+            }),
+            ("an id that is not a ULID", |r| {
+                r["episode_id"] = "01test".into()
+            }),
+            ("a string for a bool", |r| {
+                r["available_in_deployment"] = "no".into()
+            }),
+            ("a negative histogram element", |r| {
+                r["runq_delay_hist_log2"] = serde_json::json!([1, -2])
+            }),
+            ("a histogram over 64 buckets", |r| {
+                r["blk_latency_hist_log2"] = serde_json::json!(vec![1; 65])
+            }),
+            ("an interface without rx_packets", |r| {
+                r["net_by_if"]["tap0"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("rx_packets");
+            }),
+            ("a disk with an extra counter", |r| {
+                r["blk_by_dev"]["virtio0"]["flush_ops"] = 1.into()
+            }),
+            ("a reason count that is a string", |r| {
+                r["kvm_exit_reasons"]["HLT"] = "x".into()
+            }),
+            ("a map that is a list", |r| {
+                r["net_by_if"] = serde_json::json!([])
+            }),
+        ];
+        for (what, edit) in cases {
+            let mut row = good.clone();
+            edit(&mut row);
+            assert!(!v.is_valid(&row), "{what}: accepted {row}");
+        }
+    }
+
+    #[test]
+    fn the_event_and_label_line_schemas_accept_and_reject() {
+        // Not rows, but the other two line formats of an episode, shipped
+        // beside row.schema.json (docs/data-model.md, events.jsonl).
+        for (file, text, good, bad) in [
+            (
+                "event",
+                include_str!("../../docs/event.schema.json"),
+                vec![
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":null,"event":"started","pid":7,"mode":"spawn","interval_ns":100000000}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"event":"thread_started","tid":8,"parent_tid":7,"comm":"CPU 0/TCG"}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"qmp","qmp_event":"STOP","data":null}"#,
+                ],
+                vec![
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"event":"thread_started","tid":8,"comm":"x"}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"event":"duration_reached"}"#,
+                    r#"{"t_mono_ns":-1,"t_wall_ns":2,"seq":0,"event":"finished","reason":"signal","buckets":1}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"event":"Started"}"#,
+                ],
+            ),
+            (
+                "label",
+                include_str!("../../docs/label.schema.json"),
+                vec![r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":4,"label":"detonate","via":"control"}"#],
+                vec![
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":4,"label":"two words","via":"cli"}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":4,"label":"boot","via":"http"}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":4,"label":"boot","via":"cli","x":1}"#,
+                ],
+            ),
+        ] {
+            let schema: serde_json::Value = serde_json::from_str(text).unwrap();
+            jsonschema::meta::validate(&schema).expect(file);
+            let v = jsonschema::draft202012::new(&schema).unwrap();
+            for l in good {
+                let line: serde_json::Value = serde_json::from_str(l).unwrap();
+                assert_eq!(errors(&v, &line), Vec::<String>::new(), "{file}: {l}");
+            }
+            for l in bad {
+                assert!(
+                    !v.is_valid(&serde_json::from_str(l).unwrap()),
+                    "{file}: accepted {l}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn source_names_round_trip() {
         for k in SourceKind::ALL {
