@@ -1,0 +1,316 @@
+//! What `cis490 trace` really writes, against the JSON Schemas shipped in
+//! `docs/`: every line of every `telemetry-*.jsonl` file against
+//! `row.schema.json`, every `events.jsonl` line against
+//! `event.schema.json`, every `labels.jsonl` line against
+//! `label.schema.json`. Two episodes between them fill every kind of field
+//! this machine can measure: a QEMU guest (disk, a tap in a network
+//! namespace, QMP, phase labels; all four sources) and the tiny KVM VMM
+//! (the KVM exit reason maps).
+
+use std::{collections::BTreeSet, fs, path::Path, time::Duration};
+
+use cis490_tests::{
+    guest::{GuestJson, create_disk, qemu_argv},
+    *,
+};
+use serde_json::Value;
+
+struct Schemas {
+    row: jsonschema::Validator,
+    event: jsonschema::Validator,
+    label: jsonschema::Validator,
+}
+
+fn compile(name: &str, text: &str) -> jsonschema::Validator {
+    let schema: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    jsonschema::meta::validate(&schema).unwrap_or_else(|e| panic!("{name}: {e}"));
+    jsonschema::draft202012::new(&schema).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn schemas() -> Schemas {
+    Schemas {
+        row: compile(
+            "row.schema.json",
+            include_str!("../../docs/row.schema.json"),
+        ),
+        event: compile(
+            "event.schema.json",
+            include_str!("../../docs/event.schema.json"),
+        ),
+        label: compile(
+            "label.schema.json",
+            include_str!("../../docs/label.schema.json"),
+        ),
+    }
+}
+
+fn errors(v: &jsonschema::Validator, line: &Value) -> Vec<String> {
+    v.iter_errors(line)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
+}
+
+/// Every line of `path` validated; returns the lines.
+fn validate_file(v: &jsonschema::Validator, path: &Path) -> Vec<Value> {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        let line: Value = serde_json::from_str(l)
+            .unwrap_or_else(|e| panic!("{}:{}: not JSON ({e}): {l}", path.display(), i + 1));
+        let errs = errors(v, &line);
+        assert!(
+            errs.is_empty(),
+            "{}:{} does not match its schema: {errs:?}\n{l}",
+            path.display(),
+            i + 1
+        );
+        lines.push(line);
+    }
+    lines
+}
+
+/// What one validated episode held.
+#[derive(Default)]
+struct Seen {
+    sources: BTreeSet<String>,
+    rows: usize,
+    events: usize,
+    labels: usize,
+    /// Fields that were not null in at least one row.
+    non_null: BTreeSet<String>,
+}
+
+/// Validates every line of the episode in `dir`; `cis490 check` must pass
+/// too.
+fn validate_episode(s: &Schemas, dir: &Path) -> Seen {
+    let mut seen = Seen::default();
+    let mut files: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("telemetry-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no telemetry files in {}", dir.display());
+    for f in files {
+        let rows = validate_file(&s.row, &f);
+        assert!(!rows.is_empty(), "{} is empty", f.display());
+        for r in &rows {
+            seen.sources
+                .insert(r["source"].as_str().unwrap().to_owned());
+            for (k, v) in r.as_object().unwrap() {
+                if !v.is_null() {
+                    seen.non_null.insert(k.clone());
+                }
+            }
+        }
+        seen.rows += rows.len();
+    }
+    seen.events = validate_file(&s.event, &dir.join("events.jsonl")).len();
+    seen.labels = validate_file(&s.label, &dir.join("labels.jsonl")).len();
+    let check = std::process::Command::new(bin("cis490"))
+        .arg("check")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "cis490 check:\n{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    eprintln!(
+        "{}: {} rows of {:?}, {} events, {} labels valid; never null somewhere: {}",
+        dir.display(),
+        seen.rows,
+        seen.sources,
+        seen.events,
+        seen.labels,
+        seen.non_null.len()
+    );
+    seen
+}
+
+/// The schemas are not vacuous: a real row with a wrong type, a missing
+/// field or an unknown one fails, and so do broken event and label lines.
+fn assert_rejects_broken_lines(s: &Schemas, dir: &Path) {
+    let first = |name: &str| -> Value {
+        let text = fs::read_to_string(dir.join(name)).unwrap();
+        serde_json::from_str(text.lines().next().expect(name)).unwrap()
+    };
+    let row = first("telemetry-ebpf.jsonl");
+    assert!(s.row.is_valid(&row));
+    let mut wrong_type = row.clone();
+    wrong_type["cpu_ns"] = "1000".into();
+    let mut missing = row.clone();
+    missing.as_object_mut().unwrap().remove("threads");
+    let mut unknown = row.clone();
+    unknown["cpu_ms"] = 1.into();
+    for (what, bad) in [
+        ("wrong type", wrong_type),
+        ("missing field", missing),
+        ("unknown field", unknown),
+    ] {
+        assert!(!s.row.is_valid(&bad), "{what} accepted: {bad}");
+    }
+    let mut event = first("events.jsonl");
+    event.as_object_mut().unwrap().remove("t_mono_ns");
+    assert!(
+        !s.event.is_valid(&event),
+        "event without t_mono_ns accepted"
+    );
+    let mut label = first("labels.jsonl");
+    label["label"] = "not a label".into();
+    assert!(!s.label.is_valid(&label), "bad label accepted");
+}
+
+#[test]
+fn every_line_of_real_episodes_matches_the_schemas() {
+    require_root();
+    let s = schemas();
+
+    // 1. A QEMU guest: disk I/O, traffic through its tap, QMP, two labels.
+    let g = GuestJson::from_env().unwrap();
+    let dir = scratch("schema-qemu");
+    let ns = Netns::new("sch");
+    let tap = "c490sc0";
+    ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+    ns.sh(&format!("sysctl -q -w net.ipv6.conf.{tap}.disable_ipv6=1"));
+    ns.ip(&["addr", "add", "10.98.0.1/24", "dev", tap]);
+    ns.ip(&["link", "set", tap, "up"]);
+    let sink_out = dir.join("sink.json");
+    let mut sink = ns
+        .cmd(&bin("cis490-workload"))
+        .args(["sink", "--port", "5556", "--timeout-ms", "170000", "--out"])
+        .arg(&sink_out)
+        .spawn()
+        .unwrap();
+    wait_for_file(
+        &sink_out.with_extension("json.ready"),
+        Duration::from_secs(30),
+    );
+    let disk = dir.join("disk.img");
+    create_disk(&disk, 16).unwrap();
+    let mut launch = g.launch(
+        "cis490.ip=10.98.0.2/24 cis490.disk_write_mb=4 cis490.disk_read_mb=4 \
+         cis490.send=10.98.0.1:5556:300000 cis490.sleep_ms=300",
+    );
+    launch.disk = Some(disk);
+    launch.nic = Some(format!(
+        "tap,ifname={tap},script=no,downscript=no,model=virtio-net-pci"
+    ));
+    launch.console = Some(dir.join("console.log"));
+    let qmp = dir.join("qmp.sock");
+    launch.qmp = Some(qmp.clone());
+    // QEMU is started first and traced once its QMP socket greets (attach
+    // mode): cis490 gives QMP up for the episode when the socket exists but
+    // QEMU does not greet within one bucket's QMP timeout, which QEMU can
+    // miss on a loaded machine while it still sets the machine up
+    // (reported; not this test's subject). `ip netns exec` execs QEMU: same
+    // pid.
+    let mut qemu = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .args(qemu_argv(&g.guest, &launch))
+        .spawn()
+        .unwrap();
+    wait_for_qmp_greeting(&qmp, Duration::from_secs(60));
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .args(["--target-pid", &qemu.id().to_string()])
+            .arg("--qmp")
+            .arg(&qmp)
+            .args(["--label", "boot@0", "--label", "workload@1"])
+            .args(["--duration", "170"]),
+        Duration::from_secs(200),
+    );
+    assert!(qemu.wait().unwrap().success(), "QEMU failed");
+    let ep = Episode::from_output(&out);
+    assert!(sink.wait().unwrap().success());
+    assert_eq!(ep.meta["end_reason"], "target_exited");
+    assert!(ep.meta["qmp"]["error"].is_null(), "QMP: {}", ep.meta["qmp"]);
+    let qemu = validate_episode(&s, &ep.dir);
+    assert_eq!(
+        qemu.sources,
+        ["ebpf", "perf", "proc", "qmp"]
+            .map(String::from)
+            .into_iter()
+            .collect(),
+        "every source wrote rows"
+    );
+    assert_eq!(qemu.labels, 2);
+    assert!(qemu.events > 0);
+    // The object-valued fields and histograms were really exercised.
+    for field in [
+        "net_by_if",
+        "blk_by_dev",
+        "runq_delay_hist_log2",
+        "blk_latency_hist_log2",
+        "page_faults_minor",
+        "threads",
+    ] {
+        assert!(
+            qemu.non_null.contains(field),
+            "{field} was null in every row"
+        );
+    }
+    assert_rejects_broken_lines(&s, &ep.dir);
+
+    // 2. The tiny KVM VMM: the KVM exit maps.
+    let dir = scratch("schema-kvm");
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .args(["--label", "vmm@0", "--"])
+            .arg(bin("cis490-workload"))
+            .args(["kvm", "--io-exits", "300", "--out"])
+            .arg(dir.join("kvm.json")),
+        Duration::from_secs(60),
+    );
+    let ep = Episode::from_output(&out);
+    let kvm = validate_episode(&s, &ep.dir);
+    assert!(
+        kvm.non_null.contains("kvm_userspace_exit_reasons"),
+        "kvm_userspace_exit_reasons was null in every row"
+    );
+    let all: BTreeSet<_> = qemu.non_null.union(&kvm.non_null).collect();
+    let never: Vec<_> = row_fields()
+        .into_iter()
+        .filter(|f| !all.contains(f))
+        .collect();
+    eprintln!("null in every row of both episodes (not measurable here): {never:?}");
+}
+
+/// Connects to QEMU's QMP socket until QEMU greets, then hangs up (QEMU
+/// serves one client at a time; cis490 connects next).
+fn wait_for_qmp_greeting(sock: &Path, timeout: Duration) {
+    use std::io::{BufRead as _, BufReader};
+    let t0 = std::time::Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < timeout,
+            "QEMU did not greet on {}",
+            sock.display()
+        );
+        if let Ok(conn) = std::os::unix::net::UnixStream::connect(sock) {
+            conn.set_read_timeout(Some(timeout)).unwrap();
+            let mut line = String::new();
+            if BufReader::new(&conn).read_line(&mut line).is_ok() && line.contains("\"QMP\"") {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every field of a row, from the schema.
+fn row_fields() -> Vec<String> {
+    let schema: Value = serde_json::from_str(include_str!("../../docs/row.schema.json")).unwrap();
+    schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
