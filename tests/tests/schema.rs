@@ -7,7 +7,7 @@
 //! namespace, QMP, phase labels; all four sources) and the tiny KVM VMM
 //! (the KVM exit reason maps).
 
-use std::{collections::BTreeSet, fs, path::Path, time::Duration};
+use std::{collections::BTreeSet, ffi::OsString, fs, path::Path, time::Duration};
 
 use cis490_tests::{
     guest::{GuestJson, create_disk, qemu_argv},
@@ -205,28 +205,17 @@ fn every_line_of_real_episodes_matches_the_schemas() {
     launch.console = Some(dir.join("console.log"));
     let qmp = dir.join("qmp.sock");
     launch.qmp = Some(qmp.clone());
-    // QEMU is started first and traced once its QMP socket greets (attach
-    // mode): cis490 gives QMP up for the episode when the socket exists but
-    // QEMU does not greet within one bucket's QMP timeout, which QEMU can
-    // miss on a loaded machine while it still sets the machine up
-    // (reported; not this test's subject). `ip netns exec` execs QEMU: same
-    // pid.
-    let mut qemu = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .args(qemu_argv(&g.guest, &launch))
-        .spawn()
-        .unwrap();
-    wait_for_qmp_greeting(&qmp, Duration::from_secs(60));
+    let mut argv: Vec<OsString> = ["ip", "netns", "exec", &ns.0].map(OsString::from).to_vec();
+    argv.extend(qemu_argv(&g.guest, &launch));
     let out = run_with_timeout(
         trace_cmd(&dir)
-            .args(["--target-pid", &qemu.id().to_string()])
             .arg("--qmp")
             .arg(&qmp)
             .args(["--label", "boot@0", "--label", "workload@1"])
-            .args(["--duration", "170"]),
+            .args(["--duration", "170", "--"])
+            .args(&argv),
         Duration::from_secs(200),
     );
-    assert!(qemu.wait().unwrap().success(), "QEMU failed");
     let ep = Episode::from_output(&out);
     assert!(sink.wait().unwrap().success());
     assert_eq!(ep.meta["end_reason"], "target_exited");
@@ -280,28 +269,6 @@ fn every_line_of_real_episodes_matches_the_schemas() {
         .filter(|f| !all.contains(f))
         .collect();
     eprintln!("null in every row of both episodes (not measurable here): {never:?}");
-}
-
-/// Connects to QEMU's QMP socket until QEMU greets, then hangs up (QEMU
-/// serves one client at a time; cis490 connects next).
-fn wait_for_qmp_greeting(sock: &Path, timeout: Duration) {
-    use std::io::{BufRead as _, BufReader};
-    let t0 = std::time::Instant::now();
-    loop {
-        assert!(
-            t0.elapsed() < timeout,
-            "QEMU did not greet on {}",
-            sock.display()
-        );
-        if let Ok(conn) = std::os::unix::net::UnixStream::connect(sock) {
-            conn.set_read_timeout(Some(timeout)).unwrap();
-            let mut line = String::new();
-            if BufReader::new(&conn).read_line(&mut line).is_ok() && line.contains("\"QMP\"") {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Every field of a row, from the schema.
