@@ -221,24 +221,28 @@ impl Outputs {
                 via,
             })
             .context("cannot write labels.jsonl")?;
-        self.labels.flush()?;
+        self.labels.flush().context("cannot write labels.jsonl")?;
         Ok(())
     }
 
+    /// Flushes every file; an error names the file (a full disk shows
+    /// here, where buffered lines reach it).
     fn flush(&mut self) -> Result<()> {
-        self.events.flush()?;
-        self.labels.flush()?;
-        for (_, f) in &mut self.rows {
-            f.flush()?;
+        self.events.flush().context("cannot write events.jsonl")?;
+        self.labels.flush().context("cannot write labels.jsonl")?;
+        for (k, f) in &mut self.rows {
+            f.flush()
+                .with_context(|| format!("cannot write {}", k.file_name()))?;
         }
         Ok(())
     }
 
     fn sync(&mut self) -> Result<()> {
-        self.events.sync()?;
-        self.labels.sync()?;
-        for (_, f) in &mut self.rows {
-            f.sync()?;
+        self.events.sync().context("cannot write events.jsonl")?;
+        self.labels.sync().context("cannot write labels.jsonl")?;
+        for (k, f) in &mut self.rows {
+            f.sync()
+                .with_context(|| format!("cannot write {}", k.file_name()))?;
         }
         Ok(())
     }
@@ -352,7 +356,7 @@ impl Sources {
             )?;
         }
         if !new_taps.is_empty() {
-            out.events.flush()?;
+            out.events.flush().context("cannot write events.jsonl")?;
         }
         Ok(tick)
     }
