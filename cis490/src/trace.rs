@@ -150,6 +150,8 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
             Ok(episode.path().to_owned())
         }
         Err(e) => {
+            // A spawned command does not outlive a failed trace.
+            target.end_spawned(Duration::from_secs(5));
             meta.status = Status::Failed;
             meta.error = Some(format!("{e:#}"));
             if let Err(w) = episode.write_meta(&meta) {
