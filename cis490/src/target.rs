@@ -74,6 +74,19 @@ fn read_starttime(pid: i32) -> io::Result<u64> {
 /// `PF_KTHREAD` in the flags of `/proc/PID/stat`.
 const PF_KTHREAD: u32 = 0x0020_0000;
 
+/// Whether every thread of process `pid` has exited (zombie or dead). The
+/// thread-group leader alone can be a zombie while other threads run (its
+/// main thread called `pthread_exit`): that process is alive.
+fn all_threads_exited(pid: i32) -> bool {
+    let exited = |tid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')')?.1.trim_start().chars().next())
+            .is_none_or(|state| state == 'Z' || state == 'X')
+    };
+    thread_ids(pid).map_or(true, |tids| tids.into_iter().all(exited))
+}
+
 /// Thread ids of process `pid` (from `/proc/PID/task`).
 /// Sends `sig` to the process behind `pidfd` (never to a reused pid).
 pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
@@ -154,6 +167,12 @@ impl Target {
         })?;
         if stat.flags & PF_KTHREAD != 0 {
             bail!("pid {pid} ({}) is a kernel thread: cis490 traces user processes", stat.comm);
+        }
+        if matches!(stat.state, 'Z' | 'X') && all_threads_exited(pid) {
+            bail!(
+                "pid {pid} ({}) has exited: a zombie its parent has not reaped, nothing to trace",
+                stat.comm
+            );
         }
         let starttime = stat.starttime;
         let pidfd = pidfd_open(pid).map_err(|e| anyhow!("cannot watch pid {pid}: {e}"))?;
@@ -502,6 +521,29 @@ mod tests {
         assert!(Path::new(&format!("/proc/{}/stat", t.pid())).exists());
         t.reap();
         assert!(!Path::new(&format!("/proc/{}/stat", t.pid())).exists());
+    }
+
+    #[test]
+    fn a_zombie_is_refused() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        for _ in 0..500 {
+            if read_stat(pid).is_ok_and(|s| s.state == 'Z') {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let e = Target::attach(pid).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "pid {pid} (true) has exited: a zombie its parent has not reaped, nothing to trace"
+            )
+        );
+        child.wait().unwrap();
+        // This process has live threads. (A live process whose main thread
+        // exited: tests/tests/targets.rs.)
+        assert!(!all_threads_exited(std::process::id() as i32));
     }
 
     #[test]
