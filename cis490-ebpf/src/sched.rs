@@ -26,7 +26,8 @@ use cis490_common::{
 
 use crate::{
     maps::{
-        CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, THREADS, add, add_to_hist, emit, raise_max, stats,
+        CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, TARGET_GONE, THREADS, add, add_to_hist, emit,
+        raise_max, stats,
     },
     target::{current, has_run_delay, target_tgid, task_counters, task_tgid, task_tid},
 };
@@ -255,10 +256,23 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 
 fn try_fork(ctx: &BtfTracePointContext) -> Res {
     let child: *const u8 = ctx.arg(1);
-    if task_tgid(child)? != target_tgid() {
+    let target = target_tgid();
+    if task_tgid(child)? != target {
         return Ok(());
     }
     let tid = task_tid(child)?;
+    if tid == target {
+        // A new thread never gets its process's id: this is a new process
+        // that got the target's pid after the target ended (every thread
+        // exited and it was reaped). It is not the target; nothing with
+        // this tgid is from now on. The target existed before the probes
+        // (attached, or forked before them), so this is the only way.
+        if let Some(gone) = TARGET_GONE.get_ptr_mut(0) {
+            // SAFETY: a map value pointer, valid for this program run.
+            unsafe { *gone = 1 };
+        }
+        return Ok(());
+    }
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
     // A new task's counters all start at 0.

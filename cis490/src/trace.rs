@@ -754,6 +754,11 @@ async fn trace(
     if let Some(p) = &sources.perf {
         meta.perf = Some(p.info());
     }
+    if sources.ebpf.target_pid_reused() {
+        log::warn!(
+            "pid {pid} went to a new process after the target ended; that process was not traced"
+        );
+    }
     let block_map_errors = sources.ebpf.block_map_errors();
     meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();
     drop(sources);
