@@ -73,6 +73,12 @@ pub static KVM_STATS: PerCpuArray<KvmStats> = PerCpuArray::with_max_entries(1, 0
 #[map]
 pub static TARGET_GONE: Array<u32> = Array::with_max_entries(1, 0);
 
+/// `[0]` is set to 1 by the fork probe when a new target thread could not be
+/// inserted in `THREADS` (the map is full): untracked threads are then timed
+/// by their slices instead.
+#[map]
+pub static THREADS_FULL: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Streamed records (`cis490_common::record`).
 #[map]
 pub static RECORDS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);

@@ -94,5 +94,6 @@ pub fn task_counters(task: *const u8) -> Result<ThreadCounters, i32> {
         },
         migrations: field(task, &TASK_MIGRATIONS_OFFSET)?,
         exited: 0,
+        task: task as u64,
     })
 }
