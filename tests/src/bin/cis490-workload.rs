@@ -356,6 +356,10 @@ struct WaitSignalArgs {
     /// Give up (error, exit code 2) if no SIGUSR1 arrives within this many ms; 0 waits forever.
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     timeout_ms: u64,
+    /// After burning, each thread sleeps this long before it exits, so a poller (the /proc
+    /// oracle) sees its final counts.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    linger_ms: u64,
     /// Where to write the JSON report; the ready file is PATH.ready.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
@@ -1346,7 +1350,7 @@ fn cmd_wait_signal(a: &WaitSignalArgs) -> Result<()> {
 
     let cpu_before = process_cpu_ns();
     let rusage_before = rusage(libc::RUSAGE_SELF);
-    let phase = burn_phase(a.threads, a.burn_ms, 0, 0, 0)?;
+    let phase = burn_phase(a.threads, a.burn_ms, 0, 0, a.linger_ms)?;
     let mut report = CpuReport::new(a.burn_ms, phase);
     report.cpu_ns_before_signal = Some(cpu_before);
     report.rusage_before_signal = Some(rusage_before);
