@@ -504,13 +504,40 @@ fn c_path(p: &Path) -> std::ffi::CString {
     std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
 }
 
+/// Moves the calling thread (the test's) into a mount namespace of its own,
+/// with every mount private, so the mounts a test makes (and the processes
+/// it starts, which inherit the namespace) are seen by nobody else: not the
+/// host, not the namespaces other tests on the machine create meanwhile
+/// (`ip netns exec` copies the mount table, and a copy would keep a mount
+/// of ours alive after we unmount it). Per thread: gone with the test.
+pub fn private_mounts() {
+    // SAFETY: unshare(2) and mount(2) with NUL-terminated strings; they
+    // change the calling thread's mount namespace only.
+    let ok = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+    };
+    assert!(
+        ok,
+        "private mount namespace: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// A small tmpfs mounted for one test (the data directory of a trace that
 /// runs out of space, or a read-only one); unmounted on drop.
 pub struct Tmpfs(pub PathBuf);
 
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (`"256k"`) at `dir` (created), read-only
-    /// with `read_only`.
+    /// with `read_only` (in the calling thread's mount namespace: see
+    /// [`private_mounts`]).
     pub fn mount(dir: &Path, size: &str, read_only: bool) -> Tmpfs {
         fs::create_dir_all(dir).unwrap();
         let data = std::ffi::CString::new(format!("size={size},mode=0755")).unwrap();

@@ -64,7 +64,7 @@ fn kernel_state() -> BTreeMap<String, String> {
             s.insert(f.into(), v);
         }
     }
-    s.insert("mounts".into(), mounts_of("self"));
+    s.insert("mounts".into(), mounts_of("thread-self"));
     s
 }
 
@@ -187,6 +187,7 @@ fn assert_nothing_left(
 #[test]
 fn nothing_left_after_a_normal_exit() {
     require_root();
+    private_mounts();
     let dir = scratch("leak-normal");
     let state = kernel_state();
     let before = bpf::objects();
@@ -256,6 +257,7 @@ fn nothing_left_after_a_normal_exit() {
 #[test]
 fn nothing_left_after_an_error_exit() {
     require_root();
+    private_mounts();
     let dir = scratch("leak-error");
     let data = dir.join("data");
     let fs_guard = Tmpfs::mount(&data, "256k", false);
@@ -340,7 +342,7 @@ wait $!
 echo rc=$?
 echo after=$(grep -c ' - tracefs ' /proc/self/mountinfo)
 "#;
-        let host_mounts = mounts_of("self");
+        let host_mounts = mounts_of("thread-self");
         let sh = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", script])
             .arg(bin("cis490"))
@@ -383,7 +385,7 @@ echo after=$(grep -c ' - tracefs ' /proc/self/mountinfo)
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(
-            mounts_of("self"),
+            mounts_of("thread-self"),
             host_mounts,
             "the test's own mounts changed"
         );
