@@ -121,7 +121,8 @@ impl CpuSlice {
 
 /// A target thread's own scheduler counters, as the kernel keeps them in its
 /// `task_struct`, last read when the thread was switched out (map
-/// `THREADS`, keyed by tid). The next switch-out adds the difference to
+/// `THREADS`, keyed by tid, with the task they belong to: an `execve` from a
+/// thread other than the main one swaps two threads' ids). The next switch-out adds the difference to
 /// [`SchedStats`]. Reading the kernel's counters, instead of counting
 /// events, keeps the rows exact when a tracepoint event is not delivered:
 /// the next event that is delivered catches up.
@@ -140,6 +141,9 @@ pub struct ThreadCounters {
     pub migrations: u64,
     /// 1 once `sched_process_exit` counted the thread as exited.
     pub exited: u64,
+    /// Address of the kernel `task_struct` these counters are of; 0 until
+    /// the first switch-out of a thread seeded from /proc.
+    pub task: u64,
 }
 
 impl ThreadCounters {
@@ -154,6 +158,7 @@ impl ThreadCounters {
         run_delay_ns: 0,
         migrations: 0,
         exited: 0,
+        task: 0,
     };
 }
 
@@ -168,7 +173,7 @@ pub struct MaxSlot {
 
 const _: () = assert!(core::mem::size_of::<SchedStats>() == (13 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 16);
-const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 6 * 8);
+const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 7 * 8);
 const _: () = assert!(core::mem::size_of::<MaxSlot>() == 16);
 
 #[cfg(feature = "user")]

@@ -67,6 +67,18 @@ pub static TAP_IFS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_IFS as u32
 #[map]
 pub static KVM_STATS: PerCpuArray<KvmStats> = PerCpuArray::with_max_entries(1, 0);
 
+/// `[0]` is set to 1 by the fork probe when a new process gets the target's
+/// pid: the target is gone and its pid reused. From then on no task matches
+/// the target (`target::target_tgid`).
+#[map]
+pub static TARGET_GONE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// `[0]` is set to 1 by the fork probe when a new target thread could not be
+/// inserted in `THREADS` (the map is full): untracked threads are then timed
+/// by their slices instead.
+#[map]
+pub static THREADS_FULL: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Streamed records (`cis490_common::record`).
 #[map]
 pub static RECORDS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);

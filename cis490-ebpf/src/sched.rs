@@ -15,7 +15,10 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel_str_bytes,
+    },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
@@ -26,7 +29,8 @@ use cis490_common::{
 
 use crate::{
     maps::{
-        CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, THREADS, add, add_to_hist, emit, raise_max, stats,
+        CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, TARGET_GONE, THREADS, THREADS_FULL, add, add_to_hist,
+        emit, raise_max, stats,
     },
     target::{current, has_run_delay, target_tgid, task_counters, task_tgid, task_tid},
 };
@@ -131,8 +135,15 @@ fn account_switch_out(
 ) -> Res {
     let c = task_counters(prev)?;
     let Some(t) = THREADS.get_ptr_mut(&tid) else {
-        // Not tracked (the thread map was full): time the slice instead.
-        if slice.state == CpuSlice::TARGET && slice.tid == tid {
+        // Not tracked. When the thread map was full: time the slice
+        // instead. Otherwise this is a thread between the two halves of an
+        // execve from a thread that is not the main one (its id changed;
+        // `sched_process_exec` moves its entry): its counters catch up at
+        // its next switch-out, so timing the slice would count it twice.
+        if THREADS_FULL.get(0).copied().unwrap_or(0) != 0
+            && slice.state == CpuSlice::TARGET
+            && slice.tid == tid
+        {
             add(
                 unsafe { &raw mut (*s).cpu_ns },
                 now.saturating_sub(slice.since_ns),
@@ -142,6 +153,17 @@ fn account_switch_out(
         return Ok(());
     };
     let t = unsafe { &mut *t };
+    if t.task == 0 {
+        // Seeded from /proc: the first switch-out names the task.
+        t.task = c.task;
+    } else if t.task != c.task {
+        // The entry is another task's: `execve` from a non-main thread
+        // swapped this tid with the old main thread's, and the old main
+        // thread's final switch-out came after the swap. No difference
+        // against another task's counters (its last slice is not counted).
+        add(unsafe { &raw mut (*s).slice_mismatches }, 1);
+        return Ok(());
+    }
     if slice.state != CpuSlice::TARGET || slice.tid != tid {
         // Its switch-in was not delivered: the counters catch up anyway.
         add(unsafe { &raw mut (*s).slice_mismatches }, 1);
@@ -255,17 +277,38 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 
 fn try_fork(ctx: &BtfTracePointContext) -> Res {
     let child: *const u8 = ctx.arg(1);
-    if task_tgid(child)? != target_tgid() {
+    let target = target_tgid();
+    if task_tgid(child)? != target {
         return Ok(());
     }
     let tid = task_tid(child)?;
+    if tid == target {
+        // A new thread never gets its process's id: this is a new process
+        // that got the target's pid after the target ended (every thread
+        // exited and it was reaped). It is not the target; nothing with
+        // this tgid is from now on. The target existed before the probes
+        // (attached, or forked before them), so this is the only way.
+        if let Some(gone) = TARGET_GONE.get_ptr_mut(0) {
+            // SAFETY: a map value pointer, valid for this program run.
+            unsafe { *gone = 1 };
+        }
+        return Ok(());
+    }
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
     // A new task's counters all start at 0.
-    match THREADS.insert(&tid, &ThreadCounters::NEW, BPF_NOEXIST as u64) {
+    let new = ThreadCounters {
+        task: child as u64,
+        ..ThreadCounters::NEW
+    };
+    match THREADS.insert(&tid, &new, BPF_NOEXIST as u64) {
         Ok(()) => add(unsafe { &raw mut (*s).threads_started }, 1),
         Err(EEXIST) => {}
         Err(_) => {
+            if let Some(full) = THREADS_FULL.get_ptr_mut(0) {
+                // SAFETY: a map value pointer, valid for this program run.
+                unsafe { *full = 1 };
+            }
             add(unsafe { &raw mut (*s).map_errors }, 1);
             warn!(ctx, "cis490: thread map full, tid {} not tracked", tid);
         }
@@ -296,7 +339,9 @@ fn try_exit(_ctx: &BtfTracePointContext) -> Res {
     add(unsafe { &raw mut (*s).events }, 1);
     if let Some(t) = THREADS.get_ptr_mut(&tid) {
         let t = unsafe { &mut *t };
-        if t.exited == 0 {
+        // SAFETY: bpf_get_current_task has no preconditions.
+        let me = unsafe { bpf_get_current_task() };
+        if t.exited == 0 && (t.task == 0 || t.task == me) {
             t.exited = 1;
             add(unsafe { &raw mut (*s).threads_exited }, 1);
         }
@@ -321,8 +366,23 @@ fn try_exec(ctx: &BtfTracePointContext) -> Res {
         return Ok(());
     }
     let old_pid: u64 = ctx.arg(1);
+    let old_tid = old_pid as u32;
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
+    if old_tid != tid {
+        // An execve from a thread that was not the main one: the kernel
+        // killed the other threads and gave this one the process id (the
+        // old main thread got this one's id). Its counters move with it.
+        // SAFETY: the value is copied out at once.
+        if let Some(t) = unsafe { THREADS.get(&old_tid) } {
+            let t = *t;
+            if THREADS.insert(&tid, &t, BPF_ANY as u64).is_err() {
+                add(unsafe { &raw mut (*s).map_errors }, 1);
+            }
+            let _ = THREADS.remove(&old_tid);
+        }
+        let _ = RUNNABLE_SINCE.remove(&old_tid);
+    }
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     emit(
         &lifecycle(LifecycleKind::Exec, tid, old_pid as u32, comm),

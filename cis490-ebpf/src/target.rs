@@ -11,6 +11,8 @@ use aya_ebpf::{
 };
 use cis490_common::ThreadCounters;
 
+use crate::maps::TARGET_GONE;
+
 #[unsafe(no_mangle)]
 static TARGET_TGID: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
@@ -32,10 +34,17 @@ static TASK_MIGRATIONS_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static TASK_RUN_DELAY_OFFSET: Global<u32> = Global::new(0);
 
-/// The traced process (thread-group id).
+/// A thread-group id no task has (pids are at most 2^22).
+pub const NO_TGID: u32 = u32::MAX;
+
+/// The traced process (thread-group id), or [`NO_TGID`] once its pid names
+/// another process.
 #[inline(always)]
 pub fn target_tgid() -> u32 {
-    TARGET_TGID.load()
+    match TARGET_GONE.get(0).copied() {
+        Some(0) | None => TARGET_TGID.load(),
+        Some(_) => NO_TGID,
+    }
 }
 
 /// Whether the kernel keeps per-thread run-queue delay (`sched_info`).
@@ -85,5 +94,6 @@ pub fn task_counters(task: *const u8) -> Result<ThreadCounters, i32> {
         },
         migrations: field(task, &TASK_MIGRATIONS_OFFSET)?,
         exited: 0,
+        task: task as u64,
     })
 }

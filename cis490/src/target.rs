@@ -74,6 +74,19 @@ fn read_starttime(pid: i32) -> io::Result<u64> {
 /// `PF_KTHREAD` in the flags of `/proc/PID/stat`.
 const PF_KTHREAD: u32 = 0x0020_0000;
 
+/// Whether every thread of process `pid` has exited (zombie or dead). The
+/// thread-group leader alone can be a zombie while other threads run (its
+/// main thread called `pthread_exit`): that process is alive.
+fn all_threads_exited(pid: i32) -> bool {
+    let exited = |tid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')')?.1.trim_start().chars().next())
+            .is_none_or(|state| state == 'Z' || state == 'X')
+    };
+    thread_ids(pid).map_or(true, |tids| tids.into_iter().all(exited))
+}
+
 /// Thread ids of process `pid` (from `/proc/PID/task`).
 /// Sends `sig` to the process behind `pidfd` (never to a reused pid).
 pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
@@ -155,6 +168,12 @@ impl Target {
         if stat.flags & PF_KTHREAD != 0 {
             bail!("pid {pid} ({}) is a kernel thread: cis490 traces user processes", stat.comm);
         }
+        if matches!(stat.state, 'Z' | 'X') && all_threads_exited(pid) {
+            bail!(
+                "pid {pid} ({}) has exited: a zombie its parent has not reaped, nothing to trace",
+                stat.comm
+            );
+        }
         let starttime = stat.starttime;
         let pidfd = pidfd_open(pid).map_err(|e| anyhow!("cannot watch pid {pid}: {e}"))?;
         Ok(Self {
@@ -185,15 +204,32 @@ impl Target {
 
         let (gate_r, gate_w) = pipe(libc::O_CLOEXEC)?;
         let (err_r, err_w) = pipe(libc::O_CLOEXEC)?;
+        // SAFETY: getpid has no preconditions.
+        let tracer = unsafe { libc::getpid() };
         // SAFETY: between fork and execve the child calls only
-        // async-signal-safe functions (read, write, close, execv, _exit) on
-        // memory prepared before the fork.
+        // async-signal-safe functions (prctl, getppid, read, write, close,
+        // execv, _exit) on memory prepared before the fork.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             bail!("fork failed: {}", io::Error::last_os_error());
         }
         if pid == 0 {
             unsafe {
+                // The command never outlives the tracer, even a tracer that
+                // is killed: the kernel sends it SIGKILL when the tracer's
+                // forking (main) thread exits. (Cleared by execve of a
+                // set-user-ID program.) Checked after: the tracer may be
+                // gone already.
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                if libc::getppid() != tracer {
+                    libc::_exit(126);
+                }
                 libc::close(gate_w.as_raw_fd());
                 libc::close(err_r.as_raw_fd());
                 let mut b = 0u8;
@@ -331,6 +367,31 @@ impl Target {
         self.is_spawned().then(|| self.pidfd.try_clone().ok()).flatten()
     }
 
+    /// Ends a spawned command that is still running when the trace fails:
+    /// SIGTERM, SIGKILL after `grace`, then reaps it. One never released
+    /// is let go (it exits without running the command). A no-op for an
+    /// attached process.
+    pub fn end_spawned(&mut self, grace: std::time::Duration) {
+        let Some(sp) = self.spawned.as_mut() else {
+            return;
+        };
+        let t0 = std::time::Instant::now();
+        if sp.gate.take().is_none() && !self.has_exited() {
+            let _ = self.signal(libc::SIGTERM);
+            while !self.has_exited() && t0.elapsed() < grace {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if !self.has_exited() {
+                let _ = self.signal(libc::SIGKILL);
+            }
+        }
+        // Exits promptly now (SIGKILL, or a closed gate).
+        while !self.has_exited() && t0.elapsed() < grace + std::time::Duration::from_secs(1) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        self.reap();
+    }
+
     /// Reaps a spawned child that has exited (no-op otherwise).
     pub fn reap(&mut self) {
         let Some(sp) = self.spawned.as_mut() else {
@@ -459,6 +520,52 @@ mod tests {
         // Not reaped yet: the zombie's /proc entry is still there.
         assert!(Path::new(&format!("/proc/{}/stat", t.pid())).exists());
         t.reap();
+        assert!(!Path::new(&format!("/proc/{}/stat", t.pid())).exists());
+    }
+
+    #[test]
+    fn a_zombie_is_refused() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        for _ in 0..500 {
+            if read_stat(pid).is_ok_and(|s| s.state == 'Z') {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let e = Target::attach(pid).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "pid {pid} (true) has exited: a zombie its parent has not reaped, nothing to trace"
+            )
+        );
+        child.wait().unwrap();
+        // This process has live threads. (A live process whose main thread
+        // exited: tests/tests/targets.rs.)
+        assert!(!all_threads_exited(std::process::id() as i32));
+    }
+
+    #[test]
+    fn a_spawned_command_that_ignores_sigterm_is_ended() {
+        let argv: Vec<OsString> = ["sh", "-c", "trap '' TERM; while :; do sleep 1; done"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let mut t = Target::spawn(&argv).unwrap();
+        t.release().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let t0 = std::time::Instant::now();
+        t.end_spawned(std::time::Duration::from_millis(300));
+        assert!(t.has_exited());
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(300));
+        assert_eq!(t.exit_status(), None, "reaped: no status left to read");
+        assert!(!Path::new(&format!("/proc/{}/stat", t.pid())).exists());
+        // One never released is let go at once.
+        let mut t = Target::spawn(&argv).unwrap();
+        let t0 = std::time::Instant::now();
+        t.end_spawned(std::time::Duration::from_secs(5));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
         assert!(!Path::new(&format!("/proc/{}/stat", t.pid())).exists());
     }
 

@@ -150,6 +150,8 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
             Ok(episode.path().to_owned())
         }
         Err(e) => {
+            // A spawned command does not outlive a failed trace.
+            target.end_spawned(Duration::from_secs(5));
             meta.status = Status::Failed;
             meta.error = Some(format!("{e:#}"));
             if let Err(w) = episode.write_meta(&meta) {
@@ -221,24 +223,28 @@ impl Outputs {
                 via,
             })
             .context("cannot write labels.jsonl")?;
-        self.labels.flush()?;
+        self.labels.flush().context("cannot write labels.jsonl")?;
         Ok(())
     }
 
+    /// Flushes every file; an error names the file (a full disk shows
+    /// here, where buffered lines reach it).
     fn flush(&mut self) -> Result<()> {
-        self.events.flush()?;
-        self.labels.flush()?;
-        for (_, f) in &mut self.rows {
-            f.flush()?;
+        self.events.flush().context("cannot write events.jsonl")?;
+        self.labels.flush().context("cannot write labels.jsonl")?;
+        for (k, f) in &mut self.rows {
+            f.flush()
+                .with_context(|| format!("cannot write {}", k.file_name()))?;
         }
         Ok(())
     }
 
     fn sync(&mut self) -> Result<()> {
-        self.events.sync()?;
-        self.labels.sync()?;
-        for (_, f) in &mut self.rows {
-            f.sync()?;
+        self.events.sync().context("cannot write events.jsonl")?;
+        self.labels.sync().context("cannot write labels.jsonl")?;
+        for (k, f) in &mut self.rows {
+            f.sync()
+                .with_context(|| format!("cannot write {}", k.file_name()))?;
         }
         Ok(())
     }
@@ -352,7 +358,7 @@ impl Sources {
             )?;
         }
         if !new_taps.is_empty() {
-            out.events.flush()?;
+            out.events.flush().context("cannot write events.jsonl")?;
         }
         Ok(tick)
     }
@@ -770,6 +776,11 @@ async fn trace(
     }
     if let Some(p) = &sources.perf {
         meta.perf = Some(p.info());
+    }
+    if sources.ebpf.target_pid_reused() {
+        log::warn!(
+            "pid {pid} went to a new process after the target ended; that process was not traced"
+        );
     }
     let block_map_errors = sources.ebpf.block_map_errors();
     meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();

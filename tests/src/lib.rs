@@ -349,3 +349,482 @@ pub fn kill(pid: i32, sig: libc::c_int) {
     // SAFETY: kill(2) with a pid and signal number.
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
 }
+
+/// How many episodes under `data/episodes` have a `done.marker`.
+pub fn done_markers(data: &Path) -> usize {
+    let Ok(eps) = fs::read_dir(data.join("episodes")) else {
+        return 0;
+    };
+    eps.flatten()
+        .filter(|e| e.path().join("done.marker").exists())
+        .count()
+}
+
+/// Checks the failure shape of a trace that must fail (non-zero exit, one
+/// `error: ` line on stderr, nothing on stdout, no done.marker under `data`)
+/// and returns the error line.
+#[track_caller]
+pub fn one_line_error(out: &Output, data: &Path) -> String {
+    assert!(!out.status.success(), "exit status {}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got:\n{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(done_markers(data), 0, "a failed trace left a done.marker");
+    errors[0].to_owned()
+}
+
+/// Runs `cis490 check EPISODE`: whether it passed, and its stdout + stderr.
+pub fn check_episode(dir: &Path) -> (bool, String) {
+    let out = Command::new(bin("cis490"))
+        .arg("check")
+        .arg(dir)
+        .output()
+        .expect("cis490 check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Fails unless `cis490 check EPISODE` passes.
+#[track_caller]
+pub fn assert_check_passes(dir: &Path) {
+    let (ok, text) = check_episode(dir);
+    assert!(ok, "cis490 check {} failed:\n{text}", dir.display());
+}
+
+/// Runs `cis490 check` and fails unless every problem it reports is a
+/// comparison between two sources on a total that `known` lists as
+/// `(field, sources)`: one of the two sides is one of `sources` (a
+/// difference the calling test explains). Returns the tolerated lines.
+#[track_caller]
+pub fn assert_check_passes_but(dir: &Path, known: &[(&str, &[&str])]) -> Vec<String> {
+    let (_, text) = check_episode(dir);
+    let mut tolerated = Vec::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("FAIL  ")) {
+        // "field: A a vs B b (allowed n)"
+        let ok = line.split_once(": ").is_some_and(|(field, rest)| {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let sides = match words.as_slice() {
+                [a, _, "vs", b, ..] => [*a, *b],
+                _ => return false,
+            };
+            known
+                .iter()
+                .any(|(f, srcs)| *f == field && sides.iter().any(|s| srcs.contains(s)))
+        });
+        assert!(ok, "cis490 check {}: {line}\n{text}", dir.display());
+        tolerated.push(line.to_owned());
+    }
+    tolerated
+}
+
+/// `meta.json` of an episode, which must parse whatever happened.
+#[track_caller]
+pub fn read_meta(dir: &Path) -> Value {
+    let bytes = fs::read(dir.join("meta.json"))
+        .unwrap_or_else(|e| panic!("{}/meta.json: {e}", dir.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!(
+            "{}/meta.json does not parse ({e}):\n{}",
+            dir.display(),
+            String::from_utf8_lossy(&bytes)
+        )
+    })
+}
+
+/// CLOCK_MONOTONIC now, in ns (the clock of `t_mono_ns`).
+pub fn mono_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A pidfd for `pid`: it names that process even if the pid is reused.
+pub fn pidfd_open(pid: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: pidfd_open returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        fd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd we own.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Waits until the process behind `pidfd` has exited (its pidfd is
+/// readable); false at the timeout.
+pub fn pidfd_wait_exit(pidfd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) == 1 }
+}
+
+/// The state letter of `/proc/PID/stat` (`R`, `S`, `Z` ...), `None` when
+/// there is no such process.
+pub fn proc_state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Start time of a process (field 22 of `/proc/PID/stat`, clock ticks).
+pub fn proc_starttime(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+fn c_path(p: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt as _;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+/// Moves the calling thread (the test's) into a mount namespace of its own,
+/// with every mount private, so the mounts a test makes (and the processes
+/// it starts, which inherit the namespace) are seen by nobody else: not the
+/// host, not the namespaces other tests on the machine create meanwhile
+/// (`ip netns exec` copies the mount table, and a copy would keep a mount
+/// of ours alive after we unmount it). Per thread: gone with the test.
+pub fn private_mounts() {
+    // SAFETY: unshare(2) and mount(2) with NUL-terminated strings; they
+    // change the calling thread's mount namespace only.
+    let ok = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+    };
+    assert!(
+        ok,
+        "private mount namespace: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A small tmpfs mounted for one test (the data directory of a trace that
+/// runs out of space, or a read-only one); unmounted on drop.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`"256k"`) at `dir` (created), read-only
+    /// with `read_only` (in the calling thread's mount namespace: see
+    /// [`private_mounts`]).
+    pub fn mount(dir: &Path, size: &str, read_only: bool) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let data = std::ffi::CString::new(format!("size={size},mode=0755")).unwrap();
+        let flags = if read_only { libc::MS_RDONLY } else { 0 };
+        // SAFETY: mount(2) with NUL-terminated strings.
+        let rc = unsafe {
+            libc::mount(
+                c"cis490-test".as_ptr(),
+                c_path(dir).as_ptr(),
+                c"tmpfs".as_ptr(),
+                flags,
+                data.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mount tmpfs at {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+        Tmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // SAFETY: umount2 with a NUL-terminated path.
+        unsafe { libc::umount2(c_path(&self.0).as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Starts `cmd` as a process whose pid is `pid` (through
+/// `/proc/sys/kernel/ns_last_pid`, racing the rest of the machine's forks:
+/// a few tries). `None` if another process took the pid each time.
+pub fn spawn_with_pid(pid: i32, cmd: &mut Command) -> Option<Child> {
+    for _ in 0..50 {
+        fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let mut child = cmd.spawn().expect("spawn");
+        if child.id() as i32 == pid {
+            return Some(child);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // Someone else may hold the pid for a moment.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// What cis490 leaves in the kernel: its BPF programs, maps and links,
+/// enumerated with the kernel's `BPF_*_GET_NEXT_ID` lists (through aya), and
+/// who holds them (`/proc/PID/fdinfo`).
+pub mod bpf {
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        fs,
+    };
+
+    /// Every BPF object loaded in the kernel now.
+    #[derive(Clone, Debug, Default)]
+    pub struct Objects {
+        /// Program id -> (name, ids of the maps it uses).
+        pub progs: BTreeMap<u32, (String, Vec<u32>)>,
+        /// Map id -> name.
+        pub maps: BTreeMap<u32, String>,
+        /// Link id -> id of its program.
+        pub links: BTreeMap<u32, u32>,
+    }
+
+    /// Lists every program, map and link (objects that vanish while being
+    /// listed are skipped).
+    pub fn objects() -> Objects {
+        let mut o = Objects::default();
+        for p in aya::programs::loaded_programs().flatten() {
+            let maps = p.map_ids().ok().flatten().unwrap_or_default();
+            o.progs
+                .insert(p.id(), (p.name_as_str().unwrap_or("").to_owned(), maps));
+        }
+        for m in aya::maps::loaded_maps().flatten() {
+            o.maps
+                .insert(m.id(), m.name_as_str().unwrap_or("").to_owned());
+        }
+        for l in aya::programs::loaded_links().flatten() {
+            o.links.insert(l.id(), l.program_id());
+        }
+        o
+    }
+
+    impl Objects {
+        /// The largest id of each kind (0 for none): objects created later
+        /// have larger ids.
+        pub fn max_ids(&self) -> (u32, u32, u32) {
+            let last = |k: Option<&u32>| k.copied().unwrap_or(0);
+            (
+                last(self.progs.keys().next_back()),
+                last(self.maps.keys().next_back()),
+                last(self.links.keys().next_back()),
+            )
+        }
+    }
+
+    /// BPF objects held through file descriptors.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Held {
+        pub progs: BTreeSet<u32>,
+        pub maps: BTreeSet<u32>,
+        pub links: BTreeSet<u32>,
+        /// `perf_event` file descriptors (counters, classic tracepoints).
+        pub perf_events: usize,
+    }
+
+    impl Held {
+        pub fn extend(&mut self, other: &Held) {
+            self.progs.extend(&other.progs);
+            self.maps.extend(&other.maps);
+            self.links.extend(&other.links);
+            self.perf_events = self.perf_events.max(other.perf_events);
+        }
+    }
+
+    fn id_field(info: &str, key: &str) -> Option<u32> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// The BPF objects process `pid` holds an fd for (empty when it is gone).
+    pub fn held_by(pid: i32) -> Held {
+        let mut h = Held::default();
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return h;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy().into_owned();
+            let info = || {
+                fs::read_to_string(format!(
+                    "/proc/{pid}/fdinfo/{}",
+                    fd.file_name().to_string_lossy()
+                ))
+                .unwrap_or_default()
+            };
+            match target.as_str() {
+                "anon_inode:bpf-prog" => h.progs.extend(id_field(&info(), "prog_id:")),
+                "anon_inode:bpf-map" => h.maps.extend(id_field(&info(), "map_id:")),
+                "anon_inode:bpf_link" => {
+                    let info = info();
+                    h.links.extend(id_field(&info, "link_id:"));
+                }
+                "anon_inode:[perf_event]" => h.perf_events += 1,
+                _ => {}
+            }
+        }
+        h
+    }
+
+    /// What every live process holds together.
+    pub fn held_by_anyone() -> Held {
+        let mut all = Held::default();
+        for e in fs::read_dir("/proc").unwrap().flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                let h = held_by(pid);
+                all.progs.extend(h.progs);
+                all.maps.extend(h.maps);
+                all.links.extend(h.links);
+            }
+        }
+        all
+    }
+
+    /// cis490's program names as the kernel stores them (at most 15 bytes),
+    /// from the eBPF sources (every `pub fn` after a program attribute).
+    pub fn cis490_program_names() -> BTreeSet<String> {
+        let sources = [
+            include_str!("../../cis490-ebpf/src/sched.rs"),
+            include_str!("../../cis490-ebpf/src/block.rs"),
+            include_str!("../../cis490-ebpf/src/net.rs"),
+            include_str!("../../cis490-ebpf/src/kvm.rs"),
+        ];
+        let mut names = BTreeSet::new();
+        for src in sources {
+            let mut after_attr = false;
+            for line in src.lines() {
+                let l = line.trim();
+                if l.starts_with("#[btf_tracepoint") || l.starts_with("#[tracepoint") {
+                    after_attr = true;
+                } else if after_attr && let Some(rest) = l.strip_prefix("pub fn ") {
+                    let name: String = rest.chars().take_while(|c| *c != '(').collect();
+                    names.insert(name.chars().take(15).collect());
+                    after_attr = false;
+                }
+            }
+        }
+        assert!(names.len() >= 10, "found only {names:?} in cis490-ebpf");
+        names
+    }
+
+    /// cis490's map names (at most 15 bytes), from `cis490-ebpf/src/maps.rs`.
+    pub fn cis490_map_names() -> BTreeSet<String> {
+        let names: BTreeSet<String> = include_str!("../../cis490-ebpf/src/maps.rs")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub static "))
+            .map(|rest| rest.chars().take_while(|c| *c != ':').take(15).collect())
+            .collect();
+        assert!(names.len() >= 10, "found only {names:?} in maps.rs");
+        names
+    }
+
+    /// cis490 objects created after `before` (ids above its largest ones)
+    /// that no live process holds, directly or through a held program or
+    /// link: what a tracer that is gone left in the kernel.
+    pub fn orphans_since(before: &Objects) -> Vec<String> {
+        let (p0, m0, l0) = before.max_ids();
+        let now = objects();
+        let held = held_by_anyone();
+        let prog_names = cis490_program_names();
+        let map_names = cis490_map_names();
+        let cis_progs: BTreeSet<u32> = now
+            .progs
+            .iter()
+            .filter(|(id, (name, _))| **id > p0 && prog_names.contains(name))
+            .map(|(id, _)| *id)
+            .collect();
+        // Programs alive because someone holds them or a held link.
+        let mut live_progs: BTreeSet<u32> = held.progs.clone();
+        live_progs.extend(
+            now.links
+                .iter()
+                .filter(|(l, _)| held.links.contains(l))
+                .map(|(_, p)| *p),
+        );
+        let mut live_maps: BTreeSet<u32> = held.maps.clone();
+        for p in &live_progs {
+            if let Some((_, maps)) = now.progs.get(p) {
+                live_maps.extend(maps);
+            }
+        }
+        let mut out = Vec::new();
+        for id in &cis_progs {
+            if !live_progs.contains(id) {
+                out.push(format!("program {id} ({})", now.progs[id].0));
+            }
+        }
+        for (id, prog) in &now.links {
+            if *id > l0 && cis_progs.contains(prog) && !held.links.contains(id) {
+                out.push(format!("link {id} (program {prog})"));
+            }
+        }
+        // A map of cis490's (by name, or used by one of its programs).
+        let used_by_cis: BTreeSet<u32> = cis_progs
+            .iter()
+            .flat_map(|p| now.progs[p].1.iter().copied())
+            .collect();
+        for (id, name) in &now.maps {
+            let ours = map_names.contains(name) || used_by_cis.contains(id);
+            if *id > m0 && ours && !live_maps.contains(id) {
+                out.push(format!("map {id} ({name})"));
+            }
+        }
+        out
+    }
+
+    /// Which of `ids` still exist in the kernel.
+    pub fn still_loaded(ids: &Held) -> Vec<String> {
+        let now = objects();
+        let mut out = Vec::new();
+        out.extend(
+            ids.progs
+                .iter()
+                .filter(|i| now.progs.contains_key(i))
+                .map(|i| format!("program {i} ({})", now.progs[i].0)),
+        );
+        out.extend(
+            ids.maps
+                .iter()
+                .filter(|i| now.maps.contains_key(i))
+                .map(|i| format!("map {i} ({})", now.maps[i])),
+        );
+        out.extend(
+            ids.links
+                .iter()
+                .filter(|i| now.links.contains_key(i))
+                .map(|i| format!("link {i}")),
+        );
+        out
+    }
+}

@@ -235,7 +235,9 @@ pub fn attach(a: &mut Attacher<'_>, plan: &Result<KvmFormat, String>) -> FamilyS
     };
     let mut notes: Vec<String> = [hw.err(), user.err()].into_iter().flatten().collect();
     if f.mounted_tracefs {
-        notes.push("mounted tracefs at /sys/kernel/tracing".into());
+        notes.push(
+            "mounted tracefs at /sys/kernel/tracing in the tracer's own mount namespace".into(),
+        );
     }
     FamilyStatus {
         family: FAMILY,

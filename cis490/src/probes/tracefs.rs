@@ -1,6 +1,8 @@
 //! tracefs, for the classic tracepoints (`kvm:kvm_exit`): found where it is
 //! mounted, or mounted at `/sys/kernel/tracing` (a fresh boot here has it
-//! unmounted).
+//! unmounted) in a mount namespace of the tracer's own, so the mount goes
+//! away with the tracer however it ends (SIGKILL included) and nobody else
+//! ever sees it.
 
 use std::path::{Path, PathBuf};
 
@@ -12,12 +14,43 @@ fn looks_mounted(p: &Path) -> bool {
 
 /// Where tracefs is, mounting it if needed; `Err` says why it is not there.
 /// The second value says whether this call mounted it.
+///
+/// The mount is made in a new mount namespace of the calling thread (the
+/// tracer's main thread; threads it starts later inherit it), with every
+/// mount in it private so nothing propagates back. The kernel drops the
+/// namespace, and the mount with it, when the tracer exits. Processes forked
+/// before (a spawned command) stay where they were. The price: mounts made
+/// elsewhere after this point are not seen by the tracer.
 pub fn ensure() -> Result<(PathBuf, bool), String> {
-    if let Some(p) = MOUNTS.iter().map(Path::new).find(|p| looks_mounted(p)) {
-        return Ok((p.to_path_buf(), false));
-    }
     let target = Path::new(MOUNTS[0]);
+    if looks_mounted(target) {
+        return Ok((target.to_path_buf(), false));
+    }
     let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    // SAFETY: unshare(2) and mount(2) with NUL-terminated strings; they
+    // change only this thread's mount namespace.
+    let private = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c("/").as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+    };
+    if !private {
+        return Err(format!(
+            "tracefs is not mounted and no private mount namespace could be made to mount it in: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // Where debugfs is mounted, looking into its tracing/ automounts tracefs:
+    // only now, in the private namespace.
+    let debug = Path::new(MOUNTS[1]);
+    if looks_mounted(debug) {
+        return Ok((debug.to_path_buf(), false));
+    }
     let (src, dir, fstype) = (c("nodev"), c(MOUNTS[0]), c("tracefs"));
     // SAFETY: mount(2) with NUL-terminated strings and no data.
     let rc = unsafe {
@@ -42,7 +75,10 @@ pub fn ensure() -> Result<(PathBuf, bool), String> {
             MOUNTS[0]
         ));
     }
-    log::info!("mounted tracefs at {}", MOUNTS[0]);
+    log::info!(
+        "mounted tracefs at {} (in the tracer's own mount namespace)",
+        MOUNTS[0]
+    );
     Ok((target.to_path_buf(), true))
 }
 

@@ -218,6 +218,54 @@ enum Command {
     /// "connections" (tcp) or "datagrams" (udp), "read_calls", "elapsed_ns" (from accept / the
     /// first datagram to EOF / the last datagram), "timed_out"}.
     Sink(SinkArgs),
+
+    /// The main thread exits at once; another thread goes on, then ends the process.
+    ///
+    /// The main thread starts thread "survivor", then ends itself alone (the raw exit
+    /// syscall, not exit_group): the process lives on with a zombie main thread, which is
+    /// what /proc/PID/stat then shows (state Z). The survivor writes PATH.ready
+    /// ({"kind":"ready","pid"}), sleeps --delay-ms, burns --burn-ms of its own CPU clock,
+    /// writes {"kind":"main-exits", "pid", "cpu_ns_before_burn", "process_cpu_ns"} to PATH
+    /// and exits the process with code 0.
+    MainExits(MainExitsArgs),
+
+    /// Burn CPU in several threads, then execve PROGRAM from one that is not the main thread.
+    ///
+    /// Starts --threads N threads: "execer" burns --burn-ms of its own CPU clock, then calls
+    /// execv(PROGRAM, [PROGRAM, ARGS...]) while the main thread (blocked in join) and N-1
+    /// "spinner-K" threads (burning CPU without end) are still alive. The kernel kills them
+    /// (de_thread), the execer takes over the process id, and PROGRAM runs in the same process:
+    /// its CLOCK_PROCESS_CPUTIME_ID and getrusage(RUSAGE_SELF) still include everything done
+    /// before the exec, by every thread. Writes no report (PROGRAM does); if execv fails, an
+    /// error (exit code 2). PROGRAM is a path (no PATH search).
+    Exec(ExecArgs),
+}
+
+#[derive(Args, Debug)]
+struct MainExitsArgs {
+    /// Sleep before burning, in ms (time to attach a tracer).
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    delay_ms: u64,
+    /// CPU time the survivor burns, in ms of its own thread CPU clock.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    burn_ms: u64,
+    /// Where to write the JSON report; the ready file is PATH.ready.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct ExecArgs {
+    /// Threads besides the main one: the execer and N-1 spinners.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    threads: u32,
+    /// CPU time the execer burns before it calls execv, in ms of its own thread CPU clock.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    burn_ms: u64,
+    /// PROGRAM and its arguments.
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    argv: Vec<OsString>,
 }
 
 #[derive(Args, Debug)]
@@ -308,6 +356,10 @@ struct WaitSignalArgs {
     /// Give up (error, exit code 2) if no SIGUSR1 arrives within this many ms; 0 waits forever.
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     timeout_ms: u64,
+    /// After burning, each thread sleeps this long before it exits, so a poller (the /proc
+    /// oracle) sees its final counts.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    linger_ms: u64,
     /// Where to write the JSON report; the ready file is PATH.ready.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
@@ -483,7 +535,7 @@ fn main() {
         Err(e) => {
             let msg = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 "missing subcommand (cpu, pingpong, exit-after, wait-signal, demo, thread-burst, dio, \
-                 tap, send-frames, kvm or sink)".to_string()
+                 tap, send-frames, kvm, sink, exec or main-exits)".to_string()
             } else {
                 // clap's first paragraph (the error and any list under it), on one line.
                 let text = e.to_string();
@@ -508,6 +560,8 @@ fn main() {
         Command::SendFrames(a) => cmd_send_frames(&a),
         Command::Kvm(a) => cmd_kvm(&a),
         Command::Sink(a) => cmd_sink(&a),
+        Command::Exec(a) => cmd_exec(&a),
+        Command::MainExits(a) => cmd_main_exits(&a),
     };
     if let Err(e) = result {
         eprintln!("{PROG}: error: {}", format!("{e:#}").replace('\n', " "));
@@ -1202,12 +1256,101 @@ fn cmd_thread_burst(a: &ThreadBurstArgs) -> Result<()> {
     )
 }
 
+fn cmd_main_exits(a: &MainExitsArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        cpu_ns_before_burn: u64,
+        process_cpu_ns: u64,
+    }
+    let (delay, burn_ns, out) = (a.delay_ms, a.burn_ms * NS_PER_MS, a.out.clone());
+    thread::Builder::new()
+        .name("survivor".to_string())
+        .spawn(move || {
+            let run = || -> Result<()> {
+                #[derive(Serialize)]
+                struct Ready {
+                    kind: &'static str,
+                    pid: u32,
+                }
+                let pid = std::process::id();
+                write_ready(&out, &Ready { kind: "ready", pid })?;
+                thread::sleep(Duration::from_millis(delay));
+                let before = process_cpu_ns();
+                burn_for_ns(burn_ns);
+                write_json_atomic(
+                    &out,
+                    &Report {
+                        kind: "main-exits",
+                        pid,
+                        cpu_ns_before_burn: before,
+                        process_cpu_ns: process_cpu_ns(),
+                    },
+                )
+            };
+            match run() {
+                Ok(()) => std::process::exit(0),
+                Err(e) => {
+                    eprintln!("{PROG}: error: {}", format!("{e:#}").replace('\n', " "));
+                    std::process::exit(2);
+                }
+            }
+        })
+        .context("cannot start thread survivor")?;
+    // SAFETY: the raw exit syscall ends the calling thread only; nothing of
+    // this thread is used afterwards (the survivor owns what it needs).
+    unsafe { libc::syscall(libc::SYS_exit, 0) };
+    unreachable!("SYS_exit returned");
+}
+
+fn cmd_exec(a: &ExecArgs) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let argv = a
+        .argv
+        .iter()
+        .map(|s| std::ffi::CString::new(s.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("an argument contains a NUL byte")?;
+    for i in 0..a.threads - 1 {
+        thread::Builder::new()
+            .name(format!("spinner-{i}"))
+            .spawn(|| {
+                loop {
+                    spin(1_000_000);
+                }
+            })
+            .with_context(|| format!("cannot start thread spinner-{i}"))?;
+    }
+    let burn_ns = a.burn_ms * NS_PER_MS;
+    let execer = thread::Builder::new()
+        .name("execer".to_string())
+        .spawn(move || -> Result<()> {
+            burn_for_ns(burn_ns);
+            let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+            ptrs.push(std::ptr::null());
+            // SAFETY: a NUL-terminated path and a NULL-terminated argv of C strings that
+            // outlive the call; execv returns only on failure.
+            unsafe { libc::execv(ptrs[0], ptrs.as_ptr()) };
+            Err(anyhow!(
+                "cannot exec {}: {}",
+                argv[0].to_string_lossy(),
+                io::Error::last_os_error()
+            ))
+        })
+        .context("cannot start thread execer")?;
+    // Returns only if execv failed.
+    execer
+        .join()
+        .map_err(|_| anyhow!("the execer thread panicked"))?
+}
+
 fn cmd_wait_signal(a: &WaitSignalArgs) -> Result<()> {
     ready_then_wait(&a.out, a.timeout_ms)?;
 
     let cpu_before = process_cpu_ns();
     let rusage_before = rusage(libc::RUSAGE_SELF);
-    let phase = burn_phase(a.threads, a.burn_ms, 0, 0, 0)?;
+    let phase = burn_phase(a.threads, a.burn_ms, 0, 0, a.linger_ms)?;
     let mut report = CpuReport::new(a.burn_ms, phase);
     report.cpu_ns_before_signal = Some(cpu_before);
     report.rusage_before_signal = Some(rusage_before);

@@ -158,6 +158,12 @@ impl EbpfSource {
         self.sched.totals()
     }
 
+    /// Whether the target's pid went to a new process while tracing (not
+    /// traced: the probes ignore it from its fork on).
+    pub fn target_pid_reused(&self) -> bool {
+        self.sched.target_pid_reused()
+    }
+
     /// Block requests the kernel map could not hold, so far.
     pub fn block_map_errors(&self) -> u64 {
         self.block.as_ref().map_or(0, |b| b.map_errors())

@@ -2,7 +2,7 @@
 //! (probes in `cis490-ebpf/src/sched.rs`).
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use cis490_common::{CpuSlice, MaxSlot, SchedStats, ThreadCounters};
 
 use super::{hist_delta, max_of, read_percpu, take};
@@ -25,6 +25,8 @@ pub struct SchedReader {
     base_threads: u64,
     /// Target threads and their counters (`THREADS`), seeded here.
     _threads: HashMap<MapData, u32, ThreadCounters>,
+    /// Set by the probes when the target's pid went to a new process.
+    gone: Array<MapData, u32>,
 }
 
 impl SchedReader {
@@ -58,7 +60,14 @@ impl SchedReader {
             },
             base_threads,
             _threads: threads,
+            gone: take(probes, "TARGET_GONE")?,
         })
+    }
+
+    /// Whether a new process got the target's pid (after the target ended)
+    /// while tracing; the probes stopped matching anything then.
+    pub fn target_pid_reused(&self) -> bool {
+        self.gone.get(&0, 0).is_ok_and(|v| v != 0)
     }
 
     pub fn totals(&self) -> &SchedStats {
