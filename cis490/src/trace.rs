@@ -33,7 +33,7 @@ use crate::{
     taps::{self, Holdings},
     target::{Target, thread_ids},
 };
-use cis490_common::{LifecycleKind, RINGBUF_BYTES};
+use cis490_common::LifecycleKind;
 
 /// Everything `cis490 trace` was asked to do.
 #[derive(Clone, Debug)]
@@ -123,7 +123,7 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
         probes: Vec::new(),
         families: Vec::new(),
         ebpf: EbpfTotals {
-            ringbuf_bytes: RINGBUF_BYTES,
+            ringbuf_bytes: cfg.probe_options.ringbuf_bytes,
             ..Default::default()
         },
         skipped_boundaries: 0,

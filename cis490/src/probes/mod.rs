@@ -170,9 +170,21 @@ impl KernelFacts {
 }
 
 /// User choices about probe paths.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Options {
     pub block: block::PathChoice,
+    /// Size of the lifecycle-record ring buffer (`RECORDS`), bytes: a power
+    /// of two and a multiple of the page size.
+    pub ringbuf_bytes: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            block: block::PathChoice::default(),
+            ringbuf_bytes: cis490_common::RINGBUF_BYTES,
+        }
+    }
 }
 
 /// Per-family decisions taken before the object is loaded (they become
@@ -182,6 +194,7 @@ pub struct Plan {
     pub block: Result<block::BlockPath, String>,
     pub net: net::NetPlan,
     pub kvm: Result<kvm::KvmFormat, String>,
+    pub ringbuf_bytes: u32,
 }
 
 impl Plan {
@@ -190,6 +203,7 @@ impl Plan {
             block: block::plan(facts, opts.block),
             net: net::plan(facts),
             kvm: kvm::plan(),
+            ringbuf_bytes: opts.ringbuf_bytes,
         }
     }
 
@@ -227,6 +241,7 @@ impl Probes {
         let mut loader = EbpfLoader::new();
         loader
             .btf(Some(&btf))
+            .set_max_entries("RECORDS", plan.ringbuf_bytes)
             .override_global("TARGET_TGID", &tgid, true);
         for (name, value) in offsets.iter().chain(globals.iter()) {
             loader.override_global(name, value, true);
