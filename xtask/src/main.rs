@@ -6,7 +6,10 @@
 //!   prints its path and program sizes.
 //! - `demo`: setup, build, trace the bundled workload, print a summary.
 //! - `test`: setup, build, run every test (unit, then privileged).
+//! - `bench`: setup, build, benchmark cis490 beside bpftrace and a /proc
+//!   poller; write the table into docs/benchmarks.md.
 
+mod bench;
 mod demo;
 mod guest;
 mod setup;
@@ -49,6 +52,12 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Benchmark cis490's overhead beside bpftrace and a /proc poller on
+    /// five workloads (a context-switch storm, a many-thread CPU burn with
+    /// wakeups, direct I/O, tap traffic, the demo's QEMU guest); write the
+    /// table into docs/benchmarks.md and print it. Needs root; installs
+    /// bpftrace with apt if missing; about 15 minutes (--quick: about 3).
+    Bench(bench::Args),
     /// Build the test guest (kernel + busybox initramfs, cached outside the
     /// repo), probe the accelerator, write and print guest.json.
     Guest {
@@ -96,6 +105,7 @@ fn main() -> Result<()> {
         Task::Demo { data_dir } => demo(&data_dir),
         Task::Test { args } => test(&args),
         Task::Guest { boot } => guest::task(boot),
+        Task::Bench(args) => bench_task(args),
     }
 }
 
@@ -183,6 +193,22 @@ fn demo(data_dir: &Path) -> Result<()> {
     }
     let bin = build_bins(true)?;
     demo::run_demo(&bin, &workspace_root().join(data_dir))
+}
+
+fn bench_task(args: bench::Args) -> Result<()> {
+    setup::ensure()?;
+    if !is_root() {
+        bail!("the bench loads eBPF programs and needs root: run `sudo -E cargo xtask bench`");
+    }
+    let bin = build_bins(true)?;
+    let wants_qemu = args.workloads.is_empty() || args.workloads.contains(&bench::Kind::Qemu);
+    let guest = wants_qemu.then(|| {
+        guest::prepare().map(|(g, accel, _)| cis490_tests::guest::GuestJson {
+            guest: g,
+            accel: accel.to_owned(),
+        })
+    });
+    bench::run(args, &bin, guest)
 }
 
 fn test(args: &[String]) -> Result<()> {
