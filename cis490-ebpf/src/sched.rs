@@ -1,17 +1,17 @@
-//! Scheduler probes (BTF-enabled raw tracepoints): on-CPU time, context
-//! switches, wakeups, migrations, run-queue delay, thread lifecycle.
+//! Scheduler probes (BTF-enabled raw tracepoints and a task iterator):
+//! on-CPU time, context switches, wakeups, migrations, run-queue delay,
+//! thread lifecycle.
 //!
-//! Everything that goes into rows is aggregated in `SCHED_STATS` (per CPU,
-//! cumulative); only thread lifecycle records are streamed.
-//!
-//! Counts come from the kernel's own per-thread counters, read at every
-//! switch-out of a target thread and diffed against the previous read
-//! (`THREADS`), not from counting events: a tracepoint event the kernel does
-//! not deliver (recursion protection, or a kernel that hides some tasks'
-//! switches) delays a count to the thread's next switch-out instead of
-//! losing it. Events still give what counters cannot: wakeups, the
-//! distribution of single run-queue delays, and the running slice at a
-//! bucket boundary (`CPU_SLICE`).
+//! The counters come from the kernel's own per-thread counters, read where
+//! it costs least: the threads alive at a bucket boundary are read by the
+//! task iterator `sched_iter`, which the loader runs at every boundary; a
+//! thread that exits is read once, at its final switch-out. So a context
+//! switch of a target thread costs a few loads here (no map lookup by tid,
+//! no helper call but the clock at a switch-in), and nothing depends on a
+//! tracepoint event being delivered. Events still give what counters cannot:
+//! wakeups, the distribution of single run-queue delays, and the running
+//! slice at a bucket boundary (`CPU_SLICE`). Only thread lifecycle records
+//! are streamed.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -19,26 +19,27 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use aya_log_ebpf::warn;
 use cis490_common::{
-    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, RecordKind, SchedStats, ThreadCounters,
+    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, LiveCounters, RecordKind, SchedStats,
 };
 
 use crate::{
-    maps::{
-        CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, THREADS, add, add_to_hist, emit, raise_max, stats,
+    maps::{CPU_SLICE, LIVE, RUNNABLE_SINCE, RUNQ_MAX, add, bump, bump_hist, emit, raise_max, stats},
+    target::{
+        arrival_delay, current, delays_from_sched_info, has_run_delay, target_tgid, task_counters,
+        task_cpu, task_runtime, task_state, task_tgid, task_tid,
     },
-    target::{current, has_run_delay, target_tgid, task_counters, task_tgid, task_tid},
 };
 
 type Res = Result<(), i32>;
 const NO_MAP: i32 = -1;
 const EEXIST: i32 = -17;
-/// `TASK_DEAD` in `task_struct.__state`: the thread's final switch-out.
+/// `TASK_DEAD` in `task_struct.__state`: set for a thread's final switch-out.
 const TASK_DEAD: u32 = 0x80;
 
 /// `sched_switch(bool preempt, struct task_struct *prev,
 ///               struct task_struct *next, unsigned int prev_state)`.
+/// Runs on every context switch of the machine, with interrupts off.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let _ = try_sched_switch(&ctx);
@@ -47,12 +48,11 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
 
 fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
     let target = target_tgid();
-    let slice = CPU_SLICE.get_ptr_mut(0).ok_or(NO_MAP)?;
-    // `current` is still `prev` when the tracepoint fires.
-    let (prev_tgid, prev_tid) = current();
+    let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    let prev_is_target = prev_tgid == target;
-    let next_is_target = task_tgid(next)? == target;
+    let prev_is_target = task_tgid(prev) == target;
+    let next_is_target = task_tgid(next) == target;
+    let slice = CPU_SLICE.get_ptr_mut(0).ok_or(NO_MAP)?;
     // SAFETY: map value pointers from lookups are valid for this program run.
     let slice = unsafe { &mut *slice };
     if !prev_is_target && !next_is_target {
@@ -62,49 +62,43 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         }
         return Ok(());
     }
-    let now = unsafe { bpf_ktime_get_ns() };
     let s = stats().ok_or(NO_MAP)?;
+    bump(unsafe { &raw mut (*s).events }, 1);
 
     if prev_is_target {
-        let prev: *const u8 = ctx.arg(1);
-        let prev_state: u64 = ctx.arg(3);
-        let prev_state = prev_state as u32;
-        // The loader reads SCHED_STATS, then CPU_SLICE, while this runs.
-        // Closing the slice before adding its time means a concurrent read
-        // can miss this slice for a moment (the next read catches up) but
-        // never count it twice (as running and as done).
+        // The task iterator may read this slot from another CPU meanwhile:
+        // closed first, it is never counted as running after the thread's
+        // own counters took the slice in.
         let was = *slice;
         unsafe { core::ptr::write_volatile(&raw mut slice.state, CpuSlice::OTHER) };
-        compiler_barrier();
-        account_switch_out(s, &was, prev, prev_tid, prev_state, now)?;
-        // A thread that leaves the CPU runnable (preempted, or yielding in
-        // TASK_RUNNING) starts waiting now; any older mark is stale.
-        let preempt: u64 = ctx.arg(0);
-        let _ = RUNNABLE_SINCE.remove(&prev_tid);
-        if (preempt & 1 != 0 || prev_state == 0)
-            && RUNNABLE_SINCE
-                .insert(&prev_tid, &now, BPF_ANY as u64)
-                .is_err()
-        {
-            add(unsafe { &raw mut (*s).map_errors }, 1);
+        let prev_tid = task_tid(prev);
+        if was.state != CpuSlice::TARGET || was.tid != prev_tid {
+            // Its switch-in was not delivered: its counters catch up anyway.
+            bump(unsafe { &raw mut (*s).slice_mismatches }, 1);
+        }
+        let prev_state: u64 = ctx.arg(3);
+        if prev_state as u32 & TASK_DEAD != 0 {
+            account_dead(s, prev);
+        }
+        if !delays_from_sched_info() {
+            runnable_since_on_switch_out(ctx, s, prev_tid, prev_state as u32);
         }
     }
 
     if next_is_target {
-        let next_tid = task_tid(next)?;
-        if let Some(since) = RUNNABLE_SINCE.get_ptr(&next_tid) {
-            let delay = now.saturating_sub(unsafe { *since });
-            let _ = RUNNABLE_SINCE.remove(&next_tid);
-            record_runq_delay(s, delay);
+        if delays_from_sched_info() {
+            if let Some(delay) = arrival_delay(next) {
+                record_runq_delay(s, delay);
+            }
+        } else {
+            delay_from_wakeup(s, task_tid(next));
         }
-        slice.since_ns = now;
-        slice.tid = next_tid;
+        slice.since_ns = unsafe { bpf_ktime_get_ns() };
+        slice.base_runtime_ns = task_runtime(next);
+        slice.tid = task_tid(next);
         compiler_barrier();
         unsafe { core::ptr::write_volatile(&raw mut slice.state, CpuSlice::TARGET) };
-    } else {
-        slice.state = CpuSlice::OTHER;
     }
-    add(unsafe { &raw mut (*s).events }, 1);
     Ok(())
 }
 
@@ -118,90 +112,59 @@ fn compiler_barrier() {
     unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
 }
 
-/// Adds what a target thread did since its previous switch-out, from its
-/// own kernel counters.
+/// A target thread's final switch-out: its counters are final; they move
+/// from the live threads (the iterator skips `TASK_DEAD`) to the dead.
 #[inline(always)]
-fn account_switch_out(
-    s: *mut SchedStats,
-    slice: &CpuSlice,
-    prev: *const u8,
-    tid: u32,
-    prev_state: u32,
-    now: u64,
-) -> Res {
-    let c = task_counters(prev)?;
-    let Some(t) = THREADS.get_ptr_mut(&tid) else {
-        // Not tracked (the thread map was full): time the slice instead.
-        if slice.state == CpuSlice::TARGET && slice.tid == tid {
-            add(
-                unsafe { &raw mut (*s).cpu_ns },
-                now.saturating_sub(slice.since_ns),
-            );
-        }
-        add(unsafe { &raw mut (*s).slice_mismatches }, 1);
-        return Ok(());
-    };
-    let t = unsafe { &mut *t };
-    if slice.state != CpuSlice::TARGET || slice.tid != tid {
-        // Its switch-in was not delivered: the counters catch up anyway.
-        add(unsafe { &raw mut (*s).slice_mismatches }, 1);
-    }
-    add(
-        unsafe { &raw mut (*s).cpu_ns },
-        delta(c.runtime_ns, t.runtime_ns),
-    );
-    add(
-        unsafe { &raw mut (*s).ctx_voluntary },
-        delta(c.nvcsw, t.nvcsw),
-    );
-    add(
-        unsafe { &raw mut (*s).ctx_involuntary },
-        delta(c.nivcsw, t.nivcsw),
-    );
-    add(
-        unsafe { &raw mut (*s).migrations },
-        delta(c.migrations, t.migrations),
-    );
-    if has_run_delay() {
-        add(
-            unsafe { &raw mut (*s).runq_delay_ns },
-            delta(c.run_delay_ns, t.run_delay_ns),
-        );
-    }
-    if prev_state & TASK_DEAD != 0 {
-        let _ = THREADS.remove(&tid);
-    } else {
-        t.runtime_ns = c.runtime_ns;
-        t.nvcsw = c.nvcsw;
-        t.nivcsw = c.nivcsw;
-        t.migrations = c.migrations;
-        t.run_delay_ns = c.run_delay_ns;
-    }
-    Ok(())
-}
-
-/// `now - before`, or 0 when `before` was not known.
-#[inline(always)]
-fn delta(now: u64, before: u64) -> u64 {
-    if before == ThreadCounters::UNKNOWN {
-        0
-    } else {
-        now.wrapping_sub(before)
-    }
+fn account_dead(s: *mut SchedStats, prev: *const u8) {
+    let c = task_counters(prev);
+    bump(unsafe { &raw mut (*s).dead_runtime_ns }, c.runtime_ns);
+    bump(unsafe { &raw mut (*s).dead_nvcsw }, c.nvcsw);
+    bump(unsafe { &raw mut (*s).dead_nivcsw }, c.nivcsw);
+    bump(unsafe { &raw mut (*s).dead_migrations }, c.migrations);
+    bump(unsafe { &raw mut (*s).dead_run_delay_ns }, c.run_delay_ns);
 }
 
 #[inline(always)]
 fn record_runq_delay(s: *mut SchedStats, delay: u64) {
-    if !has_run_delay() {
-        add(unsafe { &raw mut (*s).runq_delay_ns }, delay);
-    }
-    add(unsafe { &raw mut (*s).runq_delay_count }, 1);
-    add_to_hist(unsafe { &raw mut (*s).runq_hist }, delay);
+    bump(unsafe { &raw mut (*s).runq_delay_ns }, delay);
+    bump(unsafe { &raw mut (*s).runq_delay_count }, 1);
+    bump_hist(unsafe { &raw mut (*s).runq_hist }, delay);
     // Only sched_switch (interrupts off) touches RUNQ_MAX: no nesting.
     raise_max(&RUNQ_MAX, delay);
 }
 
-/// `sched_wakeup(struct task_struct *p)`.
+/// Without single delays from `sched_info`: a thread that leaves the CPU
+/// runnable (preempted, or yielding in TASK_RUNNING) starts waiting now.
+#[inline(always)]
+fn runnable_since_on_switch_out(
+    ctx: &BtfTracePointContext,
+    s: *mut SchedStats,
+    tid: u32,
+    prev_state: u32,
+) {
+    let preempt: u64 = ctx.arg(0);
+    let _ = RUNNABLE_SINCE.remove(&tid);
+    if (preempt & 1 != 0 || prev_state == 0)
+        && RUNNABLE_SINCE
+            .insert(&tid, &unsafe { bpf_ktime_get_ns() }, BPF_ANY as u64)
+            .is_err()
+    {
+        add(unsafe { &raw mut (*s).map_errors }, 1);
+    }
+}
+
+/// Without single delays from `sched_info`: wakeup (or preemption) to
+/// switch-in, timed with the wakeup mark.
+#[inline(always)]
+fn delay_from_wakeup(s: *mut SchedStats, tid: u32) {
+    if let Some(since) = RUNNABLE_SINCE.get_ptr(&tid) {
+        let delay = unsafe { bpf_ktime_get_ns() }.saturating_sub(unsafe { *since });
+        let _ = RUNNABLE_SINCE.remove(&tid);
+        record_runq_delay(s, delay);
+    }
+}
+
+/// `sched_wakeup(struct task_struct *p)`; interrupts off (run queue lock).
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn sched_wakeup(ctx: BtfTracePointContext) -> i32 {
     let _ = try_wakeup(&ctx);
@@ -217,19 +180,90 @@ pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
 
 fn try_wakeup(ctx: &BtfTracePointContext) -> Res {
     let p: *const u8 = ctx.arg(0);
-    if task_tgid(p)? != target_tgid() {
+    if task_tgid(p) != target_tgid() {
         return Ok(());
     }
-    let tid = task_tid(p)?;
-    let now = unsafe { bpf_ktime_get_ns() };
     let s = stats().ok_or(NO_MAP)?;
-    add(unsafe { &raw mut (*s).wakeups }, 1);
-    add(unsafe { &raw mut (*s).events }, 1);
-    // Keep the earliest time if the thread is already runnable.
-    match RUNNABLE_SINCE.insert(&tid, &now, BPF_NOEXIST as u64) {
-        Ok(()) | Err(EEXIST) => {}
-        Err(_) => add(unsafe { &raw mut (*s).map_errors }, 1),
+    bump(unsafe { &raw mut (*s).wakeups }, 1);
+    bump(unsafe { &raw mut (*s).events }, 1);
+    if !delays_from_sched_info() {
+        // Keep the earliest time if the thread is already runnable.
+        let now = unsafe { bpf_ktime_get_ns() };
+        match RUNNABLE_SINCE.insert(&task_tid(p), &now, BPF_NOEXIST as u64) {
+            Ok(()) | Err(EEXIST) => {}
+            Err(_) => add(unsafe { &raw mut (*s).map_errors }, 1),
+        }
     }
+    Ok(())
+}
+
+/// The task iterator (`iter/task`), run by the loader at every bucket
+/// boundary (limited to the target's threads where the kernel can filter
+/// by pid, else over every task): sums the live target threads' own
+/// counters into `LIVE`. Context: `struct bpf_iter__task { struct
+/// bpf_iter_meta *meta; struct task_struct *task; }`; called once per task,
+/// then once with `task == NULL`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task")]
+pub fn sched_iter(ctx: *mut core::ffi::c_void) -> i32 {
+    let _ = try_iter(ctx as *const *const u8);
+    0
+}
+
+fn try_iter(ctx: *const *const u8) -> Res {
+    // SAFETY: the context is two pointers (checked by the verifier).
+    let (meta, task) = unsafe { (*ctx, *ctx.add(1)) };
+    let live = LIVE.get_ptr_mut(0).ok_or(NO_MAP)?;
+    // SAFETY: map value pointer, valid for this program run.
+    let live = unsafe { &mut *live };
+    // `struct bpf_iter_meta { struct seq_file *seq; u64 session_id; u64 seq_num; }`.
+    // A new session for every run (`seq_num` does not tell the first call:
+    // the final call, with no task, repeats the last object's number).
+    // SAFETY: a BTF-typed pointer; the verifier checks the access.
+    let session: u64 = unsafe { core::ptr::read_volatile(meta.add(8).cast::<u64>()) };
+    if live.session != session {
+        *live = LiveCounters::ZERO;
+        live.session = session;
+        live.now_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    if task.is_null() || task_tgid(task) != target_tgid() {
+        return Ok(());
+    }
+    if task_state(task) & TASK_DEAD != 0 {
+        // Counted at its final switch-out (or about to be).
+        return Ok(());
+    }
+    let c = task_counters(task);
+    let mut runtime = c.runtime_ns;
+    let cpu = task_cpu(task);
+    let key = 0u32;
+    // SAFETY: a lookup in CPU_SLICE's slot of `cpu`; NULL if out of range.
+    let slot = unsafe {
+        aya_ebpf::helpers::generated::bpf_map_lookup_percpu_elem(
+            &raw const CPU_SLICE as *mut core::ffi::c_void,
+            (&raw const key).cast(),
+            cpu,
+        )
+    } as *const CpuSlice;
+    if !slot.is_null() {
+        // SAFETY: a map value pointer; another CPU may be updating it.
+        let state = unsafe { core::ptr::read_volatile(&raw const (*slot).state) };
+        compiler_barrier();
+        let (tid, since, base) = unsafe { ((*slot).tid, (*slot).since_ns, (*slot).base_runtime_ns) };
+        if state == CpuSlice::TARGET && tid == task_tid(task) && live.now_ns > since {
+            // On a CPU: its runtime is only brought up to date at ticks.
+            runtime = base + (live.now_ns - since);
+            live.running += 1;
+        }
+    }
+    live.runtime_ns += runtime;
+    live.nvcsw += c.nvcsw;
+    live.nivcsw += c.nivcsw;
+    live.migrations += c.migrations;
+    if has_run_delay() {
+        live.run_delay_ns += c.run_delay_ns;
+    }
+    live.threads += 1;
     Ok(())
 }
 
@@ -255,21 +289,12 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 
 fn try_fork(ctx: &BtfTracePointContext) -> Res {
     let child: *const u8 = ctx.arg(1);
-    if task_tgid(child)? != target_tgid() {
+    if task_tgid(child) != target_tgid() {
         return Ok(());
     }
-    let tid = task_tid(child)?;
+    let tid = task_tid(child);
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
-    // A new task's counters all start at 0.
-    match THREADS.insert(&tid, &ThreadCounters::NEW, BPF_NOEXIST as u64) {
-        Ok(()) => add(unsafe { &raw mut (*s).threads_started }, 1),
-        Err(EEXIST) => {}
-        Err(_) => {
-            add(unsafe { &raw mut (*s).map_errors }, 1);
-            warn!(ctx, "cis490: thread map full, tid {} not tracked", tid);
-        }
-    }
     let (_, parent_tid) = current();
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     emit(
@@ -294,14 +319,9 @@ fn try_exit(_ctx: &BtfTracePointContext) -> Res {
     }
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
-    if let Some(t) = THREADS.get_ptr_mut(&tid) {
-        let t = unsafe { &mut *t };
-        if t.exited == 0 {
-            t.exited = 1;
-            add(unsafe { &raw mut (*s).threads_exited }, 1);
-        }
+    if !delays_from_sched_info() {
+        let _ = RUNNABLE_SINCE.remove(&tid);
     }
-    let _ = RUNNABLE_SINCE.remove(&tid);
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     emit(&lifecycle(LifecycleKind::ThreadExit, tid, 0, comm), s);
     Ok(())
@@ -341,10 +361,10 @@ pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
 
 fn try_rename(ctx: &BtfTracePointContext) -> Res {
     let task: *const u8 = ctx.arg(0);
-    if task_tgid(task)? != target_tgid() {
+    if task_tgid(task) != target_tgid() {
         return Ok(());
     }
-    let tid = task_tid(task)?;
+    let tid = task_tid(task);
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
     let src: *const u8 = ctx.arg(1);

@@ -31,7 +31,7 @@ use crate::{
         qmp::QmpSource,
     },
     taps::{self, Holdings},
-    target::{Target, thread_ids},
+    target::Target,
 };
 use cis490_common::LifecycleKind;
 
@@ -550,14 +550,7 @@ async fn trace(
     let mut records = RecordStream::new(&mut probes)?;
     target.check_same_process()?;
 
-    let tids = if target.is_spawned() {
-        vec![pid as u32]
-    } else {
-        thread_ids(pid).unwrap_or_default()
-    };
-    let ebpf = EbpfSource::new(&mut probes, &plan, pid, &tids, |tid| {
-        crate::sources::proc::thread_counters(pid, tid).ok()
-    })?;
+    let ebpf = EbpfSource::new(&mut probes, &plan, pid)?;
     let proc = if cfg.sources.contains(&SourceKind::Proc) {
         Some(ProcSource::new(pid)?)
     } else {

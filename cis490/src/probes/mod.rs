@@ -13,6 +13,7 @@ pub mod block;
 pub mod kvm;
 pub mod net;
 pub mod sched;
+pub mod task_iter;
 pub mod tracefs;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
@@ -47,6 +48,9 @@ pub enum ProbeKind {
     TpBtf,
     /// A classic tracepoint of this category (needs tracefs).
     TracePoint(&'static str),
+    /// A BPF iterator over kernel objects (`iter/<what>`), run by the
+    /// loader rather than by an event.
+    Iter,
 }
 
 /// One program of a family.
@@ -223,6 +227,9 @@ pub struct Probes {
     pub ebpf: Ebpf,
     pub status: Vec<ProbeStatus>,
     pub families: Vec<FamilyStatus>,
+    /// The link of the scheduler's task iterator (`sched_iter`), which the
+    /// loader runs at every bucket boundary.
+    pub sched_iter: Option<std::os::fd::OwnedFd>,
 }
 
 impl Probes {
@@ -241,7 +248,7 @@ impl Probes {
         let mut loader = EbpfLoader::new();
         loader
             .btf(Some(&btf))
-            .set_max_entries("RECORDS", plan.ringbuf_bytes)
+            .map_max_entries("RECORDS", plan.ringbuf_bytes)
             .override_global("TARGET_TGID", &tgid, true);
         for (name, value) in offsets.iter().chain(globals.iter()) {
             loader.override_global(name, value, true);
@@ -254,9 +261,10 @@ impl Probes {
             btf,
             facts,
             status: Vec::new(),
+            iter_link: None,
         };
         let families = vec![
-            sched::attach(&mut a)?,
+            sched::attach(&mut a, tgid)?,
             block::attach(&mut a, &plan.block),
             net::attach(&mut a, &plan.net),
             kvm::attach(&mut a, &plan.kvm),
@@ -265,6 +273,7 @@ impl Probes {
             ebpf: a.ebpf,
             status: a.status,
             families,
+            sched_iter: a.iter_link,
         })
     }
 
@@ -291,6 +300,7 @@ pub struct Attacher<'a> {
     btf: aya::Btf,
     facts: &'a KernelFacts,
     status: Vec<ProbeStatus>,
+    iter_link: Option<std::os::fd::OwnedFd>,
 }
 
 impl Attacher<'_> {
@@ -350,6 +360,12 @@ impl Attacher<'_> {
                 let p: &mut TracePoint = prog.try_into().map_err(|e| failed(format!("{e}")))?;
                 p.load().map_err(|e| failed(format!("{e:#}")))?;
                 p.attach(category, spec.tracepoint)
+                    .map_err(|e| failed(format!("{e:#}")))?;
+            }
+            ProbeKind::Iter => {
+                let p: &mut aya::programs::Iter =
+                    prog.try_into().map_err(|e| failed(format!("{e}")))?;
+                p.load(spec.tracepoint, &self.btf)
                     .map_err(|e| failed(format!("{e:#}")))?;
             }
         }
