@@ -27,6 +27,18 @@ pub fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
+/// CPU time of the whole process `pid` (every thread, exited ones
+/// included), ns: its process CPU clock (`CLOCK_PROCESS_CPUTIME_ID` of
+/// another process, `MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)`), which
+/// the kernel lets any process read. `None` once it is gone.
+pub fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let clock = ((!(pid as libc::clockid_t)) << 3) | 2;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into `ts`.
+    let r = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (r == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
 /// Run time and run count summed over the BPF programs a process holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BpfRun {
@@ -231,9 +243,10 @@ mod tests {
     #[test]
     fn own_cpu_time_grows() {
         let me = std::process::id();
-        let a = cpu_ns(me);
+        let (a, p) = (cpu_ns(me), process_cpu_ns(me).unwrap());
         let t = Instant::now();
         while t.elapsed() < Duration::from_millis(20) {}
         assert!(cpu_ns(me) >= a + 10_000_000);
+        assert!(process_cpu_ns(me).unwrap() >= p + 10_000_000);
     }
 }

@@ -77,6 +77,8 @@ pub struct Run {
     pub rate: Option<f64>,
     /// Release to end of work, as the bench saw it.
     pub window_ns: u64,
+    /// The workload's own CPU time in that window (its process CPU clock).
+    pub work_cpu_ns: Option<u64>,
     /// The tracer's CPU time in that window.
     pub tracer_cpu_ns: Option<u64>,
     /// Its BPF programs' run time and runs in that window (statistics on).
@@ -300,6 +302,9 @@ fn progress_line(r: &Run) -> String {
     if let Some(rate) = r.rate {
         s += &format!(" ({})", report::rate_text(r.kind, rate));
     }
+    if let Some(c) = r.work_cpu_ns {
+        s += &format!(", workload CPU {:.3} s", c as f64 / 1e9);
+    }
     if let Some(c) = r.tracer_cpu_ns {
         s += &format!(", tracer CPU {:.2}% of a core", c as f64 / r.window_ns as f64 * 100.0);
     }
@@ -334,6 +339,7 @@ fn run_once(
     std::thread::sleep(Duration::from_millis(150));
     let cpu0 = tpid.map(measure::cpu_ns);
     let bpf0 = tpid.map(measure::bpf_run);
+    let wcpu0 = measure::process_cpu_ns(held.pid);
     let t0 = Instant::now();
     held.release()?;
     let timeout = if kind == Kind::Qemu {
@@ -343,6 +349,7 @@ fn run_once(
     };
     let done = held.wait_work(timeout)?;
     let window_ns = t0.elapsed().as_nanos() as u64;
+    let wcpu1 = measure::process_cpu_ns(held.pid);
     let cpu1 = tpid.map(measure::cpu_ns);
     let bpf1 = tpid.map(measure::bpf_run);
     held.wait_exit(Duration::from_secs(60))?;
@@ -356,6 +363,7 @@ fn run_once(
         work_ns: done.work_ns,
         rate: done.rate,
         window_ns,
+        work_cpu_ns: wcpu0.zip(wcpu1).map(|(a, b)| b.saturating_sub(a)),
         tracer_cpu_ns: cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a)),
         bpf: if stats_pass {
             bpf0.zip(bpf1).map(|(a, b)| b.since(a))

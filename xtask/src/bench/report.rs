@@ -122,15 +122,31 @@ fn cell<'a>(res: &'a Results, kind: Kind, tracer: Tracer, stats_pass: bool) -> C
 /// Slowdown of `tracer` on `kind`: the ratio of the median work times minus
 /// one, and the range of the per-round paired ratios.
 fn slowdown(res: &Results, kind: Kind, tracer: Tracer) -> Option<(f64, f64, f64)> {
+    slowdown_of(res, kind, tracer, |r| Some(r.work_ns as f64))
+}
+
+/// The same for the workload's own CPU time (robust to other work on the
+/// machine taking CPUs away; includes the BPF programs that run in the
+/// workload's context).
+fn cpu_slowdown(res: &Results, kind: Kind, tracer: Tracer) -> Option<(f64, f64, f64)> {
+    slowdown_of(res, kind, tracer, |r| r.work_cpu_ns.map(|c| c as f64))
+}
+
+fn slowdown_of(
+    res: &Results,
+    kind: Kind,
+    tracer: Tracer,
+    f: impl Fn(&Run) -> Option<f64>,
+) -> Option<(f64, f64, f64)> {
     let base = cell(res, kind, Tracer::None, false);
     let traced = cell(res, kind, tracer, false);
-    let ratio = traced.work_s()? / base.work_s()? - 1.0;
+    let ratio = traced.med(&f)? / base.med(&f)? - 1.0;
     let paired: Vec<f64> = traced
         .runs
         .iter()
         .filter_map(|t| {
             let b = base.runs.iter().find(|b| b.round == t.round)?;
-            Some(t.work_ns as f64 / b.work_ns as f64 - 1.0)
+            Some(f(t)? / f(b)? - 1.0)
         })
         .collect();
     let lo = paired.iter().copied().fold(f64::INFINITY, f64::min);
@@ -204,29 +220,34 @@ pub fn render(res: &Results) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "| workload | tracer | work time (median) | workload rate | slowdown (per-round range) | tracer CPU during the work, % of one core | tracer CPU, whole run, user + sys | tracer peak RSS, MiB | events/s into rows | ring-buffer records/s | dropped |"
+        "| workload | tracer | work time (median) | workload rate | slowdown (per-round range) | workload CPU time: increase (per-round range) | tracer CPU during the work, % of one core | tracer CPU, whole run, user + sys | tracer peak RSS, MiB | events/s into rows | ring-buffer records/s | dropped |"
     );
-    let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &k in &res.kinds {
         for &t in &res.tracers {
             let c = cell(res, k, t, false);
             if c.runs.is_empty() {
-                let _ = writeln!(s, "| {} | {} | failed | | | | | | | | |", k.name(), t.name());
+                let _ = writeln!(s, "| {} | {} | failed | | | | | | | | | |", k.name(), t.name());
                 continue;
             }
-            let sd = if t == Tracer::None {
-                "(baseline)".to_owned()
+            let (sd, cd) = if t == Tracer::None {
+                (
+                    "(baseline)".to_owned(),
+                    opt(c.med(|r| r.work_cpu_ns.map(|c| c as f64 / 1e9)), |v| format!("({v:.3} s)")),
+                )
             } else {
-                opt(slowdown(res, k, t), |(r, lo, hi)| format!("**{}** ({} .. {})", pct(r), pct(lo), pct(hi)))
+                let f = |(r, lo, hi): (f64, f64, f64)| format!("**{}** ({} .. {})", pct(r), pct(lo), pct(hi));
+                (opt(slowdown(res, k, t), f), opt(cpu_slowdown(res, k, t), f))
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 k.name(),
                 t.name(),
                 opt(c.work_s(), |v| format!("{v:.3} s")),
                 opt(c.med(|r| r.rate), |v| rate_text(k, v)),
                 sd,
+                cd,
                 opt(c.cpu_pct(), |v| format!("{v:.2}%")),
                 opt(c.user_sys_ms(), |(u, sy)| format!("{:.0} ms ({u:.0} + {sy:.0})", u + sy)),
                 opt(c.peak_rss_kib(), mib),
@@ -242,7 +263,11 @@ pub fn render(res: &Results) -> String {
         "*work time*: the workload's own measure of its fixed work (its wall clock from start \
          to end of the work; for qemu, from release to the guest's `done` line). *slowdown*: \
          median traced / median untraced - 1 (the range: each round's traced run against that \
-         round's untraced run). *tracer CPU during the work*: the tracer process's CPU time \
+         round's untraced run). *workload CPU time*: the workload process's own CPU \
+         time over the same window (its process CPU clock; the BPF programs that run in its \
+         context are in it, CPU taken by other processes is not), median traced / median \
+         untraced - 1: the overhead the target feels, measured apart from the machine's other \
+         load. *tracer CPU during the work*: the tracer process's CPU time \
          (every thread's `schedstat`) from release to the end of the work, over that wall time; \
          BPF programs run in the traced tasks' context and are not in it (see the next table). \
          *whole run*: `wait4` user + sys of the tracer process from start to exit (loading and \
