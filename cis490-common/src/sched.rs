@@ -122,6 +122,9 @@ pub struct LiveCounters {
     pub threads: u64,
     /// Of them, threads on a CPU whose running slice was added.
     pub running: u64,
+    /// Threads marked `TASK_DEAD` but still on a CPU: their final
+    /// switch-out, which adds them to the exited ones, is still to come.
+    pub dying: u64,
 }
 
 impl LiveCounters {
@@ -135,6 +138,7 @@ impl LiveCounters {
         run_delay_ns: 0,
         threads: 0,
         running: 0,
+        dying: 0,
     };
 }
 
@@ -205,7 +209,7 @@ pub struct MaxSlot {
 }
 
 const _: () = assert!(core::mem::size_of::<SchedStats>() == (12 + HIST_BUCKETS) * 8);
-const _: () = assert!(core::mem::size_of::<LiveCounters>() == 9 * 8);
+const _: () = assert!(core::mem::size_of::<LiveCounters>() == 10 * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 24);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 6 * 8);
 const _: () = assert!(core::mem::size_of::<MaxSlot>() == 16);

@@ -27,7 +27,7 @@ use crate::{
     maps::{CPU_SLICE, LIVE, RUNNABLE_SINCE, RUNQ_MAX, add, bump, bump_hist, emit, raise_max, stats},
     target::{
         arrival_delay, current, delays_from_sched_info, has_run_delay, target_tgid, task_counters,
-        task_cpu, task_runtime, task_state, task_tgid, task_tid,
+        task_cpu, task_on_cpu, task_runtime, task_state, task_tgid, task_tid,
     },
 };
 
@@ -230,7 +230,11 @@ fn try_iter(ctx: *const *const u8) -> Res {
         return Ok(());
     }
     if task_state(task) & TASK_DEAD != 0 {
-        // Counted at its final switch-out (or about to be).
+        // Counted at its final switch-out, or about to be: the loader's last
+        // sample waits for the dying ones.
+        if task_on_cpu(task) {
+            live.dying += 1;
+        }
         return Ok(());
     }
     let c = task_counters(task);

@@ -41,6 +41,9 @@ static TASK_STATE_OFFSET: Global<u32> = Global::new(0);
 /// `task_struct.thread_info.cpu`: the CPU a thread is (or last was) on.
 #[unsafe(no_mangle)]
 static TASK_CPU_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.on_cpu`: 1 from switch-in until just after switch-out.
+#[unsafe(no_mangle)]
+static TASK_ON_CPU_OFFSET: Global<u32> = Global::new(0);
 /// `task_struct.sched_info.last_queued`: when the thread was queued on a
 /// run queue (rq clock); 0 when not queued. These last four are 0 where the
 /// kernel lacks them: single run-queue delays then come from events.
@@ -129,6 +132,12 @@ pub fn task_state(task: *const u8) -> u32 {
 #[inline(always)]
 pub fn task_cpu(task: *const u8) -> u32 {
     load(task, &TASK_CPU_OFFSET)
+}
+
+/// Whether a task is on a CPU (until just after its switch-out).
+#[inline(always)]
+pub fn task_on_cpu(task: *const u8) -> bool {
+    load::<u32>(task, &TASK_ON_CPU_OFFSET) != 0
 }
 
 /// `se.sum_exec_runtime` of a task, ns.

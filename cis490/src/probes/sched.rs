@@ -115,6 +115,11 @@ pub const OFFSETS: &[OffsetSpec] = &[
         ty: "task_struct",
         path: "thread_info.cpu",
     },
+    OffsetSpec {
+        global: "TASK_ON_CPU_OFFSET",
+        ty: "task_struct",
+        path: "on_cpu",
+    },
     // Single run-queue delays off the kernel's sched_info (rq->clock -
     // last_queued at switch-in); without any of these, from events.
     OffsetSpec {
@@ -149,6 +154,7 @@ pub const REQUIRED_OFFSETS: &[&str] = &[
     "TASK_MIGRATIONS_OFFSET",
     "TASK_STATE_OFFSET",
     "TASK_CPU_OFFSET",
+    "TASK_ON_CPU_OFFSET",
 ];
 
 /// Attaches every scheduler probe and creates the task iterator's link

@@ -164,9 +164,13 @@ impl EbpfSource {
         self.block.as_ref().map_or(0, |b| b.missed_completions())
     }
 
-    /// Before the last row: accounts what the kernel will not report any
-    /// more (block requests whose completion was never delivered).
+    /// Before the last row: waits for an exited target's last final
+    /// switch-outs, and accounts what the kernel will not report any more
+    /// (block requests whose completion was never delivered).
     pub fn settle(&mut self, target_gone: bool) {
+        if target_gone {
+            self.sched.wait_for_final_switches(std::time::Duration::from_secs(1));
+        }
         if let Some(b) = &mut self.block {
             b.settle(target_gone);
         }

@@ -69,6 +69,27 @@ impl SchedReader {
         })
     }
 
+    /// Once the target has exited: waits (at most `limit`) until every
+    /// thread of it has made its final switch-out, which adds its final
+    /// counters to the exited threads', so the last row has them. (The
+    /// target's exit is reported when its last thread is marked exited,
+    /// a moment before that thread leaves its CPU; in a VM whose virtual
+    /// CPU is descheduled, that moment can last milliseconds.)
+    pub fn wait_for_final_switches(&self, limit: std::time::Duration) {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < limit {
+            let settled = task_iter::run(self.iter_link.as_fd())
+                .ok()
+                .and_then(|()| self.live.get(&0, 0).ok())
+                .is_none_or(|l| l.threads == 0 && l.dying == 0);
+            if settled {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        log::warn!("the target's last threads had not left their CPUs after {limit:?}");
+    }
+
     /// Cumulative event counters so far (for meta.json and progress).
     pub fn totals(&self) -> &SchedStats {
         static ZERO: SchedStats = SchedStats::ZERO;
