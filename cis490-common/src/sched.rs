@@ -150,8 +150,14 @@ impl LiveCounters {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuSlice {
-    /// When the running target thread was switched in (`bpf_ktime_get_ns`).
+    /// When the running target thread was switched in: the run queue's
+    /// clock (`rq->clock`), or `bpf_ktime_get_ns` when `cal_clock_ns` is 0.
     pub since_ns: u64,
+    /// A recent `bpf_ktime_get_ns` on this CPU, and `rq->clock` at the same
+    /// moment: converts the iterator's clock to the run queue's (0: no
+    /// pair, `since_ns` is on the clock).
+    pub cal_clock_ns: u64,
+    pub cal_rq_ns: u64,
     /// Its `se.sum_exec_runtime` then.
     pub base_runtime_ns: u64,
     /// Thread id of the running target thread.
@@ -169,6 +175,8 @@ impl CpuSlice {
     pub const TARGET: u32 = 2;
     pub const ZERO: Self = Self {
         since_ns: 0,
+        cal_clock_ns: 0,
+        cal_rq_ns: 0,
         base_runtime_ns: 0,
         tid: 0,
         state: Self::UNKNOWN,
@@ -210,7 +218,7 @@ pub struct MaxSlot {
 
 const _: () = assert!(core::mem::size_of::<SchedStats>() == (12 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<LiveCounters>() == 10 * 8);
-const _: () = assert!(core::mem::size_of::<CpuSlice>() == 24);
+const _: () = assert!(core::mem::size_of::<CpuSlice>() == 40);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 6 * 8);
 const _: () = assert!(core::mem::size_of::<MaxSlot>() == 16);
 

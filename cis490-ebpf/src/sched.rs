@@ -26,12 +26,16 @@ use cis490_common::{
 use crate::{
     maps::{CPU_SLICE, LIVE, RUNNABLE_SINCE, RUNQ_MAX, add, bump, bump_hist, emit, raise_max, stats},
     target::{
-        arrival_delay, current, delays_from_sched_info, has_run_delay, target_tgid, task_counters,
+        arrival_delay, current, rq_clock, delays_from_sched_info, has_run_delay, target_tgid, task_counters,
         task_cpu, task_on_cpu, task_runtime, task_state, task_tgid, task_tid,
     },
 };
 
 type Res = Result<(), i32>;
+/// How often (at most) a CPU's slice record pairs the clock with its run
+/// queue's clock, ns (the two run at the same rate to a few parts per
+/// million, so the pair is good for much longer).
+const CALIBRATE_NS: u64 = 4_000_000;
 const NO_MAP: i32 = -1;
 const EEXIST: i32 = -17;
 /// `TASK_DEAD` in `task_struct.__state`: set for a thread's final switch-out.
@@ -69,10 +73,10 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         // The task iterator may read this slot from another CPU meanwhile:
         // closed first, it is never counted as running after the thread's
         // own counters took the slice in.
-        let was = *slice;
+        let (was_state, was_tid) = (slice.state, slice.tid);
         unsafe { core::ptr::write_volatile(&raw mut slice.state, CpuSlice::OTHER) };
         let prev_tid = task_tid(prev);
-        if was.state != CpuSlice::TARGET || was.tid != prev_tid {
+        if was_state != CpuSlice::TARGET || was_tid != prev_tid {
             // Its switch-in was not delivered: its counters catch up anyway.
             bump(unsafe { &raw mut (*s).slice_mismatches }, 1);
         }
@@ -86,14 +90,25 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
     }
 
     if next_is_target {
-        if delays_from_sched_info() {
-            if let Some(delay) = arrival_delay(next) {
+        slice.since_ns = if delays_from_sched_info() {
+            // The slice is timed on the scheduler's clock, already read;
+            // the iterator converts it with a (clock, rq clock) pair taken
+            // at most every CALIBRATE_NS on this CPU: the clock helper is
+            // the dearest thing this program would do on every switch.
+            let rq_now = rq_clock(next);
+            if let Some(delay) = arrival_delay(next, rq_now) {
                 record_runq_delay(s, delay);
             }
+            if slice.cal_clock_ns == 0 || rq_now.wrapping_sub(slice.cal_rq_ns) > CALIBRATE_NS {
+                slice.cal_rq_ns = rq_now;
+                slice.cal_clock_ns = unsafe { bpf_ktime_get_ns() };
+            }
+            rq_now
         } else {
             delay_from_wakeup(s, task_tid(next));
-        }
-        slice.since_ns = unsafe { bpf_ktime_get_ns() };
+            slice.cal_clock_ns = 0;
+            unsafe { bpf_ktime_get_ns() }
+        };
         slice.base_runtime_ns = task_runtime(next);
         slice.tid = task_tid(next);
         compiler_barrier();
@@ -253,10 +268,17 @@ fn try_iter(ctx: *const *const u8) -> Res {
         // SAFETY: a map value pointer; another CPU may be updating it.
         let state = unsafe { core::ptr::read_volatile(&raw const (*slot).state) };
         compiler_barrier();
-        let (tid, since, base) = unsafe { ((*slot).tid, (*slot).since_ns, (*slot).base_runtime_ns) };
-        if state == CpuSlice::TARGET && tid == task_tid(task) && live.now_ns > since {
+        let sl = unsafe { *slot };
+        // `now` on the clock the slice was timed with: the run queue's,
+        // through the CPU's latest (clock, rq clock) pair, or the clock.
+        let now = if sl.cal_clock_ns != 0 {
+            sl.cal_rq_ns.wrapping_add(live.now_ns.wrapping_sub(sl.cal_clock_ns))
+        } else {
+            live.now_ns
+        };
+        if state == CpuSlice::TARGET && sl.tid == task_tid(task) && now > sl.since_ns {
             // On a CPU: its runtime is only brought up to date at ticks.
-            runtime = base + (live.now_ns - since);
+            runtime = sl.base_runtime_ns + (now - sl.since_ns);
             live.running += 1;
         }
     }

@@ -146,25 +146,28 @@ pub fn task_runtime(task: *const u8) -> u64 {
     load(task, &TASK_RUNTIME_OFFSET)
 }
 
-/// The single run-queue delay of a task being switched in, ns, read off the
-/// kernel's `sched_info`: `rq->clock - sched_info.last_queued` (the run
-/// queue's clock was brought up to date by this `__schedule`; the kernel's
-/// `sched_info_arrive`, right after the tracepoint, adds exactly this to
-/// `run_delay`). `None` when it was not queued. Only call when
-/// [`delays_from_sched_info`].
+/// The clock of the run queue a task being switched in is on (`rq->clock`,
+/// ns, the scheduler's clock: brought up to date by this `__schedule`).
+/// Only call when [`delays_from_sched_info`]. A NULL pointer on the way
+/// reads 0 (fault-safe loads).
 #[inline(always)]
-pub fn arrival_delay(next: *const u8) -> Option<u64> {
-    let queued: u64 = load(next, &TASK_LAST_QUEUED_OFFSET);
-    if queued == 0 {
-        return None;
-    }
+pub fn rq_clock(next: *const u8) -> u64 {
     let cfs_rq: *const u8 = load(next, &TASK_CFS_RQ_OFFSET);
     let rq: *const u8 = load(cfs_rq, &CFS_RQ_RQ_OFFSET);
-    let now: u64 = load(rq, &RQ_CLOCK_OFFSET);
+    load(rq, &RQ_CLOCK_OFFSET)
+}
+
+/// The single run-queue delay of a task being switched in, ns, read off the
+/// kernel's `sched_info`: `rq->clock - sched_info.last_queued` (the
+/// kernel's `sched_info_arrive`, right after the tracepoint, adds exactly
+/// this to `run_delay`). `None` when it was not queued. Only call when
+/// [`delays_from_sched_info`].
+#[inline(always)]
+pub fn arrival_delay(next: *const u8, rq_now: u64) -> Option<u64> {
+    let queued: u64 = load(next, &TASK_LAST_QUEUED_OFFSET);
     // 0 is a real sample: after a wakeup preemption the scheduler skips
-    // its next clock update. A NULL pointer on the way reads 0 (fault-safe
-    // loads): no sample.
-    (now >= queued).then(|| now - queued)
+    // its next clock update.
+    (queued != 0 && rq_now >= queued).then(|| rq_now - queued)
 }
 
 /// The kernel's own scheduler counters of a task.
