@@ -60,6 +60,11 @@ pub struct Args {
     /// The load average --wait-quiet-min waits for.
     #[arg(long, value_name = "LOAD", default_value_t = 0.6)]
     pub quiet_load: f64,
+    /// Benchmark this cis490 binary instead of the one built here (e.g. an
+    /// older build, for a before/after comparison; it must accept
+    /// `--ringbuf-kib` unless --no-loss-check is given).
+    #[arg(long, value_name = "PATH")]
+    pub cis490_bin: Option<PathBuf>,
     /// The Markdown file whose generated section receives the table.
     #[arg(long, value_name = "PATH", default_value = "docs/benchmarks.md")]
     pub out: PathBuf,
@@ -100,6 +105,8 @@ pub struct LossCheck {
 /// Everything the report needs.
 pub struct Results {
     pub command: String,
+    /// `--cis490-bin`, when another binary was benchmarked.
+    pub cis490_bin: Option<String>,
     pub started_utc: String,
     pub load_start: f64,
     pub load_end: f64,
@@ -168,6 +175,7 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
     let env = Env::new(bin, sizes, &kinds, guest)?;
     let setup = Setup {
         bin: bin.to_owned(),
+        cis490: args.cis490_bin.clone().unwrap_or_else(|| bin.join("cis490")),
         bpftrace,
         ringbuf_kib: None,
         block_tps: if Path::new("/sys/kernel/tracing/events/block/block_io_start").exists() {
@@ -249,6 +257,7 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
 
     let results = Results {
         command,
+        cis490_bin: args.cis490_bin.as_ref().map(|p| p.display().to_string()),
         started_utc,
         load_start,
         load_end: measure::loadavg(),
@@ -393,6 +402,7 @@ fn loss_check(setup: &Setup, dir: &Path) -> Result<LossCheck> {
     cis490_tests::wait_for_file(Path::new(&ready), Duration::from_secs(30));
     let tiny = Setup {
         bin: setup.bin.clone(),
+        cis490: setup.cis490.clone(),
         bpftrace: setup.bpftrace.clone(),
         ringbuf_kib: Some(4),
         block_tps: setup.block_tps,

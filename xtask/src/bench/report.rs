@@ -187,6 +187,10 @@ pub fn render(res: &Results) -> String {
         // cis490's default, when no run reported one.
         .unwrap_or(256 * 1024);
     let _ = writeln!(s, "Command: `{}` (as root), {}, {:.0} min.", res.command, res.started_utc, res.elapsed.as_secs_f64() / 60.0);
+    if let Some(b) = &res.cis490_bin {
+        let _ = writeln!(s);
+        let _ = writeln!(s, "cis490 binary benchmarked: `{b}`.");
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,

@@ -57,7 +57,10 @@ pub const INTERVAL_MS: u64 = 100;
 
 /// Options for starting tracers.
 pub struct Setup {
+    /// Where the workloads and the /proc poller are.
     pub bin: PathBuf,
+    /// The cis490 binary benchmarked.
+    pub cis490: PathBuf,
     pub bpftrace: PathBuf,
     /// cis490's ring buffer, KiB (its default unless the loss check asks).
     pub ringbuf_kib: Option<u32>,
@@ -99,7 +102,7 @@ impl Setup {
         let mut cmd = match tracer {
             Tracer::None => return Ok(None),
             Tracer::Cis490 => {
-                let mut c = Command::new(self.bin.join("cis490"));
+                let mut c = Command::new(&self.cis490);
                 c.args(["trace", "--target-pid", &pid.to_string(), "--sources", "ebpf"])
                     .args(["--interval-ms", &INTERVAL_MS.to_string(), "--progress-secs", "0"])
                     .arg("--data-dir")
