@@ -19,7 +19,7 @@ pub use block::{BlockStats, ReqStart};
 pub use kvm::KvmStats;
 pub use net::{IfStats, NetStats};
 pub use record::{DecodeError, LifecycleKind, LifecycleRecord, RecordKind};
-pub use sched::{CpuSlice, HIST_BUCKETS, MaxSlot, SchedStats, ThreadCounters};
+pub use sched::{CpuSlice, HIST_BUCKETS, LiveCounters, MaxSlot, SchedStats, ThreadCounters};
 
 /// Length of a kernel task name (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;

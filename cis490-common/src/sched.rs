@@ -1,10 +1,22 @@
 //! Scheduler map layouts: what the `sched_*` programs aggregate in the kernel.
 //!
 //! Rows must stay exact even when the ring buffer overflows, so every row
-//! quantity is aggregated here, per CPU, as a cumulative counter; the loader
-//! reads all CPUs at each bucket boundary and emits the difference. Only the
-//! per-bucket maximum cannot be made cumulative: it lives in [`MaxSlot`],
-//! tagged with the bucket epoch the loader publishes.
+//! quantity is a cumulative counter kept in the kernel; the loader reads it
+//! at each bucket boundary and emits the difference. Two halves make the
+//! scheduler counters:
+//!
+//! - the threads alive at the boundary: the `sched_iter` task iterator sums
+//!   their own kernel counters (`se.sum_exec_runtime`, `nvcsw`, `nivcsw`,
+//!   `se.nr_migrations`, `sched_info.run_delay`) into [`LiveCounters`],
+//!   adding the running part of slices still on a CPU ([`CpuSlice`]);
+//! - the threads that have exited: `sched_switch` adds their final counters
+//!   at their final switch-out into [`SchedStats`] (`dead_*`).
+//!
+//! So the per-switch work is a few loads, and nothing depends on an event
+//! being delivered. What only events give (wakeups, single run-queue delays
+//! for the histogram and the per-bucket maximum) is counted per CPU in
+//! [`SchedStats`]; the per-bucket maximum lives in [`MaxSlot`], tagged with
+//! the bucket epoch the loader publishes.
 
 /// Number of log2 buckets in a latency histogram (covers every `u64`).
 pub const HIST_BUCKETS: usize = 64;
@@ -14,38 +26,36 @@ pub const HIST_BUCKETS: usize = 64;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SchedStats {
-    /// On-CPU time up to each thread's last switch-out
-    /// (`se.sum_exec_runtime`), ns.
-    pub cpu_ns: u64,
-    /// Switches where a target thread blocked (`nvcsw`).
-    pub ctx_voluntary: u64,
-    /// Switches where a target thread was preempted or yielded (`nivcsw`).
-    pub ctx_involuntary: u64,
+    /// Exited threads' `se.sum_exec_runtime` at their final switch-out, ns.
+    pub dead_runtime_ns: u64,
+    /// Exited threads' `nvcsw` (switches where the thread blocked), the final
+    /// switch-out included.
+    pub dead_nvcsw: u64,
+    /// Exited threads' `nivcsw` (switches where it was preempted or yielded).
+    pub dead_nivcsw: u64,
+    /// Exited threads' `se.nr_migrations`.
+    pub dead_migrations: u64,
+    /// Exited threads' `sched_info.run_delay`, ns.
+    pub dead_run_delay_ns: u64,
     /// `sched_wakeup` + `sched_wakeup_new` of target threads.
     pub wakeups: u64,
-    /// Migrations of target threads between CPUs (`se.nr_migrations`).
-    pub migrations: u64,
-    /// Time target threads waited on a run queue (`sched_info.run_delay`),
-    /// ns.
+    /// Sum of the single run-queue delays below, ns (the `runq_delay_ns` of
+    /// a kernel without `sched_info`).
     pub runq_delay_ns: u64,
-    /// Run-queue delays observed one by one (wakeup or preemption to
-    /// switch-in); they feed the histogram and the maximum.
+    /// Run-queue delays observed one by one (queued, after a wakeup or a
+    /// preemption, to switch-in); they feed the histogram and the maximum.
     pub runq_delay_count: u64,
-    /// Threads of the target created (`sched_process_fork`, new tid).
-    pub threads_started: u64,
-    /// Threads of the target that exited (`sched_process_exit`, known tid).
-    pub threads_exited: u64,
     /// Tracepoint hits attributed to the target.
     pub events: u64,
     /// Ring-buffer records that could not be reserved (lost records).
     pub dropped: u64,
-    /// Map updates that failed (a full hash map): a run-queue delay or a
-    /// thread could not be tracked.
+    /// Map updates that failed (a full hash map): a single run-queue delay
+    /// could not be tracked (kernels without `sched_info` only).
     pub map_errors: u64,
-    /// Switches whose CPU state disagreed with what the previous switch on
-    /// that CPU left (a target thread switched out without a switch-in seen,
-    /// or a non-target switch on a CPU thought to run the target): an
-    /// on-CPU slice could not be measured. Should stay 0.
+    /// Switch-outs of a target thread whose switch-in was not delivered
+    /// (the CPU's slice record did not show it running): the running part
+    /// of that slice was not counted at boundaries before it (the thread's
+    /// counters catch up). Should stay 0.
     pub slice_mismatches: u64,
     /// log2 histogram of run-queue delays (bucket `i`: `[2^i, 2^(i+1))` ns).
     pub runq_hist: [u64; HIST_BUCKETS],
@@ -53,15 +63,14 @@ pub struct SchedStats {
 
 impl SchedStats {
     pub const ZERO: Self = Self {
-        cpu_ns: 0,
-        ctx_voluntary: 0,
-        ctx_involuntary: 0,
+        dead_runtime_ns: 0,
+        dead_nvcsw: 0,
+        dead_nivcsw: 0,
+        dead_migrations: 0,
+        dead_run_delay_ns: 0,
         wakeups: 0,
-        migrations: 0,
         runq_delay_ns: 0,
         runq_delay_count: 0,
-        threads_started: 0,
-        threads_exited: 0,
         events: 0,
         dropped: 0,
         map_errors: 0,
@@ -71,15 +80,14 @@ impl SchedStats {
 
     /// Adds `other` into `self` (summing CPUs).
     pub fn accumulate(&mut self, other: &Self) {
-        self.cpu_ns = self.cpu_ns.wrapping_add(other.cpu_ns);
-        self.ctx_voluntary = self.ctx_voluntary.wrapping_add(other.ctx_voluntary);
-        self.ctx_involuntary = self.ctx_involuntary.wrapping_add(other.ctx_involuntary);
+        self.dead_runtime_ns = self.dead_runtime_ns.wrapping_add(other.dead_runtime_ns);
+        self.dead_nvcsw = self.dead_nvcsw.wrapping_add(other.dead_nvcsw);
+        self.dead_nivcsw = self.dead_nivcsw.wrapping_add(other.dead_nivcsw);
+        self.dead_migrations = self.dead_migrations.wrapping_add(other.dead_migrations);
+        self.dead_run_delay_ns = self.dead_run_delay_ns.wrapping_add(other.dead_run_delay_ns);
         self.wakeups = self.wakeups.wrapping_add(other.wakeups);
-        self.migrations = self.migrations.wrapping_add(other.migrations);
         self.runq_delay_ns = self.runq_delay_ns.wrapping_add(other.runq_delay_ns);
         self.runq_delay_count = self.runq_delay_count.wrapping_add(other.runq_delay_count);
-        self.threads_started = self.threads_started.wrapping_add(other.threads_started);
-        self.threads_exited = self.threads_exited.wrapping_add(other.threads_exited);
         self.events = self.events.wrapping_add(other.events);
         self.dropped = self.dropped.wrapping_add(other.dropped);
         self.map_errors = self.map_errors.wrapping_add(other.map_errors);
@@ -90,15 +98,68 @@ impl SchedStats {
     }
 }
 
+/// What the task iterator (`sched_iter`) summed over the target's live
+/// threads at one boundary (map `LIVE`, one slot, `Array`): each thread's
+/// own kernel counters, with the running part of a slice still on a CPU
+/// added to its on-CPU time. Exited threads (`TASK_DEAD`) are skipped: their
+/// final counters are in [`SchedStats`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveCounters {
+    /// The iterator session these sums belong to (`bpf_iter_meta`'s
+    /// `session_id`, new for every run): the first call of a run resets them.
+    pub session: u64,
+    /// `bpf_ktime_get_ns` when the iteration started.
+    pub now_ns: u64,
+    /// `se.sum_exec_runtime` (plus the running part of a slice on a CPU), ns.
+    pub runtime_ns: u64,
+    pub nvcsw: u64,
+    pub nivcsw: u64,
+    pub migrations: u64,
+    /// `sched_info.run_delay`, ns (0 without `sched_info`).
+    pub run_delay_ns: u64,
+    /// Live threads visited.
+    pub threads: u64,
+    /// Of them, threads on a CPU whose running slice was added.
+    pub running: u64,
+    /// Threads marked `TASK_DEAD` but still on a CPU: their final
+    /// switch-out, which adds them to the exited ones, is still to come.
+    pub dying: u64,
+}
+
+impl LiveCounters {
+    pub const ZERO: Self = Self {
+        session: 0,
+        now_ns: 0,
+        runtime_ns: 0,
+        nvcsw: 0,
+        nivcsw: 0,
+        migrations: 0,
+        run_delay_ns: 0,
+        threads: 0,
+        running: 0,
+        dying: 0,
+    };
+}
+
 /// What runs on one CPU, as the `sched_switch` program last saw it
-/// (map `CPU_SLICE`, one slot, `PerCpuArray`). The loader adds the running
-/// part of an unfinished slice (`now - since_ns`) when it samples, so a thread
-/// that never leaves the CPU is still counted bucket by bucket.
+/// (map `CPU_SLICE`, one slot, `PerCpuArray`). The task iterator counts a
+/// thread that is on a CPU as `base_runtime_ns + (now - since_ns)`, so a
+/// thread that never leaves the CPU is still counted bucket by bucket (its
+/// `se.sum_exec_runtime` is only brought up to date at ticks).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuSlice {
-    /// When the running target thread was switched in (`bpf_ktime_get_ns`).
+    /// When the running target thread was switched in: the run queue's
+    /// clock (`rq->clock`), or `bpf_ktime_get_ns` when `cal_clock_ns` is 0.
     pub since_ns: u64,
+    /// A recent `bpf_ktime_get_ns` on this CPU, and `rq->clock` at the same
+    /// moment: converts the iterator's clock to the run queue's (0: no
+    /// pair, `since_ns` is on the clock).
+    pub cal_clock_ns: u64,
+    pub cal_rq_ns: u64,
+    /// Its `se.sum_exec_runtime` then.
+    pub base_runtime_ns: u64,
     /// Thread id of the running target thread.
     pub tid: u32,
     /// One of `CpuSlice::UNKNOWN`, `OTHER`, `TARGET`.
@@ -114,18 +175,16 @@ impl CpuSlice {
     pub const TARGET: u32 = 2;
     pub const ZERO: Self = Self {
         since_ns: 0,
+        cal_clock_ns: 0,
+        cal_rq_ns: 0,
+        base_runtime_ns: 0,
         tid: 0,
         state: Self::UNKNOWN,
     };
 }
 
-/// A target thread's own scheduler counters, as the kernel keeps them in its
-/// `task_struct`, last read when the thread was switched out (map
-/// `THREADS`, keyed by tid, with the task they belong to: an `execve` from a
-/// thread other than the main one swaps two threads' ids). The next switch-out adds the difference to
-/// [`SchedStats`]. Reading the kernel's counters, instead of counting
-/// events, keeps the rows exact when a tracepoint event is not delivered:
-/// the next event that is delivered catches up.
+/// A thread's own scheduler counters, as the kernel keeps them in its
+/// `task_struct` (read by the programs, and from /proc by the oracle).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ThreadCounters {
@@ -139,27 +198,13 @@ pub struct ThreadCounters {
     pub run_delay_ns: u64,
     /// `se.nr_migrations`.
     pub migrations: u64,
-    /// 1 once `sched_process_exit` counted the thread as exited.
+    /// Unused by the programs (kept for the layout).
     pub exited: u64,
-    /// Address of the kernel `task_struct` these counters are of; 0 until
-    /// the first switch-out of a thread seeded from /proc.
-    pub task: u64,
 }
 
 impl ThreadCounters {
-    /// A counter whose starting value is not known yet: the first
-    /// switch-out only records it.
+    /// A counter whose value is not known.
     pub const UNKNOWN: u64 = u64::MAX;
-    /// A thread created while traced: every counter starts at 0.
-    pub const NEW: Self = Self {
-        runtime_ns: 0,
-        nvcsw: 0,
-        nivcsw: 0,
-        run_delay_ns: 0,
-        migrations: 0,
-        exited: 0,
-        task: 0,
-    };
 }
 
 /// Per-bucket maximum of a latency on one CPU, valid for bucket `epoch` only
@@ -171,15 +216,17 @@ pub struct MaxSlot {
     pub max_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SchedStats>() == (13 + HIST_BUCKETS) * 8);
-const _: () = assert!(core::mem::size_of::<CpuSlice>() == 16);
-const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 7 * 8);
+const _: () = assert!(core::mem::size_of::<SchedStats>() == (12 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<LiveCounters>() == 10 * 8);
+const _: () = assert!(core::mem::size_of::<CpuSlice>() == 40);
+const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 6 * 8);
 const _: () = assert!(core::mem::size_of::<MaxSlot>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain #[repr(C)] integers without padding (asserted above).
     unsafe impl aya::Pod for super::SchedStats {}
+    unsafe impl aya::Pod for super::LiveCounters {}
     unsafe impl aya::Pod for super::CpuSlice {}
     unsafe impl aya::Pod for super::MaxSlot {}
     unsafe impl aya::Pod for super::ThreadCounters {}
@@ -193,14 +240,14 @@ mod tests {
     fn accumulate_sums_every_field() {
         let mut a = SchedStats::ZERO;
         let mut b = SchedStats::ZERO;
-        b.cpu_ns = 5;
-        b.ctx_voluntary = 1;
+        b.dead_runtime_ns = 5;
+        b.dead_nvcsw = 1;
         b.dropped = 2;
         b.runq_hist[3] = 7;
         a.accumulate(&b);
         a.accumulate(&b);
-        assert_eq!(a.cpu_ns, 10);
-        assert_eq!(a.ctx_voluntary, 2);
+        assert_eq!(a.dead_runtime_ns, 10);
+        assert_eq!(a.dead_nvcsw, 2);
         assert_eq!(a.dropped, 4);
         assert_eq!(a.runq_hist[3], 14);
         assert_eq!(a.runq_hist[2], 0);

@@ -21,7 +21,7 @@ use cis490_common::{
 
 use crate::{
     maps::{BIOS, BLOCK_MAX, BLOCK_STATS, REQS, add, add_to_hist, raise_max},
-    target::{current, field, target_tgid},
+    target::{current, field, is_target},
 };
 
 /// `struct request`: `cmd_flags` (the op in its low bits).
@@ -66,7 +66,7 @@ fn start(ctx: &BtfTracePointContext, legacy: bool) -> Res {
         }
     }
     let (tgid, _) = current();
-    let mut ours = tgid == target_tgid();
+    let mut ours = is_target(tgid);
     if legacy && unsafe { BIOS.get(&bio) }.is_some() {
         let _ = BIOS.remove(&bio);
         ours = true;
@@ -100,7 +100,7 @@ fn start(ctx: &BtfTracePointContext, legacy: bool) -> Res {
 pub fn block_bio_queue(ctx: BtfTracePointContext) -> i32 {
     let bio: u64 = ctx.arg(0);
     let (tgid, _) = current();
-    if tgid == target_tgid() {
+    if is_target(tgid) {
         let _ = BIOS.insert(&bio, &1, BPF_ANY as u64);
     } else {
         let _ = BIOS.remove(&bio);

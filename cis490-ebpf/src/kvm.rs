@@ -9,7 +9,7 @@ use cis490_common::kvm::{KVM_REASON_SLOTS, USERSPACE_SLOTS, reason_slot, userspa
 
 use crate::{
     maps::{KVM_STATS, add},
-    target::{current, target_tgid},
+    target::{current, is_target},
 };
 
 #[unsafe(no_mangle)]
@@ -29,7 +29,7 @@ pub fn kvm_exit(ctx: TracePointContext) -> u32 {
 
 fn try_kvm_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let (tgid, _) = current();
-    if tgid != target_tgid() {
+    if !is_target(tgid) {
         return Ok(());
     }
     let reason: u32 = unsafe { ctx.read_at(KVM_EXIT_REASON_OFFSET.load() as usize)? };
@@ -58,7 +58,7 @@ pub fn kvm_userspace_exit(ctx: TracePointContext) -> u32 {
 
 fn try_userspace_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let (tgid, _) = current();
-    if tgid != target_tgid() {
+    if !is_target(tgid) {
         return Ok(());
     }
     let reason: u32 = unsafe { ctx.read_at(KVM_USERSPACE_REASON_OFFSET.load() as usize)? };

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use cis490_common::{
-    BlockStats, CpuSlice, HIST_BUCKETS, KvmStats, MAX_THREADS, MaxSlot, NetStats, RINGBUF_BYTES,
-    ReqStart, SchedStats, ThreadCounters, log2_bucket, net::MAX_IFS,
+    BlockStats, CpuSlice, HIST_BUCKETS, KvmStats, LiveCounters, MAX_THREADS, MaxSlot, NetStats,
+    RINGBUF_BYTES, ReqStart, SchedStats, log2_bucket, net::MAX_IFS,
 };
 
 /// Cumulative scheduler counters, one slot per CPU.
@@ -27,13 +27,13 @@ pub static RUNQ_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
 #[map]
 pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Target threads (tid -> their counters at their last switch-out). Seeded
-/// by the loader from /proc at attach, inserted at fork, removed at the
-/// final switch-out of a dead thread; makes thread counting idempotent.
+/// What the task iterator summed over the target's live threads at the
+/// last boundary (written by `sched_iter`, read by the loader right after).
 #[map]
-pub static THREADS: HashMap<u32, ThreadCounters> = HashMap::with_max_entries(MAX_THREADS, 0);
+pub static LIVE: Array<LiveCounters> = Array::with_max_entries(1, 0);
 
 /// When each target thread became runnable (wakeup or preemption), ns.
+/// Only on kernels whose `sched_info` cannot give single delays.
 #[map]
 pub static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THREADS, 0);
 
@@ -69,15 +69,9 @@ pub static KVM_STATS: PerCpuArray<KvmStats> = PerCpuArray::with_max_entries(1, 0
 
 /// `[0]` is set to 1 by the fork probe when a new process gets the target's
 /// pid: the target is gone and its pid reused. From then on no task matches
-/// the target (`target::target_tgid`).
+/// the target (`target::is_target`).
 #[map]
 pub static TARGET_GONE: Array<u32> = Array::with_max_entries(1, 0);
-
-/// `[0]` is set to 1 by the fork probe when a new target thread could not be
-/// inserted in `THREADS` (the map is full): untracked threads are then timed
-/// by their slices instead.
-#[map]
-pub static THREADS_FULL: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Streamed records (`cis490_common::record`).
 #[map]
@@ -87,6 +81,16 @@ pub static RECORDS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);
 #[inline(always)]
 pub fn stats() -> Option<*mut SchedStats> {
     SCHED_STATS.get_ptr_mut(0)
+}
+
+/// Adds `v` to a per-CPU counter from a program that runs with interrupts
+/// off (`sched_switch`, `sched_wakeup[_new]`: the scheduler holds the run
+/// queue lock): nothing can run in between on this CPU, so a plain add is
+/// enough, and it is several times cheaper than an atomic one.
+#[inline(always)]
+pub fn bump(counter: *mut u64, v: u64) {
+    // SAFETY: `counter` points into a map value, valid and 8-byte aligned.
+    unsafe { *counter = (*counter).wrapping_add(v) };
 }
 
 /// Adds `v` to a per-CPU counter. Atomic because programs can nest on one
@@ -104,13 +108,24 @@ pub fn epoch() -> u64 {
     EPOCH.get(0).copied().unwrap_or(0)
 }
 
-/// Counts a latency sample in a log2 histogram.
+/// Counts a latency sample in a log2 histogram (atomically).
 #[inline(always)]
 pub fn add_to_hist(hist: *mut [u64; HIST_BUCKETS], v: u64) {
     let b = log2_bucket(v);
     if b < HIST_BUCKETS {
         // SAFETY: `hist` points into a map value; `b` is in bounds.
         add(unsafe { &raw mut (*hist)[b] }, 1);
+    }
+}
+
+/// Counts a latency sample in a log2 histogram, from a program that runs
+/// with interrupts off (see [`bump`]).
+#[inline(always)]
+pub fn bump_hist(hist: *mut [u64; HIST_BUCKETS], v: u64) {
+    let b = log2_bucket(v);
+    if b < HIST_BUCKETS {
+        // SAFETY: `hist` points into a map value; `b` is in bounds.
+        bump(unsafe { &raw mut (*hist)[b] }, 1);
     }
 }
 

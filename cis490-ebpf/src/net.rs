@@ -16,7 +16,7 @@ use cis490_common::{
 
 use crate::{
     maps::{NET_STATS, TAP_IFS, add},
-    target::{current, field, target_tgid},
+    target::{current, field, load, is_target},
 };
 
 #[unsafe(no_mangle)]
@@ -44,15 +44,17 @@ static SOCK_FAMILY_OFFSET: Global<u32> = Global::new(0);
 type Res = Result<(), i32>;
 const MSG_PEEK: u64 = 2;
 
-/// The `NetStats` slot of a tap of the target, if `dev` is one.
+/// The `NetStats` slot of a tap of the target, if `dev` (a BTF-typed
+/// `struct net_device *`) is one. Direct loads: this runs for every packet
+/// of the machine.
 #[inline(always)]
-fn tap_slot(dev: *const u8) -> Result<Option<usize>, i32> {
-    let ifindex: u32 = field(dev, &NETDEV_IFINDEX_OFFSET)?;
-    let net: u64 = field(dev, &NETDEV_NET_OFFSET)?;
-    let inum: u32 = field(net as *const u8, &NET_INUM_OFFSET)?;
-    Ok(unsafe { TAP_IFS.get(if_key(inum, ifindex)) }
+fn tap_slot(dev: *const u8) -> Option<usize> {
+    let ifindex: u32 = load(dev, &NETDEV_IFINDEX_OFFSET);
+    let net: *const u8 = load(dev, &NETDEV_NET_OFFSET);
+    let inum: u32 = load(net, &NET_INUM_OFFSET);
+    unsafe { TAP_IFS.get(if_key(inum, ifindex)) }
         .map(|&slot| slot as usize)
-        .filter(|&slot| slot < MAX_IFS))
+        .filter(|&slot| slot < MAX_IFS)
 }
 
 /// Adds one packet of `bytes` to `slot`, as sent (`tx`) or received.
@@ -86,16 +88,16 @@ pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
 
 fn try_receive(ctx: &BtfTracePointContext) -> Res {
     let skb: *const u8 = ctx.arg(0);
-    let dev: u64 = field(skb, &SKB_DEV_OFFSET)?;
-    let Some(slot) = tap_slot(dev as *const u8)? else {
+    let dev: *const u8 = load(skb, &SKB_DEV_OFFSET);
+    let Some(slot) = tap_slot(dev) else {
         return Ok(());
     };
     // The stack has pulled the link-layer header by now; count the whole
     // frame, as the interface statistics do.
-    let len: u32 = field(skb, &SKB_LEN_OFFSET)?;
-    let head: u64 = field(skb, &SKB_HEAD_OFFSET)?;
-    let data: u64 = field(skb, &SKB_DATA_OFFSET)?;
-    let mac: u16 = field(skb, &SKB_MAC_HEADER_OFFSET)?;
+    let len: u32 = load(skb, &SKB_LEN_OFFSET);
+    let head: u64 = load(skb, &SKB_HEAD_OFFSET);
+    let data: u64 = load(skb, &SKB_DATA_OFFSET);
+    let mac: u16 = load(skb, &SKB_MAC_HEADER_OFFSET);
     let pulled = if mac == u16::MAX {
         0
     } else {
@@ -120,7 +122,7 @@ fn try_xmit(ctx: &BtfTracePointContext) -> Res {
         return Ok(());
     }
     let dev: *const u8 = ctx.arg(2);
-    let Some(slot) = tap_slot(dev)? else {
+    let Some(slot) = tap_slot(dev) else {
         return Ok(());
     };
     let skb_len: u64 = ctx.arg(3);
@@ -132,7 +134,7 @@ fn try_xmit(ctx: &BtfTracePointContext) -> Res {
 #[inline(always)]
 fn sock(ctx: &BtfTracePointContext, tx: bool) -> Res {
     let (tgid, _) = current();
-    if tgid != target_tgid() {
+    if !is_target(tgid) {
         return Ok(());
     }
     let ret: u64 = ctx.arg(1);

@@ -1,48 +1,49 @@
-//! Scheduler probes (BTF-enabled raw tracepoints): on-CPU time, context
-//! switches, wakeups, migrations, run-queue delay, thread lifecycle.
+//! Scheduler probes (BTF-enabled raw tracepoints and a task iterator):
+//! on-CPU time, context switches, wakeups, migrations, run-queue delay,
+//! thread lifecycle.
 //!
-//! Everything that goes into rows is aggregated in `SCHED_STATS` (per CPU,
-//! cumulative); only thread lifecycle records are streamed.
-//!
-//! Counts come from the kernel's own per-thread counters, read at every
-//! switch-out of a target thread and diffed against the previous read
-//! (`THREADS`), not from counting events: a tracepoint event the kernel does
-//! not deliver (recursion protection, or a kernel that hides some tasks'
-//! switches) delays a count to the thread's next switch-out instead of
-//! losing it. Events still give what counters cannot: wakeups, the
-//! distribution of single run-queue delays, and the running slice at a
-//! bucket boundary (`CPU_SLICE`).
+//! The counters come from the kernel's own per-thread counters, read where
+//! it costs least: the threads alive at a bucket boundary are read by the
+//! task iterator `sched_iter`, which the loader runs at every boundary; a
+//! thread that exits is read once, at its final switch-out. So a context
+//! switch of a target thread costs a few loads here (no map lookup by tid,
+//! no helper call but the clock at a switch-in), and nothing depends on a
+//! tracepoint event being delivered. Events still give what counters cannot:
+//! wakeups, the distribution of single run-queue delays, and the running
+//! slice at a bucket boundary (`CPU_SLICE`). Only thread lifecycle records
+//! are streamed.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel_str_bytes,
-    },
+    helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use aya_log_ebpf::warn;
 use cis490_common::{
-    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, RecordKind, SchedStats, ThreadCounters,
+    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, LiveCounters, RecordKind, SchedStats,
 };
 
 use crate::{
-    maps::{
-        CPU_SLICE, RUNNABLE_SINCE, RUNQ_MAX, TARGET_GONE, THREADS, THREADS_FULL, add, add_to_hist,
-        emit, raise_max, stats,
+    maps::{CPU_SLICE, LIVE, RUNNABLE_SINCE, RUNQ_MAX, TARGET_GONE, add, bump, bump_hist, emit, raise_max, stats},
+    target::{
+        arrival_delay, current, rq_clock, delays_from_sched_info, has_run_delay, is_target, task_counters,
+        task_cpu, task_on_cpu, task_runtime, task_state, task_tgid, task_tid,
     },
-    target::{current, has_run_delay, target_tgid, task_counters, task_tgid, task_tid},
 };
 
 type Res = Result<(), i32>;
+/// How often (at most) a CPU's slice record pairs the clock with its run
+/// queue's clock, ns (the two run at the same rate to a few parts per
+/// million, so the pair is good for much longer).
+const CALIBRATE_NS: u64 = 4_000_000;
 const NO_MAP: i32 = -1;
 const EEXIST: i32 = -17;
-/// `TASK_DEAD` in `task_struct.__state`: the thread's final switch-out.
+/// `TASK_DEAD` in `task_struct.__state`: set for a thread's final switch-out.
 const TASK_DEAD: u32 = 0x80;
 
 /// `sched_switch(bool preempt, struct task_struct *prev,
 ///               struct task_struct *next, unsigned int prev_state)`.
+/// Runs on every context switch of the machine, with interrupts off.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let _ = try_sched_switch(&ctx);
@@ -50,13 +51,11 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
-    let target = target_tgid();
-    let slice = CPU_SLICE.get_ptr_mut(0).ok_or(NO_MAP)?;
-    // `current` is still `prev` when the tracepoint fires.
-    let (prev_tgid, prev_tid) = current();
+    let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    let prev_is_target = prev_tgid == target;
-    let next_is_target = task_tgid(next)? == target;
+    let prev_is_target = is_target(task_tgid(prev));
+    let next_is_target = is_target(task_tgid(next));
+    let slice = CPU_SLICE.get_ptr_mut(0).ok_or(NO_MAP)?;
     // SAFETY: map value pointers from lookups are valid for this program run.
     let slice = unsafe { &mut *slice };
     if !prev_is_target && !next_is_target {
@@ -66,49 +65,54 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         }
         return Ok(());
     }
-    let now = unsafe { bpf_ktime_get_ns() };
     let s = stats().ok_or(NO_MAP)?;
+    bump(unsafe { &raw mut (*s).events }, 1);
 
     if prev_is_target {
-        let prev: *const u8 = ctx.arg(1);
-        let prev_state: u64 = ctx.arg(3);
-        let prev_state = prev_state as u32;
-        // The loader reads SCHED_STATS, then CPU_SLICE, while this runs.
-        // Closing the slice before adding its time means a concurrent read
-        // can miss this slice for a moment (the next read catches up) but
-        // never count it twice (as running and as done).
-        let was = *slice;
+        // The task iterator may read this slot from another CPU meanwhile:
+        // closed first, it is never counted as running after the thread's
+        // own counters took the slice in.
+        let (was_state, was_tid) = (slice.state, slice.tid);
         unsafe { core::ptr::write_volatile(&raw mut slice.state, CpuSlice::OTHER) };
-        compiler_barrier();
-        account_switch_out(s, &was, prev, prev_tid, prev_state, now)?;
-        // A thread that leaves the CPU runnable (preempted, or yielding in
-        // TASK_RUNNING) starts waiting now; any older mark is stale.
-        let preempt: u64 = ctx.arg(0);
-        let _ = RUNNABLE_SINCE.remove(&prev_tid);
-        if (preempt & 1 != 0 || prev_state == 0)
-            && RUNNABLE_SINCE
-                .insert(&prev_tid, &now, BPF_ANY as u64)
-                .is_err()
-        {
-            add(unsafe { &raw mut (*s).map_errors }, 1);
+        let prev_tid = task_tid(prev);
+        if was_state != CpuSlice::TARGET || was_tid != prev_tid {
+            // Its switch-in was not delivered: its counters catch up anyway.
+            bump(unsafe { &raw mut (*s).slice_mismatches }, 1);
+        }
+        let prev_state: u64 = ctx.arg(3);
+        if prev_state as u32 & TASK_DEAD != 0 {
+            account_dead(s, prev);
+        }
+        if !delays_from_sched_info() {
+            runnable_since_on_switch_out(ctx, s, prev_tid, prev_state as u32);
         }
     }
 
     if next_is_target {
-        let next_tid = task_tid(next)?;
-        if let Some(since) = RUNNABLE_SINCE.get_ptr(&next_tid) {
-            let delay = now.saturating_sub(unsafe { *since });
-            let _ = RUNNABLE_SINCE.remove(&next_tid);
-            record_runq_delay(s, delay);
-        }
-        slice.since_ns = now;
-        slice.tid = next_tid;
+        slice.since_ns = if delays_from_sched_info() {
+            // The slice is timed on the scheduler's clock, already read;
+            // the iterator converts it with a (clock, rq clock) pair taken
+            // at most every CALIBRATE_NS on this CPU: the clock helper is
+            // the dearest thing this program would do on every switch.
+            let rq_now = rq_clock(next);
+            if let Some(delay) = arrival_delay(next, rq_now) {
+                record_runq_delay(s, delay);
+            }
+            if slice.cal_clock_ns == 0 || rq_now.wrapping_sub(slice.cal_rq_ns) > CALIBRATE_NS {
+                slice.cal_rq_ns = rq_now;
+                slice.cal_clock_ns = unsafe { bpf_ktime_get_ns() };
+            }
+            rq_now
+        } else {
+            delay_from_wakeup(s, task_tid(next));
+            slice.cal_clock_ns = 0;
+            unsafe { bpf_ktime_get_ns() }
+        };
+        slice.base_runtime_ns = task_runtime(next);
+        slice.tid = task_tid(next);
         compiler_barrier();
         unsafe { core::ptr::write_volatile(&raw mut slice.state, CpuSlice::TARGET) };
-    } else {
-        slice.state = CpuSlice::OTHER;
     }
-    add(unsafe { &raw mut (*s).events }, 1);
     Ok(())
 }
 
@@ -122,108 +126,59 @@ fn compiler_barrier() {
     unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
 }
 
-/// Adds what a target thread did since its previous switch-out, from its
-/// own kernel counters.
+/// A target thread's final switch-out: its counters are final; they move
+/// from the live threads (the iterator skips `TASK_DEAD`) to the dead.
 #[inline(always)]
-fn account_switch_out(
-    s: *mut SchedStats,
-    slice: &CpuSlice,
-    prev: *const u8,
-    tid: u32,
-    prev_state: u32,
-    now: u64,
-) -> Res {
-    let c = task_counters(prev)?;
-    let Some(t) = THREADS.get_ptr_mut(&tid) else {
-        // Not tracked. When the thread map was full: time the slice
-        // instead. Otherwise this is a thread between the two halves of an
-        // execve from a thread that is not the main one (its id changed;
-        // `sched_process_exec` moves its entry): its counters catch up at
-        // its next switch-out, so timing the slice would count it twice.
-        if THREADS_FULL.get(0).copied().unwrap_or(0) != 0
-            && slice.state == CpuSlice::TARGET
-            && slice.tid == tid
-        {
-            add(
-                unsafe { &raw mut (*s).cpu_ns },
-                now.saturating_sub(slice.since_ns),
-            );
-        }
-        add(unsafe { &raw mut (*s).slice_mismatches }, 1);
-        return Ok(());
-    };
-    let t = unsafe { &mut *t };
-    if t.task == 0 {
-        // Seeded from /proc: the first switch-out names the task.
-        t.task = c.task;
-    } else if t.task != c.task {
-        // The entry is another task's: `execve` from a non-main thread
-        // swapped this tid with the old main thread's, and the old main
-        // thread's final switch-out came after the swap. No difference
-        // against another task's counters (its last slice is not counted).
-        add(unsafe { &raw mut (*s).slice_mismatches }, 1);
-        return Ok(());
-    }
-    if slice.state != CpuSlice::TARGET || slice.tid != tid {
-        // Its switch-in was not delivered: the counters catch up anyway.
-        add(unsafe { &raw mut (*s).slice_mismatches }, 1);
-    }
-    add(
-        unsafe { &raw mut (*s).cpu_ns },
-        delta(c.runtime_ns, t.runtime_ns),
-    );
-    add(
-        unsafe { &raw mut (*s).ctx_voluntary },
-        delta(c.nvcsw, t.nvcsw),
-    );
-    add(
-        unsafe { &raw mut (*s).ctx_involuntary },
-        delta(c.nivcsw, t.nivcsw),
-    );
-    add(
-        unsafe { &raw mut (*s).migrations },
-        delta(c.migrations, t.migrations),
-    );
-    if has_run_delay() {
-        add(
-            unsafe { &raw mut (*s).runq_delay_ns },
-            delta(c.run_delay_ns, t.run_delay_ns),
-        );
-    }
-    if prev_state & TASK_DEAD != 0 {
-        let _ = THREADS.remove(&tid);
-    } else {
-        t.runtime_ns = c.runtime_ns;
-        t.nvcsw = c.nvcsw;
-        t.nivcsw = c.nivcsw;
-        t.migrations = c.migrations;
-        t.run_delay_ns = c.run_delay_ns;
-    }
-    Ok(())
-}
-
-/// `now - before`, or 0 when `before` was not known.
-#[inline(always)]
-fn delta(now: u64, before: u64) -> u64 {
-    if before == ThreadCounters::UNKNOWN {
-        0
-    } else {
-        now.wrapping_sub(before)
-    }
+fn account_dead(s: *mut SchedStats, prev: *const u8) {
+    let c = task_counters(prev);
+    bump(unsafe { &raw mut (*s).dead_runtime_ns }, c.runtime_ns);
+    bump(unsafe { &raw mut (*s).dead_nvcsw }, c.nvcsw);
+    bump(unsafe { &raw mut (*s).dead_nivcsw }, c.nivcsw);
+    bump(unsafe { &raw mut (*s).dead_migrations }, c.migrations);
+    bump(unsafe { &raw mut (*s).dead_run_delay_ns }, c.run_delay_ns);
 }
 
 #[inline(always)]
 fn record_runq_delay(s: *mut SchedStats, delay: u64) {
-    if !has_run_delay() {
-        add(unsafe { &raw mut (*s).runq_delay_ns }, delay);
-    }
-    add(unsafe { &raw mut (*s).runq_delay_count }, 1);
-    add_to_hist(unsafe { &raw mut (*s).runq_hist }, delay);
+    bump(unsafe { &raw mut (*s).runq_delay_ns }, delay);
+    bump(unsafe { &raw mut (*s).runq_delay_count }, 1);
+    bump_hist(unsafe { &raw mut (*s).runq_hist }, delay);
     // Only sched_switch (interrupts off) touches RUNQ_MAX: no nesting.
     raise_max(&RUNQ_MAX, delay);
 }
 
-/// `sched_wakeup(struct task_struct *p)`.
+/// Without single delays from `sched_info`: a thread that leaves the CPU
+/// runnable (preempted, or yielding in TASK_RUNNING) starts waiting now.
+#[inline(always)]
+fn runnable_since_on_switch_out(
+    ctx: &BtfTracePointContext,
+    s: *mut SchedStats,
+    tid: u32,
+    prev_state: u32,
+) {
+    let preempt: u64 = ctx.arg(0);
+    let _ = RUNNABLE_SINCE.remove(&tid);
+    if (preempt & 1 != 0 || prev_state == 0)
+        && RUNNABLE_SINCE
+            .insert(&tid, &unsafe { bpf_ktime_get_ns() }, BPF_ANY as u64)
+            .is_err()
+    {
+        add(unsafe { &raw mut (*s).map_errors }, 1);
+    }
+}
+
+/// Without single delays from `sched_info`: wakeup (or preemption) to
+/// switch-in, timed with the wakeup mark.
+#[inline(always)]
+fn delay_from_wakeup(s: *mut SchedStats, tid: u32) {
+    if let Some(since) = RUNNABLE_SINCE.get_ptr(&tid) {
+        let delay = unsafe { bpf_ktime_get_ns() }.saturating_sub(unsafe { *since });
+        let _ = RUNNABLE_SINCE.remove(&tid);
+        record_runq_delay(s, delay);
+    }
+}
+
+/// `sched_wakeup(struct task_struct *p)`; interrupts off (run queue lock).
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn sched_wakeup(ctx: BtfTracePointContext) -> i32 {
     let _ = try_wakeup(&ctx);
@@ -239,19 +194,101 @@ pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
 
 fn try_wakeup(ctx: &BtfTracePointContext) -> Res {
     let p: *const u8 = ctx.arg(0);
-    if task_tgid(p)? != target_tgid() {
+    if !is_target(task_tgid(p)) {
         return Ok(());
     }
-    let tid = task_tid(p)?;
-    let now = unsafe { bpf_ktime_get_ns() };
     let s = stats().ok_or(NO_MAP)?;
-    add(unsafe { &raw mut (*s).wakeups }, 1);
-    add(unsafe { &raw mut (*s).events }, 1);
-    // Keep the earliest time if the thread is already runnable.
-    match RUNNABLE_SINCE.insert(&tid, &now, BPF_NOEXIST as u64) {
-        Ok(()) | Err(EEXIST) => {}
-        Err(_) => add(unsafe { &raw mut (*s).map_errors }, 1),
+    bump(unsafe { &raw mut (*s).wakeups }, 1);
+    bump(unsafe { &raw mut (*s).events }, 1);
+    if !delays_from_sched_info() {
+        // Keep the earliest time if the thread is already runnable.
+        let now = unsafe { bpf_ktime_get_ns() };
+        match RUNNABLE_SINCE.insert(&task_tid(p), &now, BPF_NOEXIST as u64) {
+            Ok(()) | Err(EEXIST) => {}
+            Err(_) => add(unsafe { &raw mut (*s).map_errors }, 1),
+        }
     }
+    Ok(())
+}
+
+/// The task iterator (`iter/task`), run by the loader at every bucket
+/// boundary (limited to the target's threads where the kernel can filter
+/// by pid, else over every task): sums the live target threads' own
+/// counters into `LIVE`. Context: `struct bpf_iter__task { struct
+/// bpf_iter_meta *meta; struct task_struct *task; }`; called once per task,
+/// then once with `task == NULL`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task")]
+pub fn sched_iter(ctx: *mut core::ffi::c_void) -> i32 {
+    let _ = try_iter(ctx as *const *const u8);
+    0
+}
+
+fn try_iter(ctx: *const *const u8) -> Res {
+    // SAFETY: the context is two pointers (checked by the verifier).
+    let (meta, task) = unsafe { (*ctx, *ctx.add(1)) };
+    let live = LIVE.get_ptr_mut(0).ok_or(NO_MAP)?;
+    // SAFETY: map value pointer, valid for this program run.
+    let live = unsafe { &mut *live };
+    // `struct bpf_iter_meta { struct seq_file *seq; u64 session_id; u64 seq_num; }`.
+    // A new session for every run (`seq_num` does not tell the first call:
+    // the final call, with no task, repeats the last object's number).
+    // SAFETY: a BTF-typed pointer; the verifier checks the access.
+    let session: u64 = unsafe { core::ptr::read_volatile(meta.add(8).cast::<u64>()) };
+    if live.session != session {
+        *live = LiveCounters::ZERO;
+        live.session = session;
+        live.now_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    if task.is_null() || !is_target(task_tgid(task)) {
+        return Ok(());
+    }
+    if task_state(task) & TASK_DEAD != 0 {
+        // Counted at its final switch-out, or about to be: the loader's last
+        // sample waits for the dying ones.
+        if task_on_cpu(task) {
+            live.dying += 1;
+        }
+        return Ok(());
+    }
+    let c = task_counters(task);
+    let mut runtime = c.runtime_ns;
+    let cpu = task_cpu(task);
+    let key = 0u32;
+    // SAFETY: a lookup in CPU_SLICE's slot of `cpu`; NULL if out of range.
+    let slot = unsafe {
+        aya_ebpf::helpers::generated::bpf_map_lookup_percpu_elem(
+            &raw const CPU_SLICE as *mut core::ffi::c_void,
+            (&raw const key).cast(),
+            cpu,
+        )
+    } as *const CpuSlice;
+    if !slot.is_null() {
+        // SAFETY: a map value pointer; another CPU may be updating it.
+        let state = unsafe { core::ptr::read_volatile(&raw const (*slot).state) };
+        compiler_barrier();
+        let sl = unsafe { *slot };
+        // `now` on the clock the slice was timed with: the run queue's,
+        // through the CPU's latest (clock, rq clock) pair, or the clock.
+        let now = if sl.cal_clock_ns != 0 {
+            sl.cal_rq_ns.wrapping_add(live.now_ns.wrapping_sub(sl.cal_clock_ns))
+        } else {
+            live.now_ns
+        };
+        if state == CpuSlice::TARGET && sl.tid == task_tid(task) && now > sl.since_ns {
+            // On a CPU: its runtime is only brought up to date at ticks.
+            runtime = sl.base_runtime_ns + (now - sl.since_ns);
+            live.running += 1;
+        }
+    }
+    live.runtime_ns += runtime;
+    live.nvcsw += c.nvcsw;
+    live.nivcsw += c.nivcsw;
+    live.migrations += c.migrations;
+    if has_run_delay() {
+        live.run_delay_ns += c.run_delay_ns;
+    }
+    live.threads += 1;
     Ok(())
 }
 
@@ -277,17 +314,17 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 
 fn try_fork(ctx: &BtfTracePointContext) -> Res {
     let child: *const u8 = ctx.arg(1);
-    let target = target_tgid();
-    if task_tgid(child)? != target {
+    let tgid = task_tgid(child);
+    if !is_target(tgid) {
         return Ok(());
     }
-    let tid = task_tid(child)?;
-    if tid == target {
+    let tid = task_tid(child);
+    if tid == tgid {
         // A new thread never gets its process's id: this is a new process
         // that got the target's pid after the target ended (every thread
-        // exited and it was reaped). It is not the target; nothing with
+        // exited and it was reaped). It is not the target, and nothing with
         // this tgid is from now on. The target existed before the probes
-        // (attached, or forked before them), so this is the only way.
+        // (attached to, or forked before them), so this is the only way.
         if let Some(gone) = TARGET_GONE.get_ptr_mut(0) {
             // SAFETY: a map value pointer, valid for this program run.
             unsafe { *gone = 1 };
@@ -296,23 +333,6 @@ fn try_fork(ctx: &BtfTracePointContext) -> Res {
     }
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
-    // A new task's counters all start at 0.
-    let new = ThreadCounters {
-        task: child as u64,
-        ..ThreadCounters::NEW
-    };
-    match THREADS.insert(&tid, &new, BPF_NOEXIST as u64) {
-        Ok(()) => add(unsafe { &raw mut (*s).threads_started }, 1),
-        Err(EEXIST) => {}
-        Err(_) => {
-            if let Some(full) = THREADS_FULL.get_ptr_mut(0) {
-                // SAFETY: a map value pointer, valid for this program run.
-                unsafe { *full = 1 };
-            }
-            add(unsafe { &raw mut (*s).map_errors }, 1);
-            warn!(ctx, "cis490: thread map full, tid {} not tracked", tid);
-        }
-    }
     let (_, parent_tid) = current();
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     emit(
@@ -332,21 +352,14 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
 
 fn try_exit(_ctx: &BtfTracePointContext) -> Res {
     let (tgid, tid) = current();
-    if tgid != target_tgid() {
+    if !is_target(tgid) {
         return Ok(());
     }
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
-    if let Some(t) = THREADS.get_ptr_mut(&tid) {
-        let t = unsafe { &mut *t };
-        // SAFETY: bpf_get_current_task has no preconditions.
-        let me = unsafe { bpf_get_current_task() };
-        if t.exited == 0 && (t.task == 0 || t.task == me) {
-            t.exited = 1;
-            add(unsafe { &raw mut (*s).threads_exited }, 1);
-        }
+    if !delays_from_sched_info() {
+        let _ = RUNNABLE_SINCE.remove(&tid);
     }
-    let _ = RUNNABLE_SINCE.remove(&tid);
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     emit(&lifecycle(LifecycleKind::ThreadExit, tid, 0, comm), s);
     Ok(())
@@ -362,27 +375,12 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
 
 fn try_exec(ctx: &BtfTracePointContext) -> Res {
     let (tgid, tid) = current();
-    if tgid != target_tgid() {
+    if !is_target(tgid) {
         return Ok(());
     }
     let old_pid: u64 = ctx.arg(1);
-    let old_tid = old_pid as u32;
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
-    if old_tid != tid {
-        // An execve from a thread that was not the main one: the kernel
-        // killed the other threads and gave this one the process id (the
-        // old main thread got this one's id). Its counters move with it.
-        // SAFETY: the value is copied out at once.
-        if let Some(t) = unsafe { THREADS.get(&old_tid) } {
-            let t = *t;
-            if THREADS.insert(&tid, &t, BPF_ANY as u64).is_err() {
-                add(unsafe { &raw mut (*s).map_errors }, 1);
-            }
-            let _ = THREADS.remove(&old_tid);
-        }
-        let _ = RUNNABLE_SINCE.remove(&old_tid);
-    }
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     emit(
         &lifecycle(LifecycleKind::Exec, tid, old_pid as u32, comm),
@@ -401,10 +399,10 @@ pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
 
 fn try_rename(ctx: &BtfTracePointContext) -> Res {
     let task: *const u8 = ctx.arg(0);
-    if task_tgid(task)? != target_tgid() {
+    if !is_target(task_tgid(task)) {
         return Ok(());
     }
-    let tid = task_tid(task)?;
+    let tid = task_tid(task);
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
     let src: *const u8 = ctx.arg(1);

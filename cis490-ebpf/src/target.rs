@@ -1,9 +1,13 @@
-//! The target filter: which thread group is traced, and the `task_struct`
+//! The target filter: which thread group is traced, and the kernel struct
 //! field offsets the loader resolved from the kernel's BTF.
 //!
 //! Rust has no CO-RE field relocations, so the loader reads the offsets from
 //! `/sys/kernel/btf/vmlinux` and writes them into these read-only globals
-//! before loading; the verifier then sees them as constants.
+//! before loading; the verifier then sees them as constants. That makes a
+//! field of a BTF-typed pointer (a `tp_btf` argument, an iterator's task)
+//! one load instruction ([`load`]), which the verifier checks against the
+//! kernel's BTF, instead of a `bpf_probe_read_kernel` helper call: the
+//! `sched_switch` program runs on every context switch of the machine.
 
 use aya_ebpf::{
     Global,
@@ -33,24 +37,54 @@ static TASK_MIGRATIONS_OFFSET: Global<u32> = Global::new(0);
 /// CONFIG_SCHED_INFO (then run-queue delay comes from events only).
 #[unsafe(no_mangle)]
 static TASK_RUN_DELAY_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.__state` (the task iterator skips `TASK_DEAD` threads).
+#[unsafe(no_mangle)]
+static TASK_STATE_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.thread_info.cpu`: the CPU a thread is (or last was) on.
+#[unsafe(no_mangle)]
+static TASK_CPU_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.on_cpu`: 1 from switch-in until just after switch-out.
+#[unsafe(no_mangle)]
+static TASK_ON_CPU_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.sched_info.last_queued`: when the thread was queued on a
+/// run queue (rq clock); 0 when not queued. These last four are 0 where the
+/// kernel lacks them: single run-queue delays then come from events.
+#[unsafe(no_mangle)]
+static TASK_LAST_QUEUED_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.se.cfs_rq` (CONFIG_FAIR_GROUP_SCHED).
+#[unsafe(no_mangle)]
+static TASK_CFS_RQ_OFFSET: Global<u32> = Global::new(0);
+/// `cfs_rq.rq`.
+#[unsafe(no_mangle)]
+static CFS_RQ_RQ_OFFSET: Global<u32> = Global::new(0);
+/// `rq.clock`.
+#[unsafe(no_mangle)]
+static RQ_CLOCK_OFFSET: Global<u32> = Global::new(0);
 
-/// A thread-group id no task has (pids are at most 2^22).
-pub const NO_TGID: u32 = u32::MAX;
-
-/// The traced process (thread-group id), or [`NO_TGID`] once its pid names
-/// another process.
+/// Whether `tgid` is the traced process. Not once its pid went to a new
+/// process (the fork probe sets `TARGET_GONE`): the map is looked up only
+/// for a task whose tgid matches, so the hot paths pay nothing for it.
 #[inline(always)]
-pub fn target_tgid() -> u32 {
-    match TARGET_GONE.get(0).copied() {
-        Some(0) | None => TARGET_TGID.load(),
-        Some(_) => NO_TGID,
-    }
+pub fn is_target(tgid: u32) -> bool {
+    tgid == TARGET_TGID.load() && TARGET_GONE.get(0).copied().unwrap_or(0) == 0
 }
 
 /// Whether the kernel keeps per-thread run-queue delay (`sched_info`).
 #[inline(always)]
 pub fn has_run_delay() -> bool {
     TASK_RUN_DELAY_OFFSET.load() != 0
+}
+
+/// Whether a single run-queue delay can be read off the kernel's own
+/// `sched_info` at switch-in (`rq->clock - last_queued`, exactly what the
+/// kernel then adds to `run_delay`), instead of timing it from the wakeup.
+#[inline(always)]
+pub fn delays_from_sched_info() -> bool {
+    has_run_delay()
+        && TASK_LAST_QUEUED_OFFSET.load() != 0
+        && TASK_CFS_RQ_OFFSET.load() != 0
+        && CFS_RQ_RQ_OFFSET.load() != 0
+        && RQ_CLOCK_OFFSET.load() != 0
 }
 
 /// `(tgid, tid)` of the current task.
@@ -62,38 +96,97 @@ pub fn current() -> (u32, u32) {
 
 /// Reads a field of a kernel struct at a loader-set offset (resolved from
 /// the kernel's BTF). Probe reads are fault-safe: a bad pointer is an error.
+/// For pointers that are not BTF-typed (read out of other structs).
 #[inline(always)]
 pub fn field<T>(base: *const u8, offset: &Global<u32>) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel checks the address.
     unsafe { bpf_probe_read_kernel(base.add(offset.load() as usize).cast::<T>()) }
 }
 
+/// Loads a field of a BTF-typed kernel pointer (a `tp_btf` argument, an
+/// iterator's task, or a pointer loaded from one) directly: the offset is a
+/// read-only global the verifier sees as a constant, so this is one load
+/// instruction, checked against the kernel's BTF when the program loads.
+#[inline(always)]
+pub fn load<T>(base: *const u8, offset: &Global<u32>) -> T {
+    // SAFETY: `base` is a BTF-typed kernel pointer; the verifier checks the
+    // access (and makes loads through untrusted pointers fault-safe).
+    unsafe { core::ptr::read_volatile(base.add(offset.load() as usize).cast::<T>()) }
+}
+
 /// The thread-group id of a `struct task_struct *`.
 #[inline(always)]
-pub fn task_tgid(task: *const u8) -> Result<u32, i32> {
-    field(task, &TASK_TGID_OFFSET)
+pub fn task_tgid(task: *const u8) -> u32 {
+    load(task, &TASK_TGID_OFFSET)
 }
 
 /// The thread id of a `struct task_struct *`.
 #[inline(always)]
-pub fn task_tid(task: *const u8) -> Result<u32, i32> {
-    field(task, &TASK_PID_OFFSET)
+pub fn task_tid(task: *const u8) -> u32 {
+    load(task, &TASK_PID_OFFSET)
+}
+
+/// `task_struct.__state`.
+#[inline(always)]
+pub fn task_state(task: *const u8) -> u32 {
+    load(task, &TASK_STATE_OFFSET)
+}
+
+/// The CPU a task is on (or last ran on).
+#[inline(always)]
+pub fn task_cpu(task: *const u8) -> u32 {
+    load(task, &TASK_CPU_OFFSET)
+}
+
+/// Whether a task is on a CPU (until just after its switch-out).
+#[inline(always)]
+pub fn task_on_cpu(task: *const u8) -> bool {
+    load::<u32>(task, &TASK_ON_CPU_OFFSET) != 0
+}
+
+/// `se.sum_exec_runtime` of a task, ns.
+#[inline(always)]
+pub fn task_runtime(task: *const u8) -> u64 {
+    load(task, &TASK_RUNTIME_OFFSET)
+}
+
+/// The clock of the run queue a task being switched in is on (`rq->clock`,
+/// ns, the scheduler's clock: brought up to date by this `__schedule`).
+/// Only call when [`delays_from_sched_info`]. A NULL pointer on the way
+/// reads 0 (fault-safe loads).
+#[inline(always)]
+pub fn rq_clock(next: *const u8) -> u64 {
+    let cfs_rq: *const u8 = load(next, &TASK_CFS_RQ_OFFSET);
+    let rq: *const u8 = load(cfs_rq, &CFS_RQ_RQ_OFFSET);
+    load(rq, &RQ_CLOCK_OFFSET)
+}
+
+/// The single run-queue delay of a task being switched in, ns, read off the
+/// kernel's `sched_info`: `rq->clock - sched_info.last_queued` (the
+/// kernel's `sched_info_arrive`, right after the tracepoint, adds exactly
+/// this to `run_delay`). `None` when it was not queued. Only call when
+/// [`delays_from_sched_info`].
+#[inline(always)]
+pub fn arrival_delay(next: *const u8, rq_now: u64) -> Option<u64> {
+    let queued: u64 = load(next, &TASK_LAST_QUEUED_OFFSET);
+    // 0 is a real sample: after a wakeup preemption the scheduler skips
+    // its next clock update.
+    (queued != 0 && rq_now >= queued).then(|| rq_now - queued)
 }
 
 /// The kernel's own scheduler counters of a task.
 #[inline(always)]
-pub fn task_counters(task: *const u8) -> Result<ThreadCounters, i32> {
-    Ok(ThreadCounters {
-        runtime_ns: field(task, &TASK_RUNTIME_OFFSET)?,
-        nvcsw: field(task, &TASK_NVCSW_OFFSET)?,
-        nivcsw: field(task, &TASK_NIVCSW_OFFSET)?,
+pub fn task_counters(task: *const u8) -> ThreadCounters {
+    ThreadCounters {
+        runtime_ns: task_runtime(task),
+        nvcsw: load(task, &TASK_NVCSW_OFFSET),
+        nivcsw: load(task, &TASK_NIVCSW_OFFSET),
         run_delay_ns: if has_run_delay() {
-            field(task, &TASK_RUN_DELAY_OFFSET)?
+            load(task, &TASK_RUN_DELAY_OFFSET)
         } else {
             0
         },
-        migrations: field(task, &TASK_MIGRATIONS_OFFSET)?,
+        migrations: load(task, &TASK_MIGRATIONS_OFFSET),
         exited: 0,
-        task: task as u64,
-    })
+    }
 }

@@ -370,6 +370,37 @@ impl KernelBtf {
             .any(|&id| self.ty(id).is_some_and(|t| t.kind == kind::TYPEDEF))
     }
 
+    /// Every BTF-enabled tracepoint of the kernel (`btf_trace_<name>`
+    /// typedefs): name to type id. Small enough to keep once the rest of
+    /// the BTF is dropped.
+    pub fn tracepoints(&self) -> std::collections::BTreeMap<String, u32> {
+        self.by_name
+            .iter()
+            .filter_map(|(name, ids)| {
+                let tp = name.strip_prefix(TRACEPOINT_TYPEDEF_PREFIX)?;
+                let id = ids
+                    .iter()
+                    .copied()
+                    .find(|&id| self.ty(id).is_some_and(|t| t.kind == kind::TYPEDEF))?;
+                Some((tp.to_owned(), id))
+            })
+            .collect()
+    }
+
+    /// Every BPF iterator target of the kernel (`bpf_iter_<what>` FUNCs):
+    /// `<what>` to type id.
+    pub fn iterators(&self) -> std::collections::BTreeMap<String, u32> {
+        self.types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.kind == kind::FUNC)
+            .filter_map(|(id, t)| {
+                let name = str_at(&self.strings, t.name_off)?;
+                Some((name.strip_prefix("bpf_iter_")?.to_owned(), id as u32))
+            })
+            .collect()
+    }
+
     /// Of `names`, those whose tracepoint is missing (for one clear error).
     pub fn missing_tracepoints<'a>(&self, names: &[&'a str]) -> Vec<&'a str> {
         names

@@ -98,6 +98,14 @@ pub struct TraceArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// Size of the ring buffer that carries thread lifecycle records to
+    /// events.jsonl, in KiB: a power of two, at least the page size (4).
+    /// Rows never depend on it; a record that does not fit is counted in
+    /// `dropped_events`.
+    #[arg(long, value_name = "KIB", default_value_t = cis490_common::RINGBUF_BYTES / 1024,
+          value_parser = parse_ringbuf_kib)]
+    pub ringbuf_kib: u32,
+
     /// Log progress to stderr every SECS seconds (0: never).
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs_or_zero)]
     pub progress_secs: Duration,
@@ -123,6 +131,20 @@ fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+fn parse_ringbuf_kib(s: &str) -> Result<u32, String> {
+    let kib: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number of KiB"))?;
+    // SAFETY: sysconf has no preconditions.
+    let page_kib = (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) / 1024) as u32;
+    if !kib.is_power_of_two() || kib < page_kib || kib > 1 << 20 {
+        return Err(format!(
+            "must be a power of two from {page_kib} (the page size) to 1048576 KiB"
+        ));
+    }
+    Ok(kib)
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let d = parse_secs_or_zero(s)?;
     if d.is_zero() {
@@ -144,6 +166,7 @@ impl TraceArgs {
             progress: (!self.progress_secs.is_zero()).then_some(self.progress_secs),
             probe_options: crate::probes::Options {
                 block: self.block_probes,
+                ringbuf_bytes: self.ringbuf_kib * 1024,
             },
             labels: self.labels,
             control: self.control,

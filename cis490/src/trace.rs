@@ -31,9 +31,9 @@ use crate::{
         qmp::QmpSource,
     },
     taps::{self, Holdings},
-    target::{Target, thread_ids},
+    target::Target,
 };
-use cis490_common::{LifecycleKind, RINGBUF_BYTES};
+use cis490_common::LifecycleKind;
 
 /// Everything `cis490 trace` was asked to do.
 #[derive(Clone, Debug)]
@@ -123,7 +123,7 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
         probes: Vec::new(),
         families: Vec::new(),
         ebpf: EbpfTotals {
-            ringbuf_bytes: RINGBUF_BYTES,
+            ringbuf_bytes: cfg.probe_options.ringbuf_bytes,
             ..Default::default()
         },
         skipped_boundaries: 0,
@@ -576,14 +576,7 @@ async fn trace(
     let mut records = RecordStream::new(&mut probes)?;
     target.check_same_process()?;
 
-    let tids = if target.is_spawned() {
-        vec![pid as u32]
-    } else {
-        thread_ids(pid).unwrap_or_default()
-    };
-    let ebpf = EbpfSource::new(&mut probes, &plan, pid, &tids, |tid| {
-        crate::sources::proc::thread_counters(pid, tid).ok()
-    })?;
+    let ebpf = EbpfSource::new(&mut probes, &plan, pid)?;
     let proc = if cfg.sources.contains(&SourceKind::Proc) {
         Some(ProcSource::new(pid)?)
     } else {

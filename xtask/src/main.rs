@@ -8,7 +8,10 @@
 //! - `test`: setup, build, run every test (unit, a bounded run of every
 //!   fuzz target, then privileged).
 //! - `fuzz`: run the fuzz targets for longer.
+//! - `bench`: setup, build, benchmark cis490 beside bpftrace and a /proc
+//!   poller; write the table into docs/benchmarks.md.
 
+mod bench;
 mod demo;
 mod fuzz;
 mod guest;
@@ -64,6 +67,12 @@ enum Task {
         /// Only this target (record, proc, qmp).
         target: Option<String>,
     },
+    /// Benchmark cis490's overhead beside bpftrace and a /proc poller on
+    /// five workloads (a context-switch storm, a many-thread CPU burn with
+    /// wakeups, direct I/O, tap traffic, the demo's QEMU guest); write the
+    /// table into docs/benchmarks.md and print it. Needs root; installs
+    /// bpftrace with apt if missing; about 15 minutes (--quick: about 3).
+    Bench(bench::Args),
     /// Build the test guest (kernel + busybox initramfs, cached outside the
     /// repo), probe the accelerator, write and print guest.json.
     Guest {
@@ -112,6 +121,7 @@ fn main() -> Result<()> {
         Task::Test { fuzz_secs, args } => test(fuzz_secs, &args),
         Task::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
         Task::Guest { boot } => guest::task(boot),
+        Task::Bench(args) => bench_task(args),
     }
 }
 
@@ -199,6 +209,22 @@ fn demo(data_dir: &Path) -> Result<()> {
     }
     let bin = build_bins(true)?;
     demo::run_demo(&bin, &workspace_root().join(data_dir))
+}
+
+fn bench_task(args: bench::Args) -> Result<()> {
+    setup::ensure()?;
+    if !is_root() {
+        bail!("the bench loads eBPF programs and needs root: run `sudo -E cargo xtask bench`");
+    }
+    let bin = build_bins(true)?;
+    let wants_qemu = args.workloads.is_empty() || args.workloads.contains(&bench::Kind::Qemu);
+    let guest = wants_qemu.then(|| {
+        guest::prepare().map(|(g, accel, _)| cis490_tests::guest::GuestJson {
+            guest: g,
+            accel: accel.to_owned(),
+        })
+    });
+    bench::run(args, &bin, guest)
 }
 
 fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {

@@ -61,13 +61,13 @@ const fn tp(program: &'static str) -> ProbeSpec {
     }
 }
 
-const IO: &[ProbeSpec] = &[
+pub(super) const IO: &[ProbeSpec] = &[
     tp("block_io_start"),
     tp("block_rq_issue"),
     tp("block_rq_complete"),
     tp("block_io_done"),
 ];
-const RQ: &[ProbeSpec] = &[
+pub(super) const RQ: &[ProbeSpec] = &[
     tp("block_bio_queue"),
     tp("block_rq_insert"),
     tp("block_rq_issue"),

@@ -10,13 +10,13 @@ use super::{Attacher, FamilyStatus, ProbeKind, ProbeSpec, tracefs};
 
 pub const FAMILY: &str = "kvm";
 
-const KVM_EXIT: ProbeSpec = ProbeSpec {
+pub(super) const KVM_EXIT: ProbeSpec = ProbeSpec {
     program: "kvm_exit",
     tracepoint: "kvm_exit",
     kind: ProbeKind::TracePoint("kvm"),
     required: false,
 };
-const KVM_USERSPACE_EXIT: ProbeSpec = ProbeSpec {
+pub(super) const KVM_USERSPACE_EXIT: ProbeSpec = ProbeSpec {
     program: "kvm_userspace_exit",
     tracepoint: "kvm_userspace_exit",
     kind: ProbeKind::TracePoint("kvm"),

@@ -9,10 +9,12 @@
 //! loads the object with the offsets and paths as read-only globals, then
 //! attaches family by family.
 
+mod attach_btf;
 pub mod block;
 pub mod kvm;
 pub mod net;
 pub mod sched;
+pub mod task_iter;
 pub mod tracefs;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
@@ -47,6 +49,9 @@ pub enum ProbeKind {
     TpBtf,
     /// A classic tracepoint of this category (needs tracefs).
     TracePoint(&'static str),
+    /// A BPF iterator over kernel objects (`iter/<what>`), run by the
+    /// loader rather than by an event.
+    Iter,
 }
 
 /// One program of a family.
@@ -105,8 +110,26 @@ pub struct KernelFacts {
     /// Object global -> byte offset (`None`: the member is not in this
     /// kernel; the family that needs it does not attach).
     pub offsets: BTreeMap<&'static str, Option<u32>>,
+    /// The kernel's BTF-enabled tracepoints and BPF iterator targets, by
+    /// name, with their BTF type ids. Only this is kept of the parsed BTF
+    /// (several MiB): it is all the loader needs to attach (see
+    /// `attach_btf`).
     #[serde(skip)]
-    btf: Arc<KernelBtf>,
+    tracepoints: Arc<BTreeMap<String, u32>>,
+    #[serde(skip)]
+    iterators: Arc<BTreeMap<String, u32>>,
+}
+
+/// Every program any family may attach.
+fn all_probes() -> impl Iterator<Item = &'static ProbeSpec> {
+    sched::PROBES
+        .iter()
+        .chain([&sched::ITER])
+        .chain(block::IO)
+        .chain(block::RQ)
+        .chain(net::TAPS)
+        .chain(net::SOCKETS)
+        .chain([&kvm::KVM_EXIT, &kvm::KVM_USERSPACE_EXIT])
 }
 
 /// Every offset any family needs.
@@ -145,15 +168,32 @@ impl KernelFacts {
                 offsets.insert(o.global, off.ok());
             }
         }
+        // Only the attach points some family may use: the stub BTF built
+        // from them (attach_btf) then stops at the highest of their ids.
+        let wanted = |kind: ProbeKind| {
+            all_probes()
+                .filter(move |p| p.kind == kind)
+                .map(|p| p.tracepoint)
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let (tps, iters) = (wanted(ProbeKind::TpBtf), wanted(ProbeKind::Iter));
+        let mut tracepoints = btf.tracepoints();
+        tracepoints.retain(|name, _| tps.contains(name.as_str()));
+        let mut iterators = btf.iterators();
+        iterators.retain(|name, _| iters.contains(name.as_str()));
+        let (tracepoints, iterators) = (Arc::new(tracepoints), Arc::new(iterators));
+        drop(btf);
+        release_freed_memory();
         Ok(Self {
             btf_path: btf_path.display().to_string(),
             offsets,
-            btf: Arc::new(btf),
+            tracepoints,
+            iterators,
         })
     }
 
     pub fn has_tracepoint(&self, name: &str) -> bool {
-        self.btf.has_tracepoint(name)
+        self.tracepoints.contains_key(name)
     }
 
     /// Whether every offset a family lists resolved; `Err` names the first
@@ -170,9 +210,21 @@ impl KernelFacts {
 }
 
 /// User choices about probe paths.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Options {
     pub block: block::PathChoice,
+    /// Size of the lifecycle-record ring buffer (`RECORDS`), bytes: a power
+    /// of two and a multiple of the page size.
+    pub ringbuf_bytes: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            block: block::PathChoice::default(),
+            ringbuf_bytes: cis490_common::RINGBUF_BYTES,
+        }
+    }
 }
 
 /// Per-family decisions taken before the object is loaded (they become
@@ -182,6 +234,7 @@ pub struct Plan {
     pub block: Result<block::BlockPath, String>,
     pub net: net::NetPlan,
     pub kvm: Result<kvm::KvmFormat, String>,
+    pub ringbuf_bytes: u32,
 }
 
 impl Plan {
@@ -190,6 +243,7 @@ impl Plan {
             block: block::plan(facts, opts.block),
             net: net::plan(facts),
             kvm: kvm::plan(),
+            ringbuf_bytes: opts.ringbuf_bytes,
         }
     }
 
@@ -209,6 +263,9 @@ pub struct Probes {
     pub ebpf: Ebpf,
     pub status: Vec<ProbeStatus>,
     pub families: Vec<FamilyStatus>,
+    /// The link of the scheduler's task iterator (`sched_iter`), which the
+    /// loader runs at every bucket boundary.
+    pub sched_iter: Option<std::os::fd::OwnedFd>,
 }
 
 impl Probes {
@@ -216,17 +273,29 @@ impl Probes {
     /// family. Only the scheduler family's required probes are fatal.
     pub fn load_and_attach(tgid: u32, facts: &KernelFacts, plan: &Plan) -> Result<Self> {
         raise_memlock_limit();
-        let btf = aya::Btf::parse_file(&facts.btf_path, aya::Endianness::default())
-            .map_err(|e| anyhow!("cannot parse kernel BTF {}: {e}", facts.btf_path))?;
+        // aya 0.14's loader always parses the whole kernel BTF when it is
+        // made (about 28 MiB at its peak here, the tracer's largest
+        // allocation), for CO-RE relocations this object does not have:
+        // made first, while little else is allocated, and that BTF dropped
+        // at once.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        release_freed_memory();
+        // The attach points' type ids, not the whole kernel BTF (see
+        // attach_btf).
+        let btf = aya::Btf::parse(
+            &attach_btf::stub(&facts.tracepoints, &facts.iterators),
+            aya::Endianness::default(),
+        )
+        .map_err(|e| anyhow!("cannot build the attach points' BTF: {e}"))?;
         let offsets: Vec<(&'static str, u32)> = facts
             .offsets
             .iter()
             .map(|(g, o)| (*g, o.unwrap_or(0)))
             .collect();
         let globals = plan.globals();
-        let mut loader = EbpfLoader::new();
         loader
-            .btf(Some(&btf))
+            .map_max_entries("RECORDS", plan.ringbuf_bytes)
             .override_global("TARGET_TGID", &tgid, true);
         for (name, value) in offsets.iter().chain(globals.iter()) {
             loader.override_global(name, value, true);
@@ -239,17 +308,29 @@ impl Probes {
             btf,
             facts,
             status: Vec::new(),
+            iter_link: None,
         };
         let families = vec![
-            sched::attach(&mut a)?,
+            sched::attach(&mut a, tgid)?,
             block::attach(&mut a, &plan.block),
             net::attach(&mut a, &plan.net),
             kvm::attach(&mut a, &plan.kvm),
         ];
+        let Attacher {
+            ebpf,
+            status,
+            iter_link,
+            btf,
+            ..
+        } = a;
+        // aya's parse of the kernel BTF is the tracer's largest allocation.
+        drop(btf);
+        release_freed_memory();
         Ok(Self {
-            ebpf: a.ebpf,
-            status: a.status,
+            ebpf,
+            status,
             families,
+            sched_iter: iter_link,
         })
     }
 
@@ -276,6 +357,7 @@ pub struct Attacher<'a> {
     btf: aya::Btf,
     facts: &'a KernelFacts,
     status: Vec<ProbeStatus>,
+    iter_link: Option<std::os::fd::OwnedFd>,
 }
 
 impl Attacher<'_> {
@@ -337,9 +419,23 @@ impl Attacher<'_> {
                 p.attach(category, spec.tracepoint)
                     .map_err(|e| failed(format!("{e:#}")))?;
             }
+            ProbeKind::Iter => {
+                let p: &mut aya::programs::Iter =
+                    prog.try_into().map_err(|e| failed(format!("{e}")))?;
+                p.load(spec.tracepoint, &self.btf)
+                    .map_err(|e| failed(format!("{e:#}")))?;
+            }
         }
         Ok(())
     }
+}
+
+/// Gives memory freed after a large parse back to the system (glibc keeps
+/// freed heap otherwise), so the tracer's resident size stays small while
+/// it traces.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
 }
 
 #[cfg(test)]

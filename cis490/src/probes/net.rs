@@ -73,8 +73,8 @@ const fn tp(program: &'static str) -> ProbeSpec {
     }
 }
 
-const TAPS: &[ProbeSpec] = &[tp("netif_receive_skb"), tp("net_dev_xmit")];
-const SOCKETS: &[ProbeSpec] = &[tp("sock_send_length"), tp("sock_recv_length")];
+pub(super) const TAPS: &[ProbeSpec] = &[tp("netif_receive_skb"), tp("net_dev_xmit")];
+pub(super) const SOCKETS: &[ProbeSpec] = &[tp("sock_send_length"), tp("sock_recv_length")];
 
 /// Which vantages can work on this kernel.
 #[derive(Clone, Debug)]

@@ -1,9 +1,15 @@
 //! The scheduler probe family (programs in `cis490-ebpf/src/sched.rs`): the
 //! one the tracer cannot run without.
 
+use std::os::fd::AsFd as _;
+
 use anyhow::{Result, bail};
 
-use super::{Attacher, FamilyStatus, OffsetSpec, ProbeKind::TpBtf, ProbeSpec};
+use super::{
+    AttachState, Attacher, FamilyStatus, OffsetSpec,
+    ProbeKind::{Iter, TpBtf},
+    ProbeSpec, task_iter,
+};
 
 pub const FAMILY: &str = "sched";
 
@@ -52,6 +58,16 @@ pub const PROBES: &[ProbeSpec] = &[
     },
 ];
 
+/// The task iterator that reads the live threads' counters at every bucket
+/// boundary (`bpf_iter_task`, Linux 5.8+; limited to the target's threads
+/// from Linux 6.1).
+pub const ITER: ProbeSpec = ProbeSpec {
+    program: "sched_iter",
+    tracepoint: "task",
+    kind: Iter,
+    required: true,
+};
+
 pub const OFFSETS: &[OffsetSpec] = &[
     OffsetSpec {
         global: "TASK_PID_OFFSET",
@@ -89,6 +105,43 @@ pub const OFFSETS: &[OffsetSpec] = &[
         ty: "task_struct",
         path: "sched_info.run_delay",
     },
+    OffsetSpec {
+        global: "TASK_STATE_OFFSET",
+        ty: "task_struct",
+        path: "__state",
+    },
+    OffsetSpec {
+        global: "TASK_CPU_OFFSET",
+        ty: "task_struct",
+        path: "thread_info.cpu",
+    },
+    OffsetSpec {
+        global: "TASK_ON_CPU_OFFSET",
+        ty: "task_struct",
+        path: "on_cpu",
+    },
+    // Single run-queue delays off the kernel's sched_info (rq->clock -
+    // last_queued at switch-in); without any of these, from events.
+    OffsetSpec {
+        global: "TASK_LAST_QUEUED_OFFSET",
+        ty: "task_struct",
+        path: "sched_info.last_queued",
+    },
+    OffsetSpec {
+        global: "TASK_CFS_RQ_OFFSET",
+        ty: "task_struct",
+        path: "se.cfs_rq",
+    },
+    OffsetSpec {
+        global: "CFS_RQ_RQ_OFFSET",
+        ty: "cfs_rq",
+        path: "rq",
+    },
+    OffsetSpec {
+        global: "RQ_CLOCK_OFFSET",
+        ty: "rq",
+        path: "clock",
+    },
 ];
 
 /// Offsets without which the trace fails (all but `run_delay`).
@@ -99,10 +152,15 @@ pub const REQUIRED_OFFSETS: &[&str] = &[
     "TASK_NVCSW_OFFSET",
     "TASK_NIVCSW_OFFSET",
     "TASK_MIGRATIONS_OFFSET",
+    "TASK_STATE_OFFSET",
+    "TASK_CPU_OFFSET",
+    "TASK_ON_CPU_OFFSET",
 ];
 
-/// Attaches every scheduler probe; a required one that fails ends the trace.
-pub fn attach(a: &mut Attacher<'_>) -> Result<FamilyStatus> {
+/// Attaches every scheduler probe and creates the task iterator's link
+/// (for thread group `tgid`); a required one that fails ends the trace.
+pub fn attach(a: &mut Attacher<'_>, tgid: u32) -> Result<FamilyStatus> {
+    attach_iter(a, tgid)?;
     for spec in PROBES {
         if !a.attach(FAMILY, spec) && spec.required {
             let err = a
@@ -117,25 +175,75 @@ pub fn attach(a: &mut Attacher<'_>) -> Result<FamilyStatus> {
             );
         }
     }
-    let run_delay = a
-        .facts
-        .offsets
-        .get("TASK_RUN_DELAY_OFFSET")
-        .copied()
-        .flatten()
-        .is_some();
+    let has = |g: &str| a.facts.offsets.get(g).copied().flatten().is_some();
+    let run_delay = has("TASK_RUN_DELAY_OFFSET");
+    let info_delays = run_delay
+        && ["TASK_LAST_QUEUED_OFFSET", "TASK_CFS_RQ_OFFSET", "CFS_RQ_RQ_OFFSET", "RQ_CLOCK_OFFSET"]
+            .iter()
+            .all(|g| has(g));
     Ok(FamilyStatus {
         family: FAMILY,
         active: true,
-        path: Some(if run_delay {
-            "tp_btf+sched_info"
-        } else {
-            "tp_btf"
+        path: Some(match (run_delay, info_delays) {
+            (true, true) => "tp_btf+iter+sched_info",
+            (true, false) => "tp_btf+iter+sched_info+wakeup_marks",
+            _ => "tp_btf+iter+wakeup_marks",
         }),
-        note: (!run_delay).then(|| {
-            "no task_struct.sched_info.run_delay (CONFIG_SCHED_INFO): runq_delay_ns is summed \
-             from single delays"
-                .to_owned()
-        }),
+        note: match (run_delay, info_delays) {
+            (true, true) => None,
+            (true, false) => Some(
+                "no sched_info.last_queued / se.cfs_rq (CONFIG_FAIR_GROUP_SCHED): single \
+                 run-queue delays are timed from the wakeup"
+                    .to_owned(),
+            ),
+            _ => Some(
+                "no task_struct.sched_info.run_delay (CONFIG_SCHED_INFO): runq_delay_ns is \
+                 summed from single delays timed from the wakeup"
+                    .to_owned(),
+            ),
+        },
     })
+}
+
+/// Loads the task iterator and creates its link: for the target's threads
+/// only where the kernel filters by pid (6.1+), else over every task (the
+/// program filters).
+fn attach_iter(a: &mut Attacher<'_>, tgid: u32) -> Result<()> {
+    let loaded = a.attach(FAMILY, &ITER);
+    let link = loaded
+        .then(|| {
+            let prog: &mut aya::programs::Iter = a
+                .ebpf
+                .program_mut(ITER.program)?
+                .try_into()
+                .ok()?;
+            let fd = prog.fd().ok()?.as_fd();
+            Some(
+                task_iter::link(fd, Some(tgid))
+                    .or_else(|_| task_iter::link(fd, None))
+                    .map_err(|e| format!("cannot create the task iterator's link: {e}")),
+            )
+        })
+        .flatten();
+    match link {
+        Some(Ok(fd)) => {
+            a.iter_link = Some(fd);
+            Ok(())
+        }
+        Some(Err(e)) => {
+            if let Some(s) = a.status.last_mut() {
+                s.state = AttachState::Failed;
+                s.error = Some(e.clone());
+            }
+            bail!("{e}")
+        }
+        None => {
+            let err = a
+                .status
+                .last()
+                .and_then(|s| s.error.clone())
+                .unwrap_or_else(|| "cannot load it".into());
+            bail!("cannot load the task iterator {} (BPF task iterators need Linux 5.8+): {err}", ITER.program)
+        }
+    }
 }

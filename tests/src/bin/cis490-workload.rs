@@ -239,6 +239,51 @@ enum Command {
     /// before the exec, by every thread. Writes no report (PROGRAM does); if execv fails, an
     /// error (exit code 2). PROGRAM is a path (no PATH search).
     Exec(ExecArgs),
+    /// A context-switch storm for benchmarks: two threads bounce one byte over two pipes,
+    /// R round trips, as fast as the machine allows.
+    ///
+    /// By default both threads are pinned to the same CPU (the fastest way here: a wakeup on
+    /// the same CPU costs no inter-processor interrupt), so every round trip is two context
+    /// switches between the two threads. --cpus split pins them to two CPUs, --cpus free
+    /// leaves them to the scheduler. With --wait-signal, writes PATH.ready and waits for
+    /// SIGUSR1 first. Report: {"kind":"storm", "pid", "round_trips", "cpus", "wall_ns",
+    /// "round_trips_per_s", "rusage_self", "process_cpu_ns"}; then sleeps --linger-ms.
+    Storm(StormArgs),
+
+    /// A many-thread CPU burn with frequent wakeups, for benchmarks.
+    ///
+    /// N threads (more than the CPUs, so the run queue is never empty) each do C cycles of
+    /// (spin --spin-iters iterations of pure computation, then nanosleep --sleep-us), so each
+    /// cycle is a switch-out, a timer wakeup and a switch-in. The work is fixed: the wall time
+    /// it takes is the measure. With --wait-signal, writes PATH.ready and waits for SIGUSR1
+    /// first. Report: {"kind":"wakeburn", "pid", "threads", "cycles", "spin_iters",
+    /// "sleep_us", "wall_ns", "cycles_per_s", "rusage_self", "process_cpu_ns"}; then sleeps
+    /// --linger-ms.
+    Wakeburn(WakeburnArgs),
+}
+
+#[derive(Args, Debug)]
+struct StormArgs {
+    /// Number of round trips.
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u64).range(1..))]
+    round_trips: u64,
+    /// Where the two threads run: same (one CPU, pinned), split (two CPUs, pinned) or free.
+    #[arg(long, value_name = "HOW", default_value = "same",
+          value_parser = ["same", "split", "free"])]
+    cpus: String,
+    /// Write PATH.ready and wait for SIGUSR1 before the storm.
+    #[arg(long)]
+    wait_signal: bool,
+    /// With --wait-signal: give up (error, exit code 2) if no SIGUSR1 arrives within this
+    /// many ms; 0 waits forever.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    timeout_ms: u64,
+    /// Sleep this long after writing the report, before exiting.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    linger_ms: u64,
+    /// Where to write the JSON report; the ready file is PATH.ready.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -266,6 +311,36 @@ struct ExecArgs {
     /// PROGRAM and its arguments.
     #[arg(last = true, required = true, value_name = "PROGRAM")]
     argv: Vec<OsString>,
+}
+
+#[derive(Args, Debug)]
+struct WakeburnArgs {
+    /// Number of threads.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    threads: u32,
+    /// Cycles (spin, then sleep) per thread.
+    #[arg(long, value_name = "C", value_parser = clap::value_parser!(u64).range(1..))]
+    cycles: u64,
+    /// Iterations of the spin loop per cycle (about 1 ns each here).
+    #[arg(long, value_name = "I", default_value_t = 20_000)]
+    spin_iters: u64,
+    /// nanosleep per cycle, in microseconds (the kernel adds its timer slack, 50 us by
+    /// default).
+    #[arg(long, value_name = "US", default_value_t = 1)]
+    sleep_us: u64,
+    /// Write PATH.ready and wait for SIGUSR1 before starting the threads.
+    #[arg(long)]
+    wait_signal: bool,
+    /// With --wait-signal: give up (error, exit code 2) if no SIGUSR1 arrives within this
+    /// many ms; 0 waits forever.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    timeout_ms: u64,
+    /// Sleep this long after writing the report, before exiting.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    linger_ms: u64,
+    /// Where to write the JSON report; the ready file is PATH.ready.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -535,7 +610,7 @@ fn main() {
         Err(e) => {
             let msg = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 "missing subcommand (cpu, pingpong, exit-after, wait-signal, demo, thread-burst, dio, \
-                 tap, send-frames, kvm, sink, exec or main-exits)".to_string()
+                 tap, send-frames, kvm, sink, exec, main-exits, storm or wakeburn)".to_string()
             } else {
                 // clap's first paragraph (the error and any list under it), on one line.
                 let text = e.to_string();
@@ -562,6 +637,8 @@ fn main() {
         Command::Sink(a) => cmd_sink(&a),
         Command::Exec(a) => cmd_exec(&a),
         Command::MainExits(a) => cmd_main_exits(&a),
+        Command::Storm(a) => cmd_storm(&a),
+        Command::Wakeburn(a) => cmd_wakeburn(&a),
     };
     if let Err(e) = result {
         eprintln!("{PROG}: error: {}", format!("{e:#}").replace('\n', " "));
@@ -1343,6 +1420,128 @@ fn cmd_exec(a: &ExecArgs) -> Result<()> {
     execer
         .join()
         .map_err(|_| anyhow!("the execer thread panicked"))?
+}
+
+fn cmd_storm(a: &StormArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        round_trips: u64,
+        /// CPUs of [main thread, "pong"], or null when not pinned.
+        cpus: Option<[usize; 2]>,
+        wall_ns: u64,
+        round_trips_per_s: f64,
+        rusage_self: Rusage,
+        process_cpu_ns: u64,
+    }
+    let allowed = allowed_cpus()?;
+    let cpus = match (a.cpus.as_str(), &allowed[..]) {
+        ("same", [c, ..]) => Some([*c, *c]),
+        ("split", [c, d, ..]) => Some([*c, *d]),
+        ("split", _) => bail!("--cpus split needs two CPUs"),
+        _ => None,
+    };
+    if a.wait_signal {
+        ready_then_wait(&a.out, a.timeout_ms)?;
+    }
+    let (mut r1, mut w1) = io::pipe().context("pipe")?;
+    let (mut r2, mut w2) = io::pipe().context("pipe")?;
+    let n = a.round_trips;
+    let start = Instant::now();
+    thread::scope(|s| -> Result<()> {
+        let pong = spawn_named(s, "pong".to_string(), move || -> Result<()> {
+            if let Some([_, cpu]) = cpus {
+                set_affinity(&[cpu])?;
+            }
+            let mut b = [0u8; 1];
+            for _ in 0..n {
+                r1.read_exact(&mut b).context("pong: read")?;
+                w2.write_all(&b).context("pong: write")?;
+            }
+            Ok(())
+        })?;
+        let mut ping = || -> Result<()> {
+            if let Some([cpu, _]) = cpus {
+                set_affinity(&[cpu])?;
+            }
+            let mut b = [0u8; 1];
+            for i in 0..n {
+                w1.write_all(&[i as u8]).context("ping: write")?;
+                r2.read_exact(&mut b).context("ping: read")?;
+            }
+            Ok(())
+        };
+        let r = ping();
+        drop(w1);
+        join(pong)??;
+        r
+    })?;
+    let wall_ns = start.elapsed().as_nanos() as u64;
+    set_affinity(&allowed)?;
+    let report = Report {
+        kind: "storm",
+        pid: std::process::id(),
+        round_trips: n,
+        cpus,
+        wall_ns,
+        round_trips_per_s: n as f64 / secs(wall_ns),
+        rusage_self: rusage(libc::RUSAGE_SELF),
+        process_cpu_ns: process_cpu_ns(),
+    };
+    write_json_atomic(&a.out, &report)?;
+    thread::sleep(Duration::from_millis(a.linger_ms));
+    Ok(())
+}
+
+fn cmd_wakeburn(a: &WakeburnArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        threads: u32,
+        cycles: u64,
+        spin_iters: u64,
+        sleep_us: u64,
+        wall_ns: u64,
+        cycles_per_s: f64,
+        rusage_self: Rusage,
+        process_cpu_ns: u64,
+    }
+    if a.wait_signal {
+        ready_then_wait(&a.out, a.timeout_ms)?;
+    }
+    let (cycles, iters, nap) = (a.cycles, a.spin_iters, Duration::from_micros(a.sleep_us));
+    let start = Instant::now();
+    thread::scope(|s| -> Result<()> {
+        let handles = (0..a.threads)
+            .map(|i| {
+                spawn_named(s, format!("wake-{i}"), move || {
+                    for _ in 0..cycles {
+                        spin(iters);
+                        thread::sleep(nap);
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        handles.into_iter().try_for_each(join)
+    })?;
+    let wall_ns = start.elapsed().as_nanos() as u64;
+    let report = Report {
+        kind: "wakeburn",
+        pid: std::process::id(),
+        threads: a.threads,
+        cycles,
+        spin_iters: iters,
+        sleep_us: a.sleep_us,
+        wall_ns,
+        cycles_per_s: (cycles * a.threads as u64) as f64 / secs(wall_ns),
+        rusage_self: rusage(libc::RUSAGE_SELF),
+        process_cpu_ns: process_cpu_ns(),
+    };
+    write_json_atomic(&a.out, &report)?;
+    thread::sleep(Duration::from_millis(a.linger_ms));
+    Ok(())
 }
 
 fn cmd_wait_signal(a: &WaitSignalArgs) -> Result<()> {

@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use cis490_common::{
-    HIST_BUCKETS, LifecycleRecord, MaxSlot, RecordKind, SchedStats, ThreadCounters,
+    HIST_BUCKETS, LifecycleRecord, MaxSlot, RecordKind, SchedStats,
     record::record_kind,
 };
 use tokio::io::unix::AsyncFd;
@@ -107,23 +107,19 @@ pub struct EbpfSource {
 }
 
 impl EbpfSource {
-    /// Takes the maps out of the loaded object and seeds the thread map with
-    /// the target's current threads and their counters (`counters(tid)`,
-    /// from /proc; `None` for a thread that is gone). Call [`Self::rebase`]
-    /// once every CPU has switched since (a running thread's /proc counters
-    /// lag until its next switch-out).
-    pub fn new(
-        probes: &mut Probes,
-        plan: &Plan,
-        pid: i32,
-        tids: &[u32],
-        counters: impl Fn(u32) -> Option<ThreadCounters>,
-    ) -> Result<Self> {
+    /// Takes the maps out of the loaded object and takes a first baseline.
+    /// Call [`Self::rebase`] once every CPU has switched since (so a thread
+    /// running at attach has its slice recorded).
+    pub fn new(probes: &mut Probes, plan: &Plan, pid: i32) -> Result<Self> {
         let epoch = Epoch {
             map: take(probes, "EPOCH")?,
             current: 0,
         };
-        let sched = sched::SchedReader::new(probes, tids, counters)?;
+        let run_delay = probes
+            .family("sched")
+            .and_then(|f| f.path)
+            .is_some_and(|p| p.contains("sched_info"));
+        let sched = sched::SchedReader::new(probes, run_delay)?;
         let block = probes
             .active("block")
             .then(|| block::BlockReader::new(probes))
@@ -174,9 +170,13 @@ impl EbpfSource {
         self.block.as_ref().map_or(0, |b| b.missed_completions())
     }
 
-    /// Before the last row: accounts what the kernel will not report any
-    /// more (block requests whose completion was never delivered).
+    /// Before the last row: waits for an exited target's last final
+    /// switch-outs, and accounts what the kernel will not report any more
+    /// (block requests whose completion was never delivered).
     pub fn settle(&mut self, target_gone: bool) {
+        if target_gone {
+            self.sched.wait_for_final_switches(std::time::Duration::from_secs(1));
+        }
         if let Some(b) = &mut self.block {
             b.settle(target_gone);
         }

@@ -1,65 +1,73 @@
-//! Scheduler rows from `SCHED_STATS`, `CPU_SLICE`, `RUNQ_MAX` and `THREADS`
-//! (probes in `cis490-ebpf/src/sched.rs`).
+//! Scheduler rows from `SCHED_STATS` (exited threads, events), the task
+//! iterator's `LIVE` (threads alive at the boundary) and `RUNQ_MAX` (probes
+//! in `cis490-ebpf/src/sched.rs`).
+
+use std::os::fd::{AsFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
-use cis490_common::{CpuSlice, MaxSlot, SchedStats, ThreadCounters};
+use aya::maps::{Array, MapData, PerCpuArray};
+use cis490_common::{LiveCounters, MaxSlot, SchedStats};
 
 use super::{hist_delta, max_of, read_percpu, take};
-use crate::{clock::mono_now_ns, probes::Probes, row::Measures};
+use crate::{
+    probes::{Probes, task_iter},
+    row::Measures,
+};
 
-/// Cumulative totals at one sample.
+/// Cumulative totals at one sample: exited threads plus live ones.
 #[derive(Clone, Copy)]
 struct Totals {
     stats: SchedStats,
-    /// Completed slices plus the running part of unfinished ones.
     cpu_ns: u64,
+    nvcsw: u64,
+    nivcsw: u64,
+    migrations: u64,
+    runq_delay_ns: u64,
+    threads: u64,
+}
+
+impl Totals {
+    /// Each counter at least what it was: a thread in the few microseconds
+    /// between leaving the kernel's thread list and its final switch-out is
+    /// in neither half for a moment, so a total can dip; the next sample
+    /// catches it up, and keeping the totals monotonic keeps every episode
+    /// sum exact.
+    fn at_least(self, prev: &Totals) -> Totals {
+        Totals {
+            cpu_ns: self.cpu_ns.max(prev.cpu_ns),
+            nvcsw: self.nvcsw.max(prev.nvcsw),
+            nivcsw: self.nivcsw.max(prev.nivcsw),
+            migrations: self.migrations.max(prev.migrations),
+            runq_delay_ns: self.runq_delay_ns.max(prev.runq_delay_ns),
+            ..self
+        }
+    }
 }
 
 pub struct SchedReader {
     stats: PerCpuArray<MapData, SchedStats>,
-    slices: PerCpuArray<MapData, CpuSlice>,
+    live: Array<MapData, LiveCounters>,
+    iter_link: OwnedFd,
     runq_max: PerCpuArray<MapData, MaxSlot>,
-    prev: Totals,
-    /// Threads seeded from /proc at attach (already alive then).
-    base_threads: u64,
-    /// Target threads and their counters (`THREADS`), seeded here.
-    _threads: HashMap<MapData, u32, ThreadCounters>,
+    /// Whether the kernel keeps `sched_info.run_delay` per thread.
+    run_delay: bool,
+    prev: Option<Totals>,
     /// Set by the probes when the target's pid went to a new process.
     gone: Array<MapData, u32>,
 }
 
 impl SchedReader {
-    pub fn new(
-        probes: &mut Probes,
-        tids: &[u32],
-        counters: impl Fn(u32) -> Option<ThreadCounters>,
-    ) -> Result<Self> {
-        let mut threads: HashMap<MapData, u32, ThreadCounters> = take(probes, "THREADS")?;
-        let mut base_threads = 0u64;
-        for &tid in tids {
-            let Some(c) = counters(tid) else { continue };
-            // BPF_NOEXIST: a thread the fork probe already saw is not counted twice.
-            if threads.insert(tid, c, 1 /* BPF_NOEXIST */).is_ok() {
-                base_threads += 1;
-            }
-        }
-        // A thread listed but gone before it was inserted would stay forever.
-        for &tid in tids {
-            if counters(tid).is_none() && threads.remove(&tid).is_ok() {
-                base_threads -= 1;
-            }
-        }
+    pub fn new(probes: &mut Probes, run_delay: bool) -> Result<Self> {
         Ok(Self {
             stats: take(probes, "SCHED_STATS")?,
-            slices: take(probes, "CPU_SLICE")?,
+            live: take(probes, "LIVE")?,
+            iter_link: probes
+                .sched_iter
+                .take()
+                .context("the scheduler's task iterator is not attached")?,
             runq_max: take(probes, "RUNQ_MAX")?,
-            prev: Totals {
-                stats: SchedStats::ZERO,
-                cpu_ns: 0,
-            },
-            base_threads,
-            _threads: threads,
+            run_delay,
+            prev: None,
             gone: take(probes, "TARGET_GONE")?,
         })
     }
@@ -70,58 +78,87 @@ impl SchedReader {
         self.gone.get(&0, 0).is_ok_and(|v| v != 0)
     }
 
+    /// Once the target has exited: waits (at most `limit`) until every
+    /// thread of it has made its final switch-out, which adds its final
+    /// counters to the exited threads', so the last row has them. (The
+    /// target's exit is reported when its last thread is marked exited,
+    /// a moment before that thread leaves its CPU; in a VM whose virtual
+    /// CPU is descheduled, that moment can last milliseconds.)
+    pub fn wait_for_final_switches(&self, limit: std::time::Duration) {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < limit {
+            let settled = task_iter::run(self.iter_link.as_fd())
+                .ok()
+                .and_then(|()| self.live.get(&0, 0).ok())
+                .is_none_or(|l| l.threads == 0 && l.dying == 0);
+            if settled {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        log::warn!("the target's last threads had not left their CPUs after {limit:?}");
+    }
+
+    /// Cumulative event counters so far (for meta.json and progress).
     pub fn totals(&self) -> &SchedStats {
-        &self.prev.stats
+        static ZERO: SchedStats = SchedStats::ZERO;
+        self.prev.as_ref().map_or(&ZERO, |p| &p.stats)
     }
 
     fn read(&self) -> Result<Totals> {
+        // The exited threads first, then the live ones: a thread that exits
+        // in between is then missing for one sample (caught up by the next),
+        // never counted twice (the iterator skips a thread from the moment
+        // it is marked TASK_DEAD, before its final switch-out adds it to the
+        // exited ones).
         let stats = read_percpu(
             &self.stats,
             "SCHED_STATS",
             SchedStats::ZERO,
             SchedStats::accumulate,
         )?;
-        // After SCHED_STATS: the probe closes a slice before adding its
-        // time, so in this order a slice is never counted twice.
-        let slices = self.slices.get(&0, 0).context("CPU_SLICE")?;
-        // Read the clock after the maps: every slice start we saw is <= now.
-        let now = mono_now_ns();
-        let running: u64 = slices
-            .iter()
-            .filter(|s| s.state == CpuSlice::TARGET)
-            .map(|s| now.saturating_sub(s.since_ns))
-            .sum();
+        task_iter::run(self.iter_link.as_fd()).context("running the task iterator")?;
+        let live = self.live.get(&0, 0).context("LIVE")?;
         Ok(Totals {
             stats,
-            cpu_ns: stats.cpu_ns.wrapping_add(running),
+            cpu_ns: stats.dead_runtime_ns.wrapping_add(live.runtime_ns),
+            nvcsw: stats.dead_nvcsw.wrapping_add(live.nvcsw),
+            nivcsw: stats.dead_nivcsw.wrapping_add(live.nivcsw),
+            migrations: stats.dead_migrations.wrapping_add(live.migrations),
+            runq_delay_ns: if self.run_delay {
+                stats.dead_run_delay_ns.wrapping_add(live.run_delay_ns)
+            } else {
+                stats.runq_delay_ns
+            },
+            threads: live.threads,
         })
     }
 
     pub fn sample(&mut self, ended: u64, m: &mut Measures) -> Result<()> {
         let cur = self.read()?;
         let max = max_of(&self.runq_max, ended).context("RUNQ_MAX")?;
-        let (p, c) = (&self.prev.stats, &cur.stats);
+        let Some(prev) = self.prev else {
+            // The baseline.
+            self.prev = Some(cur);
+            return Ok(());
+        };
+        let cur = cur.at_least(&prev);
+        let (p, c) = (&prev.stats, &cur.stats);
         let d = |a: u64, b: u64| Some(a.saturating_sub(b));
-        // A slice read half-updated can make the running total dip; keep the
-        // cumulative value monotonic so the episode sum stays exact.
-        let cpu_total = cur.cpu_ns.max(self.prev.cpu_ns);
-        m.cpu_ns = Some(cpu_total - self.prev.cpu_ns);
-        m.ctx_switches_voluntary = d(c.ctx_voluntary, p.ctx_voluntary);
-        m.ctx_switches_involuntary = d(c.ctx_involuntary, p.ctx_involuntary);
+        m.cpu_ns = d(cur.cpu_ns, prev.cpu_ns);
+        m.ctx_switches_voluntary = d(cur.nvcsw, prev.nvcsw);
+        m.ctx_switches_involuntary = d(cur.nivcsw, prev.nivcsw);
         m.set_ctx_total();
-        m.runq_delay_ns = d(c.runq_delay_ns, p.runq_delay_ns);
-        m.threads = Some((self.base_threads + c.threads_started).saturating_sub(c.threads_exited));
+        m.runq_delay_ns = d(cur.runq_delay_ns, prev.runq_delay_ns);
+        m.threads = Some(cur.threads);
         m.wakeups = d(c.wakeups, p.wakeups);
-        m.migrations = d(c.migrations, p.migrations);
+        m.migrations = d(cur.migrations, prev.migrations);
         // No delay measured in the bucket: the maximum is 0, not unknown.
         m.runq_delay_max_ns = Some(max.unwrap_or(0));
         m.runq_delay_hist_log2 = Some(hist_delta(&c.runq_hist, &p.runq_hist));
         m.events = d(c.events, p.events);
         m.dropped_events = d(c.dropped, p.dropped);
-        self.prev = Totals {
-            stats: cur.stats,
-            cpu_ns: cpu_total,
-        };
+        self.prev = Some(cur);
         Ok(())
     }
 }

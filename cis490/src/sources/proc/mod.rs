@@ -748,7 +748,6 @@ pub fn thread_counters(pid: i32, tid: u32) -> anyhow::Result<cis490_common::Thre
         run_delay_ns: sched.run_delay_ns,
         migrations,
         exited: 0,
-        task: 0,
     })
 }
 
