@@ -50,7 +50,15 @@ fn perf_counters_agree_with_ebpf_and_ground_truth() {
         ep.sum("ebpf", "ctx_switches") as f64,
     );
     assert_close("perf ctx_switches vs ebpf", p, e, 0.02);
-    assert_eq!(ep.sum("perf", "migrations"), ep.sum("ebpf", "migrations"));
+    // The same kernel counting, except that perf stops counting a thread
+    // when its perf context is torn down at exit, before its final
+    // switch-out: a migration in between (it happened once in many runs) is
+    // seen by eBPF only. At most one per exited thread (3 here).
+    let (pm, em) = (ep.sum("perf", "migrations"), ep.sum("ebpf", "migrations"));
+    assert!(
+        pm <= em && em <= pm + 3,
+        "migrations: perf {pm}, ebpf {em} (ebpf may exceed perf by one per exited thread, 3)"
+    );
     // Page faults: perf's software event and the whole-process counts of
     // /proc/PID/stat, the same kernel accounting.
     let (pf, of) = (
