@@ -344,6 +344,22 @@ pub fn assert_close(what: &str, measured: f64, truth: f64, tol: f64) {
     );
 }
 
+/// Steal time of the whole machine so far (the `steal` column of the `cpu`
+/// line of `/proc/stat`), in ns: time the hypervisor ran something else
+/// while one of this VM's CPUs wanted to run.
+pub fn steal_ns() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let cpu = stat.lines().next().expect("a cpu line");
+    let ticks: u64 = cpu
+        .split_whitespace()
+        .nth(8)
+        .and_then(|v| v.parse().ok())
+        .expect("the steal column of /proc/stat");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    ticks * 1_000_000_000 / hz
+}
+
 /// Sends a signal to a process.
 pub fn kill(pid: i32, sig: libc::c_int) {
     // SAFETY: kill(2) with a pid and signal number.

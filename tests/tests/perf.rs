@@ -10,6 +10,7 @@ fn perf_counters_agree_with_ebpf_and_ground_truth() {
     require_root();
     let dir = scratch("perf");
     let out_json = dir.join("cpu.json");
+    let steal_before = steal_ns();
     let out = run_with_timeout(
         trace_cmd(&dir)
             .arg("--")
@@ -32,19 +33,27 @@ fn perf_counters_agree_with_ebpf_and_ground_truth() {
     let info = &ep.meta["perf"];
     assert_eq!(info["events"]["task-clock"], "counting", "{info}");
     // Threads started after the counters were opened are inherited.
+    let steal = steal_ns() - steal_before;
+    // task-clock runs on the perf clock, which keeps counting while the
+    // hypervisor steals the CPU; the scheduler's runtime (the process CPU
+    // clock, eBPF) does not (CONFIG_PARAVIRT_TIME_ACCOUNTING). So perf may
+    // be above by up to the machine's steal time during the run, on top of
+    // the 2% tolerance (seen: +4.4% with another VM busy on this host).
     let perf_cpu = ep.sum("perf", "cpu_ns") as f64;
-    assert_close(
-        "perf cpu_ns vs ground truth",
-        perf_cpu,
-        truth["process_cpu_ns"].as_f64().unwrap(),
-        0.02,
-    );
-    assert_close(
-        "perf cpu_ns vs ebpf",
-        perf_cpu,
-        ep.sum("ebpf", "cpu_ns") as f64,
-        0.02,
-    );
+    for (what, other) in [
+        ("perf cpu_ns vs ground truth", truth["process_cpu_ns"].as_f64().unwrap()),
+        ("perf cpu_ns vs ebpf", ep.sum("ebpf", "cpu_ns") as f64),
+    ] {
+        let (lo, hi) = (other * 0.98, other * 1.02 + steal as f64);
+        eprintln!(
+            "{what}: {perf_cpu} vs {other} ({:+.3}%; steal during the run {steal} ns)",
+            (perf_cpu - other) / other * 100.0
+        );
+        assert!(
+            perf_cpu >= lo && perf_cpu <= hi,
+            "{what}: {perf_cpu} not in [{lo}, {hi}] (2%, plus {steal} ns of steal above)"
+        );
+    }
     let (p, e) = (
         ep.sum("perf", "ctx_switches") as f64,
         ep.sum("ebpf", "ctx_switches") as f64,
