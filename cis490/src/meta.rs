@@ -125,6 +125,21 @@ pub struct Meta {
     pub control_socket: Option<String>,
     /// Lines written to labels.jsonl.
     pub labels: u64,
+    /// Steal time of the whole machine from the start to the end, ns (the
+    /// `steal` column of `/proc/stat`): time the hypervisor ran something
+    /// else while this machine's CPUs wanted to run. perf's `task-clock`
+    /// counts it, the scheduler's runtime does not, so `cis490 check`
+    /// allows perf's `cpu_ns` that much more. `null` where not readable.
+    pub host_steal_ns: Option<u64>,
+}
+
+/// The machine's steal time so far, ns (`/proc/stat`, all CPUs).
+pub fn machine_steal_ns() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: u64 = stat.lines().next()?.split_whitespace().nth(8)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks.saturating_mul(1_000_000_000) / hz as u64)
 }
 
 /// What the tracer itself used.

@@ -133,6 +133,7 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
         qmp: None,
         control_socket: cfg.control.as_ref().map(|p| p.display().to_string()),
         labels: 0,
+        host_steal_ns: None,
     };
     episode.write_meta(&meta)?;
     log::info!("episode {} -> {}", episode.id(), episode.path().display());
@@ -576,7 +577,13 @@ async fn trace(
     let mut records = RecordStream::new(&mut probes)?;
     target.check_same_process()?;
 
-    let ebpf = EbpfSource::new(&mut probes, &plan, pid)?;
+    let mut ebpf = EbpfSource::new(&mut probes, &plan, pid)?;
+    if let Some(why) = ebpf.check_visible(pid) {
+        log::warn!("{why}");
+        if let Some(f) = meta.families.iter_mut().find(|f| f.family == "sched") {
+            f.note = Some(why);
+        }
+    }
     let proc = if cfg.sources.contains(&SourceKind::Proc) {
         Some(ProcSource::new(pid)?)
     } else {
@@ -601,6 +608,7 @@ async fn trace(
 
     let start = ClockPair::now();
     let mut clock = BucketClock::new(start, cfg.interval.as_nanos() as u64);
+    let steal_at_start = crate::meta::machine_steal_ns();
     meta.start = Some(Clock {
         t_mono_ns: start.mono_ns,
         t_wall_ns: start.wall_ns,
@@ -809,6 +817,9 @@ async fn trace(
     });
     meta.end_reason = Some(reason);
     meta.tracer = Some(crate::meta::TracerUsage::now());
+    meta.host_steal_ns = steal_at_start
+        .zip(crate::meta::machine_steal_ns())
+        .map(|(a, b)| b.saturating_sub(a));
     meta.skipped_boundaries = clock.skipped();
     meta.ebpf.events = totals.events;
     meta.ebpf.dropped_events = totals.dropped;

@@ -208,7 +208,7 @@ fn nothing_left_after_a_normal_exit() {
             && let Some((id, _)) = bpf::objects()
                 .maps
                 .into_iter()
-                .find(|(id, name)| name == "THREADS" && seen.held.maps.contains(id))
+                .find(|(id, name)| name == "TARGET_GONE" && seen.held.maps.contains(id))
         {
             let st = Command::new("mount")
                 .args(["-t", "bpf", "bpf"])
@@ -217,7 +217,7 @@ fn nothing_left_after_a_normal_exit() {
                 .unwrap();
             assert!(st.success(), "mount bpffs");
             let map = aya::maps::MapData::from_id(id).unwrap();
-            map.pin(bpffs.join("threads")).unwrap();
+            map.pin(bpffs.join("target_gone")).unwrap();
             pinned = Some(id);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -230,8 +230,8 @@ fn nothing_left_after_a_normal_exit() {
         "no perf counters held: {:?}",
         seen.held
     );
-    let id = pinned.expect("the tracer's THREADS map was never seen");
-    let expected = format!("map {id} (THREADS)");
+    let id = pinned.expect("the tracer's TARGET_GONE map was never seen");
+    let expected = format!("map {id} (TARGET_GONE)");
     let t0 = Instant::now();
     loop {
         let (left, orphans) = (bpf::still_loaded(&seen.held), bpf::orphans_since(&before));
@@ -244,7 +244,7 @@ fn nothing_left_after_a_normal_exit() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    fs::remove_file(bpffs.join("threads")).unwrap();
+    fs::remove_file(bpffs.join("target_gone")).unwrap();
     // SAFETY: umount2 with a NUL-terminated path.
     let c = std::ffi::CString::new(bpffs.to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::umount2(c.as_ptr(), 0) }, 0);

@@ -154,6 +154,11 @@ impl EbpfSource {
         self.sched.totals()
     }
 
+    /// See [`sched::SchedReader::check_visible`].
+    pub fn check_visible(&mut self, pid: i32) -> Option<String> {
+        self.sched.check_visible(pid)
+    }
+
     /// Whether the target's pid went to a new process while tracing (not
     /// traced: the probes ignore it from its fork on).
     pub fn target_pid_reused(&self) -> bool {

@@ -54,6 +54,9 @@ pub struct SchedReader {
     prev: Option<Totals>,
     /// Set by the probes when the target's pid went to a new process.
     gone: Array<MapData, u32>,
+    /// Why the task iterator cannot see the target's live threads, when it
+    /// cannot: their counters are then unknown, and so `null`.
+    blind: Option<String>,
 }
 
 impl SchedReader {
@@ -69,7 +72,32 @@ impl SchedReader {
             run_delay,
             prev: None,
             gone: take(probes, "TARGET_GONE")?,
+            blind: None,
         })
+    }
+
+    /// Checks that the task iterator sees the target's threads: a live
+    /// process has at least one. Some kernels hide a process from task
+    /// iterators (here: the sandbox's pid 1, which no `iter/task` run
+    /// visits, filtered or not); then the live threads' counters cannot be
+    /// read and the fields that need them are `null` from the first row.
+    /// Returns the reason when blind.
+    pub fn check_visible(&mut self, pid: i32) -> Option<String> {
+        let threads = task_iter::run(self.iter_link.as_fd())
+            .ok()
+            .and_then(|()| self.live.get(&0, 0).ok())
+            .map(|l| l.threads + l.dying);
+        let in_proc = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if threads == Some(0) && in_proc > 0 {
+            self.blind = Some(format!(
+                "the kernel's task iterator shows none of pid {pid}'s {in_proc} threads: \
+                 cpu_ns, context switches, migrations, runq_delay_ns and threads are null \
+                 (wakeups and single run-queue delays still come from events)"
+            ));
+        }
+        self.blind.clone()
     }
 
     /// Whether a new process got the target's pid (after the target ended)
@@ -145,14 +173,16 @@ impl SchedReader {
         let cur = cur.at_least(&prev);
         let (p, c) = (&prev.stats, &cur.stats);
         let d = |a: u64, b: u64| Some(a.saturating_sub(b));
-        m.cpu_ns = d(cur.cpu_ns, prev.cpu_ns);
-        m.ctx_switches_voluntary = d(cur.nvcsw, prev.nvcsw);
-        m.ctx_switches_involuntary = d(cur.nivcsw, prev.nivcsw);
-        m.set_ctx_total();
-        m.runq_delay_ns = d(cur.runq_delay_ns, prev.runq_delay_ns);
-        m.threads = Some(cur.threads);
+        if self.blind.is_none() {
+            m.cpu_ns = d(cur.cpu_ns, prev.cpu_ns);
+            m.ctx_switches_voluntary = d(cur.nvcsw, prev.nvcsw);
+            m.ctx_switches_involuntary = d(cur.nivcsw, prev.nivcsw);
+            m.set_ctx_total();
+            m.runq_delay_ns = d(cur.runq_delay_ns, prev.runq_delay_ns);
+            m.threads = Some(cur.threads);
+            m.migrations = d(cur.migrations, prev.migrations);
+        }
         m.wakeups = d(c.wakeups, p.wakeups);
-        m.migrations = d(cur.migrations, prev.migrations);
         // No delay measured in the bucket: the maximum is 0, not unknown.
         m.runq_delay_max_ns = Some(max.unwrap_or(0));
         m.runq_delay_hist_log2 = Some(hist_delta(&c.runq_hist, &p.runq_hist));
