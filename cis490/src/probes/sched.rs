@@ -219,7 +219,7 @@ fn attach_iter(a: &mut Attacher<'_>, tgid: u32) -> Result<()> {
                 .ok()?;
             let fd = prog.fd().ok()?.as_fd();
             Some(
-                task_iter::link(fd, if std::env::var_os("CIS490_NOFILTER").is_some() { None } else { Some(tgid) })
+                task_iter::link(fd, Some(tgid))
                     .or_else(|_| task_iter::link(fd, None))
                     .map_err(|e| format!("cannot create the task iterator's link: {e}")),
             )
