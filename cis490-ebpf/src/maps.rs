@@ -111,7 +111,16 @@ pub fn epoch() -> u64 {
 /// Counts a latency sample in a log2 histogram (atomically).
 #[inline(always)]
 pub fn add_to_hist(hist: *mut [u64; HIST_BUCKETS], v: u64) {
-    let b = log2_bucket(v);
+    let mut b = log2_bucket(v);
+    // LLVM knows `b` is at most 63 and would drop the check below, leaving
+    // the verifier to bound the index from `log2_bucket`'s arithmetic. Older
+    // verifiers cannot: they track bounds through `|` only with a constant
+    // operand (Linux 6.1 rejects the program: "math between map_value
+    // pointer and register with unbounded min value"). The empty asm hides
+    // the bound from LLVM, so the check stays and bounds the index on every
+    // kernel.
+    // SAFETY: an empty asm block that only "modifies" `b`.
+    unsafe { core::arch::asm!("/* {0} */", inout(reg) b, options(nomem, nostack, preserves_flags)) };
     if b < HIST_BUCKETS {
         // SAFETY: `hist` points into a map value; `b` is in bounds.
         add(unsafe { &raw mut (*hist)[b] }, 1);
