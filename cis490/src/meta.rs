@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::{
     probes::{FamilyStatus, KernelFacts, ProbeStatus},
     row::SourceKind,
-    target::{ExitStatus, TargetInfo},
+    target::{ExitStatus, ExitUsage, TargetInfo},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -104,6 +104,8 @@ pub struct Meta {
     pub end: Option<Clock>,
     pub end_reason: Option<EndReason>,
     pub target_exit: Option<ExitStatus>,
+    /// A spawned command's usage at its exit, as the kernel totals it.
+    pub target_rusage: Option<ExitUsage>,
     pub sources: Vec<SourceMeta>,
     pub kernel: Option<KernelFacts>,
     pub probes: Vec<ProbeStatus>,

@@ -356,6 +356,43 @@ impl Target {
         })
     }
 
+    /// The kernel's totals for a spawned child that has exited, without
+    /// reaping it: `waitid(WNOWAIT)` with a `struct rusage` (the glibc
+    /// wrapper has no such argument), which is `getrusage` of the whole
+    /// process, every thread included. Ground truth that ends where the
+    /// process ends, unlike anything the process can measure itself.
+    pub fn exit_usage(&self) -> Option<ExitUsage> {
+        self.spawned.as_ref()?;
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: the raw waitid(2) syscall on our own child's pidfd, with a
+        // valid siginfo and rusage to fill.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_waitid,
+                libc::P_PIDFD,
+                self.pidfd.as_raw_fd() as libc::c_long,
+                &mut info as *mut libc::siginfo_t,
+                (libc::WEXITED | libc::WNOWAIT | libc::WNOHANG) as libc::c_long,
+                &mut ru as *mut libc::rusage,
+            )
+        };
+        // SAFETY: si_pid is valid for SIGCHLD-style siginfo.
+        if rc != 0 || unsafe { info.si_pid() } == 0 {
+            return None;
+        }
+        let ns = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1000;
+        Some(ExitUsage {
+            cpu_ns: ns(ru.ru_utime) + ns(ru.ru_stime),
+            utime_ns: ns(ru.ru_utime),
+            stime_ns: ns(ru.ru_stime),
+            nvcsw: ru.ru_nvcsw as u64,
+            nivcsw: ru.ru_nivcsw as u64,
+            minflt: ru.ru_minflt as u64,
+            majflt: ru.ru_majflt as u64,
+        })
+    }
+
     /// Sends `sig` to the process (spawned children only).
     pub fn signal(&self, sig: libc::c_int) -> io::Result<()> {
         pidfd_send_signal(&self.pidfd, sig)
@@ -458,6 +495,24 @@ impl Drop for Target {
         }
         self.reap();
     }
+}
+
+/// A spawned command's resource usage at its exit, as the kernel totals it
+/// for the whole process (`wait4`'s rusage: every thread, µs resolution).
+/// A thread's counts are folded into the process's total as it exits, just
+/// before its final switch-out, which is therefore not in them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ExitUsage {
+    /// `utime_ns + stime_ns`: the threads' total runtime.
+    pub cpu_ns: u64,
+    pub utime_ns: u64,
+    pub stime_ns: u64,
+    /// Voluntary context switches.
+    pub nvcsw: u64,
+    /// Involuntary context switches.
+    pub nivcsw: u64,
+    pub minflt: u64,
+    pub majflt: u64,
 }
 
 /// How a spawned command ended.

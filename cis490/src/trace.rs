@@ -118,6 +118,7 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
         end: None,
         end_reason: None,
         target_exit: None,
+        target_rusage: None,
         sources: Vec::new(),
         kernel: Some(facts.clone()),
         probes: Vec::new(),
@@ -791,6 +792,7 @@ async fn trace(
     match reason {
         EndReason::TargetExited => {
             meta.target_exit = target.exit_status();
+            meta.target_rusage = target.exit_usage();
             out.event(
                 end,
                 Some(last.seq),
