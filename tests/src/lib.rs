@@ -48,6 +48,36 @@ pub fn require_root() {
     );
 }
 
+/// Whether the running kernel has the BTF-enabled tracepoint `name` (a
+/// `btf_trace_<name>` type in `/sys/kernel/btf/vmlinux`): what cis490
+/// itself checks before it picks a probe path. Tests of a path this kernel
+/// lacks check the fallback instead (block_io_* came in Linux 6.5,
+/// sock_*_length in 6.3).
+pub fn kernel_has_tracepoint(name: &str) -> bool {
+    let btf = fs::read("/sys/kernel/btf/vmlinux").expect("/sys/kernel/btf/vmlinux");
+    let want = format!("btf_trace_{name}");
+    // Type names live NUL-separated in the BTF string section.
+    btf.split(|&b| b == 0).any(|s| s == want.as_bytes())
+}
+
+/// Whether these tests run in a VM under software emulation (QEMU TCG),
+/// as `cargo xtask integration-test vm` says through `CIS490_VM_ACCEL`
+/// when no KVM is available. Checks that depend on the tracer being
+/// scheduled within microseconds are skipped there, saying so.
+pub fn software_emulated() -> bool {
+    std::env::var("CIS490_VM_ACCEL").is_ok_and(|a| a == "tcg")
+}
+
+/// The `families` entry of meta.json for `family`.
+pub fn family<'a>(ep: &'a Episode, family: &str) -> &'a Value {
+    ep.meta["families"]
+        .as_array()
+        .expect("meta.families")
+        .iter()
+        .find(|f| f["family"] == family)
+        .unwrap_or_else(|| panic!("no {family} family in meta.json"))
+}
+
 /// A scratch directory for one test (data dir, workload reports).
 pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cis490-test-{name}-{}", std::process::id()));
@@ -358,6 +388,57 @@ pub fn steal_ns() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     ticks * 1_000_000_000 / hz
+}
+
+/// A process's totals at its exit, as the kernel keeps them (`wait4`'s
+/// rusage: every thread, each folded in as it exits).
+#[derive(Debug, Clone, Copy)]
+pub struct ExitUsage {
+    pub cpu_ns: u64,
+    pub nvcsw: u64,
+    pub nivcsw: u64,
+}
+
+impl ExitUsage {
+    /// From meta.json's `target_rusage` (a spawned command's totals, read by
+    /// the tracer before it reaps the command).
+    pub fn from_meta(ep: &Episode) -> ExitUsage {
+        let ru = &ep.meta["target_rusage"];
+        let get = |k: &str| {
+            ru[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("meta.json target_rusage.{k}: {ru}"))
+        };
+        ExitUsage {
+            cpu_ns: get("cpu_ns"),
+            nvcsw: get("nvcsw"),
+            nivcsw: get("nivcsw"),
+        }
+    }
+}
+
+/// Reaps an exited (or exiting) child with `wait4` and returns its totals:
+/// ground truth that, unlike anything the process measures itself, includes
+/// its last instructions and its exit. Natively that tail is well under a
+/// millisecond; under software emulation in a VM it can be tens of ms.
+pub fn wait_rusage(child: &mut Child) -> ExitUsage {
+    let mut status = 0;
+    // SAFETY: all-zero is a valid rusage; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child with valid out-pointers.
+    let rc = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert_eq!(
+        rc,
+        child.id() as i32,
+        "wait4: {}",
+        std::io::Error::last_os_error()
+    );
+    let ns = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1000;
+    ExitUsage {
+        cpu_ns: ns(ru.ru_utime) + ns(ru.ru_stime),
+        nvcsw: ru.ru_nvcsw as u64,
+        nivcsw: ru.ru_nivcsw as u64,
+    }
 }
 
 /// Sends a signal to a process.

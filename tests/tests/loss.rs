@@ -82,7 +82,15 @@ fn ring_buffer_overflow_is_counted_and_rows_stay_exact() {
         ebpf_cpu + 1_000_000 >= cpu,
         "ebpf cpu {ebpf_cpu} < process clock {cpu}"
     );
-    assert!(tail_per_thread < 20_000.0, "ebpf cpu {ebpf_cpu} vs {cpu}");
+    // The tail is CPU time of the exit path, so it scales with the CPU's
+    // speed like the threads' own work: bounded relative to each thread's
+    // mean CPU (natively ~3-4 us of ~60 us, ~6%; under software emulation
+    // ~90 us of ~4 ms). A thread counted twice would be 100%.
+    let per_thread = cpu as f64 / count as f64;
+    assert!(
+        tail_per_thread < 0.25 * per_thread,
+        "ebpf cpu {ebpf_cpu} vs {cpu}: {tail_per_thread:.0} ns more per thread of {per_thread:.0} ns"
+    );
     assert_eq!(ep.rows("ebpf").last().unwrap()["threads"], 0);
     // The frozen tracer woke up late: one long bucket, counted in meta.
     assert!(ep.meta["skipped_boundaries"].as_u64().unwrap() > 0);

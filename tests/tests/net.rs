@@ -165,6 +165,8 @@ fn socket_traffic_is_counted_in_the_target() {
         .spawn()
         .unwrap();
     wait_for_file(&out.with_extension("json.ready"), T);
+    let sockets =
+        kernel_has_tracepoint("sock_send_length") && kernel_has_tracepoint("sock_recv_length");
     let ready: Value = report(&out.with_extension("json.ready"));
     let port = ready["port"].as_u64().unwrap();
     let st = Command::new("bash")
@@ -177,6 +179,23 @@ fn socket_traffic_is_counted_in_the_target() {
     assert!(st.success());
     let ep = Episode::from_output(&wait_output(trace, T));
     assert_eq!(report(&out)["bytes"].as_u64(), Some(bytes));
+    if !sockets {
+        // Before Linux 6.3: the socket vantage is off, with its note; no
+        // `sockets` entry (unmeasured, not 0); the tap vantage still works.
+        eprintln!("this kernel has no sock_send_length/sock_recv_length: checking the fallback");
+        let net = family(&ep, "net");
+        assert_eq!(net["path"], "taps", "{net}");
+        assert!(
+            net["note"].as_str().unwrap().contains("sock_send_length"),
+            "{net}"
+        );
+        assert!(
+            ep.rows("ebpf")
+                .iter()
+                .all(|r| r["net_by_if"].get("sockets").is_none()),
+        );
+        return;
+    }
     assert_eq!(by_if(&ep, "ebpf", "sockets", "rx_bytes"), bytes);
     assert!(by_if(&ep, "ebpf", "sockets", "rx_packets") >= 1);
     assert_eq!(ep.sum("ebpf", "net_rx_bytes"), bytes);

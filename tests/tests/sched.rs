@@ -45,14 +45,31 @@ fn cpu_time_matches_ground_truth_and_oracle() {
     assert_eq!(ep.meta["status"], "complete");
     assert_eq!(ep.meta["end_reason"], "target_exited");
 
-    // The workload measures itself until just before it writes its report;
-    // what follows (JSON, exit) is well under a millisecond.
+    // Ground truth, twice. The workload measures itself until just before
+    // it writes its report; the kernel's totals for the whole process at its
+    // exit (meta.json `target_rusage`) also hold what follows (JSON, exit):
+    // well under a millisecond natively, tens of ms under software emulation
+    // in a VM. eBPF covers the first and must match the second.
     let process_cpu = truth["process_cpu_ns"].as_f64().unwrap();
+    let exit = ExitUsage::from_meta(&ep);
     let burn = truth["burn_cpu_ns"].as_f64().unwrap();
     assert!(burn > 1.5e9, "the workload burned {burn} ns");
     let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
     let proc = ep.sum("proc", "cpu_ns") as f64;
-    assert_close("ebpf cpu_ns vs ground truth", ebpf, process_cpu, 0.02);
+    assert_close(
+        "ebpf cpu_ns vs ground truth (the process's total at exit)",
+        ebpf,
+        exit.cpu_ns as f64,
+        0.02,
+    );
+    assert!(
+        ebpf >= process_cpu * 0.98,
+        "ebpf cpu_ns {ebpf} < the workload's own clock {process_cpu} - 2%"
+    );
+    eprintln!(
+        "ebpf cpu_ns vs the workload's own clock before its report: {ebpf} vs {process_cpu} ({:+.3}%)",
+        (ebpf - process_cpu) / process_cpu * 100.0
+    );
     assert_close("ebpf cpu_ns vs /proc oracle", ebpf, proc, 0.02);
     // Threads: main + 2 burners at the peak, in both sources.
     assert_eq!(
@@ -63,42 +80,105 @@ fn cpu_time_matches_ground_truth_and_oracle() {
         ep.max("proc", "threads"),
         truth["max_threads_alive"].as_u64().unwrap()
     );
-    // Context switches: the kernel's own counts (getrusage), and the oracle.
-    // The burners linger 250 ms before exiting so the oracle (which keeps an
-    // exited thread's last-seen counts) sees them whole; the tracer also sees
-    // each thread's final switch-out at exit (+1 voluntary per thread).
+    // Context switches: the kernel's own counts for the whole process at its
+    // exit, the workload's getrusage before its report (a lower bound: its
+    // exit is still to come), and the oracle. The burners linger 250 ms
+    // before exiting so the oracle (which keeps an exited thread's last-seen
+    // counts) sees them nearly whole; the tracer also sees each thread's
+    // final switch-out at exit (+1 voluntary per thread), after the thread
+    // was folded into the process's totals.
+    //
+    // What a thread does after the oracle's last poll (its wake-up from the
+    // linger, its exit) only the tracer sees: natively a few µs, under
+    // software emulation ms of waiting for a CPU, a preemption or a
+    // migration. So the per-thread counters are compared with the oracle
+    // where it sees every thread, the buckets before the first of the
+    // workload's threads exits; over the whole episode the tracer sees at
+    // least what the oracle saw.
+    let tids: Vec<&serde_json::Value> = truth["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["tid"])
+        .collect();
+    let first_exit = ep
+        .events_named("thread_exited")
+        .filter(|e| tids.contains(&&e["tid"]))
+        .map(|e| e["seq"].as_u64().unwrap() as usize)
+        .min()
+        .expect("no thread_exited event for the burners");
+    let seen = |source: &str, field: &str| -> u64 {
+        ep.rows(source)[..first_exit]
+            .iter()
+            .map(|r| r[field].as_u64().unwrap())
+            .sum()
+    };
     let rusage = &truth["rusage_self"];
-    for (field, key) in [
-        ("ctx_switches_involuntary", "nivcsw"),
-        ("ctx_switches_voluntary", "nvcsw"),
+    for (field, key, x) in [
+        ("ctx_switches_involuntary", "nivcsw", exit.nivcsw),
+        ("ctx_switches_voluntary", "nvcsw", exit.nvcsw),
     ] {
         let (e, p, r) = (
             ep.sum("ebpf", field),
             ep.sum("proc", field),
             rusage[key].as_u64().unwrap(),
         );
-        assert!(e >= r && e <= r + 5, "{field}: ebpf {e} vs getrusage {r}");
-        assert!(e.abs_diff(p) <= 5, "{field}: ebpf {e} vs /proc {p}");
+        eprintln!("{field}: ebpf {e}, at exit {x}, getrusage before the report {r}, /proc {p}");
+        assert!(
+            e >= x && e <= x + 5,
+            "{field}: ebpf {e} vs the process's total at exit {x}"
+        );
+        assert!(e >= r, "{field}: ebpf {e} vs getrusage {r}");
+        let (es, ps) = (seen("ebpf", field), seen("proc", field));
+        assert!(
+            es.abs_diff(ps) <= 5,
+            "{field} before the first thread exit: ebpf {es} vs /proc {ps}"
+        );
+        assert!(e + 5 >= p, "{field}: ebpf {e} vs /proc {p}");
     }
     assert!(ep.sum("ebpf", "ctx_switches_involuntary") > 0);
     // Run-queue delay and migrations: the same kernel counters as /proc.
     assert_close(
-        "runq_delay_ns ebpf vs /proc",
-        ep.sum("ebpf", "runq_delay_ns") as f64,
-        ep.sum("proc", "runq_delay_ns") as f64,
+        "runq_delay_ns ebpf vs /proc before the first thread exit",
+        seen("ebpf", "runq_delay_ns") as f64,
+        seen("proc", "runq_delay_ns") as f64,
         0.02,
     );
-    assert!(
-        ep.sum("ebpf", "migrations")
-            .abs_diff(ep.sum("proc", "migrations"))
-            <= 1
+    let (e, p) = (
+        ep.sum("ebpf", "runq_delay_ns") as f64,
+        ep.sum("proc", "runq_delay_ns") as f64,
     );
+    eprintln!(
+        "runq_delay_ns ebpf vs /proc, whole episode: {e} vs {p} ({:+.3}%)",
+        (e - p) / p * 100.0
+    );
+    assert!(e >= p * 0.98, "runq_delay_ns: ebpf {e} vs /proc {p}");
+    let (es, ps) = (seen("ebpf", "migrations"), seen("proc", "migrations"));
+    assert!(
+        es.abs_diff(ps) <= 1,
+        "migrations before the first thread exit: ebpf {es} vs /proc {ps}"
+    );
+    let (e, p) = (ep.sum("ebpf", "migrations"), ep.sum("proc", "migrations"));
+    assert!(e + 1 >= p, "migrations: ebpf {e} vs /proc {p}");
     // Nothing lost.
     assert_eq!(ep.sum("ebpf", "dropped_events"), 0);
     // Bucket by bucket: never more CPU than the machine has in the bucket
-    // (a slice counted both as running and as done would break this).
+    // (a slice counted both as running and as done would break this). The
+    // tracer reads its counters a moment after the bucket's clock pair; that
+    // moment is microseconds natively, but under software emulation the
+    // emulator's own scheduling stretches it to tens of ms now and then,
+    // which moves that much CPU across a boundary: not checked there.
     let cpus = std::thread::available_parallelism().unwrap().get() as u64;
-    for r in ep.rows("ebpf") {
+    let rows = if software_emulated() {
+        eprintln!(
+            "per-bucket CPU bound not checked: this VM runs under software emulation (the \
+             counters are read up to tens of ms after the bucket's end)"
+        );
+        &[][..]
+    } else {
+        ep.rows("ebpf")
+    };
+    for r in rows {
         let (cpu, iv) = (
             r["cpu_ns"].as_u64().unwrap(),
             r["interval_ns"].as_u64().unwrap(),
@@ -146,11 +226,18 @@ fn threads_started_after_attach_are_counted() {
     let ep = Episode::from_output(&out);
     let truth = report(&out_json);
     let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
+    // The process's total at exit; the workload's own clock before its
+    // report is a lower bound (see cpu_time_matches_ground_truth_and_oracle).
     assert_close(
-        "ebpf cpu_ns vs ground truth",
+        "ebpf cpu_ns vs ground truth (the process's total at exit)",
         ebpf,
-        truth["process_cpu_ns"].as_f64().unwrap(),
+        ExitUsage::from_meta(&ep).cpu_ns as f64,
         0.02,
+    );
+    let own = truth["process_cpu_ns"].as_f64().unwrap();
+    assert!(
+        ebpf >= own * 0.98,
+        "ebpf cpu_ns {ebpf} < the workload's own clock {own} - 2%"
     );
     assert_eq!(
         ep.max("ebpf", "threads"),
@@ -270,18 +357,26 @@ fn attach_to_a_running_process() {
     std::thread::sleep(Duration::from_millis(350));
     kill(pid, libc::SIGUSR1);
     let out = wait_output(trace, T);
-    wl.wait().unwrap();
+    let exit = wait_rusage(&mut wl);
     let ep = Episode::from_output(&out);
     let truth = report(&out_json);
     assert_eq!(ep.meta["target"]["mode"], "attach");
     assert_eq!(ep.meta["end_reason"], "target_exited");
-    let after =
-        truth["process_cpu_ns"].as_f64().unwrap() - truth["cpu_ns_before_signal"].as_f64().unwrap();
+    // Work after attach: from the workload's clock at the signal to the
+    // process's total at its exit (wait4); the workload's own clock before
+    // its report is a lower bound (see cpu_time_matches_ground_truth_and_oracle).
+    let before = truth["cpu_ns_before_signal"].as_f64().unwrap();
+    let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
     assert_close(
-        "ebpf cpu_ns vs work after attach",
-        ep.sum("ebpf", "cpu_ns") as f64,
-        after,
+        "ebpf cpu_ns vs work after attach (to the process's total at exit)",
+        ebpf,
+        exit.cpu_ns as f64 - before,
         0.02,
+    );
+    let own = truth["process_cpu_ns"].as_f64().unwrap() - before;
+    assert!(
+        ebpf >= own * 0.98,
+        "ebpf cpu_ns {ebpf} < the workload's own {own} - 2%"
     );
     assert_close(
         "ebpf cpu_ns vs /proc",
@@ -309,12 +404,15 @@ fn target_exit_mid_trace_completes_the_episode() {
             .arg(dir.join("exit.json")),
         T,
     );
+    // Well before --duration (tracer start-up included: about 1 s natively,
+    // several under software emulation).
     assert!(
-        t0.elapsed() < Duration::from_secs(10),
+        t0.elapsed() < Duration::from_secs(20),
         "took {:?}",
         t0.elapsed()
     );
     let ep = Episode::from_output(&out);
+    let truth = report(&dir.join("exit.json"));
     assert!(ep.is_done());
     assert_eq!(ep.meta["status"], "complete");
     assert_eq!(ep.meta["end_reason"], "target_exited");
@@ -323,10 +421,34 @@ fn target_exit_mid_trace_completes_the_episode() {
     assert_eq!(ep.events.last().unwrap()["event"], "finished");
     assert_eq!(ep.max("ebpf", "threads"), 4);
     assert_eq!(ep.rows("ebpf").last().unwrap()["threads"], 0);
-    // The sleepers woke every ms: 3 threads x ~400 wakeups.
-    assert!(ep.sum("ebpf", "wakeups") > 600);
-    let n = ep.rows("ebpf").len();
-    assert!((4..=10).contains(&n), "{n} rows for ~0.4 s at 100 ms");
+    // The sleepers woke every ms (3 threads x ~400 wakeups natively): every
+    // sleep they finished ended in a wakeup.
+    let sleeps = truth["sleeps"].as_u64().unwrap();
+    let wakeups = ep.sum("ebpf", "wakeups");
+    assert!(sleeps >= 100, "the sleepers finished only {sleeps} sleeps");
+    assert!(wakeups >= sleeps, "{wakeups} wakeups for {sleeps} sleeps");
+    // The rows cover the target's life (0.4 s and its start-up), and end
+    // with it: at most a bucket after the target_exited event.
+    let rows = ep.rows("ebpf");
+    let end = rows.last().unwrap()["t_mono_ns"].as_u64().unwrap();
+    let start = end
+        - rows
+            .iter()
+            .map(|r| r["interval_ns"].as_u64().unwrap())
+            .sum::<u64>();
+    let exited = ep.events_named("target_exited").next().unwrap()["t_mono_ns"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        exited - start >= 400_000_000,
+        "the target lived {} ns",
+        exited - start
+    );
+    assert!(
+        end >= exited && end - exited <= ep.meta["interval_ns"].as_u64().unwrap(),
+        "rows end {} ns after the target's exit",
+        end as i128 - exited as i128
+    );
 }
 
 /// --duration ends the trace and stops a spawned command that is still
@@ -340,7 +462,13 @@ fn duration_and_signals_end_the_trace_cleanly() {
         trace_cmd(&dir).args(["--duration", "0.5", "--", "sleep", "30"]),
         T,
     );
-    assert!(t0.elapsed() < Duration::from_secs(5));
+    // Ended by --duration, long before the command would have (tracer
+    // start-up included: about 1 s natively, several under emulation).
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t0.elapsed()
+    );
     let ep = Episode::from_output(&out);
     assert!(ep.is_done());
     assert_eq!(ep.meta["end_reason"], "duration");

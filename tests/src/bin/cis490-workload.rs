@@ -82,7 +82,9 @@ enum Command {
     ///
     /// Each thread (sleeper-0..) loops forever sleeping 1 ms. After --ms T (counted from just
     /// before the threads are started) the main thread writes {"kind":"exit-after", "pid",
-    /// "ms", "threads", "tids"} and calls exit(0) while the sleepers are still running.
+    /// "ms", "threads", "tids", "sleeps"} and calls exit(0) while the sleepers are still
+    /// running; "sleeps" counts the 1 ms sleeps the sleepers had finished by then (each
+    /// ended in a wakeup).
     ExitAfter(ExitAfterArgs),
 
     /// Write PATH.ready, wait for SIGUSR1, then do what `cpu` does.
@@ -1245,7 +1247,9 @@ fn cmd_exit_after(a: &ExitAfterArgs) -> Result<()> {
         /// Sleeper threads still running at exit.
         threads: u32,
         tids: Vec<i32>,
+        sleeps: usize,
     }
+    static SLEEPS: AtomicUsize = AtomicUsize::new(0);
     let start = Instant::now();
     let (tx, rx) = mpsc::channel();
     for i in 0..a.threads {
@@ -1257,6 +1261,7 @@ fn cmd_exit_after(a: &ExitAfterArgs) -> Result<()> {
                 drop(tx);
                 loop {
                     thread::sleep(Duration::from_millis(1));
+                    SLEEPS.fetch_add(1, Ordering::Relaxed);
                 }
             })
             .with_context(|| format!("cannot start thread sleeper-{i}"))?;
@@ -1270,6 +1275,7 @@ fn cmd_exit_after(a: &ExitAfterArgs) -> Result<()> {
         ms: a.ms,
         threads: a.threads,
         tids,
+        sleeps: SLEEPS.load(Ordering::Relaxed),
     };
     write_json_atomic(&a.out, &report)?;
     std::process::exit(0);
