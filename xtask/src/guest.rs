@@ -359,7 +359,7 @@ fn ensure_parts() -> Result<(Guest, KernelFiles)> {
 }
 
 /// Finds `qemu-system-x86_64`, installing Debian's `qemu-system-x86` if missing.
-fn ensure_qemu(apt: &mut Apt) -> Result<PathBuf> {
+pub(crate) fn ensure_qemu(apt: &mut Apt) -> Result<PathBuf> {
     const QEMU: &str = "qemu-system-x86_64";
     if let Some(p) = find_in_path(QEMU) {
         return Ok(p);
@@ -378,7 +378,7 @@ fn ensure_qemu(apt: &mut Apt) -> Result<PathBuf> {
         .with_context(|| format!("{QEMU} still missing after installing qemu-system-x86"))
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/bin")])
@@ -388,35 +388,39 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// What `kernel/manifest.json` records.
 #[derive(Debug)]
-struct KernelFiles {
+pub(crate) struct KernelFiles {
     /// `<cache>/kernel`, holding `vmlinuz-<version>` and `modules/<name>.ko`.
-    dir: PathBuf,
-    version: String,
+    pub dir: PathBuf,
+    pub version: String,
     /// Module names in load order (dependencies first).
-    order: Vec<String>,
+    pub order: Vec<String>,
     /// Modules that were compressed in the package.
-    compressed: Vec<String>,
+    pub compressed: Vec<String>,
 }
 
 impl KernelFiles {
-    fn module(&self, name: &str) -> PathBuf {
+    pub fn module(&self, name: &str) -> PathBuf {
         self.dir.join("modules").join(format!("{name}.ko"))
     }
 
-    fn manifest(&self) -> serde_json::Value {
+    pub fn vmlinuz(&self) -> PathBuf {
+        self.dir.join(format!("vmlinuz-{}", self.version))
+    }
+
+    fn manifest(&self, requested: &[&str]) -> serde_json::Value {
         serde_json::json!({
             "version": self.version,
-            "requested": MODULES,
+            "requested": requested,
             "order": self.order,
             "compressed": self.compressed,
         })
     }
 
-    /// The cached kernel, if complete and built for the current module list.
-    fn load(dir: &Path) -> Option<Self> {
+    /// The cached kernel, if complete and built for the module list `requested`.
+    pub fn load(dir: &Path, requested: &[&str]) -> Option<Self> {
         let text = fs::read(dir.join("manifest.json")).ok()?;
         let m: serde_json::Value = serde_json::from_slice(&text).ok()?;
-        if m["requested"] != serde_json::json!(MODULES) {
+        if m["requested"] != serde_json::json!(requested) {
             return None;
         }
         let strings = |v: &serde_json::Value| -> Option<Vec<String>> {
@@ -441,21 +445,35 @@ impl KernelFiles {
 /// `linux-image-6.1.0-*-amd64` package.
 fn ensure_kernel(cache: &Path, apt: &mut Apt) -> Result<KernelFiles> {
     let dir = cache.join("kernel");
-    if let Some(k) = KernelFiles::load(&dir) {
+    if let Some(k) = KernelFiles::load(&dir, MODULES) {
         return Ok(k);
     }
-    let package = kernel_package(apt)?;
-    let staging = cache.join("staging-kernel");
-    let deb = apt.download(&package, cache)?;
+    let package = meta_dependency(apt, "linux-image-amd64")?;
+    fetch_kernel(apt, &package, cache, &dir, MODULES)
+}
+
+/// Downloads kernel package `package` (with `apt-get download`, working in
+/// `work`) and extracts its image and the modules `modules` (with their
+/// dependencies) into `dir`.
+pub(crate) fn fetch_kernel(
+    apt: &mut Apt,
+    package: &str,
+    work: &Path,
+    dir: &Path,
+    modules: &[&str],
+) -> Result<KernelFiles> {
+    let staging = work.join("staging-kernel");
+    let deb = apt.download(package, work)?;
     unpack(&deb, &staging)?;
-    let files = extract_kernel(&staging, &dir);
+    let files = extract_kernel(&staging, dir, modules);
     let _ = fs::remove_dir_all(&staging);
-    Apt::clean_downloads(cache);
+    Apt::clean_downloads(work);
     files
 }
 
-/// The kernel package `linux-image-amd64` depends on (the newest one).
-fn kernel_package(apt: &mut Apt) -> Result<String> {
+/// The kernel package the meta-package `meta` depends on (for
+/// `linux-image-amd64`, the newest 6.1 kernel of Debian 12).
+pub(crate) fn meta_dependency(apt: &mut Apt, meta: &str) -> Result<String> {
     let find = |out: &str| {
         out.lines()
             .filter_map(|l| l.trim().strip_prefix("Depends:"))
@@ -463,19 +481,20 @@ fn kernel_package(apt: &mut Apt) -> Result<String> {
             .find(|p| p.starts_with("linux-image-") && p.ends_with("-amd64"))
             .map(str::to_owned)
     };
-    let query = || output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]));
+    let query = || output(Command::new("apt-cache").args(["depends", meta]));
     if let Ok(out) = query()
         && let Some(p) = find(&out)
     {
         return Ok(p);
     }
     apt.update()?;
-    find(&query()?).context("apt-cache names no kernel package that linux-image-amd64 depends on")
+    find(&query()?)
+        .with_context(|| format!("apt-cache names no kernel package that {meta} depends on"))
 }
 
 /// Copies the kernel image and our modules (decompressed, with their
 /// dependencies) from an unpacked kernel package into `dir`.
-fn extract_kernel(unpacked: &Path, dir: &Path) -> Result<KernelFiles> {
+fn extract_kernel(unpacked: &Path, dir: &Path, modules: &[&str]) -> Result<KernelFiles> {
     let vmlinuz = only_entry(&unpacked.join("boot"), "vmlinuz-")?;
     let version = vmlinuz.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_owned();
     let mod_root = unpacked.join("lib/modules").join(&version);
@@ -497,7 +516,7 @@ fn extract_kernel(unpacked: &Path, dir: &Path) -> Result<KernelFiles> {
         compressed: Vec::new(),
     };
     let mut visited = HashSet::new();
-    for &name in MODULES {
+    for &name in modules {
         if !index.contains_key(name) {
             let why = if is_builtin(name) {
                 "built into the kernel"
@@ -512,7 +531,7 @@ fn extract_kernel(unpacked: &Path, dir: &Path) -> Result<KernelFiles> {
     fs::copy(&vmlinuz, dir.join(format!("vmlinuz-{version}")))?;
     write_atomic(
         &dir.join("manifest.json"),
-        format!("{:#}\n", files.manifest()).as_bytes(),
+        format!("{:#}\n", files.manifest(modules)).as_bytes(),
     )?;
     eprintln!(
         "guest: kernel {version}: modules in load order: {}",
@@ -611,7 +630,7 @@ fn module_depends(elf: &[u8]) -> Result<Vec<String>> {
 }
 
 /// The static busybox, from the cache or from Debian's `busybox-static`.
-fn ensure_busybox(cache: &Path, apt: &mut Apt) -> Result<PathBuf> {
+pub(crate) fn ensure_busybox(cache: &Path, apt: &mut Apt) -> Result<PathBuf> {
     let target = cache.join("busybox/busybox");
     if target.is_file() {
         return Ok(target);
@@ -629,7 +648,7 @@ fn ensure_busybox(cache: &Path, apt: &mut Apt) -> Result<PathBuf> {
 }
 
 /// `dpkg-deb -x` into a fresh `dir`.
-fn unpack(deb: &Path, dir: &Path) -> Result<()> {
+pub(crate) fn unpack(deb: &Path, dir: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(dir);
     output(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir))?;
     Ok(())
@@ -699,7 +718,7 @@ fn initramfs(kernel: &KernelFiles, busybox: &Path) -> Result<Vec<u8>> {
 /// A writer of uncompressed `newc` cpio archives (what the kernel unpacks as
 /// an initramfs). Owner root, mtime 0, so the same inputs give the same bytes.
 #[derive(Default)]
-struct Cpio {
+pub(crate) struct Cpio {
     out: Vec<u8>,
     next_ino: u32,
 }
@@ -710,19 +729,19 @@ impl Cpio {
     const S_IFLNK: u32 = 0o120000;
     const S_IFCHR: u32 = 0o020000;
 
-    fn dir(&mut self, path: &str) {
+    pub fn dir(&mut self, path: &str) {
         self.entry(path, Self::S_IFDIR | 0o755, 2, (0, 0), b"");
     }
 
-    fn file(&mut self, path: &str, perm: u32, data: &[u8]) {
+    pub fn file(&mut self, path: &str, perm: u32, data: &[u8]) {
         self.entry(path, Self::S_IFREG | perm, 1, (0, 0), data);
     }
 
-    fn symlink(&mut self, path: &str, target: &str) {
+    pub fn symlink(&mut self, path: &str, target: &str) {
         self.entry(path, Self::S_IFLNK | 0o777, 1, (0, 0), target.as_bytes());
     }
 
-    fn char_dev(&mut self, path: &str, perm: u32, major: u32, minor: u32) {
+    pub fn char_dev(&mut self, path: &str, perm: u32, major: u32, minor: u32) {
         self.entry(path, Self::S_IFCHR | perm, 1, (major, minor), b"");
     }
 
@@ -760,14 +779,14 @@ impl Cpio {
         }
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, 1, (0, 0), b"");
         self.out
     }
 }
 
 /// 64-bit FNV-1a: a stable content hash for cache file names.
-fn fnv1a(data: &[u8]) -> u64 {
+pub(crate) fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
@@ -779,7 +798,7 @@ fn fnv1a(data: &[u8]) -> u64 {
 /// apt-get, with `apt-get update` run at most once per process and only when
 /// an operation fails without it.
 #[derive(Default)]
-struct Apt {
+pub(crate) struct Apt {
     updated: bool,
 }
 
@@ -799,7 +818,7 @@ impl Apt {
     }
 
     /// Runs `apt-get ARGS` (in `dir`), retrying once after `apt-get update`.
-    fn run(&mut self, args: &[&str], dir: Option<&Path>) -> Result<()> {
+    pub fn run(&mut self, args: &[&str], dir: Option<&Path>) -> Result<()> {
         let attempt = || {
             let mut cmd = Self::command();
             // As root, apt drops to the `_apt` user to download, which cannot
@@ -843,7 +862,7 @@ impl Apt {
 // Small helpers
 
 /// A command line as a shell would show it.
-fn display(cmd: &Command) -> String {
+pub(crate) fn display(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| {
@@ -859,7 +878,7 @@ fn display(cmd: &Command) -> String {
 }
 
 /// Runs `cmd` (printing it), failing with its command line and stderr.
-fn output_bytes(cmd: &mut Command) -> Result<Vec<u8>> {
+pub(crate) fn output_bytes(cmd: &mut Command) -> Result<Vec<u8>> {
     eprintln!("guest: running {}", display(cmd));
     let out = cmd
         .stdin(Stdio::null())
@@ -877,12 +896,12 @@ fn output_bytes(cmd: &mut Command) -> Result<Vec<u8>> {
 }
 
 /// [`output_bytes`] as text.
-fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&output_bytes(cmd)?).into_owned())
 }
 
 /// Writes `data` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     fs::write(&tmp, data).with_context(|| format!("cannot write {}", path.display()))?;

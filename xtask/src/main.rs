@@ -10,12 +10,16 @@
 //! - `fuzz`: run the fuzz targets for longer.
 //! - `bench`: setup, build, benchmark cis490 beside bpftrace and a /proc
 //!   poller; write the table into docs/benchmarks.md.
+//! - `integration-test local|vm`: the privileged tests on the host kernel,
+//!   or on Debian kernels booted in QEMU VMs.
 
 mod bench;
 mod demo;
 mod fuzz;
 mod guest;
+mod integration;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -80,6 +84,13 @@ enum Task {
         #[arg(long)]
         boot: bool,
     },
+    /// Run the privileged integration tests on the host kernel (`local`) or
+    /// on Debian kernels in QEMU VMs (`vm [KERNEL...]`), and report which
+    /// probe path each family took on each kernel.
+    IntegrationTest {
+        #[command(subcommand)]
+        target: integration::Target,
+    },
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -122,6 +133,7 @@ fn main() -> Result<()> {
         Task::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
         Task::Guest { boot } => guest::task(boot),
         Task::Bench(args) => bench_task(args),
+        Task::IntegrationTest { target } => integration::task(target),
     }
 }
 
@@ -183,7 +195,18 @@ fn print_programs(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn build_bins(release: bool) -> Result<PathBuf> {
+/// Fails with a message naming `what` unless running as root.
+pub fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "{what} loads eBPF programs and needs root (CAP_BPF, CAP_PERFMON): \
+             run `sudo -E cargo xtask {what}`"
+        );
+    }
+    Ok(())
+}
+
+pub fn build_bins(release: bool) -> Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args([
         "build",
