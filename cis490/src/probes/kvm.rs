@@ -146,6 +146,10 @@ fn kvm_modules() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The note of a family whose plan mounted tracefs (gone with the tracer).
+const MOUNTED_TRACEFS: &str =
+    "mounted tracefs at /sys/kernel/tracing in the tracer's own mount namespace";
+
 pub fn plan() -> Result<KvmFormat, String> {
     let (root, mounted_tracefs) = tracefs::ensure()?;
     let hw = read_format(&root, "kvm_exit").and_then(|f| {
@@ -174,7 +178,11 @@ pub fn plan() -> Result<KvmFormat, String> {
         })
     });
     if let (Err(a), Err(b)) = (&hw, &userspace) {
-        return Err(format!("{a}; {b}"));
+        let mut why = format!("{a}; {b}");
+        if mounted_tracefs {
+            why.push_str(&format!("; {MOUNTED_TRACEFS}"));
+        }
+        return Err(why);
     }
     Ok(KvmFormat {
         hw,
@@ -235,9 +243,7 @@ pub fn attach(a: &mut Attacher<'_>, plan: &Result<KvmFormat, String>) -> FamilyS
     };
     let mut notes: Vec<String> = [hw.err(), user.err()].into_iter().flatten().collect();
     if f.mounted_tracefs {
-        notes.push(
-            "mounted tracefs at /sys/kernel/tracing in the tracer's own mount namespace".into(),
-        );
+        notes.push(MOUNTED_TRACEFS.into());
     }
     FamilyStatus {
         family: FAMILY,
