@@ -635,8 +635,13 @@ async fn trace(
     out.flush()?;
 
     let pidfd = fdwatch::readable(target.pidfd().try_clone()?)?;
-    let mono_to_instant =
-        |mono: u64| Instant::now() + Duration::from_nanos(mono.saturating_sub(mono_now_ns()));
+    // The monotonic clock first, then the Instant: a preemption between the
+    // two reads (tens of ms under software emulation) makes a deadline
+    // late, never early (a label at +0.39 s for `@0.4` the other way round).
+    let mono_to_instant = |mono: u64| {
+        let left = Duration::from_nanos(mono.saturating_sub(mono_now_ns()));
+        Instant::now() + left
+    };
     let end_at = cfg
         .duration
         .map(|d| mono_to_instant(start.mono_ns + d.as_nanos() as u64));
