@@ -421,6 +421,7 @@ impl ExitUsage {
 /// ground truth that, unlike anything the process measures itself, includes
 /// its last instructions and its exit. Natively that tail is well under a
 /// millisecond; under software emulation in a VM it can be tens of ms.
+/// The child must have exited with status 0.
 pub fn wait_rusage(child: &mut Child) -> ExitUsage {
     let mut status = 0;
     // SAFETY: all-zero is a valid rusage; wait4 fills it.
@@ -433,12 +434,43 @@ pub fn wait_rusage(child: &mut Child) -> ExitUsage {
         "wait4: {}",
         std::io::Error::last_os_error()
     );
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child {} ended with wait status {status:#x}",
+        child.id()
+    );
     let ns = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1000;
     ExitUsage {
         cpu_ns: ns(ru.ru_utime) + ns(ru.ru_stime),
         nvcsw: ru.ru_nvcsw as u64,
         nivcsw: ru.ru_nivcsw as u64,
     }
+}
+
+/// A traced process's CPU time against ground truth: within `tol` of
+/// `exit_total` (from the process's totals at its exit: `wait4` or
+/// meta.json `target_rusage`, which hold its last instructions and its
+/// exit, as the tracer does), and at least `own` - `tol` (what the process
+/// measured itself before its report: a lower bound, its exit still to
+/// come; the gap is well under a millisecond natively, tens of ms under
+/// software emulation).
+#[track_caller]
+pub fn assert_cpu_vs_truth(what: &str, measured: f64, exit_total: f64, own: f64, tol: f64) {
+    assert_close(
+        &format!("{what} (to the process's total at exit)"),
+        measured,
+        exit_total,
+        tol,
+    );
+    assert!(
+        measured >= own * (1.0 - tol),
+        "{what}: {measured} < the process's own count {own} - {:.0}%",
+        tol * 100.0
+    );
+    eprintln!(
+        "{what} vs the process's own count: {measured} vs {own} ({:+.3}%)",
+        (measured - own) / own * 100.0
+    );
 }
 
 /// Sends a signal to a process.
@@ -493,9 +525,21 @@ pub fn check_episode(dir: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Fails unless `cis490 check EPISODE` passes.
+/// Fails unless `cis490 check EPISODE` passes. In a VM under software
+/// emulation ([`software_emulated`]) perf's task-clock and the scheduler's
+/// clock (eBPF, /proc) drift apart by up to a few % (seen: perf 2.2% below
+/// /proc, 1.1% below eBPF, with two tracers' programs in the target's
+/// switch path): a perf `cpu_ns` difference is tolerated there, and only
+/// there; eBPF's own CPU time is held to ground truth by each test.
 #[track_caller]
 pub fn assert_check_passes(dir: &Path) {
+    if software_emulated() {
+        let tolerated = assert_check_passes_but(dir, &[("cpu_ns", &["perf"])]);
+        if !tolerated.is_empty() {
+            eprintln!("cis490 check, tolerated under software emulation: {tolerated:?}");
+        }
+        return;
+    }
     let (ok, text) = check_episode(dir);
     assert!(ok, "cis490 check {} failed:\n{text}", dir.display());
 }

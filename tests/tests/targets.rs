@@ -87,7 +87,7 @@ fn a_reused_pid_is_not_traced() {
         kill(tracer, libc::SIGSTOP);
         kill(pid, libc::SIGUSR1);
         // Reaping A frees its pid.
-        assert!(a.wait().unwrap().success());
+        let a_exit = wait_rusage(&mut a);
         let b_json = dir.join(format!("b{attempt}.json"));
         let b = spawn_with_pid(
             pid,
@@ -112,12 +112,12 @@ fn a_reused_pid_is_not_traced() {
         let ep = Episode::from_output(&out);
         assert_eq!(ep.meta["end_reason"], "target_exited");
         let truth = report(&a_json);
-        let a_work = truth["process_cpu_ns"].as_f64().unwrap()
-            - truth["cpu_ns_before_signal"].as_f64().unwrap();
-        assert_close(
+        let before = truth["cpu_ns_before_signal"].as_f64().unwrap();
+        assert_cpu_vs_truth(
             "ebpf cpu_ns vs A's work (B must not count)",
             ep.sum("ebpf", "cpu_ns") as f64,
-            a_work,
+            a_exit.cpu_ns as f64 - before,
+            truth["process_cpu_ns"].as_f64().unwrap() - before,
             0.02,
         );
         for e in &ep.events {
@@ -196,9 +196,10 @@ exec "$0" exec --threads 3 --burn-ms 200 -- "$0" cpu --threads 2 --burn-ms 300 -
         .map(|r| r["cpu_ns"].as_u64().unwrap())
         .sum();
     assert!(after > 500_000_000, "only {after} ns of CPU after the exec");
-    assert_close(
+    assert_cpu_vs_truth(
         "ebpf cpu_ns vs the process CPU clock",
         ep.sum("ebpf", "cpu_ns") as f64,
+        ExitUsage::from_meta(&ep).cpu_ns as f64,
         truth["process_cpu_ns"].as_f64().unwrap(),
         0.02,
     );
@@ -223,7 +224,7 @@ exec "$0" exec --threads 3 --burn-ms 200 -- "$0" cpu --threads 2 --burn-ms 300 -
 
 /// 400 threads started and ended during the run (200 at once, 200 more
 /// 300 ms later, 5 ms of CPU each): cpu_ns within 2% of the process's
-/// clock, every start and exit in events.jsonl (or counted as dropped),
+/// total at exit (plus a stated allowance per exited thread), every start and exit in events.jsonl (or counted as dropped),
 /// no thread left at the end, no kernel map error.
 #[test]
 fn hundreds_of_threads_come_and_go() {
@@ -243,11 +244,27 @@ fn hundreds_of_threads_come_and_go() {
     );
     let ep = Episode::from_output(&out);
     let truth = report(&out_json);
-    assert_close(
-        "ebpf cpu_ns vs the process CPU clock",
-        ep.sum("ebpf", "cpu_ns") as f64,
-        truth["process_cpu_ns"].as_f64().unwrap(),
-        0.02,
+    // The kernel folds an exiting thread's CPU time into the process's
+    // before the thread's last moments (its final switch-out), which only
+    // the tracer sees: a few us per thread natively (see loss.rs), about
+    // 0.1-0.3 ms under software emulation, where 400 exits add up to ~3%.
+    // So: at least the process's total - 2%, at most its total + 2% + an
+    // allowance per exited thread (20 us natively, 1 ms under emulation;
+    // a thread counted twice would add its whole ~10 ms).
+    let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
+    let exit_total = ExitUsage::from_meta(&ep).cpu_ns as f64;
+    let own = truth["process_cpu_ns"].as_f64().unwrap();
+    let tail = if software_emulated() { 1e6 } else { 2e4 };
+    let most = exit_total * 1.02 + (2 * n) as f64 * tail;
+    assert!(
+        ebpf >= own * 0.98 && ebpf >= exit_total * 0.98 && ebpf <= most,
+        "ebpf cpu_ns {ebpf}: the process's total at exit {exit_total}, its own clock {own}, \
+         at most {most} with {tail} ns per exited thread"
+    );
+    eprintln!(
+        "ebpf cpu_ns vs the process's total at exit: {ebpf} vs {exit_total} ({:+.3}%, {:.0} ns per exited thread)",
+        (ebpf - exit_total) / exit_total * 100.0,
+        (ebpf - exit_total) / (2 * n) as f64
     );
     let started = ep.events_named("thread_started").count() as u64;
     let exited = ep.events_named("thread_exited").count() as u64;
@@ -263,9 +280,15 @@ fn hundreds_of_threads_come_and_go() {
     // The oracle cannot see threads born and dead between two polls, and
     // perf's counters lose each thread's final switch-out and count a new
     // thread's first placement differently: their per-thread switch and
-    // migration totals fall short here; perf's CPU time as above.
-    // Everything else must agree.
-    let tolerated = assert_check_passes_but(&ep.dir, KNOWN_DIFFERENCES);
+    // migration totals fall short here; perf's CPU time as above. Under
+    // software emulation /proc's process-wide CPU time misses the exiting
+    // threads' last moments as the process's total does (above), beyond
+    // the check's 2%. Everything else must agree.
+    let mut known = KNOWN_DIFFERENCES.to_vec();
+    if software_emulated() {
+        known.push(("cpu_ns", &["proc", "perf"]));
+    }
+    let tolerated = assert_check_passes_but(&ep.dir, &known);
     eprintln!("check: tolerated {tolerated:?}");
     eprintln!(
         "{started} starts, {exited} exits, {dropped} dropped; peak {} threads in a bucket",
@@ -330,14 +353,16 @@ fn a_live_process_with_a_zombie_main_thread_is_traced() {
     }
     assert_eq!(proc_state(pid), Some('Z'), "the main thread did not exit");
     let out = run_with_timeout(trace_cmd(&dir).args(["--target-pid", &pid.to_string()]), T);
-    assert!(wl.wait().unwrap().success());
+    let exit = wait_rusage(&mut wl);
     let ep = Episode::from_output(&out);
     let truth = report(&out_json);
     assert_eq!(ep.meta["end_reason"], "target_exited");
-    assert_close(
+    let before = truth["cpu_ns_before_burn"].as_f64().unwrap();
+    assert_cpu_vs_truth(
         "ebpf cpu_ns vs the survivor's burn",
         ep.sum("ebpf", "cpu_ns") as f64,
-        truth["process_cpu_ns"].as_f64().unwrap() - truth["cpu_ns_before_burn"].as_f64().unwrap(),
+        exit.cpu_ns as f64 - before,
+        truth["process_cpu_ns"].as_f64().unwrap() - before,
         0.02,
     );
     // The /proc oracle keeps a thread's last-seen counts: what the last
