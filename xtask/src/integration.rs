@@ -64,6 +64,11 @@ pub const VM_SKIPPED_BINARIES: &[(&str, &str)] = &[
          does not boot in reasonable time",
     ),
     (
+        "schema",
+        "validates an episode of a QEMU guest it boots (as `qemu` does) and one of /dev/kvm (as \
+         `kvm` does)",
+    ),
+    (
         "kvm",
         "needs /dev/kvm, which a VM under software emulation does not have (the kvm family's \
          fallback, off with its note, is in the VM's probe report)",
