@@ -6,7 +6,8 @@
 //!   prints its path and program sizes.
 //! - `demo`: setup, build, trace the bundled workload, print a summary.
 //! - `test`: setup, build, run every test (unit, a bounded run of every
-//!   fuzz target, then privileged).
+//!   fuzz target, privileged on the host kernel, then privileged in VMs
+//!   on Debian's 6.1 and 6.12 kernels unless `CIS490_SKIP_VM=1`).
 //! - `fuzz`: run the fuzz targets for longer.
 //! - `bench`: setup, build, benchmark cis490 beside bpftrace and a /proc
 //!   poller; write the table into docs/benchmarks.md.
@@ -53,7 +54,9 @@ enum Task {
         data_dir: PathBuf,
     },
     /// Set up, build, then run all tests: unit tests, a bounded run of
-    /// every fuzz target, then the privileged integration tests (need root).
+    /// every fuzz target, then the privileged integration tests (need root)
+    /// on the host kernel, then the same tests on the Debian kernels of
+    /// `integration-test vm` in QEMU VMs (skipped with CIS490_SKIP_VM=1).
     Test {
         /// Seconds each fuzz target runs (0: skip the fuzz run).
         #[arg(long, default_value_t = fuzz::TEST_SECS)]
@@ -294,5 +297,20 @@ fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {
             "--test-threads=1",
         ])
         .args(args);
-    run(&mut privileged)
+    run(&mut privileged)?;
+    // The same tests on other kernels, in VMs (about 10 minutes here).
+    if std::env::var(SKIP_VM_ENV).is_ok_and(|v| v == "1") {
+        eprintln!("test: {SKIP_VM_ENV}=1: the VM matrix (other kernels) skipped");
+        return Ok(());
+    }
+    integration::vm(
+        &[],
+        &vm::Options {
+            filters: args.to_vec(),
+            ..vm::Options::default()
+        },
+    )
 }
+
+/// Env var: `1` leaves the VM matrix out of `cargo xtask test`.
+pub const SKIP_VM_ENV: &str = "CIS490_SKIP_VM";
