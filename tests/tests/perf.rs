@@ -50,7 +50,12 @@ fn perf_counters_agree_with_ebpf_and_ground_truth() {
         ),
         ("perf cpu_ns vs ebpf", ep.sum("ebpf", "cpu_ns") as f64),
     ] {
-        let (lo, hi) = (other * 0.98, other * 1.02 + steal as f64);
+        // Under software emulation (a TCG VM) task-clock also ran above the
+        // scheduler's runtime, by up to 2.2% seen (the switch path, where
+        // the tracer's own programs run, is slow there, and the two clocks
+        // stop at different points of it): 3% more allowed there, above only.
+        let emulated = if software_emulated() { 0.03 } else { 0.0 };
+        let (lo, hi) = (other * 0.98, other * (1.02 + emulated) + steal as f64);
         eprintln!(
             "{what}: {perf_cpu} vs {other} ({:+.3}%; steal during the run {steal} ns)",
             (perf_cpu - other) / other * 100.0
