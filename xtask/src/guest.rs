@@ -474,22 +474,22 @@ pub(crate) fn fetch_kernel(
 /// The kernel package the meta-package `meta` depends on (for
 /// `linux-image-amd64`, the newest 6.1 kernel of Debian 12).
 pub(crate) fn meta_dependency(apt: &mut Apt, meta: &str) -> Result<String> {
-    let find = |out: &str| {
-        out.lines()
-            .filter_map(|l| l.trim().strip_prefix("Depends:"))
-            .map(str::trim)
-            .find(|p| p.starts_with("linux-image-") && p.ends_with("-amd64"))
-            .map(str::to_owned)
-    };
-    let query = || output(Command::new("apt-cache").args(["depends", meta]));
-    if let Ok(out) = query()
-        && let Some(p) = find(&out)
-    {
+    if let Some(p) = known_meta_dependency(meta) {
         return Ok(p);
     }
     apt.update()?;
-    find(&query()?)
+    known_meta_dependency(meta)
         .with_context(|| format!("apt-cache names no kernel package that {meta} depends on"))
+}
+
+/// [`meta_dependency`] from apt's package lists as they are (no update).
+pub(crate) fn known_meta_dependency(meta: &str) -> Option<String> {
+    let out = output(Command::new("apt-cache").args(["depends", meta])).ok()?;
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|p| p.starts_with("linux-image-") && p.ends_with("-amd64"))
+        .map(str::to_owned)
 }
 
 /// Copies the kernel image and our modules (decompressed, with their
@@ -809,7 +809,7 @@ impl Apt {
         cmd
     }
 
-    fn update(&mut self) -> Result<()> {
+    pub(crate) fn update(&mut self) -> Result<()> {
         if !self.updated {
             output(Self::command().arg("update"))?;
             self.updated = true;

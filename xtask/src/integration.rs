@@ -70,8 +70,9 @@ pub const VM_SKIPPED_BINARIES: &[(&str, &str)] = &[
     ),
     (
         "kvm",
-        "needs /dev/kvm, which a VM under software emulation does not have (the kvm family's \
-         fallback, off with its note, is in the VM's probe report)",
+        "needs a working /dev/kvm, which a VM under software emulation does not have (no \
+         VMX/SVM; the kvm module is loaded, so the kvm family's classic tracepoints still \
+         attach: see the VM's probe report)",
     ),
 ];
 

@@ -55,8 +55,10 @@ pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12"];
 /// Modules the VM loads (with their dependencies, from each module's
 /// `depends=`): virtio PCI and block for the scratch disk, ext4 for its
 /// filesystem (crc32c is only a soft dependency of ext4, so named), tun for
-/// the tap tests, and loop for the failing-disk test (an ext4 image mounted
-/// through a loop device).
+/// the tap tests, loop for the failing-disk test (an ext4 image mounted
+/// through a loop device), and kvm for its tracepoints (`kvm:kvm_exit`,
+/// `kvm:kvm_userspace_exit`, classic ones through tracefs: the kvm family
+/// attaches there, though without VMX/SVM under emulation no VM runs).
 const MODULES: &[&str] = &[
     "virtio",
     "virtio_ring",
@@ -68,6 +70,7 @@ const MODULES: &[&str] = &[
     "ext4",
     "tun",
     "loop",
+    "kvm",
 ];
 
 /// Host programs the tests run that busybox lacks or gets wrong: `ip netns`
@@ -318,12 +321,19 @@ fn resolve_package(apt: &mut Apt, spec: &str) -> Result<String> {
     let prefix = format!("linux-image-{spec}.");
     // Debian 12: linux-image-amd64 is the 6.1 series; newer series have
     // their own meta-package (linux-image-6.12-amd64).
-    for meta in [
+    // Apt's lists as they are first, then once more after `apt-get update`.
+    let metas = [
         format!("linux-image-{spec}-amd64"),
         "linux-image-amd64".into(),
-    ] {
-        if let Ok(p) = guest::meta_dependency(apt, &meta)
-            && p.starts_with(&prefix)
+    ];
+    for update in [false, true] {
+        if update {
+            apt.update()?;
+        }
+        if let Some(p) = metas
+            .iter()
+            .filter_map(|m| guest::known_meta_dependency(m))
+            .find(|p| p.starts_with(&prefix))
         {
             return Ok(p);
         }
