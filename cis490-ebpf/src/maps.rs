@@ -108,20 +108,29 @@ pub fn epoch() -> u64 {
     EPOCH.get(0).copied().unwrap_or(0)
 }
 
+/// The log2 histogram bucket of `v`, with a bounds check the verifier sees.
+///
+/// LLVM knows `log2_bucket` is at most 63 and would drop the check, leaving
+/// the verifier to bound the index from its arithmetic. Older verifiers
+/// cannot: they track bounds through `|` only with a constant operand
+/// (Linux 6.1 rejects the program: "math between map_value pointer and
+/// register with unbounded min value"). A volatile read of the index (one
+/// stack store and load) hides the bound from LLVM, so the check stays and
+/// bounds the index on every kernel. (An empty `asm!` did too, but its
+/// line info shares an instruction offset with the next line's, which
+/// 6.1's verifier refuses: "Invalid line_info".)
+#[inline(always)]
+fn hist_index(v: u64) -> Option<usize> {
+    let b = log2_bucket(v);
+    // SAFETY: a volatile read of a local, initialised and aligned.
+    let b = unsafe { core::ptr::read_volatile(&b) };
+    (b < HIST_BUCKETS).then_some(b)
+}
+
 /// Counts a latency sample in a log2 histogram (atomically).
 #[inline(always)]
 pub fn add_to_hist(hist: *mut [u64; HIST_BUCKETS], v: u64) {
-    let mut b = log2_bucket(v);
-    // LLVM knows `b` is at most 63 and would drop the check below, leaving
-    // the verifier to bound the index from `log2_bucket`'s arithmetic. Older
-    // verifiers cannot: they track bounds through `|` only with a constant
-    // operand (Linux 6.1 rejects the program: "math between map_value
-    // pointer and register with unbounded min value"). The empty asm hides
-    // the bound from LLVM, so the check stays and bounds the index on every
-    // kernel.
-    // SAFETY: an empty asm block that only "modifies" `b`.
-    unsafe { core::arch::asm!("/* {0} */", inout(reg) b, options(nomem, nostack, preserves_flags)) };
-    if b < HIST_BUCKETS {
+    if let Some(b) = hist_index(v) {
         // SAFETY: `hist` points into a map value; `b` is in bounds.
         add(unsafe { &raw mut (*hist)[b] }, 1);
     }
@@ -131,8 +140,7 @@ pub fn add_to_hist(hist: *mut [u64; HIST_BUCKETS], v: u64) {
 /// with interrupts off (see [`bump`]).
 #[inline(always)]
 pub fn bump_hist(hist: *mut [u64; HIST_BUCKETS], v: u64) {
-    let b = log2_bucket(v);
-    if b < HIST_BUCKETS {
+    if let Some(b) = hist_index(v) {
         // SAFETY: `hist` points into a map value; `b` is in bounds.
         bump(unsafe { &raw mut (*hist)[b] }, 1);
     }
