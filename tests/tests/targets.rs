@@ -224,8 +224,9 @@ exec "$0" exec --threads 3 --burn-ms 200 -- "$0" cpu --threads 2 --burn-ms 300 -
 
 /// 400 threads started and ended during the run (200 at once, 200 more
 /// 300 ms later, 5 ms of CPU each): cpu_ns within 2% of the process's
-/// total at exit (plus a stated allowance per exited thread), every start and exit in events.jsonl (or counted as dropped),
-/// no thread left at the end, no kernel map error.
+/// total at exit (plus a stated allowance per exited thread), every start
+/// and exit in events.jsonl (or counted as dropped), no thread left at the
+/// end, no kernel map error.
 #[test]
 fn hundreds_of_threads_come_and_go() {
     require_root();

@@ -164,9 +164,13 @@ impl ProbeSummary {
         };
         for p in meta["probes"].as_array().into_iter().flatten() {
             let tp = s(&p["tracepoint"]).unwrap_or_default();
-            let (kind, name) = match p["kind"].get("trace_point").and_then(Value::as_str) {
-                Some(cat) => ("tracepoint", format!("{cat}:{tp}")),
-                None => ("tp_btf", tp),
+            let (kind, name) = match (
+                p["kind"].get("trace_point").and_then(Value::as_str),
+                p["kind"].as_str(),
+            ) {
+                (Some(cat), _) => ("tracepoint", format!("{cat}:{tp}")),
+                (None, Some("iter")) => ("iter", format!("iter/{tp}")),
+                _ => ("tp_btf", tp),
             };
             match p["state"].as_str() {
                 Some("attached") => out.attached.push((name, kind.to_owned())),
@@ -228,13 +232,20 @@ impl ProbeSummary {
                 .map(|(n, _)| n.as_str())
                 .collect::<Vec<_>>()
         };
-        let (btf, classic) = (by("tp_btf"), by("tracepoint"));
+        let (btf, classic, iters) = (by("tp_btf"), by("tracepoint"), by("iter"));
         let mut s = format!(
             "{} attached: BTF raw tracepoints ({}): {}",
             self.attached.len(),
             btf.len(),
             btf.join(" ")
         );
+        if !iters.is_empty() {
+            s.push_str(&format!(
+                "; BPF iterators ({}): {}",
+                iters.len(),
+                iters.join(" ")
+            ));
+        }
         if !classic.is_empty() {
             s.push_str(&format!(
                 "; classic tracepoints ({}): {}",
@@ -478,6 +489,7 @@ mod tests {
             "host": {"kernel_release": "6.1.0-56-amd64"},
             "probes": [
                 {"tracepoint": "sched_switch", "kind": "tp_btf", "state": "attached"},
+                {"tracepoint": "task", "kind": "iter", "state": "attached"},
                 {"tracepoint": "kvm_exit", "kind": {"trace_point": "kvm"}, "state": "skipped"},
                 {"tracepoint": "kvm_userspace_exit", "kind": {"trace_point": "kvm"}, "state": "attached"},
                 {"tracepoint": "sock_send_length", "kind": "tp_btf", "state": "missing", "error": "no btf_trace_sock_send_length"},
@@ -489,8 +501,9 @@ mod tests {
             ],
         });
         let s = ProbeSummary::from_meta(&meta);
-        assert_eq!(s.attached.len(), 2);
-        assert_eq!(s.attached[1].0, "kvm:kvm_userspace_exit");
+        assert_eq!(s.attached.len(), 3);
+        assert_eq!(s.attached[1], ("iter/task".into(), "iter".into()));
+        assert_eq!(s.attached[2].0, "kvm:kvm_userspace_exit");
         assert_eq!(
             s.paths(),
             ["sched tp_btf+sched_info", "block block_rq", "kvm off"]
@@ -500,6 +513,7 @@ mod tests {
             s.attached_line()
                 .contains("classic tracepoints (1): kvm:kvm_userspace_exit")
         );
+        assert!(s.attached_line().contains("BPF iterators (1): iter/task"));
         assert_eq!(s.broken.len(), 1);
     }
 }
