@@ -124,9 +124,14 @@ fn cpu_time_matches_ground_truth_and_oracle() {
             rusage[key].as_u64().unwrap(),
         );
         eprintln!("{field}: ebpf {e}, at exit {x}, getrusage before the report {r}, /proc {p}");
+        // Under software emulation a thread's last switch during its exit
+        // can come after the episode's last row (the tracer waits for the
+        // exiting threads only so long): seen once in a TCG VM, 136
+        // involuntary switches of 137. Natively none may be missing.
+        let late = if software_emulated() { 2 } else { 0 };
         assert!(
-            e >= x && e <= x + 5,
-            "{field}: ebpf {e} vs the process's total at exit {x}"
+            e + late >= x && e <= x + 5,
+            "{field}: ebpf {e} vs the process's total at exit {x} (at most {late} missing)"
         );
         assert!(e >= r, "{field}: ebpf {e} vs getrusage {r}");
         let (es, ps) = (seen("ebpf", field), seen("proc", field));
