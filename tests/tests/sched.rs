@@ -124,16 +124,20 @@ fn cpu_time_matches_ground_truth_and_oracle() {
             rusage[key].as_u64().unwrap(),
         );
         eprintln!("{field}: ebpf {e}, at exit {x}, getrusage before the report {r}, /proc {p}");
-        // Under software emulation a thread's last switch during its exit
-        // can come after the episode's last row (the tracer waits for the
-        // exiting threads only so long): seen once in a TCG VM, 136
-        // involuntary switches of 137. Natively none may be missing.
+        // Under software emulation an exiting thread's last switch can be
+        // missing from the episode (its final switch-out, where the probes
+        // take an exited thread's final counters, after the last row, or
+        // not delivered to BPF): seen in TCG VMs, 136 involuntary switches
+        // of 137, and 111 of 112. Natively none may be missing.
         let late = if software_emulated() { 2 } else { 0 };
         assert!(
             e + late >= x && e <= x + 5,
             "{field}: ebpf {e} vs the process's total at exit {x} (at most {late} missing)"
         );
-        assert!(e >= r, "{field}: ebpf {e} vs getrusage {r}");
+        assert!(
+            e + late >= r,
+            "{field}: ebpf {e} vs getrusage {r} (at most {late} missing)"
+        );
         let (es, ps) = (seen("ebpf", field), seen("proc", field));
         assert!(
             es.abs_diff(ps) <= 5,
