@@ -269,7 +269,9 @@ pub fn create_disk(path: &Path, mib: usize) -> Result<()> {
     Ok(())
 }
 
-fn spawn_line_reader(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
+/// Sends each line of `r` (without trailing whitespace), with the instant it
+/// was read, from a thread of its own.
+pub fn spawn_line_reader(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut r = BufReader::new(r);
@@ -291,7 +293,7 @@ fn spawn_line_reader(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<(
 }
 
 /// Reads all of `r` on a thread.
-fn spawn_reader(mut r: impl std::io::Read + Send + 'static) -> thread::JoinHandle<String> {
+pub fn spawn_reader(mut r: impl std::io::Read + Send + 'static) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut s = Vec::new();
         let _ = r.read_to_end(&mut s);
@@ -299,7 +301,8 @@ fn spawn_reader(mut r: impl std::io::Read + Send + 'static) -> thread::JoinHandl
     })
 }
 
-fn kill(child: &mut Child) {
+/// Kills and reaps a child.
+pub fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -154,13 +154,18 @@ poweroff -f
 
 /// The cache directory: `$CIS490_CACHE`, else `~/.cache/cis490/guest`.
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os(CACHE_ENV).filter(|d| !d.is_empty()) {
+    cache_dir_of(CACHE_ENV, "guest")
+}
+
+/// `$env` when set and not empty, else `~/.cache/cis490/<leaf>`.
+pub fn cache_dir_of(env: &str, leaf: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(env).filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/root"));
-    home.join(".cache/cis490/guest")
+    home.join(".cache/cis490").join(leaf)
 }
 
 /// Downloads/builds what is missing; idempotent, and fast (no apt calls) when

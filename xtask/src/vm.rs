@@ -30,16 +30,17 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
-    thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
+
+use cis490_tests::guest::{kill, spawn_line_reader, spawn_reader};
 
 use crate::{
     guest::{self, Apt, Cpio, KernelFiles},
@@ -295,13 +296,7 @@ impl KernelRun {
 
 /// `$CIS490_VM_CACHE`, else `~/.cache/cis490/vm`.
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os(CACHE_ENV).filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
-    home.join(".cache/cis490/vm")
+    guest::cache_dir_of(CACHE_ENV, "vm")
 }
 
 /// The kernel package a spec names: `6.1` and `6.12` (any `X.Y`) through
@@ -687,8 +682,8 @@ pub fn run_kernel(
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot run {}", qemu.display()))?;
-    let lines = line_reader(child.stdout.take().unwrap());
-    let stderr = reader(child.stderr.take().unwrap());
+    let lines = spawn_line_reader(child.stdout.take().unwrap());
+    let stderr = spawn_reader(child.stderr.take().unwrap());
     let mut log = fs::File::create(&console)
         .with_context(|| format!("cannot create {}", console.display()))?;
     let deadline = start + opts.timeout;
@@ -895,41 +890,6 @@ fn on_line(
     None
 }
 
-fn line_reader(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut r = BufReader::new(r);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\r', '\n'])
-                        .to_owned();
-                    if tx.send((Instant::now(), line)).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    rx
-}
-
-fn reader(mut r: impl std::io::Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = r.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    })
-}
-
-fn kill(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
 
 /// The pieces every kernel's VM shares: QEMU, the accelerator, busybox.
 pub fn host_parts(apt: &mut Apt) -> Result<(PathBuf, &'static str, PathBuf)> {
