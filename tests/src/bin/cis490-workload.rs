@@ -273,7 +273,15 @@ struct StormArgs {
     #[arg(long, value_name = "HOW", default_value = "same",
           value_parser = ["same", "split", "free"])]
     cpus: String,
-    /// Write PATH.ready and wait for SIGUSR1 before the storm.
+    #[command(flatten)]
+    held: Held,
+}
+
+/// A benchmark workload's start and end: held until SIGUSR1 (optionally),
+/// then a report, then a linger.
+#[derive(Args, Debug)]
+struct Held {
+    /// Write PATH.ready and wait for SIGUSR1 before the work.
     #[arg(long)]
     wait_signal: bool,
     /// With --wait-signal: give up (error, exit code 2) if no SIGUSR1 arrives within this
@@ -286,6 +294,23 @@ struct StormArgs {
     /// Where to write the JSON report; the ready file is PATH.ready.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
+}
+
+impl Held {
+    /// With --wait-signal: writes PATH.ready and waits for SIGUSR1.
+    fn start(&self) -> Result<()> {
+        if self.wait_signal {
+            ready_then_wait(&self.out, self.timeout_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the report, then lingers.
+    fn finish(&self, report: &impl Serialize) -> Result<()> {
+        write_json_atomic(&self.out, report)?;
+        thread::sleep(Duration::from_millis(self.linger_ms));
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -330,19 +355,8 @@ struct WakeburnArgs {
     /// default).
     #[arg(long, value_name = "US", default_value_t = 1)]
     sleep_us: u64,
-    /// Write PATH.ready and wait for SIGUSR1 before starting the threads.
-    #[arg(long)]
-    wait_signal: bool,
-    /// With --wait-signal: give up (error, exit code 2) if no SIGUSR1 arrives within this
-    /// many ms; 0 waits forever.
-    #[arg(long, value_name = "MS", default_value_t = 60_000)]
-    timeout_ms: u64,
-    /// Sleep this long after writing the report, before exiting.
-    #[arg(long, value_name = "MS", default_value_t = 0)]
-    linger_ms: u64,
-    /// Where to write the JSON report; the ready file is PATH.ready.
-    #[arg(long, value_name = "PATH")]
-    out: PathBuf,
+    #[command(flatten)]
+    held: Held,
 }
 
 #[derive(Args, Debug)]
@@ -1448,9 +1462,7 @@ fn cmd_storm(a: &StormArgs) -> Result<()> {
         ("split", _) => bail!("--cpus split needs two CPUs"),
         _ => None,
     };
-    if a.wait_signal {
-        ready_then_wait(&a.out, a.timeout_ms)?;
-    }
+    a.held.start()?;
     let (mut r1, mut w1) = io::pipe().context("pipe")?;
     let (mut r2, mut w2) = io::pipe().context("pipe")?;
     let n = a.round_trips;
@@ -1495,9 +1507,7 @@ fn cmd_storm(a: &StormArgs) -> Result<()> {
         rusage_self: rusage(libc::RUSAGE_SELF),
         process_cpu_ns: process_cpu_ns(),
     };
-    write_json_atomic(&a.out, &report)?;
-    thread::sleep(Duration::from_millis(a.linger_ms));
-    Ok(())
+    a.held.finish(&report)
 }
 
 fn cmd_wakeburn(a: &WakeburnArgs) -> Result<()> {
@@ -1514,9 +1524,7 @@ fn cmd_wakeburn(a: &WakeburnArgs) -> Result<()> {
         rusage_self: Rusage,
         process_cpu_ns: u64,
     }
-    if a.wait_signal {
-        ready_then_wait(&a.out, a.timeout_ms)?;
-    }
+    a.held.start()?;
     let (cycles, iters, nap) = (a.cycles, a.spin_iters, Duration::from_micros(a.sleep_us));
     let start = Instant::now();
     thread::scope(|s| -> Result<()> {
@@ -1545,9 +1553,7 @@ fn cmd_wakeburn(a: &WakeburnArgs) -> Result<()> {
         rusage_self: rusage(libc::RUSAGE_SELF),
         process_cpu_ns: process_cpu_ns(),
     };
-    write_json_atomic(&a.out, &report)?;
-    thread::sleep(Duration::from_millis(a.linger_ms));
-    Ok(())
+    a.held.finish(&report)
 }
 
 fn cmd_wait_signal(a: &WaitSignalArgs) -> Result<()> {
