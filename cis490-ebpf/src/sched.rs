@@ -26,7 +26,7 @@ use cis490_common::{
 use crate::{
     maps::{CPU_SLICE, LIVE, RUNNABLE_SINCE, RUNQ_MAX, TARGET_GONE, add, bump, bump_hist, emit, raise_max, stats},
     target::{
-        arrival_delay, current, rq_clock, delays_from_sched_info, has_run_delay, is_target, task_counters,
+        arrival_delay, current, rq_clock, delays_from_sched_info, has_run_delay, has_target_tgid, is_target, target_gone, task_counters,
         task_cpu, task_on_cpu, task_runtime, task_state, task_tgid, task_tid,
     },
 };
@@ -53,12 +53,14 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
 fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    let prev_is_target = is_target(task_tgid(prev));
-    let next_is_target = is_target(task_tgid(next));
+    let prev_is_target = has_target_tgid(task_tgid(prev));
+    let next_is_target = has_target_tgid(task_tgid(next));
     let slice = CPU_SLICE.get_ptr_mut(0).ok_or(NO_MAP)?;
     // SAFETY: map value pointers from lookups are valid for this program run.
     let slice = unsafe { &mut *slice };
-    if !prev_is_target && !next_is_target {
+    // `TARGET_GONE` is looked up once, and only for a switch that involves
+    // the target's id.
+    if (!prev_is_target && !next_is_target) || target_gone() {
         // Hot path: the switch does not concern the target.
         if slice.state != CpuSlice::OTHER {
             slice.state = CpuSlice::OTHER;

@@ -66,7 +66,20 @@ static RQ_CLOCK_OFFSET: Global<u32> = Global::new(0);
 /// for a task whose tgid matches, so the hot paths pay nothing for it.
 #[inline(always)]
 pub fn is_target(tgid: u32) -> bool {
-    tgid == TARGET_TGID.load() && TARGET_GONE.get(0).copied().unwrap_or(0) == 0
+    has_target_tgid(tgid) && !target_gone()
+}
+
+/// Whether `tgid` is the traced process's id, gone or not (for a program
+/// that tests several tasks: [`target_gone`] then once for all).
+#[inline(always)]
+pub fn has_target_tgid(tgid: u32) -> bool {
+    tgid == TARGET_TGID.load()
+}
+
+/// Whether the target's pid went to a new process (`TARGET_GONE`).
+#[inline(always)]
+pub fn target_gone() -> bool {
+    TARGET_GONE.get(0).copied().unwrap_or(0) != 0
 }
 
 /// Whether the kernel keeps per-thread run-queue delay (`sched_info`).
