@@ -37,6 +37,10 @@ pub struct SchedStats {
     pub dead_migrations: u64,
     /// Exited threads' `sched_info.run_delay`, ns.
     pub dead_run_delay_ns: u64,
+    /// Exited threads' `min_flt` (page faults served without I/O).
+    pub dead_min_flt: u64,
+    /// Exited threads' `maj_flt` (page faults that needed I/O).
+    pub dead_maj_flt: u64,
     /// `sched_wakeup` + `sched_wakeup_new` of target threads.
     pub wakeups: u64,
     /// Sum of the single run-queue delays below, ns (the `runq_delay_ns` of
@@ -68,6 +72,8 @@ impl SchedStats {
         dead_nivcsw: 0,
         dead_migrations: 0,
         dead_run_delay_ns: 0,
+        dead_min_flt: 0,
+        dead_maj_flt: 0,
         wakeups: 0,
         runq_delay_ns: 0,
         runq_delay_count: 0,
@@ -85,6 +91,8 @@ impl SchedStats {
         self.dead_nivcsw = self.dead_nivcsw.wrapping_add(other.dead_nivcsw);
         self.dead_migrations = self.dead_migrations.wrapping_add(other.dead_migrations);
         self.dead_run_delay_ns = self.dead_run_delay_ns.wrapping_add(other.dead_run_delay_ns);
+        self.dead_min_flt = self.dead_min_flt.wrapping_add(other.dead_min_flt);
+        self.dead_maj_flt = self.dead_maj_flt.wrapping_add(other.dead_maj_flt);
         self.wakeups = self.wakeups.wrapping_add(other.wakeups);
         self.runq_delay_ns = self.runq_delay_ns.wrapping_add(other.runq_delay_ns);
         self.runq_delay_count = self.runq_delay_count.wrapping_add(other.runq_delay_count);
@@ -118,6 +126,9 @@ pub struct LiveCounters {
     pub migrations: u64,
     /// `sched_info.run_delay`, ns (0 without `sched_info`).
     pub run_delay_ns: u64,
+    /// `min_flt`, `maj_flt`: page faults.
+    pub min_flt: u64,
+    pub maj_flt: u64,
     /// Live threads visited.
     pub threads: u64,
     /// Of them, threads on a CPU whose running slice was added.
@@ -136,6 +147,8 @@ impl LiveCounters {
         nivcsw: 0,
         migrations: 0,
         run_delay_ns: 0,
+        min_flt: 0,
+        maj_flt: 0,
         threads: 0,
         running: 0,
         dying: 0,
@@ -198,8 +211,10 @@ pub struct ThreadCounters {
     pub run_delay_ns: u64,
     /// `se.nr_migrations`.
     pub migrations: u64,
-    /// Unused by the programs (kept for the layout).
-    pub exited: u64,
+    /// `min_flt`: page faults served without I/O.
+    pub min_flt: u64,
+    /// `maj_flt`: page faults that needed I/O.
+    pub maj_flt: u64,
 }
 
 impl ThreadCounters {
@@ -216,10 +231,10 @@ pub struct MaxSlot {
     pub max_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SchedStats>() == (12 + HIST_BUCKETS) * 8);
-const _: () = assert!(core::mem::size_of::<LiveCounters>() == 10 * 8);
+const _: () = assert!(core::mem::size_of::<SchedStats>() == (14 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<LiveCounters>() == 12 * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 40);
-const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 6 * 8);
+const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 7 * 8);
 const _: () = assert!(core::mem::size_of::<MaxSlot>() == 16);
 
 #[cfg(feature = "user")]
@@ -242,6 +257,8 @@ mod tests {
         let mut b = SchedStats::ZERO;
         b.dead_runtime_ns = 5;
         b.dead_nvcsw = 1;
+        b.dead_min_flt = 3;
+        b.dead_maj_flt = 9;
         b.dropped = 2;
         b.runq_hist[3] = 7;
         a.accumulate(&b);
@@ -249,6 +266,7 @@ mod tests {
         assert_eq!(a.dead_runtime_ns, 10);
         assert_eq!(a.dead_nvcsw, 2);
         assert_eq!(a.dropped, 4);
+        assert_eq!((a.dead_min_flt, a.dead_maj_flt), (6, 18));
         assert_eq!(a.runq_hist[3], 14);
         assert_eq!(a.runq_hist[2], 0);
     }

@@ -16,7 +16,7 @@ use cis490_common::{
 
 use crate::{
     maps::{NET_STATS, TAP_IFS, add},
-    target::{current, field, load, is_target},
+    target::{current, field, is_target, load},
 };
 
 #[unsafe(no_mangle)]

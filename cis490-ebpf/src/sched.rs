@@ -24,10 +24,14 @@ use cis490_common::{
 };
 
 use crate::{
-    maps::{CPU_SLICE, LIVE, RUNNABLE_SINCE, RUNQ_MAX, TARGET_GONE, add, bump, bump_hist, emit, raise_max, stats},
+    maps::{
+        CPU_SLICE, LIVE, RUNNABLE_SINCE, RUNQ_MAX, TARGET_GONE, add, bump, bump_hist, emit,
+        raise_max, stats,
+    },
     target::{
-        arrival_delay, current, rq_clock, delays_from_sched_info, has_run_delay, has_target_tgid, is_target, target_gone, task_counters,
-        task_cpu, task_on_cpu, task_runtime, task_state, task_tgid, task_tid,
+        arrival_delay, current, delays_from_sched_info, has_run_delay, has_target_tgid, is_target,
+        rq_clock, target_gone, task_counters, task_cpu, task_on_cpu, task_runtime, task_state,
+        task_tgid, task_tid,
     },
 };
 
@@ -138,6 +142,8 @@ fn account_dead(s: *mut SchedStats, prev: *const u8) {
     bump(unsafe { &raw mut (*s).dead_nivcsw }, c.nivcsw);
     bump(unsafe { &raw mut (*s).dead_migrations }, c.migrations);
     bump(unsafe { &raw mut (*s).dead_run_delay_ns }, c.run_delay_ns);
+    bump(unsafe { &raw mut (*s).dead_min_flt }, c.min_flt);
+    bump(unsafe { &raw mut (*s).dead_maj_flt }, c.maj_flt);
 }
 
 #[inline(always)]
@@ -273,7 +279,8 @@ fn try_iter(ctx: *const *const u8) -> Res {
         // `now` on the clock the slice was timed with: the run queue's,
         // through the CPU's latest (clock, rq clock) pair, or the clock.
         let now = if sl.cal_clock_ns != 0 {
-            sl.cal_rq_ns.wrapping_add(live.now_ns.wrapping_sub(sl.cal_clock_ns))
+            sl.cal_rq_ns
+                .wrapping_add(live.now_ns.wrapping_sub(sl.cal_clock_ns))
         } else {
             live.now_ns
         };
@@ -287,6 +294,8 @@ fn try_iter(ctx: *const *const u8) -> Res {
     live.nvcsw += c.nvcsw;
     live.nivcsw += c.nivcsw;
     live.migrations += c.migrations;
+    live.min_flt += c.min_flt;
+    live.maj_flt += c.maj_flt;
     if has_run_delay() {
         live.run_delay_ns += c.run_delay_ns;
     }

@@ -37,6 +37,11 @@ static TASK_MIGRATIONS_OFFSET: Global<u32> = Global::new(0);
 /// CONFIG_SCHED_INFO (then run-queue delay comes from events only).
 #[unsafe(no_mangle)]
 static TASK_RUN_DELAY_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.min_flt`, `task_struct.maj_flt`: the thread's page faults.
+#[unsafe(no_mangle)]
+static TASK_MIN_FLT_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TASK_MAJ_FLT_OFFSET: Global<u32> = Global::new(0);
 /// `task_struct.__state` (the task iterator skips `TASK_DEAD` threads).
 #[unsafe(no_mangle)]
 static TASK_STATE_OFFSET: Global<u32> = Global::new(0);
@@ -200,6 +205,7 @@ pub fn task_counters(task: *const u8) -> ThreadCounters {
             0
         },
         migrations: load(task, &TASK_MIGRATIONS_OFFSET),
-        exited: 0,
+        min_flt: load(task, &TASK_MIN_FLT_OFFSET),
+        maj_flt: load(task, &TASK_MAJ_FLT_OFFSET),
     }
 }

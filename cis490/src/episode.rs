@@ -131,9 +131,18 @@ impl EpisodeDir {
         let id = ulid::Ulid::new().to_string();
         let episodes = data_dir.join("episodes");
         let path = episodes.join(&id);
-        let fail = |e: io::Error| anyhow::anyhow!("cannot create episode directory {}: {e}", path.display());
-        fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&episodes).map_err(fail)?;
-        fs::DirBuilder::new().mode(DIR_MODE).create(&path).map_err(fail)?;
+        let fail = |e: io::Error| {
+            anyhow::anyhow!("cannot create episode directory {}: {e}", path.display())
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&episodes)
+            .map_err(fail)?;
+        fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(&path)
+            .map_err(fail)?;
         Ok(Self { id, path })
     }
 

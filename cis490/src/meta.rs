@@ -138,7 +138,13 @@ pub struct Meta {
 /// The machine's steal time so far, ns (`/proc/stat`, all CPUs).
 pub fn machine_steal_ns() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let ticks: u64 = stat.lines().next()?.split_whitespace().nth(8)?.parse().ok()?;
+    let ticks: u64 = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(8)?
+        .parse()
+        .ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| ticks.saturating_mul(1_000_000_000) / hz as u64)
@@ -159,6 +165,10 @@ impl TracerUsage {
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
         let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
-        Self { max_rss_kib: ru.ru_maxrss as u64, cpu_user_ns: ns(ru.ru_utime), cpu_sys_ns: ns(ru.ru_stime) }
+        Self {
+            max_rss_kib: ru.ru_maxrss as u64,
+            cpu_user_ns: ns(ru.ru_utime),
+            cpu_sys_ns: ns(ru.ru_stime),
+        }
     }
 }

@@ -183,7 +183,12 @@ pub fn write_summary(dir: &Path, w: &mut impl Write) -> Result<()> {
         .cloned()
         .collect();
     fields.retain(|f| !parents.contains(f));
-    let width = fields.iter().map(|f| f.len() + 2).max().unwrap_or(0).max(28);
+    let width = fields
+        .iter()
+        .map(|f| f.len() + 2)
+        .max()
+        .unwrap_or(0)
+        .max(28);
     write!(w, "{:<width$}", "field")?;
     for (name, t) in &sources {
         write!(w, "{:>18}", format!("{name} ({} rows)", t.rows))?;

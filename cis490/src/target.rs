@@ -59,10 +59,15 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 /// `/proc/PID/stat` of `pid`; `NotFound` when there is no such process.
 fn read_stat(pid: i32) -> io::Result<procfs::process::Stat> {
     let to_io = |e: procfs::ProcError| match e {
-        procfs::ProcError::NotFound(_) => io::Error::new(io::ErrorKind::NotFound, "no such process"),
+        procfs::ProcError::NotFound(_) => {
+            io::Error::new(io::ErrorKind::NotFound, "no such process")
+        }
         other => io::Error::other(other.to_string()),
     };
-    procfs::process::Process::new(pid).map_err(to_io)?.stat().map_err(to_io)
+    procfs::process::Process::new(pid)
+        .map_err(to_io)?
+        .stat()
+        .map_err(to_io)
 }
 
 /// The start time of process `pid` (clock ticks after boot), the pid-reuse
@@ -166,7 +171,10 @@ impl Target {
             _ => anyhow!("cannot read /proc/{pid}/stat: {e}"),
         })?;
         if stat.flags & PF_KTHREAD != 0 {
-            bail!("pid {pid} ({}) is a kernel thread: cis490 traces user processes", stat.comm);
+            bail!(
+                "pid {pid} ({}) is a kernel thread: cis490 traces user processes",
+                stat.comm
+            );
         }
         if matches!(stat.state, 'Z' | 'X') && all_threads_exited(pid) {
             bail!(
@@ -401,7 +409,9 @@ impl Target {
     /// A handle that can kill a spawned command later, from another task
     /// (`None` when tracing a process the tracer did not start).
     pub fn killer(&self) -> Option<OwnedFd> {
-        self.is_spawned().then(|| self.pidfd.try_clone().ok()).flatten()
+        self.is_spawned()
+            .then(|| self.pidfd.try_clone().ok())
+            .flatten()
     }
 
     /// Ends a spawned command that is still running when the trace fails:

@@ -342,8 +342,16 @@ impl Sources {
         }
         if drops > 0 {
             // Not silent: the loss shows in events.jsonl and on stderr.
-            out.event(now, Some(tick.seq), "drops", json!({"dropped_records": drops}))?;
-            log::warn!("bucket {}: {drops} ring-buffer records dropped (rows stay exact)", tick.seq);
+            out.event(
+                now,
+                Some(tick.seq),
+                "drops",
+                json!({"dropped_records": drops}),
+            )?;
+            log::warn!(
+                "bucket {}: {drops} ring-buffer records dropped (rows stay exact)",
+                tick.seq
+            );
         }
         if let Some(q) = &mut self.qmp {
             for (at, detail) in q.take_events(now) {
@@ -369,9 +377,17 @@ impl Sources {
 /// The QMP source: waiting for QEMU to open its socket, connected, or given
 /// up on.
 enum QmpSlot {
-    Pending { path: PathBuf, since: Instant, last_error: Option<String> },
+    Pending {
+        path: PathBuf,
+        since: Instant,
+        last_error: Option<String>,
+    },
     Connected(QmpSource),
-    Failed { path: PathBuf, why: String, reported: bool },
+    Failed {
+        path: PathBuf,
+        why: String,
+        reported: bool,
+    },
 }
 
 impl QmpSlot {
@@ -385,12 +401,21 @@ impl QmpSlot {
     /// This bucket's QMP row (`null` fields until connected, or when QMP
     /// does not answer in time).
     async fn sample(&mut self, timeout: Duration) -> crate::row::Measures {
-        if let QmpSlot::Pending { path, since, last_error } = self {
+        if let QmpSlot::Pending {
+            path,
+            since,
+            last_error,
+        } = self
+        {
             match QmpSource::connect(path, timeout).await {
                 Ok(src) => *self = QmpSlot::Connected(src),
                 Err(e) if since.elapsed() > Self::CONNECT_WINDOW => {
                     log::warn!("QMP source off: {e:#}");
-                    *self = QmpSlot::Failed { path: path.clone(), why: format!("{e:#}"), reported: false };
+                    *self = QmpSlot::Failed {
+                        path: path.clone(),
+                        why: format!("{e:#}"),
+                        reported: false,
+                    };
                 }
                 Err(e) => {
                     if last_error.is_none() && path.exists() {
@@ -412,13 +437,20 @@ impl QmpSlot {
     /// At the end of tracing: a connection still not made is a failure,
     /// reported like one (an event and meta.json's `qmp.error`).
     fn give_up(&mut self) {
-        if let QmpSlot::Pending { path, last_error, .. } = self {
+        if let QmpSlot::Pending {
+            path, last_error, ..
+        } = self
+        {
             let why = last_error.take().map_or_else(
                 || format!("QEMU never opened its QMP socket {}", path.display()),
                 |e| format!("no QMP session while tracing: {e}"),
             );
             log::warn!("QMP source off: {why}");
-            *self = QmpSlot::Failed { path: path.clone(), why, reported: false };
+            *self = QmpSlot::Failed {
+                path: path.clone(),
+                why,
+                reported: false,
+            };
         }
     }
 
@@ -431,13 +463,18 @@ impl QmpSlot {
                 .into_iter()
                 .map(|e| {
                     let at = e.t_wall_ns().map_or(now, |wall| ClockPair {
-                        mono_ns: (now.mono_ns as i128 + wall as i128 - now.wall_ns as i128).max(0) as u64,
+                        mono_ns: (now.mono_ns as i128 + wall as i128 - now.wall_ns as i128).max(0)
+                            as u64,
                         wall_ns: wall,
                     });
                     (at, json!({"qmp_event": e.event, "data": e.data}))
                 })
                 .collect(),
-            QmpSlot::Failed { path, why, reported } if !*reported => {
+            QmpSlot::Failed {
+                path,
+                why,
+                reported,
+            } if !*reported => {
                 *reported = true;
                 vec![(now, json!({"qmp_error": why, "socket": path}))]
             }
@@ -596,8 +633,13 @@ async fn trace(
         ebpf,
         proc,
         perf,
-        qmp: cfg.qmp.as_ref().map(|p| QmpSlot::Pending { path: p.clone(), since: Instant::now(), last_error: None }),
-        qmp_timeout: (cfg.interval * 4 / 5).clamp(Duration::from_millis(20), Duration::from_millis(500)),
+        qmp: cfg.qmp.as_ref().map(|p| QmpSlot::Pending {
+            path: p.clone(),
+            since: Instant::now(),
+            last_error: None,
+        }),
+        qmp_timeout: (cfg.interval * 4 / 5)
+            .clamp(Duration::from_millis(20), Duration::from_millis(500)),
         holdings: Holdings::default(),
         holdings_at: None,
     };
@@ -753,7 +795,9 @@ async fn trace(
             if let Some(fd) = &killer {
                 let _ = crate::target::pidfd_send_signal(fd, libc::SIGKILL);
             }
-            eprintln!("error: second signal while finishing: aborted, the episode has no done.marker");
+            eprintln!(
+                "error: second signal while finishing: aborted, the episode has no done.marker"
+            );
             std::process::exit(130);
         });
     }

@@ -271,7 +271,9 @@ pub fn create_disk(path: &Path, mib: usize) -> Result<()> {
 
 /// Sends each line of `r` (without trailing whitespace), with the instant it
 /// was read, from a thread of its own.
-pub fn spawn_line_reader(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
+pub fn spawn_line_reader(
+    r: impl std::io::Read + Send + 'static,
+) -> mpsc::Receiver<(Instant, String)> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut r = BufReader::new(r);

@@ -86,8 +86,18 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// `cis490 trace ...` with a data dir in `dir`.
+/// `cis490 trace ...` with a data dir in `dir` and every host-side source:
+/// the default (ebpf, proc) plus perf's per-thread counters as one more
+/// oracle for the tests to hold the others against. (`default_trace_cmd`
+/// is the command as users run it.)
 pub fn trace_cmd(dir: &Path) -> Command {
+    let mut c = default_trace_cmd(dir);
+    c.args(["--sources", "ebpf,proc,perf"]);
+    c
+}
+
+/// `cis490 trace ...` with a data dir in `dir` and the default sources.
+pub fn default_trace_cmd(dir: &Path) -> Command {
     let mut c = Command::new(bin("cis490"));
     c.arg("trace")
         .arg("--data-dir")

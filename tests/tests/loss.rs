@@ -95,12 +95,17 @@ fn ring_buffer_overflow_is_counted_and_rows_stay_exact() {
     // The frozen tracer woke up late: one long bucket, counted in meta.
     assert!(ep.meta["skipped_boundaries"].as_u64().unwrap() > 0);
     // Every bucket with drops says so in events.jsonl.
-    let said: u64 = ep.events_named("drops").map(|e| e["dropped_records"].as_u64().unwrap()).sum();
+    let said: u64 = ep
+        .events_named("drops")
+        .map(|e| e["dropped_records"].as_u64().unwrap())
+        .sum();
     assert_eq!(said, dropped, "drops events");
     // Memory stays bounded through the flood (the ring buffer is 256 KiB).
     let rss = ep.meta["tracer"]["max_rss_kib"].as_u64().unwrap();
     assert!(rss < 64 * 1024, "tracer peak RSS {rss} KiB");
-    eprintln!("tracer peak RSS {rss} KiB, {dropped} records dropped, {said} reported in drops events");
+    eprintln!(
+        "tracer peak RSS {rss} KiB, {dropped} records dropped, {said} reported in drops events"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("ring-buffer records dropped"),

@@ -84,7 +84,8 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
 
     let out = run_with_timeout(
         trace_cmd(&dir)
-            .arg("--qmp").arg(&qmp)
+            .arg("--qmp")
+            .arg(&qmp)
             .args(["--duration", "170", "--"])
             .args(&argv),
         Duration::from_secs(200),
@@ -207,23 +208,53 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
     // as QEMU's direct I/O on the image (ebpf, /proc), plus a few KiB of its
     // own, so all three agree within 5%.
     let qmp_dev = |f: &str| -> u64 {
-        ep.rows("qmp").iter().filter_map(|r| r["blk_by_dev"]["virtio0"][f].as_u64()).sum()
+        ep.rows("qmp")
+            .iter()
+            .filter_map(|r| r["blk_by_dev"]["virtio0"][f].as_u64())
+            .sum()
     };
-    assert_eq!(qmp_dev("write_bytes"), write_mb * MIB, "QMP virtio0 write bytes");
+    assert_eq!(
+        qmp_dev("write_bytes"),
+        write_mb * MIB,
+        "QMP virtio0 write bytes"
+    );
     let qr = qmp_dev("read_bytes");
-    assert!(qr >= read_mb * MIB && qr <= read_mb * MIB + 65536, "QMP virtio0 read bytes {qr}");
-    assert_close("blk_write_bytes ebpf vs QMP", ew, ep.sum("qmp", "blk_write_bytes") as f64, 0.05);
-    assert_close("blk_read_bytes ebpf vs QMP", er, ep.sum("qmp", "blk_read_bytes") as f64, 0.05);
+    assert!(
+        qr >= read_mb * MIB && qr <= read_mb * MIB + 65536,
+        "QMP virtio0 read bytes {qr}"
+    );
+    assert_close(
+        "blk_write_bytes ebpf vs QMP",
+        ew,
+        ep.sum("qmp", "blk_write_bytes") as f64,
+        0.05,
+    );
+    assert_close(
+        "blk_read_bytes ebpf vs QMP",
+        er,
+        ep.sum("qmp", "blk_read_bytes") as f64,
+        0.05,
+    );
     // QMP events land in events.jsonl: the guest powered off.
-    let shutdown = ep.events_named("qmp").find(|e| e["qmp_event"] == "SHUTDOWN");
+    let shutdown = ep
+        .events_named("qmp")
+        .find(|e| e["qmp_event"] == "SHUTDOWN");
     assert!(shutdown.is_some(), "no SHUTDOWN event in events.jsonl");
     // QEMU exited mid-episode: the episode is complete, every source has
     // every bucket, and QMP's rows after it closed are null, not 0.
     assert!(ep.is_done());
     let last = ep.rows("qmp").last().unwrap();
     assert!(last["blk_write_bytes"].is_null(), "{last}");
-    let check = std::process::Command::new(bin("cis490")).arg("check").arg(&ep.dir).output().unwrap();
-    assert!(check.status.success(), "cis490 check:\n{}", String::from_utf8_lossy(&check.stdout));
+    let check = std::process::Command::new(bin("cis490"))
+        .arg("check")
+        .arg(&ep.dir)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "cis490 check:\n{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 }
 
 /// A QMP socket that accepts but never answers (or answers garbage) is a
@@ -231,7 +262,10 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
 #[test]
 fn a_qmp_socket_that_never_answers_or_talks_garbage_is_reported_not_hung_on() {
     require_root();
-    for (name, reply) in [("silent", None), ("garbage", Some(&b"{\"QMP\": {\"version\": \n"[..]))] {
+    for (name, reply) in [
+        ("silent", None),
+        ("garbage", Some(&b"{\"QMP\": {\"version\": \n"[..])),
+    ] {
         let dir = scratch(&format!("qmp-{name}"));
         let sock = dir.join("qmp.sock");
         let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
@@ -247,15 +281,28 @@ fn a_qmp_socket_that_never_answers_or_talks_garbage_is_reported_not_hung_on() {
         });
         let t0 = std::time::Instant::now();
         let out = run_with_timeout(
-            trace_cmd(&dir).arg("--qmp").arg(&sock).args(["--", "sleep", "1.5"]),
+            trace_cmd(&dir)
+                .arg("--qmp")
+                .arg(&sock)
+                .args(["--", "sleep", "1.5"]),
             Duration::from_secs(60),
         );
         let ep = Episode::from_output(&out);
-        assert!(t0.elapsed() < Duration::from_secs(10), "{name}: took {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{name}: took {:?}",
+            t0.elapsed()
+        );
         assert!(ep.is_done());
-        let err = ep.events_named("qmp").find(|e| e.get("qmp_error").is_some());
+        let err = ep
+            .events_named("qmp")
+            .find(|e| e.get("qmp_error").is_some());
         assert!(err.is_some(), "{name}: no qmp_error event");
-        assert!(ep.meta["qmp"]["error"].as_str().is_some(), "{name}: {}", ep.meta["qmp"]);
+        assert!(
+            ep.meta["qmp"]["error"].as_str().is_some(),
+            "{name}: {}",
+            ep.meta["qmp"]
+        );
         assert!(ep.rows("qmp").iter().all(|r| r["blk_read_bytes"].is_null()));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("QMP source off"), "{name}: {stderr}");

@@ -77,8 +77,10 @@ pub fn run_demo(bin: &Path, data_dir: &Path) -> Result<()> {
 
 /// The guest writes and reads 64 MiB on its virtio disk (direct I/O,
 /// `cache=none`) and sends 8 MB over TCP through a tap to a peer, both in a
-/// network namespace made for the demo. QEMU serves QMP, so the episode
-/// holds all five sources (ebpf, proc, perf, qmp and the guest's labels).
+/// network namespace made for the demo. QEMU serves QMP, and the demo asks
+/// for perf's per-thread counters too (not a default source), so the
+/// episode holds every host-side source (ebpf, proc, perf, qmp) and the
+/// guest's phase labels.
 fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
     let ns = Netns::new("demo");
     ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
@@ -129,6 +131,8 @@ fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
         bin,
         data_dir,
         &[
+            "--sources".into(),
+            "ebpf,proc,perf".into(),
             "--qmp".into(),
             qmp.into(),
             "--control".into(),
@@ -162,7 +166,10 @@ fn mark_phases(console: PathBuf, control: PathBuf) -> std::thread::JoinHandle<Ve
     std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut marked = Vec::new();
-        for (line, label) in [("cis490-guest: booted", "workload"), ("cis490-guest: done", "teardown")] {
+        for (line, label) in [
+            ("cis490-guest: booted", "workload"),
+            ("cis490-guest: done", "teardown"),
+        ] {
             while !fs::read_to_string(&console).is_ok_and(|c| c.contains(line)) {
                 if Instant::now() > deadline {
                     return marked;

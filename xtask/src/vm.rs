@@ -890,7 +890,6 @@ fn on_line(
     None
 }
 
-
 /// The pieces every kernel's VM shares: QEMU, the accelerator, busybox.
 pub fn host_parts(apt: &mut Apt) -> Result<(PathBuf, &'static str, PathBuf)> {
     let qemu = guest::ensure_qemu(apt)?;

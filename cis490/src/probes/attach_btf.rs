@@ -64,14 +64,32 @@ mod tests {
 
     #[test]
     fn stub_gives_the_kernel_ids() {
-        let tps = BTreeMap::from([("sched_switch".to_owned(), 7u32), ("sched_wakeup".to_owned(), 3)]);
+        let tps = BTreeMap::from([
+            ("sched_switch".to_owned(), 7u32),
+            ("sched_wakeup".to_owned(), 3),
+        ]);
         let its = BTreeMap::from([("task".to_owned(), 5u32)]);
         let blob = stub(&tps, &its);
         let btf = aya::Btf::parse(&blob, aya::Endianness::default()).unwrap();
-        assert_eq!(btf.id_by_type_name_kind("btf_trace_sched_switch", BtfKind::Typedef).unwrap(), 7);
-        assert_eq!(btf.id_by_type_name_kind("btf_trace_sched_wakeup", BtfKind::Typedef).unwrap(), 3);
-        assert_eq!(btf.id_by_type_name_kind("bpf_iter_task", BtfKind::Func).unwrap(), 5);
-        assert!(btf.id_by_type_name_kind("btf_trace_nope", BtfKind::Typedef).is_err());
+        assert_eq!(
+            btf.id_by_type_name_kind("btf_trace_sched_switch", BtfKind::Typedef)
+                .unwrap(),
+            7
+        );
+        assert_eq!(
+            btf.id_by_type_name_kind("btf_trace_sched_wakeup", BtfKind::Typedef)
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            btf.id_by_type_name_kind("bpf_iter_task", BtfKind::Func)
+                .unwrap(),
+            5
+        );
+        assert!(
+            btf.id_by_type_name_kind("btf_trace_nope", BtfKind::Typedef)
+                .is_err()
+        );
     }
 
     /// The stub is enough only because the object has no CO-RE relocations

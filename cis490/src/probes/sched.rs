@@ -99,6 +99,16 @@ pub const OFFSETS: &[OffsetSpec] = &[
         ty: "task_struct",
         path: "se.nr_migrations",
     },
+    OffsetSpec {
+        global: "TASK_MIN_FLT_OFFSET",
+        ty: "task_struct",
+        path: "min_flt",
+    },
+    OffsetSpec {
+        global: "TASK_MAJ_FLT_OFFSET",
+        ty: "task_struct",
+        path: "maj_flt",
+    },
     // Absent without CONFIG_SCHED_INFO: run-queue delay then comes from events.
     OffsetSpec {
         global: "TASK_RUN_DELAY_OFFSET",
@@ -152,6 +162,8 @@ pub const REQUIRED_OFFSETS: &[&str] = &[
     "TASK_NVCSW_OFFSET",
     "TASK_NIVCSW_OFFSET",
     "TASK_MIGRATIONS_OFFSET",
+    "TASK_MIN_FLT_OFFSET",
+    "TASK_MAJ_FLT_OFFSET",
     "TASK_STATE_OFFSET",
     "TASK_CPU_OFFSET",
     "TASK_ON_CPU_OFFSET",
@@ -178,9 +190,14 @@ pub fn attach(a: &mut Attacher<'_>, tgid: u32) -> Result<FamilyStatus> {
     let has = |g: &str| a.facts.offsets.get(g).copied().flatten().is_some();
     let run_delay = has("TASK_RUN_DELAY_OFFSET");
     let info_delays = run_delay
-        && ["TASK_LAST_QUEUED_OFFSET", "TASK_CFS_RQ_OFFSET", "CFS_RQ_RQ_OFFSET", "RQ_CLOCK_OFFSET"]
-            .iter()
-            .all(|g| has(g));
+        && [
+            "TASK_LAST_QUEUED_OFFSET",
+            "TASK_CFS_RQ_OFFSET",
+            "CFS_RQ_RQ_OFFSET",
+            "RQ_CLOCK_OFFSET",
+        ]
+        .iter()
+        .all(|g| has(g));
     Ok(FamilyStatus {
         family: FAMILY,
         active: true,
@@ -212,11 +229,8 @@ fn attach_iter(a: &mut Attacher<'_>, tgid: u32) -> Result<()> {
     let loaded = a.attach(FAMILY, &ITER);
     let link = loaded
         .then(|| {
-            let prog: &mut aya::programs::Iter = a
-                .ebpf
-                .program_mut(ITER.program)?
-                .try_into()
-                .ok()?;
+            let prog: &mut aya::programs::Iter =
+                a.ebpf.program_mut(ITER.program)?.try_into().ok()?;
             let fd = prog.fd().ok()?.as_fd();
             Some(
                 task_iter::link(fd, Some(tgid))
@@ -243,7 +257,10 @@ fn attach_iter(a: &mut Attacher<'_>, tgid: u32) -> Result<()> {
                 .last()
                 .and_then(|s| s.error.clone())
                 .unwrap_or_else(|| "cannot load it".into());
-            bail!("cannot load the task iterator {} (BPF task iterators need Linux 5.8+): {err}", ITER.program)
+            bail!(
+                "cannot load the task iterator {} (BPF task iterators need Linux 5.8+): {err}",
+                ITER.program
+            )
         }
     }
 }

@@ -71,7 +71,11 @@ fn sample(pid: i32, buf: &mut String, dead: &mut HashMap<u32, [u64; 4]>) -> Opti
     let after = &buf[buf.rfind(')')? + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields from 3 (state) on: minflt 10, majflt 12, utime 14, stime 15, num_threads 20.
-    let n = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let n = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     s.minflt = n(10);
     s.majflt = n(12);
     s.cpu_ticks = n(14) + n(15);
@@ -94,7 +98,9 @@ fn sample(pid: i32, buf: &mut String, dead: &mut HashMap<u32, [u64; 4]>) -> Opti
                 }
             }
             if read(&format!("/proc/{pid}/task/{tid}/schedstat"), buf) {
-                let mut it = buf.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+                let mut it = buf
+                    .split_whitespace()
+                    .map(|v| v.parse::<u64>().unwrap_or(0));
                 c[2] = it.next().unwrap_or(0);
                 c[3] = it.next().unwrap_or(0);
             }
@@ -121,11 +127,16 @@ fn sample(pid: i32, buf: &mut String, dead: &mut HashMap<u32, [u64; 4]>) -> Opti
     }
     if read(&format!("/proc/{pid}/net/dev"), buf) {
         for l in buf.lines().skip(2) {
-            let Some((name, rest)) = l.split_once(':') else { continue };
+            let Some((name, rest)) = l.split_once(':') else {
+                continue;
+            };
             if name.trim() == "lo" {
                 continue;
             }
-            let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
             s.net_rx_bytes += v.first().copied().unwrap_or(0);
             s.net_tx_bytes += v.get(8).copied().unwrap_or(0);
         }
@@ -139,14 +150,18 @@ fn run(cli: &Cli) -> Result<()> {
     let mut buf = String::new();
     let mut dead = HashMap::new();
     let mut out = std::io::BufWriter::new(
-        fs::File::create(&cli.out).with_context(|| format!("cannot create {}", cli.out.display()))?,
+        fs::File::create(&cli.out)
+            .with_context(|| format!("cannot create {}", cli.out.display()))?,
     );
-    let mut prev = sample(cli.pid, &mut buf, &mut dead)
-        .with_context(|| format!("no process {}", cli.pid))?;
+    let mut prev =
+        sample(cli.pid, &mut buf, &mut dead).with_context(|| format!("no process {}", cli.pid))?;
     let mut ready = cli.out.clone().into_os_string();
     ready.push(".ready");
-    fs::write(&ready, format!("{{\"kind\":\"ready\",\"pid\":{}}}\n", std::process::id()))
-        .context("cannot write the ready file")?;
+    fs::write(
+        &ready,
+        format!("{{\"kind\":\"ready\",\"pid\":{}}}\n", std::process::id()),
+    )
+    .context("cannot write the ready file")?;
     let interval = Duration::from_millis(cli.interval_ms.max(1));
     let start = Instant::now();
     for seq in 0u64.. {
@@ -182,7 +197,10 @@ fn run(cli: &Cli) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(&cli) {
-        eprintln!("cis490-proc-poller: error: {}", format!("{e:#}").replace('\n', " "));
+        eprintln!(
+            "cis490-proc-poller: error: {}",
+            format!("{e:#}").replace('\n', " ")
+        );
         std::process::exit(2);
     }
 }

@@ -33,7 +33,10 @@ pub fn cpu_ns(pid: u32) -> u64 {
 /// the kernel lets any process read. `None` once it is gone.
 pub fn process_cpu_ns(pid: u32) -> Option<u64> {
     let clock = ((!(pid as libc::clockid_t)) << 3) | 2;
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into `ts`.
     let r = unsafe { libc::clock_gettime(clock, &mut ts) };
     (r == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
@@ -76,7 +79,8 @@ pub fn bpf_run(pid: u32) -> BpfRun {
                 .find_map(|l| l.strip_prefix(k))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
-        let (Some(id), Some(t), Some(c)) = (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
+        let (Some(id), Some(t), Some(c)) =
+            (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
         else {
             continue;
         };
@@ -118,7 +122,10 @@ impl BpfStats {
 impl Drop for BpfStats {
     fn drop(&mut self) {
         if let Err(e) = fs::write(BPF_STATS, &self.old) {
-            eprintln!("bench: warning: cannot restore {BPF_STATS} to {}: {e}", self.old);
+            eprintln!(
+                "bench: warning: cannot restore {BPF_STATS} to {}: {e}",
+                self.old
+            );
         }
     }
 }
@@ -131,7 +138,10 @@ pub fn restore_on_signal() {
         let old = [OLD_STATS.load(Ordering::Relaxed)];
         // SAFETY: a NUL-terminated path and a 1-byte buffer.
         unsafe {
-            let fd = libc::open(c"/proc/sys/kernel/bpf_stats_enabled".as_ptr(), libc::O_WRONLY);
+            let fd = libc::open(
+                c"/proc/sys/kernel/bpf_stats_enabled".as_ptr(),
+                libc::O_WRONLY,
+            );
             if fd >= 0 {
                 libc::write(fd, old.as_ptr().cast(), 1);
                 libc::close(fd);

@@ -128,7 +128,11 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
         "cargo xtask {}",
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     );
-    let sizes = if args.quick { Sizes::quick() } else { Sizes::full() };
+    let sizes = if args.quick {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    };
     let rounds = if args.quick && !std::env::args().any(|a| a.starts_with("--rounds")) {
         2
     } else {
@@ -175,7 +179,10 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
     let env = Env::new(bin, sizes, &kinds, guest)?;
     let setup = Setup {
         bin: bin.to_owned(),
-        cis490: args.cis490_bin.clone().unwrap_or_else(|| bin.join("cis490")),
+        cis490: args
+            .cis490_bin
+            .clone()
+            .unwrap_or_else(|| bin.join("cis490")),
         bpftrace,
         ringbuf_kib: None,
         block_tps: if Path::new("/sys/kernel/tracing/events/block/block_io_start").exists() {
@@ -191,7 +198,11 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
         "bench: {} round(s) of {} x {}; scratch {}",
         rounds,
         kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(","),
-        tracers.iter().map(|t| t.name()).collect::<Vec<_>>().join(","),
+        tracers
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(","),
         scratch.display()
     );
 
@@ -212,7 +223,12 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
                         runs.push(r);
                     }
                     Err(e) => {
-                        let msg = format!("round {} {} {}: {e:#}", round + 1, kind.name(), tracer.name());
+                        let msg = format!(
+                            "round {} {} {}: {e:#}",
+                            round + 1,
+                            kind.name(),
+                            tracer.name()
+                        );
                         eprintln!("bench: FAILED {msg}");
                         failures.push(msg);
                     }
@@ -235,7 +251,8 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
                         runs.push(r);
                     }
                     Err(e) => {
-                        let msg = format!("statistics pass {} {}: {e:#}", kind.name(), tracer.name());
+                        let msg =
+                            format!("statistics pass {} {}: {e:#}", kind.name(), tracer.name());
                         eprintln!("bench: FAILED {msg}");
                         failures.push(msg);
                     }
@@ -247,9 +264,8 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
         eprintln!("bench: BPF statistics restored");
     }
 
-    let loss = (!args.no_loss_check && tracers.contains(&Tracer::Cis490)).then(|| {
-        loss_check(&setup, &scratch.join("loss")).map_err(|e| format!("{e:#}"))
-    });
+    let loss = (!args.no_loss_check && tracers.contains(&Tracer::Cis490))
+        .then(|| loss_check(&setup, &scratch.join("loss")).map_err(|e| format!("{e:#}")));
     if let Some(Err(e)) = &loss {
         eprintln!("bench: loss check FAILED: {e}");
     }
@@ -280,7 +296,11 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
         crate::workspace_root().join(&args.out)
     };
     report::write_section(&out, &text)?;
-    eprintln!("bench: wrote {} ({:.0} s)", out.display(), t_start.elapsed().as_secs_f64());
+    eprintln!(
+        "bench: wrote {} ({:.0} s)",
+        out.display(),
+        t_start.elapsed().as_secs_f64()
+    );
     let _ = fs::remove_dir_all(&scratch);
     if !results.failures.is_empty() {
         bail!("{} run(s) failed (see the table)", results.failures.len());
@@ -315,7 +335,10 @@ fn progress_line(r: &Run) -> String {
         s += &format!(", workload CPU {:.3} s", c as f64 / 1e9);
     }
     if let Some(c) = r.tracer_cpu_ns {
-        s += &format!(", tracer CPU {:.2}% of a core", c as f64 / r.window_ns as f64 * 100.0);
+        s += &format!(
+            ", tracer CPU {:.2}% of a core",
+            c as f64 / r.window_ns as f64 * 100.0
+        );
     }
     if let Some(e) = r.outcome.as_ref().and_then(|o| o.events) {
         s += &format!(", {:.0} events/s", e as f64 / (r.work_ns as f64 / 1e9));
@@ -363,7 +386,10 @@ fn run_once(
     let bpf1 = tpid.map(measure::bpf_run);
     held.wait_exit(Duration::from_secs(60))?;
     let outcome = running.map(|r| r.finish()).transpose()?;
-    fs::write(dir.join("workload-report.json"), serde_json::to_vec_pretty(&done.report)?)?;
+    fs::write(
+        dir.join("workload-report.json"),
+        serde_json::to_vec_pretty(&done.report)?,
+    )?;
     Ok(Run {
         round,
         stats_pass,
@@ -468,7 +494,9 @@ fn ensure_bpftrace() -> Result<PathBuf> {
     if let Some(p) = find() {
         return Ok(p);
     }
-    eprintln!("bench: installing bpftrace (apt-get install bpftrace), the peer it compares against");
+    eprintln!(
+        "bench: installing bpftrace (apt-get install bpftrace), the peer it compares against"
+    );
     let apt = |args: &[&str]| {
         Command::new("apt-get")
             .args(args)
@@ -479,7 +507,9 @@ fn ensure_bpftrace() -> Result<PathBuf> {
     if !apt(&["install", "-y", "--no-install-recommends", "bpftrace"]) {
         let _ = apt(&["update"]);
         if !apt(&["install", "-y", "--no-install-recommends", "bpftrace"]) {
-            bail!("cannot install bpftrace with apt-get: install Debian's bpftrace package and rerun");
+            bail!(
+                "cannot install bpftrace with apt-get: install Debian's bpftrace package and rerun"
+            );
         }
     }
     find().context("bpftrace was installed but is not on PATH")
@@ -499,7 +529,9 @@ fn wait_quiet(minutes: u64, load: f64) {
             return;
         }
         if t0.elapsed() > Duration::from_secs(minutes * 60) {
-            eprintln!("bench: load average still {l:.2} after {minutes} min: starting anyway (the table records it)");
+            eprintln!(
+                "bench: load average still {l:.2} after {minutes} min: starting anyway (the table records it)"
+            );
             return;
         }
         if last.elapsed() >= Duration::from_secs(30) {

@@ -103,10 +103,21 @@ impl Setup {
             Tracer::None => return Ok(None),
             Tracer::Cis490 => {
                 let mut c = Command::new(&self.cis490);
-                c.args(["trace", "--target-pid", &pid.to_string(), "--sources", "ebpf"])
-                    .args(["--interval-ms", &INTERVAL_MS.to_string(), "--progress-secs", "0"])
-                    .arg("--data-dir")
-                    .arg(dir.join("data"));
+                c.args([
+                    "trace",
+                    "--target-pid",
+                    &pid.to_string(),
+                    "--sources",
+                    "ebpf",
+                ])
+                .args([
+                    "--interval-ms",
+                    &INTERVAL_MS.to_string(),
+                    "--progress-secs",
+                    "0",
+                ])
+                .arg("--data-dir")
+                .arg(dir.join("data"));
                 if let Some(k) = self.ringbuf_kib {
                     c.args(["--ringbuf-kib", &k.to_string()]);
                 }
@@ -123,9 +134,14 @@ impl Setup {
             }
             Tracer::Proc => {
                 let mut c = Command::new(self.bin.join("cis490-proc-poller"));
-                c.args(["--pid", &pid.to_string(), "--interval-ms", &INTERVAL_MS.to_string()])
-                    .arg("--out")
-                    .arg(dir.join("proc.jsonl"));
+                c.args([
+                    "--pid",
+                    &pid.to_string(),
+                    "--interval-ms",
+                    &INTERVAL_MS.to_string(),
+                ])
+                .arg("--out")
+                .arg(dir.join("proc.jsonl"));
                 c
             }
         };
@@ -161,8 +177,9 @@ impl Running {
                     fs::read_to_string(e.path().join("events.jsonl"))
                         .is_ok_and(|t| t.contains("\"event\":\"started\""))
                 }),
-            Tracer::Bpftrace => fs::read_to_string(self.dir.join("bpftrace.out"))
-                .is_ok_and(|t| t.contains("tick")),
+            Tracer::Bpftrace => {
+                fs::read_to_string(self.dir.join("bpftrace.out")).is_ok_and(|t| t.contains("tick"))
+            }
             Tracer::Proc => self.dir.join("proc.jsonl.ready").exists(),
         }
     }
@@ -178,7 +195,11 @@ impl Running {
                 );
             }
             if t0.elapsed() > timeout {
-                bail!("{} not ready within {timeout:?}: {}", self.tracer.name(), self.stderr_tail());
+                bail!(
+                    "{} not ready within {timeout:?}: {}",
+                    self.tracer.name(),
+                    self.stderr_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -200,7 +221,12 @@ impl Running {
         }
         let usage = measure::wait_usage(&mut self.child, Duration::from_secs(60))?;
         if usage.code != 0 {
-            bail!("{} exited with code {}: {}", self.tracer.name(), usage.code, self.stderr_tail());
+            bail!(
+                "{} exited with code {}: {}",
+                self.tracer.name(),
+                usage.code,
+                self.stderr_tail()
+            );
         }
         let mut o = Outcome {
             usage,
@@ -209,7 +235,13 @@ impl Running {
         match self.tracer {
             Tracer::Cis490 => {
                 let stdout = fs::read_to_string(self.dir.join("tracer.stdout"))?;
-                let ep = PathBuf::from(stdout.lines().last().context("cis490 printed no episode")?.trim());
+                let ep = PathBuf::from(
+                    stdout
+                        .lines()
+                        .last()
+                        .context("cis490 printed no episode")?
+                        .trim(),
+                );
                 if !ep.join("done.marker").exists() {
                     bail!("cis490's episode {} is incomplete", ep.display());
                 }
@@ -234,7 +266,11 @@ impl Running {
                         .chain(err.lines())
                         .filter_map(|l| {
                             let l = l.trim();
-                            l.strip_prefix("Lost ")?.split_whitespace().next()?.parse::<u64>().ok()
+                            l.strip_prefix("Lost ")?
+                                .split_whitespace()
+                                .next()?
+                                .parse::<u64>()
+                                .ok()
                         })
                         .sum(),
                 );

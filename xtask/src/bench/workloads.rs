@@ -45,7 +45,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Storm, Kind::Wakeburn, Kind::Dio, Kind::Net, Kind::Qemu];
+    pub const ALL: [Kind; 5] = [
+        Kind::Storm,
+        Kind::Wakeburn,
+        Kind::Dio,
+        Kind::Net,
+        Kind::Qemu,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -110,7 +116,10 @@ impl Sizes {
             ),
             Kind::Wakeburn => format!(
                 "`cis490-workload wakeburn --threads {} --cycles {} --spin-iters {}`: each thread spins, then sleeps 1 us (plus the timer slack), {} times",
-                self.wakeburn_threads, self.wakeburn_cycles, self.wakeburn_spin_iters, self.wakeburn_cycles
+                self.wakeburn_threads,
+                self.wakeburn_cycles,
+                self.wakeburn_spin_iters,
+                self.wakeburn_cycles
             ),
             Kind::Dio => format!(
                 "`cis490-workload dio --write-mb {m} --read-mb {m} --block-kb {}`: O_DIRECT writes then reads of a preallocated file on the root filesystem (ext4 on virtio-blk)",
@@ -164,7 +173,9 @@ impl Env {
             (true, Some(guest)) => {
                 let ns = Netns::new("bench-qemu");
                 ns.ip(&["tuntap", "add", "dev", QEMU_TAP, "mode", "tap"]);
-                ns.sh(&format!("sysctl -q -w net.ipv6.conf.{QEMU_TAP}.disable_ipv6=1"));
+                ns.sh(&format!(
+                    "sysctl -q -w net.ipv6.conf.{QEMU_TAP}.disable_ipv6=1"
+                ));
                 ns.ip(&["addr", "add", "10.98.0.1/24", "dev", QEMU_TAP]);
                 ns.ip(&["link", "set", QEMU_TAP, "up"]);
                 let disk = disk_dir.join("qemu-disk.img");
@@ -240,16 +251,26 @@ impl Env {
             }
             Kind::Qemu => return self.start_qemu(dir),
         };
-        cmd.arg("--wait-signal").arg("--linger-ms").arg("300").arg("--out").arg(&out);
+        cmd.arg("--wait-signal")
+            .arg("--linger-ms")
+            .arg("300")
+            .arg("--out")
+            .arg(&out);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join("workload.stderr"))?);
-        let child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {cmd:?}"))?;
         let ready = with_suffix(&out, ".ready");
         let t0 = Instant::now();
         while !ready.exists() {
             if t0.elapsed() > Duration::from_secs(60) {
-                bail!("{} workload not ready within 60 s ({})", kind.name(), dir.display());
+                bail!(
+                    "{} workload not ready within 60 s ({})",
+                    kind.name(),
+                    dir.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -257,7 +278,9 @@ impl Env {
         let pid = r["pid"].as_u64().context("ready file without pid")? as u32;
         if kind == Kind::Net {
             let net = self.net.as_ref().unwrap();
-            net.ns.sh(&format!("sysctl -q -w net.ipv6.conf.{NET_TAP}.disable_ipv6=1"));
+            net.ns.sh(&format!(
+                "sysctl -q -w net.ipv6.conf.{NET_TAP}.disable_ipv6=1"
+            ));
             net.ns.ip(&["link", "set", NET_TAP, "up"]);
         }
         Ok(Held {
@@ -274,15 +297,14 @@ impl Env {
     fn start_qemu(&self, dir: &Path) -> Result<Held> {
         let q = self.qemu.as_ref().context("qemu workload not prepared")?;
         let sink_out = dir.join("sink.json");
-        let sink = q
-            .ns
-            .cmd(&self.bin.join("cis490-workload"))
-            .args(["sink", "--port", "5555", "--timeout-ms", "300000", "--out"])
-            .arg(&sink_out)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start the network peer")?;
+        let sink =
+            q.ns.cmd(&self.bin.join("cis490-workload"))
+                .args(["sink", "--port", "5555", "--timeout-ms", "300000", "--out"])
+                .arg(&sink_out)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start the network peer")?;
         cis490_tests::wait_for_file(&with_suffix(&sink_out, ".ready"), Duration::from_secs(30));
         let s = &self.sizes;
         let console = dir.join("console.log");
@@ -297,7 +319,9 @@ impl Env {
             "tap,ifname={QEMU_TAP},script=no,downscript=no,model=virtio-net-pci"
         ));
         launch.console = Some(console.clone());
-        let mut argv: Vec<OsString> = ["ip", "netns", "exec", &q.ns.0].map(OsString::from).to_vec();
+        let mut argv: Vec<OsString> = ["ip", "netns", "exec", &q.ns.0]
+            .map(OsString::from)
+            .to_vec();
         argv.extend(qemu_argv(&q.guest.guest, &launch));
         // The shell stops itself; once released it becomes ip, then QEMU
         // (exec keeps the pid).
@@ -388,12 +412,23 @@ impl Held {
                 // Exited without finishing its work.
                 let stderr = fs::read_to_string(self.out.with_file_name("workload.stderr"))
                     .unwrap_or_default();
-                bail!("{} workload exited ({st}) before finishing: {}", self.kind.name(), stderr.trim());
+                bail!(
+                    "{} workload exited ({st}) before finishing: {}",
+                    self.kind.name(),
+                    stderr.trim()
+                );
             }
             if released.elapsed() > timeout {
-                bail!("{} workload did not finish within {timeout:?}", self.kind.name());
+                bail!(
+                    "{} workload did not finish within {timeout:?}",
+                    self.kind.name()
+                );
             }
-            std::thread::sleep(Duration::from_millis(if self.console.is_some() { 5 } else { 2 }));
+            std::thread::sleep(Duration::from_millis(if self.console.is_some() {
+                5
+            } else {
+                2
+            }));
         }
     }
 
@@ -426,7 +461,8 @@ impl Held {
                 let ns = r["write_ns"].as_u64().unwrap_or(0)
                     + r["fdatasync_ns"].as_u64().unwrap_or(0)
                     + r["read_ns"].as_u64().unwrap_or(0);
-                let bytes = r["write_bytes"].as_u64().unwrap_or(0) + r["read_bytes"].as_u64().unwrap_or(0);
+                let bytes =
+                    r["write_bytes"].as_u64().unwrap_or(0) + r["read_bytes"].as_u64().unwrap_or(0);
                 (Some(ns), Some(bytes as f64 / 1e6 / (ns as f64 / 1e9)))
             }
             Kind::Net => {

@@ -17,8 +17,7 @@ use std::os::fd::AsRawFd;
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use cis490_common::{
-    HIST_BUCKETS, LifecycleRecord, MaxSlot, RecordKind, SchedStats,
-    record::record_kind,
+    HIST_BUCKETS, LifecycleRecord, MaxSlot, RecordKind, SchedStats, record::record_kind,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -180,7 +179,8 @@ impl EbpfSource {
     /// (block requests whose completion was never delivered).
     pub fn settle(&mut self, target_gone: bool) {
         if target_gone {
-            self.sched.wait_for_final_switches(std::time::Duration::from_secs(1));
+            self.sched
+                .wait_for_final_switches(std::time::Duration::from_secs(1));
         }
         if let Some(b) = &mut self.block {
             b.settle(target_gone);

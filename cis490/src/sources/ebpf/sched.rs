@@ -23,6 +23,8 @@ struct Totals {
     nivcsw: u64,
     migrations: u64,
     runq_delay_ns: u64,
+    min_flt: u64,
+    maj_flt: u64,
     threads: u64,
 }
 
@@ -39,6 +41,8 @@ impl Totals {
             nivcsw: self.nivcsw.max(prev.nivcsw),
             migrations: self.migrations.max(prev.migrations),
             runq_delay_ns: self.runq_delay_ns.max(prev.runq_delay_ns),
+            min_flt: self.min_flt.max(prev.min_flt),
+            maj_flt: self.maj_flt.max(prev.maj_flt),
             ..self
         }
     }
@@ -93,7 +97,7 @@ impl SchedReader {
         if threads == Some(0) && in_proc > 0 {
             self.blind = Some(format!(
                 "the kernel's task iterator shows none of pid {pid}'s {in_proc} threads: \
-                 cpu_ns, context switches, migrations, runq_delay_ns and threads are null \
+                 cpu_ns, context switches, migrations, runq_delay_ns, page faults and threads are null \
                  (wakeups and single run-queue delays still come from events)"
             ));
         }
@@ -158,6 +162,8 @@ impl SchedReader {
             } else {
                 stats.runq_delay_ns
             },
+            min_flt: stats.dead_min_flt.wrapping_add(live.min_flt),
+            maj_flt: stats.dead_maj_flt.wrapping_add(live.maj_flt),
             threads: live.threads,
         })
     }
@@ -181,6 +187,8 @@ impl SchedReader {
             m.runq_delay_ns = d(cur.runq_delay_ns, prev.runq_delay_ns);
             m.threads = Some(cur.threads);
             m.migrations = d(cur.migrations, prev.migrations);
+            m.page_faults_minor = d(cur.min_flt, prev.min_flt);
+            m.page_faults_major = d(cur.maj_flt, prev.maj_flt);
         }
         m.wakeups = d(c.wakeups, p.wakeups);
         // No delay measured in the bucket: the maximum is 0, not unknown.

@@ -727,30 +727,6 @@ pub(crate) fn parse_sched_migrations(s: &str) -> anyhow::Result<u64> {
         .and_then(|(_, v)| parse_u64(v, "se.nr_migrations"))
 }
 
-/// A thread's scheduler counters as /proc shows them (schedstat, status and,
-/// where the kernel has it, sched), for seeding the eBPF probe's per-thread
-/// baseline at attach. Migrations are `ThreadCounters::UNKNOWN` without a
-/// sched file.
-pub fn thread_counters(pid: i32, tid: u32) -> anyhow::Result<cis490_common::ThreadCounters> {
-    let dir = PathBuf::from(format!("/proc/{pid}/task/{tid}"));
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name)).with_context(|| format!("{}/{name}", dir.display()))
-    };
-    let sched = parse_schedstat(&read("schedstat")?)?;
-    let ctxt = parse_status_ctxt(&read("status")?)?;
-    let migrations = read("sched")
-        .and_then(|s| parse_sched_migrations(&s))
-        .unwrap_or(cis490_common::ThreadCounters::UNKNOWN);
-    Ok(cis490_common::ThreadCounters {
-        runtime_ns: sched.sum_exec_runtime_ns,
-        nvcsw: ctxt.voluntary,
-        nivcsw: ctxt.involuntary,
-        run_delay_ns: sched.run_delay_ns,
-        migrations,
-        exited: 0,
-    })
-}
-
 /// Parses a decimal count, ignoring surrounding whitespace.
 fn parse_u64(v: &str, name: &str) -> anyhow::Result<u64> {
     let v = v.trim();
@@ -792,37 +768,6 @@ mod tests {
         stime: u64,
         num_threads: u64,
         start_time: u64,
-    }
-
-    #[test]
-    fn thread_counters_of_this_thread() {
-        let pid = std::process::id() as i32;
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() } as u32;
-        // 30 ms of this thread's CPU time (not wall time: the machine may be
-        // loaded).
-        let cpu = || {
-            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-            // SAFETY: `ts` is a valid timespec.
-            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-        };
-        let start = cpu();
-        while cpu() - start < 30_000_000 {
-            std::hint::black_box(0u64);
-        }
-        let c = thread_counters(pid, tid).unwrap();
-        assert!(c.runtime_ns >= 10_000_000, "{c:?}");
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: getrusage fills the struct.
-        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
-        // Same kernel counters: /proc cannot be ahead of getrusage read later.
-        assert!(
-            c.nvcsw <= ru.ru_nvcsw as u64 && c.nivcsw <= ru.ru_nivcsw as u64,
-            "{c:?}"
-        );
-        assert_eq!(c.exited, 0);
-        assert!(thread_counters(pid, 4_194_305).is_err());
     }
 
     #[test]

@@ -1,0 +1,120 @@
+//! The default command, as users run it: `cis490 trace` without
+//! `--sources` records eBPF and /proc only, puts no perf counter on the
+//! target's threads (their save and restore at every context switch is
+//! what made the old default cost a switch-heavy target a quarter of its
+//! throughput), and still counts page faults (eBPF, from each thread's own
+//! `min_flt`/`maj_flt`), against the process's own count.
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use cis490_tests::*;
+
+#[test]
+fn the_default_sources_are_ebpf_and_proc_with_no_perf_counter_on_the_target() {
+    require_root();
+    let dir = scratch("defaults-fds");
+    let trace = default_trace_cmd(&dir)
+        .args(["--duration", "1.5", "--", "sleep", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = trace.id() as i32;
+    let mut held = bpf::Held::default();
+    let t0 = Instant::now();
+    let mut sampled = 0;
+    while t0.elapsed() < Duration::from_secs(20) {
+        let h = bpf::held_by(pid);
+        if h.progs.is_empty() && sampled > 0 {
+            break;
+        }
+        if !h.progs.is_empty() {
+            held.extend(&h);
+            sampled += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ep = Episode::from_output(&trace.wait_with_output().unwrap());
+    assert!(ep.is_done());
+    assert!(sampled > 0, "never saw the tracer's BPF objects");
+    let sources: Vec<&str> = ep.meta["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, ["ebpf", "proc"], "{}", ep.meta["sources"]);
+    assert!(!ep.dir.join("telemetry-perf.jsonl").exists());
+    assert!(ep.meta["perf"].is_null(), "{}", ep.meta["perf"]);
+    // The only perf_event fds can be the classic (tracefs) tracepoints'
+    // (held by their BPF links where the kernel has perf links, else by
+    // the tracer itself).
+    let classic = ep.meta["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["state"] == "attached" && p["kind"].get("trace_point").is_some())
+        .count();
+    eprintln!(
+        "default command: {} perf_event fds held, {classic} classic tracepoints attached",
+        held.perf_events
+    );
+    assert!(
+        held.perf_events <= classic,
+        "{} perf_event fds for {classic} classic tracepoints: a counter on the target?",
+        held.perf_events
+    );
+    assert_check_passes(&ep.dir);
+}
+
+#[test]
+fn page_faults_agree_with_the_process_own_count() {
+    require_root();
+    let dir = scratch("defaults-faults");
+    let out_json = dir.join("faults.json");
+    let out = run_with_timeout(
+        default_trace_cmd(&dir)
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .args(["faults", "--threads", "4", "--pages", "20000", "--out"])
+            .arg(&out_json),
+        Duration::from_secs(60),
+    );
+    let ep = Episode::from_output(&out);
+    assert!(ep.is_done());
+    let truth = report(&out_json);
+    let touched = truth["touched"].as_u64().unwrap();
+    let own = truth["minflt"].as_u64().unwrap();
+    let ebpf = ep.sum("ebpf", "page_faults_minor");
+    let proc = ep.sum("proc", "page_faults_minor");
+    eprintln!(
+        "minor faults: ebpf {ebpf}, /proc {proc}, the process's getrusage {own} \
+         (after the join), touched {touched}"
+    );
+    // Every page the threads touched is a fault of an exited thread (each
+    // thread ended before the report): eBPF has them from the threads'
+    // final switch-out.
+    assert!(ebpf >= touched, "ebpf {ebpf} < touched {touched}");
+    // The process's own count (read after the join) against eBPF's: eBPF
+    // misses what the held child did before the baseline (a few CoW faults
+    // between fork and the release) and adds what the process did after
+    // its getrusage (writing the report, exiting): a few hundred at most.
+    assert!(
+        ebpf.abs_diff(own) <= 500,
+        "ebpf {ebpf} vs the process's own {own}"
+    );
+    // /proc reads the same kernel counters (the process's `min_flt` plus
+    // every live thread's): the same total within the few faults between
+    // two reads of a boundary.
+    assert!(ebpf.abs_diff(proc) <= 100, "ebpf {ebpf} vs /proc {proc}");
+    let maj = ep.sum("ebpf", "page_faults_major");
+    assert!(
+        maj <= truth["majflt"].as_u64().unwrap() + 5,
+        "major faults: ebpf {maj} vs {}",
+        truth["majflt"]
+    );
+    assert_check_passes(&ep.dir);
+}
