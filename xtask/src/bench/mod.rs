@@ -35,7 +35,7 @@ use workloads::{Env, Sizes};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Timed rounds (each runs every workload untraced and under every tracer).
-    #[arg(long, value_name = "N", default_value_t = 5,
+    #[arg(long, value_name = "N", default_value_t = 7,
           value_parser = clap::value_parser!(u32).range(1..=50))]
     pub rounds: u32,
     /// Smaller workloads and 2 rounds (unless --rounds is given): for development.

@@ -1,8 +1,9 @@
 //! The tracers the bench compares, each attached to the held workload's
 //! pid before it is released:
 //!
-//! - `cis490`: `cis490 trace --target-pid PID --sources ebpf` (every eBPF
-//!   probe family on, 100 ms buckets), ready when its `started` event is out
+//! - `cis490`: `cis490 trace --target-pid PID` as users run it (the
+//!   default sources, 100 ms buckets), and `cis490 ebpf|proc|perf`: each
+//!   source alone (`--sources S`); ready when its `started` event is out
 //!   (its baseline is taken);
 //! - `bpftrace`: Debian's bpftrace with [`bpftrace_script`], which counts
 //!   the same scheduler and block events for the same process in BPF maps
@@ -26,8 +27,15 @@ use super::measure::{self, Usage, signal};
 pub enum Tracer {
     /// No tracer: the baseline.
     None,
-    /// cis490 with every eBPF probe family (`--sources ebpf`).
+    /// cis490 as users run it: `cis490 trace --target-pid PID` (the
+    /// default sources).
     Cis490,
+    /// cis490 with the eBPF source alone (`--sources ebpf`: every probe family).
+    Cis490Ebpf,
+    /// cis490 with the /proc oracle alone (`--sources proc`).
+    Cis490Proc,
+    /// cis490 with perf's per-thread counters alone (`--sources perf`).
+    Cis490Perf,
     /// bpftrace counting the same scheduler and block events.
     Bpftrace,
     /// A plain /proc poller at the same interval.
@@ -35,20 +43,46 @@ pub enum Tracer {
 }
 
 impl Tracer {
-    pub const ALL: [Tracer; 4] = [Tracer::None, Tracer::Cis490, Tracer::Bpftrace, Tracer::Proc];
+    pub const ALL: [Tracer; 7] = [
+        Tracer::None,
+        Tracer::Cis490,
+        Tracer::Cis490Ebpf,
+        Tracer::Cis490Proc,
+        Tracer::Cis490Perf,
+        Tracer::Bpftrace,
+        Tracer::Proc,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Tracer::None => "untraced",
             Tracer::Cis490 => "cis490",
+            Tracer::Cis490Ebpf => "cis490 ebpf",
+            Tracer::Cis490Proc => "cis490 proc",
+            Tracer::Cis490Perf => "cis490 perf",
             Tracer::Bpftrace => "bpftrace",
             Tracer::Proc => "/proc poller",
         }
     }
 
+    /// For a cis490 run: its `--sources` (`None`: the default sources).
+    pub fn cis490_sources(self) -> Option<Option<&'static str>> {
+        match self {
+            Tracer::Cis490 => Some(None),
+            Tracer::Cis490Ebpf => Some(Some("ebpf")),
+            Tracer::Cis490Proc => Some(Some("proc")),
+            Tracer::Cis490Perf => Some(Some("perf")),
+            _ => None,
+        }
+    }
+
+    pub fn is_cis490(self) -> bool {
+        self.cis490_sources().is_some()
+    }
+
     /// Whether it runs BPF programs (and so has BPF statistics).
     pub fn is_bpf(self) -> bool {
-        matches!(self, Tracer::Cis490 | Tracer::Bpftrace)
+        matches!(self, Tracer::Cis490 | Tracer::Cis490Ebpf | Tracer::Bpftrace)
     }
 }
 
@@ -101,16 +135,13 @@ impl Setup {
         let stderr = || fs::File::create(dir.join("tracer.stderr"));
         let mut cmd = match tracer {
             Tracer::None => return Ok(None),
-            Tracer::Cis490 => {
+            t @ (Tracer::Cis490 | Tracer::Cis490Ebpf | Tracer::Cis490Proc | Tracer::Cis490Perf) => {
                 let mut c = Command::new(&self.cis490);
+                c.args(["trace", "--target-pid", &pid.to_string()]);
+                if let Some(Some(sources)) = t.cis490_sources() {
+                    c.args(["--sources", sources]);
+                }
                 c.args([
-                    "trace",
-                    "--target-pid",
-                    &pid.to_string(),
-                    "--sources",
-                    "ebpf",
-                ])
-                .args([
                     "--interval-ms",
                     &INTERVAL_MS.to_string(),
                     "--progress-secs",
@@ -169,7 +200,7 @@ impl Running {
     fn is_ready(&self) -> bool {
         match self.tracer {
             Tracer::None => true,
-            Tracer::Cis490 => fs::read_dir(self.dir.join("data/episodes"))
+            Tracer::Cis490 | Tracer::Cis490Ebpf | Tracer::Cis490Proc | Tracer::Cis490Perf => fs::read_dir(self.dir.join("data/episodes"))
                 .into_iter()
                 .flatten()
                 .flatten()
@@ -233,7 +264,7 @@ impl Running {
             ..Outcome::default()
         };
         match self.tracer {
-            Tracer::Cis490 => {
+            Tracer::Cis490 | Tracer::Cis490Ebpf | Tracer::Cis490Proc | Tracer::Cis490Perf => {
                 let stdout = fs::read_to_string(self.dir.join("tracer.stdout"))?;
                 let ep = PathBuf::from(
                     stdout
@@ -275,7 +306,7 @@ impl Running {
                         .sum(),
                 );
             }
-            Tracer::Proc | Tracer::None => {}
+            _ => {}
         }
         Ok(o)
     }

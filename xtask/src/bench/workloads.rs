@@ -34,6 +34,11 @@ use super::measure::{self, signal};
 pub enum Kind {
     /// Context-switch storm: two threads ping-pong one byte over pipes on one CPU.
     Storm,
+    /// The same storm left to the scheduler (unpinned: cross-CPU wake-ups).
+    StormFree,
+    /// Two storms at once in one process, one pinned to each CPU: the most
+    /// events per second this machine makes for one target.
+    Storms,
     /// Many-thread CPU burn with frequent wakeups (more threads than CPUs).
     Wakeburn,
     /// Direct-I/O block writes, then reads.
@@ -56,6 +61,8 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Storm => "storm",
+            Kind::StormFree => "storm-free",
+            Kind::Storms => "storms",
             Kind::Wakeburn => "wakeburn",
             Kind::Dio => "dio",
             Kind::Net => "net",
@@ -68,6 +75,7 @@ impl Kind {
 #[derive(Clone, Copy, Debug)]
 pub struct Sizes {
     pub storm_round_trips: u64,
+    pub storm_free_round_trips: u64,
     pub wakeburn_threads: u32,
     pub wakeburn_cycles: u64,
     pub wakeburn_spin_iters: u64,
@@ -83,6 +91,7 @@ impl Sizes {
     pub fn full() -> Self {
         Sizes {
             storm_round_trips: 1_000_000,
+            storm_free_round_trips: 80_000,
             wakeburn_threads: 8,
             wakeburn_cycles: 4_000,
             wakeburn_spin_iters: 8_000,
@@ -98,6 +107,7 @@ impl Sizes {
     pub fn quick() -> Self {
         Sizes {
             storm_round_trips: 300_000,
+            storm_free_round_trips: 50_000,
             wakeburn_cycles: 1_200,
             dio_mib: 32,
             net_frames: 500_000,
@@ -112,6 +122,14 @@ impl Sizes {
         match k {
             Kind::Storm => format!(
                 "`cis490-workload storm --round-trips {}`: two threads pinned to one CPU bounce one byte over two pipes (two context switches per round trip)",
+                self.storm_round_trips
+            ),
+            Kind::StormFree => format!(
+                "`cis490-workload storm --round-trips {} --cpus free`: the same, unpinned (the scheduler places the threads; cross-CPU wake-ups are slow in this VM)",
+                self.storm_free_round_trips
+            ),
+            Kind::Storms => format!(
+                "`cis490-workload storm --round-trips {} --pairs 2`: two such pairs in one process, one pinned to each CPU",
                 self.storm_round_trips
             ),
             Kind::Wakeburn => format!(
@@ -206,6 +224,18 @@ impl Env {
             Kind::Storm => {
                 let mut c = self.workload();
                 c.args(["storm", "--round-trips", &s.storm_round_trips.to_string()]);
+                c
+            }
+            Kind::StormFree => {
+                let mut c = self.workload();
+                c.args(["storm", "--cpus", "free", "--round-trips"])
+                    .arg(s.storm_free_round_trips.to_string());
+                c
+            }
+            Kind::Storms => {
+                let mut c = self.workload();
+                c.args(["storm", "--pairs", "2", "--round-trips"])
+                    .arg(s.storm_round_trips.to_string());
                 c
             }
             Kind::Wakeburn => {
@@ -455,7 +485,9 @@ impl Held {
         let r: Value = serde_json::from_slice(&fs::read(&self.out)?)
             .with_context(|| format!("{}", self.out.display()))?;
         let (work_ns, rate) = match self.kind {
-            Kind::Storm => (r["wall_ns"].as_u64(), r["round_trips_per_s"].as_f64()),
+            Kind::Storm | Kind::StormFree | Kind::Storms => {
+                (r["wall_ns"].as_u64(), r["round_trips_per_s"].as_f64())
+            }
             Kind::Wakeburn => (r["wall_ns"].as_u64(), r["cycles_per_s"].as_f64()),
             Kind::Dio => {
                 let ns = r["write_ns"].as_u64().unwrap_or(0)
