@@ -11,6 +11,20 @@ pub const MAX_IFS: usize = 16;
 /// Slot of [`NetStats::slots`] that counts socket traffic.
 pub const SOCKET_SLOT: usize = MAX_IFS;
 
+/// Words of the tap ifindex filter (map `TAP_IFINDEXES`, `Array<u64>`): a
+/// bit per ifindex modulo 64 x this, set for every tap of the target. The
+/// network probes run on every packet of the machine; a packet whose
+/// interface's bit is clear is not the target's, decided with two loads
+/// before the namespace and the `TAP_IFS` hash lookup (the bit is a
+/// filter, not the answer: ifindexes repeat across namespaces).
+pub const TAP_IFINDEX_WORDS: u32 = 16;
+
+/// The word and bit of `ifindex` in the tap ifindex filter.
+#[inline(always)]
+pub fn ifindex_bit(ifindex: u32) -> (u32, u64) {
+    ((ifindex >> 6) % TAP_IFINDEX_WORDS, 1u64 << (ifindex & 63))
+}
+
 /// Counters of one interface (or of the sockets), from the target's side.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -86,5 +100,15 @@ mod tests {
     fn if_keys_separate_namespaces() {
         assert_ne!(if_key(1, 5), if_key(2, 5));
         assert_eq!(if_key(0xf000_0001, 7), 0xf000_0001_0000_0007);
+    }
+
+    #[test]
+    fn ifindex_bits_cover_every_index() {
+        assert_eq!(ifindex_bit(1), (0, 2));
+        assert_eq!(ifindex_bit(63), (0, 1 << 63));
+        assert_eq!(ifindex_bit(64), (1, 1));
+        // Indexes past the filter's 1024 bits share bits (a filter).
+        assert_eq!(ifindex_bit(1024 + 5), ifindex_bit(5));
+        assert!(ifindex_bit(u32::MAX).0 < TAP_IFINDEX_WORDS);
     }
 }

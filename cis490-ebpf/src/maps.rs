@@ -63,6 +63,12 @@ pub static NET_STATS: PerCpuArray<NetStats> = PerCpuArray::with_max_entries(1, 0
 #[map]
 pub static TAP_IFS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_IFS as u32, 0);
 
+/// The tap ifindex filter (`cis490_common::net::ifindex_bit`): a set bit
+/// may be a tap of the target, a clear one is not. Set by the loader.
+#[map]
+pub static TAP_IFINDEXES: Array<u64> =
+    Array::with_max_entries(cis490_common::net::TAP_IFINDEX_WORDS, 0);
+
 /// Cumulative KVM exit counters, one slot per CPU.
 #[map]
 pub static KVM_STATS: PerCpuArray<KvmStats> = PerCpuArray::with_max_entries(1, 0);

@@ -11,11 +11,11 @@
 use aya_ebpf::{Global, macros::btf_tracepoint, programs::BtfTracePointContext};
 use cis490_common::{
     IfStats,
-    net::{AF_INET, AF_INET6, MAX_IFS, SOCKET_SLOT, if_key},
+    net::{AF_INET, AF_INET6, MAX_IFS, SOCKET_SLOT, if_key, ifindex_bit},
 };
 
 use crate::{
-    maps::{NET_STATS, TAP_IFS, add},
+    maps::{NET_STATS, TAP_IFINDEXES, TAP_IFS, add},
     target::{current, field, is_target, load},
 };
 
@@ -50,6 +50,12 @@ const MSG_PEEK: u64 = 2;
 #[inline(always)]
 fn tap_slot(dev: *const u8) -> Option<usize> {
     let ifindex: u32 = load(dev, &NETDEV_IFINDEX_OFFSET);
+    // Most packets of the machine are not on a tap of the target: the
+    // ifindex filter says so with two loads.
+    let (word, bit) = ifindex_bit(ifindex);
+    if TAP_IFINDEXES.get(word).copied().unwrap_or(0) & bit == 0 {
+        return None;
+    }
     let net: *const u8 = load(dev, &NETDEV_NET_OFFSET);
     let inum: u32 = load(net, &NET_INUM_OFFSET);
     unsafe { TAP_IFS.get(if_key(inum, ifindex)) }

@@ -605,13 +605,6 @@ async fn trace(
             );
         }
     }
-    let mut logger = match aya_log::EbpfLogger::init(&mut probes.ebpf) {
-        Ok(l) => Some(fdwatch::readable(l)?),
-        Err(e) => {
-            log::debug!("eBPF logging unavailable: {e}");
-            None
-        }
-    };
     let mut records = RecordStream::new(&mut probes)?;
     target.check_same_process()?;
 
@@ -774,11 +767,6 @@ async fn trace(
                     out.event(at, clock.seq_of(l.ts_ns), name, detail)?;
                 }
             }
-            r = async { logger.as_mut().unwrap().readable_mut().await }, if logger.is_some() => {
-                let mut g = r?;
-                g.get_inner_mut().flush();
-                g.clear_ready();
-            }
         }
     };
 
@@ -812,7 +800,6 @@ async fn trace(
     let end = ClockPair::now();
     let last = sources.close_bucket(&mut clock, &mut out, end).await?;
     // Detach: no more events after the final row.
-    drop(logger);
     records.drain(|Record::Lifecycle(l)| {
         let (name, detail) = lifecycle_event(&l);
         let at = ClockPair {

@@ -463,7 +463,7 @@ mod tests {
                 })
             })
             .filter_map(|s| s.name().ok().map(str::to_owned))
-            // Ours: offsets and flags (aya-log has globals of its own).
+            // Ours: offsets and flags.
             .filter(|n| n.ends_with("_OFFSET") || n == "BLOCK_LEGACY" || n == "TARGET_TGID")
             .collect();
         assert!(

@@ -1580,28 +1580,36 @@ fn cmd_storm(a: &StormArgs) -> Result<()> {
         for (k, cpus) in pinned.iter().copied().enumerate() {
             let (mut r1, mut w1) = io::pipe().context("pipe")?;
             let (mut r2, mut w2) = io::pipe().context("pipe")?;
-            handles.push(spawn_named(s, format!("pong-{k}"), move || -> Result<()> {
-                if let Some([_, cpu]) = cpus {
-                    set_affinity(&[cpu])?;
-                }
-                let mut b = [0u8; 1];
-                for _ in 0..n {
-                    r1.read_exact(&mut b).context("pong: read")?;
-                    w2.write_all(&b).context("pong: write")?;
-                }
-                Ok(())
-            })?);
-            handles.push(spawn_named(s, format!("ping-{k}"), move || -> Result<()> {
-                if let Some([cpu, _]) = cpus {
-                    set_affinity(&[cpu])?;
-                }
-                let mut b = [0u8; 1];
-                for i in 0..n {
-                    w1.write_all(&[i as u8]).context("ping: write")?;
-                    r2.read_exact(&mut b).context("ping: read")?;
-                }
-                Ok(())
-            })?);
+            handles.push(spawn_named(
+                s,
+                format!("pong-{k}"),
+                move || -> Result<()> {
+                    if let Some([_, cpu]) = cpus {
+                        set_affinity(&[cpu])?;
+                    }
+                    let mut b = [0u8; 1];
+                    for _ in 0..n {
+                        r1.read_exact(&mut b).context("pong: read")?;
+                        w2.write_all(&b).context("pong: write")?;
+                    }
+                    Ok(())
+                },
+            )?);
+            handles.push(spawn_named(
+                s,
+                format!("ping-{k}"),
+                move || -> Result<()> {
+                    if let Some([cpu, _]) = cpus {
+                        set_affinity(&[cpu])?;
+                    }
+                    let mut b = [0u8; 1];
+                    for i in 0..n {
+                        w1.write_all(&[i as u8]).context("ping: write")?;
+                        r2.read_exact(&mut b).context("ping: read")?;
+                    }
+                    Ok(())
+                },
+            )?);
         }
         for h in handles {
             join(h)??;

@@ -481,7 +481,9 @@ fn targets(res: &Results, ringbuf: u64) -> Vec<(String, String, String)> {
                     "storm: BPF programs' CPU at most 3% of the storm's CPU ({})",
                     t.name()
                 ),
-                opt(share, |x| format!("{:.2}% (BPF statistics, one run)", x * 100.0)),
+                opt(share, |x| {
+                    format!("{:.2}% (BPF statistics, one run)", x * 100.0)
+                }),
                 if t == Tracer::Bpftrace {
                     "(peer, for comparison)".to_owned()
                 } else {

@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use cis490_common::{
     IfStats, NetStats,
-    net::{MAX_IFS, SOCKET_SLOT, if_key},
+    net::{MAX_IFS, SOCKET_SLOT, if_key, ifindex_bit},
 };
 
 use super::{SampleCtx, read_percpu, take};
@@ -21,6 +21,8 @@ pub struct NetReader {
     pid: i32,
     stats: PerCpuArray<MapData, NetStats>,
     tap_ifs: HashMap<MapData, u64, u32>,
+    /// The probes' ifindex filter: a bit for every registered tap.
+    tap_ifindexes: Array<MapData, u64>,
     taps_on: bool,
     sockets_on: bool,
     /// Interface name of each slot in use, in slot order.
@@ -45,6 +47,7 @@ impl NetReader {
             pid,
             stats: take(probes, "NET_STATS")?,
             tap_ifs: take(probes, "TAP_IFS")?,
+            tap_ifindexes: take(probes, "TAP_IFINDEXES")?,
             taps_on: net::taps_active(status),
             sockets_on: net::sockets_active(status),
             slots: Vec::new(),
@@ -84,6 +87,17 @@ impl NetReader {
                 continue;
             }
             let slot = self.slots.len() as u32;
+            // The filter bit first: a frame between the two is then only
+            // looked up in vain, never missed once the tap is in TAP_IFS.
+            let (word, bit) = ifindex_bit(tap.ifindex);
+            let set = self
+                .tap_ifindexes
+                .get(&word, 0)
+                .and_then(|w| self.tap_ifindexes.set(word, w | bit, 0));
+            if let Err(e) = set {
+                log::warn!("cannot count tap {}: {e}", tap.name);
+                continue;
+            }
             match self
                 .tap_ifs
                 .insert(if_key(tap.netns_inum, tap.ifindex), slot, 0)
