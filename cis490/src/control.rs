@@ -93,8 +93,64 @@ pub struct ControlSocket {
 /// Longest command line read.
 const MAX_LINE: usize = 4096;
 
+/// Checks that `path` can hold a control socket only this user can reach:
+/// its directory exists and no other user can replace what is in it (not
+/// writable by group or others unless sticky, owned by root or this user),
+/// and nothing but a socket is at the path. Called before anything of an
+/// episode exists, so a bad path is one error and no episode.
+pub fn check_path(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let name = path.display();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| anyhow::anyhow!("--control {name}: directory {}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("--control {name}: {} is not a directory", dir.display());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let mode = meta.mode();
+    if meta.uid() != 0 && meta.uid() != me {
+        bail!(
+            "--control {name}: directory {} belongs to uid {}, who could replace the socket; \
+             use a directory of root's or your own (e.g. /run)",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        bail!(
+            "--control {name}: directory {} is writable by other users (mode {:o}) and not \
+             sticky, so they could replace the socket; use a directory only you can write \
+             (e.g. /run)",
+            dir.display(),
+            mode & 0o7777
+        );
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path)
+        && !m.file_type().is_socket()
+    {
+        bail!("--control {name}: the path exists and is not a socket");
+    }
+    Ok(())
+}
+
+/// Whether a peer with `uid` may use the control socket: root, or the
+/// tracer's own user.
+fn may_connect(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
 impl ControlSocket {
+    /// Listens on `path`, mode 0600 whatever the umask (created under a
+    /// umask of 0177, then set again), and takes commands only from root
+    /// or the tracer's own user (each connection's peer credentials).
     pub fn bind(path: &Path) -> Result<Self> {
+        check_path(path)?;
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt as _;
             if !meta.file_type().is_socket() {
@@ -106,12 +162,41 @@ impl ControlSocket {
             // A socket left by an earlier run.
             std::fs::remove_file(path)?;
         }
-        let listener = UnixListener::bind(path)
+        // SAFETY: umask has no preconditions; restored right after.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = bound
             .map_err(|e| anyhow::anyhow!("--control {}: cannot listen: {e}", path.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |e| anyhow::anyhow!("--control {}: cannot set mode 0600: {e}", path.display()),
+            )?;
+        }
         let (tx, requests) = mpsc::channel(64);
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, tx.clone()));
+            while let Ok((mut stream, _)) = listener.accept().await {
+                match stream.peer_cred() {
+                    Ok(c) if may_connect(c.uid()) => {
+                        tokio::spawn(serve(stream, tx.clone()));
+                    }
+                    Ok(c) => {
+                        log::warn!(
+                            "control socket: refused a connection from uid {} (pid {:?}): \
+                             only root and the tracer's user may use it",
+                            c.uid(),
+                            c.pid()
+                        );
+                        let _ = stream
+                            .write_all(
+                                b"error permission denied: only root and the tracer's user\n",
+                            )
+                            .await;
+                    }
+                    Err(e) => log::warn!("control socket: no peer credentials: {e}"),
+                }
             }
         });
         Ok(Self {
@@ -245,5 +330,42 @@ mod tests {
         // A regular file in the way is refused.
         std::fs::write(&path, b"").unwrap();
         assert!(ControlSocket::bind(&path).is_err());
+    }
+
+    #[test]
+    fn paths_other_users_could_replace_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_path(&open.join("c.sock")).unwrap_err().to_string();
+        assert!(e.contains("writable by other users"), "{e}");
+        // Sticky, like /tmp: others cannot remove or rename what is ours.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        check_path(&open.join("c.sock")).unwrap();
+        let e = check_path(&dir.path().join("missing/c.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing"), "{e}");
+        check_path(&dir.path().join("c.sock")).unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_socket_is_0600_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        // SAFETY: umask has no preconditions; restored below.
+        let old = unsafe { libc::umask(0) };
+        let sock = ControlSocket::bind(&path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let _sock = sock.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert!(may_connect(0));
+        // SAFETY: geteuid has no preconditions.
+        assert!(may_connect(unsafe { libc::geteuid() }));
     }
 }

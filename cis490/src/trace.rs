@@ -71,6 +71,9 @@ impl TraceConfig {
         if self.sources.is_empty() {
             bail!("--sources must name at least one source");
         }
+        if let Some(path) = &self.control {
+            crate::control::check_path(path)?;
+        }
         Ok(())
     }
 }

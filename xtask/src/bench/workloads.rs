@@ -91,7 +91,7 @@ impl Sizes {
     pub fn full() -> Self {
         Sizes {
             storm_round_trips: 1_000_000,
-            storm_free_round_trips: 80_000,
+            storm_free_round_trips: 300_000,
             wakeburn_threads: 8,
             wakeburn_cycles: 4_000,
             wakeburn_spin_iters: 8_000,
@@ -125,7 +125,7 @@ impl Sizes {
                 self.storm_round_trips
             ),
             Kind::StormFree => format!(
-                "`cis490-workload storm --round-trips {} --cpus free`: the same, unpinned (the scheduler places the threads; cross-CPU wake-ups are slow in this VM)",
+                "`cis490-workload storm --round-trips {} --cpus free`: the same, unpinned (the scheduler places the threads: on one CPU or two, from run to run; cross-CPU wake-ups are slow in this VM)",
                 self.storm_free_round_trips
             ),
             Kind::Storms => format!(
