@@ -2,8 +2,10 @@
 
 /// Exit reasons counted one by one. VMX basic reasons (`exit_reason &
 /// 0xffff`) are below 0x100; SVM codes are below 0xb0 or `0x400..0x410`
-/// (folded to `0xb0 + (code & 0xf)`). Anything else (a failed VM entry, an
-/// SEV `vmgexit` sub-code) goes to [`OTHER_SLOT`].
+/// (folded to `0xb0 + (code & 0xf)`). A VMX exit is counted by its basic
+/// reason whatever its flag bits (a failed VM entry by the reason it
+/// failed for). Anything else (an SEV `vmgexit` sub-code) goes to
+/// [`OTHER_SLOT`].
 pub const KVM_REASON_SLOTS: usize = 256;
 /// The slot of reasons not counted one by one.
 pub const OTHER_SLOT: usize = KVM_REASON_SLOTS - 1;
@@ -81,8 +83,12 @@ pub const fn reason_slot(code: u32, isa: u32) -> usize {
         } else {
             OTHER_SLOT
         }
-    } else if code < OTHER_SLOT as u32 {
-        code as usize
+    } else if code & 0xffff < OTHER_SLOT as u32 {
+        // VMX: the tracepoint gives the full exit reason; its low 16 bits
+        // are the basic reason, the high ones flags (bit 31: a failed
+        // VM entry, bit 27: from enclave mode, ...), so a flagged exit is
+        // still counted under its basic reason.
+        (code & 0xffff) as usize
     } else {
         OTHER_SLOT
     }
@@ -120,7 +126,11 @@ mod tests {
         for code in [0x60u32, 0x7b, 0xa6, 0x400, 0x403] {
             assert_eq!(slot_reason(reason_slot(code, ISA_SVM), ISA_SVM), Some(code));
         }
-        assert_eq!(reason_slot(0x8000_0021, ISA_VMX), OTHER_SLOT);
+        // A failed VM entry (bit 31) with basic reason 33 (invalid guest
+        // state), and an exit from enclave mode (bit 27), by basic reason.
+        assert_eq!(reason_slot(0x8000_0021, ISA_VMX), 0x21);
+        assert_eq!(reason_slot(0x0800_000c, ISA_VMX), 12);
+        assert_eq!(reason_slot(0x0000_ffff, ISA_VMX), OTHER_SLOT);
         assert_eq!(reason_slot(0x8000_0001, ISA_SVM), OTHER_SLOT);
         assert_eq!(slot_reason(OTHER_SLOT, ISA_VMX), None);
     }
