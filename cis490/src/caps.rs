@@ -87,3 +87,36 @@ mod tests {
         }
     }
 }
+
+/// The inode number of the kernel's initial PID namespace
+/// (`PROC_PID_INIT_INO`, fixed in the kernel's ABI).
+const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
+
+/// Fails with one line when the tracer runs in a PID namespace of its own
+/// (a container without the host's PID namespace): the probes see the
+/// kernel's own thread ids, which the pids the tracer is given there are
+/// not, so every eBPF field would be wrong (`0`, or `null` with a
+/// misleading note) without any sign.
+pub fn require_init_pid_namespace() -> anyhow::Result<()> {
+    let link = match std::fs::read_link("/proc/self/ns/pid") {
+        Ok(l) => l,
+        // No namespace files (very old kernels): nothing to compare.
+        Err(e) => {
+            log::debug!("cannot read /proc/self/ns/pid: {e}");
+            return Ok(());
+        }
+    };
+    let text = link.to_string_lossy();
+    let ino = text
+        .strip_prefix("pid:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse::<u64>().ok());
+    match ino {
+        Some(INIT_PID_NS_INO) | None => Ok(()),
+        Some(_) => anyhow::bail!(
+            "cis490 runs in a PID namespace of its own ({text}), where process ids are not \
+             the kernel's, so its probes could not find the target: run it in the host's PID \
+             namespace (outside the container, or a container started with --pid=host)"
+        ),
+    }
+}

@@ -98,6 +98,7 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
     stop_signals(libc::SIG_BLOCK);
     cfg.validate()?;
     caps::require_tracing_caps()?;
+    caps::require_init_pid_namespace()?;
     let facts = KernelFacts::probe(&cfg.btf)?;
     // Fork before any thread exists (the runtime is created below).
     let mut target = match cfg.target_pid {

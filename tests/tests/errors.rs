@@ -167,3 +167,33 @@ fn bad_arguments() {
         eprintln!("{args:?}: {line}");
     }
 }
+
+/// Inside a PID namespace of its own (a container), the pids cis490 is
+/// given are not the kernel's: it refuses with one line instead of writing
+/// rows of zeros and nulls.
+#[test]
+fn a_tracer_in_its_own_pid_namespace_refuses() {
+    require_root();
+    let dir = scratch("err-pidns");
+    let unshare = which_unshare();
+    let mut cmd = std::process::Command::new(unshare);
+    cmd.args(["--pid", "--fork", "--mount-proc"])
+        .arg(bin("cis490"))
+        .arg("trace")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--progress-secs", "0", "--sources", "ebpf", "--", "true"]);
+    let out = run_with_timeout(&mut cmd, T);
+    let line = one_line_error(&out, &dir.join("data"));
+    assert!(line.contains("PID namespace of its own"), "{line}");
+}
+
+/// `unshare` (util-linux, or busybox's applet in the VMs).
+fn which_unshare() -> std::path::PathBuf {
+    for p in ["/usr/bin/unshare", "/bin/unshare", "/usr/sbin/unshare"] {
+        if std::path::Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!("no unshare binary: this test needs util-linux's (or busybox's) unshare");
+}
