@@ -32,13 +32,13 @@
 //!   counter's (scaled) cumulative value since the previous sample, never
 //!   negative.
 //!
-//! The raw `perf_event_open(2)` syscall is used (through `libc`), with the
-//! first published `perf_event_attr` layout (`PERF_ATTR_SIZE_VER0`), which
-//! every kernel accepts; the flag bits are set by position.
+//! Counters are opened and read through the `perf-event2` crate
+//! (`perf_event::Builder`, `Counter::read_full`), with the kernel's full
+//! `perf_event_attr` (older kernels accept it: the fields they do not know
+//! are zero).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Context, anyhow, bail};
 
@@ -98,173 +98,112 @@ impl Field {
     }
 }
 
-// uapi/linux/perf_event.h
-const PERF_TYPE_HARDWARE: u32 = 0;
-const PERF_TYPE_SOFTWARE: u32 = 1;
-const PERF_COUNT_HW_CPU_CYCLES: u64 = 0;
-const PERF_COUNT_HW_INSTRUCTIONS: u64 = 1;
-const PERF_COUNT_HW_CACHE_REFERENCES: u64 = 2;
-const PERF_COUNT_HW_CACHE_MISSES: u64 = 3;
-const PERF_COUNT_HW_BRANCH_MISSES: u64 = 5;
-const PERF_COUNT_SW_TASK_CLOCK: u64 = 1;
-const PERF_COUNT_SW_CONTEXT_SWITCHES: u64 = 3;
-const PERF_COUNT_SW_CPU_MIGRATIONS: u64 = 4;
-const PERF_COUNT_SW_PAGE_FAULTS_MIN: u64 = 5;
-const PERF_COUNT_SW_PAGE_FAULTS_MAJ: u64 = 6;
-const PERF_FORMAT_TOTAL_TIME_ENABLED: u64 = 1 << 0;
-const PERF_FORMAT_TOTAL_TIME_RUNNING: u64 = 1 << 1;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
-// Bits of the flags word.
-const ATTR_INHERIT: u64 = 1 << 1;
-const ATTR_EXCLUDE_HV: u64 = 1 << 6;
-const ATTR_INHERIT_THREAD: u64 = 1 << 35;
+use perf_event::events::{Hardware, Software};
+
+/// Which kind of perf event (the hardware ones need a PMU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Software(Software),
+    Hardware(Hardware),
+}
 
 /// One perf event, as perf(1) names it.
 struct EventSpec {
     name: &'static str,
-    type_: u32,
-    config: u64,
+    kind: Kind,
     field: Field,
+}
+
+impl EventSpec {
+    fn is_software(&self) -> bool {
+        matches!(self.kind, Kind::Software(_))
+    }
 }
 
 const EVENTS: [EventSpec; 10] = [
     EventSpec {
         name: "task-clock",
-        type_: PERF_TYPE_SOFTWARE,
-        config: PERF_COUNT_SW_TASK_CLOCK,
+        kind: Kind::Software(Software::TASK_CLOCK),
         field: Field::CpuNs,
     },
     EventSpec {
         name: "context-switches",
-        type_: PERF_TYPE_SOFTWARE,
-        config: PERF_COUNT_SW_CONTEXT_SWITCHES,
+        kind: Kind::Software(Software::CONTEXT_SWITCHES),
         field: Field::CtxSwitches,
     },
     EventSpec {
         name: "cpu-migrations",
-        type_: PERF_TYPE_SOFTWARE,
-        config: PERF_COUNT_SW_CPU_MIGRATIONS,
+        kind: Kind::Software(Software::CPU_MIGRATIONS),
         field: Field::Migrations,
     },
     EventSpec {
         name: "minor-faults",
-        type_: PERF_TYPE_SOFTWARE,
-        config: PERF_COUNT_SW_PAGE_FAULTS_MIN,
+        kind: Kind::Software(Software::PAGE_FAULTS_MIN),
         field: Field::PageFaultsMinor,
     },
     EventSpec {
         name: "major-faults",
-        type_: PERF_TYPE_SOFTWARE,
-        config: PERF_COUNT_SW_PAGE_FAULTS_MAJ,
+        kind: Kind::Software(Software::PAGE_FAULTS_MAJ),
         field: Field::PageFaultsMajor,
     },
     EventSpec {
         name: "cycles",
-        type_: PERF_TYPE_HARDWARE,
-        config: PERF_COUNT_HW_CPU_CYCLES,
+        kind: Kind::Hardware(Hardware::CPU_CYCLES),
         field: Field::Cycles,
     },
     EventSpec {
         name: "instructions",
-        type_: PERF_TYPE_HARDWARE,
-        config: PERF_COUNT_HW_INSTRUCTIONS,
+        kind: Kind::Hardware(Hardware::INSTRUCTIONS),
         field: Field::Instructions,
     },
     EventSpec {
         name: "cache-references",
-        type_: PERF_TYPE_HARDWARE,
-        config: PERF_COUNT_HW_CACHE_REFERENCES,
+        kind: Kind::Hardware(Hardware::CACHE_REFERENCES),
         field: Field::CacheReferences,
     },
     EventSpec {
         name: "cache-misses",
-        type_: PERF_TYPE_HARDWARE,
-        config: PERF_COUNT_HW_CACHE_MISSES,
+        kind: Kind::Hardware(Hardware::CACHE_MISSES),
         field: Field::CacheMisses,
     },
     EventSpec {
         name: "branch-misses",
-        type_: PERF_TYPE_HARDWARE,
-        config: PERF_COUNT_HW_BRANCH_MISSES,
+        kind: Kind::Hardware(Hardware::BRANCH_MISSES),
         field: Field::BranchMisses,
     },
 ];
 
-/// `struct perf_event_attr` up to `config1` (`PERF_ATTR_SIZE_VER0`).
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttr {
-    type_: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    config1: u64,
+/// Opens a counting event on thread `tid` (any CPU), enabled now, with
+/// child threads inherited (and child processes not, with `inherit_thread`).
+fn open_counter(
+    spec: &EventSpec,
+    tid: i32,
+    inherit_thread: bool,
+) -> io::Result<perf_event::Counter> {
+    let mut b = match spec.kind {
+        Kind::Software(e) => perf_event::Builder::new(e),
+        Kind::Hardware(e) => perf_event::Builder::new(e),
+    };
+    b.observe_pid(tid)
+        .any_cpu()
+        .inherit(true)
+        .inherit_thread(inherit_thread)
+        // Kernel time counts (task-clock is the whole CPU time), the
+        // hypervisor's does not.
+        .exclude_kernel(false)
+        .exclude_hv(true)
+        .read_format(
+            perf_event::ReadFormat::TOTAL_TIME_ENABLED | perf_event::ReadFormat::TOTAL_TIME_RUNNING,
+        )
+        .enabled(true);
+    b.build()
 }
 
-const _: () = assert!(std::mem::size_of::<PerfEventAttr>() == 64);
-
-/// Opens a counting event on thread `tid` (any CPU), enabled now.
-fn open_counter(spec: &EventSpec, tid: i32, inherit_thread: bool) -> io::Result<OwnedFd> {
-    let attr = PerfEventAttr {
-        type_: spec.type_,
-        size: std::mem::size_of::<PerfEventAttr>() as u32,
-        config: spec.config,
-        read_format: PERF_FORMAT_TOTAL_TIME_ENABLED | PERF_FORMAT_TOTAL_TIME_RUNNING,
-        // disabled = 0, exclude_user = exclude_kernel = 0.
-        flags: ATTR_INHERIT
-            | ATTR_EXCLUDE_HV
-            | if inherit_thread {
-                ATTR_INHERIT_THREAD
-            } else {
-                0
-            },
-        ..Default::default()
-    };
-    // SAFETY: `attr` is a valid perf_event_attr of the size it declares; the
-    // kernel only reads it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_perf_event_open,
-            &attr as *const PerfEventAttr,
-            tid as libc::pid_t,
-            -1 as libc::c_int,
-            -1 as libc::c_int,
-            PERF_FLAG_FD_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Reads `(value, time_enabled, time_running)`; one read(2).
-fn read_counter(fd: &OwnedFd) -> io::Result<[u64; 3]> {
-    let mut buf = [0u64; 3];
-    // SAFETY: `buf` is 24 writable bytes.
-    let n = unsafe {
-        libc::read(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            std::mem::size_of_val(&buf),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n as usize != std::mem::size_of_val(&buf) {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("short read of a perf counter ({n} bytes)"),
-        ));
-    }
-    Ok(buf)
+/// Reads `(value, time_enabled, time_running)` (ns); one read(2).
+fn read_counter(c: &mut perf_event::Counter) -> io::Result<[u64; 3]> {
+    let d = c.read_full()?;
+    let ns = |t: Option<std::time::Duration>| t.map_or(0, |t| t.as_nanos() as u64);
+    Ok([d.count(), ns(d.time_enabled()), ns(d.time_running())])
 }
 
 /// A counter's value scaled for multiplexing, and whether it was scaled.
@@ -297,6 +236,9 @@ fn errno_name(e: &io::Error) -> String {
         Some(libc::E2BIG) => "E2BIG",
         Some(libc::ENOSPC) => "ENOSPC",
         Some(libc::ENOSYS) => "ENOSYS",
+        // perf-event2 turns E2BIG (an attribute this kernel does not know)
+        // into an error of this kind.
+        None if e.kind() == io::ErrorKind::Unsupported => "E2BIG",
         _ => return e.to_string(),
     };
     name.to_owned()
@@ -306,9 +248,7 @@ fn errno_name(e: &io::Error) -> String {
 fn reason(spec: &EventSpec, e: &io::Error) -> String {
     let name = errno_name(e);
     match e.raw_os_error() {
-        Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENODEV)
-            if spec.type_ == PERF_TYPE_HARDWARE =>
-        {
+        Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENODEV) if !spec.is_software() => {
             format!("not supported by this machine (no hardware PMU): {name}")
         }
         Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENODEV) => {
@@ -330,11 +270,20 @@ fn reason(spec: &EventSpec, e: &io::Error) -> String {
     }
 }
 
-#[derive(Debug)]
 struct Counter {
-    fd: OwnedFd,
+    counter: perf_event::Counter,
     /// (Scaled) cumulative value at the previous read.
     prev: u64,
+}
+
+impl std::fmt::Debug for Counter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::os::fd::AsRawFd as _;
+        f.debug_struct("Counter")
+            .field("fd", &self.counter.as_raw_fd())
+            .field("prev", &self.prev)
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -417,12 +366,10 @@ impl PerfSource {
             );
         };
 
-        if !events.iter().any(|e| {
-            e.status.is_ok()
-                && EVENTS
-                    .iter()
-                    .any(|s| s.name == e.name && s.type_ == PERF_TYPE_SOFTWARE)
-        }) {
+        if !events
+            .iter()
+            .any(|e| e.status.is_ok() && EVENTS.iter().any(|s| s.name == e.name && s.is_software()))
+        {
             let why = events
                 .iter()
                 .find_map(|e| e.status.as_ref().err())
@@ -478,25 +425,25 @@ impl PerfSource {
                 }
                 let mut res = open_counter(spec, tid, *inherit_thread);
                 if *inherit_thread
-                    && spec.type_ == PERF_TYPE_SOFTWARE
+                    && spec.is_software()
                     && matches!(&res, Err(e) if e.raw_os_error() == Some(libc::EINVAL))
                 {
                     // A kernel older than 5.13 has no inherit_thread: count
                     // child processes too rather than nothing.
-                    if let Ok(fd) = open_counter(spec, tid, false) {
+                    if let Ok(c) = open_counter(spec, tid, false) {
                         *inherit_thread = false;
                         log::warn!(
                             "perf: this kernel has no inherit_thread; child processes of the target are counted too"
                         );
                         // Counters already opened with inherit_thread are
                         // still right (they just follow threads only).
-                        res = Ok(fd);
+                        res = Ok(c);
                     }
                 }
                 match res {
-                    Ok(fd) => {
+                    Ok(counter) => {
                         opened_here = true;
-                        ev.counters.push(Counter { fd, prev: 0 });
+                        ev.counters.push(Counter { counter, prev: 0 });
                     }
                     // The thread exited: it did its work before the baseline.
                     Err(e) if e.raw_os_error() == Some(libc::ESRCH) => break,
@@ -536,7 +483,7 @@ impl PerfSource {
             }
             let mut delta = 0u64;
             for c in &mut ev.counters {
-                match read_counter(&c.fd) {
+                match read_counter(&mut c.counter) {
                     Ok([value, enabled, running]) => {
                         let (v, scaled) = scale(value, enabled, running);
                         if scaled {
