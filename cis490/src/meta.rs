@@ -96,6 +96,9 @@ pub struct Meta {
     pub error: Option<String>,
     pub cis490_version: &'static str,
     pub command_line: Vec<String>,
+    /// The tracer's working directory (relative paths on its command line
+    /// are relative to it).
+    pub working_directory: std::path::PathBuf,
     pub host: Host,
     pub target: TargetInfo,
     pub interval_ns: u64,

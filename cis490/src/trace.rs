@@ -74,6 +74,20 @@ impl TraceConfig {
         if let Some(path) = &self.control {
             crate::control::check_path(path)?;
         }
+        if self.sources.contains(&SourceKind::Qmp) && self.qmp.is_none() {
+            bail!("the qmp source needs QEMU's QMP socket: give --qmp SOCKET");
+        }
+        if let Some(limit) = self.duration {
+            for (name, at) in &self.labels {
+                if *at > limit {
+                    bail!(
+                        "--label {name}@{} comes after --duration {} s: it would never be written",
+                        at.as_secs_f64(),
+                        limit.as_secs_f64()
+                    );
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -94,9 +108,13 @@ fn stop_signals(how: libc::c_int) {
 }
 
 /// Runs a trace; returns the episode directory.
-pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
+pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
     stop_signals(libc::SIG_BLOCK);
     cfg.validate()?;
+    // Paths on stdout and in meta.json are absolute: a relative --data-dir
+    // means nothing to a reader in another directory.
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    cfg.data_dir = cwd.join(&cfg.data_dir);
     caps::require_tracing_caps()?;
     caps::require_init_pid_namespace()?;
     let facts = KernelFacts::probe(&cfg.btf)?;
@@ -114,6 +132,7 @@ pub fn run(cfg: TraceConfig) -> Result<PathBuf> {
         error: None,
         cis490_version: env!("CARGO_PKG_VERSION"),
         command_line: cfg.argv.clone(),
+        working_directory: cwd.clone(),
         host: Host::current(),
         target: target.info(argv),
         interval_ns: cfg.interval.as_nanos() as u64,
@@ -694,11 +713,13 @@ async fn trace(
         tokio::select! {
             biased;
             _ = sigint.recv() => {
-                out.event(ClockPair::now(), None, "signal", json!({"signal": "SIGINT"}))?;
+                let now = ClockPair::now();
+                out.event(now, clock.seq_of(now.mono_ns), "signal", json!({"signal": "SIGINT"}))?;
                 break EndReason::Signal;
             }
             _ = sigterm.recv() => {
-                out.event(ClockPair::now(), None, "signal", json!({"signal": "SIGTERM"}))?;
+                let now = ClockPair::now();
+                out.event(now, clock.seq_of(now.mono_ns), "signal", json!({"signal": "SIGTERM"}))?;
                 break EndReason::Signal;
             }
             r = pidfd.readable() => {
@@ -730,7 +751,7 @@ async fn trace(
                         let _ = reply.send(answer);
                     }
                     ControlCommand::Stop => {
-                        out.event(now, None, "control_stop", serde_json::Value::Null)?;
+                        out.event(now, clock.seq_of(now.mono_ns), "control_stop", serde_json::Value::Null)?;
                         let _ = reply.send(answer);
                         // Let the connection write its reply before the loop ends.
                         for _ in 0..4 {

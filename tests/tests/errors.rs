@@ -166,6 +166,54 @@ fn bad_arguments() {
         let line = one_line_error(&out, &dir.join("data"));
         eprintln!("{args:?}: {line}");
     }
+    // What would have been half-done silently before: a QMP source with no
+    // socket (all-null rows), a label after the end (never written).
+    for (args, says) in [
+        (
+            &["--sources", "ebpf,qmp", "--", "true"][..],
+            "give --qmp SOCKET",
+        ),
+        (
+            &["--label", "detonate@100", "--duration", "1", "--", "true"][..],
+            "comes after --duration",
+        ),
+    ] {
+        let out = run_with_timeout(default_trace_cmd(&dir).args(args), T);
+        let line = one_line_error(&out, &dir.join("data"));
+        assert!(line.contains(says), "{args:?}: {line}");
+    }
+}
+
+/// A relative --data-dir: the episode directory on stdout and in meta.json
+/// is absolute, and the working directory is recorded.
+#[test]
+fn a_relative_data_dir_gives_absolute_paths() {
+    require_root();
+    let dir = scratch("err-reldir");
+    let out = run_with_timeout(
+        std::process::Command::new(bin("cis490"))
+            .current_dir(&dir)
+            .args(["trace", "--data-dir", "rel", "--progress-secs", "0"])
+            .args(["--sources", "proc", "--duration", "0.3", "--", "sleep", "1"]),
+        T,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap();
+    assert!(last.starts_with('/'), "episode path not absolute: {last}");
+    assert!(
+        std::path::Path::new(last).starts_with(dir.join("rel/episodes")),
+        "{last}"
+    );
+    let meta = read_meta(std::path::Path::new(last));
+    assert_eq!(
+        meta["working_directory"].as_str().unwrap(),
+        dir.to_str().unwrap()
+    );
 }
 
 /// Inside a PID namespace of its own (a container), the pids cis490 is

@@ -81,6 +81,13 @@ fn sigint_and_sigterm_finish_the_episode() {
         assert_eq!(ep.meta["status"], "complete");
         assert_eq!(ep.meta["end_reason"], "signal");
         assert!(ep.events_named("signal").any(|e| e["signal"] == name));
+        // Mid-run, a signal falls in a bucket like any other event.
+        for e in ep.events_named("signal") {
+            assert!(
+                e["seq"].is_u64(),
+                "{name}: signal event without its bucket: {e}"
+            );
+        }
         let end = ep.meta["end"]["t_mono_ns"].as_u64().unwrap();
         assert!(
             end >= sent && end - sent < 2_000_000_000,
