@@ -98,7 +98,9 @@ pub struct TraceArgs {
     /// `-qmp unix:PATH,server=on,wait=off`): rows in telemetry-qmp.jsonl,
     /// QMP events (STOP, RESUME, SHUTDOWN, BLOCK_IO_ERROR...) in
     /// events.jsonl. A socket that is not there or not answering yet (QEMU
-    /// starting) is retried every bucket for 30 s.
+    /// starting) is retried every bucket for 30 s. QEMU serves one client at
+    /// a time per -qmp socket: give cis490 one of its own (QEMU accepts
+    /// several -qmp options).
     #[arg(long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
 

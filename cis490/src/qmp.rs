@@ -419,15 +419,9 @@ impl fmt::Display for QmpError {
     }
 }
 
-impl std::error::Error for QmpError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            QmpError::Io(e) => Some(e),
-            QmpError::Parse(e) => Some(e),
-            _ => None,
-        }
-    }
-}
+// No `source()`: every variant's message already holds its cause, and an
+// error chain (`{:#}`) would print it twice.
+impl std::error::Error for QmpError {}
 
 impl From<ParseError> for QmpError {
     fn from(e: ParseError) -> Self {

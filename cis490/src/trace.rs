@@ -441,8 +441,13 @@ impl QmpSlot {
                     };
                 }
                 Err(e) => {
-                    if last_error.is_none() && path.exists() {
-                        log::info!("QMP: no answer yet on {} ({e:#}); retrying", path.display());
+                    // Said at once, not only when the window closes: a
+                    // mistyped path should not cost 30 silent seconds.
+                    if last_error.is_none() {
+                        log::warn!(
+                            "QMP: {e:#}; retrying every bucket for {} s",
+                            Self::CONNECT_WINDOW.as_secs()
+                        );
                     }
                     log::debug!("QMP not there yet: {e:#}");
                     *last_error = Some(format!("{e:#}"));

@@ -245,3 +245,39 @@ fn which_unshare() -> std::path::PathBuf {
     }
     panic!("no unshare binary: this test needs util-linux's (or busybox's) unshare");
 }
+
+/// A mistyped --qmp path is said at once (not after QMP's 30 s window), with
+/// its cause once, and ends in a `qmp_error` event and meta.json's
+/// `qmp.error`.
+#[test]
+fn a_mistyped_qmp_path_is_said_at_once_with_its_cause_once() {
+    require_root();
+    let dir = scratch("err-qmp-path");
+    let out = run_with_timeout(
+        default_trace_cmd(&dir)
+            .args(["--qmp", "/nonexistent/qmp.sock", "--duration", "1"])
+            .args(["--", "sleep", "5"]),
+        T,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("/nonexistent/qmp.sock"))
+        .collect();
+    assert!(!said.is_empty(), "the bad path was never named:\n{stderr}");
+    let first = said[0];
+    assert!(first.contains("nothing at that path"), "{first}");
+    assert_eq!(
+        first.matches("No such file or directory").count(),
+        1,
+        "the cause twice: {first}"
+    );
+    let ep = Episode::from_output(&out);
+    assert!(ep.events.iter().any(|e| e.get("qmp_error").is_some()));
+    assert!(ep.meta["qmp"]["error"].is_string(), "{}", ep.meta["qmp"]);
+}

@@ -43,7 +43,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -119,9 +118,24 @@ impl QmpSource {
     /// is counted and retried at the next sample.
     pub async fn connect(socket: &Path, timeout: Duration) -> anyhow::Result<Self> {
         let deadline = Instant::now() + timeout;
-        let client = QmpClient::connect(socket, timeout)
-            .await
-            .with_context(|| format!("cannot connect to QEMU's QMP socket {}", socket.display()))?;
+        let client = QmpClient::connect(socket, timeout).await.map_err(|e| {
+            let hint = match &e {
+                crate::qmp::QmpError::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    " (the socket is busy: QEMU serves one client at a time on each -qmp \
+                     socket, and another holds this one; give cis490 a -qmp socket of its own, \
+                     QEMU accepts several)"
+                }
+                crate::qmp::QmpError::Io(io) if io.kind() == std::io::ErrorKind::NotFound => {
+                    " (nothing at that path: QEMU creates it as it starts, with -qmp \
+                     unix:PATH,server=on,wait=off)"
+                }
+                _ => "",
+            };
+            anyhow::anyhow!(
+                "cannot connect to QEMU's QMP socket {}: {e}{hint}",
+                socket.display()
+            )
+        })?;
         let mut s = QmpSource {
             socket: socket.to_owned(),
             qemu_version: Some(client.version().to_string()),
