@@ -56,7 +56,12 @@ fn the_default_sources_are_ebpf_and_proc_with_no_perf_counter_on_the_target() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|p| p["state"] == "attached" && p["kind"].get("trace_point").is_some())
+        .filter(|p| {
+            p["state"] == "attached"
+                && p["kind"]
+                    .as_str()
+                    .is_some_and(|k| k.starts_with("trace_point:"))
+        })
         .count();
     eprintln!(
         "default command: {} perf_event fds held, {classic} classic tracepoints attached",

@@ -164,10 +164,8 @@ impl ProbeSummary {
         };
         for p in meta["probes"].as_array().into_iter().flatten() {
             let tp = s(&p["tracepoint"]).unwrap_or_default();
-            let (kind, name) = match (
-                p["kind"].get("trace_point").and_then(Value::as_str),
-                p["kind"].as_str(),
-            ) {
+            let kind = p["kind"].as_str();
+            let (kind, name) = match (kind.and_then(|k| k.strip_prefix("trace_point:")), kind) {
                 (Some(cat), _) => ("tracepoint", format!("{cat}:{tp}")),
                 (None, Some("iter")) => ("iter", format!("iter/{tp}")),
                 _ => ("tp_btf", tp),
@@ -510,8 +508,8 @@ mod tests {
             "probes": [
                 {"tracepoint": "sched_switch", "kind": "tp_btf", "state": "attached"},
                 {"tracepoint": "task", "kind": "iter", "state": "attached"},
-                {"tracepoint": "kvm_exit", "kind": {"trace_point": "kvm"}, "state": "skipped"},
-                {"tracepoint": "kvm_userspace_exit", "kind": {"trace_point": "kvm"}, "state": "attached"},
+                {"tracepoint": "kvm_exit", "kind": "trace_point:kvm", "state": "skipped"},
+                {"tracepoint": "kvm_userspace_exit", "kind": "trace_point:kvm", "state": "attached"},
                 {"tracepoint": "sock_send_length", "kind": "tp_btf", "state": "missing", "error": "no btf_trace_sock_send_length"},
             ],
             "families": [

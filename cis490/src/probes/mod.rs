@@ -41,9 +41,10 @@ pub struct OffsetSpec {
     pub path: &'static str,
 }
 
-/// How a program attaches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// How a program attaches. In meta.json and `probe` events one string:
+/// `tp_btf`, `iter`, or `trace_point:CATEGORY` (one JSON type for every
+/// probe, so a column of them has one type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProbeKind {
     /// A BTF-enabled raw tracepoint (`btf_trace_<name>` in the kernel BTF).
     TpBtf,
@@ -52,6 +53,16 @@ pub enum ProbeKind {
     /// A BPF iterator over kernel objects (`iter/<what>`), run by the
     /// loader rather than by an event.
     Iter,
+}
+
+impl Serialize for ProbeKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ProbeKind::TpBtf => s.serialize_str("tp_btf"),
+            ProbeKind::Iter => s.serialize_str("iter"),
+            ProbeKind::TracePoint(cat) => s.collect_str(&format_args!("trace_point:{cat}")),
+        }
+    }
 }
 
 /// One program of a family.
