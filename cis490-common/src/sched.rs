@@ -41,6 +41,11 @@ pub struct SchedStats {
     pub dead_min_flt: u64,
     /// Exited threads' `maj_flt` (page faults that needed I/O).
     pub dead_maj_flt: u64,
+    /// Target threads that began to exit (`sched_process_exit`).
+    pub exits_started: u64,
+    /// Target threads whose final switch-out was counted (`dead_*`): the
+    /// loader's last row waits until this reaches `exits_started`.
+    pub exits_accounted: u64,
     /// `sched_wakeup` + `sched_wakeup_new` of target threads.
     pub wakeups: u64,
     /// Sum of the single run-queue delays below, ns (the `runq_delay_ns` of
@@ -74,6 +79,8 @@ impl SchedStats {
         dead_run_delay_ns: 0,
         dead_min_flt: 0,
         dead_maj_flt: 0,
+        exits_started: 0,
+        exits_accounted: 0,
         wakeups: 0,
         runq_delay_ns: 0,
         runq_delay_count: 0,
@@ -93,6 +100,8 @@ impl SchedStats {
         self.dead_run_delay_ns = self.dead_run_delay_ns.wrapping_add(other.dead_run_delay_ns);
         self.dead_min_flt = self.dead_min_flt.wrapping_add(other.dead_min_flt);
         self.dead_maj_flt = self.dead_maj_flt.wrapping_add(other.dead_maj_flt);
+        self.exits_started = self.exits_started.wrapping_add(other.exits_started);
+        self.exits_accounted = self.exits_accounted.wrapping_add(other.exits_accounted);
         self.wakeups = self.wakeups.wrapping_add(other.wakeups);
         self.runq_delay_ns = self.runq_delay_ns.wrapping_add(other.runq_delay_ns);
         self.runq_delay_count = self.runq_delay_count.wrapping_add(other.runq_delay_count);
@@ -231,7 +240,7 @@ pub struct MaxSlot {
     pub max_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SchedStats>() == (14 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<SchedStats>() == (16 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<LiveCounters>() == 12 * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 40);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 7 * 8);
@@ -259,6 +268,8 @@ mod tests {
         b.dead_nvcsw = 1;
         b.dead_min_flt = 3;
         b.dead_maj_flt = 9;
+        b.exits_started = 4;
+        b.exits_accounted = 5;
         b.dropped = 2;
         b.runq_hist[3] = 7;
         a.accumulate(&b);
@@ -267,6 +278,7 @@ mod tests {
         assert_eq!(a.dead_nvcsw, 2);
         assert_eq!(a.dropped, 4);
         assert_eq!((a.dead_min_flt, a.dead_maj_flt), (6, 18));
+        assert_eq!((a.exits_started, a.exits_accounted), (8, 10));
         assert_eq!(a.runq_hist[3], 14);
         assert_eq!(a.runq_hist[2], 0);
     }

@@ -144,6 +144,7 @@ fn account_dead(s: *mut SchedStats, prev: *const u8) {
     bump(unsafe { &raw mut (*s).dead_run_delay_ns }, c.run_delay_ns);
     bump(unsafe { &raw mut (*s).dead_min_flt }, c.min_flt);
     bump(unsafe { &raw mut (*s).dead_maj_flt }, c.maj_flt);
+    bump(unsafe { &raw mut (*s).exits_accounted }, 1);
 }
 
 #[inline(always)]
@@ -368,6 +369,7 @@ fn try_exit(_ctx: &BtfTracePointContext) -> Res {
     }
     let s = stats().ok_or(NO_MAP)?;
     add(unsafe { &raw mut (*s).events }, 1);
+    add(unsafe { &raw mut (*s).exits_started }, 1);
     if !delays_from_sched_info() {
         let _ = RUNNABLE_SINCE.remove(&tid);
     }

@@ -116,19 +116,39 @@ impl SchedReader {
     /// target's exit is reported when its last thread is marked exited,
     /// a moment before that thread leaves its CPU; in a VM whose virtual
     /// CPU is descheduled, that moment can last milliseconds.)
+    ///
+    /// A thread that is not the leader leaves the thread list (where the
+    /// iterator finds it) before its final switch-out, so the iterator alone
+    /// cannot tell that one is still to come: the probes also count the
+    /// exits that began (`sched_process_exit`) and the final switch-outs
+    /// accounted, and the wait lasts until the two are equal too.
     pub fn wait_for_final_switches(&self, limit: std::time::Duration) {
         let t0 = std::time::Instant::now();
+        let mut pending = None;
         while t0.elapsed() < limit {
-            let settled = task_iter::run(self.iter_link.as_fd())
+            let live_settled = task_iter::run(self.iter_link.as_fd())
                 .ok()
                 .and_then(|()| self.live.get(&0, 0).ok())
                 .is_none_or(|l| l.threads == 0 && l.dying == 0);
-            if settled {
+            let exits = read_percpu(
+                &self.stats,
+                "SCHED_STATS",
+                SchedStats::ZERO,
+                SchedStats::accumulate,
+            )
+            .map(|s| s.exits_started.saturating_sub(s.exits_accounted))
+            .unwrap_or(0);
+            pending = Some(exits);
+            if live_settled && exits == 0 {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        log::warn!("the target's last threads had not left their CPUs after {limit:?}");
+        log::warn!(
+            "the target's last threads had not left their CPUs after {limit:?} ({} final \
+             switch-outs still to come)",
+            pending.unwrap_or(0)
+        );
     }
 
     /// Cumulative event counters so far (for meta.json and progress).
