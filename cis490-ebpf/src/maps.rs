@@ -73,7 +73,7 @@ pub static TAP_IFINDEXES: Array<u64> =
 #[map]
 pub static KVM_STATS: PerCpuArray<KvmStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// `[0]` is set to 1 by the fork probe when a new process gets the target's
+/// `[0]` is set to 1 by the new-task probe when a new process gets the target's
 /// pid: the target is gone and its pid reused. From then on no task matches
 /// the target (`target::is_target`).
 #[map]
@@ -100,7 +100,7 @@ pub fn bump(counter: *mut u64, v: u64) {
 }
 
 /// Adds `v` to a per-CPU counter. Atomic because programs can nest on one
-/// CPU (an interrupt's `sched_wakeup` inside a `sched_process_fork`).
+/// CPU (an interrupt's `sched_wakeup` inside a `task_newtask`).
 #[inline(always)]
 pub fn add(counter: *mut u64, v: u64) {
     // SAFETY: `counter` points into a map value, valid and 8-byte aligned.

@@ -315,17 +315,20 @@ fn lifecycle(what: LifecycleKind, tid: u32, aux: u32, comm: [u8; COMM_LEN]) -> L
     }
 }
 
-/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`:
-/// a new thread of the target (a child *process* has its own tgid and is
-/// not the target).
-#[btf_tracepoint(function = "sched_process_fork")]
-pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_fork(&ctx);
+/// `task_newtask(struct task_struct *task, u64 clone_flags)`, in
+/// `copy_process`: every new task, a new thread of the target among them (a
+/// child *process* has its own tgid and is not the target). Unlike
+/// `sched_process_fork`, which only `kernel_clone` fires, it also sees the
+/// threads the kernel creates in the target's thread group itself (io_uring
+/// workers, vhost tasks since Linux 6.4).
+#[btf_tracepoint(function = "task_newtask")]
+pub fn task_newtask(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_newtask(&ctx);
     0
 }
 
-fn try_fork(ctx: &BtfTracePointContext) -> Res {
-    let child: *const u8 = ctx.arg(1);
+fn try_newtask(ctx: &BtfTracePointContext) -> Res {
+    let child: *const u8 = ctx.arg(0);
     let tgid = task_tgid(child);
     if !is_target(tgid) {
         return Ok(());

@@ -67,7 +67,7 @@ static CFS_RQ_RQ_OFFSET: Global<u32> = Global::new(0);
 static RQ_CLOCK_OFFSET: Global<u32> = Global::new(0);
 
 /// Whether `tgid` is the traced process. Not once its pid went to a new
-/// process (the fork probe sets `TARGET_GONE`): the map is looked up only
+/// process (the new-task probe sets `TARGET_GONE`): the map is looked up only
 /// for a task whose tgid matches, so the hot paths pay nothing for it.
 #[inline(always)]
 pub fn is_target(tgid: u32) -> bool {

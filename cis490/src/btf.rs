@@ -1156,7 +1156,7 @@ mod tests {
         let wanted = [
             "sched_switch",
             "sched_wakeup",
-            "sched_process_fork",
+            "task_newtask",
             "task_rename",
         ];
         for tp in wanted {

@@ -462,3 +462,49 @@ fn kernel_threads_are_refused() {
         assert!(!dir.join("data").exists());
     }
 }
+
+/// A thread the kernel creates in the target's thread group without
+/// clone(2) (io_uring's submission-queue thread: no `sched_process_fork`)
+/// is in `events.jsonl` like every other thread: started, named, exited.
+#[test]
+fn threads_the_kernel_creates_for_the_target_are_in_the_events() {
+    require_root();
+    let dir = scratch("io-uring");
+    let out_json = dir.join("io-uring.json");
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .args(["io-uring", "--hold-ms", "400", "--out"])
+            .arg(&out_json),
+        Duration::from_secs(60),
+    );
+    let ep = Episode::from_output(&out);
+    assert!(ep.is_done());
+    let _ = report(&out_json);
+    let renamed: Vec<u64> = ep
+        .events_named("thread_renamed")
+        .filter(|e| e["comm"].as_str().is_some_and(|c| c.starts_with("iou-sqp")))
+        .map(|e| e["tid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(renamed.len(), 1, "no iou-sqp thread named: {:?}", ep.events);
+    let tid = renamed[0];
+    let started: Vec<&serde_json::Value> = ep
+        .events_named("thread_started")
+        .filter(|e| e["tid"].as_u64() == Some(tid))
+        .collect();
+    assert_eq!(
+        started.len(),
+        1,
+        "the io_uring thread {tid} has no thread_started"
+    );
+    assert_eq!(
+        started[0]["parent_tid"].as_u64(),
+        Some(ep.meta["target"]["pid"].as_u64().unwrap())
+    );
+    assert!(
+        ep.events_named("thread_exited")
+            .any(|e| e["tid"].as_u64() == Some(tid)),
+        "the io_uring thread {tid} never exited"
+    );
+}

@@ -33,8 +33,8 @@ pub const PROBES: &[ProbeSpec] = &[
         required: true,
     },
     ProbeSpec {
-        program: "sched_process_fork",
-        tracepoint: "sched_process_fork",
+        program: "task_newtask",
+        tracepoint: "task_newtask",
         kind: TpBtf,
         required: true,
     },
