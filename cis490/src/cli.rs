@@ -41,6 +41,69 @@ pub enum Command {
     /// aligned across sources, sources agreeing on shared totals. Exits
     /// non-zero with the problems found.
     Check(SummaryArgs),
+    /// Convert complete episodes into a Hive-partitioned Parquet dataset.
+    #[command(
+        long_about = "Convert complete episodes (done.marker present) into a Hive-partitioned \
+                      Parquet dataset under DIR: telemetry/source=S/date=YYYY-MM-DD/host=H/<episode>.parquet \
+                      (one schema per table for every episode), the keyed objects as long side \
+                      tables (net_by_if/, blk_by_dev/, kvm_exit_reasons/, \
+                      kvm_userspace_exit_reasons/), and episodes/, events/, labels/ \
+                      (docs/data-model.md, \"The Parquet dataset\"). Needs no privileges. Every \
+                      episode is checked first: one that is not complete fails the command \
+                      before anything is written. The same episode always gives the same bytes, \
+                      so exporting again changes nothing.\n\n\
+                      Examples:\n  cis490 export data/episodes/01J... --to dataset\n  \
+                      cis490 export data/episodes/* --to /srv/lab/dataset"
+    )]
+    Export(ExportArgs),
+    /// Export and upload every complete episode not shipped yet (S3 or a
+    /// directory), verified, resumable.
+    #[command(
+        long_about = "Export every complete episode of DATA/episodes/ that is not shipped yet and \
+                      upload its files to s3://BUCKET/PREFIX (or copy them to a directory): each \
+                      object is read back and its SHA-256 compared, then the episode's manifest \
+                      PREFIX/manifests/<episode>.json is written last. An episode is shipped \
+                      when its manifest exists: readers go by the manifests. A run that was \
+                      killed is resumed by running it again. Incomplete episodes (no \
+                      done.marker) are skipped. Credentials: AWS_ACCESS_KEY_ID, \
+                      AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION (or the profile \
+                      AWS_PROFILE / default of ~/.aws/credentials and ~/.aws/config).\n\n\
+                      Examples:\n  cis490 ship --data-dir data --to s3://lab-telemetry/v1\n  \
+                      cis490 ship --to s3://lab/v1 --endpoint http://127.0.0.1:9000 --delete-local\n  \
+                      cis490 ship --data-dir data --to /mnt/nas/dataset"
+    )]
+    Ship(ShipArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Episode directories (as printed by `cis490 trace`).
+    #[arg(required = true, value_name = "EPISODE_DIR")]
+    pub episodes: Vec<PathBuf>,
+
+    /// Root directory of the dataset (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ShipArgs {
+    /// Directory holding episodes/<ULID>/ (as given to `cis490 trace`).
+    #[arg(long, value_name = "DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// s3://BUCKET/PREFIX, or a directory.
+    #[arg(long, value_name = "URL")]
+    pub to: crate::dataset::ship::Destination,
+
+    /// S3 endpoint URL (an S3-compatible store: MinIO, Ceph...); plain
+    /// http:// is allowed here. Default: AWS (or AWS_ENDPOINT).
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+
+    /// Delete each local episode once its upload is verified.
+    #[arg(long)]
+    pub delete_local: bool,
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +156,12 @@ pub struct TraceArgs {
     /// (repeatable; e.g. --label boot@0 --label detonate@30).
     #[arg(long = "label", value_name = "NAME@SECS", value_parser = crate::control::parse_label_at)]
     pub labels: Vec<(String, Duration)>,
+
+    /// Record KEY=VALUE in meta.json `tags` (repeatable; e.g. --tag
+    /// sample=sha256:... --tag vm=win10-03). KEY: 1 to 64 of [A-Za-z0-9_.-];
+    /// VALUE: up to 1024 bytes, no control characters.
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = crate::meta::parse_tag)]
+    pub tags: Vec<(String, String)>,
 
     /// Also record QEMU's own statistics from its QMP unix socket (QEMU's
     /// `-qmp unix:PATH,server=on,wait=off`): rows in telemetry-qmp.jsonl,
@@ -180,6 +249,7 @@ impl TraceArgs {
                 ringbuf_bytes: self.ringbuf_kib * 1024,
             },
             labels: self.labels,
+            tags: self.tags,
             control: self.control,
             qmp: self.qmp,
             argv,
@@ -218,6 +288,45 @@ mod tests {
         };
         assert_eq!(t.command, ["sleep", "-x", "3"]);
         assert_eq!(t.duration, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn tags_export_and_ship() {
+        let Command::Trace(t) = parse(&[
+            "trace",
+            "--tag",
+            "vm=w10",
+            "--tag",
+            "sample=a=b",
+            "--",
+            "true",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(
+            t.tags,
+            [("vm".into(), "w10".into()), ("sample".into(), "a=b".into())]
+        );
+        assert!(parse(&["trace", "--tag", "bad key=1", "--", "true"]).is_err());
+        assert!(
+            parse(&["export", "--to", "d"]).is_err(),
+            "an episode is required"
+        );
+        let Command::Ship(s) = parse(&["ship", "--to", "s3://b/p/q/"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(
+            s.to,
+            crate::dataset::ship::Destination::S3 {
+                bucket: "b".into(),
+                prefix: "p/q".into()
+            }
+        );
+        assert!(parse(&["ship", "--to", "s3:///x"]).is_err());
+        assert!(parse(&["ship", "--to", "gs://b"]).is_err());
     }
 
     #[test]

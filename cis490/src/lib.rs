@@ -10,6 +10,7 @@ pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod control;
+pub mod dataset;
 pub mod episode;
 pub mod fdwatch;
 pub mod meta;

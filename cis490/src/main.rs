@@ -17,6 +17,13 @@ fn main() -> ExitCode {
         }),
         Command::Summary(args) => cis490::summary::run(&args.episode),
         Command::Check(args) => cis490::check::run(&args.episode),
+        Command::Export(args) => cis490::dataset::export::run(&args.episodes, &args.to),
+        Command::Ship(args) => cis490::dataset::ship::run(
+            &args.data_dir,
+            &args.to,
+            args.endpoint.as_deref(),
+            args.delete_local,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

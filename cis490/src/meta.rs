@@ -1,6 +1,8 @@
 //! What `meta.json` holds. Written at the start (`status: "running"`) and
 //! rewritten atomically at the end (`"complete"` or `"failed"`).
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::{
@@ -126,6 +128,8 @@ pub struct Meta {
     pub qmp: Option<serde_json::Value>,
     /// The tracer's own cost (getrusage at the end).
     pub tracer: Option<TracerUsage>,
+    /// `--tag KEY=VALUE` pairs (the sample, the VM...), by key.
+    pub tags: BTreeMap<String, String>,
     /// The control socket (`--control`), if any.
     pub control_socket: Option<String>,
     /// Lines written to labels.jsonl.
@@ -136,6 +140,51 @@ pub struct Meta {
     /// counts it, the scheduler's runtime does not, so `cis490 check`
     /// allows perf's `cpu_ns` that much more. `null` where not readable.
     pub host_steal_ns: Option<u64>,
+}
+
+/// Longest `--tag` value, bytes.
+pub const TAG_VALUE_MAX: usize = 1024;
+
+/// Parses `KEY=VALUE` of `--tag`: the key is 1 to 64 characters of
+/// `[A-Za-z0-9_.-]`, the value up to [`TAG_VALUE_MAX`] bytes with no control
+/// characters (it may be empty and may hold `=`).
+pub fn parse_tag(spec: &str) -> Result<(String, String), String> {
+    let (key, value) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("'{spec}' is not KEY=VALUE"))?;
+    if key.is_empty()
+        || key.len() > 64
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    {
+        return Err(format!(
+            "tag key '{key}' must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
+        ));
+    }
+    if value.len() > TAG_VALUE_MAX {
+        return Err(format!(
+            "the value of tag '{key}' is {} bytes, more than {TAG_VALUE_MAX}",
+            value.len()
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "the value of tag '{key}' holds a control character"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// The tags as meta.json holds them; a key given twice is an error.
+pub fn tag_map(tags: &[(String, String)]) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in tags {
+        if out.insert(k.clone(), v.clone()).is_some() {
+            return Err(format!("--tag {k} is given more than once"));
+        }
+    }
+    Ok(out)
 }
 
 /// The machine's steal time so far, ns (`/proc/stat`, all CPUs).
@@ -173,5 +222,37 @@ impl TracerUsage {
             cpu_user_ns: ns(ru.ru_utime),
             cpu_sys_ns: ns(ru.ru_stime),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_are_validated() {
+        assert_eq!(
+            parse_tag("sample=sha256:ab=c").unwrap(),
+            ("sample".into(), "sha256:ab=c".into())
+        );
+        assert_eq!(
+            parse_tag("vm.name-2_x=").unwrap(),
+            ("vm.name-2_x".into(), "".into())
+        );
+        for bad in ["novalue", "=x", "a b=1", "k/x=1", "k=a\nb", "k=\u{7f}"] {
+            assert!(parse_tag(bad).is_err(), "{bad}");
+        }
+        assert!(parse_tag(&format!("{}=1", "k".repeat(65))).is_err());
+        assert!(parse_tag(&format!("k={}", "v".repeat(TAG_VALUE_MAX))).is_ok());
+        assert!(parse_tag(&format!("k={}", "v".repeat(TAG_VALUE_MAX + 1))).is_err());
+        let dup = [
+            ("a".to_owned(), "1".to_owned()),
+            ("a".to_owned(), "2".to_owned()),
+        ];
+        assert_eq!(
+            tag_map(&dup).unwrap_err(),
+            "--tag a is given more than once"
+        );
+        assert_eq!(tag_map(&dup[..1]).unwrap()["a"], "1");
     }
 }

@@ -49,6 +49,8 @@ pub struct TraceConfig {
     pub probe_options: probes::Options,
     /// Phase labels at fixed times after the start (`--label NAME@SECS`).
     pub labels: Vec<(String, Duration)>,
+    /// `--tag KEY=VALUE` pairs, for meta.json.
+    pub tags: Vec<(String, String)>,
     /// The control socket to listen on (`--control PATH`).
     pub control: Option<PathBuf>,
     /// QEMU's QMP socket (`--qmp PATH`).
@@ -88,6 +90,7 @@ impl TraceConfig {
                 }
             }
         }
+        crate::meta::tag_map(&self.tags).map_err(anyhow::Error::msg)?;
         Ok(())
     }
 }
@@ -157,6 +160,7 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
         qmp: None,
         control_socket: cfg.control.as_ref().map(|p| p.display().to_string()),
         labels: 0,
+        tags: crate::meta::tag_map(&cfg.tags).map_err(anyhow::Error::msg)?,
         host_steal_ns: None,
     };
     episode.write_meta(&meta)?;

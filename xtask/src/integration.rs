@@ -59,6 +59,11 @@ pub enum Target {
 /// runs them.
 pub const VM_SKIPPED_BINARIES: &[(&str, &str)] = &[
     (
+        "dataset",
+        "reads the Parquet dataset back with DuckDB and pyarrow and ships to a moto S3 server: \
+         Python, which the busybox VMs do not have",
+    ),
+    (
         "qemu",
         "boots a QEMU guest of its own: a software-emulated guest inside a software-emulated VM \
          does not boot in reasonable time",
@@ -308,8 +313,10 @@ fn host_probe_summary(bin_dir: &Path) -> Result<ProbeSummary> {
 /// Runs the privileged tests on the host kernel (with `guest_json` for the
 /// QEMU tests), echoing their output; returns (passed, failed).
 pub fn run_host_tests(args: &[String], guest_json: &Path) -> Result<(u64, u64)> {
+    let python = crate::pyenv::ensure()?;
     let mut cmd = cargo();
     cmd.env(guest::JSON_ENV, guest_json);
+    cmd.env(crate::pyenv::PYTHON_ENV, &python);
     // One at a time: each test times real workloads on a 2-core machine.
     cmd.args([
         "test",

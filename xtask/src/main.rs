@@ -19,6 +19,7 @@ mod demo;
 mod fuzz;
 mod guest;
 mod integration;
+mod pyenv;
 mod setup;
 mod vm;
 
@@ -285,8 +286,11 @@ fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {
     // The QEMU guest the privileged tests boot (built once, cached).
     let (_, accel, guest_json) = guest::prepare()?;
     eprintln!("test: QEMU guest ready ({accel}): {}", guest_json.display());
+    // DuckDB, pyarrow and moto for the dataset tests (a venv, made once).
+    let python = pyenv::ensure()?;
     let mut privileged = cargo();
     privileged.env(guest::JSON_ENV, &guest_json);
+    privileged.env(pyenv::PYTHON_ENV, &python);
     // One at a time: each test times real workloads on a 2-core machine.
     privileged
         .args([
