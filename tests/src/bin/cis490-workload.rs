@@ -264,8 +264,9 @@ enum Command {
     /// --linger-ms.
     Wakeburn(WakeburnArgs),
 
-    /// Page faults: T threads each map --pages anonymous pages and write one byte to each
-    /// (one minor fault per page), then exit; the main thread joins them.
+    /// Page faults: T threads each map --pages anonymous pages (no transparent huge pages:
+    /// MADV_NOHUGEPAGE) and write one byte to each (one minor fault per page), then exit; the
+    /// main thread joins them.
     ///
     /// Report: {"kind":"faults", "pid", "threads", "pages", "touched", "minflt", "majflt"}:
     /// `touched` is threads x pages (the faults the work itself must take), `minflt` and
@@ -1380,6 +1381,16 @@ fn cmd_faults(a: &FaultsArgs) -> Result<()> {
                     };
                     if p == libc::MAP_FAILED {
                         bail!("mmap: {}", io::Error::last_os_error());
+                    }
+                    // Small pages only: with transparent huge pages one fault
+                    // would map 512 of them.
+                    // (EINVAL: a kernel without huge pages, small pages anyway.)
+                    // SAFETY: advice on the mapping made above.
+                    if unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) } != 0 {
+                        let e = io::Error::last_os_error();
+                        if e.raw_os_error() != Some(libc::EINVAL) {
+                            bail!("madvise(MADV_NOHUGEPAGE): {e}");
+                        }
                     }
                     let mut touched = 0;
                     for off in (0..len).step_by(page) {
