@@ -267,7 +267,9 @@ pub fn check(dir: &Path) -> Result<Report> {
             if !got.iter().copied().eq(keys.iter()) {
                 let missing: Vec<_> = keys.iter().filter(|k| !got.contains(k)).collect();
                 let extra: Vec<_> = got.iter().filter(|k| !keys.contains(**k)).collect();
-                problem(format!("{file}:{n}: fields differ from the schema (missing {missing:?}, unknown {extra:?})"));
+                problem(format!(
+                    "{file}:{n}: fields differ from the schema (missing {missing:?}, unknown {extra:?})"
+                ));
             }
             let row = match serde_json::from_value::<Row>(v) {
                 Ok(row) => row,
@@ -363,7 +365,8 @@ pub fn check(dir: &Path) -> Result<Report> {
                 if t.except.contains(&a.as_str()) || t.except.contains(&b.as_str()) {
                     continue;
                 }
-                let (Some(x), Some(y)) = (by_source[*a].totals[ti], by_source[*b].totals[ti]) else {
+                let (Some(x), Some(y)) = (by_source[*a].totals[ti], by_source[*b].totals[ti])
+                else {
                     continue;
                 };
                 let mut allowed = t.absolute.max((x.max(y) as f64 * t.relative) as u64);

@@ -368,7 +368,9 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
     let t = episode_totals(dir, &mut |_, _| {})?;
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, &t)?;
+        // As an io::Error, so a reader that stops reading (`| head`) is
+        // a broken pipe that main() lets pass.
+        serde_json::to_writer_pretty(&mut out, &t).map_err(std::io::Error::from)?;
         writeln!(out)?;
         Ok(())
     } else {
