@@ -425,6 +425,64 @@ mod tests {
     }
 
     #[test]
+    fn the_table_and_json_are_the_same_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let meta = json!({"id": "01T", "status": "complete", "interval_ns": 100_000_000u64,
+            "start": {"t_mono_ns": 0}, "end": {"t_mono_ns": 200_000_000u64},
+            "target": {"pid": 7, "comm": "q"}, "end_reason": "duration",
+            "ebpf": {"dropped_events": 0, "map_errors": 0, "records_undecodable": 0},
+            "sources": [{"source": "ebpf", "file": "a.jsonl"}, {"source": "proc", "file": "b.jsonl"}]});
+        fs::write(d.join(META), meta.to_string()).unwrap();
+        fs::write(
+            d.join(LABELS),
+            "{\"label\":\"boot\",\"t_mono_ns\":50000000}\n",
+        )
+        .unwrap();
+        let rows = |v: [Value; 2]| v.iter().map(|r| format!("{r}\n")).collect::<String>();
+        fs::write(
+            d.join("a.jsonl"),
+            rows([
+                json!({"seq": 0, "cpu_ns": 10, "wakeups": 1, "net_by_if": null}),
+                json!({"seq": 1, "cpu_ns": 2_000_000_000u64, "wakeups": 2, "net_by_if": {"tap0": {"tx_bytes": 5}}}),
+            ]),
+        )
+        .unwrap();
+        fs::write(
+            d.join("b.jsonl"),
+            rows([
+                json!({"seq": 0, "cpu_ns": 7, "wakeups": null, "net_by_if": null}),
+                json!({"seq": 1, "cpu_ns": 3, "wakeups": null, "net_by_if": null}),
+            ]),
+        )
+        .unwrap();
+        let mut visited = 0;
+        let t = episode_totals(d, &mut |_, _| visited += 1).unwrap();
+        assert_eq!(visited, 4, "every row of every source is visited once");
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(
+            v["fields"],
+            json!(["cpu_ns", "wakeups", "net_by_if.tap0.tx_bytes"])
+        );
+        assert_eq!(v["sources"][0]["totals"]["cpu_ns"], 2_000_000_010u64);
+        assert_eq!(v["sources"][1]["totals"]["cpu_ns"], 10);
+        assert!(
+            v["sources"][1]["totals"]["wakeups"].is_null(),
+            "null, not 0"
+        );
+        assert_eq!(v["sources"][0]["totals"]["net_by_if.tap0.tx_bytes"], 5);
+        assert_eq!(v["phases"][0]["t_s"], 0.05);
+        let mut text = Vec::new();
+        write_text(&t, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        let cpu = text.lines().find(|l| l.starts_with("cpu_ns")).unwrap();
+        assert!(cpu.contains("2.000 s") && cpu.contains("10 ns"), "{text}");
+        let wake = text.lines().find(|l| l.starts_with("wakeups")).unwrap();
+        assert!(wake.trim_end().ends_with('-'), "{text}");
+        assert!(text.contains("phases: boot at 0.05 s"));
+    }
+
+    #[test]
     fn human_units() {
         assert_eq!(human("cpu_ns", 2.5e9), "2.500 s");
         assert_eq!(human("runq_delay_ns", 1.5e6), "1.500 ms");
