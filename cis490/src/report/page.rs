@@ -846,19 +846,21 @@ fn heat_maps(h: &mut String, f: &Canvas, ing: &Ingest) {
     section(
         h,
         "Histograms over time",
-        "The log2 histograms as heat-maps: time across, the delay's log2 bucket up (a row \
-         counts delays from its label to twice that), the colour the number of delays in that \
-         cell (log scale, darker is more).",
+        "The log2 histograms as heat-maps: time across, the log2 bucket up (a row counts \
+         delays or latencies from its label to twice that), the colour the number in that cell \
+         (log scale, darker is more).",
     );
     let mut any = false;
-    for (field, title) in [
+    for (field, title, what) in [
         (
             "runq_delay_hist_log2",
             "Run-queue delays (runq_delay_hist_log2)",
+            "delay",
         ),
         (
             "blk_latency_hist_log2",
             "Block request latencies (blk_latency_hist_log2)",
+            "latency",
         ),
     ] {
         for s in &ing.sources {
@@ -872,7 +874,7 @@ fn heat_maps(h: &mut String, f: &Canvas, ing: &Ingest) {
                     esc(s),
                     svg::heat_key(heat)
                 );
-                h.push_str(&svg::heat_map(&f.frame, heat));
+                h.push_str(&svg::heat_map(&f.frame, heat, what));
                 if heat.overflow > 0 {
                     let _ = write!(
                         h,

@@ -357,7 +357,7 @@ fn level(n: u64, max: u64) -> usize {
 
 /// A heat-map of a log2 histogram field: time across, log2 bucket up,
 /// colour the count (log scale).
-pub fn heat_map(frame: &Frame, heat: &Heat) -> String {
+pub fn heat_map(frame: &Frame, heat: &Heat, what: &str) -> String {
     let Some((lo, hi)) = heat.used_rows() else {
         return String::new();
     };
@@ -414,8 +414,9 @@ pub fn heat_map(frame: &Frame, heat: &Heat) -> String {
     }
     let _ = write!(
         out,
-        r##"<path d="M{LEFT} {TOP}v{plot_h}" stroke="black"/><text class="axis-y" transform="translate(14 {:.1}) rotate(-90)" font-size="11" text-anchor="middle">delay (log2 ns)</text>"##,
-        TOP + plot_h / 2.0
+        r##"<path d="M{LEFT} {TOP}v{plot_h}" stroke="black"/><text class="axis-y" transform="translate(14 {:.1}) rotate(-90)" font-size="11" text-anchor="middle">{} (log2 buckets)</text>"##,
+        TOP + plot_h / 2.0,
+        esc(what)
     );
     frame.bucket_marks(&mut out);
     out.push_str("</svg>");
