@@ -36,7 +36,15 @@ pub enum Command {
     )]
     Trace(TraceArgs),
     /// Print per-source totals of an episode, side by side.
-    Summary(SummaryArgs),
+    #[command(
+        long_about = "Print per-source totals of an episode, side by side: each field summed \
+                      over the rows, except levels (threads: the maximum) and maxima (*_max_ns); \
+                      a histogram shows its number of samples; `-` (JSON null) where a source \
+                      does not measure the field.\n\n\
+                      Examples:\n  cis490 summary data/episodes/01M8...\n  \
+                      cis490 summary --json data/episodes/01M8... | jq '.sources[].totals.cpu_ns'"
+    )]
+    Summary(SummaryCmdArgs),
     /// Validate an episode: complete, every row to the schema, buckets
     /// aligned across sources, sources agreeing on shared totals. Exits
     /// non-zero with the problems found.
@@ -73,6 +81,24 @@ pub enum Command {
                       cis490 ship --data-dir data --to /mnt/nas/dataset"
     )]
     Ship(ShipArgs),
+    /// Write a self-contained HTML page of an episode: every source over
+    /// time, the phases, the losses, the totals and the events.
+    #[command(
+        long_about = "Write one self-contained HTML file (no scripts, no network, no external \
+                      fonts: it opens from a file or an e-mail attachment) showing an episode: \
+                      a header (target, host, kernel, duration, sources, probe paths and \
+                      `cis490 check`'s verdict), one SVG time-series chart per field group \
+                      with each source as a line on a shared time axis, the phases of \
+                      labels.jsonl as shaded bands, buckets with dropped records or merged \
+                      intervals marked, the log2 histograms as heat-maps, the totals table of \
+                      `cis490 summary` and a timeline of threads and QEMU events.\n\n\
+                      Charts keep the minimum and the maximum of every pixel column, so no \
+                      spike is lost however long the episode; the page stays under 8 MiB \
+                      whatever the episode's length (an hour at 1 ms buckets included).\n\n\
+                      Examples:\n  cis490 report data/episodes/01M8...\n  \
+                      cis490 report data/episodes/01M8... -o /tmp/vm.html"
+    )]
+    Report(ReportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +225,26 @@ pub struct TraceArgs {
 pub struct SummaryArgs {
     /// An episode directory (as printed by `cis490 trace`).
     pub episode: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SummaryCmdArgs {
+    /// An episode directory (as printed by `cis490 trace`).
+    pub episode: PathBuf,
+
+    /// Print the totals as one JSON document (for scripts) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// An episode directory (as printed by `cis490 trace`).
+    pub episode: PathBuf,
+
+    /// Where to write the page (default: EPISODE/report.html).
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {

@@ -16,6 +16,7 @@ pub mod fdwatch;
 pub mod meta;
 pub mod probes;
 pub mod qmp;
+pub mod report;
 pub mod row;
 pub mod sources;
 pub mod summary;

@@ -15,7 +15,17 @@ fn main() -> ExitCode {
             // The last line on stdout is the episode directory.
             println!("{}", dir.display());
         }),
-        Command::Summary(args) => cis490::summary::run(&args.episode),
+        Command::Summary(args) => cis490::summary::run(&args.episode, args.json),
+        Command::Report(args) => {
+            let out = args
+                .output
+                .unwrap_or_else(|| args.episode.join(cis490::report::FILE));
+            cis490::report::write(&args.episode, &out).map(|bytes| {
+                eprintln!("report: {} KiB", bytes.div_ceil(1024));
+                // The last line on stdout is the page.
+                println!("{}", out.display());
+            })
+        }
         Command::Check(args) => cis490::check::run(&args.episode),
         Command::Export(args) => cis490::dataset::export::run(&args.episodes, &args.to),
         Command::Ship(args) => cis490::dataset::ship::run(

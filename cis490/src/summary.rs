@@ -6,13 +6,14 @@
 //! field a source does not measure shows as `-`.
 
 use std::{
-    collections::BTreeMap,
+    collections::HashMap,
     fs,
     io::{BufRead, BufReader, Write},
     path::Path,
 };
 
 use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::episode::{DONE, LABELS, META};
@@ -28,7 +29,7 @@ const ENVELOPE: &[&str] = &[
 ];
 
 /// How a field aggregates over an episode.
-fn is_max_field(name: &str) -> bool {
+pub fn is_max_field(name: &str) -> bool {
     name == "threads" || name.ends_with("_max_ns")
 }
 
@@ -53,12 +54,17 @@ pub struct SourceTotals {
     pub fields: Vec<(String, Option<f64>)>,
 }
 
-/// Aggregates rows (JSON objects) of one source.
-pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a Map<String, Value>>) -> SourceTotals {
-    let mut out = SourceTotals::default();
-    let mut index: BTreeMap<String, usize> = BTreeMap::new();
-    for row in rows {
-        out.rows += 1;
+/// Sums rows of one source as they are read (an hour at 1 ms buckets is
+/// 3.6M rows: they are never all in memory).
+#[derive(Debug, Default)]
+pub struct Totaler {
+    out: SourceTotals,
+    index: HashMap<String, usize>,
+}
+
+impl Totaler {
+    pub fn add(&mut self, row: &Map<String, Value>) {
+        self.out.rows += 1;
         let mut flat = Vec::new();
         for (k, v) in row {
             if !ENVELOPE.contains(&k.as_str()) {
@@ -66,17 +72,21 @@ pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a Map<String, Value>>) -> 
             }
         }
         for (k, v) in flat {
-            let i = *index.entry(k.clone()).or_insert_with(|| {
-                out.fields.push((k.clone(), None));
-                out.fields.len() - 1
-            });
+            let i = match self.index.get(&k) {
+                Some(i) => *i,
+                None => {
+                    self.out.fields.push((k.clone(), None));
+                    self.index.insert(k.clone(), self.out.fields.len() - 1);
+                    self.out.fields.len() - 1
+                }
+            };
             let x = match v {
                 Value::Number(n) => n.as_f64(),
                 Value::Array(a) => Some(a.iter().filter_map(Value::as_f64).sum()),
                 _ => None,
             };
             if let Some(x) = x {
-                let slot = &mut out.fields[i].1;
+                let slot = &mut self.out.fields[i].1;
                 *slot = Some(match *slot {
                     None => x,
                     Some(acc) if is_max_field(&k) => acc.max(x),
@@ -85,23 +95,42 @@ pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a Map<String, Value>>) -> 
             }
         }
     }
-    out
+
+    pub fn finish(self) -> SourceTotals {
+        self.out
+    }
 }
 
-fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
-    let f = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut rows = Vec::new();
-    for (n, line) in BufReader::new(f).lines().enumerate() {
-        let line = line?;
+/// Aggregates rows (JSON objects) of one source.
+pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a Map<String, Value>>) -> SourceTotals {
+    let mut t = Totaler::default();
+    for row in rows {
+        t.add(row);
+    }
+    t.finish()
+}
+
+/// Calls `f` with each line of a JSONL file as a JSON object, streaming.
+pub fn for_each_row(path: &Path, mut f: impl FnMut(&Map<String, Value>)) -> Result<()> {
+    let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    for (n, line) in BufReader::with_capacity(1 << 16, file).lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
         match serde_json::from_str(&line) {
-            Ok(Value::Object(m)) => rows.push(m),
+            Ok(Value::Object(m)) => f(&m),
             _ => bail!("{}:{}: not a JSON object", path.display(), n + 1),
         }
     }
+    Ok(())
+}
+
+fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
+    let mut rows = Vec::new();
+    for_each_row(path, |m| rows.push(m.clone()))?;
     Ok(rows)
 }
 
-fn human(field: &str, v: f64) -> String {
+/// Formats a total for people: `_ns` fields in s/ms/us/ns, counts whole.
+pub fn human(field: &str, v: f64) -> String {
     if field.ends_with("_ns") {
         match v {
             v if v >= 1e9 => format!("{:.3} s", v / 1e9),
@@ -114,106 +143,239 @@ fn human(field: &str, v: f64) -> String {
     }
 }
 
-/// Writes the summary table of an episode to `w`.
-pub fn write_summary(dir: &Path, w: &mut impl Write) -> Result<()> {
-    let meta: Value = serde_json::from_slice(
-        &fs::read(dir.join(META))
-            .with_context(|| format!("{} is not an episode directory", dir.display()))?,
-    )?;
+/// A phase mark of `labels.jsonl`, in seconds from the start.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub label: String,
+    pub t_s: f64,
+}
+
+/// One source's column of the table.
+#[derive(Debug, Serialize)]
+pub struct SourceColumn {
+    pub source: String,
+    pub rows: u64,
+    /// Every field of the table (`EpisodeTotals::fields`) -> its total, or
+    /// `null` where this source never measured it.
+    pub totals: Map<String, Value>,
+}
+
+/// Loss accounting of the eBPF side (`meta.json` `ebpf`).
+#[derive(Debug, Serialize)]
+pub struct Loss {
+    pub dropped_events: Value,
+    pub map_errors: Value,
+    pub records_undecodable: Value,
+}
+
+/// What `cis490 summary` shows, as text or (`--json`) as this document;
+/// the report's totals table is the same.
+#[derive(Debug, Serialize)]
+pub struct EpisodeTotals {
+    pub episode: String,
+    pub status: String,
+    /// `done.marker` present.
+    pub done: bool,
+    pub target_pid: Value,
+    pub target_comm: String,
+    /// From the first bucket's start to the last one's end, s.
+    pub duration_s: Option<f64>,
+    pub interval_ms: f64,
+    pub end_reason: String,
+    pub phases: Vec<Phase>,
+    /// The table's rows: every field some source has, objects as their
+    /// dotted leaves (`net_by_if.tap0.tx_bytes`), in schema order.
+    pub fields: Vec<String>,
+    pub sources: Vec<SourceColumn>,
+    pub loss: Loss,
+}
+
+/// A total as a JSON number: integral totals (every row field is an
+/// integer) as integers.
+fn number(v: f64) -> Value {
+    if v.fract() == 0.0 && (0.0..9.007_199_254_740_992e15).contains(&v) {
+        Value::from(v as u64)
+    } else {
+        serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
+    }
+}
+
+/// Reads an episode's `meta.json`.
+pub fn read_meta(dir: &Path) -> Result<Value> {
+    let bytes = fs::read(dir.join(META))
+        .with_context(|| format!("{} is not an episode directory", dir.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: meta.json does not parse", dir.display()))
+}
+
+/// The totals of every source of an episode: the one computation behind
+/// `cis490 summary`, `summary --json` and the report's table. `visit` sees
+/// every row of every source as it is read (source name, row), so a caller
+/// that needs the rows too (the report) reads each file once.
+pub fn episode_totals(
+    dir: &Path,
+    visit: &mut dyn FnMut(&str, &Map<String, Value>),
+) -> Result<EpisodeTotals> {
+    let meta = read_meta(dir)?;
     let done = dir.join(DONE).exists();
     let mut sources = Vec::new();
     for s in meta["sources"].as_array().into_iter().flatten() {
         let name = s["source"].as_str().unwrap_or("?").to_owned();
         let file = s["file"].as_str().unwrap_or_default();
-        sources.push((name, aggregate(&read_rows(&dir.join(file))?)));
+        let mut t = Totaler::default();
+        for_each_row(&dir.join(file), |row| {
+            t.add(row);
+            visit(&name, row);
+        })?;
+        sources.push((name, t.finish()));
     }
-    let secs = match (
-        meta["start"]["t_mono_ns"].as_f64(),
-        meta["end"]["t_mono_ns"].as_f64(),
-    ) {
-        (Some(a), Some(b)) => format!("{:.2} s", (b - a) / 1e9),
-        _ => "?".into(),
+    let start = meta["start"]["t_mono_ns"].as_f64();
+    let duration_s = match (start, meta["end"]["t_mono_ns"].as_f64()) {
+        (Some(a), Some(b)) => Some((b - a) / 1e9),
+        _ => None,
     };
-    writeln!(
-        w,
-        "episode {} ({}{})  target pid {} '{}'  {} in buckets of {} ms, ended by {}",
-        meta["id"].as_str().unwrap_or("?"),
-        meta["status"].as_str().unwrap_or("?"),
-        if done { ", done" } else { ", NOT done" },
-        meta["target"]["pid"],
-        meta["target"]["comm"].as_str().unwrap_or("?"),
-        secs,
-        meta["interval_ns"].as_f64().unwrap_or(0.0) / 1e6,
-        meta["end_reason"].as_str().unwrap_or("?"),
-    )?;
-    if let Some(start) = meta["start"]["t_mono_ns"].as_f64() {
-        let labels = read_rows(&dir.join(LABELS)).unwrap_or_default();
-        if !labels.is_empty() {
-            let marks: Vec<String> = labels
-                .iter()
-                .map(|l| {
-                    format!(
-                        "{} at {:.2} s",
-                        l["label"].as_str().unwrap_or("?"),
-                        (l["t_mono_ns"].as_f64().unwrap_or(start) - start) / 1e9
-                    )
-                })
-                .collect();
-            writeln!(w, "phases: {}", marks.join(", "))?;
+    let mut phases = Vec::new();
+    if let Some(start) = start {
+        for l in read_rows(&dir.join(LABELS)).unwrap_or_default() {
+            phases.push(Phase {
+                label: l["label"].as_str().unwrap_or("?").to_owned(),
+                t_s: (l["t_mono_ns"].as_f64().unwrap_or(start) - start) / 1e9,
+            });
         }
     }
     let mut fields: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (_, t) in &sources {
         for (f, _) in &t.fields {
-            if !fields.contains(f) {
+            if seen.insert(f.clone()) {
                 fields.push(f.clone());
             }
         }
     }
     // An object field that is null in some rows and has leaves in others
     // shows as its leaves only.
-    let parents: Vec<String> = fields
+    let parents: std::collections::HashSet<String> = fields
         .iter()
-        .filter(|f| {
-            fields.iter().any(|g| {
-                g.strip_prefix(f.as_str())
-                    .is_some_and(|r| r.starts_with('.'))
-            })
+        .filter_map(|f| f.rsplit_once('.').map(|(p, _)| p.to_owned()))
+        .flat_map(|p| {
+            // every dotted prefix of a leaf is a parent
+            let mut out = vec![p.clone()];
+            let mut q = p.as_str();
+            while let Some((r, _)) = q.rsplit_once('.') {
+                out.push(r.to_owned());
+                q = r;
+            }
+            out
         })
-        .cloned()
         .collect();
     fields.retain(|f| !parents.contains(f));
-    let width = fields
+    let columns = sources
+        .into_iter()
+        .map(|(source, t)| {
+            let by: HashMap<&str, Option<f64>> =
+                t.fields.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            let totals = fields
+                .iter()
+                .map(|f| {
+                    let v = by.get(f.as_str()).copied().flatten();
+                    (f.clone(), v.map_or(Value::Null, number))
+                })
+                .collect();
+            SourceColumn {
+                source,
+                rows: t.rows,
+                totals,
+            }
+        })
+        .collect();
+    let e = &meta["ebpf"];
+    Ok(EpisodeTotals {
+        episode: meta["id"].as_str().unwrap_or("?").to_owned(),
+        status: meta["status"].as_str().unwrap_or("?").to_owned(),
+        done,
+        target_pid: meta["target"]["pid"].clone(),
+        target_comm: meta["target"]["comm"].as_str().unwrap_or("?").to_owned(),
+        duration_s,
+        interval_ms: meta["interval_ns"].as_f64().unwrap_or(0.0) / 1e6,
+        end_reason: meta["end_reason"].as_str().unwrap_or("?").to_owned(),
+        phases,
+        fields,
+        sources: columns,
+        loss: Loss {
+            dropped_events: e["dropped_events"].clone(),
+            map_errors: e["map_errors"].clone(),
+            records_undecodable: e["records_undecodable"].clone(),
+        },
+    })
+}
+
+/// Writes the summary table of `t` to `w`.
+pub fn write_text(t: &EpisodeTotals, w: &mut impl Write) -> Result<()> {
+    writeln!(
+        w,
+        "episode {} ({}{})  target pid {} '{}'  {} in buckets of {} ms, ended by {}",
+        t.episode,
+        t.status,
+        if t.done { ", done" } else { ", NOT done" },
+        t.target_pid,
+        t.target_comm,
+        t.duration_s.map_or("?".into(), |s| format!("{s:.2} s")),
+        t.interval_ms,
+        t.end_reason,
+    )?;
+    if !t.phases.is_empty() {
+        let marks: Vec<String> = t
+            .phases
+            .iter()
+            .map(|p| format!("{} at {:.2} s", p.label, p.t_s))
+            .collect();
+        writeln!(w, "phases: {}", marks.join(", "))?;
+    }
+    let width = t
+        .fields
         .iter()
         .map(|f| f.len() + 2)
         .max()
         .unwrap_or(0)
         .max(28);
     write!(w, "{:<width$}", "field")?;
-    for (name, t) in &sources {
-        write!(w, "{:>18}", format!("{name} ({} rows)", t.rows))?;
+    for c in &t.sources {
+        write!(w, "{:>18}", format!("{} ({} rows)", c.source, c.rows))?;
     }
     writeln!(w)?;
-    for f in &fields {
+    for f in &t.fields {
         write!(w, "{f:<width$}")?;
-        for (_, t) in &sources {
-            let v = t.fields.iter().find(|(k, _)| k == f).and_then(|(_, v)| *v);
+        for c in &t.sources {
+            let v = c.totals.get(f).and_then(Value::as_f64);
             write!(w, "{:>18}", v.map_or("-".into(), |v| human(f, v)))?;
         }
         writeln!(w)?;
     }
-    let e = &meta["ebpf"];
     writeln!(
         w,
         "loss: {} ring-buffer records dropped, {} map errors, {} undecodable records",
-        e["dropped_events"], e["map_errors"], e["records_undecodable"]
+        t.loss.dropped_events, t.loss.map_errors, t.loss.records_undecodable
     )?;
     Ok(())
 }
 
-pub fn run(dir: &Path) -> Result<()> {
+/// Writes the summary table of an episode to `w`.
+pub fn write_summary(dir: &Path, w: &mut impl Write) -> Result<()> {
+    write_text(&episode_totals(dir, &mut |_, _| {})?, w)
+}
+
+pub fn run(dir: &Path, json: bool) -> Result<()> {
+    let t = episode_totals(dir, &mut |_, _| {})?;
     let mut out = std::io::stdout().lock();
-    write_summary(dir, &mut out)
+    if json {
+        // As an io::Error, so a reader that stops reading (`| head`) is
+        // a broken pipe that main() lets pass.
+        serde_json::to_writer_pretty(&mut out, &t).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+        Ok(())
+    } else {
+        write_text(&t, &mut out)
+    }
 }
 
 #[cfg(test)]
@@ -260,6 +422,64 @@ mod tests {
         assert_eq!(get("net_by_if.tap0.tx_bytes"), Some(Some(15.0)));
         assert_eq!(get("net_by_if.sockets.tx_bytes"), Some(Some(1.0)));
         assert_eq!(get("kvm_exit_reasons"), Some(None));
+    }
+
+    #[test]
+    fn the_table_and_json_are_the_same_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let meta = json!({"id": "01T", "status": "complete", "interval_ns": 100_000_000u64,
+            "start": {"t_mono_ns": 0}, "end": {"t_mono_ns": 200_000_000u64},
+            "target": {"pid": 7, "comm": "q"}, "end_reason": "duration",
+            "ebpf": {"dropped_events": 0, "map_errors": 0, "records_undecodable": 0},
+            "sources": [{"source": "ebpf", "file": "a.jsonl"}, {"source": "proc", "file": "b.jsonl"}]});
+        fs::write(d.join(META), meta.to_string()).unwrap();
+        fs::write(
+            d.join(LABELS),
+            "{\"label\":\"boot\",\"t_mono_ns\":50000000}\n",
+        )
+        .unwrap();
+        let rows = |v: [Value; 2]| v.iter().map(|r| format!("{r}\n")).collect::<String>();
+        fs::write(
+            d.join("a.jsonl"),
+            rows([
+                json!({"seq": 0, "cpu_ns": 10, "wakeups": 1, "net_by_if": null}),
+                json!({"seq": 1, "cpu_ns": 2_000_000_000u64, "wakeups": 2, "net_by_if": {"tap0": {"tx_bytes": 5}}}),
+            ]),
+        )
+        .unwrap();
+        fs::write(
+            d.join("b.jsonl"),
+            rows([
+                json!({"seq": 0, "cpu_ns": 7, "wakeups": null, "net_by_if": null}),
+                json!({"seq": 1, "cpu_ns": 3, "wakeups": null, "net_by_if": null}),
+            ]),
+        )
+        .unwrap();
+        let mut visited = 0;
+        let t = episode_totals(d, &mut |_, _| visited += 1).unwrap();
+        assert_eq!(visited, 4, "every row of every source is visited once");
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(
+            v["fields"],
+            json!(["cpu_ns", "wakeups", "net_by_if.tap0.tx_bytes"])
+        );
+        assert_eq!(v["sources"][0]["totals"]["cpu_ns"], 2_000_000_010u64);
+        assert_eq!(v["sources"][1]["totals"]["cpu_ns"], 10);
+        assert!(
+            v["sources"][1]["totals"]["wakeups"].is_null(),
+            "null, not 0"
+        );
+        assert_eq!(v["sources"][0]["totals"]["net_by_if.tap0.tx_bytes"], 5);
+        assert_eq!(v["phases"][0]["t_s"], 0.05);
+        let mut text = Vec::new();
+        write_text(&t, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        let cpu = text.lines().find(|l| l.starts_with("cpu_ns")).unwrap();
+        assert!(cpu.contains("2.000 s") && cpu.contains("10 ns"), "{text}");
+        let wake = text.lines().find(|l| l.starts_with("wakeups")).unwrap();
+        assert!(wake.trim_end().ends_with('-'), "{text}");
+        assert!(text.contains("phases: boot at 0.05 s"));
     }
 
     #[test]

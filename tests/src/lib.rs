@@ -5,6 +5,7 @@
 //! CAP_PERFMON); `cargo xtask test` builds the binaries and runs them one at
 //! a time.
 
+pub mod browser;
 pub mod guest;
 
 use std::{

@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: trace a real QEMU guest doing disk and network work
 //! (the bundled default), or, where QEMU cannot be had, the bundled
-//! scheduler workload; then print the episode's per-source summary.
+//! scheduler workload; then print the episode's per-source summary and
+//! write its report page (`cis490 report`).
 
 use std::{
     ffi::OsString,
@@ -72,7 +73,23 @@ pub fn run_demo(bin: &Path, data_dir: &Path) -> Result<()> {
     println!("episode: {episode}");
     run(Command::new(bin.join("cis490"))
         .arg("summary")
-        .arg(&episode))
+        .arg(&episode))?;
+    // The page of the episode (its path is the last line cis490 prints).
+    let out = Command::new(bin.join("cis490"))
+        .arg("report")
+        .arg(&episode)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run cis490 report")?;
+    if !out.status.success() {
+        bail!("cis490 report failed");
+    }
+    let page = String::from_utf8_lossy(&out.stdout);
+    println!(
+        "report: {} (open it in a browser: one self-contained file)",
+        page.lines().last().unwrap_or("?").trim()
+    );
+    Ok(())
 }
 
 /// The guest writes and reads 64 MiB on its virtio disk (direct I/O,

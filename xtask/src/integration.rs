@@ -79,6 +79,11 @@ pub const VM_SKIPPED_BINARIES: &[(&str, &str)] = &[
          VMX/SVM; the kvm module is loaded, so the kvm family's classic tracepoints still \
          attach: see the VM's probe report)",
     ),
+    (
+        "report",
+        "renders the report of a QEMU guest's episode (as `qemu` does) and opens it in \
+         Chromium, which the busybox VMs do not have",
+    ),
 ];
 
 /// Single tests that do not run in a VM (libtest `--skip` filters), and why.

@@ -4,7 +4,8 @@
 //!   against nightly's own LLVM); idempotent and fast when already done.
 //! - `build-ebpf`: builds the eBPF object (through cis490's build.rs) and
 //!   prints its path and program sizes.
-//! - `demo`: setup, build, trace the bundled workload, print a summary.
+//! - `demo`: setup, build, trace the bundled workload, print a summary, write
+//!   the report page.
 //! - `test`: setup, build, run every test (unit, a bounded run of every
 //!   fuzz target, privileged on the host kernel, then privileged in VMs
 //!   on Debian's 6.1 and 6.12 kernels unless `CIS490_SKIP_VM=1`).
@@ -15,6 +16,7 @@
 //!   or on Debian kernels booted in QEMU VMs.
 
 mod bench;
+mod browser;
 mod demo;
 mod fuzz;
 mod guest;
@@ -48,7 +50,8 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Set up, build, trace the bundled workload, print the episode and a summary.
+    /// Set up, build, trace the bundled workload, print the episode and a
+    /// summary, write its report page (cis490 report) and print its path.
     Demo {
         /// Where episodes go.
         #[arg(long, default_value = "data")]
@@ -288,9 +291,13 @@ fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {
     eprintln!("test: QEMU guest ready ({accel}): {}", guest_json.display());
     // DuckDB, pyarrow and moto for the dataset tests (a venv, made once).
     let python = pyenv::ensure()?;
+    // The browser the report test opens its page in.
+    let chromium = browser::ensure_chromium(&mut guest::Apt::default())?;
+    eprintln!("test: browser ready: {}", chromium.display());
     let mut privileged = cargo();
     privileged.env(guest::JSON_ENV, &guest_json);
     privileged.env(pyenv::PYTHON_ENV, &python);
+    privileged.env(cis490_tests::browser::CHROMIUM_ENV, &chromium);
     // One at a time: each test times real workloads on a 2-core machine.
     privileged
         .args([
