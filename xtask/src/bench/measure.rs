@@ -258,7 +258,8 @@ mod tests {
         // busy machine 20 ms of wall time may give less than that), then
         // both readings must have seen it.
         let t = Instant::now();
-        let grown = || cpu_ns(me) >= a + 10_000_000 && process_cpu_ns(me).unwrap() >= p + 10_000_000;
+        let grown =
+            || cpu_ns(me) >= a + 10_000_000 && process_cpu_ns(me).unwrap() >= p + 10_000_000;
         while !grown() && t.elapsed() < Duration::from_secs(10) {}
         assert!(grown(), "10 ms of CPU not seen by both readings in 10 s");
     }
