@@ -521,17 +521,51 @@ pub fn one_line_error(out: &Output, data: &Path) -> String {
 }
 
 /// Runs `cis490 check EPISODE`: whether it passed, and its stdout + stderr.
+/// Whatever the verdict, `check` must have ended the way it documents:
+/// exit 0 with a `valid (N checks)` line and no `FAIL` line, or exit 1 with
+/// one `FAIL` line per problem and one `error: ... N problem(s)` line (a
+/// panic, a signal or another exit status fails the calling test).
+#[track_caller]
 pub fn check_episode(dir: &Path) -> (bool, String) {
     let out = Command::new(bin("cis490"))
         .arg("check")
         .arg(dir)
         .output()
         .expect("cis490 check");
-    let text = format!(
-        "{}{}",
+    let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
     );
+    let text = format!("{stdout}{stderr}");
+    let fails = stdout.lines().filter(|l| l.starts_with("FAIL  ")).count();
+    match out.status.code() {
+        Some(0) => assert!(
+            fails == 0
+                && stdout
+                    .lines()
+                    .any(|l| l.ends_with(" checks)") && l.contains(": valid (")),
+            "cis490 check {} exited 0 without saying it is valid, or with FAIL lines:\n{text}",
+            dir.display()
+        ),
+        Some(1) => {
+            let errors: Vec<&str> = stderr
+                .lines()
+                .filter(|l| l.starts_with("error: "))
+                .collect();
+            assert!(
+                fails > 0
+                    && errors.len() == 1
+                    && errors[0].contains(&format!(": {fails} problem(s); first: ")),
+                "cis490 check {} exited 1 without one error line counting its {fails} FAIL lines:\n{text}",
+                dir.display()
+            );
+        }
+        _ => panic!(
+            "cis490 check {} ended with {} (a crash?):\n{text}",
+            dir.display(),
+            out.status
+        ),
+    }
     (out.status.success(), text)
 }
 
@@ -560,7 +594,7 @@ pub fn assert_check_passes(dir: &Path) {
 /// difference the calling test explains). Returns the tolerated lines.
 #[track_caller]
 pub fn assert_check_passes_but(dir: &Path, known: &[(&str, &[&str])]) -> Vec<String> {
-    let (_, text) = check_episode(dir);
+    let (passed, text) = check_episode(dir);
     let mut tolerated = Vec::new();
     for line in text.lines().filter_map(|l| l.strip_prefix("FAIL  ")) {
         // "field: A a vs B b (allowed n)"
@@ -577,6 +611,14 @@ pub fn assert_check_passes_but(dir: &Path, known: &[(&str, &[&str])]) -> Vec<Str
         assert!(ok, "cis490 check {}: {line}\n{text}", dir.display());
         tolerated.push(line.to_owned());
     }
+    // check_episode has held the exit status to the FAIL lines: it passed
+    // exactly when nothing had to be tolerated.
+    assert_eq!(
+        passed,
+        tolerated.is_empty(),
+        "cis490 check {}: exit status vs its FAIL lines\n{text}",
+        dir.display()
+    );
     tolerated
 }
 
