@@ -48,6 +48,13 @@ const PROG: &str = "cis490-workload";
 #[derive(Parser, Debug)]
 #[command(name = PROG, version)]
 struct Cli {
+    /// As the very last act, after the subcommand's report: read the process's CPU clock
+    /// (CLOCK_PROCESS_CPUTIME_ID) and getrusage(RUSAGE_SELF) once more and write them to PATH
+    /// ({"kind":"exit-stamp", "pid", "process_cpu_ns", "rusage_self"}). What follows is only
+    /// writing that file and the exit itself: ground truth for a tracer's totals at the exit
+    /// of a process the test cannot wait4 for (one the tracer spawned).
+    #[arg(long, global = true, value_name = "PATH")]
+    exit_stamp: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -684,6 +691,7 @@ fn main() {
         }
     };
 
+    let exit_stamp = cli.exit_stamp.clone();
     let result = match cli.command {
         Command::Cpu(a) => cmd_cpu(&a),
         Command::Pingpong(a) => cmd_pingpong(&a),
@@ -703,10 +711,32 @@ fn main() {
         Command::Faults(a) => cmd_faults(&a),
         Command::IoUring(a) => cmd_io_uring(&a),
     };
+    let result = result.and_then(|()| match &exit_stamp {
+        Some(path) => write_exit_stamp(path),
+        None => Ok(()),
+    });
     if let Err(e) = result {
         eprintln!("{PROG}: error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(2);
     }
+}
+
+/// `--exit-stamp PATH`: the process's own totals as late as it can take them.
+fn write_exit_stamp(path: &Path) -> Result<()> {
+    #[derive(Serialize)]
+    struct ExitStamp {
+        kind: &'static str,
+        pid: u32,
+        process_cpu_ns: u64,
+        rusage_self: Rusage,
+    }
+    let stamp = ExitStamp {
+        kind: "exit-stamp",
+        pid: std::process::id(),
+        process_cpu_ns: process_cpu_ns(),
+        rusage_self: rusage(libc::RUSAGE_SELF),
+    };
+    write_json_atomic(path, &stamp)
 }
 
 // ---------------------------------------------------------------------------------------------
