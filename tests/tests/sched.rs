@@ -422,18 +422,29 @@ fn attach_to_a_running_process() {
     // Work after attach: from the workload's clock at the signal to the
     // process's total at its exit (wait4); the workload's own clock before
     // its report is a lower bound (see cpu_time_matches_ground_truth_and_oracle).
-    let before = truth["cpu_ns_before_signal"].as_f64().unwrap();
-    let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
-    assert_close(
-        "ebpf cpu_ns vs work after attach (to the process's total at exit)",
-        ebpf,
-        exit.cpu_ns as f64 - before,
-        0.02,
+    // Natively within 1 ms of that (0.08% of the 1.2 s; wait4's µs
+    // resolution and the clock read at the signal); 2% under software
+    // emulation, as before.
+    let before = truth["cpu_ns_before_signal"].as_u64().unwrap();
+    let ebpf = ep.sum("ebpf", "cpu_ns");
+    let after = exit.cpu_ns - before;
+    let allowed = if software_emulated() {
+        after / 50
+    } else {
+        1_000_000
+    };
+    eprintln!(
+        "ebpf cpu_ns vs work after attach (wait4's total at exit - the clock at the signal): {ebpf} vs {after} ({:+} ns, allowed ±{allowed})",
+        ebpf as i64 - after as i64
     );
-    let own = truth["process_cpu_ns"].as_f64().unwrap() - before;
     assert!(
-        ebpf >= own * 0.98,
-        "ebpf cpu_ns {ebpf} < the workload's own {own} - 2%"
+        ebpf.abs_diff(after) <= allowed,
+        "ebpf cpu_ns {ebpf} vs the work after attach {after}: more than {allowed} ns apart"
+    );
+    let own = truth["process_cpu_ns"].as_u64().unwrap() - before;
+    assert!(
+        ebpf + allowed >= own,
+        "ebpf cpu_ns {ebpf} < the workload's own {own} - {allowed} ns"
     );
     assert_close(
         "ebpf cpu_ns vs /proc",
