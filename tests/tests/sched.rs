@@ -654,8 +654,11 @@ fn run_queue_delay_matches_the_workloads_own_wake_to_run_delays() {
         .map(|(i, c)| format!("2^{i}: {c}"))
         .collect();
     eprintln!("ebpf histogram {hist_text:?}");
+    // Under software emulation a timer's expiry and the return to user
+    // space take far longer, and the emulator's own scheduling delays more
+    // wakeups: 5 ms of overhead and 5% of the wakeups allowed there.
     let overhead = if software_emulated() {
-        1_000_000
+        5_000_000
     } else {
         100_000
     };
@@ -668,8 +671,8 @@ fn run_queue_delay_matches_the_workloads_own_wake_to_run_delays() {
     // machine is a VM with steal time; seen: one wakeup 556 ms late, 198 ms
     // of it on the run queue, and 2 of 500 more than 100 µs late with less
     // on the run queue). Up to 1% of the wakeups may be; the lower bounds
-    // leave out the workload's longest 1%.
-    let late_elsewhere = n / 100;
+    // leave out the workload's longest 1% (5% under emulation).
+    let late_elsewhere = if software_emulated() { n / 20 } else { n / 100 };
     let mut sorted = delays.clone();
     sorted.sort_unstable_by(|a, b| b.cmp(a));
     let user_sum_rest: u64 = sorted[late_elsewhere as usize..].iter().sum();
