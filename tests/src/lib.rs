@@ -436,7 +436,10 @@ impl ExitUsage {
     pub fn from_stamp(path: &Path) -> ExitUsage {
         let s = report(path);
         assert_eq!(s["kind"], "exit-stamp", "{}: {s}", path.display());
-        let get = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("{}: {s}", path.display()));
+        let get = |v: &Value| {
+            v.as_u64()
+                .unwrap_or_else(|| panic!("{}: {s}", path.display()))
+        };
         ExitUsage {
             cpu_ns: get(&s["process_cpu_ns"]),
             nvcsw: get(&s["rusage_self"]["nvcsw"]),
@@ -469,7 +472,11 @@ pub const EXIT_TAIL_EMULATED_NS: u64 = 100_000_000;
 /// to 20 µs in `targets::hundreds_of_threads_come_and_go`, 0.1 to 0.3 ms
 /// under software emulation). Allowed: 50 µs natively, 1 ms emulated.
 pub fn per_exited_thread_ns() -> u64 {
-    if software_emulated() { 1_000_000 } else { 50_000 }
+    if software_emulated() {
+        1_000_000
+    } else {
+        50_000
+    }
 }
 
 /// CPU time of a spawned command that the tracer may leave out: what its
@@ -480,7 +487,11 @@ pub fn per_exited_thread_ns() -> u64 {
 /// its usual place): 1 ms natively; 2% under software emulation (as
 /// before the exit stamp).
 pub fn unseen_before_baseline_ns(stamp: u64) -> u64 {
-    if software_emulated() { stamp / 50 } else { 1_000_000 }
+    if software_emulated() {
+        stamp / 50
+    } else {
+        1_000_000
+    }
 }
 
 /// A spawned workload's CPU time as a tracer measured it, against the
@@ -511,7 +522,13 @@ pub fn assert_cpu_vs_stamp(what: &str, measured: u64, stamp: u64, below: u64, ab
 /// [`unseen_before_baseline_ns`] below and `above`.
 #[track_caller]
 pub fn assert_traced_cpu_vs_stamp(what: &str, measured: u64, stamp: u64, above: u64) {
-    assert_cpu_vs_stamp(what, measured, stamp, unseen_before_baseline_ns(stamp), above);
+    assert_cpu_vs_stamp(
+        what,
+        measured,
+        stamp,
+        unseen_before_baseline_ns(stamp),
+        above,
+    );
 }
 
 /// Reaps an exited (or exiting) child with `wait4` and returns its totals:
