@@ -763,7 +763,7 @@ fn main() {
         Err(e) => {
             let msg = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 "missing subcommand (cpu, pingpong, exit-after, wait-signal, demo, thread-burst, dio, \
-                 tap, send-frames, kvm, sink, exec, main-exits, storm, wakeburn, faults or wakeups)".to_string()
+                 tap, send-frames, kvm, sink, exec, main-exits, storm, wakeburn, faults, io-uring or wakeups)".to_string()
             } else {
                 // clap's first paragraph (the error and any list under it), on one line.
                 let text = e.to_string();
