@@ -460,6 +460,278 @@ mod tests {
         v
     }
 
+    /// One bucket per source, each with `field` set to the given total
+    /// (every other measure null), and `host_steal_ns` in meta.json.
+    fn write_sources(dir: &Path, field: &str, totals: &[(SourceKind, u64)], steal: Option<u64>) {
+        let id = dir.file_name().unwrap().to_str().unwrap();
+        let sources: Vec<Value> = totals
+            .iter()
+            .map(|(s, _)| {
+                serde_json::json!({"source": s.name(), "file": format!("telemetry-{}.jsonl", s.name()), "rows": 1})
+            })
+            .collect();
+        let mut meta = serde_json::json!({"id": id, "status": "complete",
+            "start": {"t_mono_ns": 1000}, "sources": sources});
+        if let Some(steal) = steal {
+            meta["host_steal_ns"] = steal.into();
+        }
+        fs::write(dir.join(META), meta.to_string()).unwrap();
+        fs::write(dir.join(EVENTS), "{\"event\":\"started\"}\n").unwrap();
+        fs::write(dir.join(LABELS), "").unwrap();
+        fs::write(dir.join(DONE), "").unwrap();
+        for (source, value) in totals {
+            let mut v = serde_json::to_value(Row {
+                episode_id: id.into(),
+                source: *source,
+                available_in_deployment: false,
+                t_mono_ns: 1100,
+                t_wall_ns: 1105,
+                interval_ns: 100,
+                seq: 0,
+                m: Measures::default(),
+            })
+            .unwrap();
+            v[field] = (*value).into();
+            fs::write(
+                dir.join(format!("telemetry-{}.jsonl", source.name())),
+                format!("{v}\n"),
+            )
+            .unwrap();
+        }
+    }
+
+    /// The problems `check` finds in an episode of `totals` for `field`.
+    fn problems_with(field: &str, totals: &[(SourceKind, u64)], steal: Option<u64>) -> Vec<String> {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("01TOL");
+        fs::create_dir(&dir).unwrap();
+        write_sources(&dir, field, totals, steal);
+        let r = check(&dir).unwrap();
+        assert!(
+            r.passed.iter().any(|p| p.contains("rows valid")),
+            "the episode itself must be valid: {:?} {:?}",
+            r.passed,
+            r.problems
+        );
+        r.problems
+    }
+
+    /// The tolerance table as docs/architecture.md states it (`cis490
+    /// check`): a change to `TOLERANCES` must be a change there and here.
+    const STATED: &[(&str, f64, u64, &[&str])] = &[
+        ("cpu_ns", 0.02, 20_000_000, &[]),
+        ("ctx_switches", 0.05, 50, &[]),
+        ("migrations", 0.05, 10, &[]),
+        ("blk_read_bytes", 0.05, 4 << 20, &["qmp"]),
+        ("blk_write_bytes", 0.05, 4 << 20, &["qmp"]),
+        ("page_faults_minor", 0.05, 50, &[]),
+    ];
+
+    #[test]
+    fn the_tolerance_table_is_the_stated_one() {
+        let got: Vec<_> = TOLERANCES
+            .iter()
+            .map(|t| (t.field, t.relative, t.absolute, t.except))
+            .collect();
+        let want: Vec<_> = STATED.iter().map(|&(f, r, a, e)| (f, r, a, e)).collect();
+        assert_eq!(got, want);
+    }
+
+    /// The largest gap `d` above `base` that the stated rule allows: at
+    /// most the absolute floor or the relative share of the larger side
+    /// (`base + d`), whichever is more.
+    fn largest_gap(base: u64, relative: f64, absolute: u64) -> u64 {
+        let allows = |d: u64| d <= absolute.max(((base + d) as f64 * relative) as u64);
+        let mut d = absolute.max((base as f64 * relative / (1.0 - relative)) as u64);
+        while allows(d + 1) {
+            d += 1;
+        }
+        while !allows(d) {
+            d -= 1;
+        }
+        d
+    }
+
+    /// Every comparison of the table, at its edges: two sources apart by
+    /// exactly the allowance pass, one more fails with a line naming the
+    /// field and both totals; both the absolute floor (small totals) and
+    /// the relative share (large ones).
+    #[test]
+    fn each_comparison_passes_at_its_allowance_and_fails_one_past_it() {
+        for &(field, relative, absolute, _) in STATED {
+            for base in [1_000u64, 10_000_000_000] {
+                let allowed = largest_gap(base, relative, absolute);
+                let hi = base + allowed;
+                let ok = problems_with(
+                    field,
+                    &[(SourceKind::Ebpf, hi), (SourceKind::Proc, base)],
+                    None,
+                );
+                assert!(
+                    ok.is_empty(),
+                    "{field} {hi} vs {base} (allowed {allowed}): {ok:?}"
+                );
+                // One past the allowance, either side above.
+                for (e, p) in [(hi + 1, base), (base, hi + 1)] {
+                    let bad =
+                        problems_with(field, &[(SourceKind::Ebpf, e), (SourceKind::Proc, p)], None);
+                    let line = format!("{field}: ebpf {e} vs proc {p}");
+                    assert!(
+                        bad.len() == 1 && bad[0].starts_with(&line),
+                        "{field} {e} vs {p} must fail (allowed about {allowed}): {bad:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sources that measure a field in another scope are left out of its
+    /// comparison; a source whose field is null everywhere is not compared.
+    #[test]
+    fn out_of_scope_and_unmeasured_sources_are_not_compared() {
+        for &(field, _, _, except) in STATED {
+            for &other in except {
+                let other = SourceKind::ALL
+                    .into_iter()
+                    .find(|s| s.name() == other)
+                    .unwrap();
+                let p = problems_with(field, &[(SourceKind::Ebpf, 1 << 40), (other, 1)], None);
+                assert!(p.is_empty(), "{field} vs {}: {p:?}", other.name());
+            }
+        }
+        // blk bytes: QMP is out of scope, but ebpf and proc are still held
+        // to each other in the same episode.
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("01TOL");
+        fs::create_dir(&dir).unwrap();
+        write_sources(
+            &dir,
+            "blk_read_bytes",
+            &[
+                (SourceKind::Ebpf, 100 << 20),
+                (SourceKind::Proc, 200 << 20),
+                (SourceKind::Qmp, 1),
+            ],
+            None,
+        );
+        let r = check(&dir).unwrap();
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(
+            r.problems[0].starts_with("blk_read_bytes: ebpf"),
+            "{:?}",
+            r.problems
+        );
+        // A field one source does not measure (null in every row).
+        let mut v = serde_json::to_value(Row {
+            episode_id: "01TOL".into(),
+            source: SourceKind::Proc,
+            available_in_deployment: false,
+            t_mono_ns: 1100,
+            t_wall_ns: 1105,
+            interval_ns: 100,
+            seq: 0,
+            m: Measures::default(),
+        })
+        .unwrap();
+        v["cpu_ns"] = Value::Null;
+        write_sources(
+            &dir,
+            "cpu_ns",
+            &[(SourceKind::Ebpf, 1 << 40), (SourceKind::Proc, 0)],
+            None,
+        );
+        fs::write(dir.join("telemetry-proc.jsonl"), format!("{v}\n")).unwrap();
+        let r = check(&dir).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+    }
+
+    /// perf's task-clock may be above the scheduler's clock by the host's
+    /// steal time on top of the allowance, and only above, only for cpu_ns.
+    #[test]
+    fn perf_cpu_above_gets_the_steal_time_and_nothing_else_does() {
+        let (base, steal) = (10_000_000_000u64, 300_000_000u64);
+        // perf above: allowance + steal passes ...
+        let allows = |d: u64| d <= 20_000_000u64.max(((base + d) as f64 * 0.02) as u64) + steal;
+        let mut d = 0;
+        while allows(d + 1_000) {
+            d += 1_000;
+        }
+        while allows(d + 1) {
+            d += 1;
+        }
+        let hi = base + d;
+        let p = problems_with(
+            "cpu_ns",
+            &[(SourceKind::Ebpf, base), (SourceKind::Perf, hi)],
+            Some(steal),
+        );
+        assert!(p.is_empty(), "{p:?}");
+        // ... one more fails.
+        let p = problems_with(
+            "cpu_ns",
+            &[(SourceKind::Ebpf, base), (SourceKind::Perf, hi + 1)],
+            Some(steal),
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        // perf below by the same: no steal allowance.
+        let lo = base - (hi - base);
+        let p = problems_with(
+            "cpu_ns",
+            &[(SourceKind::Ebpf, base), (SourceKind::Perf, lo)],
+            Some(steal),
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        // Between two scheduler-clock sources: no steal allowance either.
+        let p = problems_with(
+            "cpu_ns",
+            &[(SourceKind::Ebpf, base), (SourceKind::Proc, hi)],
+            Some(steal),
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        // Nor for another field: 60 switches above (allowed 53) with a steal of 300 ms.
+        let p = problems_with(
+            "ctx_switches",
+            &[(SourceKind::Ebpf, 1000), (SourceKind::Perf, 1060)],
+            Some(steal),
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+    }
+
+    /// `run` (what `cis490 check` returns, hence its exit status) is `Ok`
+    /// exactly when no check failed, and names the first problem.
+    #[test]
+    fn run_fails_exactly_when_a_check_fails() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("01RUN");
+        fs::create_dir(&dir).unwrap();
+        write_sources(
+            &dir,
+            "cpu_ns",
+            &[(SourceKind::Ebpf, 1000), (SourceKind::Proc, 1000)],
+            None,
+        );
+        run(&dir).unwrap();
+        write_sources(
+            &dir,
+            "cpu_ns",
+            &[(SourceKind::Ebpf, 1000), (SourceKind::Proc, 1_000_000_000)],
+            None,
+        );
+        let e = run(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("1 problem(s); first: cpu_ns: ebpf 1000 vs proc 1000000000"),
+            "{e}"
+        );
+        let _ = fs::remove_file(dir.join(DONE));
+        let e = run(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("2 problem(s)") && e.contains("incomplete"),
+            "{e}"
+        );
+        let e = run(base.path()).unwrap_err().to_string();
+        assert!(e.contains("not an episode directory"), "{e}");
+    }
+
     #[test]
     fn totals_saturate_instead_of_overflowing() {
         // Rows summing past u64::MAX made `cis490 check` panic ("attempt to add

@@ -428,6 +428,110 @@ impl ExitUsage {
     }
 }
 
+impl ExitUsage {
+    /// From a workload's `--exit-stamp` file: the process's own
+    /// CLOCK_PROCESS_CPUTIME_ID and getrusage(RUSAGE_SELF), taken as its
+    /// last act before it exits (see [`EXIT_TAIL_NS`] for what follows).
+    /// Ground truth for a process the tracer spawned (the test cannot
+    /// `wait4` for it), written by the process, not by the tracer.
+    pub fn from_stamp(path: &Path) -> ExitUsage {
+        let s = report(path);
+        assert_eq!(s["kind"], "exit-stamp", "{}: {s}", path.display());
+        let get = |v: &Value| {
+            v.as_u64()
+                .unwrap_or_else(|| panic!("{}: {s}", path.display()))
+        };
+        ExitUsage {
+            cpu_ns: get(&s["process_cpu_ns"]),
+            nvcsw: get(&s["rusage_self"]["nvcsw"]),
+            nivcsw: get(&s["rusage_self"]["nivcsw"]),
+        }
+    }
+}
+
+/// The most CPU time a workload spends after its `--exit-stamp`
+/// measurement (writing the stamp file, then its exit: the main thread's
+/// exit_group, the address space torn down), natively and under software
+/// emulation. Measured here (`sched::target_rusage_is_the_process_total_at_exit`
+/// prints it): 0.1 to 0.3 ms natively.
+pub fn exit_tail_ns() -> u64 {
+    if software_emulated() {
+        EXIT_TAIL_EMULATED_NS
+    } else {
+        EXIT_TAIL_NS
+    }
+}
+
+/// [`exit_tail_ns`] natively.
+pub const EXIT_TAIL_NS: u64 = 2_000_000;
+/// [`exit_tail_ns`] under software emulation (tens of ms seen).
+pub const EXIT_TAIL_EMULATED_NS: u64 = 100_000_000;
+
+/// CPU time the tracer sees per exited thread beyond the process clock:
+/// the kernel folds a thread's time into the process's before its final
+/// switch-out, which only the tracer sees (3 µs natively in loss.rs, 10
+/// to 20 µs in `targets::hundreds_of_threads_come_and_go`, 0.1 to 0.3 ms
+/// under software emulation). Allowed: 50 µs natively, 1 ms emulated.
+pub fn per_exited_thread_ns() -> u64 {
+    if software_emulated() {
+        1_000_000
+    } else {
+        50_000
+    }
+}
+
+/// CPU time of a spawned command that the tracer may leave out: what its
+/// child spent between the fork and the tracer's baseline (the child waits
+/// on a pipe for the tracer; the process's own clock counts that time,
+/// eBPF starts at the baseline). Usually tens of µs natively, but once in
+/// about 10 runs here eBPF was 0.48 ms below the exit stamp (0.9 ms below
+/// its usual place): 1 ms natively; 2% under software emulation (as
+/// before the exit stamp).
+pub fn unseen_before_baseline_ns(stamp: u64) -> u64 {
+    if software_emulated() {
+        stamp / 50
+    } else {
+        1_000_000
+    }
+}
+
+/// A spawned workload's CPU time as a tracer measured it, against the
+/// workload's own exit stamp ([`ExitUsage::from_stamp`]): at least the
+/// stamp (the same kernel clock, read by the process itself while it still
+/// had its exit to do) less `below`, and at most the stamp plus
+/// [`exit_tail_ns`] plus `above` (what else the calling test explains, e.g.
+/// a few µs per exited thread).
+#[track_caller]
+pub fn assert_cpu_vs_stamp(what: &str, measured: u64, stamp: u64, below: u64, above: u64) {
+    let (least, most) = (stamp.saturating_sub(below), stamp + exit_tail_ns() + above);
+    eprintln!(
+        "{what}: {measured} vs the process's own clock at its exit stamp {stamp} ({:+} ns, {:+.4}%; allowed -{below} to +{} ns)",
+        measured as i64 - stamp as i64,
+        (measured as f64 - stamp as f64) / stamp as f64 * 100.0,
+        most - stamp
+    );
+    assert!(
+        measured >= least && measured <= most,
+        "{what}: {measured} ns not in [{least}, {most}]: the process's own clock at its exit \
+         stamp {stamp}, less {below} ns, plus {} ns for its exit and {above} ns the test allows",
+        exit_tail_ns()
+    );
+}
+
+/// A spawned workload's CPU time as the tracer counted it (eBPF, from its
+/// baseline) against its exit stamp: [`assert_cpu_vs_stamp`] with
+/// [`unseen_before_baseline_ns`] below and `above`.
+#[track_caller]
+pub fn assert_traced_cpu_vs_stamp(what: &str, measured: u64, stamp: u64, above: u64) {
+    assert_cpu_vs_stamp(
+        what,
+        measured,
+        stamp,
+        unseen_before_baseline_ns(stamp),
+        above,
+    );
+}
+
 /// Reaps an exited (or exiting) child with `wait4` and returns its totals:
 /// ground truth that, unlike anything the process measures itself, includes
 /// its last instructions and its exit. Natively that tail is well under a
@@ -458,25 +562,33 @@ pub fn wait_rusage(child: &mut Child) -> ExitUsage {
     }
 }
 
-/// A traced process's CPU time against ground truth: within `tol` of
-/// `exit_total` (from the process's totals at its exit: `wait4` or
-/// meta.json `target_rusage`, which hold its last instructions and its
-/// exit, as the tracer does), and at least `own` - `tol` (what the process
-/// measured itself before its report: a lower bound, its exit still to
-/// come; the gap is well under a millisecond natively, tens of ms under
-/// software emulation).
+/// A traced process's CPU time against ground truth: `exit_total` (the
+/// process's totals at its exit, from `wait4` of a process the test
+/// started, which hold its last instructions and its exit, as the tracer
+/// does), and at least `own` (what the process measured itself before its
+/// report: a lower bound, its exit still to come). Natively the two agree
+/// to well under a millisecond (the clock reads around a signal, wait4's
+/// µs): held to 2 ms either way; under software emulation (tens of ms for
+/// an exit) to `tol` of the total.
 #[track_caller]
 pub fn assert_cpu_vs_truth(what: &str, measured: f64, exit_total: f64, own: f64, tol: f64) {
-    assert_close(
-        &format!("{what} (to the process's total at exit)"),
-        measured,
-        exit_total,
-        tol,
+    let allowed = if software_emulated() {
+        exit_total * tol
+    } else {
+        2e6
+    };
+    eprintln!(
+        "{what} (to the process's total at exit): {measured} vs {exit_total} ({:+.0} ns, {:+.3}%; allowed ±{allowed:.0} ns)",
+        measured - exit_total,
+        (measured - exit_total) / exit_total * 100.0
     );
     assert!(
-        measured >= own * (1.0 - tol),
-        "{what}: {measured} < the process's own count {own} - {:.0}%",
-        tol * 100.0
+        (measured - exit_total).abs() <= allowed,
+        "{what}: {measured} vs the process's total at exit {exit_total}: more than {allowed:.0} ns apart"
+    );
+    assert!(
+        measured + allowed >= own,
+        "{what}: {measured} < the process's own count {own} - {allowed:.0} ns"
     );
     eprintln!(
         "{what} vs the process's own count: {measured} vs {own} ({:+.3}%)",
@@ -522,17 +634,51 @@ pub fn one_line_error(out: &Output, data: &Path) -> String {
 }
 
 /// Runs `cis490 check EPISODE`: whether it passed, and its stdout + stderr.
+/// Whatever the verdict, `check` must have ended the way it documents:
+/// exit 0 with a `valid (N checks)` line and no `FAIL` line, or exit 1 with
+/// one `FAIL` line per problem and one `error: ... N problem(s)` line (a
+/// panic, a signal or another exit status fails the calling test).
+#[track_caller]
 pub fn check_episode(dir: &Path) -> (bool, String) {
     let out = Command::new(bin("cis490"))
         .arg("check")
         .arg(dir)
         .output()
         .expect("cis490 check");
-    let text = format!(
-        "{}{}",
+    let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
     );
+    let text = format!("{stdout}{stderr}");
+    let fails = stdout.lines().filter(|l| l.starts_with("FAIL  ")).count();
+    match out.status.code() {
+        Some(0) => assert!(
+            fails == 0
+                && stdout
+                    .lines()
+                    .any(|l| l.ends_with(" checks)") && l.contains(": valid (")),
+            "cis490 check {} exited 0 without saying it is valid, or with FAIL lines:\n{text}",
+            dir.display()
+        ),
+        Some(1) => {
+            let errors: Vec<&str> = stderr
+                .lines()
+                .filter(|l| l.starts_with("error: "))
+                .collect();
+            assert!(
+                fails > 0
+                    && errors.len() == 1
+                    && errors[0].contains(&format!(": {fails} problem(s); first: ")),
+                "cis490 check {} exited 1 without one error line counting its {fails} FAIL lines:\n{text}",
+                dir.display()
+            );
+        }
+        _ => panic!(
+            "cis490 check {} ended with {} (a crash?):\n{text}",
+            dir.display(),
+            out.status
+        ),
+    }
     (out.status.success(), text)
 }
 
@@ -561,7 +707,7 @@ pub fn assert_check_passes(dir: &Path) {
 /// difference the calling test explains). Returns the tolerated lines.
 #[track_caller]
 pub fn assert_check_passes_but(dir: &Path, known: &[(&str, &[&str])]) -> Vec<String> {
-    let (_, text) = check_episode(dir);
+    let (passed, text) = check_episode(dir);
     let mut tolerated = Vec::new();
     for line in text.lines().filter_map(|l| l.strip_prefix("FAIL  ")) {
         // "field: A a vs B b (allowed n)"
@@ -578,6 +724,14 @@ pub fn assert_check_passes_but(dir: &Path, known: &[(&str, &[&str])]) -> Vec<Str
         assert!(ok, "cis490 check {}: {line}\n{text}", dir.display());
         tolerated.push(line.to_owned());
     }
+    // check_episode has held the exit status to the FAIL lines: it passed
+    // exactly when nothing had to be tolerated.
+    assert_eq!(
+        passed,
+        tolerated.is_empty(),
+        "cis490 check {}: exit status vs its FAIL lines\n{text}",
+        dir.display()
+    );
     tolerated
 }
 

@@ -39,6 +39,8 @@ fn tap_workload(
     (child, out)
 }
 
+/// The target's tap: eBPF's per-interface counts equal what the target
+/// wrote and read, and the interface's own statistics, exactly.
 #[test]
 fn tap_traffic_matches_ground_truth_and_interface_statistics() {
     require_root();
@@ -120,18 +122,13 @@ fn tap_traffic_matches_ground_truth_and_interface_statistics() {
     assert_eq!(by_if(&ep, "ebpf", "c490t0", "rx_bytes"), rx_b);
     assert_eq!(by_if(&ep, "ebpf", "c490t0", "rx_packets"), rx_p);
     // ... and against the interface statistics (the oracle reads them from
-    // the target's namespace), within 1%.
+    // the target's namespace): the same count, exactly.
     for field in ["tx_bytes", "rx_bytes", "tx_packets", "rx_packets"] {
         let (e, p) = (
             by_if(&ep, "ebpf", "c490t0", field),
             by_if(&ep, "proc", "c490t0", field),
         );
-        assert_close(
-            &format!("{field} ebpf vs interface statistics"),
-            e as f64,
-            p as f64,
-            0.01,
-        );
+        assert_eq!(e, p, "{field}: ebpf vs the interface statistics");
     }
     // The other process's tap is not the target's.
     assert!(
@@ -149,6 +146,9 @@ fn tap_traffic_matches_ground_truth_and_interface_statistics() {
     );
 }
 
+/// TCP: what the target receives (3000000 B, counted by the sender) and
+/// what it sends (2000000 B, counted by the peer that received them), to
+/// the byte, in `net_by_if.sockets`.
 #[test]
 fn socket_traffic_is_counted_in_the_target() {
     require_root();
@@ -201,4 +201,40 @@ fn socket_traffic_is_counted_in_the_target() {
     assert_eq!(ep.sum("ebpf", "net_rx_bytes"), bytes);
     // No tap: /proc has no per-process socket traffic.
     assert!(ep.rows("proc").iter().all(|r| r["net_rx_bytes"].is_null()));
+
+    // Transmit, against the peer: the traced command (a shell that opens a
+    // TCP connection and execs `head` on it, so the writer is the target)
+    // sends 2000000 bytes to an untraced sink, which counts what it got.
+    let sent = 2_000_000u64;
+    let peer_out = dir.join("peer.json");
+    let mut peer = Command::new(bin("cis490-workload"))
+        .args(["sink", "--port", "0", "--out"])
+        .arg(&peer_out)
+        .spawn()
+        .unwrap();
+    wait_for_file(&peer_out.with_extension("json.ready"), T);
+    let port = report(&peer_out.with_extension("json.ready"))["port"]
+        .as_u64()
+        .unwrap();
+    let tx_dir = scratch("sock-tx");
+    let ep = Episode::from_output(&run_with_timeout(
+        trace_cmd(&tx_dir).args([
+            "--",
+            "bash",
+            "-c",
+            &format!("exec head -c {sent} /dev/zero > /dev/tcp/127.0.0.1/{port}"),
+        ]),
+        T,
+    ));
+    assert!(peer.wait().unwrap().success());
+    let received = report(&peer_out)["bytes"].as_u64().unwrap();
+    assert_eq!(received, sent, "the peer got every byte");
+    assert_eq!(
+        by_if(&ep, "ebpf", "sockets", "tx_bytes"),
+        received,
+        "socket tx bytes vs what the peer received"
+    );
+    assert!(by_if(&ep, "ebpf", "sockets", "tx_packets") >= 1);
+    assert_eq!(ep.sum("ebpf", "net_tx_bytes"), received);
+    assert_eq!(by_if(&ep, "ebpf", "sockets", "rx_bytes"), 0);
 }

@@ -116,26 +116,30 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
     assert!(ep.events_named("tap_attached").any(|e| e["name"] == tap));
 
     // Disk: with cache=none the guest's direct I/O is QEMU's direct I/O on
-    // the image file: the same bytes, within 5% (QEMU may read or write a
-    // little metadata of its own).
+    // the image file: the same bytes, writes within 0.5% above (+0.024%
+    // seen: 4 KiB), reads within 5% above (the guest's partition scan and
+    // whatever of QEMU's own files the page cache no longer held on a busy
+    // machine: +0.16% to +2.2% seen); the oracle's /proc/PID/io within
+    // 0.5% (0.073% seen).
     let (w, r) = ((write_mb * MIB) as f64, (read_mb * MIB) as f64);
     let (ew, er) = (
         ep.sum("ebpf", "blk_write_bytes") as f64,
         ep.sum("ebpf", "blk_read_bytes") as f64,
     );
-    assert!(ew >= w && ew <= w * 1.05, "blk_write_bytes {ew} vs {w}");
+    eprintln!("ebpf wrote {ew} read {er}; the guest {w} {r}");
+    assert!(ew >= w && ew <= w * 1.005, "blk_write_bytes {ew} vs {w}");
     assert!(er >= r && er <= r * 1.05, "blk_read_bytes {er} vs {r}");
     assert_close(
         "blk_write_bytes ebpf vs /proc",
         ew,
         ep.sum("proc", "blk_write_bytes") as f64,
-        0.05,
+        0.005,
     );
     assert_close(
         "blk_read_bytes ebpf vs /proc",
         er,
         ep.sum("proc", "blk_read_bytes") as f64,
-        0.05,
+        0.005,
     );
     assert!(
         ep.sum("ebpf", "blk_write_ops") >= write_mb,
@@ -162,20 +166,26 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
         "tap tx vs what the guest sent, framed",
         tx as f64,
         expected as f64,
-        0.05,
+        0.001,
     );
     // What came back (ACKs) is small but not nothing.
     assert!(by_if(&ep, "ebpf", tap, "rx_packets") > 0);
-    for field in ["tx_bytes", "rx_bytes", "tx_packets", "rx_packets"] {
+    // The interface statistics: within one frame (a frame in flight at the
+    // oracle's last read; 1514 bytes at most).
+    for (field, one_frame) in [
+        ("tx_bytes", 1514),
+        ("rx_bytes", 1514),
+        ("tx_packets", 1),
+        ("rx_packets", 1),
+    ] {
         let (e, p) = (
-            by_if(&ep, "ebpf", tap, field) as f64,
-            by_if(&ep, "proc", tap, field) as f64,
+            by_if(&ep, "ebpf", tap, field),
+            by_if(&ep, "proc", tap, field),
         );
-        assert_close(
-            &format!("tap {field} ebpf vs interface statistics"),
-            e,
-            p,
-            0.01,
+        eprintln!("tap {field}: ebpf {e}, interface statistics {p}");
+        assert!(
+            e.abs_diff(p) <= one_frame,
+            "tap {field}: ebpf {e} vs the interface statistics {p}: more than one frame apart"
         );
     }
 
@@ -206,7 +216,8 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
     // guest's 16 MiB exactly; reads add the 12800 bytes the guest kernel
     // reads at boot (its partition scan). The host sees the same bytes
     // as QEMU's direct I/O on the image (ebpf, /proc), plus a few KiB of its
-    // own, so all three agree within 5%.
+    // own: writes within 0.5% (+0.024% seen), reads within 5% (+0.085% to
+    // +0.5% seen; see the disk check above).
     let qmp_dev = |f: &str| -> u64 {
         ep.rows("qmp")
             .iter()
@@ -227,7 +238,7 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
         "blk_write_bytes ebpf vs QMP",
         ew,
         ep.sum("qmp", "blk_write_bytes") as f64,
-        0.05,
+        0.005,
     );
     assert_close(
         "blk_read_bytes ebpf vs QMP",
@@ -245,16 +256,7 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
     assert!(ep.is_done());
     let last = ep.rows("qmp").last().unwrap();
     assert!(last["blk_write_bytes"].is_null(), "{last}");
-    let check = std::process::Command::new(bin("cis490"))
-        .arg("check")
-        .arg(&ep.dir)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "cis490 check:\n{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert_check_passes(&ep.dir);
 }
 
 /// A QMP socket that accepts but never answers (or answers garbage) is a

@@ -7,14 +7,17 @@ use cis490_tests::*;
 
 const T: Duration = Duration::from_secs(60);
 
-/// 2 threads x 800 ms of CPU, traced from exec: eBPF cpu_ns within 2% of the
-/// workload's own CLOCK_PROCESS_CPUTIME_ID and of the /proc oracle. A busy
-/// process beside it (not traced) must not count.
+/// 2 threads x 800 ms of CPU, traced from exec: eBPF cpu_ns within the
+/// workload's own CLOCK_PROCESS_CPUTIME_ID at its exit stamp less 1 ms
+/// (`unseen_before_baseline_ns`) and that plus its exit (2 ms,
+/// `exit_tail_ns`): -0.06% to +0.13% natively; within 2% of the /proc
+/// oracle. A busy process beside it (not traced) must not count.
 #[test]
 fn cpu_time_matches_ground_truth_and_oracle() {
     require_root();
     let dir = scratch("cpu");
     let out_json = dir.join("cpu.json");
+    let stamp_json = dir.join("exit.json");
     // Noise: another process burning CPU at the same time, not traced.
     let mut noise = Command::new(bin("cis490-workload"))
         .args(["cpu", "--threads", "1", "--burn-ms", "1500", "--out"])
@@ -25,6 +28,8 @@ fn cpu_time_matches_ground_truth_and_oracle() {
         trace_cmd(&dir)
             .arg("--")
             .arg(bin("cis490-workload"))
+            .arg("--exit-stamp")
+            .arg(&stamp_json)
             .args([
                 "cpu",
                 "--threads",
@@ -45,31 +50,25 @@ fn cpu_time_matches_ground_truth_and_oracle() {
     assert_eq!(ep.meta["status"], "complete");
     assert_eq!(ep.meta["end_reason"], "target_exited");
 
-    // Ground truth, twice. The workload measures itself until just before
-    // it writes its report; the kernel's totals for the whole process at its
-    // exit (meta.json `target_rusage`) also hold what follows (JSON, exit):
-    // well under a millisecond natively, tens of ms under software emulation
-    // in a VM. eBPF covers the first and must match the second.
-    let process_cpu = truth["process_cpu_ns"].as_f64().unwrap();
-    let exit = ExitUsage::from_meta(&ep);
+    // Ground truth: the workload's own clock, read as its last act before
+    // its exit (`--exit-stamp`); eBPF covers that and the exit after it
+    // (well under a millisecond natively, tens of ms under software
+    // emulation in a VM: `exit_tail_ns`).
+    let exit = ExitUsage::from_stamp(&stamp_json);
+    eprintln!(
+        "exit stamp {exit:?}; meta.json target_rusage {:?}",
+        ExitUsage::from_meta(&ep)
+    );
     let burn = truth["burn_cpu_ns"].as_f64().unwrap();
     assert!(burn > 1.5e9, "the workload burned {burn} ns");
+    assert_traced_cpu_vs_stamp(
+        "ebpf cpu_ns vs ground truth",
+        ep.sum("ebpf", "cpu_ns"),
+        exit.cpu_ns,
+        0,
+    );
     let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
     let proc = ep.sum("proc", "cpu_ns") as f64;
-    assert_close(
-        "ebpf cpu_ns vs ground truth (the process's total at exit)",
-        ebpf,
-        exit.cpu_ns as f64,
-        0.02,
-    );
-    assert!(
-        ebpf >= process_cpu * 0.98,
-        "ebpf cpu_ns {ebpf} < the workload's own clock {process_cpu} - 2%"
-    );
-    eprintln!(
-        "ebpf cpu_ns vs the workload's own clock before its report: {ebpf} vs {process_cpu} ({:+.3}%)",
-        (ebpf - process_cpu) / process_cpu * 100.0
-    );
     assert_close("ebpf cpu_ns vs /proc oracle", ebpf, proc, 0.02);
     // Threads: main + 2 burners at the peak, in both sources.
     assert_eq!(
@@ -208,6 +207,57 @@ fn cpu_time_matches_ground_truth_and_oracle() {
     }
 }
 
+/// meta.json `target_rusage` (the tracer's `wait4` of a spawned command)
+/// against the command's own totals taken as its last act before exiting
+/// (`--exit-stamp`): CPU at least the stamp (less the µs its resolution
+/// drops) and at most the stamp plus the exit (`exit_tail_ns`); context
+/// switches at least the stamp's and at most 2 more (the exit's own).
+#[test]
+fn target_rusage_is_the_process_total_at_exit() {
+    require_root();
+    let dir = scratch("rusage");
+    let stamp_json = dir.join("exit.json");
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .arg("--exit-stamp")
+            .arg(&stamp_json)
+            .args(["cpu", "--threads", "2", "--burn-ms", "300", "--out"])
+            .arg(dir.join("cpu.json")),
+        T,
+    );
+    let ep = Episode::from_output(&out);
+    let meta = ExitUsage::from_meta(&ep);
+    let stamp = ExitUsage::from_stamp(&stamp_json);
+    eprintln!("target_rusage {meta:?}; the workload's exit stamp {stamp:?}");
+    // rusage's utime and stime are whole µs each: up to 2 µs below.
+    assert_cpu_vs_stamp(
+        "meta.json target_rusage.cpu_ns",
+        meta.cpu_ns,
+        stamp.cpu_ns,
+        2_000,
+        0,
+    );
+    for (what, m, s) in [
+        ("nvcsw", meta.nvcsw, stamp.nvcsw),
+        ("nivcsw", meta.nivcsw, stamp.nivcsw),
+    ] {
+        assert!(
+            m >= s && m <= s + 2,
+            "target_rusage.{what} {m} vs the workload's own {s} at its exit stamp"
+        );
+    }
+    // Every field the data model lists, from the same wait4.
+    for k in ["minflt", "majflt"] {
+        assert!(
+            ep.meta["target_rusage"][k].is_u64(),
+            "{k}: {}",
+            ep.meta["target_rusage"]
+        );
+    }
+}
+
 /// Threads created after attach are counted (cpu, thread count, lifecycle
 /// events), and the per-thread names arrive in events.jsonl.
 #[test]
@@ -215,10 +265,13 @@ fn threads_started_after_attach_are_counted() {
     require_root();
     let dir = scratch("late");
     let out_json = dir.join("late.json");
+    let stamp_json = dir.join("exit.json");
     let out = run_with_timeout(
         trace_cmd(&dir)
             .args(["--interval-ms", "20", "--"])
             .arg(bin("cis490-workload"))
+            .arg("--exit-stamp")
+            .arg(&stamp_json)
             .args([
                 "cpu",
                 "--threads",
@@ -234,19 +287,14 @@ fn threads_started_after_attach_are_counted() {
     );
     let ep = Episode::from_output(&out);
     let truth = report(&out_json);
-    let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
-    // The process's total at exit; the workload's own clock before its
-    // report is a lower bound (see cpu_time_matches_ground_truth_and_oracle).
-    assert_close(
-        "ebpf cpu_ns vs ground truth (the process's total at exit)",
-        ebpf,
-        ExitUsage::from_meta(&ep).cpu_ns as f64,
-        0.02,
-    );
-    let own = truth["process_cpu_ns"].as_f64().unwrap();
-    assert!(
-        ebpf >= own * 0.98,
-        "ebpf cpu_ns {ebpf} < the workload's own clock {own} - 2%"
+    // The workload's own clock at its exit stamp, plus its exit, plus a
+    // little per exited thread (see cpu_time_matches_ground_truth_and_oracle).
+    let exited = truth["threads"].as_array().unwrap().len() as u64;
+    assert_traced_cpu_vs_stamp(
+        "ebpf cpu_ns vs ground truth",
+        ep.sum("ebpf", "cpu_ns"),
+        ExitUsage::from_stamp(&stamp_json).cpu_ns,
+        exited * per_exited_thread_ns(),
     );
     assert_eq!(
         ep.max("ebpf", "threads"),
@@ -374,18 +422,29 @@ fn attach_to_a_running_process() {
     // Work after attach: from the workload's clock at the signal to the
     // process's total at its exit (wait4); the workload's own clock before
     // its report is a lower bound (see cpu_time_matches_ground_truth_and_oracle).
-    let before = truth["cpu_ns_before_signal"].as_f64().unwrap();
-    let ebpf = ep.sum("ebpf", "cpu_ns") as f64;
-    assert_close(
-        "ebpf cpu_ns vs work after attach (to the process's total at exit)",
-        ebpf,
-        exit.cpu_ns as f64 - before,
-        0.02,
+    // Natively within 1 ms of that (0.08% of the 1.2 s; wait4's µs
+    // resolution and the clock read at the signal); 2% under software
+    // emulation, as before.
+    let before = truth["cpu_ns_before_signal"].as_u64().unwrap();
+    let ebpf = ep.sum("ebpf", "cpu_ns");
+    let after = exit.cpu_ns - before;
+    let allowed = if software_emulated() {
+        after / 50
+    } else {
+        1_000_000
+    };
+    eprintln!(
+        "ebpf cpu_ns vs work after attach (wait4's total at exit - the clock at the signal): {ebpf} vs {after} ({:+} ns, allowed ±{allowed})",
+        ebpf as i64 - after as i64
     );
-    let own = truth["process_cpu_ns"].as_f64().unwrap() - before;
     assert!(
-        ebpf >= own * 0.98,
-        "ebpf cpu_ns {ebpf} < the workload's own {own} - 2%"
+        ebpf.abs_diff(after) <= allowed,
+        "ebpf cpu_ns {ebpf} vs the work after attach {after}: more than {allowed} ns apart"
+    );
+    let own = truth["process_cpu_ns"].as_u64().unwrap() - before;
+    assert!(
+        ebpf + allowed >= own,
+        "ebpf cpu_ns {ebpf} < the workload's own {own} - {allowed} ns"
     );
     assert_close(
         "ebpf cpu_ns vs /proc",
@@ -506,4 +565,143 @@ fn duration_and_signals_end_the_trace_cleanly() {
     );
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
+}
+
+/// Run-queue delay against an independent reference: a single-threaded
+/// workload sleeps 500 times until an absolute deadline and measures each
+/// wake-to-run delay itself (`woke - deadline`), while two untraced
+/// threads at nice -10 keep both CPUs busy, so each wakeup waits on the
+/// run queue. Each of its delays holds the kernel's run-queue wait
+/// (`sched_info.run_delay`, which the tracer reads) plus the timer's expiry
+/// and the return to user space; so, natively:
+/// - the sum: at most the workload's sum plus what its preemptions
+///   (involuntary switches, which it cannot time) waited, at least the
+///   workload's sum less 100 µs per wakeup of overhead (leaving out its
+///   longest 1%, which can be late off the run queue: a late timer
+///   interrupt, the hypervisor's steal);
+/// - the histogram: one delay per switch-in, at least one per wakeup; at
+///   each power of two `2^k`, no more delays at or above `2^k` than the
+///   workload measured (plus the preemptions), no fewer than it measured
+///   at or above `2^k` + 100 µs (less 1% of the wakeups);
+/// - the maximum: at most the workload's longest, unless a preemption's
+///   wait was longer, at least the workload's longest (but its 1% longest)
+///   less 100 µs.
+#[test]
+fn run_queue_delay_matches_the_workloads_own_wake_to_run_delays() {
+    use std::os::unix::process::CommandExt as _;
+    require_root();
+    let dir = scratch("runq");
+    let out_json = dir.join("wakeups.json");
+    let mut hog = Command::new(bin("cis490-workload"));
+    hog.args(["cpu", "--threads", "2", "--burn-ms", "30000", "--out"])
+        .arg(dir.join("hog.json"));
+    // SAFETY: setpriority in the child before exec; async-signal-safe.
+    unsafe {
+        hog.pre_exec(|| {
+            libc::setpriority(libc::PRIO_PROCESS, 0, -10);
+            Ok(())
+        });
+    }
+    let mut hog = hog.spawn().unwrap();
+    let out = run_with_timeout(
+        trace_cmd(&dir)
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .args(["wakeups", "--count", "500", "--period-us", "2000", "--out"])
+            .arg(&out_json),
+        T,
+    );
+    hog.kill().unwrap();
+    hog.wait().unwrap();
+    let ep = Episode::from_output(&out);
+    let truth = report(&out_json);
+    let delays: Vec<u64> = truth["delays_ns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let (n, user_sum, user_max) = (
+        delays.len() as u64,
+        truth["sum_ns"].as_u64().unwrap(),
+        truth["max_ns"].as_u64().unwrap(),
+    );
+    let ebpf_sum = ep.sum("ebpf", "runq_delay_ns");
+    let ebpf_max = ep.max("ebpf", "runq_delay_max_ns");
+    let preempted = ep.sum("ebpf", "ctx_switches_involuntary");
+    let mut hist = [0u64; 64];
+    for r in ep.rows("ebpf") {
+        for (i, v) in r["runq_delay_hist_log2"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            hist[i] += v.as_u64().unwrap();
+        }
+    }
+    let samples: u64 = hist.iter().sum();
+    eprintln!(
+        "{n} wakeups: the workload's delays sum {user_sum} ns, max {user_max}; ebpf runq_delay sum \
+         {ebpf_sum}, max {ebpf_max}, {samples} delays in its histogram; {preempted} involuntary \
+         switches; /proc {}",
+        ep.sum("proc", "runq_delay_ns")
+    );
+    let hist_text: Vec<String> = hist
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c > 0)
+        .map(|(i, c)| format!("2^{i}: {c}"))
+        .collect();
+    eprintln!("ebpf histogram {hist_text:?}");
+    // Under software emulation a timer's expiry and the return to user
+    // space take far longer, and the emulator's own scheduling delays more
+    // wakeups: 5 ms of overhead and 5% of the wakeups allowed there.
+    let overhead = if software_emulated() {
+        5_000_000
+    } else {
+        100_000
+    };
+    // What the workload cannot time: the waits after its preemptions, each
+    // at most a scheduler slice behind the hogs (bounded here by the
+    // longest delay it measured, plus a slice of 10 ms).
+    let unseen = preempted * (user_max + 10_000_000);
+    // A wakeup can also be late off the run queue: a timer interrupt
+    // delivered late, or the hypervisor running something else (this
+    // machine is a VM with steal time; seen: one wakeup 556 ms late, 198 ms
+    // of it on the run queue, and 2 of 500 more than 100 µs late with less
+    // on the run queue). Up to 1% of the wakeups may be; the lower bounds
+    // leave out the workload's longest 1% (5% under emulation).
+    let late_elsewhere = if software_emulated() { n / 20 } else { n / 100 };
+    let mut sorted = delays.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    let user_sum_rest: u64 = sorted[late_elsewhere as usize..].iter().sum();
+    let user_max_rest = sorted[late_elsewhere as usize];
+    assert!(
+        ebpf_sum <= user_sum + unseen && ebpf_sum + n * overhead >= user_sum_rest,
+        "ebpf runq_delay_ns {ebpf_sum} vs the workload's own {user_sum} (at most + {unseen} for \
+         {preempted} preemptions; at least its sum without its longest {late_elsewhere}, \
+         {user_sum_rest}, - {overhead} per wakeup)"
+    );
+    assert!(
+        samples >= n && samples <= n + preempted + 10,
+        "{samples} delays in the histogram for {n} wakeups and {preempted} preemptions"
+    );
+    for k in 0..64usize {
+        let t = 1u64 << k;
+        let ebpf_at_least: u64 = hist[k..].iter().sum();
+        let user_at_least = delays.iter().filter(|d| **d >= t).count() as u64;
+        let user_clearly = delays.iter().filter(|d| **d >= t + overhead).count() as u64;
+        assert!(
+            ebpf_at_least <= user_at_least + preempted + 10
+                && ebpf_at_least + late_elsewhere >= user_clearly,
+            "delays >= 2^{k} ns: ebpf {ebpf_at_least}; the workload {user_at_least} (>= 2^{k} + \
+             {overhead}: {user_clearly})"
+        );
+    }
+    assert!(
+        ebpf_max + overhead >= user_max_rest && (ebpf_max <= user_max || preempted > 0),
+        "ebpf max {ebpf_max} vs the workload's longest {user_max} (without its longest \
+         {late_elsewhere}: {user_max_rest})"
+    );
 }

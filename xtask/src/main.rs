@@ -23,6 +23,7 @@ mod guest;
 mod integration;
 mod pyenv;
 mod setup;
+mod testrun;
 mod vm;
 
 use std::{
@@ -258,9 +259,28 @@ fn bench_task(args: bench::Args) -> Result<()> {
 }
 
 fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {
+    // Some unit tests need root too (the KVM tracepoints' formats in
+    // tracefs), and a test that cannot run is a failure, not a pass: as
+    // another user, stop before running anything.
+    if !is_root() {
+        bail!(
+            "the tests need root (the privileged integration tests load eBPF programs: CAP_BPF, \
+             CAP_PERFMON; some unit tests read tracefs; bpftool and QEMU are installed with apt if \
+             missing): run `sudo -E cargo xtask test`"
+        );
+    }
     setup::ensure()?;
     build_bins(false)?;
+    // What the tests check against, installed if missing: bpftool (the BTF
+    // cross-check) and the QEMU guest (the QMP unit tests boot it too, so
+    // it comes before them).
+    let bpftool = testrun::ensure_bpftool()?;
+    eprintln!("test: bpftool: {}", bpftool.display());
+    let (_, accel, guest_json) = guest::prepare()?;
+    eprintln!("test: QEMU guest ready ({accel}): {}", guest_json.display());
+    let mut skips = testrun::Skips::default();
     let mut unit = cargo();
+    unit.env(guest::JSON_ENV, &guest_json);
     // The eBPF crate only builds for the BPF target (cis490's build.rs does
     // that); its shared types are tested through cis490-common.
     unit.args([
@@ -274,21 +294,12 @@ fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {
         "--",
     ])
     .args(args);
-    run(&mut unit)?;
+    skips.run(&mut unit)?;
     // No privileges needed: every target for a bounded time (seeds, the
     // crash regressions among them, then new inputs).
     if fuzz_secs > 0 {
         fuzz::run(fuzz_secs, None)?;
     }
-    if !is_root() {
-        bail!(
-            "unit tests passed; the privileged integration tests need root (CAP_BPF, CAP_PERFMON): \
-             run `sudo -E cargo xtask test`"
-        );
-    }
-    // The QEMU guest the privileged tests boot (built once, cached).
-    let (_, accel, guest_json) = guest::prepare()?;
-    eprintln!("test: QEMU guest ready ({accel}): {}", guest_json.display());
     // DuckDB, pyarrow and moto for the dataset tests (a venv, made once).
     let python = pyenv::ensure()?;
     // The browser the report test opens its page in.
@@ -308,7 +319,9 @@ fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {
             "--test-threads=1",
         ])
         .args(args);
-    run(&mut privileged)?;
+    skips.run(&mut privileged)?;
+    // Every test above ran, or the run says which did not and fails.
+    skips.report()?;
     // The same tests on other kernels, in VMs (about 10 minutes here).
     if std::env::var(SKIP_VM_ENV).is_ok_and(|v| v == "1") {
         eprintln!("test: {SKIP_VM_ENV}=1: the VM matrix (other kernels) skipped");

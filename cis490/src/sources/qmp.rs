@@ -1209,7 +1209,6 @@ mod tests {
     /// that, and the source ends with the guest's SHUTDOWN. (Under TCG the
     /// whole disk work takes about 100 ms after `booted`.)
     #[tokio::test]
-    #[ignore = "boots the test guest under TCG (about 10 s): run with --ignored"]
     async fn real_guest_disk_io_is_counted_exactly() {
         const MIB4: u64 = 4 << 20;
         // The guest idles 500 ms before powering off: what QEMU counts

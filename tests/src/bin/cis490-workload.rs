@@ -48,6 +48,13 @@ const PROG: &str = "cis490-workload";
 #[derive(Parser, Debug)]
 #[command(name = PROG, version)]
 struct Cli {
+    /// As the very last act, after the subcommand's report: read the process's CPU clock
+    /// (CLOCK_PROCESS_CPUTIME_ID) and getrusage(RUSAGE_SELF) once more and write them to PATH
+    /// ({"kind":"exit-stamp", "pid", "process_cpu_ns", "rusage_self"}). What follows is only
+    /// writing that file and the exit itself: ground truth for a tracer's totals at the exit
+    /// of a process the test cannot wait4 for (one the tracer spawned).
+    #[arg(long, global = true, value_name = "PATH")]
+    exit_stamp: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -279,6 +286,18 @@ enum Command {
     /// process's thread group, without clone(2). Holds the ring --hold-ms, closes it and
     /// writes {"kind":"io-uring", "pid"} to --out.
     IoUring(IoUringArgs),
+
+    /// Timed wakeups whose delays the process measures itself: ground truth for run-queue
+    /// delay.
+    ///
+    /// One thread (the main one), with a timer slack of 1 ns, sleeps --count times until an
+    /// absolute CLOCK_MONOTONIC deadline --period-us after the previous one's wake-up
+    /// (clock_nanosleep TIMER_ABSTIME), and reads the clock as soon as it runs: each delay is
+    /// `woke - deadline`, the timer's expiry, the wait on the run queue (what the kernel counts
+    /// as `sched_info.run_delay`) and the return to user space. Report: {"kind":"wakeups", "pid",
+    /// "count", "period_us", "delays_ns":[...], "sum_ns", "max_ns", "rusage_self",
+    /// "process_cpu_ns"}.
+    Wakeups(WakeupsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -302,6 +321,79 @@ struct FaultsArgs {
     /// Where the report goes.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct WakeupsArgs {
+    /// Number of timed sleeps.
+    #[arg(long, value_name = "N", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    count: u64,
+    /// Sleep per wake-up, in µs.
+    #[arg(long, value_name = "US", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    period_us: u64,
+    /// Where to write the JSON report.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+}
+
+fn cmd_wakeups(a: &WakeupsArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        count: u64,
+        period_us: u64,
+        delays_ns: Vec<u64>,
+        sum_ns: u64,
+        max_ns: u64,
+        rusage_self: Rusage,
+        process_cpu_ns: u64,
+    }
+    // SAFETY: prctl(PR_SET_TIMERSLACK) takes a plain integer and changes only this thread.
+    if unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) } != 0 {
+        bail!("prctl(PR_SET_TIMERSLACK): {}", io::Error::last_os_error());
+    }
+    let mut delays = Vec::with_capacity(a.count as usize);
+    let mut now = clock_ns(libc::CLOCK_MONOTONIC);
+    for _ in 0..a.count {
+        let deadline = now + a.period_us * 1000;
+        let ts = libc::timespec {
+            tv_sec: (deadline / 1_000_000_000) as libc::time_t,
+            tv_nsec: (deadline % 1_000_000_000) as libc::c_long,
+        };
+        loop {
+            // SAFETY: `ts` is a valid timespec; a null remainder is allowed with TIMER_ABSTIME.
+            let rc = unsafe {
+                libc::clock_nanosleep(
+                    libc::CLOCK_MONOTONIC,
+                    libc::TIMER_ABSTIME,
+                    &ts,
+                    std::ptr::null_mut(),
+                )
+            };
+            match rc {
+                0 => break,
+                libc::EINTR => continue,
+                e => bail!("clock_nanosleep: {}", io::Error::from_raw_os_error(e)),
+            }
+        }
+        now = clock_ns(libc::CLOCK_MONOTONIC);
+        delays.push(now.saturating_sub(deadline));
+    }
+    let report = Report {
+        kind: "wakeups",
+        pid: std::process::id(),
+        count: a.count,
+        period_us: a.period_us,
+        sum_ns: delays.iter().sum(),
+        max_ns: delays.iter().copied().max().unwrap_or(0),
+        delays_ns: delays,
+        rusage_self: rusage(libc::RUSAGE_SELF),
+        process_cpu_ns: process_cpu_ns(),
+    };
+    write_json_atomic(&a.out, &report)
 }
 
 #[derive(Args, Debug)]
@@ -672,7 +764,7 @@ fn main() {
         Err(e) => {
             let msg = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 "missing subcommand (cpu, pingpong, exit-after, wait-signal, demo, thread-burst, dio, \
-                 tap, send-frames, kvm, sink, exec, main-exits, storm or wakeburn)".to_string()
+                 tap, send-frames, kvm, sink, exec, main-exits, storm, wakeburn, faults, io-uring or wakeups)".to_string()
             } else {
                 // clap's first paragraph (the error and any list under it), on one line.
                 let text = e.to_string();
@@ -685,6 +777,7 @@ fn main() {
         }
     };
 
+    let exit_stamp = cli.exit_stamp.clone();
     let result = match cli.command {
         Command::Cpu(a) => cmd_cpu(&a),
         Command::Pingpong(a) => cmd_pingpong(&a),
@@ -703,11 +796,34 @@ fn main() {
         Command::Wakeburn(a) => cmd_wakeburn(&a),
         Command::Faults(a) => cmd_faults(&a),
         Command::IoUring(a) => cmd_io_uring(&a),
+        Command::Wakeups(a) => cmd_wakeups(&a),
     };
+    let result = result.and_then(|()| match &exit_stamp {
+        Some(path) => write_exit_stamp(path),
+        None => Ok(()),
+    });
     if let Err(e) = result {
         eprintln!("{PROG}: error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(2);
     }
+}
+
+/// `--exit-stamp PATH`: the process's own totals as late as it can take them.
+fn write_exit_stamp(path: &Path) -> Result<()> {
+    #[derive(Serialize)]
+    struct ExitStamp {
+        kind: &'static str,
+        pid: u32,
+        process_cpu_ns: u64,
+        rusage_self: Rusage,
+    }
+    let stamp = ExitStamp {
+        kind: "exit-stamp",
+        pid: std::process::id(),
+        process_cpu_ns: process_cpu_ns(),
+        rusage_self: rusage(libc::RUSAGE_SELF),
+    };
+    write_json_atomic(path, &stamp)
 }
 
 // ---------------------------------------------------------------------------------------------
