@@ -587,9 +587,24 @@ mod tests {
         stdin.read_line(&mut s).unwrap();
     }
 
-    /// Not a test: the body of the workload child, run when `MODE_ENV` is set
-    /// (the test binary re-runs itself with only this test selected).
-    #[test]
+    /// The workload child's entry: an `.init_array` constructor of this
+    /// test binary, so that a copy of it started with `MODE_ENV` set runs
+    /// the workload and exits before libtest starts. Not a test (a test
+    /// that returns at once when the variable is unset would pass without
+    /// testing anything).
+    #[used]
+    #[unsafe(link_section = ".init_array")]
+    static WORKLOAD_CHILD_ENTRY: extern "C" fn() = {
+        extern "C" fn entry() {
+            if std::env::var_os(MODE_ENV).is_some() {
+                workload_child();
+                std::process::exit(0);
+            }
+        }
+        entry
+    };
+
+    /// The body of the workload child (see `WORKLOAD_CHILD_ENTRY`).
     fn workload_child() {
         let Ok(mode) = std::env::var(MODE_ENV) else {
             return;
@@ -691,10 +706,11 @@ mod tests {
     }
 
     /// `workload_child`'s name for the test harness (the module path without the crate).
+    /// A test name that matches nothing: the child runs its workload from
+    /// its constructor and exits before libtest; should that not happen,
+    /// libtest runs no test and the parent sees no `READY`.
     fn workload_test_name() -> String {
-        let path = module_path!();
-        let path = path.split_once("::").map_or(path, |(_, rest)| rest);
-        format!("{path}::workload_child")
+        "no-such-test-the-workload-child-runs-before-libtest".to_owned()
     }
 
     struct Workload {
