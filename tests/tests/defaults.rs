@@ -121,5 +121,8 @@ fn page_faults_agree_with_the_process_own_count() {
         "major faults: ebpf {maj} vs {}",
         truth["majflt"]
     );
-    assert_check_passes(&ep.dir);
+    // The faulting threads live and die between two polls of the /proc
+    // oracle, which then never sees their switches (its known blind spot:
+    // docs/data-model.md); every other comparison of `cis490 check` holds.
+    assert_check_passes_but(&ep.dir, &[("ctx_switches", &["proc"])]);
 }
