@@ -262,24 +262,28 @@ mod tests {
 
     #[test]
     fn accumulate_sums_every_field() {
+        // Every field a distinct value, so a field left out (or summed into
+        // another) shows: the struct is plain u64s, walked as such.
+        const N: usize = core::mem::size_of::<SchedStats>() / 8;
+        fn words(s: &SchedStats) -> [u64; N] {
+            // SAFETY: SchedStats is #[repr(C)] u64s only (asserted above).
+            unsafe { core::mem::transmute_copy(s) }
+        }
+        let mut vals = [0u64; N];
+        for (i, v) in vals.iter_mut().enumerate() {
+            *v = 1000 + i as u64;
+        }
+        // SAFETY: as above, the other way round.
+        let b: SchedStats = unsafe { core::mem::transmute_copy(&vals) };
         let mut a = SchedStats::ZERO;
-        let mut b = SchedStats::ZERO;
-        b.dead_runtime_ns = 5;
-        b.dead_nvcsw = 1;
-        b.dead_min_flt = 3;
-        b.dead_maj_flt = 9;
-        b.exits_started = 4;
-        b.exits_accounted = 5;
-        b.dropped = 2;
-        b.runq_hist[3] = 7;
         a.accumulate(&b);
         a.accumulate(&b);
-        assert_eq!(a.dead_runtime_ns, 10);
-        assert_eq!(a.dead_nvcsw, 2);
-        assert_eq!(a.dropped, 4);
-        assert_eq!((a.dead_min_flt, a.dead_maj_flt), (6, 18));
-        assert_eq!((a.exits_started, a.exits_accounted), (8, 10));
-        assert_eq!(a.runq_hist[3], 14);
-        assert_eq!(a.runq_hist[2], 0);
+        for (i, (got, v)) in words(&a).iter().zip(vals).enumerate() {
+            assert_eq!(*got, 2 * v, "word {i} of SchedStats not summed");
+        }
+        // And by name, the ones the rows need.
+        assert_eq!(a.dead_runtime_ns, 2 * b.dead_runtime_ns);
+        assert_eq!(a.exits_accounted, 2 * b.exits_accounted);
+        assert_eq!(a.runq_hist[63], 2 * b.runq_hist[63]);
     }
 }

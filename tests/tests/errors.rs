@@ -156,15 +156,25 @@ fn kernel_without_btf_or_tracepoints() {
 fn bad_arguments() {
     require_root();
     let dir = scratch("err-args");
-    for args in [
-        &["--interval-ms", "0", "--", "true"][..],
-        &["--duration", "0", "--", "true"],
-        &["--sources", "ebpf,pcap", "--", "true"],
-        &[][..],
+    for (args, says) in [
+        (
+            &["--interval-ms", "0", "--", "true"][..],
+            "--interval-ms must be at least 1",
+        ),
+        (
+            &["--duration", "0", "--", "true"],
+            "must be more than 0 seconds",
+        ),
+        (
+            &["--sources", "ebpf,pcap", "--", "true"],
+            "unknown source 'pcap'",
+        ),
+        (&[][..], "give exactly one target"),
     ] {
         let out = run_with_timeout(trace_cmd(&dir).args(args), T);
         let line = one_line_error(&out, &dir.join("data"));
         eprintln!("{args:?}: {line}");
+        assert!(line.contains(says), "{args:?}: {line}");
     }
     // What would have been half-done silently before: a QMP source with no
     // socket (all-null rows), a label after the end (never written).
