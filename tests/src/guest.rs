@@ -308,3 +308,86 @@ pub fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A network namespace for a QEMU guest: a tap `tap` whose host side is
+/// `10.<subnet>.0.1/24` (the guest takes `.2`), and a TCP sink on `port`
+/// there (`cis490-workload sink`) that counts what the guest sends,
+/// ready when this returns.
+pub struct GuestNet {
+    pub ns: crate::Netns,
+    pub tap: String,
+    pub sink: std::process::Child,
+    /// The sink's report.
+    pub sink_out: PathBuf,
+    pub subnet: u8,
+    pub port: u16,
+}
+
+impl GuestNet {
+    pub fn start(dir: &Path, tag: &str, tap: &str, subnet: u8, port: u16) -> GuestNet {
+        let ns = crate::Netns::new(tag);
+        ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+        ns.sh(&format!("sysctl -q -w net.ipv6.conf.{tap}.disable_ipv6=1"));
+        ns.ip(&["addr", "add", &format!("10.{subnet}.0.1/24"), "dev", tap]);
+        ns.ip(&["link", "set", tap, "up"]);
+        let sink_out = dir.join("sink.json");
+        let sink = ns
+            .cmd(&crate::bin("cis490-workload"))
+            .args([
+                "sink",
+                "--port",
+                &port.to_string(),
+                "--timeout-ms",
+                "170000",
+            ])
+            .arg("--out")
+            .arg(&sink_out)
+            .spawn()
+            .expect("cannot start the sink");
+        crate::wait_for_file(
+            &sink_out.with_extension("json.ready"),
+            std::time::Duration::from_secs(30),
+        );
+        GuestNet {
+            ns,
+            tap: tap.to_owned(),
+            sink,
+            sink_out,
+            subnet,
+            port,
+        }
+    }
+
+    /// The guest's kernel parameters for its address and for sending
+    /// `bytes` to the sink.
+    pub fn params(&self, bytes: u64) -> String {
+        format!(
+            "cis490.ip=10.{s}.0.2/24 cis490.send=10.{s}.0.1:{}:{bytes}",
+            self.port,
+            s = self.subnet
+        )
+    }
+
+    /// Gives `launch` this tap as its NIC, its console in `dir/console.log`
+    /// and a QMP socket `dir/qmp.sock`; returns (console, QMP socket).
+    pub fn wire(&self, launch: &mut Launch, dir: &Path) -> (PathBuf, PathBuf) {
+        launch.nic = Some(format!(
+            "tap,ifname={},script=no,downscript=no,model=virtio-net-pci",
+            self.tap
+        ));
+        let console = dir.join("console.log");
+        launch.console = Some(console.clone());
+        let qmp = dir.join("qmp.sock");
+        launch.qmp = Some(qmp.clone());
+        (console, qmp)
+    }
+
+    /// `ip netns exec NS qemu-system-x86_64 ...` for `launch`.
+    pub fn argv(&self, g: &Guest, launch: &Launch) -> Vec<OsString> {
+        let mut argv: Vec<OsString> = ["ip", "netns", "exec", &self.ns.0]
+            .map(OsString::from)
+            .to_vec();
+        argv.extend(qemu_argv(g, launch));
+        argv
+    }
+}

@@ -3,10 +3,10 @@
 //! show up in the QEMU process's rows. The tap and the peer that answers the
 //! guest live in a network namespace made for the test.
 
-use std::{ffi::OsString, fs, time::Duration};
+use std::{fs, time::Duration};
 
 use cis490_tests::{
-    guest::{GuestJson, console_values, create_disk, qemu_argv},
+    guest::{GuestJson, GuestNet, console_values, create_disk},
     *,
 };
 
@@ -43,23 +43,8 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
     require_root();
     let g = GuestJson::from_env().unwrap();
     let dir = scratch("qemu");
-    let ns = Netns::new("vm");
     let tap = "c490vm0";
-    ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
-    ns.sh(&format!("sysctl -q -w net.ipv6.conf.{tap}.disable_ipv6=1"));
-    ns.ip(&["addr", "add", "10.99.0.1/24", "dev", tap]);
-    ns.ip(&["link", "set", tap, "up"]);
-    let sink_out = dir.join("sink.json");
-    let mut sink = ns
-        .cmd(&bin("cis490-workload"))
-        .args(["sink", "--port", "5555", "--timeout-ms", "170000", "--out"])
-        .arg(&sink_out)
-        .spawn()
-        .unwrap();
-    wait_for_file(
-        &sink_out.with_extension("json.ready"),
-        Duration::from_secs(30),
-    );
+    let mut net = GuestNet::start(&dir, "vm", tap, 99, 5555);
 
     // Reads of QEMU's own files at start-up would be block reads of the QEMU
     // process too: warm the page cache first, so the rows hold the guest's I/O.
@@ -68,19 +53,12 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
     create_disk(&disk, 64).unwrap();
     let (write_mb, read_mb, send) = (16u64, 16u64, 2_000_000u64);
     let mut launch = g.launch(format!(
-        "cis490.ip=10.99.0.2/24 cis490.disk_write_mb={write_mb} cis490.disk_read_mb={read_mb} \
-         cis490.send=10.99.0.1:5555:{send} cis490.sleep_ms=600"
+        "{} cis490.disk_write_mb={write_mb} cis490.disk_read_mb={read_mb} cis490.sleep_ms=600",
+        net.params(send)
     ));
     launch.disk = Some(disk.clone());
-    launch.nic = Some(format!(
-        "tap,ifname={tap},script=no,downscript=no,model=virtio-net-pci"
-    ));
-    let console = dir.join("console.log");
-    launch.console = Some(console.clone());
-    let qmp = dir.join("qmp.sock");
-    launch.qmp = Some(qmp.clone());
-    let mut argv: Vec<OsString> = ["ip", "netns", "exec", &ns.0].map(OsString::from).to_vec();
-    argv.extend(qemu_argv(&g.guest, &launch));
+    let (console, qmp) = net.wire(&mut launch, &dir);
+    let argv = net.argv(&g.guest, &launch);
 
     let out = run_with_timeout(
         trace_cmd(&dir)
@@ -91,7 +69,7 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
         Duration::from_secs(200),
     );
     let ep = Episode::from_output(&out);
-    assert!(sink.wait().unwrap().success());
+    assert!(net.sink.wait().unwrap().success());
     let console = fs::read_to_string(&console).unwrap();
     let guest = console_values(&console);
     eprintln!("accel {}; guest said {guest:?}", g.accel);
@@ -108,7 +86,7 @@ fn guest_disk_and_network_work_shows_in_the_qemu_rows() {
         Some(&*send.to_string())
     );
     assert_eq!(
-        report(&sink_out)["bytes"].as_u64(),
+        report(&net.sink_out)["bytes"].as_u64(),
         Some(send),
         "the peer got every byte"
     );

@@ -6,7 +6,6 @@
 
 use std::{
     collections::BTreeSet,
-    ffi::OsString,
     fs,
     path::{Path, PathBuf},
     process::Command,
@@ -15,7 +14,7 @@ use std::{
 
 use cis490_tests::{
     browser,
-    guest::{GuestJson, create_disk, qemu_argv},
+    guest::{GuestJson, GuestNet, create_disk},
     *,
 };
 use serde_json::Value;
@@ -463,38 +462,16 @@ fn the_report_of_a_qemu_guest_shows_every_source_phase_and_event() {
     let g = GuestJson::from_env().unwrap();
     let _ = browser::chromium();
     let dir = scratch("report-qemu");
-    let ns = Netns::new("rep");
-    let tap = "c490rep0";
-    ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
-    ns.sh(&format!("sysctl -q -w net.ipv6.conf.{tap}.disable_ipv6=1"));
-    ns.ip(&["addr", "add", "10.99.0.1/24", "dev", tap]);
-    ns.ip(&["link", "set", tap, "up"]);
-    let sink_out = dir.join("sink.json");
-    let mut sink = ns
-        .cmd(&bin("cis490-workload"))
-        .args(["sink", "--port", "5555", "--timeout-ms", "170000", "--out"])
-        .arg(&sink_out)
-        .spawn()
-        .unwrap();
-    wait_for_file(
-        &sink_out.with_extension("json.ready"),
-        Duration::from_secs(30),
-    );
+    let mut net = GuestNet::start(&dir, "rep", "c490rep0", 99, 5555);
     let disk = dir.join("disk.img");
     create_disk(&disk, 32).unwrap();
-    let mut launch = g.launch(
-        "cis490.ip=10.99.0.2/24 cis490.disk_write_mb=8 cis490.disk_read_mb=8 \
-         cis490.send=10.99.0.1:5555:1000000 cis490.sleep_ms=500",
-    );
-    launch.disk = Some(disk);
-    launch.nic = Some(format!(
-        "tap,ifname={tap},script=no,downscript=no,model=virtio-net-pci"
+    let mut launch = g.launch(format!(
+        "{} cis490.disk_write_mb=8 cis490.disk_read_mb=8 cis490.sleep_ms=500",
+        net.params(1_000_000)
     ));
-    launch.console = Some(dir.join("console.log"));
-    let qmp = dir.join("qmp.sock");
-    launch.qmp = Some(qmp.clone());
-    let mut argv: Vec<OsString> = ["ip", "netns", "exec", &ns.0].map(OsString::from).to_vec();
-    argv.extend(qemu_argv(&g.guest, &launch));
+    launch.disk = Some(disk);
+    let (_, qmp) = net.wire(&mut launch, &dir);
+    let argv = net.argv(&g.guest, &launch);
     let out = run_with_timeout(
         trace_cmd(&dir)
             .arg("--qmp")
@@ -511,8 +488,8 @@ fn the_report_of_a_qemu_guest_shows_every_source_phase_and_event() {
             .args(&argv),
         Duration::from_secs(200),
     );
-    let _ = sink.kill();
-    let _ = sink.wait();
+    let _ = net.sink.kill();
+    let _ = net.sink.wait();
     let ep = Episode::from_output(&out);
     assert!(ep.is_done());
     assert!(ep.events_named("qmp").any(|e| e["qmp_event"] == "SHUTDOWN"));
@@ -530,7 +507,7 @@ fn the_report_of_a_qemu_guest_shows_every_source_phase_and_event() {
         );
     }
     assert!(
-        figure(&html, &format!("net_bytes:{tap}")).is_some(),
+        figure(&html, &format!("net_bytes:{}", net.tap)).is_some(),
         "the tap's chart"
     );
     assert!(

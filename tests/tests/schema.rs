@@ -7,10 +7,10 @@
 //! namespace, QMP, phase labels; all four sources) and the tiny KVM VMM
 //! (the KVM exit reason maps).
 
-use std::{collections::BTreeSet, ffi::OsString, fs, path::Path, time::Duration};
+use std::{collections::BTreeSet, fs, path::Path, time::Duration};
 
 use cis490_tests::{
-    guest::{GuestJson, create_disk, qemu_argv},
+    guest::{GuestJson, GuestNet, create_disk},
     *,
 };
 use serde_json::Value;
@@ -175,38 +175,16 @@ fn every_line_of_real_episodes_matches_the_schemas() {
     // 1. A QEMU guest: disk I/O, traffic through its tap, QMP, two labels.
     let g = GuestJson::from_env().unwrap();
     let dir = scratch("schema-qemu");
-    let ns = Netns::new("sch");
-    let tap = "c490sc0";
-    ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
-    ns.sh(&format!("sysctl -q -w net.ipv6.conf.{tap}.disable_ipv6=1"));
-    ns.ip(&["addr", "add", "10.98.0.1/24", "dev", tap]);
-    ns.ip(&["link", "set", tap, "up"]);
-    let sink_out = dir.join("sink.json");
-    let mut sink = ns
-        .cmd(&bin("cis490-workload"))
-        .args(["sink", "--port", "5556", "--timeout-ms", "170000", "--out"])
-        .arg(&sink_out)
-        .spawn()
-        .unwrap();
-    wait_for_file(
-        &sink_out.with_extension("json.ready"),
-        Duration::from_secs(30),
-    );
+    let mut net = GuestNet::start(&dir, "sch", "c490sc0", 98, 5556);
     let disk = dir.join("disk.img");
     create_disk(&disk, 16).unwrap();
-    let mut launch = g.launch(
-        "cis490.ip=10.98.0.2/24 cis490.disk_write_mb=4 cis490.disk_read_mb=4 \
-         cis490.send=10.98.0.1:5556:300000 cis490.sleep_ms=300",
-    );
-    launch.disk = Some(disk);
-    launch.nic = Some(format!(
-        "tap,ifname={tap},script=no,downscript=no,model=virtio-net-pci"
+    let mut launch = g.launch(format!(
+        "{} cis490.disk_write_mb=4 cis490.disk_read_mb=4 cis490.sleep_ms=300",
+        net.params(300_000)
     ));
-    launch.console = Some(dir.join("console.log"));
-    let qmp = dir.join("qmp.sock");
-    launch.qmp = Some(qmp.clone());
-    let mut argv: Vec<OsString> = ["ip", "netns", "exec", &ns.0].map(OsString::from).to_vec();
-    argv.extend(qemu_argv(&g.guest, &launch));
+    launch.disk = Some(disk);
+    let (_, qmp) = net.wire(&mut launch, &dir);
+    let argv = net.argv(&g.guest, &launch);
     let out = run_with_timeout(
         trace_cmd(&dir)
             .arg("--qmp")
@@ -217,7 +195,7 @@ fn every_line_of_real_episodes_matches_the_schemas() {
         Duration::from_secs(200),
     );
     let ep = Episode::from_output(&out);
-    assert!(sink.wait().unwrap().success());
+    assert!(net.sink.wait().unwrap().success());
     assert_eq!(ep.meta["end_reason"], "target_exited");
     assert!(ep.meta["qmp"]["error"].is_null(), "QMP: {}", ep.meta["qmp"]);
     let qemu = validate_episode(&s, &ep.dir);
