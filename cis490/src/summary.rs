@@ -129,9 +129,12 @@ fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
     Ok(rows)
 }
 
-/// Formats a total for people: `_ns` fields in s/ms/us/ns, counts whole.
+/// Formats a total for people: nanosecond fields (`*_ns`, `*_ns_sum`) in
+/// s/ms/us/ns, counts whole; never `-0`.
 pub fn human(field: &str, v: f64) -> String {
-    if field.ends_with("_ns") {
+    // -0.0 == 0.0: a zero is printed as 0 whatever its sign bit.
+    let v = if v == 0.0 { 0.0 } else { v };
+    if field.ends_with("_ns") || field.contains("_ns_") {
         match v {
             v if v >= 1e9 => format!("{:.3} s", v / 1e9),
             v if v >= 1e6 => format!("{:.3} ms", v / 1e6),
@@ -487,5 +490,8 @@ mod tests {
         assert_eq!(human("cpu_ns", 2.5e9), "2.500 s");
         assert_eq!(human("runq_delay_ns", 1.5e6), "1.500 ms");
         assert_eq!(human("wakeups", 12.0), "12");
+        assert_eq!(human("blk_latency_ns_sum", 697_938_008.0), "697.938 ms");
+        assert_eq!(human("runq_delay_hist_log2", -0.0), "0");
+        assert_eq!(human("cpu_ns", -0.0), "0 ns");
     }
 }
