@@ -18,7 +18,8 @@ use serde_json::{Map, Value};
 
 use crate::episode::{DONE, LABELS, META};
 
-const ENVELOPE: &[&str] = &[
+/// The row envelope: the fields of every row that are not measures.
+pub(crate) const ENVELOPE: &[&str] = &[
     "episode_id",
     "source",
     "available_in_deployment",

@@ -29,15 +29,7 @@ pub const MAX_EVENTS: usize = 20_000;
 /// The derived mean block latency (sum / requests), ns.
 pub const BLK_MEAN: &str = "blk_latency_mean_ns";
 
-const ENVELOPE: &[&str] = &[
-    "episode_id",
-    "source",
-    "available_in_deployment",
-    "t_mono_ns",
-    "t_wall_ns",
-    "interval_ns",
-    "seq",
-];
+use crate::summary::ENVELOPE;
 
 /// Chart data of an episode.
 pub struct Ingest {

@@ -99,19 +99,10 @@ fn kv(h: &mut String, k: &str, v: &str) {
 /// Wall-clock ns since the epoch as `YYYY-MM-DD hh:mm:ss UTC`.
 pub fn utc(ns: u64) -> String {
     let secs = ns / 1_000_000_000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let rem = secs % 86_400;
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        "{} {:02}:{:02}:{:02} UTC",
+        crate::dataset::utc_date(secs),
         rem / 3600,
         rem / 60 % 60,
         rem % 60
@@ -1067,5 +1058,20 @@ fn timeline(h: &mut String, f: &Canvas, ing: &Ingest, events: &Events) {
             );
         }
         h.push_str("</table>");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(
+            utc((951_782_400 + 3_661) * 1_000_000_000),
+            "2000-02-29 01:01:01 UTC"
+        );
+        assert_eq!(utc(1_735_689_599_999_999_999), "2024-12-31 23:59:59 UTC");
     }
 }
