@@ -11,18 +11,39 @@
 //! non-target submitter reuses drops any stale entry.
 
 use aya_ebpf::{
-    Global, bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::btf_tracepoint,
+    Global,
+    bindings::BPF_ANY,
+    helpers::bpf_ktime_get_ns,
+    macros::{btf_tracepoint, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 use cis490_common::{
-    BlockStats, ReqStart,
+    BlockStats, MaxSlot, ReqStart,
     block::{REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE},
 };
 
 use crate::{
-    maps::{BIOS, BLOCK_MAX, BLOCK_STATS, REQS, add, add_to_hist, raise_max},
+    maps::{add, add_to_hist, raise_max},
     target::{current, field, is_target},
 };
+
+/// Cumulative block I/O counters, one slot per CPU.
+#[map]
+pub static BLOCK_STATS: PerCpuArray<BlockStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-bucket block latency maximum, two slots per CPU (`epoch & 1`).
+#[map]
+pub static BLOCK_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
+
+/// Target block requests in flight, keyed by `struct request *`.
+#[map]
+pub static REQS: HashMap<u64, ReqStart> = HashMap::with_max_entries(16_384, 0);
+
+/// Bios the target queued (legacy block path), keyed by `struct bio *`;
+/// LRU, so marks of bios merged into another request age out.
+#[map]
+pub static BIOS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16_384, 0);
 
 /// `struct request`: `cmd_flags` (the op in its low bits).
 #[unsafe(no_mangle)]

@@ -16,24 +16,51 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
-    macros::btf_tracepoint,
+    macros::{btf_tracepoint, map},
+    maps::{Array, HashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 use cis490_common::{
-    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, LiveCounters, RecordKind, SchedStats,
+    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, LiveCounters, MAX_THREADS, MaxSlot,
+    RecordKind, SchedStats,
 };
 
 use crate::{
-    maps::{
-        CPU_SLICE, LIVE, RUNNABLE_SINCE, RUNQ_MAX, TARGET_GONE, add, bump, bump_hist, emit,
-        raise_max, stats,
-    },
+    maps::{add, bump, bump_hist, emit, raise_max, stats},
     target::{
         arrival_delay, current, delays_from_sched_info, has_run_delay, has_target_tgid, is_target,
         rq_clock, target_gone, task_counters, task_cpu, task_on_cpu, task_runtime, task_state,
         task_tgid, task_tid,
     },
 };
+
+/// Cumulative scheduler counters, one slot per CPU.
+#[map]
+pub static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Which target thread runs on each CPU, and since when.
+#[map]
+pub static CPU_SLICE: PerCpuArray<CpuSlice> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-bucket run-queue delay maximum, two slots per CPU (`epoch & 1`).
+#[map]
+pub static RUNQ_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
+
+/// What the task iterator summed over the target's live threads at the
+/// last boundary (written by `sched_iter`, read by the loader right after).
+#[map]
+pub static LIVE: Array<LiveCounters> = Array::with_max_entries(1, 0);
+
+/// When each target thread became runnable (wakeup or preemption), ns.
+/// Only on kernels whose `sched_info` cannot give single delays.
+#[map]
+pub static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+/// `[0]` is set to 1 by the new-task probe when a new process gets the target's
+/// pid: the target is gone and its pid reused. From then on no task matches
+/// the target (`target::is_target`).
+#[map]
+pub static TARGET_GONE: Array<u32> = Array::with_max_entries(1, 0);
 
 type Res = Result<(), i32>;
 /// How often (at most) a CPU's slice record pairs the clock with its run

@@ -177,7 +177,7 @@ pub struct TraceArgs {
     /// Block tracepoints: block_io_start/done (Linux 6.5+), the older
     /// block_rq_insert/issue/complete, or auto (the first this kernel has).
     #[arg(long, value_name = "PATH", value_enum, default_value = "auto")]
-    pub block_probes: crate::probes::block::PathChoice,
+    pub block_probes: crate::ebpf::BlockPathChoice,
 
     /// Mark a phase NAME at SECS seconds after tracing starts, in labels.jsonl
     /// (repeatable; e.g. --label boot@0 --label detonate@30).
@@ -291,7 +291,7 @@ impl TraceArgs {
             sources: self.sources,
             btf: self.btf,
             progress: (!self.progress_secs.is_zero()).then_some(self.progress_secs),
-            probe_options: crate::probes::Options {
+            probe_options: crate::ebpf::Options {
                 block: self.block_probes,
                 ringbuf_bytes: self.ringbuf_kib * 1024,
             },

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::{
-    probes::{FamilyStatus, KernelFacts, ProbeStatus},
+    ebpf::{FamilyStatus, KernelFacts, ProbeStatus},
     row::SourceKind,
     target::{ExitStatus, ExitUsage, TargetInfo},
 };

@@ -18,18 +18,12 @@ use crate::{
     caps,
     clock::{BucketClock, ClockPair, Tick, mono_now_ns},
     control::{Command as ControlCommand, ControlSocket},
+    ebpf::{self as probes, EbpfSource, KernelFacts, Plan, Probes, Record, RecordStream},
     episode::{self, EpisodeDir, JsonlFile},
     fdwatch,
     meta::{Clock, EbpfTotals, EndReason, Host, Meta, SourceMeta, Status},
-    probes::{self, KernelFacts, Plan, Probes},
     row::{Row, SourceKind},
-    sources::{
-        SampleCtx, Source,
-        ebpf::{EbpfSource, Record, RecordStream},
-        perf::PerfSource,
-        proc::ProcSource,
-        qmp::QmpSource,
-    },
+    sources::{SampleCtx, Source, perf::PerfSource, proc::ProcSource, qmp::QmpSource},
     taps::{self, Holdings},
     target::Target,
 };
@@ -640,7 +634,7 @@ async fn trace(
     let mut records = RecordStream::new(&mut probes)?;
     target.check_same_process()?;
 
-    let mut ebpf = EbpfSource::new(&mut probes, &plan, pid)?;
+    let mut ebpf = EbpfSource::new(&mut probes, pid)?;
     if let Some(why) = ebpf.check_visible(pid) {
         log::warn!("{why}");
         if let Some(f) = meta.families.iter_mut().find(|f| f.family == "sched") {

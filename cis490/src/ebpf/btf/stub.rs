@@ -10,10 +10,13 @@
 
 use std::collections::BTreeMap;
 
-const BTF_MAGIC: u16 = 0xEB9F;
-const KIND_PTR: u32 = 2;
-const KIND_TYPEDEF: u32 = 8;
-const KIND_FUNC: u32 = 12;
+use super::{
+    BTF_MAGIC, BTF_VERSION, HEADER_MIN_LEN, ITERATOR_FUNC_PREFIX, TRACEPOINT_TYPEDEF_PREFIX, kind,
+};
+
+const KIND_PTR: u32 = kind::PTR as u32;
+const KIND_TYPEDEF: u32 = kind::TYPEDEF as u32;
+const KIND_FUNC: u32 = kind::FUNC as u32;
 
 /// A BTF blob where `btf_trace_<name>` (a TYPEDEF) and `bpf_iter_<what>`
 /// (a FUNC) have the type ids they have in the kernel, and every other id
@@ -29,10 +32,19 @@ pub fn stub(tracepoints: &BTreeMap<String, u32>, iterators: &BTreeMap<String, u3
         off
     };
     for (tp, &id) in tracepoints {
-        named.insert(id, (KIND_TYPEDEF, name("btf_trace_", tp, &mut strings)));
+        named.insert(
+            id,
+            (
+                KIND_TYPEDEF,
+                name(TRACEPOINT_TYPEDEF_PREFIX, tp, &mut strings),
+            ),
+        );
     }
     for (what, &id) in iterators {
-        named.insert(id, (KIND_FUNC, name("bpf_iter_", what, &mut strings)));
+        named.insert(
+            id,
+            (KIND_FUNC, name(ITERATOR_FUNC_PREFIX, what, &mut strings)),
+        );
     }
     let max_id = named.keys().next_back().copied().unwrap_or(0);
     let mut types = Vec::with_capacity(max_id as usize * 12);
@@ -43,11 +55,11 @@ pub fn stub(tracepoints: &BTreeMap<String, u32>, iterators: &BTreeMap<String, u3
         // size_or_type: void.
         types.extend_from_slice(&0u32.to_ne_bytes());
     }
-    let mut blob = Vec::with_capacity(24 + types.len() + strings.len());
+    let mut blob = Vec::with_capacity(HEADER_MIN_LEN + types.len() + strings.len());
     blob.extend_from_slice(&BTF_MAGIC.to_ne_bytes());
-    blob.push(1); // version
+    blob.push(BTF_VERSION);
     blob.push(0); // flags
-    blob.extend_from_slice(&24u32.to_ne_bytes()); // hdr_len
+    blob.extend_from_slice(&(HEADER_MIN_LEN as u32).to_ne_bytes()); // hdr_len
     blob.extend_from_slice(&0u32.to_ne_bytes()); // type_off
     blob.extend_from_slice(&(types.len() as u32).to_ne_bytes());
     blob.extend_from_slice(&(types.len() as u32).to_ne_bytes()); // str_off
@@ -98,7 +110,7 @@ mod tests {
     #[test]
     fn the_ebpf_object_has_no_core_relocations() {
         use object::{Object as _, ObjectSection as _};
-        let obj = object::File::parse(super::super::EBPF_OBJECT).unwrap();
+        let obj = object::File::parse(crate::ebpf::loader::EBPF_OBJECT).unwrap();
         let Some(ext) = obj.section_by_name(".BTF.ext") else {
             return;
         };

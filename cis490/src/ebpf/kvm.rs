@@ -3,21 +3,39 @@
 //! (`kvm:kvm_userspace_exit`). Both are classic tracepoints (the exit
 //! reason is computed inside the tracepoint), so they need tracefs and the
 //! field offsets from their format files, which also name the reasons.
+//!
+//! The reader: KVM rows from `KVM_STATS` (probes in `cis490-ebpf/src/kvm.rs`), named
+//! with the kernel's own reason names. `null` while the target holds no KVM
+//! VM, and for a kind of exit this kernel cannot report.
 
 use std::{collections::BTreeMap, path::Path};
 
-use super::{Attacher, FamilyStatus, ProbeKind, ProbeSpec, tracefs};
+use anyhow::Result;
+use aya::maps::{MapData, PerCpuArray};
+use cis490_common::{
+    KvmStats,
+    kvm::{USERSPACE_ERROR_SLOT, USERSPACE_RESTART_SLOT, global, map, prog, slot_reason},
+};
+
+use super::{
+    Probes, SampleCtx,
+    loader::{Attacher, FamilyStatus, ProbeKind, ProbeSpec},
+    read_percpu, take,
+};
+use crate::row::Measures;
+
+mod tracefs;
 
 pub const FAMILY: &str = "kvm";
 
 pub(super) const KVM_EXIT: ProbeSpec = ProbeSpec {
-    program: "kvm_exit",
+    program: prog::KVM_EXIT,
     tracepoint: "kvm_exit",
     kind: ProbeKind::TracePoint("kvm"),
     required: false,
 };
 pub(super) const KVM_USERSPACE_EXIT: ProbeSpec = ProbeSpec {
-    program: "kvm_userspace_exit",
+    program: prog::KVM_USERSPACE_EXIT,
     tracepoint: "kvm_userspace_exit",
     kind: ProbeKind::TracePoint("kvm"),
     required: false,
@@ -193,18 +211,24 @@ pub fn plan() -> Result<KvmFormat, String> {
 
 /// The read-only globals this family needs at load time.
 pub fn globals(plan: &Result<KvmFormat, String>) -> Vec<(&'static str, u32)> {
-    let mut g = Vec::new();
-    if let Ok(f) = plan {
-        if let Ok(h) = &f.hw {
-            g.push(("KVM_EXIT_REASON_OFFSET", h.exit_reason));
-            g.push(("KVM_EXIT_ISA_OFFSET", h.isa));
-        }
-        if let Ok(u) = &f.userspace {
-            g.push(("KVM_USERSPACE_REASON_OFFSET", u.reason));
-            g.push(("KVM_USERSPACE_ERRNO_OFFSET", u.errno));
-        }
-    }
-    g
+    let f = plan.as_ref().ok();
+    let hw = f.and_then(|f| f.hw.as_ref().ok());
+    let user = f.and_then(|f| f.userspace.as_ref().ok());
+    vec![
+        (
+            global::KVM_EXIT_REASON_OFFSET,
+            hw.map_or(0, |h| h.exit_reason),
+        ),
+        (global::KVM_EXIT_ISA_OFFSET, hw.map_or(0, |h| h.isa)),
+        (
+            global::KVM_USERSPACE_REASON_OFFSET,
+            user.map_or(0, |u| u.reason),
+        ),
+        (
+            global::KVM_USERSPACE_ERRNO_OFFSET,
+            user.map_or(0, |u| u.errno),
+        ),
+    ]
 }
 
 /// Attaches one tracepoint if its plan is good; `Ok` when attached.
@@ -219,22 +243,35 @@ fn one<T>(a: &mut Attacher<'_>, spec: &ProbeSpec, plan: &Result<T, String>) -> R
     }
 }
 
-pub fn attach(a: &mut Attacher<'_>, plan: &Result<KvmFormat, String>) -> FamilyStatus {
+/// The exit kinds that attached, with their reason names, for the reader.
+#[derive(Clone, Debug)]
+pub struct Attached {
+    hw: Option<HwExits>,
+    userspace: Option<UserspaceExits>,
+}
+
+/// Attaches what the plan allows; `None` for the reader when nothing did.
+pub fn attach(
+    a: &mut Attacher<'_>,
+    plan: &Result<KvmFormat, String>,
+) -> (FamilyStatus, Option<Attached>) {
     let f = match plan {
         Ok(f) => f,
         Err(why) => {
             a.skip(FAMILY, &KVM_EXIT, why);
             a.skip(FAMILY, &KVM_USERSPACE_EXIT, why);
-            return FamilyStatus {
+            let status = FamilyStatus {
                 family: FAMILY,
                 active: false,
                 path: None,
                 note: Some(why.clone()),
             };
+            return (status, None);
         }
     };
     let hw = one(a, &KVM_EXIT, &f.hw);
     let user = one(a, &KVM_USERSPACE_EXIT, &f.userspace);
+    let (hw_ok, user_ok) = (hw.is_ok(), user.is_ok());
     let path = match (&hw, &user) {
         (Ok(()), Ok(())) => Some("kvm_exit+kvm_userspace_exit"),
         (Ok(()), Err(_)) => Some("kvm_exit"),
@@ -245,28 +282,17 @@ pub fn attach(a: &mut Attacher<'_>, plan: &Result<KvmFormat, String>) -> FamilyS
     if f.mounted_tracefs {
         notes.push(MOUNTED_TRACEFS.into());
     }
-    FamilyStatus {
+    let status = FamilyStatus {
         family: FAMILY,
         active: path.is_some(),
         path,
         note: (!notes.is_empty()).then(|| notes.join("; ")),
-    }
-}
-
-/// Whether hardware exits are counted.
-pub fn hw_active(status: &FamilyStatus) -> bool {
-    matches!(
-        status.path,
-        Some("kvm_exit" | "kvm_exit+kvm_userspace_exit")
-    )
-}
-
-/// Whether returns to userspace are counted.
-pub fn userspace_active(status: &FamilyStatus) -> bool {
-    matches!(
-        status.path,
-        Some("kvm_userspace_exit" | "kvm_exit+kvm_userspace_exit")
-    )
+    };
+    let attached = path.is_some().then(|| Attached {
+        hw: hw_ok.then(|| f.hw.clone().ok()).flatten(),
+        userspace: user_ok.then(|| f.userspace.clone().ok()).flatten(),
+    });
+    (status, attached)
 }
 
 #[cfg(test)]
@@ -308,5 +334,72 @@ mod tests {
             assert_eq!(h.reason_name(2, 0x7b), "io");
             assert_eq!(h.reason_name(1, 9999), "reason_0x270f");
         }
+    }
+}
+
+// ---- the reader ----------------------------------------------------------
+
+pub struct KvmReader {
+    stats: PerCpuArray<MapData, KvmStats>,
+    hw: Option<HwExits>,
+    userspace: Option<UserspaceExits>,
+    prev: KvmStats,
+}
+
+/// Non-zero per-slot deltas, by name.
+fn named(now: &[u64], prev: &[u64], name: impl Fn(usize) -> String) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (slot, (a, b)) in now.iter().zip(prev).enumerate() {
+        let n = a.saturating_sub(*b);
+        if n > 0 {
+            *out.entry(name(slot)).or_insert(0) += n;
+        }
+    }
+    out
+}
+
+impl KvmReader {
+    pub fn new(probes: &mut Probes, attached: Attached) -> Result<Self> {
+        Ok(Self {
+            stats: take(probes, map::KVM_STATS)?,
+            hw: attached.hw,
+            userspace: attached.userspace,
+            prev: KvmStats::ZERO,
+        })
+    }
+
+    pub fn sample(&mut self, ctx: &SampleCtx<'_>, m: &mut Measures) -> Result<()> {
+        let c = read_percpu(
+            &self.stats,
+            map::KVM_STATS,
+            KvmStats::ZERO,
+            KvmStats::accumulate,
+        )?;
+        let p = &self.prev;
+        let any = c.exits != p.exits || c.userspace_exits != p.userspace_exits;
+        if ctx.holdings.kvm_vm || any {
+            if let Some(hw) = &self.hw {
+                let isa = c.isa as u32;
+                m.kvm_exits = Some(c.exits.saturating_sub(p.exits));
+                m.kvm_exit_reasons = Some(named(&c.by_reason, &p.by_reason, |slot| {
+                    slot_reason(slot, isa)
+                        .map_or_else(|| "other".to_owned(), |code| hw.reason_name(isa, code))
+                }));
+            }
+            if let Some(u) = &self.userspace {
+                m.kvm_userspace_exits = Some(c.userspace_exits.saturating_sub(p.userspace_exits));
+                m.kvm_userspace_exit_reasons = Some(named(
+                    &c.userspace_by_reason,
+                    &p.userspace_by_reason,
+                    |slot| match slot {
+                        USERSPACE_RESTART_SLOT => "restart".to_owned(),
+                        USERSPACE_ERROR_SLOT => "error".to_owned(),
+                        code => u.reason_name(code as u32),
+                    },
+                ));
+            }
+        }
+        self.prev = c;
+        Ok(())
     }
 }

@@ -9,14 +9,6 @@
 //! loads the object with the offsets and paths as read-only globals, then
 //! attaches family by family.
 
-mod attach_btf;
-pub mod block;
-pub mod kvm;
-pub mod net;
-pub mod sched;
-pub mod task_iter;
-pub mod tracefs;
-
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use anyhow::{Result, anyhow, bail};
@@ -26,10 +18,21 @@ use aya::{
 };
 use serde::Serialize;
 
-use crate::btf::KernelBtf;
+use cis490_common::{
+    block::global as block_names,
+    global, map,
+    sched::{RunDelaySource, global as sched_names},
+};
+
+use super::{
+    block,
+    btf::{self, KernelBtf},
+    kvm, net, sched,
+};
 
 /// The eBPF object built by build.rs from `cis490-ebpf`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cis490-ebpf"));
+pub(super) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cis490-ebpf"));
 
 /// A kernel struct member a program reads, and the read-only global in the
 /// object that receives its byte offset.
@@ -124,7 +127,7 @@ pub struct KernelFacts {
     /// The kernel's BTF-enabled tracepoints and BPF iterator targets, by
     /// name, with their BTF type ids. Only this is kept of the parsed BTF
     /// (several MiB): it is all the loader needs to attach (see
-    /// `attach_btf`).
+    /// `btf::stub`).
     #[serde(skip)]
     tracepoints: Arc<BTreeMap<String, u32>>,
     #[serde(skip)]
@@ -180,7 +183,7 @@ impl KernelFacts {
             }
         }
         // Only the attach points some family may use: the stub BTF built
-        // from them (attach_btf) then stops at the highest of their ids.
+        // from them (btf::stub) then stops at the highest of their ids.
         let wanted = |kind: ProbeKind| {
             all_probes()
                 .filter(move |p| p.kind == kind)
@@ -242,6 +245,7 @@ impl Default for Options {
 /// read-only globals).
 #[derive(Clone, Debug)]
 pub struct Plan {
+    pub run_delay: RunDelaySource,
     pub block: Result<block::BlockPath, String>,
     pub net: net::NetPlan,
     pub kvm: Result<kvm::KvmFormat, String>,
@@ -251,6 +255,7 @@ pub struct Plan {
 impl Plan {
     pub fn new(facts: &KernelFacts, opts: Options) -> Self {
         Self {
+            run_delay: sched::plan(facts),
             block: block::plan(facts, opts.block),
             net: net::plan(facts),
             kvm: kvm::plan(),
@@ -260,10 +265,13 @@ impl Plan {
 
     /// The globals to set at load time, beyond the offsets.
     fn globals(&self) -> Vec<(&'static str, u32)> {
-        let mut g = vec![(
-            "BLOCK_LEGACY",
-            matches!(self.block, Ok(block::BlockPath::Rq)) as u32,
-        )];
+        let mut g = vec![
+            (sched_names::RUN_DELAY_SOURCE, self.run_delay as u32),
+            (
+                block_names::BLOCK_LEGACY,
+                matches!(self.block, Ok(block::BlockPath::Rq)) as u32,
+            ),
+        ];
         g.extend(kvm::globals(&self.kvm));
         g
     }
@@ -274,9 +282,18 @@ pub struct Probes {
     pub ebpf: Ebpf,
     pub status: Vec<ProbeStatus>,
     pub families: Vec<FamilyStatus>,
-    /// The link of the scheduler's task iterator (`sched_iter`), which the
-    /// loader runs at every bucket boundary.
-    pub sched_iter: Option<std::os::fd::OwnedFd>,
+    /// What each attached family hands to its reader (taken by
+    /// [`super::EbpfSource::new`]).
+    pub(super) handoff: Handoff,
+}
+
+/// Each family's typed result of attaching, for its reader (`None`: the
+/// family measures nothing here).
+pub(super) struct Handoff {
+    pub sched: Option<sched::Attached>,
+    pub block: Option<block::BlockPath>,
+    pub net: Option<net::Attached>,
+    pub kvm: Option<kvm::Attached>,
 }
 
 impl Probes {
@@ -293,9 +310,9 @@ impl Probes {
         loader.btf(None);
         release_freed_memory();
         // The attach points' type ids, not the whole kernel BTF (see
-        // attach_btf).
+        // btf::stub).
         let btf = aya::Btf::parse(
-            &attach_btf::stub(&facts.tracepoints, &facts.iterators),
+            &btf::stub::stub(&facts.tracepoints, &facts.iterators),
             aya::Endianness::default(),
         )
         .map_err(|e| anyhow!("cannot build the attach points' BTF: {e}"))?;
@@ -306,8 +323,8 @@ impl Probes {
             .collect();
         let globals = plan.globals();
         loader
-            .map_max_entries("RECORDS", plan.ringbuf_bytes)
-            .override_global("TARGET_TGID", &tgid, true);
+            .map_max_entries(map::RECORDS, plan.ringbuf_bytes)
+            .override_global(global::TARGET_TGID, &tgid, true);
         for (name, value) in offsets.iter().chain(globals.iter()) {
             loader.override_global(name, value, true);
         }
@@ -319,20 +336,14 @@ impl Probes {
             btf,
             facts,
             status: Vec::new(),
-            iter_link: None,
         };
-        let families = vec![
-            sched::attach(&mut a, tgid)?,
-            block::attach(&mut a, &plan.block),
-            net::attach(&mut a, &plan.net),
-            kvm::attach(&mut a, &plan.kvm),
-        ];
+        let (sched_status, sched) = sched::attach(&mut a, tgid, plan.run_delay)?;
+        let (block_status, block) = block::attach(&mut a, &plan.block);
+        let (net_status, net) = net::attach(&mut a, &plan.net);
+        let (kvm_status, kvm) = kvm::attach(&mut a, &plan.kvm);
+        let families = vec![sched_status, block_status, net_status, kvm_status];
         let Attacher {
-            ebpf,
-            status,
-            iter_link,
-            btf,
-            ..
+            ebpf, status, btf, ..
         } = a;
         // aya's parse of the kernel BTF is the tracer's largest allocation.
         drop(btf);
@@ -341,7 +352,12 @@ impl Probes {
             ebpf,
             status,
             families,
-            sched_iter: iter_link,
+            handoff: Handoff {
+                sched: Some(sched),
+                block,
+                net,
+                kvm,
+            },
         })
     }
 
@@ -364,14 +380,26 @@ impl Probes {
 
 /// Attaches programs of the loaded object and records what happened.
 pub struct Attacher<'a> {
-    ebpf: Ebpf,
+    pub(super) ebpf: Ebpf,
     btf: aya::Btf,
     facts: &'a KernelFacts,
     status: Vec<ProbeStatus>,
-    iter_link: Option<std::os::fd::OwnedFd>,
 }
 
 impl Attacher<'_> {
+    /// The error of the program attached or skipped last.
+    pub fn last_error(&self) -> Option<String> {
+        self.status.last().and_then(|s| s.error.clone())
+    }
+
+    /// Marks the program attached last as failed, with `error`.
+    pub fn fail_last(&mut self, error: &str) {
+        if let Some(s) = self.status.last_mut() {
+            s.state = AttachState::Failed;
+            s.error = Some(error.to_owned());
+        }
+    }
+
     /// Attaches one program; records and returns whether it worked.
     pub fn attach(&mut self, family: &'static str, spec: &ProbeSpec) -> bool {
         let state = self.try_attach(spec);
@@ -451,57 +479,105 @@ fn release_freed_memory() {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use cis490_common::{block, kvm, net, sched};
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+
     use super::*;
 
-    /// Every `*_OFFSET` and flag global of the embedded object is set by the
-    /// loader (a global left at 0 would read the wrong field, silently).
-    #[test]
-    fn every_global_of_the_object_is_set() {
-        use object::{Object as _, ObjectSymbol as _};
+    /// The names `cis490_common` declares, by kind, over every family.
+    fn declared(kind: &str) -> BTreeSet<&'static str> {
+        let lists: &[&[&str]] = match kind {
+            "maps" => &[
+                map::ALL,
+                sched::map::ALL,
+                block::map::ALL,
+                net::map::ALL,
+                kvm::map::ALL,
+            ],
+            "programs" => &[
+                sched::prog::ALL,
+                block::prog::ALL,
+                net::prog::ALL,
+                kvm::prog::ALL,
+            ],
+            _ => &[
+                global::ALL,
+                sched::global::ALL,
+                block::global::ALL,
+                net::global::ALL,
+                kvm::global::ALL,
+            ],
+        };
+        lists.iter().flat_map(|l| l.iter().copied()).collect()
+    }
+
+    /// The symbols of the embedded object defined in sections whose name
+    /// passes `section`.
+    fn symbols(section: impl Fn(&str) -> bool) -> BTreeSet<String> {
         let obj = object::File::parse(EBPF_OBJECT).unwrap();
-        let globals: Vec<String> = obj
-            .symbols()
+        obj.symbols()
             .filter(|s| {
-                s.section_index().is_some_and(|i| {
-                    obj.section_by_index(i)
-                        .ok()
-                        .and_then(|sec| {
-                            object::ObjectSection::name(&sec)
-                                .ok()
-                                .map(|n| n.starts_with(".rodata"))
-                        })
-                        .unwrap_or(false)
-                })
+                s.section_index()
+                    .and_then(|i| obj.section_by_index(i).ok())
+                    .and_then(|sec| sec.name().ok().map(&section))
+                    .unwrap_or(false)
             })
             .filter_map(|s| s.name().ok().map(str::to_owned))
-            // Ours: offsets and flags.
-            .filter(|n| n.ends_with("_OFFSET") || n == "BLOCK_LEGACY" || n == "TARGET_TGID")
+            // Ours only: not the compiler's anonymous constants (`anon.*`).
+            .filter(|n| !n.is_empty() && !n.contains('.'))
+            .collect()
+    }
+
+    /// Every map, program and global of the embedded eBPF object is a name
+    /// declared in `cis490_common`, and every declared name is in the
+    /// object: a name spelled differently on the two sides fails here, not
+    /// at load time on some kernel.
+    #[test]
+    fn the_objects_names_are_the_declared_ones() {
+        let maps = symbols(|s| s == "maps" || s == ".maps");
+        let globals = symbols(|s| s.starts_with(".rodata"));
+        let programs = symbols(|s| {
+            ["tp_btf", "iter", "tracepoint", "classifier", "tc"]
+                .iter()
+                .any(|p| s == *p || s.starts_with(&format!("{p}/")))
+        });
+        for (kind, found) in [("maps", maps), ("programs", programs), ("globals", globals)] {
+            let found: BTreeSet<&str> = found.iter().map(String::as_str).collect();
+            assert_eq!(
+                found,
+                declared(kind),
+                "the object's {kind} (left) differ from cis490_common's names (right)"
+            );
+        }
+    }
+
+    /// Every global of the object is set by the loader (a global left at 0
+    /// would read the wrong field, silently), and every offset the families
+    /// list is a global of the object.
+    #[test]
+    fn every_global_of_the_object_is_set() {
+        let plan_globals: BTreeSet<&str> = [global::TARGET_TGID]
+            .into_iter()
+            .chain(
+                Plan {
+                    run_delay: RunDelaySource::SchedInfo,
+                    block: Err(String::new()),
+                    net: super::net::NetPlan {
+                        taps: Ok(()),
+                        sockets: Ok(()),
+                    },
+                    kvm: Err(String::new()),
+                    ringbuf_bytes: 0,
+                }
+                .globals()
+                .into_iter()
+                .map(|(g, _)| g),
+            )
+            .chain(all_offsets().map(|o| o.global))
             .collect();
-        assert!(
-            globals.iter().any(|g| g == "TASK_PID_OFFSET"),
-            "{globals:?}"
-        );
-        let plan_globals = [
-            "BLOCK_LEGACY",
-            "KVM_EXIT_REASON_OFFSET",
-            "KVM_EXIT_ISA_OFFSET",
-            "KVM_USERSPACE_REASON_OFFSET",
-            "KVM_USERSPACE_ERRNO_OFFSET",
-            "TARGET_TGID",
-        ];
-        for g in &globals {
-            assert!(
-                all_offsets().any(|o| o.global == g) || plan_globals.contains(&g.as_str()),
-                "global {g} of the eBPF object is never set by the loader"
-            );
-        }
-        for o in all_offsets() {
-            assert!(
-                globals.iter().any(|g| g == o.global),
-                "offset {} is not in the object",
-                o.global
-            );
-        }
+        assert_eq!(plan_globals, declared("globals"));
     }
 }
 

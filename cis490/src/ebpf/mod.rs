@@ -1,30 +1,39 @@
-//! The eBPF source: reads the in-kernel per-CPU aggregates of each probe
-//! family at every boundary and turns them into per-bucket deltas (one
-//! reader per family, in the module named for it); and the ring-buffer
-//! consumer for streamed lifecycle records.
+//! The eBPF side of the tracer: the loader ([`loader`]: the embedded
+//! object, the kernel facts from BTF, each family's plan, load and attach)
+//! and the eBPF source ([`EbpfSource`]), which reads the in-kernel per-CPU
+//! aggregates of each probe family at every boundary and turns them into
+//! per-bucket deltas. Everything about one family (its programs, struct
+//! offsets, path decision, attach and reader) is in the module named for
+//! it: [`sched`], [`block`], [`net`], [`kvm`]; the names and layouts the
+//! kernel side shares are in `cis490_common::<family>`, its programs and
+//! maps in `cis490-ebpf/src/<family>.rs`. [`records`] consumes the ring
+//! buffer of streamed lifecycle records.
 //!
 //! Rows are exact whatever happens to the ring buffer: every row quantity is
 //! a cumulative per-CPU counter in the kernel. Per-bucket maxima come from
 //! slots tagged with the bucket epoch, which the loader advances first.
 
 mod block;
+mod btf;
 mod kvm;
+mod loader;
 mod net;
+mod records;
 mod sched;
 
-use std::os::fd::AsRawFd;
+pub use block::PathChoice as BlockPathChoice;
+pub use loader::{
+    AttachState, FamilyStatus, KernelFacts, Options, Plan, ProbeKind, ProbeStatus, Probes,
+};
+pub use records::{Record, RecordStream};
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use cis490_common::{
-    HIST_BUCKETS, LifecycleRecord, MaxSlot, RecordKind, SchedStats, record::record_kind,
-};
-use tokio::io::unix::AsyncFd;
+use aya::maps::{Array, MapData, PerCpuArray};
+use cis490_common::{HIST_BUCKETS, MaxSlot, SchedStats, map};
 
-use super::{SampleCtx, Source};
 use crate::{
-    probes::{Plan, Probes},
     row::{Measures, SourceKind},
+    sources::{SampleCtx, Source},
     taps::Tap,
 };
 
@@ -91,7 +100,7 @@ impl Epoch {
     fn advance(&mut self) -> Result<u64> {
         let ended = self.current;
         self.current += 1;
-        self.map.set(0, self.current, 0).context("EPOCH")?;
+        self.map.set(0, self.current, 0).context(map::EPOCH)?;
         Ok(ended)
     }
 }
@@ -109,28 +118,23 @@ impl EbpfSource {
     /// Takes the maps out of the loaded object and takes a first baseline.
     /// Call [`Self::rebase`] once every CPU has switched since (so a thread
     /// running at attach has its slice recorded).
-    pub fn new(probes: &mut Probes, plan: &Plan, pid: i32) -> Result<Self> {
+    pub fn new(probes: &mut Probes, pid: i32) -> Result<Self> {
         let epoch = Epoch {
-            map: take(probes, "EPOCH")?,
+            map: take(probes, map::EPOCH)?,
             current: 0,
         };
-        let run_delay = probes
-            .family("sched")
-            .and_then(|f| f.path)
-            .is_some_and(|p| p.contains("sched_info"));
-        let sched = sched::SchedReader::new(probes, run_delay)?;
-        let block = probes
-            .active("block")
-            .then(|| block::BlockReader::new(probes))
-            .transpose()?;
-        let net = match probes.family("net").filter(|f| f.active).cloned() {
-            Some(status) => Some(net::NetReader::new(probes, pid, &status)?),
+        let sched = sched::SchedReader::new(probes)?;
+        let block = match probes.handoff.block.take() {
+            Some(_) => Some(block::BlockReader::new(probes)?),
             None => None,
         };
-        let kvm_status = probes.family("kvm").filter(|f| f.active).cloned();
-        let kvm = match (&plan.kvm, kvm_status) {
-            (Ok(format), Some(status)) => Some(kvm::KvmReader::new(probes, format, &status)?),
-            _ => None,
+        let net = match probes.handoff.net.take() {
+            Some(attached) => Some(net::NetReader::new(probes, pid, attached)?),
+            None => None,
+        };
+        let kvm = match probes.handoff.kvm.take() {
+            Some(attached) => Some(kvm::KvmReader::new(probes, attached)?),
+            None => None,
         };
         let mut src = Self {
             epoch,
@@ -219,67 +223,6 @@ impl Source for EbpfSource {
 
     fn sample(&mut self, ctx: &SampleCtx<'_>) -> Result<Measures> {
         self.sample_with(ctx)
-    }
-}
-
-/// A decoded ring-buffer record.
-#[derive(Clone, Debug)]
-pub enum Record {
-    Lifecycle(LifecycleRecord),
-}
-
-/// The ring-buffer consumer: wakes up when records are ready.
-pub struct RecordStream {
-    ring: AsyncFd<RingBuf<MapData>>,
-    pub received: u64,
-    pub undecodable: u64,
-}
-
-impl RecordStream {
-    pub fn new(probes: &mut Probes) -> Result<Self> {
-        let ring: RingBuf<MapData> = take(probes, "RECORDS")?;
-        Ok(Self {
-            ring: crate::fdwatch::readable(ring)
-                .context("registering the ring buffer with the event loop")?,
-            received: 0,
-            undecodable: 0,
-        })
-    }
-
-    /// Waits until the ring buffer has data.
-    pub async fn readable(&mut self) -> Result<()> {
-        let mut guard = self.ring.readable_mut().await?;
-        guard.clear_ready();
-        Ok(())
-    }
-
-    /// Hands every record now in the ring buffer to `f`. Records that do not
-    /// decode are counted (and logged once in a while), never silently lost.
-    pub fn drain(&mut self, mut f: impl FnMut(Record)) {
-        let ring = self.ring.get_mut();
-        while let Some(item) = ring.next() {
-            self.received += 1;
-            let bytes: &[u8] = &item;
-            let decoded = record_kind(bytes).and_then(|k| match k {
-                RecordKind::Lifecycle => LifecycleRecord::try_from(bytes).map(Record::Lifecycle),
-            });
-            match decoded {
-                Ok(r) => f(r),
-                Err(e) => {
-                    self.undecodable += 1;
-                    if self.undecodable.is_power_of_two() {
-                        log::warn!(
-                            "undecodable ring-buffer record ({e}); {} so far",
-                            self.undecodable
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    pub fn fd(&self) -> i32 {
-        self.ring.get_ref().as_raw_fd()
     }
 }
 

@@ -34,6 +34,11 @@ const TYPE_HEADER_LEN: usize = 12;
 const MAX_ANON_DEPTH: usize = 64;
 /// Prefix of the typedef the kernel emits for each BTF-enabled tracepoint.
 const TRACEPOINT_TYPEDEF_PREFIX: &str = "btf_trace_";
+/// Prefix of the function the kernel emits for each BPF iterator target.
+const ITERATOR_FUNC_PREFIX: &str = "bpf_iter_";
+
+/// The BTF aya loads the programs with (only the attach points' ids).
+pub mod stub;
 
 /// BTF kinds (`BTF_KIND_*` in `include/uapi/linux/btf.h`).
 mod kind {
@@ -160,10 +165,7 @@ impl Reader<'_> {
 }
 
 impl KernelBtf {
-    /// Default location.
-    pub const VMLINUX: &'static str = "/sys/kernel/btf/vmlinux";
-
-    /// Reads and parses the raw BTF at `path` (normally [`Self::VMLINUX`]).
+    /// Reads and parses the raw BTF at `path` (normally `/sys/kernel/btf/vmlinux`).
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
@@ -281,6 +283,7 @@ impl KernelBtf {
     ///
     /// A bitfield member is accepted only when it starts on a byte boundary
     /// (the offset of its first byte is returned).
+    #[cfg(test)]
     pub fn member_offset(&self, struct_name: &str, member: &str) -> Result<u32> {
         let loc = self.locate(struct_name, member)?;
         byte_offset(&loc, struct_name, member)
@@ -396,7 +399,10 @@ impl KernelBtf {
             .filter(|(_, t)| t.kind == kind::FUNC)
             .filter_map(|(id, t)| {
                 let name = str_at(&self.strings, t.name_off)?;
-                Some((name.strip_prefix("bpf_iter_")?.to_owned(), id as u32))
+                Some((
+                    name.strip_prefix(ITERATOR_FUNC_PREFIX)?.to_owned(),
+                    id as u32,
+                ))
             })
             .collect()
     }
@@ -614,6 +620,8 @@ fn str_at(strings: &[u8], off: u32) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
     use super::*;
 
     /// Test-only BTF encoder: types are added in order (first gets id 1).
@@ -1097,7 +1105,7 @@ mod tests {
             return None;
         }
         Some(
-            KernelBtf::from_file(Path::new(KernelBtf::VMLINUX)).unwrap_or_else(|e| {
+            KernelBtf::from_file(Path::new(VMLINUX)).unwrap_or_else(|e| {
                 panic!("{e:#}\n(set {SKIP_ENV}=1 to skip the tests that need the kernel's BTF)")
             }),
         )
@@ -1260,7 +1268,7 @@ mod tests {
             )
         });
         let out = std::process::Command::new(bpftool)
-            .args(["btf", "dump", "file", KernelBtf::VMLINUX, "format", "raw"])
+            .args(["btf", "dump", "file", VMLINUX, "format", "raw"])
             .output()
             .expect("running bpftool");
         assert!(
