@@ -14,7 +14,6 @@ pub mod ebpf;
 pub mod episode;
 pub mod fdwatch;
 pub mod meta;
-pub mod qmp;
 pub mod report;
 pub mod row;
 pub mod sources;

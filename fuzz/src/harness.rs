@@ -12,8 +12,10 @@ use cis490_common::{
 
 use crate::{
     proc_source::{self as proc, io_bytes, net_dev},
-    qmp::{self, LineBuf, MAX_LINE, Message},
-    qmp_source,
+    qmp_source::{
+        self,
+        client::{self as qmp, LineBuf, MAX_LINE, Message},
+    },
     row::{BlkCounters, Measures},
     taps,
 };

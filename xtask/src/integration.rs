@@ -69,6 +69,11 @@ pub const VM_SKIPPED_BINARIES: &[(&str, &str)] = &[
          does not boot in reasonable time",
     ),
     (
+        "qmp_qemu",
+        "runs QEMU and boots a guest under it (as `qemu` does), for the QMP source's real-QEMU \
+         tests",
+    ),
+    (
         "schema",
         "validates an episode of a QEMU guest it boots (as `qemu` does) and one of /dev/kvm (as \
          `kvm` does)",

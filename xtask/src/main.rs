@@ -272,8 +272,7 @@ fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {
     setup::ensure()?;
     build_bins(false)?;
     // What the tests check against, installed if missing: bpftool (the BTF
-    // cross-check) and the QEMU guest (the QMP unit tests boot it too, so
-    // it comes before them).
+    // cross-check) and the QEMU guest.
     let bpftool = testrun::ensure_bpftool()?;
     eprintln!("test: bpftool: {}", bpftool.display());
     let (_, accel, guest_json) = guest::prepare()?;
