@@ -12,6 +12,7 @@ pub mod control;
 pub mod dataset;
 pub mod ebpf;
 pub mod episode;
+pub mod event;
 pub mod fdwatch;
 pub mod meta;
 pub mod report;

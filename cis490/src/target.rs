@@ -15,12 +15,31 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::Serialize;
 
+/// How the target was found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// An existing process (`--target-pid`).
+    #[default]
+    Attach,
+    /// A command cis490 started (`-- COMMAND`).
+    Spawn,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Attach => "attach",
+            Mode::Spawn => "spawn",
+        }
+    }
+}
+
 /// What meta.json records about the target.
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetInfo {
     pub pid: i32,
-    /// "attach" (`--target-pid`) or "spawn" (`-- COMMAND`).
-    pub mode: &'static str,
+    pub mode: Mode,
     pub comm: String,
     pub exe: Option<String>,
     pub cmdline: Vec<String>,
@@ -483,7 +502,11 @@ impl Target {
         };
         TargetInfo {
             pid: self.pid,
-            mode: if self.is_spawned() { "spawn" } else { "attach" },
+            mode: if self.is_spawned() {
+                Mode::Spawn
+            } else {
+                Mode::Attach
+            },
             comm,
             exe,
             cmdline,
@@ -573,7 +596,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!t.has_exited(), "child ran before release");
         // Still our fork, not yet sh: comm is the test binary's.
-        assert_eq!(t.info(None).mode, "spawn");
+        assert_eq!(t.info(None).mode, Mode::Spawn);
         t.release().unwrap();
         for _ in 0..200 {
             if t.has_exited() {

@@ -7,7 +7,6 @@
 use std::{borrow::Cow, ffi::OsString, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
 use serde_json::json;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -20,6 +19,7 @@ use crate::{
     control::{Command as ControlCommand, ControlSocket},
     ebpf::{self as probes, EbpfSource, KernelFacts, Plan, Probes, Record, RecordStream},
     episode::{self, EpisodeDir, JsonlFile},
+    event::{Event, EventLine, LabelLine, QmpDetail},
     fdwatch,
     meta::{Clock, EbpfTotals, EndReason, Host, Meta, SourceMeta, Status},
     row::{Row, SourceKind},
@@ -185,29 +185,6 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
     }
 }
 
-/// A line of `events.jsonl`.
-#[derive(Serialize)]
-struct Event<'a> {
-    t_mono_ns: u64,
-    t_wall_ns: u64,
-    /// The bucket it happened in (`null` before the first one opened).
-    seq: Option<u64>,
-    event: &'a str,
-    #[serde(flatten)]
-    detail: serde_json::Value,
-}
-
-/// A line of `labels.jsonl`.
-#[derive(Serialize)]
-struct LabelLine<'a> {
-    t_mono_ns: u64,
-    t_wall_ns: u64,
-    seq: Option<u64>,
-    label: &'a str,
-    /// `cli` (`--label`) or `control` (the control socket).
-    via: &'a str,
-}
-
 /// The open output files of an episode.
 struct Outputs {
     events: JsonlFile,
@@ -216,22 +193,9 @@ struct Outputs {
 }
 
 impl Outputs {
-    fn event(
-        &mut self,
-        at: ClockPair,
-        seq: Option<u64>,
-        event: &str,
-        detail: serde_json::Value,
-    ) -> Result<()> {
-        let detail = if detail.is_null() { json!({}) } else { detail };
+    fn event(&mut self, at: ClockPair, seq: Option<u64>, event: Event<'_>) -> Result<()> {
         self.events
-            .write(&Event {
-                t_mono_ns: at.mono_ns,
-                t_wall_ns: at.wall_ns,
-                seq,
-                event,
-                detail,
-            })
+            .write(&EventLine::new(at, seq, event))
             .context("cannot write events.jsonl")
     }
 
@@ -366,8 +330,9 @@ impl Sources {
             out.event(
                 now,
                 Some(tick.seq),
-                "drops",
-                json!({"dropped_records": drops}),
+                Event::Drops {
+                    dropped_records: drops,
+                },
             )?;
             log::warn!(
                 "bucket {}: {drops} ring-buffer records dropped (rows stay exact)",
@@ -376,7 +341,7 @@ impl Sources {
         }
         if let Some(q) = &mut self.qmp {
             for (at, detail) in q.take_events(now) {
-                out.event(at, clock.seq_of(at.mono_ns), "qmp", detail)?;
+                out.event(at, clock.seq_of(at.mono_ns), Event::Qmp(detail))?;
             }
         }
         let new_taps = self.ebpf.take_new_taps();
@@ -384,8 +349,11 @@ impl Sources {
             out.event(
                 now,
                 Some(tick.seq),
-                "tap_attached",
-                json!({"name": tap.name, "ifindex": tap.ifindex, "netns_inum": tap.netns_inum}),
+                Event::TapAttached {
+                    name: &tap.name,
+                    ifindex: tap.ifindex,
+                    netns_inum: tap.netns_inum,
+                },
             )?;
         }
         if !new_taps.is_empty() {
@@ -482,7 +450,7 @@ impl QmpSlot {
 
     /// QMP events to log (with their clock pair from QEMU's wall clock) and
     /// a one-time event when QMP could not be reached.
-    fn take_events(&mut self, now: ClockPair) -> Vec<(ClockPair, serde_json::Value)> {
+    fn take_events(&mut self, now: ClockPair) -> Vec<(ClockPair, QmpDetail<'_>)> {
         match self {
             QmpSlot::Connected(src) => src
                 .take_events()
@@ -493,7 +461,11 @@ impl QmpSlot {
                             as u64,
                         wall_ns: wall,
                     });
-                    (at, json!({"qmp_event": e.event, "data": e.data}))
+                    let detail = QmpDetail::Event {
+                        qmp_event: e.event,
+                        data: e.data,
+                    };
+                    (at, detail)
                 })
                 .collect(),
             QmpSlot::Failed {
@@ -502,7 +474,13 @@ impl QmpSlot {
                 reported,
             } if !*reported => {
                 *reported = true;
-                vec![(now, json!({"qmp_error": why, "socket": path}))]
+                vec![(
+                    now,
+                    QmpDetail::Error {
+                        qmp_error: why,
+                        socket: path,
+                    },
+                )]
             }
             _ => Vec::new(),
         }
@@ -545,23 +523,6 @@ fn kick_cpus() {
         .collect();
     for h in handles {
         let _ = h.join();
-    }
-}
-
-fn lifecycle_event(r: &cis490_common::LifecycleRecord) -> (&'static str, serde_json::Value) {
-    let comm = String::from_utf8_lossy(r.comm_bytes()).into_owned();
-    match r.lifecycle() {
-        Ok(LifecycleKind::ThreadStart) => (
-            "thread_started",
-            json!({"tid": r.tid, "parent_tid": r.aux, "comm": comm}),
-        ),
-        Ok(LifecycleKind::ThreadExit) => ("thread_exited", json!({"tid": r.tid, "comm": comm})),
-        Ok(LifecycleKind::Exec) => (
-            "exec",
-            json!({"tid": r.tid, "old_tid": r.aux, "comm": comm}),
-        ),
-        Ok(LifecycleKind::Rename) => ("thread_renamed", json!({"tid": r.tid, "comm": comm})),
-        Err(_) => ("unknown_record", json!({"tid": r.tid, "what": r.what})),
     }
 }
 
@@ -620,7 +581,7 @@ async fn trace(
     meta.families = probes.families.clone();
     let attached_at = ClockPair::now();
     for p in &probes.status {
-        out.event(attached_at, None, "probe", serde_json::to_value(p)?)?;
+        out.event(attached_at, None, Event::Probe(p))?;
     }
     for f in &probes.families {
         if !f.active {
@@ -678,16 +639,18 @@ async fn trace(
     out.event(
         start,
         None,
-        "started",
-        json!({"pid": pid, "mode": meta.target.mode, "interval_ns": clock.interval_ns()}),
+        Event::Started {
+            pid,
+            mode: meta.target.mode,
+            interval_ns: clock.interval_ns(),
+        },
     )?;
     target.release()?;
     if target.is_spawned() {
         out.event(
             ClockPair::now(),
             Some(0),
-            "target_released",
-            json!({"pid": pid}),
+            Event::TargetReleased { pid },
         )?;
         // After execve: the command's own name and executable.
         meta.target = target.info(Some(&cfg.command));
@@ -717,12 +680,12 @@ async fn trace(
             biased;
             _ = sigint.recv() => {
                 let now = ClockPair::now();
-                out.event(now, clock.seq_of(now.mono_ns), "signal", json!({"signal": "SIGINT"}))?;
+                out.event(now, clock.seq_of(now.mono_ns), Event::Signal { signal: "SIGINT" })?;
                 break EndReason::Signal;
             }
             _ = sigterm.recv() => {
                 let now = ClockPair::now();
-                out.event(now, clock.seq_of(now.mono_ns), "signal", json!({"signal": "SIGTERM"}))?;
+                out.event(now, clock.seq_of(now.mono_ns), Event::Signal { signal: "SIGTERM" })?;
                 break EndReason::Signal;
             }
             r = pidfd.readable() => {
@@ -754,7 +717,7 @@ async fn trace(
                         let _ = reply.send(answer);
                     }
                     ControlCommand::Stop => {
-                        out.event(now, clock.seq_of(now.mono_ns), "control_stop", serde_json::Value::Null)?;
+                        out.event(now, clock.seq_of(now.mono_ns), Event::ControlStop)?;
                         let _ = reply.send(answer);
                         // Let the connection write its reply before the loop ends.
                         for _ in 0..4 {
@@ -790,9 +753,8 @@ async fn trace(
                         // becoming QEMU): meta.json names the program it is.
                         meta.target = target.info(target.is_spawned().then_some(cfg.command.as_slice()));
                     }
-                    let (name, detail) = lifecycle_event(&l);
                     let at = ClockPair { mono_ns: l.ts_ns, wall_ns: start.wall_of(l.ts_ns) };
-                    out.event(at, clock.seq_of(l.ts_ns), name, detail)?;
+                    out.event(at, clock.seq_of(l.ts_ns), Event::lifecycle(&l))?;
                 }
             }
         }
@@ -829,12 +791,11 @@ async fn trace(
     let last = sources.close_bucket(&mut clock, &mut out, end).await?;
     // Detach: no more events after the final row.
     records.drain(|Record::Lifecycle(l)| {
-        let (name, detail) = lifecycle_event(&l);
         let at = ClockPair {
             mono_ns: l.ts_ns,
             wall_ns: start.wall_of(l.ts_ns),
         };
-        let _ = out.event(at, clock.seq_of(l.ts_ns), name, detail);
+        let _ = out.event(at, clock.seq_of(l.ts_ns), Event::lifecycle(&l));
     });
     let totals = *sources.ebpf.totals();
     if let Some(q) = &sources.qmp {
@@ -860,16 +821,13 @@ async fn trace(
             out.event(
                 end,
                 Some(last.seq),
-                "target_exited",
-                json!({"pid": pid, "status": meta.target_exit}),
+                Event::TargetExited {
+                    pid,
+                    status: meta.target_exit,
+                },
             )?;
         }
-        EndReason::Duration => out.event(
-            end,
-            Some(last.seq),
-            "duration_reached",
-            serde_json::Value::Null,
-        )?,
+        EndReason::Duration => out.event(end, Some(last.seq), Event::DurationReached)?,
         EndReason::Signal | EndReason::Control => {}
     }
     if target.is_spawned() && reason != EndReason::TargetExited {
@@ -921,8 +879,10 @@ async fn trace(
     out.event(
         ClockPair::now(),
         None,
-        "finished",
-        json!({"reason": reason, "buckets": clock.closed()}),
+        Event::Finished {
+            reason,
+            buckets: clock.closed(),
+        },
     )?;
     out.sync()?;
     Ok(())
@@ -938,8 +898,7 @@ async fn terminate(target: &mut Target, out: &mut Outputs) -> Result<()> {
     out.event(
         ClockPair::now(),
         None,
-        "target_terminated",
-        json!({"signal": "SIGTERM"}),
+        Event::TargetTerminated { signal: "SIGTERM" },
     )?;
     for _ in 0..500 {
         if target.has_exited() {
@@ -951,8 +910,7 @@ async fn terminate(target: &mut Target, out: &mut Outputs) -> Result<()> {
     out.event(
         ClockPair::now(),
         None,
-        "target_terminated",
-        json!({"signal": "SIGKILL"}),
+        Event::TargetTerminated { signal: "SIGKILL" },
     )?;
     Ok(())
 }
