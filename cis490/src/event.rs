@@ -74,7 +74,11 @@ pub enum Event<'a> {
     ThreadExited { tid: u32, comm: String },
     /// A thread of the target called `execve` (`old_tid`: the thread that
     /// called it, when not the leader).
-    Exec { tid: u32, old_tid: u32, comm: String },
+    Exec {
+        tid: u32,
+        old_tid: u32,
+        comm: String,
+    },
     /// A thread of the target changed its name.
     ThreadRenamed { tid: u32, comm: String },
     /// A ring-buffer record of a kind this tracer does not know.
@@ -102,7 +106,10 @@ pub enum QmpDetail<'a> {
         data: serde_json::Value,
     },
     /// Why the QMP source got no data (once).
-    Error { qmp_error: &'a str, socket: &'a Path },
+    Error {
+        qmp_error: &'a str,
+        socket: &'a Path,
+    },
 }
 
 impl Event<'_> {

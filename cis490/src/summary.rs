@@ -16,7 +16,10 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::episode::{DONE, LABELS, META};
+use crate::{
+    episode::{DONE, LABELS, META},
+    meta::{EndReason, Meta},
+};
 
 /// The row envelope: the fields of every row that are not measures.
 pub(crate) const ENVELOPE: &[&str] = &[
@@ -204,7 +207,8 @@ fn number(v: f64) -> Value {
     }
 }
 
-/// Reads an episode's `meta.json`.
+/// Reads an episode's `meta.json` as JSON (the report shows members of it
+/// as they are).
 pub fn read_meta(dir: &Path) -> Result<Value> {
     let bytes = fs::read(dir.join(META))
         .with_context(|| format!("{} is not an episode directory", dir.display()))?;
@@ -220,21 +224,20 @@ pub fn episode_totals(
     dir: &Path,
     visit: &mut dyn FnMut(&str, &Map<String, Value>),
 ) -> Result<EpisodeTotals> {
-    let meta = read_meta(dir)?;
+    let meta = Meta::read(dir)?;
     let done = dir.join(DONE).exists();
     let mut sources = Vec::new();
-    for s in meta["sources"].as_array().into_iter().flatten() {
-        let name = s["source"].as_str().unwrap_or("?").to_owned();
-        let file = s["file"].as_str().unwrap_or_default();
+    for s in &meta.sources {
+        let name = s.source.name().to_owned();
         let mut t = Totaler::default();
-        for_each_row(&dir.join(file), |row| {
+        for_each_row(&dir.join(&s.file), |row| {
             t.add(row);
             visit(&name, row);
         })?;
         sources.push((name, t.finish()));
     }
-    let start = meta["start"]["t_mono_ns"].as_f64();
-    let duration_s = match (start, meta["end"]["t_mono_ns"].as_f64()) {
+    let start = meta.start.map(|c| c.t_mono_ns as f64);
+    let duration_s = match (start, meta.end.map(|c| c.t_mono_ns as f64)) {
         (Some(a), Some(b)) => Some((b - a) / 1e9),
         _ => None,
     };
@@ -292,23 +295,23 @@ pub fn episode_totals(
             }
         })
         .collect();
-    let e = &meta["ebpf"];
+    let e = &meta.ebpf;
     Ok(EpisodeTotals {
-        episode: meta["id"].as_str().unwrap_or("?").to_owned(),
-        status: meta["status"].as_str().unwrap_or("?").to_owned(),
+        episode: meta.id.clone(),
+        status: meta.status.name().to_owned(),
         done,
-        target_pid: meta["target"]["pid"].clone(),
-        target_comm: meta["target"]["comm"].as_str().unwrap_or("?").to_owned(),
+        target_pid: meta.target.pid.into(),
+        target_comm: meta.target.comm.clone(),
         duration_s,
-        interval_ms: meta["interval_ns"].as_f64().unwrap_or(0.0) / 1e6,
-        end_reason: meta["end_reason"].as_str().unwrap_or("?").to_owned(),
+        interval_ms: meta.interval_ns as f64 / 1e6,
+        end_reason: meta.end_reason.map_or("?", EndReason::name).to_owned(),
         phases,
         fields,
         sources: columns,
         loss: Loss {
-            dropped_events: e["dropped_events"].clone(),
-            map_errors: e["map_errors"].clone(),
-            records_undecodable: e["records_undecodable"].clone(),
+            dropped_events: e.dropped_events.into(),
+            map_errors: e.map_errors.into(),
+            records_undecodable: e.records_undecodable.into(),
         },
     })
 }

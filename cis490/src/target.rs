@@ -36,7 +36,8 @@ impl Mode {
 }
 
 /// What meta.json records about the target.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TargetInfo {
     pub pid: i32,
     pub mode: Mode,
@@ -534,7 +535,7 @@ impl Drop for Target {
 /// for the whole process (`wait4`'s rusage: every thread, µs resolution).
 /// A thread's counts are folded into the process's total as it exits, just
 /// before its final switch-out, which is therefore not in them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ExitUsage {
     /// `utime_ns + stime_ns`: the threads' total runtime.
     pub cpu_ns: u64,
@@ -549,7 +550,7 @@ pub struct ExitUsage {
 }
 
 /// How a spawned command ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExitStatus {
     Code(i32),

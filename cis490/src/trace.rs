@@ -127,7 +127,7 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
         id: episode.id().to_owned(),
         status: Status::Running,
         error: None,
-        cis490_version: env!("CARGO_PKG_VERSION"),
+        cis490_version: env!("CARGO_PKG_VERSION").into(),
         command_line: cfg.argv.clone(),
         working_directory: cwd.clone(),
         host: Host::current(),
@@ -647,11 +647,7 @@ async fn trace(
     )?;
     target.release()?;
     if target.is_spawned() {
-        out.event(
-            ClockPair::now(),
-            Some(0),
-            Event::TargetReleased { pid },
-        )?;
+        out.event(ClockPair::now(), Some(0), Event::TargetReleased { pid })?;
         // After execve: the command's own name and executable.
         meta.target = target.info(Some(&cfg.command));
     }

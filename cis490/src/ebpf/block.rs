@@ -128,7 +128,7 @@ pub fn attach(
                 a.skip(FAMILY, s, why);
             }
             let status = FamilyStatus {
-                family: FAMILY,
+                family: FAMILY.into(),
                 active: false,
                 path: None,
                 note: Some(why.clone()),
@@ -147,9 +147,9 @@ pub fn attach(
     }
     let active = failed.is_none();
     let status = FamilyStatus {
-        family: FAMILY,
+        family: FAMILY.into(),
         active,
-        path: Some(path.name()),
+        path: Some(path.name().into()),
         note: failed,
     };
     (status, active.then_some(path))

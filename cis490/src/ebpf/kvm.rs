@@ -261,7 +261,7 @@ pub fn attach(
             a.skip(FAMILY, &KVM_EXIT, why);
             a.skip(FAMILY, &KVM_USERSPACE_EXIT, why);
             let status = FamilyStatus {
-                family: FAMILY,
+                family: FAMILY.into(),
                 active: false,
                 path: None,
                 note: Some(why.clone()),
@@ -283,9 +283,9 @@ pub fn attach(
         notes.push(MOUNTED_TRACEFS.into());
     }
     let status = FamilyStatus {
-        family: FAMILY,
+        family: FAMILY.into(),
         active: path.is_some(),
-        path,
+        path: path.map(Into::into),
         note: (!notes.is_empty()).then(|| notes.join("; ")),
     };
     let attached = path.is_some().then(|| Attached {

@@ -9,14 +9,14 @@
 //! loads the object with the offsets and paths as read-only globals, then
 //! attaches family by family.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::{borrow::Cow, collections::BTreeMap, path::Path, sync::Arc};
 
 use anyhow::{Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{BtfTracePoint, TracePoint},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use cis490_common::{
     block::global as block_names,
@@ -58,12 +58,13 @@ pub enum ProbeKind {
     Iter,
 }
 
-impl Serialize for ProbeKind {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl ProbeKind {
+    /// `tp_btf`, `iter` or `trace_point:CATEGORY`.
+    pub fn label(self) -> Cow<'static, str> {
         match self {
-            ProbeKind::TpBtf => s.serialize_str("tp_btf"),
-            ProbeKind::Iter => s.serialize_str("iter"),
-            ProbeKind::TracePoint(cat) => s.collect_str(&format_args!("trace_point:{cat}")),
+            ProbeKind::TpBtf => "tp_btf".into(),
+            ProbeKind::Iter => "iter".into(),
+            ProbeKind::TracePoint(cat) => format!("trace_point:{cat}").into(),
         }
     }
 }
@@ -81,7 +82,7 @@ pub struct ProbeSpec {
 }
 
 /// How a probe ended up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttachState {
     Attached,
@@ -94,12 +95,13 @@ pub enum AttachState {
 }
 
 /// What meta.json records per probe.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProbeStatus {
-    pub family: &'static str,
-    pub program: &'static str,
-    pub tracepoint: &'static str,
-    pub kind: ProbeKind,
+    pub family: Cow<'static, str>,
+    pub program: Cow<'static, str>,
+    pub tracepoint: Cow<'static, str>,
+    /// [`ProbeKind::label`].
+    pub kind: Cow<'static, str>,
     pub required: bool,
     pub state: AttachState,
     pub error: Option<String>,
@@ -107,23 +109,25 @@ pub struct ProbeStatus {
 
 /// What meta.json records per family: whether it measures, and which path
 /// it took (for example `block_io` or the `block_rq` fallback).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FamilyStatus {
-    pub family: &'static str,
+    pub family: Cow<'static, str>,
     pub active: bool,
-    pub path: Option<&'static str>,
+    /// A label of the path taken (never parsed back: each family hands its
+    /// reader a typed result).
+    pub path: Option<Cow<'static, str>>,
     /// Why it is inactive or degraded.
     pub note: Option<String>,
 }
 
 /// The kernel facts the programs need, read from its BTF before anything
 /// loads.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct KernelFacts {
     pub btf_path: String,
     /// Object global -> byte offset (`None`: the member is not in this
     /// kernel; the family that needs it does not attach).
-    pub offsets: BTreeMap<&'static str, Option<u32>>,
+    pub offsets: BTreeMap<Cow<'static, str>, Option<u32>>,
     /// The kernel's BTF-enabled tracepoints and BPF iterator targets, by
     /// name, with their BTF type ids. Only this is kept of the parsed BTF
     /// (several MiB): it is all the loader needs to attach (see
@@ -177,9 +181,9 @@ impl KernelFacts {
         for o in all_offsets() {
             let off = btf.member_path_offset(o.ty, o.path);
             if sched::REQUIRED_OFFSETS.contains(&o.global) {
-                offsets.insert(o.global, Some(off?));
+                offsets.insert(o.global.into(), Some(off?));
             } else {
-                offsets.insert(o.global, off.ok());
+                offsets.insert(o.global.into(), off.ok());
             }
         }
         // Only the attach points some family may use: the stub BTF built
@@ -316,10 +320,10 @@ impl Probes {
             aya::Endianness::default(),
         )
         .map_err(|e| anyhow!("cannot build the attach points' BTF: {e}"))?;
-        let offsets: Vec<(&'static str, u32)> = facts
+        let offsets: Vec<(&str, u32)> = facts
             .offsets
             .iter()
-            .map(|(g, o)| (*g, o.unwrap_or(0)))
+            .map(|(g, o)| (g.as_ref(), o.unwrap_or(0)))
             .collect();
         let globals = plan.globals();
         loader
@@ -409,10 +413,10 @@ impl Attacher<'_> {
             Err((s, e)) => (s, Some(e)),
         };
         self.status.push(ProbeStatus {
-            family,
-            program: spec.program,
-            tracepoint: spec.tracepoint,
-            kind: spec.kind,
+            family: family.into(),
+            program: spec.program.into(),
+            tracepoint: spec.tracepoint.into(),
+            kind: spec.kind.label(),
             required: spec.required,
             state,
             error,
@@ -423,10 +427,10 @@ impl Attacher<'_> {
     /// Records a program that a family decided not to attach.
     pub fn skip(&mut self, family: &'static str, spec: &ProbeSpec, why: &str) {
         self.status.push(ProbeStatus {
-            family,
-            program: spec.program,
-            tracepoint: spec.tracepoint,
-            kind: spec.kind,
+            family: family.into(),
+            program: spec.program.into(),
+            tracepoint: spec.tracepoint.into(),
+            kind: spec.kind.label(),
             required: spec.required,
             state: AttachState::Skipped,
             error: Some(why.to_owned()),

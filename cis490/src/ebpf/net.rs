@@ -166,9 +166,9 @@ pub fn attach(a: &mut Attacher<'_>, plan: &NetPlan) -> (FamilyStatus, Option<Att
     .flatten()
     .collect::<Vec<_>>();
     let status = FamilyStatus {
-        family: FAMILY,
+        family: FAMILY.into(),
         active: path.is_some(),
-        path,
+        path: path.map(Into::into),
         note: (!note.is_empty()).then(|| note.join("; ")),
     };
     let attached = path.is_some().then_some(Attached {

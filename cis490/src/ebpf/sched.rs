@@ -257,9 +257,9 @@ pub fn attach(
     }
     let (path, note) = path_and_note(run_delay);
     let status = FamilyStatus {
-        family: FAMILY,
+        family: FAMILY.into(),
         active: true,
-        path: Some(path),
+        path: Some(path.into()),
         note,
     };
     Ok((

@@ -45,7 +45,7 @@ use anyhow::{Context, anyhow, bail};
 use crate::row::Measures;
 
 /// What meta.json says about the perf source.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PerfInfo {
     /// Event name -> "counting" or the reason it is not (e.g. "not supported by this machine (no hardware PMU): ENOENT").
     pub events: BTreeMap<String, String>,
