@@ -193,10 +193,10 @@ fn runnable_since_on_switch_out(
     prev_state: u32,
 ) {
     let preempt: u64 = ctx.arg(0);
-    let _ = RUNNABLE_SINCE.remove(&tid);
+    let _ = RUNNABLE_SINCE.remove(tid);
     if (preempt & 1 != 0 || prev_state == 0)
         && RUNNABLE_SINCE
-            .insert(&tid, &unsafe { bpf_ktime_get_ns() }, BPF_ANY as u64)
+            .insert(tid, unsafe { bpf_ktime_get_ns() }, BPF_ANY as u64)
             .is_err()
     {
         add(unsafe { &raw mut (*s).map_errors }, 1);
@@ -207,9 +207,9 @@ fn runnable_since_on_switch_out(
 /// switch-in, timed with the wakeup mark.
 #[inline(always)]
 fn delay_from_wakeup(s: *mut SchedStats, tid: u32) {
-    if let Some(since) = RUNNABLE_SINCE.get_ptr(&tid) {
+    if let Some(since) = RUNNABLE_SINCE.get_ptr(tid) {
         let delay = unsafe { bpf_ktime_get_ns() }.saturating_sub(unsafe { *since });
-        let _ = RUNNABLE_SINCE.remove(&tid);
+        let _ = RUNNABLE_SINCE.remove(tid);
         record_runq_delay(s, delay);
     }
 }
@@ -239,7 +239,7 @@ fn try_wakeup(ctx: &BtfTracePointContext) -> Res {
     if !delays_from_sched_info() {
         // Keep the earliest time if the thread is already runnable.
         let now = unsafe { bpf_ktime_get_ns() };
-        match RUNNABLE_SINCE.insert(&task_tid(p), &now, BPF_NOEXIST as u64) {
+        match RUNNABLE_SINCE.insert(task_tid(p), now, BPF_NOEXIST as u64) {
             Ok(()) | Err(EEXIST) => {}
             Err(_) => add(unsafe { &raw mut (*s).map_errors }, 1),
         }
@@ -401,7 +401,7 @@ fn try_exit(_ctx: &BtfTracePointContext) -> Res {
     add(unsafe { &raw mut (*s).events }, 1);
     add(unsafe { &raw mut (*s).exits_started }, 1);
     if !delays_from_sched_info() {
-        let _ = RUNNABLE_SINCE.remove(&tid);
+        let _ = RUNNABLE_SINCE.remove(tid);
     }
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     emit(&lifecycle(LifecycleKind::ThreadExit, tid, 0, comm), s);

@@ -132,14 +132,20 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// The thread ids of process `pid` (`/proc/PID/task`, through `procfs`):
+/// the one place a one-shot listing of a process's threads is made (the
+/// /proc source lists them every bucket with its own bounded reader).
 pub fn thread_ids(pid: i32) -> io::Result<Vec<u32>> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(format!("/proc/{pid}/task"))? {
-        if let Some(tid) = e?.file_name().to_str().and_then(|s| s.parse().ok()) {
-            out.push(tid);
+    let to_io = |e: procfs::ProcError| match e {
+        procfs::ProcError::NotFound(_) => {
+            io::Error::new(io::ErrorKind::NotFound, format!("no process {pid}"))
         }
-    }
-    Ok(out)
+        e => io::Error::other(e.to_string()),
+    };
+    let tasks = procfs::process::Process::new(pid)
+        .and_then(|p| p.tasks())
+        .map_err(to_io)?;
+    Ok(tasks.flatten().map(|t| t.tid as u32).collect())
 }
 
 /// Finds an executable the way `execvp` would.

@@ -503,7 +503,7 @@ impl KernelBtf {
 
 /// The byte offset of a located member; bitfields must start on a byte.
 fn byte_offset(loc: &Location, struct_name: &str, member: &str) -> Result<u32> {
-    if loc.bit_offset % 8 != 0 {
+    if !loc.bit_offset.is_multiple_of(8) {
         bail!(
             "member `{member}` of struct `{struct_name}` is a bitfield{} at bit offset {}, \
                  not on a byte boundary",

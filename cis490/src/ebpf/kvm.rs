@@ -295,48 +295,6 @@ pub fn attach(
     (status, attached)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_from_the_print_fmt() {
-        let fmt = r#"print fmt: "vcpu %u reason %s", REC->vcpu_id, (REC->isa == 1) ? __print_symbolic(REC->exit_reason & 0xffff, { 0, "EXCEPTION_NMI" }, { 12, "HLT" }, { 30, "IO_INSTRUCTION" }) : __print_symbolic(REC->exit_reason, { 0x040 + 14, "PF excp" }, { 0x07b, "io" }, { 0x400, "npf" }, { -1, "invalid_guest_state" }), (REC->isa == 1) ? __print_flags(REC->exit_reason & ~0xffff, " ", { 0x80000000, "FAILED_VMENTRY" }) : """#;
-        let t = symbolic_tables(fmt);
-        assert_eq!(t.len(), 2);
-        assert_eq!(t[0].get(&30).map(String::as_str), Some("IO_INSTRUCTION"));
-        assert_eq!(t[0].len(), 3);
-        assert_eq!(t[1].get(&0x4e).map(String::as_str), Some("PF excp"));
-        assert_eq!(t[1].get(&0x7b).map(String::as_str), Some("io"));
-        assert!(!t[1].values().any(|n| n == "FAILED_VMENTRY"));
-    }
-
-    #[test]
-    fn concatenated_names() {
-        let fmt = r#"print fmt: "reason %s (%d)", REC->errno < 0 ? "error" : __print_symbolic(REC->reason, { 0, "KVM_EXIT_" "UNKNOWN" }, { 2, "KVM_EXIT_" "IO" })"#;
-        let t = symbolic_tables(fmt);
-        assert_eq!(t[0].get(&2).map(String::as_str), Some("KVM_EXIT_IO"));
-    }
-
-    #[test]
-    fn this_kernels_names() {
-        // Real tracefs and the real KVM tracepoints: a kernel without them
-        // (or a run that cannot mount tracefs) fails here rather than
-        // passing without having looked.
-        let f = plan().unwrap_or_else(|e| {
-            panic!("the KVM tracepoints' formats could not be read (needs root and a kernel with KVM): {e}")
-        });
-        let u = f.userspace.as_ref().unwrap();
-        assert_eq!(u.reason_name(2), "KVM_EXIT_IO");
-        assert_eq!(u.reason_name(5), "KVM_EXIT_HLT");
-        if let Ok(h) = &f.hw {
-            assert_eq!(h.reason_name(1, 30), "IO_INSTRUCTION");
-            assert_eq!(h.reason_name(2, 0x7b), "io");
-            assert_eq!(h.reason_name(1, 9999), "reason_0x270f");
-        }
-    }
-}
-
 // ---- the reader ----------------------------------------------------------
 
 pub struct KvmReader {
@@ -401,5 +359,47 @@ impl KvmReader {
         }
         self.prev = c;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_the_print_fmt() {
+        let fmt = r#"print fmt: "vcpu %u reason %s", REC->vcpu_id, (REC->isa == 1) ? __print_symbolic(REC->exit_reason & 0xffff, { 0, "EXCEPTION_NMI" }, { 12, "HLT" }, { 30, "IO_INSTRUCTION" }) : __print_symbolic(REC->exit_reason, { 0x040 + 14, "PF excp" }, { 0x07b, "io" }, { 0x400, "npf" }, { -1, "invalid_guest_state" }), (REC->isa == 1) ? __print_flags(REC->exit_reason & ~0xffff, " ", { 0x80000000, "FAILED_VMENTRY" }) : """#;
+        let t = symbolic_tables(fmt);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].get(&30).map(String::as_str), Some("IO_INSTRUCTION"));
+        assert_eq!(t[0].len(), 3);
+        assert_eq!(t[1].get(&0x4e).map(String::as_str), Some("PF excp"));
+        assert_eq!(t[1].get(&0x7b).map(String::as_str), Some("io"));
+        assert!(!t[1].values().any(|n| n == "FAILED_VMENTRY"));
+    }
+
+    #[test]
+    fn concatenated_names() {
+        let fmt = r#"print fmt: "reason %s (%d)", REC->errno < 0 ? "error" : __print_symbolic(REC->reason, { 0, "KVM_EXIT_" "UNKNOWN" }, { 2, "KVM_EXIT_" "IO" })"#;
+        let t = symbolic_tables(fmt);
+        assert_eq!(t[0].get(&2).map(String::as_str), Some("KVM_EXIT_IO"));
+    }
+
+    #[test]
+    fn this_kernels_names() {
+        // Real tracefs and the real KVM tracepoints: a kernel without them
+        // (or a run that cannot mount tracefs) fails here rather than
+        // passing without having looked.
+        let f = plan().unwrap_or_else(|e| {
+            panic!("the KVM tracepoints' formats could not be read (needs root and a kernel with KVM): {e}")
+        });
+        let u = f.userspace.as_ref().unwrap();
+        assert_eq!(u.reason_name(2), "KVM_EXIT_IO");
+        assert_eq!(u.reason_name(5), "KVM_EXIT_HLT");
+        if let Ok(h) = &f.hw {
+            assert_eq!(h.reason_name(1, 30), "IO_INSTRUCTION");
+            assert_eq!(h.reason_name(2, 0x7b), "io");
+            assert_eq!(h.reason_name(1, 9999), "reason_0x270f");
+        }
     }
 }

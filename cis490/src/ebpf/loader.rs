@@ -481,6 +481,21 @@ fn release_freed_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!(
+            "cannot raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -582,20 +597,5 @@ mod tests {
             .chain(all_offsets().map(|o| o.global))
             .collect();
         assert_eq!(plan_globals, declared("globals"));
-    }
-}
-
-/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it.
-fn raise_memlock_limit() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        log::debug!(
-            "cannot raise RLIMIT_MEMLOCK: {}",
-            std::io::Error::last_os_error()
-        );
     }
 }

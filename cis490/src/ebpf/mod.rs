@@ -115,6 +115,9 @@ pub struct EbpfSource {
 }
 
 impl EbpfSource {
+    /// The scheduler family's name in meta.json (`families`).
+    pub const SCHED_FAMILY: &'static str = sched::FAMILY;
+
     /// Takes the maps out of the loaded object and takes a first baseline.
     /// Call [`Self::rebase`] once every CPU has switched since (so a thread
     /// running at attach has its slice recorded).

@@ -388,9 +388,7 @@ impl SchedReader {
             .ok()
             .and_then(|()| self.live.get(&0, 0).ok())
             .map(|l| l.threads + l.dying);
-        let in_proc = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|d| d.count())
-            .unwrap_or(0);
+        let in_proc = crate::target::thread_ids(pid).map_or(0, |t| t.len());
         if threads == Some(0) && in_proc > 0 {
             self.blind = Some(format!(
                 "the kernel's task iterator shows none of pid {pid}'s {in_proc} threads: \
