@@ -40,7 +40,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 
 use crate::row::Measures;
 
