@@ -76,7 +76,7 @@ pub fn record(data: &[u8]) {
             assert!(r.lifecycle().is_ok());
             let comm = r.comm_bytes();
             assert!(!comm.contains(&0) && r.comm.starts_with(comm));
-            // What trace.rs writes into events.jsonl.
+            // What the tracer writes into events.jsonl (event.rs).
             let _ = String::from_utf8_lossy(comm);
         }
         Err(DecodeError::Short { need, got }) => {
