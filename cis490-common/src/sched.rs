@@ -19,7 +19,8 @@
 //! the bucket epoch the loader publishes.
 
 crate::names! {
-    /// The scheduler family's maps (`cis490-ebpf/src/sched.rs`).
+    /// The scheduler family's maps (`cis490-ebpf/src/sched.rs`; `TARGET_GONE`, which
+    /// the new-task probe sets, beside the target filter in `target.rs`).
     pub mod map {
         SCHED_STATS,
         CPU_SLICE,

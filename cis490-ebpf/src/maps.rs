@@ -9,8 +9,6 @@ use aya_ebpf::{
 };
 use cis490_common::{HIST_BUCKETS, MaxSlot, RINGBUF_BYTES, SchedStats, log2_bucket};
 
-use crate::sched::SCHED_STATS;
-
 /// The current bucket epoch, published by the loader at each boundary.
 #[map]
 pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);
@@ -18,12 +16,6 @@ pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 /// Streamed records (`cis490_common::record`).
 #[map]
 pub static RECORDS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);
-
-/// This CPU's scheduler counters.
-#[inline(always)]
-pub fn stats() -> Option<*mut SchedStats> {
-    SCHED_STATS.get_ptr_mut(0)
-}
 
 /// Adds `v` to a per-CPU counter from a program that runs with interrupts
 /// off (`sched_switch`, `sched_wakeup[_new]`: the scheduler holds the run
@@ -110,7 +102,7 @@ pub fn raise_max(slots: &PerCpuArray<MaxSlot>, v: u64) {
 #[inline(always)]
 pub fn emit<T: 'static>(record: &T, s: *mut SchedStats) {
     if RECORDS.output::<T>(record, 0).is_err() {
-        // SAFETY: `s` comes from `stats()`.
+        // SAFETY: `s` points to this CPU's `SchedStats` (a map value).
         add(unsafe { &raw mut (*s).dropped }, 1);
     }
 }

@@ -26,17 +26,23 @@ use cis490_common::{
 };
 
 use crate::{
-    maps::{add, bump, bump_hist, emit, raise_max, stats},
+    maps::{add, bump, bump_hist, emit, raise_max},
     target::{
-        arrival_delay, current, delays_from_sched_info, has_run_delay, has_target_tgid, is_target,
-        rq_clock, target_gone, task_counters, task_cpu, task_on_cpu, task_runtime, task_state,
-        task_tgid, task_tid,
+        TARGET_GONE, arrival_delay, current, delays_from_sched_info, has_run_delay,
+        has_target_tgid, is_target, rq_clock, target_gone, task_counters, task_cpu, task_on_cpu,
+        task_runtime, task_state, task_tgid, task_tid,
     },
 };
 
 /// Cumulative scheduler counters, one slot per CPU.
 #[map]
 pub static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scheduler counters.
+#[inline(always)]
+fn stats() -> Option<*mut SchedStats> {
+    SCHED_STATS.get_ptr_mut(0)
+}
 
 /// Which target thread runs on each CPU, and since when.
 #[map]
@@ -55,12 +61,6 @@ pub static LIVE: Array<LiveCounters> = Array::with_max_entries(1, 0);
 /// Only on kernels whose `sched_info` cannot give single delays.
 #[map]
 pub static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THREADS, 0);
-
-/// `[0]` is set to 1 by the new-task probe when a new process gets the target's
-/// pid: the target is gone and its pid reused. From then on no task matches
-/// the target (`target::is_target`).
-#[map]
-pub static TARGET_GONE: Array<u32> = Array::with_max_entries(1, 0);
 
 type Res = Result<(), i32>;
 /// How often (at most) a CPU's slice record pairs the clock with its run

@@ -12,10 +12,16 @@
 use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::map,
+    maps::Array,
 };
 use cis490_common::{ThreadCounters, sched::RunDelaySource};
 
-use crate::sched::TARGET_GONE;
+/// `[0]` is set to 1 by the new-task probe when a new process gets the target's
+/// pid: the target is gone and its pid reused. From then on no task matches
+/// the target (`target::is_target`).
+#[map]
+pub static TARGET_GONE: Array<u32> = Array::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 static TARGET_TGID: Global<u32> = Global::new(0);

@@ -6,16 +6,18 @@
 //! `cis490-ebpf/src/block.rs`).
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray},
+};
 use cis490_common::{
     BlockStats, MaxSlot, ReqStart,
     block::{REQ_OP_READ, global, map, prog},
 };
 
 use super::{
-    Probes, hist_delta,
-    loader::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeKind::TpBtf, ProbeSpec},
-    max_of, read_percpu, take,
+    maps::{hist_delta, max_of, read_percpu, take},
+    spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeKind::TpBtf, ProbeSpec},
 };
 use crate::{clock::mono_now_ns, row::Measures};
 
@@ -167,11 +169,11 @@ pub struct BlockReader {
 }
 
 impl BlockReader {
-    pub fn new(probes: &mut Probes) -> Result<Self> {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
         Ok(Self {
-            stats: take(probes, map::BLOCK_STATS)?,
-            max: take(probes, map::BLOCK_MAX)?,
-            reqs: take(probes, map::REQS)?,
+            stats: take(ebpf, map::BLOCK_STATS)?,
+            max: take(ebpf, map::BLOCK_MAX)?,
+            reqs: take(ebpf, map::REQS)?,
             settled: BlockStats::ZERO,
             prev: BlockStats::ZERO,
         })

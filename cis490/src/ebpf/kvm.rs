@@ -11,16 +11,20 @@
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::Result;
-use aya::maps::{MapData, PerCpuArray};
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray},
+};
 use cis490_common::{
     KvmStats,
     kvm::{USERSPACE_ERROR_SLOT, USERSPACE_RESTART_SLOT, global, map, prog, slot_reason},
 };
 
+use crate::sources::SampleCtx;
+
 use super::{
-    Probes, SampleCtx,
-    loader::{Attacher, FamilyStatus, ProbeKind, ProbeSpec},
-    read_percpu, take,
+    maps::{read_percpu, take},
+    spec::{Attacher, FamilyStatus, ProbeKind, ProbeSpec},
 };
 use crate::row::Measures;
 
@@ -317,9 +321,9 @@ fn named(now: &[u64], prev: &[u64], name: impl Fn(usize) -> String) -> BTreeMap<
 }
 
 impl KvmReader {
-    pub fn new(probes: &mut Probes, attached: Attached) -> Result<Self> {
+    pub fn new(ebpf: &mut Ebpf, attached: Attached) -> Result<Self> {
         Ok(Self {
-            stats: take(probes, map::KVM_STATS)?,
+            stats: take(ebpf, map::KVM_STATS)?,
             hw: attached.hw,
             userspace: attached.userspace,
             prev: KvmStats::ZERO,

@@ -17,77 +17,28 @@ mod block;
 mod btf;
 mod kvm;
 mod loader;
+mod maps;
 mod net;
 mod records;
 mod sched;
+mod spec;
 
 pub use block::PathChoice as BlockPathChoice;
-pub use loader::{
-    AttachState, FamilyStatus, KernelFacts, Options, Plan, ProbeKind, ProbeStatus, Probes,
-};
+pub use loader::{Options, Plan, Probes};
 pub use records::{Record, RecordStream};
+pub use spec::{AttachState, FamilyStatus, KernelFacts, ProbeKind, ProbeStatus};
 
-use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{Array, MapData, PerCpuArray};
-use cis490_common::{HIST_BUCKETS, MaxSlot, SchedStats, map};
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{Array, MapData};
+use cis490_common::{SchedStats, map};
+
+use self::maps::take;
 
 use crate::{
     row::{Measures, SourceKind},
     sources::{SampleCtx, Source},
     taps::Tap,
 };
-
-/// Takes a map out of the loaded object.
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    probes: &mut Probes,
-    name: &str,
-) -> Result<T> {
-    let map = probes
-        .ebpf
-        .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} not in the eBPF object"))?;
-    T::try_from(map).with_context(|| format!("map {name}"))
-}
-
-/// Sums a per-CPU value over all CPUs.
-fn read_percpu<T: aya::Pod>(
-    map: &PerCpuArray<MapData, T>,
-    name: &str,
-    mut acc: T,
-    add: impl Fn(&mut T, &T),
-) -> Result<T> {
-    for v in map.get(&0, 0).with_context(|| name.to_owned())?.iter() {
-        add(&mut acc, v);
-    }
-    Ok(acc)
-}
-
-/// The largest value recorded for bucket epoch `ended` on any CPU.
-fn max_of(slots: &PerCpuArray<MapData, MaxSlot>, ended: u64) -> Result<Option<u64>> {
-    Ok(slots
-        .get(&((ended & 1) as u32), 0)?
-        .iter()
-        .filter(|m| m.epoch == ended)
-        .map(|m| m.max_ns)
-        .max())
-}
-
-/// Per-bucket deltas of a log2 histogram, trailing zeros trimmed.
-fn hist_delta(now: &[u64; HIST_BUCKETS], prev: &[u64; HIST_BUCKETS]) -> Vec<u64> {
-    trim_zeros(
-        now.iter()
-            .zip(prev)
-            .map(|(a, b)| a.saturating_sub(*b))
-            .collect(),
-    )
-}
-
-fn trim_zeros(mut v: Vec<u64>) -> Vec<u64> {
-    while v.last() == Some(&0) {
-        v.pop();
-    }
-    v
-}
 
 /// The bucket epoch the programs tag per-bucket maxima with.
 struct Epoch {
@@ -123,20 +74,25 @@ impl EbpfSource {
     /// running at attach has its slice recorded).
     pub fn new(probes: &mut Probes, pid: i32) -> Result<Self> {
         let epoch = Epoch {
-            map: take(probes, map::EPOCH)?,
+            map: take(&mut probes.ebpf, map::EPOCH)?,
             current: 0,
         };
-        let sched = sched::SchedReader::new(probes)?;
-        let block = match probes.handoff.block.take() {
-            Some(_) => Some(block::BlockReader::new(probes)?),
+        let handoff = &mut probes.handoff;
+        let ebpf = &mut probes.ebpf;
+        let sched = match handoff.sched.take() {
+            Some(attached) => sched::SchedReader::new(ebpf, attached)?,
+            None => bail!("the scheduler's task iterator is not attached"),
+        };
+        let block = match handoff.block.take() {
+            Some(_) => Some(block::BlockReader::new(ebpf)?),
             None => None,
         };
-        let net = match probes.handoff.net.take() {
-            Some(attached) => Some(net::NetReader::new(probes, pid, attached)?),
+        let net = match handoff.net.take() {
+            Some(attached) => Some(net::NetReader::new(ebpf, pid, attached)?),
             None => None,
         };
-        let kvm = match probes.handoff.kvm.take() {
-            Some(attached) => Some(kvm::KvmReader::new(probes, attached)?),
+        let kvm = match handoff.kvm.take() {
+            Some(attached) => Some(kvm::KvmReader::new(ebpf, attached)?),
             None => None,
         };
         let mut src = Self {
@@ -226,23 +182,5 @@ impl Source for EbpfSource {
 
     fn sample(&mut self, ctx: &SampleCtx<'_>) -> Result<Measures> {
         self.sample_with(ctx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_deltas_are_trimmed() {
-        assert_eq!(trim_zeros(vec![0, 3, 0, 1, 0, 0]), vec![0, 3, 0, 1]);
-        assert!(trim_zeros(vec![0, 0]).is_empty());
-        let mut a = [0u64; HIST_BUCKETS];
-        let mut b = [0u64; HIST_BUCKETS];
-        a[3] = 5;
-        b[3] = 2;
-        a[1] = 1;
-        b[1] = 1;
-        assert_eq!(hist_delta(&a, &b), vec![0, 0, 0, 3]);
     }
 }

@@ -8,16 +8,20 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+};
 use cis490_common::{
     IfStats, NetStats,
     net::{MAX_IFS, SOCKET_SLOT, global, if_key, ifindex_bit, map, prog},
 };
 
+use crate::sources::SampleCtx;
+
 use super::{
-    Probes, SampleCtx,
-    loader::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeKind::TpBtf, ProbeSpec},
-    read_percpu, take,
+    maps::{read_percpu, take},
+    spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeKind::TpBtf, ProbeSpec},
 };
 use crate::{
     row::{Measures, NetCounters},
@@ -205,12 +209,12 @@ fn delta(now: &IfStats, prev: &IfStats) -> NetCounters {
 }
 
 impl NetReader {
-    pub fn new(probes: &mut Probes, pid: i32, attached: Attached) -> Result<Self> {
+    pub fn new(ebpf: &mut Ebpf, pid: i32, attached: Attached) -> Result<Self> {
         Ok(Self {
             pid,
-            stats: take(probes, map::NET_STATS)?,
-            tap_ifs: take(probes, map::TAP_IFS)?,
-            tap_ifindexes: take(probes, map::TAP_IFINDEXES)?,
+            stats: take(ebpf, map::NET_STATS)?,
+            tap_ifs: take(ebpf, map::TAP_IFS)?,
+            tap_ifindexes: take(ebpf, map::TAP_IFINDEXES)?,
             taps_on: attached.taps,
             sockets_on: attached.sockets,
             slots: Vec::new(),

@@ -6,7 +6,7 @@ use aya::maps::{MapData, RingBuf};
 use cis490_common::{LifecycleRecord, RecordKind, map, record::record_kind};
 use tokio::io::unix::AsyncFd;
 
-use super::{Probes, take};
+use super::{Probes, maps::take};
 
 /// A decoded ring-buffer record.
 #[derive(Clone, Debug)]
@@ -23,7 +23,7 @@ pub struct RecordStream {
 
 impl RecordStream {
     pub fn new(probes: &mut Probes) -> Result<Self> {
-        let ring: RingBuf<MapData> = take(probes, map::RECORDS)?;
+        let ring: RingBuf<MapData> = take(&mut probes.ebpf, map::RECORDS)?;
         Ok(Self {
             ring: crate::fdwatch::readable(ring)
                 .context("registering the ring buffer with the event loop")?,

@@ -8,20 +8,22 @@
 use std::os::fd::{AsFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, PerCpuArray},
+};
 use cis490_common::{
     LiveCounters, MaxSlot, SchedStats,
     sched::{RunDelaySource, global, map, prog},
 };
 
 use super::{
-    Probes, hist_delta,
-    loader::{
+    maps::{hist_delta, max_of, read_percpu, take},
+    spec::{
         Attacher, FamilyStatus, KernelFacts, OffsetSpec,
         ProbeKind::{Iter, TpBtf},
         ProbeSpec,
     },
-    max_of, read_percpu, take,
 };
 use crate::row::Measures;
 
@@ -356,23 +358,19 @@ pub struct SchedReader {
 }
 
 impl SchedReader {
-    pub fn new(probes: &mut Probes) -> Result<Self> {
+    pub fn new(ebpf: &mut Ebpf, attached: Attached) -> Result<Self> {
         let Attached {
             iter_link,
             run_delay,
-        } = probes
-            .handoff
-            .sched
-            .take()
-            .context("the scheduler's task iterator is not attached")?;
+        } = attached;
         Ok(Self {
-            stats: take(probes, map::SCHED_STATS)?,
-            live: take(probes, map::LIVE)?,
+            stats: take(ebpf, map::SCHED_STATS)?,
+            live: take(ebpf, map::LIVE)?,
             iter_link,
-            runq_max: take(probes, map::RUNQ_MAX)?,
+            runq_max: take(ebpf, map::RUNQ_MAX)?,
             run_delay: run_delay != RunDelaySource::WakeupMarks,
             prev: None,
-            gone: take(probes, map::TARGET_GONE)?,
+            gone: take(ebpf, map::TARGET_GONE)?,
             blind: None,
         })
     }
