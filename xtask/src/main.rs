@@ -21,8 +21,10 @@ mod demo;
 mod fuzz;
 mod guest;
 mod integration;
+mod probe_summary;
 mod pyenv;
 mod setup;
+mod testbins;
 mod testrun;
 mod vm;
 
