@@ -205,6 +205,13 @@ pub struct TraceArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// Write the episode directory's absolute path (one line) to this file
+    /// as soon as the directory exists, atomically: an orchestrator finds
+    /// the episode of a tracer that is later killed without parsing its
+    /// log. (stdout has the path only at the end, after a successful trace.)
+    #[arg(long, value_name = "PATH")]
+    pub episode_file: Option<PathBuf>,
+
     /// Size of the ring buffer that carries thread lifecycle records to
     /// events.jsonl, in KiB: a power of two, at least the page size (4).
     /// Rows never depend on it; a record that does not fit is counted in
@@ -299,6 +306,7 @@ impl TraceArgs {
             tags: self.tags,
             control: self.control,
             qmp: self.qmp,
+            episode_file: self.episode_file,
             argv,
         }
     }

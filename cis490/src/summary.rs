@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use crate::{
     episode::{DONE, LABELS, META},
     meta::{EndReason, Meta},
+    row::SourceKind,
 };
 
 /// The row envelope: the fields of every row that are not measures.
@@ -115,16 +116,32 @@ pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a Map<String, Value>>) -> 
 }
 
 /// Calls `f` with each line of a JSONL file as a JSON object, streaming.
-pub fn for_each_row(path: &Path, mut f: impl FnMut(&Map<String, Value>)) -> Result<()> {
+pub fn for_each_row(path: &Path, f: impl FnMut(&Map<String, Value>)) -> Result<()> {
+    for_each_row_of(path, false, f).map(drop)
+}
+
+/// [`for_each_row`]; with `torn_tail`, a last line that does not parse (a
+/// tracer killed mid-write) is skipped, and `true` returned, instead of an
+/// error.
+fn for_each_row_of(
+    path: &Path,
+    torn_tail: bool,
+    mut f: impl FnMut(&Map<String, Value>),
+) -> Result<bool> {
     let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    for (n, line) in BufReader::with_capacity(1 << 16, file).lines().enumerate() {
+    let mut lines = BufReader::with_capacity(1 << 16, file)
+        .lines()
+        .enumerate()
+        .peekable();
+    while let Some((n, line)) = lines.next() {
         let line = line.with_context(|| format!("cannot read {}", path.display()))?;
         match serde_json::from_str(&line) {
             Ok(Value::Object(m)) => f(&m),
+            _ if torn_tail && lines.peek().is_none() => return Ok(true),
             _ => bail!("{}:{}: not a JSON object", path.display(), n + 1),
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
@@ -183,6 +200,9 @@ pub struct EpisodeTotals {
     pub status: String,
     /// `done.marker` present.
     pub done: bool,
+    /// Source files whose last line was cut off (a tracer killed
+    /// mid-write: only an episode without `done.marker`), skipped.
+    pub torn_files: Vec<String>,
     pub target_pid: Value,
     pub target_comm: String,
     /// From the first bucket's start to the last one's end, s.
@@ -226,14 +246,32 @@ pub fn episode_totals(
 ) -> Result<EpisodeTotals> {
     let meta = Meta::read(dir)?;
     let done = dir.join(DONE).exists();
+    // meta.json lists the sources' files when the trace finishes; an
+    // episode whose tracer never finished (killed) has its rows on disk
+    // all the same: read every source file there is.
+    let files: Vec<(String, String)> = if meta.sources.is_empty() {
+        SourceKind::ALL
+            .iter()
+            .map(|k| (k.name().to_owned(), k.file_name()))
+            .filter(|(_, f)| dir.join(f).is_file())
+            .collect()
+    } else {
+        meta.sources
+            .iter()
+            .map(|s| (s.source.name().to_owned(), s.file.clone()))
+            .collect()
+    };
     let mut sources = Vec::new();
-    for s in &meta.sources {
-        let name = s.source.name().to_owned();
+    let mut torn = Vec::new();
+    for (name, file) in files {
         let mut t = Totaler::default();
-        for_each_row(&dir.join(&s.file), |row| {
+        let cut = for_each_row_of(&dir.join(&file), !done, |row| {
             t.add(row);
             visit(&name, row);
         })?;
+        if cut {
+            torn.push(file);
+        }
         sources.push((name, t.finish()));
     }
     let start = meta.start.map(|c| c.t_mono_ns as f64);
@@ -300,6 +338,7 @@ pub fn episode_totals(
         episode: meta.id.clone(),
         status: meta.status.name().to_owned(),
         done,
+        torn_files: torn,
         target_pid: meta.target.pid.into(),
         target_comm: meta.target.comm.clone(),
         duration_s,
@@ -330,6 +369,21 @@ pub fn write_text(t: &EpisodeTotals, w: &mut impl Write) -> Result<()> {
         t.interval_ms,
         t.end_reason,
     )?;
+    if !t.done {
+        writeln!(
+            w,
+            "incomplete: the tracer did not finish this episode (no done.marker); the totals \
+             are those of the rows on disk{}",
+            if t.torn_files.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (a cut-off last line skipped in {})",
+                    t.torn_files.join(", ")
+                )
+            }
+        )?;
+    }
     if !t.phases.is_empty() {
         let marks: Vec<String> = t
             .phases
@@ -429,6 +483,50 @@ mod tests {
         assert_eq!(get("net_by_if.tap0.tx_bytes"), Some(Some(15.0)));
         assert_eq!(get("net_by_if.sockets.tx_bytes"), Some(Some(1.0)));
         assert_eq!(get("kvm_exit_reasons"), Some(None));
+    }
+
+    /// A killed tracer's episode: meta.json as written at the start (no
+    /// sources listed, status running), rows on disk, the last one cut
+    /// off. The summary reads the rows that are there and says the episode
+    /// is incomplete.
+    #[test]
+    fn a_killed_tracers_episode_is_summed_and_called_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let meta = json!({"id": "01K", "status": "running", "interval_ns": 100_000_000u64,
+            "start": {"t_mono_ns": 0, "t_wall_ns": 0}, "target": {"pid": 9, "comm": "w"},
+            "sources": []});
+        fs::write(d.join(META), meta.to_string()).unwrap();
+        fs::write(d.join(LABELS), "").unwrap();
+        fs::write(
+            d.join("telemetry-ebpf.jsonl"),
+            "{\"seq\":0,\"cpu_ns\":10}\n{\"seq\":1,\"cpu_ns\":5}\n{\"seq\":2,\"cpu",
+        )
+        .unwrap();
+        fs::write(
+            d.join("telemetry-proc.jsonl"),
+            "{\"seq\":0,\"cpu_ns\":12}\n",
+        )
+        .unwrap();
+        let t = episode_totals(d, &mut |_, _| {}).unwrap();
+        assert!(!t.done);
+        assert_eq!(t.status, "running");
+        let names: Vec<&str> = t.sources.iter().map(|s| s.source.as_str()).collect();
+        assert_eq!(names, ["ebpf", "proc"]);
+        assert_eq!(t.sources[0].rows, 2);
+        assert_eq!(t.sources[0].totals["cpu_ns"], 15);
+        assert_eq!(t.sources[1].totals["cpu_ns"], 12);
+        assert_eq!(t.torn_files, ["telemetry-ebpf.jsonl"]);
+        let mut text = Vec::new();
+        write_text(&t, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("incomplete: the tracer did not finish"),
+            "{text}"
+        );
+        // A complete episode's torn line is an error, not skipped.
+        fs::write(d.join(DONE), "").unwrap();
+        assert!(episode_totals(d, &mut |_, _| {}).is_err());
     }
 
     #[test]

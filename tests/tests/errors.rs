@@ -187,6 +187,14 @@ fn bad_arguments() {
             &["--label", "detonate@100", "--duration", "1", "--", "true"][..],
             "comes after --duration",
         ),
+        (
+            &["--episode-file", "/nonexistent/dir/ep", "--", "true"][..],
+            "the directory /nonexistent/dir does not exist",
+        ),
+        (
+            &["--episode-file", "/tmp", "--", "true"][..],
+            "is a directory",
+        ),
     ] {
         let out = run_with_timeout(default_trace_cmd(&dir).args(args), T);
         let line = one_line_error(&out, &dir.join("data"));

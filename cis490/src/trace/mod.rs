@@ -13,7 +13,11 @@ mod outputs;
 mod phases;
 mod sources;
 
-use std::{ffi::OsString, path::PathBuf, time::Duration};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -46,6 +50,9 @@ pub struct TraceConfig {
     pub control: Option<PathBuf>,
     /// QEMU's QMP socket (`--qmp PATH`).
     pub qmp: Option<PathBuf>,
+    /// Where to write the episode directory's path once it exists
+    /// (`--episode-file PATH`).
+    pub episode_file: Option<PathBuf>,
     /// This process's own argv, for meta.json.
     pub argv: Vec<String>,
 }
@@ -67,6 +74,9 @@ impl TraceConfig {
         if let Some(path) = &self.control {
             crate::control::check_path(path)?;
         }
+        if let Some(path) = &self.episode_file {
+            check_episode_file(path)?;
+        }
         if self.sources.contains(&SourceKind::Qmp) && self.qmp.is_none() {
             bail!("the qmp source needs QEMU's QMP socket: give --qmp SOCKET");
         }
@@ -84,6 +94,26 @@ impl TraceConfig {
         crate::meta::tag_map(&self.tags).map_err(anyhow::Error::msg)?;
         Ok(())
     }
+}
+
+/// Refuses an `--episode-file` that cannot be written, before anything
+/// starts: its directory must exist, and it must not be a directory.
+fn check_episode_file(path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!(
+            "--episode-file {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    if path.is_dir() {
+        bail!("--episode-file {} is a directory", path.display());
+    }
+    Ok(())
 }
 
 /// SIGINT and SIGTERM, blocked from the start of a trace until the event
@@ -156,6 +186,11 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
     };
     episode.write_meta(&meta)?;
     log::info!("episode {} -> {}", episode.id(), episode.path().display());
+    if let Some(path) = &cfg.episode_file {
+        let line = format!("{}\n", episode.path().display());
+        crate::episode::write_atomic(&cwd.join(path), line.as_bytes())
+            .with_context(|| format!("cannot write the episode path to {}", path.display()))?;
+    }
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
