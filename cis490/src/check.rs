@@ -183,6 +183,17 @@ pub fn check(dir: &Path) -> Result<Report> {
             }
         ),
     );
+    if let Some(why) = meta
+        .qmp
+        .as_ref()
+        .and_then(|q| q.get("error"))
+        .and_then(|e| e.as_str())
+    {
+        r.check(
+            false,
+            format!("qmp: the QMP source was asked for but never connected: {why}"),
+        );
+    }
     let id = meta.id.clone();
     r.check(
         dir.file_name().is_some_and(|n| n == id.as_str()),

@@ -164,6 +164,7 @@ impl<'a> Run<'a> {
                 .clamp(Duration::from_millis(20), Duration::from_millis(500)),
             holdings: Holdings::default(),
             holdings_at: None,
+            qmp_empty_buckets: 0,
         };
         Ok(Self {
             cfg,
@@ -387,7 +388,21 @@ impl<'a> Run<'a> {
         });
         let totals = *sources.ebpf.totals();
         if let Some(q) = &sources.qmp {
-            meta.qmp = Some(q.info());
+            let mut info = q.info();
+            let empty = sources.qmp_empty_buckets;
+            if empty > 0 {
+                log::warn!(
+                    "QMP: {empty} of {} buckets have no QMP data (null fields){}",
+                    clock.closed(),
+                    info.get("error")
+                        .and_then(|e| e.as_str())
+                        .map_or(String::new(), |e| format!(": {e}"))
+                );
+            }
+            if let Some(o) = info.as_object_mut() {
+                o.insert("buckets_without_data".into(), empty.into());
+            }
+            meta.qmp = Some(info);
         }
         if let Some(p) = &sources.perf {
             meta.perf = Some(p.info());

@@ -28,6 +28,9 @@ pub(super) struct Sources {
     pub(super) qmp: Option<QmpSlot>,
     /// How long a QMP query may take within a bucket.
     pub(super) qmp_timeout: Duration,
+    /// Buckets whose QMP row has no data at all (not connected yet or any
+    /// more, or QEMU not answering in time).
+    pub(super) qmp_empty_buckets: u64,
     pub(super) holdings: Holdings,
     pub(super) holdings_at: Option<Instant>,
 }
@@ -82,7 +85,13 @@ impl Sources {
                 SourceKind::Proc => sample_opt(&mut self.proc, &ctx)?,
                 SourceKind::Perf => sample_opt(&mut self.perf, &ctx)?,
                 SourceKind::Qmp => match &mut self.qmp {
-                    Some(q) => q.sample(self.qmp_timeout).await,
+                    Some(q) => {
+                        let m = q.sample(self.qmp_timeout).await;
+                        if m == crate::row::Measures::default() {
+                            self.qmp_empty_buckets += 1;
+                        }
+                        m
+                    }
                     None => crate::row::Measures::default(),
                 },
             };
