@@ -392,6 +392,11 @@ impl QmpSource {
 
 /// The per-disk counters of a `query-blockstats` reply. (This and the
 /// other reply readers are `pub(crate)` for the `qmp` fuzz target.)
+///
+/// A drive with no medium (no `node-name`: QEMU's default empty drives
+/// `floppy0`, `ide1-cd0`, `sd0`, which no guest can use) whose counters are
+/// all zero is left out, so rows name only the disks a guest has; once it
+/// has counted anything (a medium used, then ejected) it is kept.
 pub(crate) fn parse_blockstats(v: &Value) -> Result<BTreeMap<String, BlkCounters>, String> {
     let list = v.as_array().ok_or("not a list")?;
     let mut out = BTreeMap::new();
@@ -417,6 +422,13 @@ pub(crate) fn parse_blockstats(v: &Value) -> Result<BTreeMap<String, BlkCounters
             read_ops: get("rd_operations")?,
             write_ops: get("wr_operations")?,
         };
+        let has_medium = dev
+            .get("node-name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
+        if !has_medium && c == BlkCounters::default() {
+            continue;
+        }
         // Two entries with one name (not expected): their sum, saturating
         // (QEMU's counters are u64).
         let e = out.entry(name).or_insert_with(BlkCounters::default);
@@ -513,6 +525,26 @@ mod tests {
              "stats": {"rd_bytes": 100 * n, "wr_bytes": 0, "rd_operations": n, "wr_operations": 0}}
         ])
         .to_string()
+    }
+
+    /// QEMU's default drives without a medium (no node-name, all zero) are
+    /// not disks a guest has: left out; a used one stays.
+    #[test]
+    fn empty_default_drives_are_left_out() {
+        let v = json!([
+            {"device": "virtio0", "node-name": "#block180",
+             "stats": {"rd_bytes": 0, "wr_bytes": 0, "rd_operations": 0, "wr_operations": 0}},
+            {"device": "floppy0",
+             "stats": {"rd_bytes": 0, "wr_bytes": 0, "rd_operations": 0, "wr_operations": 0}},
+            {"device": "ide1-cd0",
+             "stats": {"rd_bytes": 0, "wr_bytes": 0, "rd_operations": 0, "wr_operations": 0}},
+            {"device": "sd0",
+             "stats": {"rd_bytes": 0, "wr_bytes": 0, "rd_operations": 0, "wr_operations": 0}},
+            {"device": "ide0-cd1",
+             "stats": {"rd_bytes": 2048, "wr_bytes": 0, "rd_operations": 1, "wr_operations": 0}}
+        ]);
+        let names: Vec<String> = parse_blockstats(&v).unwrap().into_keys().collect();
+        assert_eq!(names, ["ide0-cd1", "virtio0"]);
     }
 
     #[test]
