@@ -196,7 +196,9 @@ pub struct TraceArgs {
     /// events.jsonl. A socket that is not there or not answering yet (QEMU
     /// starting) is retried every bucket for 30 s. QEMU serves one client at
     /// a time per -qmp socket: give cis490 one of its own (QEMU accepts
-    /// several -qmp options).
+    /// several -qmp options). The socket must be the traced QEMU's own: one
+    /// served by another process stops the trace, naming both pids (and
+    /// QEMU's, when the target is a wrapper that started it).
     #[arg(long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
 

@@ -633,6 +633,27 @@ pub fn one_line_error(out: &Output, data: &Path) -> String {
     errors[0].to_owned()
 }
 
+/// The failure shape of a trace that fails after its episode directory
+/// exists (non-zero exit, one `error: ` line, nothing on stdout, no
+/// done.marker, meta.json `status: failed` with that error); returns the
+/// error line.
+#[track_caller]
+pub fn one_line_error_after_start(out: &Output, data: &Path) -> String {
+    let line = one_line_error(out, data);
+    let eps: Vec<PathBuf> = fs::read_dir(data.join("episodes"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert_eq!(eps.len(), 1, "expected one (failed) episode");
+    let meta = read_meta(&eps[0]);
+    assert_eq!(meta["status"], "failed");
+    assert!(
+        line.contains(meta["error"].as_str().unwrap_or("?")),
+        "{line} vs meta.json error {}",
+        meta["error"]
+    );
+    line
+}
+
 /// Runs `cis490 check EPISODE`: whether it passed, and its stdout + stderr.
 /// Whatever the verdict, `check` must have ended the way it documents:
 /// exit 0 with a `valid (N checks)` line and no `FAIL` line, or exit 1 with

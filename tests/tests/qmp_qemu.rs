@@ -427,3 +427,79 @@ async fn real_guest_disk_io_is_counted_exactly() {
         run.total
     );
 }
+
+// ---- The QMP socket must be the target's ---------------------------------
+
+/// Another process's QMP socket (here: a QEMU the tracer does not trace)
+/// is refused with one line naming both pids, and no done.marker: its rows
+/// would be that VM's, not the target's.
+#[tokio::test(flavor = "current_thread")]
+async fn another_processs_qmp_socket_is_refused() {
+    cis490_tests::require_root();
+    let Some(mut q) = Qemu::spawn(&["-m", "64"], tempfile::tempdir().unwrap()) else {
+        return;
+    };
+    let sock = q.socket("qmp.sock").await;
+    let dir = cis490_tests::scratch("qmp-other");
+    let out = cis490_tests::run_with_timeout(
+        cis490_tests::default_trace_cmd(&dir)
+            .arg("--qmp")
+            .arg(&sock)
+            .args(["--duration", "5", "--", "sleep", "10"]),
+        Duration::from_secs(60),
+    );
+    let line = cis490_tests::one_line_error_after_start(&out, &dir.join("data"));
+    let qemu = q.child.id();
+    assert!(
+        line.contains(&format!("served by pid {qemu}, not by the traced pid")),
+        "{line}"
+    );
+}
+
+/// A target that wraps QEMU (a shell that started it): the error names
+/// QEMU's pid, to trace it instead.
+#[tokio::test(flavor = "current_thread")]
+async fn a_wrapper_of_qemu_is_named_with_qemus_pid() {
+    cis490_tests::require_root();
+    if std::env::var_os(SKIP_ENV).is_some() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("qmp.sock");
+    let bin = std::env::var(QEMU_ENV).unwrap_or_else(|_| "qemu-system-x86_64".into());
+    // The shell stays QEMU's parent (it has more to do after QEMU).
+    let mut shell = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{bin} -machine q35 -accel tcg -display none -nodefaults -m 64 \
+             -qmp unix:{},server=on,wait=off; echo exited",
+            sock.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = StdInstant::now();
+    while !sock.exists() && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dir = cis490_tests::scratch("qmp-wrapper");
+    let out = cis490_tests::run_with_timeout(
+        cis490_tests::default_trace_cmd(&dir)
+            .args(["--target-pid", &shell.id().to_string(), "--qmp"])
+            .arg(&sock)
+            .args(["--duration", "5"]),
+        Duration::from_secs(60),
+    );
+    let _ = Command::new("pkill")
+        .args(["-P", &shell.id().to_string()])
+        .status();
+    let _ = shell.kill();
+    let _ = shell.wait();
+    let line = cis490_tests::one_line_error_after_start(&out, &dir.join("data"));
+    assert!(
+        line.contains(&format!("a child of the traced pid {}", shell.id()))
+            && line.contains("the target is a wrapper of QEMU; trace QEMU itself (--target-pid "),
+        "{line}"
+    );
+}

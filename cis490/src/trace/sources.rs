@@ -60,7 +60,7 @@ impl Sources {
         sample_opt(&mut self.proc, &ctx)?;
         sample_opt(&mut self.perf, &ctx)?;
         if let Some(q) = &mut self.qmp {
-            q.sample(self.qmp_timeout).await;
+            q.sample(self.qmp_timeout, self.pid).await?;
         }
         Ok(())
     }
@@ -86,7 +86,7 @@ impl Sources {
                 SourceKind::Perf => sample_opt(&mut self.perf, &ctx)?,
                 SourceKind::Qmp => match &mut self.qmp {
                     Some(q) => {
-                        let m = q.sample(self.qmp_timeout).await;
+                        let m = q.sample(self.qmp_timeout, self.pid).await?;
                         if m == crate::row::Measures::default() {
                             self.qmp_empty_buckets += 1;
                         }
@@ -177,8 +177,13 @@ impl QmpSlot {
     const CONNECT_WINDOW: Duration = Duration::from_secs(30);
 
     /// This bucket's QMP row (`null` fields until connected, or when QMP
-    /// does not answer in time).
-    pub(super) async fn sample(&mut self, timeout: Duration) -> crate::row::Measures {
+    /// does not answer in time). Fails when the socket's QEMU is not the
+    /// target (`target`): its rows would be another process's.
+    pub(super) async fn sample(
+        &mut self,
+        timeout: Duration,
+        target: i32,
+    ) -> Result<crate::row::Measures> {
         if let QmpSlot::Pending {
             path,
             since,
@@ -186,7 +191,12 @@ impl QmpSlot {
         } = self
         {
             match QmpSource::connect(path, timeout).await {
-                Ok(src) => *self = QmpSlot::Connected(Box::new(src)),
+                Ok(src) => {
+                    if let Some(peer) = src.peer_pid() {
+                        same_process(target, peer, path)?;
+                    }
+                    *self = QmpSlot::Connected(Box::new(src));
+                }
                 Err(e) if since.elapsed() > Self::CONNECT_WINDOW => {
                     log::warn!("QMP source off: {e:#}");
                     *self = QmpSlot::Failed {
@@ -209,12 +219,12 @@ impl QmpSlot {
                 }
             }
             // The connection took this bucket's baseline.
-            return crate::row::Measures::default();
+            return Ok(crate::row::Measures::default());
         }
-        match self {
+        Ok(match self {
             QmpSlot::Connected(src) => src.sample(timeout).await,
             _ => crate::row::Measures::default(),
-        }
+        })
     }
 
     /// At the end of tracing: a connection still not made is a failure,
@@ -313,4 +323,44 @@ pub(super) fn kick_cpus() {
     for h in handles {
         let _ = h.join();
     }
+}
+
+/// Refuses a QMP socket served by another process than the target: its
+/// rows would be another VM's, or the target is a wrapper (a shell, a
+/// supervisor) whose child is QEMU, and then the eBPF and /proc rows would
+/// not be QEMU's either.
+fn same_process(target: i32, peer: i32, socket: &std::path::Path) -> Result<()> {
+    if peer == target {
+        return Ok(());
+    }
+    if is_descendant(peer, target) {
+        anyhow::bail!(
+            "the QMP socket {} is served by pid {peer}, a child of the traced pid {target}: \
+             the target is a wrapper of QEMU; trace QEMU itself (--target-pid {peer})",
+            socket.display()
+        );
+    }
+    anyhow::bail!(
+        "the QMP socket {} is served by pid {peer}, not by the traced pid {target}: its \
+         rows would be another process's; give --qmp the traced QEMU's own socket",
+        socket.display()
+    )
+}
+
+/// Whether `pid` descends from `ancestor` (its parents, from /proc).
+fn is_descendant(pid: i32, ancestor: i32) -> bool {
+    let mut p = pid;
+    for _ in 0..64 {
+        let Ok(stat) = procfs::process::Process::new(p).and_then(|p| p.stat()) else {
+            return false;
+        };
+        if stat.ppid == ancestor {
+            return true;
+        }
+        if stat.ppid <= 1 {
+            return false;
+        }
+        p = stat.ppid;
+    }
+    false
 }

@@ -604,6 +604,12 @@ pub struct QmpClient {
 }
 
 impl QmpClient {
+    /// The process at the other end of the socket (its credentials, as the
+    /// kernel recorded them when QEMU created the socket), if known.
+    pub fn peer_pid(&self) -> Option<i32> {
+        self.stream.peer_cred().ok().and_then(|c| c.pid())
+    }
+
     /// Connects to QEMU's QMP socket, reads the greeting and enters command
     /// mode (`qmp_capabilities`), all within `timeout`.
     pub async fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, QmpError> {

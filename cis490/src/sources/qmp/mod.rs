@@ -112,6 +112,11 @@ pub struct QmpSource {
 }
 
 impl QmpSource {
+    /// The pid of the process serving the QMP socket (QEMU), if known.
+    pub fn peer_pid(&self) -> Option<i32> {
+        self.client.as_ref().and_then(QmpClient::peer_pid)
+    }
+
     /// Connects to QEMU's QMP socket and takes the baseline, all within
     /// `timeout`. Fails if the socket cannot be connected to or QEMU does
     /// not complete the QMP handshake in time; a baseline query that fails
