@@ -6,7 +6,9 @@
 //! bios are marked when queued (`block_bio_queue`, in the submitter's
 //! context, `BIOS`), and a request is the target's when its first bio is,
 //! seen at `block_rq_insert` or `block_rq_issue` whatever context those run
-//! in (a plug flush, kblockd). Completion runs in interrupt context, where the current task is
+//! in (a plug flush, kblockd); at insert the submitting thread counts too,
+//! never at issue (the thread that runs the queue may dispatch another
+//! process's requests). Completion runs in interrupt context, where the current task is
 //! anyone: it only looks the request up. A request address that a
 //! non-target submitter reuses drops any stale entry.
 
@@ -66,12 +68,15 @@ fn block_stats() -> Result<*mut BlockStats, i32> {
     BLOCK_STATS.get_ptr_mut(0).ok_or(NO_MAP)
 }
 
-/// Attributes request `rq` if the current thread is the target's (and the
-/// op is a read or write); forgets a stale entry otherwise. On the legacy
-/// path (`legacy`), an existing entry is kept (insert, then issue) and a
-/// request whose first bio the target queued is the target's whoever runs.
+/// Attributes request `rq` if it is the target's (and the op is a read or
+/// write); forgets a stale entry otherwise. It is the target's when the
+/// current thread is (only if `by_current`: the submitter's context) or,
+/// on the legacy path (`legacy`), when the target queued its first bio. On
+/// the legacy path an existing entry is kept (insert, then issue). At issue
+/// the current thread is whoever runs the queue, which may be the target
+/// dispatching another process's request: there only the bio mark counts.
 #[inline(always)]
-fn start(ctx: &BtfTracePointContext, legacy: bool) -> Res {
+fn start(ctx: &BtfTracePointContext, legacy: bool, by_current: bool) -> Res {
     let rq: u64 = ctx.arg(0);
     let bio: u64 = field(rq as *const u8, &REQ_BIO_OFFSET)?;
     if let Some(r) = REQS.get_ptr(rq) {
@@ -87,7 +92,7 @@ fn start(ctx: &BtfTracePointContext, legacy: bool) -> Res {
         }
     }
     let (tgid, _) = current();
-    let mut ours = is_target(tgid);
+    let mut ours = by_current && is_target(tgid);
     if legacy && unsafe { BIOS.get(bio) }.is_some() {
         let _ = BIOS.remove(bio);
         ours = true;
@@ -133,7 +138,7 @@ pub fn block_bio_queue(ctx: BtfTracePointContext) -> i32 {
 /// the submitting thread.
 #[btf_tracepoint(function = "block_io_start")]
 pub fn block_io_start(ctx: BtfTracePointContext) -> i32 {
-    let _ = start(&ctx, false);
+    let _ = start(&ctx, false, true);
     0
 }
 
@@ -141,7 +146,7 @@ pub fn block_io_start(ctx: BtfTracePointContext) -> i32 {
 /// scheduler.
 #[btf_tracepoint(function = "block_rq_insert")]
 pub fn block_rq_insert(ctx: BtfTracePointContext) -> i32 {
-    let _ = start(&ctx, true);
+    let _ = start(&ctx, true, true);
     0
 }
 
@@ -156,7 +161,7 @@ pub fn block_rq_issue(ctx: BtfTracePointContext) -> i32 {
 
 fn try_issue(ctx: &BtfTracePointContext) -> Res {
     if BLOCK_LEGACY.load() != 0 {
-        start(ctx, true)?;
+        start(ctx, true, false)?;
     }
     // A request can be issued more than once (requeued when the device
     // queue is full): latency runs from the first issue.
