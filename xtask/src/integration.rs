@@ -242,10 +242,16 @@ pub fn vm(kernels: &[String], opts: &vm::Options) -> Result<()> {
             // now and then (seen: one switch in several hundred past a
             // bound). One more run tells such a flake from a failure; the
             // first failure stays in the output and in the summary below.
+            // The first attempt's console (every failure's message in
+            // full) is kept beside the second's.
+            let first = r.console.with_file_name("console-first-attempt.log");
+            let _ = std::fs::rename(&r.console, &first);
             eprintln!(
-                "vm {}: FAILED ({}); running this kernel once more",
+                "vm {}: FAILED ({}); running this kernel once more (the first attempt's \
+                 console: {})",
                 r.release,
-                r.result()
+                r.result(),
+                first.display()
             );
             flaky.push(format!("{}: {}", r.release, r.result()));
             r = run()?;
