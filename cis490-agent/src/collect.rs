@@ -122,7 +122,11 @@ pub fn parse_pid_stat(text: &str) -> Option<ProcStat> {
     const PF_KTHREAD: u64 = 0x0020_0000;
     let open = text.find('(')?;
     let close = text.rfind(')')?;
-    let comm: String = text.get(open + 1..close)?.chars().take(MAX_NAME_BYTES).collect();
+    let comm: String = text
+        .get(open + 1..close)?
+        .chars()
+        .take(MAX_NAME_BYTES)
+        .collect();
     let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
     // rest[0] is the state, rest[1] the ppid, rest[6] the flags.
     let ppid = rest.get(1)?.parse().ok()?;
@@ -182,7 +186,11 @@ impl Collector {
         let mut alive = HashSet::new();
         let mut user = 0;
         for entry in fs::read_dir(&self.root).into_iter().flatten().flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             alive.insert(pid);
@@ -237,13 +245,17 @@ impl Collector {
             .collect();
         names.sort();
         for name in names.into_iter().take(MAX_DEVICES) {
-            let text = fs::read_to_string(self.sys_block.join(&name).join("stat")).unwrap_or_default();
+            let text =
+                fs::read_to_string(self.sys_block.join(&name).join("stat")).unwrap_or_default();
             if let Some(d) = parse_block_stat(&text) {
                 disks.insert(name, d);
             }
         }
         let cap = |v: u64| v.min(MAX_VALUE);
-        let (mono, wall) = (clock_ns(libc::CLOCK_MONOTONIC), clock_ns(libc::CLOCK_REALTIME));
+        let (mono, wall) = (
+            clock_ns(libc::CLOCK_MONOTONIC),
+            clock_ns(libc::CLOCK_REALTIME),
+        );
         let line = AgentLine {
             v: VERSION,
             seq: self.seq,

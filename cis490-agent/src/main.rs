@@ -65,7 +65,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--count" => {
                 let v = value()?;
-                args.count = Some(v.parse().map_err(|_| format!("--count {v}: not a number"))?);
+                args.count = Some(
+                    v.parse()
+                        .map_err(|_| format!("--count {v}: not a number"))?,
+                );
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -134,10 +137,10 @@ fn main() {
             if port.is_none() {
                 port = open_port(path);
             }
-            if let Some(p) = &mut port {
-                if let Some(ms) = read_host(p, &mut host_pending) {
-                    interval = Duration::from_millis(ms);
-                }
+            if let Some(p) = &mut port
+                && let Some(ms) = read_host(p, &mut host_pending)
+            {
+                interval = Duration::from_millis(ms);
             }
         }
         let line = collector.collect();

@@ -148,7 +148,10 @@ impl AgentLine {
             return bad(format!("boot_id of {} bytes", self.boot_id.len()));
         }
         if self.execs.len() > MAX_EXECS {
-            return bad(format!("{} execs listed (at most {MAX_EXECS})", self.execs.len()));
+            return bad(format!(
+                "{} execs listed (at most {MAX_EXECS})",
+                self.execs.len()
+            ));
         }
         if self.net.len() > MAX_DEVICES || self.disks.len() > MAX_DEVICES {
             return bad(format!(
@@ -278,30 +281,70 @@ mod tests {
         let cases: &[(&str, Edit, bool)] = &[
             ("unchanged", |_| {}, true),
             ("no execs", |l| l["execs"] = serde_json::json!([]), true),
-            ("at the cap", |l| l["cpu"]["idle_ns"] = MAX_VALUE.into(), true),
+            (
+                "at the cap",
+                |l| l["cpu"]["idle_ns"] = MAX_VALUE.into(),
+                true,
+            ),
             ("a string for a count", |l| l["procs"] = "4".into(), false),
-            ("a negative counter", |l| l["cpu"]["user_ns"] = (-1).into(), false),
+            (
+                "a negative counter",
+                |l| l["cpu"]["user_ns"] = (-1).into(),
+                false,
+            ),
             ("a fraction", |l| l["tcp_conns"] = 1.5.into(), false),
-            ("an absurd counter", |l| l["disks"]["vda"]["write_bytes"] = (MAX_VALUE + 1).into(), false),
-            ("a missing field", |l| {
-                l.as_object_mut().unwrap().remove("mem");
-            }, false),
+            (
+                "an absurd counter",
+                |l| l["disks"]["vda"]["write_bytes"] = (MAX_VALUE + 1).into(),
+                false,
+            ),
+            (
+                "a missing field",
+                |l| {
+                    l.as_object_mut().unwrap().remove("mem");
+                },
+                false,
+            ),
             ("an unknown field", |l| l["extra"] = 1.into(), false),
-            ("an unknown nested field", |l| l["cpu"]["steal_ns"] = 1.into(), false),
+            (
+                "an unknown nested field",
+                |l| l["cpu"]["steal_ns"] = 1.into(),
+                false,
+            ),
             ("another version", |l| l["v"] = 2.into(), false),
-            ("a long comm", |l| l["execs"][0]["comm"] = "x".repeat(65).into(), false),
-            ("a pid past u32", |l| l["execs"][0]["pid"] = (1u64 << 32).into(), false),
-            ("too many execs", |l| {
-                let e = l["execs"][0].clone();
-                l["execs"] = serde_json::Value::Array(vec![e; MAX_EXECS + 1]);
-            }, false),
-            ("too many disks", |l| {
-                let d = l["disks"]["vda"].clone();
-                for i in 0..=MAX_DEVICES {
-                    l["disks"][format!("vd{i}")] = d.clone();
-                }
-            }, false),
-            ("an array for the net map", |l| l["net"] = serde_json::json!([]), false),
+            (
+                "a long comm",
+                |l| l["execs"][0]["comm"] = "x".repeat(65).into(),
+                false,
+            ),
+            (
+                "a pid past u32",
+                |l| l["execs"][0]["pid"] = (1u64 << 32).into(),
+                false,
+            ),
+            (
+                "too many execs",
+                |l| {
+                    let e = l["execs"][0].clone();
+                    l["execs"] = serde_json::Value::Array(vec![e; MAX_EXECS + 1]);
+                },
+                false,
+            ),
+            (
+                "too many disks",
+                |l| {
+                    let d = l["disks"]["vda"].clone();
+                    for i in 0..=MAX_DEVICES {
+                        l["disks"][format!("vd{i}")] = d.clone();
+                    }
+                },
+                false,
+            ),
+            (
+                "an array for the net map",
+                |l| l["net"] = serde_json::json!([]),
+                false,
+            ),
         ];
         for (what, edit, ok) in cases {
             let mut line = good.clone();

@@ -24,14 +24,17 @@ pub enum SourceKind {
     Perf,
     /// QEMU's own statistics over its QMP socket.
     Qmp,
+    /// The in-guest agent's lines over virtio-serial (`--guest-agent`).
+    Guest,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 4] = [
+    pub const ALL: [SourceKind; 5] = [
         SourceKind::Ebpf,
         SourceKind::Proc,
         SourceKind::Perf,
         SourceKind::Qmp,
+        SourceKind::Guest,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,14 +43,17 @@ impl SourceKind {
             Self::Proc => "proc",
             Self::Perf => "perf",
             Self::Qmp => "qmp",
+            Self::Guest => "guest",
         }
     }
 
     /// In the lab's threat model every host-side vantage is an oracle: the
-    /// deployed detector cannot see the host.
+    /// deployed detector cannot see the host. The guest agent is the inside
+    /// view a deployed endpoint sensor has.
     pub fn available_in_deployment(self) -> bool {
         match self {
             Self::Ebpf | Self::Proc | Self::Perf | Self::Qmp => false,
+            Self::Guest => true,
         }
     }
 
@@ -63,7 +69,7 @@ impl std::str::FromStr for SourceKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown source '{s}' (known: ebpf, proc, perf, qmp)"))
+            .ok_or_else(|| format!("unknown source '{s}' (known: ebpf, proc, perf, qmp, guest)"))
     }
 }
 
@@ -148,6 +154,10 @@ pub struct Measures {
     pub cache_misses: Option<u64>,
     /// Branch mispredictions (hardware counter).
     pub branch_misses: Option<u64>,
+
+    /// The guest agent's fields (`guest_*`), in every row.
+    #[serde(flatten)]
+    pub guest: crate::sources::guest::GuestMeasures,
 }
 
 /// Block counters of one device, as a source counts them.
@@ -433,6 +443,7 @@ mod tests {
             cache_references: Some(n),
             cache_misses: Some(n),
             branch_misses: Some(n),
+            guest: crate::sources::guest::GuestMeasures::every(n),
         };
         Row {
             episode_id: "01M8HJJ72G58PD87B8318Y5SKR".into(),

@@ -26,6 +26,7 @@ use crate::{
     sources::{
         SampleCtx, Source,
         ebpf::{EbpfSource, Record, RecordStream},
+        guest::GuestSource,
         perf::PerfSource,
         proc::ProcSource,
         qmp::QmpSource,
@@ -55,6 +56,8 @@ pub struct TraceConfig {
     pub control: Option<PathBuf>,
     /// QEMU's QMP socket (`--qmp PATH`).
     pub qmp: Option<PathBuf>,
+    /// QEMU's chardev socket of the guest agent's port (`--guest-agent PATH`).
+    pub guest_agent: Option<PathBuf>,
     /// This process's own argv, for meta.json.
     pub argv: Vec<String>,
 }
@@ -78,6 +81,9 @@ impl TraceConfig {
         }
         if self.sources.contains(&SourceKind::Qmp) && self.qmp.is_none() {
             bail!("the qmp source needs QEMU's QMP socket: give --qmp SOCKET");
+        }
+        if self.sources.contains(&SourceKind::Guest) && self.guest_agent.is_none() {
+            bail!("the guest source needs the agent's chardev socket: give --guest-agent SOCKET");
         }
         if let Some(limit) = self.duration {
             for (name, at) in &self.labels {
@@ -158,6 +164,7 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
         perf_error: None,
         tracer: None,
         qmp: None,
+        guest_agent: None,
         control_socket: cfg.control.as_ref().map(|p| p.display().to_string()),
         labels: 0,
         tags: crate::meta::tag_map(&cfg.tags).map_err(anyhow::Error::msg)?,
@@ -288,6 +295,7 @@ struct Sources {
     proc: Option<ProcSource>,
     perf: Option<PerfSource>,
     qmp: Option<QmpSlot>,
+    guest: Option<GuestSource>,
     /// How long a QMP query may take within a bucket.
     qmp_timeout: Duration,
     holdings: Holdings,
@@ -347,6 +355,10 @@ impl Sources {
                     Some(q) => q.sample(self.qmp_timeout).await,
                     None => crate::row::Measures::default(),
                 },
+                SourceKind::Guest => match &mut self.guest {
+                    Some(g) => g.sample(now),
+                    None => crate::row::Measures::default(),
+                },
             };
             let row = Row {
                 episode_id: self.episode_id.clone(),
@@ -383,6 +395,12 @@ impl Sources {
         if let Some(q) = &mut self.qmp {
             for (at, detail) in q.take_events(now) {
                 out.event(at, clock.seq_of(at.mono_ns), "qmp", detail)?;
+            }
+        }
+        if let Some(g) = &mut self.guest {
+            for (at, e) in g.take_events() {
+                let (name, detail) = e.split();
+                out.event(at, Some(tick.seq), &name, detail)?;
             }
         }
         let new_taps = self.ebpf.take_new_taps();
@@ -590,6 +608,9 @@ async fn trace(
     if cfg.qmp.is_some() && !kinds.contains(&SourceKind::Qmp) {
         kinds.push(SourceKind::Qmp);
     }
+    if cfg.guest_agent.is_some() && !kinds.contains(&SourceKind::Guest) {
+        kinds.push(SourceKind::Guest);
+    }
     let perf = if kinds.contains(&SourceKind::Perf) {
         match PerfSource::new(pid) {
             Ok(p) => {
@@ -663,6 +684,11 @@ async fn trace(
             since: Instant::now(),
             last_error: None,
         }),
+        guest: cfg
+            .guest_agent
+            .as_deref()
+            .map(|p| GuestSource::start(p, cfg.interval))
+            .transpose()?,
         qmp_timeout: (cfg.interval * 4 / 5)
             .clamp(Duration::from_millis(20), Duration::from_millis(500)),
         holdings: Holdings::default(),
@@ -831,6 +857,9 @@ async fn trace(
     if let Some(q) = &mut sources.qmp {
         q.give_up();
     }
+    if let Some(g) = &mut sources.guest {
+        g.stop(ClockPair::now());
+    }
     let end = ClockPair::now();
     let last = sources.close_bucket(&mut clock, &mut out, end).await?;
     // Detach: no more events after the final row.
@@ -845,6 +874,9 @@ async fn trace(
     let totals = *sources.ebpf.totals();
     if let Some(q) = &sources.qmp {
         meta.qmp = Some(q.info());
+    }
+    if let Some(g) = &sources.guest {
+        meta.guest_agent = Some(g.info());
     }
     if let Some(p) = &sources.perf {
         meta.perf = Some(p.info());
