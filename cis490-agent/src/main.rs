@@ -81,14 +81,30 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// The port, opened without blocking: a write with no host connected
-/// fails at once (EAGAIN) instead of stalling the agent.
+/// fails at once (EAGAIN) instead of stalling the agent. Without udev (a
+/// busybox initramfs) there is no `/dev/virtio-ports/NAME` link: the port
+/// is then found by its name in `/sys/class/virtio-ports/*/name`.
 fn open_port(path: &Path) -> Option<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .ok()
+    let open = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(p)
+            .ok()
+    };
+    if let Some(f) = open(path) {
+        return Some(f);
+    }
+    let name = path.file_name()?;
+    std::fs::read_dir("/sys/class/virtio-ports")
+        .ok()?
+        .flatten()
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("name"))
+                .is_ok_and(|n| n.trim_end() == name.to_string_lossy())
+        })
+        .and_then(|e| open(&Path::new("/dev").join(e.file_name())))
 }
 
 /// Reads what the host wrote (without blocking) and returns its last

@@ -69,6 +69,11 @@ pub const VM_SKIPPED_BINARIES: &[(&str, &str)] = &[
          does not boot in reasonable time",
     ),
     (
+        "guest_agent",
+        "boots a QEMU guest with the guest agent (as `qemu` does): a software-emulated guest \
+         inside a software-emulated VM does not boot in reasonable time",
+    ),
+    (
         "schema",
         "validates an episode of a QEMU guest it boots (as `qemu` does) and one of /dev/kvm (as \
          `kvm` does)",
