@@ -566,12 +566,16 @@ mod tests {
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":null,"event":"started","pid":7,"mode":"spawn","interval_ns":100000000}"#,
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"event":"thread_started","tid":8,"parent_tid":7,"comm":"CPU 0/TCG"}"#,
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"qmp","qmp_event":"STOP","data":null}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"guest_exec","pid":95,"ppid":1,"comm":"sleep","guest_seq":7}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"guest_bad_line","reason":"too_long","bytes":104857600,"detail":"a line of 104857600 bytes (at most 65536)"}"#,
                 ],
                 vec![
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"event":"thread_started","tid":8,"comm":"x"}"#,
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"event":"duration_reached"}"#,
                     r#"{"t_mono_ns":-1,"t_wall_ns":2,"seq":0,"event":"finished","reason":"signal","buckets":1}"#,
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"event":"Started"}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"guest_exec","pid":95,"comm":"sleep","guest_seq":7}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"guest_bad_line","reason":"lies","bytes":1,"detail":""}"#,
                 ],
             ),
             (

@@ -200,7 +200,7 @@ fn run(socket: &std::path::Path, interval_ms: u64, shared: &Mutex<Shared>, stop:
             Err(e) => {
                 let e = format!("cannot connect to {}: {e}", socket.display());
                 if !said {
-                    log::info!("guest agent: {e}; retrying every {} ms", RETRY.as_millis());
+                    log::warn!("guest agent: {e}; retrying every {} ms", RETRY.as_millis());
                     said = true;
                 }
                 lock(shared).totals.last_error = Some(e);
