@@ -77,7 +77,7 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 300)]
         secs: u64,
-        /// Only this target (record, proc, qmp).
+        /// Only this target (record, proc, qmp, guest).
         target: Option<String>,
     },
     /// Benchmark cis490's overhead beside bpftrace and a /proc poller on

@@ -11,6 +11,7 @@
 pub mod fields;
 pub mod lines;
 pub mod reader;
+pub mod validate;
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 

@@ -21,6 +21,7 @@ use cis490_agent::protocol::{AgentLine, HostLine, MAX_LINE_BYTES};
 use serde::Serialize;
 
 use super::lines::{Piece, Splitter};
+pub use super::validate::{BadReason, parse};
 use crate::clock::ClockPair;
 
 /// At most this many lines (good or bad) are read per bucket; the rest are
@@ -37,28 +38,6 @@ const DETAIL_CAP: usize = 200;
 /// How often a missing socket is tried again, and how long a read waits
 /// before the thread checks whether tracing ended.
 const RETRY: Duration = Duration::from_millis(100);
-
-/// Why a line was not accepted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BadReason {
-    /// Longer than [`MAX_LINE_BYTES`].
-    TooLong,
-    /// Not JSON (or not UTF-8).
-    NotJson,
-    /// JSON, but not an agent line (missing, unknown or wrong-typed fields,
-    /// negative numbers).
-    WrongShape,
-    /// An agent line with a value out of bounds (version, list sizes, names,
-    /// numbers over 2^62).
-    Invalid,
-    /// A counter below the previous line's (same boot).
-    CounterWentBack,
-    /// A counter that grew faster than any guest could.
-    Absurd,
-    /// Cut by a hang-up before its newline.
-    Cut,
-}
 
 /// A bad line, as events.jsonl describes it.
 #[derive(Clone, Debug, Serialize)]
@@ -299,18 +278,4 @@ fn take_piece(piece: Piece<'_>, shared: &Mutex<Shared>) {
         }
         Err((reason, bytes, detail)) => s.bad_line(at, reason, bytes, detail),
     }
-}
-
-/// A line as an [`AgentLine`], or why not.
-pub fn parse(l: &[u8]) -> Result<AgentLine, (BadReason, String)> {
-    let line: AgentLine = serde_json::from_slice(l).map_err(|e| {
-        let reason = match e.classify() {
-            serde_json::error::Category::Data => BadReason::WrongShape,
-            _ => BadReason::NotJson,
-        };
-        (reason, e.to_string())
-    })?;
-    line.validate()
-        .map_err(|e| (BadReason::Invalid, e.to_string()))?;
-    Ok(line)
 }
