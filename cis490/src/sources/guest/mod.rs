@@ -376,12 +376,11 @@ impl GuestSource {
                 Some(Err((reason, detail))) => {
                     bad += 1;
                     self.rejected += 1;
-                    let bytes = serde_json::to_vec(&a.line).map_or(0, |v| v.len() as u64);
                     self.events.push((
                         a.at,
                         GuestEvent::GuestBadLine {
                             reason,
-                            bytes,
+                            bytes: a.bytes,
                             detail,
                         },
                     ));

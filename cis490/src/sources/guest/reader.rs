@@ -57,10 +57,11 @@ pub struct ConnEvent {
     pub why: Option<String>,
 }
 
-/// A parsed, valid line and when it arrived.
+/// A parsed, valid line, its length and when it arrived.
 pub struct Arrived {
     pub at: ClockPair,
     pub line: AgentLine,
+    pub bytes: u64,
 }
 
 /// Totals over the whole trace, for meta.json.
@@ -178,6 +179,8 @@ fn run(socket: &std::path::Path, interval_ms: u64, shared: &Mutex<Shared>, stop:
             Ok(s) => s,
             Err(e) => {
                 let e = format!("cannot connect to {}: {e}", socket.display());
+                // Said at once (a mistyped path should not cost a silent
+                // trace), once: after a hang-up (QEMU exiting) it is normal.
                 if !said {
                     log::warn!("guest agent: {e}; retrying every {} ms", RETRY.as_millis());
                     said = true;
@@ -187,7 +190,7 @@ fn run(socket: &std::path::Path, interval_ms: u64, shared: &Mutex<Shared>, stop:
                 continue;
             }
         };
-        said = false;
+        said = true;
         lock(shared).conn(true, None);
         log::info!("guest agent: connected to {}", socket.display());
         let why = serve(stream, &hello, shared, stop);
@@ -265,16 +268,18 @@ fn take_piece(piece: Piece<'_>, shared: &Mutex<Shared>) {
             n,
             format!("a line of {n} bytes (at most {MAX_LINE_BYTES})"),
         )),
-        Piece::Line(l) => parse(l).map_err(|(r, d)| (r, l.len() as u64, d)),
+        Piece::Line(l) => parse(l)
+            .map(|line| (line, l.len() as u64))
+            .map_err(|(r, d)| (r, l.len() as u64, d)),
     };
     let mut s = lock(shared);
     // Stamped under the lock: a line the event loop has not taken at a
     // boundary carries a later stamp than that boundary.
     let at = ClockPair::now();
     match parsed {
-        Ok(line) => {
+        Ok((line, bytes)) => {
             s.totals.lines_parsed += 1;
-            s.arrived.push_back(Arrived { at, line });
+            s.arrived.push_back(Arrived { at, line, bytes });
         }
         Err((reason, bytes, detail)) => s.bad_line(at, reason, bytes, detail),
     }

@@ -35,6 +35,7 @@ fn arrived(l: AgentLine, s: u64) -> Arrived {
             wall_ns: 0,
         },
         line: l,
+        bytes: 100,
     }
 }
 
