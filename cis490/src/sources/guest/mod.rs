@@ -94,7 +94,7 @@ impl GuestEvent {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         let name = v
             .as_object_mut()
-            .and_then(|m| m.remove("event"))
+            .and_then(|m| m.shift_remove("event"))
             .and_then(|n| n.as_str().map(str::to_owned))
             .unwrap_or_default();
         (name, v)
