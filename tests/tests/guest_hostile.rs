@@ -274,6 +274,10 @@ fn a_hostile_peer_costs_only_counted_lines() {
     let ep = Episode::from_output(&wait_output(tracer, T));
     drop(peer);
     eprintln!("tracer VmHWM: {hwm_before} KiB before the hostile phases, {hwm_after} KiB after");
+    eprintln!(
+        "tracer: {}; skipped boundaries {}",
+        ep.meta["tracer"], ep.meta["skipped_boundaries"]
+    );
     assert!(
         hwm_after <= hwm_before + HWM_GROWTH_BOUND_KIB && hwm_after <= HWM_BOUND_KIB,
         "VmHWM grew from {hwm_before} to {hwm_after} KiB"
@@ -320,7 +324,15 @@ fn a_hostile_peer_costs_only_counted_lines() {
             t > stall_from + 300_000_000 && t < stall_to
         })
         .collect();
-    assert!(inside.len() >= 90, "{} buckets in the stall", inside.len());
+    // (Buckets, or merged buckets where the tracer woke up late.)
+    let covered: u64 = inside
+        .iter()
+        .filter_map(|r| r["interval_ns"].as_u64())
+        .sum();
+    assert!(
+        covered >= 9_000_000_000,
+        "the stall's rows cover {covered} ns"
+    );
     assert!(
         inside
             .iter()
