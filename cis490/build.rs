@@ -1,6 +1,6 @@
 //! Builds the eBPF programs (`cis490-ebpf`, nightly + bpf-linker) with
-//! aya-build and leaves the object in `$OUT_DIR/cis490`, which `src/probes`
-//! embeds. Cargo reruns this whenever the eBPF crate (a build-dependency) or
+//! aya-build and leaves the object in `$OUT_DIR/cis490-ebpf`, which `src/ebpf`
+//! (`ebpf/loader.rs`) embeds. Cargo reruns this whenever the eBPF crate (a build-dependency) or
 //! its sources change, so a build never embeds a stale object.
 //! `cargo xtask setup` installs the toolchain this needs.
 

@@ -3,6 +3,39 @@
 //! target): the request is attributed when it starts, in the issuing
 //! thread's context, and remembered by its address (`REQS`).
 
+crate::names! {
+    /// The block family's maps (`cis490-ebpf/src/block.rs`).
+    pub mod map {
+        BLOCK_STATS,
+        BLOCK_MAX,
+        REQS,
+        BIOS,
+    }
+}
+
+crate::names! {
+    /// The block family's programs, each named for its tracepoint.
+    pub mod prog {
+        BLOCK_BIO_QUEUE = "block_bio_queue",
+        BLOCK_IO_START = "block_io_start",
+        BLOCK_RQ_INSERT = "block_rq_insert",
+        BLOCK_RQ_ISSUE = "block_rq_issue",
+        BLOCK_RQ_COMPLETE = "block_rq_complete",
+        BLOCK_IO_DONE = "block_io_done",
+    }
+}
+
+crate::names! {
+    /// The block family's read-only globals: `struct request` member
+    /// offsets, and the path taken (1: the `block_rq` fallback).
+    pub mod global {
+        REQ_CMD_FLAGS_OFFSET,
+        REQ_DATA_LEN_OFFSET,
+        REQ_BIO_OFFSET,
+        BLOCK_LEGACY,
+    }
+}
+
 use crate::sched::HIST_BUCKETS;
 
 /// Cumulative per-CPU block I/O counters for the target (map `BLOCK_STATS`).

@@ -1,5 +1,31 @@
 //! KVM exit counters: `kvm:kvm_exit` in the vCPU thread's context.
 
+crate::names! {
+    /// The KVM family's maps (`cis490-ebpf/src/kvm.rs`).
+    pub mod map {
+        KVM_STATS,
+    }
+}
+
+crate::names! {
+    /// The KVM family's programs, each named for its (classic) tracepoint.
+    pub mod prog {
+        KVM_EXIT = "kvm_exit",
+        KVM_USERSPACE_EXIT = "kvm_userspace_exit",
+    }
+}
+
+crate::names! {
+    /// The KVM family's read-only globals: field offsets from the
+    /// tracepoints' format files.
+    pub mod global {
+        KVM_EXIT_REASON_OFFSET,
+        KVM_EXIT_ISA_OFFSET,
+        KVM_USERSPACE_REASON_OFFSET,
+        KVM_USERSPACE_ERRNO_OFFSET,
+    }
+}
+
 /// Exit reasons counted one by one. VMX basic reasons (`exit_reason &
 /// 0xffff`) are below 0x100; SVM codes are below 0xb0 or `0x400..0x410`
 /// (folded to `0xb0 + (code & 0xf)`). A VMX exit is counted by its basic

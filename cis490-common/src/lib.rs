@@ -9,6 +9,45 @@
 //! which never transmute and are unit-tested on the host).
 #![no_std]
 
+/// Declares names that cross the kernel boundary, each written once: a
+/// module of `&str` constants whose values are their own identifiers (maps
+/// and globals) or the given literal (programs, named for their
+/// tracepoint), and `ALL`, every one of them. The eBPF side must name its
+/// items the same (its macros take no constants); the loader uses only
+/// these constants, and its unit test checks the built object against
+/// every `ALL`.
+#[macro_export]
+macro_rules! names {
+    ($(#[$m:meta])* $vis:vis mod $module:ident { $($(#[$d:meta])* $name:ident $(= $value:literal)?),* $(,)? }) => {
+        $(#[$m])*
+        $vis mod $module {
+            $($(#[$d])* pub const $name: &str = $crate::names!(@value $name $($value)?);)*
+            /// Every name of this module.
+            pub const ALL: &[&str] = &[$($name),*];
+        }
+    };
+    (@value $name:ident $value:literal) => { $value };
+    (@value $name:ident) => { stringify!($name) };
+}
+
+names! {
+    /// Maps every family uses.
+    pub mod map {
+        /// The bucket epoch the loader publishes at each boundary.
+        EPOCH,
+        /// The ring buffer of streamed records ([`record`]).
+        RECORDS,
+    }
+}
+
+names! {
+    /// Globals every family reads.
+    pub mod global {
+        /// The traced thread group's id.
+        TARGET_TGID,
+    }
+}
+
 pub mod block;
 pub mod kvm;
 pub mod net;

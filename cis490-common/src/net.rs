@@ -6,6 +6,41 @@
 //! interface, not by the current task); and the target's own IPv4/IPv6
 //! socket traffic, in process context.
 
+crate::names! {
+    /// The network family's maps (`cis490-ebpf/src/net.rs`).
+    pub mod map {
+        NET_STATS,
+        TAP_IFS,
+        TAP_IFINDEXES,
+    }
+}
+
+crate::names! {
+    /// The network family's programs, each named for its tracepoint.
+    pub mod prog {
+        NETIF_RECEIVE_SKB = "netif_receive_skb",
+        NET_DEV_XMIT = "net_dev_xmit",
+        SOCK_SEND_LENGTH = "sock_send_length",
+        SOCK_RECV_LENGTH = "sock_recv_length",
+    }
+}
+
+crate::names! {
+    /// The network family's read-only globals: `sk_buff`, `net_device`,
+    /// `net` and `sock` member offsets.
+    pub mod global {
+        SKB_LEN_OFFSET,
+        SKB_DATA_OFFSET,
+        SKB_HEAD_OFFSET,
+        SKB_MAC_HEADER_OFFSET,
+        SKB_DEV_OFFSET,
+        NETDEV_IFINDEX_OFFSET,
+        NETDEV_NET_OFFSET,
+        NET_INUM_OFFSET,
+        SOCK_FAMILY_OFFSET,
+    }
+}
+
 /// Tap interfaces tracked at once.
 pub const MAX_IFS: usize = 16;
 /// Slot of [`NetStats::slots`] that counts socket traffic.

@@ -18,6 +18,76 @@
 //! [`SchedStats`]; the per-bucket maximum lives in [`MaxSlot`], tagged with
 //! the bucket epoch the loader publishes.
 
+crate::names! {
+    /// The scheduler family's maps (`cis490-ebpf/src/sched.rs`; `TARGET_GONE`, which
+    /// the new-task probe sets, beside the target filter in `target.rs`).
+    pub mod map {
+        SCHED_STATS,
+        CPU_SLICE,
+        RUNQ_MAX,
+        LIVE,
+        RUNNABLE_SINCE,
+        TARGET_GONE,
+    }
+}
+
+crate::names! {
+    /// The scheduler family's programs, each named for its tracepoint (the
+    /// iterator for what it walks).
+    pub mod prog {
+        SCHED_SWITCH = "sched_switch",
+        SCHED_WAKEUP = "sched_wakeup",
+        SCHED_WAKEUP_NEW = "sched_wakeup_new",
+        TASK_NEWTASK = "task_newtask",
+        SCHED_PROCESS_EXIT = "sched_process_exit",
+        SCHED_PROCESS_EXEC = "sched_process_exec",
+        TASK_RENAME = "task_rename",
+        SCHED_ITER = "sched_iter",
+    }
+}
+
+crate::names! {
+    /// The scheduler family's read-only globals: `task_struct` (and run
+    /// queue) member offsets from the kernel's BTF, and the run-delay
+    /// decision ([`RunDelaySource`]).
+    pub mod global {
+        TASK_PID_OFFSET,
+        TASK_TGID_OFFSET,
+        TASK_RUNTIME_OFFSET,
+        TASK_NVCSW_OFFSET,
+        TASK_NIVCSW_OFFSET,
+        TASK_MIGRATIONS_OFFSET,
+        TASK_RUN_DELAY_OFFSET,
+        TASK_MIN_FLT_OFFSET,
+        TASK_MAJ_FLT_OFFSET,
+        TASK_STATE_OFFSET,
+        TASK_CPU_OFFSET,
+        TASK_ON_CPU_OFFSET,
+        TASK_LAST_QUEUED_OFFSET,
+        TASK_CFS_RQ_OFFSET,
+        CFS_RQ_RQ_OFFSET,
+        RQ_CLOCK_OFFSET,
+        RUN_DELAY_SOURCE,
+    }
+}
+
+/// Where run-queue delays come from on this kernel, decided once by the
+/// loader from the kernel's BTF and given to the programs as the global
+/// `RUN_DELAY_SOURCE`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunDelaySource {
+    /// No `sched_info.run_delay` (no CONFIG_SCHED_INFO): the sum and the
+    /// single delays are timed from the wakeup (`RUNNABLE_SINCE`).
+    WakeupMarks = 0,
+    /// The sum from each thread's `sched_info.run_delay`; single delays
+    /// timed from the wakeup (no `sched_info.last_queued` or `se.cfs_rq`).
+    SumFromSchedInfo = 1,
+    /// Both from `sched_info`: single delays as `rq->clock -
+    /// sched_info.last_queued` at switch-in.
+    SchedInfo = 2,
+}
+
 /// Number of log2 buckets in a latency histogram (covers every `u64`).
 pub const HIST_BUCKETS: usize = 64;
 

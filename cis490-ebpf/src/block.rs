@@ -11,18 +11,39 @@
 //! non-target submitter reuses drops any stale entry.
 
 use aya_ebpf::{
-    Global, bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::btf_tracepoint,
+    Global,
+    bindings::BPF_ANY,
+    helpers::bpf_ktime_get_ns,
+    macros::{btf_tracepoint, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 use cis490_common::{
-    BlockStats, ReqStart,
+    BlockStats, MaxSlot, ReqStart,
     block::{REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE},
 };
 
 use crate::{
-    maps::{BIOS, BLOCK_MAX, BLOCK_STATS, REQS, add, add_to_hist, raise_max},
+    maps::{add, add_to_hist, raise_max},
     target::{current, field, is_target},
 };
+
+/// Cumulative block I/O counters, one slot per CPU.
+#[map]
+pub static BLOCK_STATS: PerCpuArray<BlockStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-bucket block latency maximum, two slots per CPU (`epoch & 1`).
+#[map]
+pub static BLOCK_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
+
+/// Target block requests in flight, keyed by `struct request *`.
+#[map]
+pub static REQS: HashMap<u64, ReqStart> = HashMap::with_max_entries(16_384, 0);
+
+/// Bios the target queued (legacy block path), keyed by `struct bio *`;
+/// LRU, so marks of bios merged into another request age out.
+#[map]
+pub static BIOS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16_384, 0);
 
 /// `struct request`: `cmd_flags` (the op in its low bits).
 #[unsafe(no_mangle)]
@@ -53,7 +74,7 @@ fn block_stats() -> Result<*mut BlockStats, i32> {
 fn start(ctx: &BtfTracePointContext, legacy: bool) -> Res {
     let rq: u64 = ctx.arg(0);
     let bio: u64 = field(rq as *const u8, &REQ_BIO_OFFSET)?;
-    if let Some(r) = REQS.get_ptr(&rq) {
+    if let Some(r) = REQS.get_ptr(rq) {
         let r = unsafe { &*r };
         if legacy && r.bio == bio {
             // The same request again (inserted, then issued; requeued).
@@ -67,12 +88,12 @@ fn start(ctx: &BtfTracePointContext, legacy: bool) -> Res {
     }
     let (tgid, _) = current();
     let mut ours = is_target(tgid);
-    if legacy && unsafe { BIOS.get(&bio) }.is_some() {
-        let _ = BIOS.remove(&bio);
+    if legacy && unsafe { BIOS.get(bio) }.is_some() {
+        let _ = BIOS.remove(bio);
         ours = true;
     }
     if !ours {
-        let _ = REQS.remove(&rq);
+        let _ = REQS.remove(rq);
         return Ok(());
     }
     let flags: u32 = field(rq as *const u8, &REQ_CMD_FLAGS_OFFSET)?;
@@ -88,7 +109,7 @@ fn start(ctx: &BtfTracePointContext, legacy: bool) -> Res {
         op,
         issued: 0,
     };
-    if REQS.insert(&rq, &start, BPF_ANY as u64).is_err() {
+    if REQS.insert(rq, start, BPF_ANY as u64).is_err() {
         add(unsafe { &raw mut (*block_stats()?).map_errors }, 1);
     }
     Ok(())
@@ -101,9 +122,9 @@ pub fn block_bio_queue(ctx: BtfTracePointContext) -> i32 {
     let bio: u64 = ctx.arg(0);
     let (tgid, _) = current();
     if is_target(tgid) {
-        let _ = BIOS.insert(&bio, &1, BPF_ANY as u64);
+        let _ = BIOS.insert(bio, 1, BPF_ANY as u64);
     } else {
-        let _ = BIOS.remove(&bio);
+        let _ = BIOS.remove(bio);
     }
     0
 }
@@ -140,7 +161,7 @@ fn try_issue(ctx: &BtfTracePointContext) -> Res {
     // A request can be issued more than once (requeued when the device
     // queue is full): latency runs from the first issue.
     let rq: u64 = ctx.arg(0);
-    if let Some(r) = REQS.get_ptr_mut(&rq) {
+    if let Some(r) = REQS.get_ptr_mut(rq) {
         let len: u32 = field(rq as *const u8, &REQ_DATA_LEN_OFFSET)?;
         unsafe {
             if (*r).issued == 0 {
@@ -164,7 +185,7 @@ pub fn block_rq_complete(ctx: BtfTracePointContext) -> i32 {
 
 fn try_complete(ctx: &BtfTracePointContext) -> Res {
     let rq: u64 = ctx.arg(0);
-    let Some(r) = REQS.get_ptr_mut(&rq) else {
+    let Some(r) = REQS.get_ptr_mut(rq) else {
         return Ok(());
     };
     let error: u64 = ctx.arg(1);
@@ -195,7 +216,7 @@ pub fn block_io_done(ctx: BtfTracePointContext) -> i32 {
 
 fn try_done(ctx: &BtfTracePointContext) -> Res {
     let rq: u64 = ctx.arg(0);
-    let Some(r) = REQS.get_ptr(&rq) else {
+    let Some(r) = REQS.get_ptr(rq) else {
         return Ok(());
     };
     let s = block_stats()?;
@@ -218,7 +239,7 @@ fn catch_up(s: *mut BlockStats, rq: u64, r: &ReqStart) {
         }
         add(&raw mut (*s).missed_completions, 1);
     }
-    let _ = REQS.remove(&rq);
+    let _ = REQS.remove(rq);
 }
 
 /// Counts the request and its latency, and forgets it.
@@ -234,5 +255,5 @@ fn finish(s: *mut BlockStats, rq: u64, r: &ReqStart) {
     add(unsafe { &raw mut (*s).latency_count }, 1);
     add_to_hist(unsafe { &raw mut (*s).latency_hist }, latency);
     raise_max(&BLOCK_MAX, latency);
-    let _ = REQS.remove(&rq);
+    let _ = REQS.remove(rq);
 }

@@ -4,13 +4,25 @@
 //! and returns to the VMM (`kvm:kvm_userspace_exit`). Field offsets come
 //! from the tracepoints' format files, read by the loader.
 
-use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
-use cis490_common::kvm::{KVM_REASON_SLOTS, USERSPACE_SLOTS, reason_slot, userspace_slot};
+use aya_ebpf::{
+    Global,
+    macros::{map, tracepoint},
+    maps::PerCpuArray,
+    programs::TracePointContext,
+};
+use cis490_common::{
+    KvmStats,
+    kvm::{KVM_REASON_SLOTS, USERSPACE_SLOTS, reason_slot, userspace_slot},
+};
 
 use crate::{
-    maps::{KVM_STATS, add},
+    maps::add,
     target::{current, is_target},
 };
+
+/// Cumulative KVM exit counters, one slot per CPU.
+#[map]
+pub static KVM_STATS: PerCpuArray<KvmStats> = PerCpuArray::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 static KVM_EXIT_REASON_OFFSET: Global<u32> = Global::new(0);

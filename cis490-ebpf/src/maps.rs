@@ -1,93 +1,21 @@
-//! Maps shared by the program families, and the counter helpers.
+//! The maps every family uses (the bucket epoch, the ring buffer), and the
+//! counter helpers. Each family's own maps are in its module.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
-use cis490_common::{
-    BlockStats, CpuSlice, HIST_BUCKETS, KvmStats, LiveCounters, MAX_THREADS, MaxSlot, NetStats,
-    RINGBUF_BYTES, ReqStart, SchedStats, log2_bucket, net::MAX_IFS,
-};
-
-/// Cumulative scheduler counters, one slot per CPU.
-#[map]
-pub static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0);
-
-/// Which target thread runs on each CPU, and since when.
-#[map]
-pub static CPU_SLICE: PerCpuArray<CpuSlice> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-bucket run-queue delay maximum, two slots per CPU (`epoch & 1`).
-#[map]
-pub static RUNQ_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
+use cis490_common::{HIST_BUCKETS, MaxSlot, RINGBUF_BYTES, SchedStats, log2_bucket};
 
 /// The current bucket epoch, published by the loader at each boundary.
 #[map]
 pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
-/// What the task iterator summed over the target's live threads at the
-/// last boundary (written by `sched_iter`, read by the loader right after).
-#[map]
-pub static LIVE: Array<LiveCounters> = Array::with_max_entries(1, 0);
-
-/// When each target thread became runnable (wakeup or preemption), ns.
-/// Only on kernels whose `sched_info` cannot give single delays.
-#[map]
-pub static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THREADS, 0);
-
-/// Cumulative block I/O counters, one slot per CPU.
-#[map]
-pub static BLOCK_STATS: PerCpuArray<BlockStats> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-bucket block latency maximum, two slots per CPU (`epoch & 1`).
-#[map]
-pub static BLOCK_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
-
-/// Target block requests in flight, keyed by `struct request *`.
-#[map]
-pub static REQS: HashMap<u64, ReqStart> = HashMap::with_max_entries(16_384, 0);
-
-/// Bios the target queued (legacy block path), keyed by `struct bio *`;
-/// LRU, so marks of bios merged into another request age out.
-#[map]
-pub static BIOS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16_384, 0);
-
-/// Cumulative network counters per tap interface and for sockets.
-#[map]
-pub static NET_STATS: PerCpuArray<NetStats> = PerCpuArray::with_max_entries(1, 0);
-
-/// The target's tap interfaces: `if_key(netns inode, ifindex)` -> slot of
-/// `NetStats::slots`. Kept by the loader as the target opens taps.
-#[map]
-pub static TAP_IFS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_IFS as u32, 0);
-
-/// The tap ifindex filter (`cis490_common::net::ifindex_bit`): a set bit
-/// may be a tap of the target, a clear one is not. Set by the loader.
-#[map]
-pub static TAP_IFINDEXES: Array<u64> =
-    Array::with_max_entries(cis490_common::net::TAP_IFINDEX_WORDS, 0);
-
-/// Cumulative KVM exit counters, one slot per CPU.
-#[map]
-pub static KVM_STATS: PerCpuArray<KvmStats> = PerCpuArray::with_max_entries(1, 0);
-
-/// `[0]` is set to 1 by the new-task probe when a new process gets the target's
-/// pid: the target is gone and its pid reused. From then on no task matches
-/// the target (`target::is_target`).
-#[map]
-pub static TARGET_GONE: Array<u32> = Array::with_max_entries(1, 0);
-
 /// Streamed records (`cis490_common::record`).
 #[map]
 pub static RECORDS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);
-
-/// This CPU's scheduler counters.
-#[inline(always)]
-pub fn stats() -> Option<*mut SchedStats> {
-    SCHED_STATS.get_ptr_mut(0)
-}
 
 /// Adds `v` to a per-CPU counter from a program that runs with interrupts
 /// off (`sched_switch`, `sched_wakeup[_new]`: the scheduler holds the run
@@ -174,7 +102,7 @@ pub fn raise_max(slots: &PerCpuArray<MaxSlot>, v: u64) {
 #[inline(always)]
 pub fn emit<T: 'static>(record: &T, s: *mut SchedStats) {
     if RECORDS.output::<T>(record, 0).is_err() {
-        // SAFETY: `s` comes from `stats()`.
+        // SAFETY: `s` points to this CPU's `SchedStats` (a map value).
         add(unsafe { &raw mut (*s).dropped }, 1);
     }
 }

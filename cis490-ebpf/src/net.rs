@@ -8,16 +8,36 @@
 //! Sockets: `sock_send_length`/`sock_recv_length` (6.3+) in the target's own
 //! threads, IPv4/IPv6 only (not the unix sockets of QMP or a monitor).
 
-use aya_ebpf::{Global, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    Global,
+    macros::{btf_tracepoint, map},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::BtfTracePointContext,
+};
 use cis490_common::{
-    IfStats,
+    IfStats, NetStats,
     net::{AF_INET, AF_INET6, MAX_IFS, SOCKET_SLOT, if_key, ifindex_bit},
 };
 
 use crate::{
-    maps::{NET_STATS, TAP_IFINDEXES, TAP_IFS, add},
+    maps::add,
     target::{current, field, is_target, load},
 };
+
+/// Cumulative network counters per tap interface and for sockets.
+#[map]
+pub static NET_STATS: PerCpuArray<NetStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// The target's tap interfaces: `if_key(netns inode, ifindex)` -> slot of
+/// `NetStats::slots`. Kept by the loader as the target opens taps.
+#[map]
+pub static TAP_IFS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_IFS as u32, 0);
+
+/// The tap ifindex filter (`cis490_common::net::ifindex_bit`): a set bit
+/// may be a tap of the target, a clear one is not. Set by the loader.
+#[map]
+pub static TAP_IFINDEXES: Array<u64> =
+    Array::with_max_entries(cis490_common::net::TAP_IFINDEX_WORDS, 0);
 
 #[unsafe(no_mangle)]
 static SKB_LEN_OFFSET: Global<u32> = Global::new(0);

@@ -16,24 +16,51 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
-    macros::btf_tracepoint,
+    macros::{btf_tracepoint, map},
+    maps::{Array, HashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 use cis490_common::{
-    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, LiveCounters, RecordKind, SchedStats,
+    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, LiveCounters, MAX_THREADS, MaxSlot,
+    RecordKind, SchedStats,
 };
 
 use crate::{
-    maps::{
-        CPU_SLICE, LIVE, RUNNABLE_SINCE, RUNQ_MAX, TARGET_GONE, add, bump, bump_hist, emit,
-        raise_max, stats,
-    },
+    maps::{add, bump, bump_hist, emit, raise_max},
     target::{
-        arrival_delay, current, delays_from_sched_info, has_run_delay, has_target_tgid, is_target,
-        rq_clock, target_gone, task_counters, task_cpu, task_on_cpu, task_runtime, task_state,
-        task_tgid, task_tid,
+        TARGET_GONE, arrival_delay, current, delays_from_sched_info, has_run_delay,
+        has_target_tgid, is_target, rq_clock, target_gone, task_counters, task_cpu, task_on_cpu,
+        task_runtime, task_state, task_tgid, task_tid,
     },
 };
+
+/// Cumulative scheduler counters, one slot per CPU.
+#[map]
+pub static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scheduler counters.
+#[inline(always)]
+fn stats() -> Option<*mut SchedStats> {
+    SCHED_STATS.get_ptr_mut(0)
+}
+
+/// Which target thread runs on each CPU, and since when.
+#[map]
+pub static CPU_SLICE: PerCpuArray<CpuSlice> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-bucket run-queue delay maximum, two slots per CPU (`epoch & 1`).
+#[map]
+pub static RUNQ_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
+
+/// What the task iterator summed over the target's live threads at the
+/// last boundary (written by `sched_iter`, read by the loader right after).
+#[map]
+pub static LIVE: Array<LiveCounters> = Array::with_max_entries(1, 0);
+
+/// When each target thread became runnable (wakeup or preemption), ns.
+/// Only on kernels whose `sched_info` cannot give single delays.
+#[map]
+pub static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THREADS, 0);
 
 type Res = Result<(), i32>;
 /// How often (at most) a CPU's slice record pairs the clock with its run
@@ -166,10 +193,10 @@ fn runnable_since_on_switch_out(
     prev_state: u32,
 ) {
     let preempt: u64 = ctx.arg(0);
-    let _ = RUNNABLE_SINCE.remove(&tid);
+    let _ = RUNNABLE_SINCE.remove(tid);
     if (preempt & 1 != 0 || prev_state == 0)
         && RUNNABLE_SINCE
-            .insert(&tid, &unsafe { bpf_ktime_get_ns() }, BPF_ANY as u64)
+            .insert(tid, unsafe { bpf_ktime_get_ns() }, BPF_ANY as u64)
             .is_err()
     {
         add(unsafe { &raw mut (*s).map_errors }, 1);
@@ -180,9 +207,9 @@ fn runnable_since_on_switch_out(
 /// switch-in, timed with the wakeup mark.
 #[inline(always)]
 fn delay_from_wakeup(s: *mut SchedStats, tid: u32) {
-    if let Some(since) = RUNNABLE_SINCE.get_ptr(&tid) {
+    if let Some(since) = RUNNABLE_SINCE.get_ptr(tid) {
         let delay = unsafe { bpf_ktime_get_ns() }.saturating_sub(unsafe { *since });
-        let _ = RUNNABLE_SINCE.remove(&tid);
+        let _ = RUNNABLE_SINCE.remove(tid);
         record_runq_delay(s, delay);
     }
 }
@@ -212,7 +239,7 @@ fn try_wakeup(ctx: &BtfTracePointContext) -> Res {
     if !delays_from_sched_info() {
         // Keep the earliest time if the thread is already runnable.
         let now = unsafe { bpf_ktime_get_ns() };
-        match RUNNABLE_SINCE.insert(&task_tid(p), &now, BPF_NOEXIST as u64) {
+        match RUNNABLE_SINCE.insert(task_tid(p), now, BPF_NOEXIST as u64) {
             Ok(()) | Err(EEXIST) => {}
             Err(_) => add(unsafe { &raw mut (*s).map_errors }, 1),
         }
@@ -374,7 +401,7 @@ fn try_exit(_ctx: &BtfTracePointContext) -> Res {
     add(unsafe { &raw mut (*s).events }, 1);
     add(unsafe { &raw mut (*s).exits_started }, 1);
     if !delays_from_sched_info() {
-        let _ = RUNNABLE_SINCE.remove(&tid);
+        let _ = RUNNABLE_SINCE.remove(tid);
     }
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     emit(&lifecycle(LifecycleKind::ThreadExit, tid, 0, comm), s);

@@ -12,10 +12,16 @@
 use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::map,
+    maps::Array,
 };
-use cis490_common::ThreadCounters;
+use cis490_common::{ThreadCounters, sched::RunDelaySource};
 
-use crate::maps::TARGET_GONE;
+/// `[0]` is set to 1 by the new-task probe when a new process gets the target's
+/// pid: the target is gone and its pid reused. From then on no task matches
+/// the target (`target::is_target`).
+#[map]
+pub static TARGET_GONE: Array<u32> = Array::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 static TARGET_TGID: Global<u32> = Global::new(0);
@@ -65,6 +71,10 @@ static CFS_RQ_RQ_OFFSET: Global<u32> = Global::new(0);
 /// `rq.clock`.
 #[unsafe(no_mangle)]
 static RQ_CLOCK_OFFSET: Global<u32> = Global::new(0);
+/// Where run-queue delays come from (`cis490_common::sched::RunDelaySource`),
+/// decided by the loader.
+#[unsafe(no_mangle)]
+static RUN_DELAY_SOURCE: Global<u32> = Global::new(0);
 
 /// Whether `tgid` is the traced process. Not once its pid went to a new
 /// process (the new-task probe sets `TARGET_GONE`): the map is looked up only
@@ -90,7 +100,7 @@ pub fn target_gone() -> bool {
 /// Whether the kernel keeps per-thread run-queue delay (`sched_info`).
 #[inline(always)]
 pub fn has_run_delay() -> bool {
-    TASK_RUN_DELAY_OFFSET.load() != 0
+    RUN_DELAY_SOURCE.load() != RunDelaySource::WakeupMarks as u32
 }
 
 /// Whether a single run-queue delay can be read off the kernel's own
@@ -98,11 +108,7 @@ pub fn has_run_delay() -> bool {
 /// kernel then adds to `run_delay`), instead of timing it from the wakeup.
 #[inline(always)]
 pub fn delays_from_sched_info() -> bool {
-    has_run_delay()
-        && TASK_LAST_QUEUED_OFFSET.load() != 0
-        && TASK_CFS_RQ_OFFSET.load() != 0
-        && CFS_RQ_RQ_OFFSET.load() != 0
-        && RQ_CLOCK_OFFSET.load() != 0
+    RUN_DELAY_SOURCE.load() == RunDelaySource::SchedInfo as u32
 }
 
 /// `(tgid, tid)` of the current task.

@@ -66,28 +66,6 @@ pub fn require_tracing_caps() -> anyhow::Result<()> {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_what_is_missing() {
-        assert_eq!(missing(0), ["CAP_BPF", "CAP_PERFMON"]);
-        assert_eq!(missing(1 << CAP_BPF), ["CAP_PERFMON"]);
-        assert!(missing(1 << CAP_BPF | 1 << CAP_PERFMON).is_empty());
-        assert!(missing(1 << CAP_SYS_ADMIN).is_empty());
-    }
-
-    #[test]
-    fn reads_this_process_caps() {
-        // Whatever we run as, the syscall works and root has everything.
-        let mask = effective_caps().unwrap();
-        if unsafe { libc::geteuid() } == 0 {
-            assert!(missing(mask).is_empty(), "root lacks caps: {mask:#x}");
-        }
-    }
-}
-
 /// The inode number of the kernel's initial PID namespace
 /// (`PROC_PID_INIT_INO`, fixed in the kernel's ABI).
 const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
@@ -118,5 +96,27 @@ pub fn require_init_pid_namespace() -> anyhow::Result<()> {
              the kernel's, so its probes could not find the target: run it in the host's PID \
              namespace (outside the container, or a container started with --pid=host)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_what_is_missing() {
+        assert_eq!(missing(0), ["CAP_BPF", "CAP_PERFMON"]);
+        assert_eq!(missing(1 << CAP_BPF), ["CAP_PERFMON"]);
+        assert!(missing(1 << CAP_BPF | 1 << CAP_PERFMON).is_empty());
+        assert!(missing(1 << CAP_SYS_ADMIN).is_empty());
+    }
+
+    #[test]
+    fn reads_this_process_caps() {
+        // Whatever we run as, the syscall works and root has everything.
+        let mask = effective_caps().unwrap();
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(missing(mask).is_empty(), "root lacks caps: {mask:#x}");
+        }
     }
 }

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::{
     episode::{DONE, EVENTS, LABELS, META},
+    meta::{Meta, Status},
     row::{Measures, Row, SourceKind},
 };
 
@@ -149,7 +150,7 @@ pub fn check(dir: &Path) -> Result<Report> {
             dir.display()
         );
     }
-    let meta: Value = match serde_json::from_slice(&fs::read(dir.join(META))?) {
+    let meta: Meta = match serde_json::from_slice(&fs::read(dir.join(META))?) {
         Ok(v) => v,
         Err(e) => {
             r.check(false, format!("meta.json does not parse: {e}"));
@@ -157,14 +158,11 @@ pub fn check(dir: &Path) -> Result<Report> {
         }
     };
     let done = dir.join(DONE).exists();
-    let status = meta["status"].as_str().unwrap_or("?");
-    let why = match status {
-        "running" => "the tracer never finished it (killed, or still running)".to_owned(),
-        "failed" => format!(
-            "the trace failed: {}",
-            meta["error"].as_str().unwrap_or("?")
-        ),
-        _ => String::new(),
+    let status = meta.status.name();
+    let why = match meta.status {
+        Status::Running => "the tracer never finished it (killed, or still running)".to_owned(),
+        Status::Failed => format!("the trace failed: {}", meta.error.as_deref().unwrap_or("?")),
+        Status::Complete => String::new(),
     };
     r.check(
         done,
@@ -175,7 +173,7 @@ pub fn check(dir: &Path) -> Result<Report> {
         },
     );
     r.check(
-        status == "complete",
+        meta.status == Status::Complete,
         format!(
             "meta.json status is {status}{}",
             if why.is_empty() {
@@ -185,7 +183,18 @@ pub fn check(dir: &Path) -> Result<Report> {
             }
         ),
     );
-    let id = meta["id"].as_str().unwrap_or("").to_owned();
+    if let Some(why) = meta
+        .qmp
+        .as_ref()
+        .and_then(|q| q.get("error"))
+        .and_then(|e| e.as_str())
+    {
+        r.check(
+            false,
+            format!("qmp: the QMP source was asked for but never connected: {why}"),
+        );
+    }
+    let id = meta.id.clone();
     r.check(
         dir.file_name().is_some_and(|n| n == id.as_str()),
         format!("directory name is the episode id {id}"),
@@ -212,16 +221,13 @@ pub fn check(dir: &Path) -> Result<Report> {
     }
 
     let keys = row_keys();
-    let start = meta["start"]["t_mono_ns"].as_u64();
+    let start = meta.start.map(|c| c.t_mono_ns);
     // Per source, streamed (an hour at 1 ms is 3.6M rows a source): each
     // row's clock triple for the alignment check and the totals the
     // tolerances compare, never the rows themselves.
     let mut by_source: BTreeMap<String, Scan> = BTreeMap::new();
-    for s in meta["sources"].as_array().into_iter().flatten() {
-        let (Some(name), Some(file)) = (s["source"].as_str(), s["file"].as_str()) else {
-            r.check(false, format!("meta.json sources entry malformed: {s}"));
-            continue;
-        };
+    for s in &meta.sources {
+        let (name, file) = (s.source.name(), s.file.as_str());
         let f = match fs::File::open(dir.join(file)) {
             Ok(f) => f,
             Err(e) => {
@@ -326,7 +332,7 @@ pub fn check(dir: &Path) -> Result<Report> {
             prev = Some(row.t_mono_ns);
         }
         let rows = scan.clocks.len();
-        let expected_rows = s["rows"].as_u64().unwrap_or(0) as usize;
+        let expected_rows = s.rows as usize;
         if rows != expected_rows {
             problem(format!(
                 "{file}: {rows} rows, meta.json says {expected_rows}"
@@ -374,7 +380,7 @@ pub fn check(dir: &Path) -> Result<Report> {
                 // steals the CPU; the scheduler's runtime does not.
                 let perf_above = (a.as_str() == "perf" && x > y) || (b.as_str() == "perf" && y > x);
                 if t.field == "cpu_ns" && perf_above {
-                    allowed = allowed.saturating_add(meta["host_steal_ns"].as_u64().unwrap_or(0));
+                    allowed = allowed.saturating_add(meta.host_steal_ns.unwrap_or(0));
                 }
                 r.check(
                     x.abs_diff(y) <= allowed,

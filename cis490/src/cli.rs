@@ -177,7 +177,7 @@ pub struct TraceArgs {
     /// Block tracepoints: block_io_start/done (Linux 6.5+), the older
     /// block_rq_insert/issue/complete, or auto (the first this kernel has).
     #[arg(long, value_name = "PATH", value_enum, default_value = "auto")]
-    pub block_probes: crate::probes::block::PathChoice,
+    pub block_probes: crate::ebpf::BlockPathChoice,
 
     /// Mark a phase NAME at SECS seconds after tracing starts, in labels.jsonl
     /// (repeatable; e.g. --label boot@0 --label detonate@30).
@@ -196,7 +196,9 @@ pub struct TraceArgs {
     /// events.jsonl. A socket that is not there or not answering yet (QEMU
     /// starting) is retried every bucket for 30 s. QEMU serves one client at
     /// a time per -qmp socket: give cis490 one of its own (QEMU accepts
-    /// several -qmp options).
+    /// several -qmp options). The socket must be the traced QEMU's own: one
+    /// served by another process stops the trace, naming both pids (and
+    /// QEMU's, when the target is a wrapper that started it).
     #[arg(long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
 
@@ -219,6 +221,13 @@ pub struct TraceArgs {
     /// `label NAME` (mark a phase now), `ping`, `stop` (end tracing).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+
+    /// Write the episode directory's absolute path (one line) to this file
+    /// as soon as the directory exists, atomically: an orchestrator finds
+    /// the episode of a tracer that is later killed without parsing its
+    /// log. (stdout has the path only at the end, after a successful trace.)
+    #[arg(long, value_name = "PATH")]
+    pub episode_file: Option<PathBuf>,
 
     /// Size of the ring buffer that carries thread lifecycle records to
     /// events.jsonl, in KiB: a power of two, at least the page size (4).
@@ -306,7 +315,7 @@ impl TraceArgs {
             sources: self.sources,
             btf: self.btf,
             progress: (!self.progress_secs.is_zero()).then_some(self.progress_secs),
-            probe_options: crate::probes::Options {
+            probe_options: crate::ebpf::Options {
                 block: self.block_probes,
                 ringbuf_bytes: self.ringbuf_kib * 1024,
             },
@@ -315,6 +324,7 @@ impl TraceArgs {
             control: self.control,
             qmp: self.qmp,
             guest_agent: self.guest_agent,
+            episode_file: self.episode_file,
             argv,
         }
     }

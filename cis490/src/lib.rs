@@ -4,18 +4,17 @@
 //! aggregates + a ring buffer) -> [`sources`] (one per vantage) -> one
 //! [`row::Row`] per source per bucket ([`clock`]) -> [`episode`] files.
 
-pub mod btf;
 pub mod caps;
 pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod control;
 pub mod dataset;
+pub mod ebpf;
 pub mod episode;
+pub mod event;
 pub mod fdwatch;
 pub mod meta;
-pub mod probes;
-pub mod qmp;
 pub mod report;
 pub mod row;
 pub mod sources;

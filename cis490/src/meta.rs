@@ -1,26 +1,27 @@
 //! What `meta.json` holds. Written at the start (`status: "running"`) and
 //! rewritten atomically at the end (`"complete"` or `"failed"`).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    probes::{FamilyStatus, KernelFacts, ProbeStatus},
+    ebpf::{FamilyStatus, KernelFacts, ProbeStatus},
     row::SourceKind,
     target::{ExitStatus, ExitUsage, TargetInfo},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    #[default]
     Running,
     Complete,
     Failed,
 }
 
 /// Why tracing stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
     TargetExited,
@@ -30,13 +31,15 @@ pub enum EndReason {
     Control,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Clock {
     pub t_mono_ns: u64,
     pub t_wall_ns: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Host {
     pub hostname: String,
     pub kernel_release: String,
@@ -60,16 +63,19 @@ impl Host {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SourceMeta {
     pub source: SourceKind,
     pub file: String,
+    #[serde(default)]
     pub available_in_deployment: bool,
+    #[serde(default)]
     pub rows: u64,
 }
 
 /// Totals of the eBPF side, for loss accounting.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct EbpfTotals {
     pub ringbuf_bytes: u32,
     /// Tracepoint hits attributed to the target.
@@ -90,13 +96,14 @@ pub struct EbpfTotals {
     pub records_undecodable: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Meta {
     pub schema_version: u32,
     pub id: String,
     pub status: Status,
     pub error: Option<String>,
-    pub cis490_version: &'static str,
+    pub cis490_version: std::borrow::Cow<'static, str>,
     pub command_line: Vec<String>,
     /// The tracer's working directory (relative paths on its command line
     /// are relative to it).
@@ -145,6 +152,40 @@ pub struct Meta {
 }
 
 /// Longest `--tag` value, bytes.
+impl Meta {
+    /// Reads an episode's `meta.json` (the episode's readers: `check`,
+    /// `summary`). Members an older or unfinished episode lacks take their
+    /// defaults.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let bytes = std::fs::read(dir.join(crate::episode::META))
+            .with_context(|| format!("{} is not an episode directory", dir.display()))?;
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: meta.json does not parse", dir.display()))
+    }
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Complete => "complete",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+impl EndReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            EndReason::TargetExited => "target_exited",
+            EndReason::Duration => "duration",
+            EndReason::Signal => "signal",
+            EndReason::Control => "control",
+        }
+    }
+}
+
 pub const TAG_VALUE_MAX: usize = 1024;
 
 /// Parses `KEY=VALUE` of `--tag`: the key is 1 to 64 characters of
@@ -205,7 +246,7 @@ pub fn machine_steal_ns() -> Option<u64> {
 }
 
 /// What the tracer itself used.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TracerUsage {
     /// Peak resident memory, KiB.
     pub max_rss_kib: u64,
@@ -230,6 +271,38 @@ impl TracerUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// meta.json is written and read as one type: what the tracer writes
+    /// reads back to the same document.
+    #[test]
+    fn meta_reads_back_what_is_written() {
+        let meta = Meta {
+            schema_version: 1,
+            id: "01TEST".into(),
+            status: Status::Complete,
+            cis490_version: "0.1.0".into(),
+            start: Some(Clock {
+                t_mono_ns: 1,
+                t_wall_ns: 2,
+            }),
+            end_reason: Some(EndReason::Duration),
+            sources: vec![SourceMeta {
+                source: SourceKind::Ebpf,
+                file: SourceKind::Ebpf.file_name(),
+                available_in_deployment: false,
+                rows: 3,
+            }],
+            host_steal_ns: Some(4),
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let text = serde_json::to_string(&meta).unwrap();
+        std::fs::write(dir.path().join(crate::episode::META), &text).unwrap();
+        let back = Meta::read(dir.path()).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+        assert_eq!(back.sources[0].rows, 3);
+        assert_eq!(back.status.name(), "complete");
+    }
 
     #[test]
     fn tags_are_validated() {

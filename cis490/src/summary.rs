@@ -16,7 +16,11 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::episode::{DONE, LABELS, META};
+use crate::{
+    episode::{DONE, LABELS, META},
+    meta::{EndReason, Meta},
+    row::SourceKind,
+};
 
 /// The row envelope: the fields of every row that are not measures.
 pub(crate) const ENVELOPE: &[&str] = &[
@@ -114,16 +118,32 @@ pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a Map<String, Value>>) -> 
 }
 
 /// Calls `f` with each line of a JSONL file as a JSON object, streaming.
-pub fn for_each_row(path: &Path, mut f: impl FnMut(&Map<String, Value>)) -> Result<()> {
+pub fn for_each_row(path: &Path, f: impl FnMut(&Map<String, Value>)) -> Result<()> {
+    for_each_row_of(path, false, f).map(drop)
+}
+
+/// [`for_each_row`]; with `torn_tail`, a last line that does not parse (a
+/// tracer killed mid-write) is skipped, and `true` returned, instead of an
+/// error.
+fn for_each_row_of(
+    path: &Path,
+    torn_tail: bool,
+    mut f: impl FnMut(&Map<String, Value>),
+) -> Result<bool> {
     let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    for (n, line) in BufReader::with_capacity(1 << 16, file).lines().enumerate() {
+    let mut lines = BufReader::with_capacity(1 << 16, file)
+        .lines()
+        .enumerate()
+        .peekable();
+    while let Some((n, line)) = lines.next() {
         let line = line.with_context(|| format!("cannot read {}", path.display()))?;
         match serde_json::from_str(&line) {
             Ok(Value::Object(m)) => f(&m),
+            _ if torn_tail && lines.peek().is_none() => return Ok(true),
             _ => bail!("{}:{}: not a JSON object", path.display(), n + 1),
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
@@ -182,6 +202,9 @@ pub struct EpisodeTotals {
     pub status: String,
     /// `done.marker` present.
     pub done: bool,
+    /// Source files whose last line was cut off (a tracer killed
+    /// mid-write: only an episode without `done.marker`), skipped.
+    pub torn_files: Vec<String>,
     pub target_pid: Value,
     pub target_comm: String,
     /// From the first bucket's start to the last one's end, s.
@@ -206,7 +229,8 @@ fn number(v: f64) -> Value {
     }
 }
 
-/// Reads an episode's `meta.json`.
+/// Reads an episode's `meta.json` as JSON (the report shows members of it
+/// as they are).
 pub fn read_meta(dir: &Path) -> Result<Value> {
     let bytes = fs::read(dir.join(META))
         .with_context(|| format!("{} is not an episode directory", dir.display()))?;
@@ -222,21 +246,38 @@ pub fn episode_totals(
     dir: &Path,
     visit: &mut dyn FnMut(&str, &Map<String, Value>),
 ) -> Result<EpisodeTotals> {
-    let meta = read_meta(dir)?;
+    let meta = Meta::read(dir)?;
     let done = dir.join(DONE).exists();
+    // meta.json lists the sources' files when the trace finishes; an
+    // episode whose tracer never finished (killed) has its rows on disk
+    // all the same: read every source file there is.
+    let files: Vec<(String, String)> = if meta.sources.is_empty() {
+        SourceKind::ALL
+            .iter()
+            .map(|k| (k.name().to_owned(), k.file_name()))
+            .filter(|(_, f)| dir.join(f).is_file())
+            .collect()
+    } else {
+        meta.sources
+            .iter()
+            .map(|s| (s.source.name().to_owned(), s.file.clone()))
+            .collect()
+    };
     let mut sources = Vec::new();
-    for s in meta["sources"].as_array().into_iter().flatten() {
-        let name = s["source"].as_str().unwrap_or("?").to_owned();
-        let file = s["file"].as_str().unwrap_or_default();
+    let mut torn = Vec::new();
+    for (name, file) in files {
         let mut t = Totaler::default();
-        for_each_row(&dir.join(file), |row| {
+        let cut = for_each_row_of(&dir.join(&file), !done, |row| {
             t.add(row);
             visit(&name, row);
         })?;
+        if cut {
+            torn.push(file);
+        }
         sources.push((name, t.finish()));
     }
-    let start = meta["start"]["t_mono_ns"].as_f64();
-    let duration_s = match (start, meta["end"]["t_mono_ns"].as_f64()) {
+    let start = meta.start.map(|c| c.t_mono_ns as f64);
+    let duration_s = match (start, meta.end.map(|c| c.t_mono_ns as f64)) {
         (Some(a), Some(b)) => Some((b - a) / 1e9),
         _ => None,
     };
@@ -294,23 +335,24 @@ pub fn episode_totals(
             }
         })
         .collect();
-    let e = &meta["ebpf"];
+    let e = &meta.ebpf;
     Ok(EpisodeTotals {
-        episode: meta["id"].as_str().unwrap_or("?").to_owned(),
-        status: meta["status"].as_str().unwrap_or("?").to_owned(),
+        episode: meta.id.clone(),
+        status: meta.status.name().to_owned(),
         done,
-        target_pid: meta["target"]["pid"].clone(),
-        target_comm: meta["target"]["comm"].as_str().unwrap_or("?").to_owned(),
+        torn_files: torn,
+        target_pid: meta.target.pid.into(),
+        target_comm: meta.target.comm.clone(),
         duration_s,
-        interval_ms: meta["interval_ns"].as_f64().unwrap_or(0.0) / 1e6,
-        end_reason: meta["end_reason"].as_str().unwrap_or("?").to_owned(),
+        interval_ms: meta.interval_ns as f64 / 1e6,
+        end_reason: meta.end_reason.map_or("?", EndReason::name).to_owned(),
         phases,
         fields,
         sources: columns,
         loss: Loss {
-            dropped_events: e["dropped_events"].clone(),
-            map_errors: e["map_errors"].clone(),
-            records_undecodable: e["records_undecodable"].clone(),
+            dropped_events: e.dropped_events.into(),
+            map_errors: e.map_errors.into(),
+            records_undecodable: e.records_undecodable.into(),
         },
     })
 }
@@ -329,6 +371,21 @@ pub fn write_text(t: &EpisodeTotals, w: &mut impl Write) -> Result<()> {
         t.interval_ms,
         t.end_reason,
     )?;
+    if !t.done {
+        writeln!(
+            w,
+            "incomplete: the tracer did not finish this episode (no done.marker); the totals \
+             are those of the rows on disk{}",
+            if t.torn_files.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (a cut-off last line skipped in {})",
+                    t.torn_files.join(", ")
+                )
+            }
+        )?;
+    }
     if !t.phases.is_empty() {
         let marks: Vec<String> = t
             .phases
@@ -428,6 +485,50 @@ mod tests {
         assert_eq!(get("net_by_if.tap0.tx_bytes"), Some(Some(15.0)));
         assert_eq!(get("net_by_if.sockets.tx_bytes"), Some(Some(1.0)));
         assert_eq!(get("kvm_exit_reasons"), Some(None));
+    }
+
+    /// A killed tracer's episode: meta.json as written at the start (no
+    /// sources listed, status running), rows on disk, the last one cut
+    /// off. The summary reads the rows that are there and says the episode
+    /// is incomplete.
+    #[test]
+    fn a_killed_tracers_episode_is_summed_and_called_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let meta = json!({"id": "01K", "status": "running", "interval_ns": 100_000_000u64,
+            "start": {"t_mono_ns": 0, "t_wall_ns": 0}, "target": {"pid": 9, "comm": "w"},
+            "sources": []});
+        fs::write(d.join(META), meta.to_string()).unwrap();
+        fs::write(d.join(LABELS), "").unwrap();
+        fs::write(
+            d.join("telemetry-ebpf.jsonl"),
+            "{\"seq\":0,\"cpu_ns\":10}\n{\"seq\":1,\"cpu_ns\":5}\n{\"seq\":2,\"cpu",
+        )
+        .unwrap();
+        fs::write(
+            d.join("telemetry-proc.jsonl"),
+            "{\"seq\":0,\"cpu_ns\":12}\n",
+        )
+        .unwrap();
+        let t = episode_totals(d, &mut |_, _| {}).unwrap();
+        assert!(!t.done);
+        assert_eq!(t.status, "running");
+        let names: Vec<&str> = t.sources.iter().map(|s| s.source.as_str()).collect();
+        assert_eq!(names, ["ebpf", "proc"]);
+        assert_eq!(t.sources[0].rows, 2);
+        assert_eq!(t.sources[0].totals["cpu_ns"], 15);
+        assert_eq!(t.sources[1].totals["cpu_ns"], 12);
+        assert_eq!(t.torn_files, ["telemetry-ebpf.jsonl"]);
+        let mut text = Vec::new();
+        write_text(&t, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("incomplete: the tracer did not finish"),
+            "{text}"
+        );
+        // A complete episode's torn line is an error, not skipped.
+        fs::write(d.join(DONE), "").unwrap();
+        assert!(episode_totals(d, &mut |_, _| {}).is_err());
     }
 
     #[test]

@@ -15,12 +15,32 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::Serialize;
 
+/// How the target was found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// An existing process (`--target-pid`).
+    #[default]
+    Attach,
+    /// A command cis490 started (`-- COMMAND`).
+    Spawn,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Attach => "attach",
+            Mode::Spawn => "spawn",
+        }
+    }
+}
+
 /// What meta.json records about the target.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TargetInfo {
     pub pid: i32,
-    /// "attach" (`--target-pid`) or "spawn" (`-- COMMAND`).
-    pub mode: &'static str,
+    pub mode: Mode,
     pub comm: String,
     pub exe: Option<String>,
     pub cmdline: Vec<String>,
@@ -112,14 +132,20 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// The thread ids of process `pid` (`/proc/PID/task`, through `procfs`):
+/// the one place a one-shot listing of a process's threads is made (the
+/// /proc source lists them every bucket with its own bounded reader).
 pub fn thread_ids(pid: i32) -> io::Result<Vec<u32>> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(format!("/proc/{pid}/task"))? {
-        if let Some(tid) = e?.file_name().to_str().and_then(|s| s.parse().ok()) {
-            out.push(tid);
+    let to_io = |e: procfs::ProcError| match e {
+        procfs::ProcError::NotFound(_) => {
+            io::Error::new(io::ErrorKind::NotFound, format!("no process {pid}"))
         }
-    }
-    Ok(out)
+        e => io::Error::other(e.to_string()),
+    };
+    let tasks = procfs::process::Process::new(pid)
+        .and_then(|p| p.tasks())
+        .map_err(to_io)?;
+    Ok(tasks.flatten().map(|t| t.tid as u32).collect())
 }
 
 /// Finds an executable the way `execvp` would.
@@ -483,7 +509,11 @@ impl Target {
         };
         TargetInfo {
             pid: self.pid,
-            mode: if self.is_spawned() { "spawn" } else { "attach" },
+            mode: if self.is_spawned() {
+                Mode::Spawn
+            } else {
+                Mode::Attach
+            },
             comm,
             exe,
             cmdline,
@@ -511,7 +541,7 @@ impl Drop for Target {
 /// for the whole process (`wait4`'s rusage: every thread, µs resolution).
 /// A thread's counts are folded into the process's total as it exits, just
 /// before its final switch-out, which is therefore not in them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ExitUsage {
     /// `utime_ns + stime_ns`: the threads' total runtime.
     pub cpu_ns: u64,
@@ -526,7 +556,7 @@ pub struct ExitUsage {
 }
 
 /// How a spawned command ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExitStatus {
     Code(i32),
@@ -573,7 +603,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!t.has_exited(), "child ran before release");
         // Still our fork, not yet sh: comm is the test binary's.
-        assert_eq!(t.info(None).mode, "spawn");
+        assert_eq!(t.info(None).mode, Mode::Spawn);
         t.release().unwrap();
         for _ in 0..200 {
             if t.has_exited() {

@@ -12,8 +12,10 @@ use cis490_common::{
 
 use crate::{
     proc_source::{self as proc, io_bytes, net_dev},
-    qmp::{self, LineBuf, MAX_LINE, Message},
-    qmp_source,
+    qmp_source::{
+        self,
+        client::{self as qmp, LineBuf, MAX_LINE, Message},
+    },
     row::{BlkCounters, Measures},
     taps,
 };
@@ -74,7 +76,7 @@ pub fn record(data: &[u8]) {
             assert!(r.lifecycle().is_ok());
             let comm = r.comm_bytes();
             assert!(!comm.contains(&0) && r.comm.starts_with(comm));
-            // What trace.rs writes into events.jsonl.
+            // What the tracer writes into events.jsonl (event.rs).
             let _ = String::from_utf8_lossy(comm);
         }
         Err(DecodeError::Short { need, got }) => {

@@ -5,7 +5,7 @@
 //! the targets exercise exactly the code the tracer runs, without building
 //! the `cis490` crate (its build script builds the eBPF object). They are
 //! mounted where cis490 has them relative to `crate` (`crate::row`,
-//! `crate::qmp`), which is all their `use crate::...` lines need. If one of
+//! `crate::taps`), which is all their `use crate::...` lines need. If one of
 //! them starts using another cis490 module, mount that one here too (the
 //! bounded fuzz run of `cargo xtask test` fails to build until then).
 //!
@@ -17,9 +17,6 @@
 #[path = "../../cis490/src/row.rs"]
 pub mod row;
 
-#[path = "../../cis490/src/qmp.rs"]
-pub mod qmp;
-
 #[path = "../../cis490/src/taps.rs"]
 pub mod taps;
 
@@ -27,8 +24,8 @@ pub mod taps;
 #[path = "../../cis490/src/sources/proc/mod.rs"]
 pub mod proc_source;
 
-/// `cis490::sources::qmp`.
-#[path = "../../cis490/src/sources/qmp.rs"]
+/// `cis490::sources::qmp` (with its `client` submodule, the QMP client).
+#[path = "../../cis490/src/sources/qmp/mod.rs"]
 pub mod qmp_source;
 
 /// `cis490::sources::guest`'s line splitter, line validation and row

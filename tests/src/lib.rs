@@ -633,6 +633,27 @@ pub fn one_line_error(out: &Output, data: &Path) -> String {
     errors[0].to_owned()
 }
 
+/// The failure shape of a trace that fails after its episode directory
+/// exists (non-zero exit, one `error: ` line, nothing on stdout, no
+/// done.marker, meta.json `status: failed` with that error); returns the
+/// error line.
+#[track_caller]
+pub fn one_line_error_after_start(out: &Output, data: &Path) -> String {
+    let line = one_line_error(out, data);
+    let eps: Vec<PathBuf> = fs::read_dir(data.join("episodes"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert_eq!(eps.len(), 1, "expected one (failed) episode");
+    let meta = read_meta(&eps[0]);
+    assert_eq!(meta["status"], "failed");
+    assert!(
+        line.contains(meta["error"].as_str().unwrap_or("?")),
+        "{line} vs meta.json error {}",
+        meta["error"]
+    );
+    line
+}
+
 /// Runs `cis490 check EPISODE`: whether it passed, and its stdout + stderr.
 /// Whatever the verdict, `check` must have ended the way it documents:
 /// exit 0 with a `valid (N checks)` line and no `FAIL` line, or exit 1 with
@@ -1017,42 +1038,38 @@ pub mod bpf {
         all
     }
 
-    /// cis490's program names as the kernel stores them (at most 15 bytes),
-    /// from the eBPF sources (every `pub fn` after a program attribute).
+    /// cis490's program names as the kernel stores them (at most 15 bytes):
+    /// the names `cis490_common` declares (a unit test of cis490 holds the
+    /// built object to them).
     pub fn cis490_program_names() -> BTreeSet<String> {
-        let sources = [
-            include_str!("../../cis490-ebpf/src/sched.rs"),
-            include_str!("../../cis490-ebpf/src/block.rs"),
-            include_str!("../../cis490-ebpf/src/net.rs"),
-            include_str!("../../cis490-ebpf/src/kvm.rs"),
-        ];
-        let mut names = BTreeSet::new();
-        for src in sources {
-            let mut after_attr = false;
-            for line in src.lines() {
-                let l = line.trim();
-                if l.starts_with("#[btf_tracepoint") || l.starts_with("#[tracepoint") {
-                    after_attr = true;
-                } else if after_attr && let Some(rest) = l.strip_prefix("pub fn ") {
-                    let name: String = rest.chars().take_while(|c| *c != '(').collect();
-                    names.insert(name.chars().take(15).collect());
-                    after_attr = false;
-                }
-            }
-        }
-        assert!(names.len() >= 10, "found only {names:?} in cis490-ebpf");
-        names
+        use cis490_common::{block, kvm, net, sched};
+        [
+            sched::prog::ALL,
+            block::prog::ALL,
+            net::prog::ALL,
+            kvm::prog::ALL,
+        ]
+        .iter()
+        .flat_map(|l| l.iter())
+        .map(|n| n.chars().take(15).collect())
+        .collect()
     }
 
-    /// cis490's map names (at most 15 bytes), from `cis490-ebpf/src/maps.rs`.
+    /// cis490's map names (at most 15 bytes), as `cis490_common` declares
+    /// them.
     pub fn cis490_map_names() -> BTreeSet<String> {
-        let names: BTreeSet<String> = include_str!("../../cis490-ebpf/src/maps.rs")
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("pub static "))
-            .map(|rest| rest.chars().take_while(|c| *c != ':').take(15).collect())
-            .collect();
-        assert!(names.len() >= 10, "found only {names:?} in maps.rs");
-        names
+        use cis490_common::{block, kvm, map, net, sched};
+        [
+            map::ALL,
+            sched::map::ALL,
+            block::map::ALL,
+            net::map::ALL,
+            kvm::map::ALL,
+        ]
+        .iter()
+        .flat_map(|l| l.iter())
+        .map(|n| n.chars().take(15).collect())
+        .collect()
     }
 
     /// cis490 objects created after `before` (ids above its largest ones)

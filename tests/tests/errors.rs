@@ -187,6 +187,14 @@ fn bad_arguments() {
             &["--label", "detonate@100", "--duration", "1", "--", "true"][..],
             "comes after --duration",
         ),
+        (
+            &["--episode-file", "/nonexistent/dir/ep", "--", "true"][..],
+            "the directory /nonexistent/dir does not exist",
+        ),
+        (
+            &["--episode-file", "/tmp", "--", "true"][..],
+            "is a directory",
+        ),
     ] {
         let out = run_with_timeout(default_trace_cmd(&dir).args(args), T);
         let line = one_line_error(&out, &dir.join("data"));
@@ -290,4 +298,21 @@ fn a_mistyped_qmp_path_is_said_at_once_with_its_cause_once() {
     let ep = Episode::from_output(&out);
     assert!(ep.events.iter().any(|e| e.get("qmp_error").is_some()));
     assert!(ep.meta["qmp"]["error"].is_string(), "{}", ep.meta["qmp"]);
+    // Every bucket said so, and check fails the episode, naming why.
+    let rows = ep.rows("qmp").len() as u64;
+    assert!(rows > 0);
+    assert_eq!(ep.meta["qmp"]["buckets_without_data"].as_u64(), Some(rows));
+    assert!(
+        stderr.contains(&format!("QMP: {rows} of {rows} buckets have no QMP data")),
+        "{stderr}"
+    );
+    let (ok, text) = check_episode(&ep.dir);
+    assert!(
+        !ok,
+        "check passed an episode whose QMP never connected:\n{text}"
+    );
+    assert!(
+        text.contains("qmp: the QMP source was asked for but never connected"),
+        "{text}"
+    );
 }

@@ -228,6 +228,75 @@ fn sigkill_leaves_an_incomplete_episode_that_check_explains() {
     );
 }
 
+/// An orchestrator's view of a killed tracer: `--episode-file` names the
+/// episode as soon as it exists (before any row), and `cis490 summary`
+/// reads the killed episode's rows, saying it is incomplete, with as many
+/// rows per source as are on disk.
+#[test]
+fn a_killed_tracers_episode_is_named_early_and_summed() {
+    require_root();
+    let dir = scratch("episode-file");
+    let file = dir.join("episode.path");
+    let trace = start_trace(
+        &dir,
+        &[
+            "--interval-ms",
+            "10",
+            "--episode-file",
+            file.to_str().unwrap(),
+            "--",
+            "sleep",
+            "60",
+        ],
+    );
+    let named = fs::read_to_string(&file).expect("--episode-file written once the episode exists");
+    let ep = episode_dir(&dir);
+    assert_eq!(named, format!("{}\n", ep.display()));
+    std::thread::sleep(Duration::from_millis(1500));
+    kill(trace.id() as i32, libc::SIGKILL);
+    let _ = wait_output(trace, T);
+    assert!(!ep.join("done.marker").exists());
+    let out = Command::new(bin("cis490"))
+        .arg("summary")
+        .arg(&ep)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "summary of a killed episode failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("incomplete: the tracer did not finish this episode"),
+        "{text}"
+    );
+    let json = Command::new(bin("cis490"))
+        .args(["summary", "--json"])
+        .arg(&ep)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&json.stdout).unwrap();
+    for s in v["sources"].as_array().unwrap() {
+        let name = s["source"].as_str().unwrap();
+        // Every complete line on disk is a row (a cut-off last one is not).
+        let lines = fs::read_to_string(ep.join(format!("telemetry-{name}.jsonl")))
+            .unwrap()
+            .lines()
+            .filter(|l| serde_json::from_str::<Value>(l).is_ok())
+            .count() as u64;
+        assert!(lines >= 10, "{name}: only {lines} rows in 1.5 s at 10 ms");
+        assert_eq!(s["rows"].as_u64(), Some(lines), "{name}");
+    }
+    let names: Vec<&str> = v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ebpf", "proc", "perf"]);
+}
+
 /// The episode directory of a trace started with `cmd` (stdout and stderr
 /// piped) once it exists, and the tracer.
 fn spawn_trace(cmd: &mut Command, data: &Path) -> (std::process::Child, PathBuf) {

@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
 use serde_json::Value;
 
-use crate::{cargo, guest, setup, vm};
+use crate::{cargo, guest, probe_summary::ProbeSummary, setup, testbins::build_test_binaries, vm};
 
 #[derive(Subcommand, Debug)]
 pub enum Target {
@@ -74,6 +74,11 @@ pub const VM_SKIPPED_BINARIES: &[(&str, &str)] = &[
          inside a software-emulated VM does not boot in reasonable time",
     ),
     (
+        "qmp_qemu",
+        "runs QEMU and boots a guest under it (as `qemu` does), for the QMP source's real-QEMU \
+         tests",
+    ),
+    (
         "schema",
         "validates an episode of a QEMU guest it boots (as `qemu` does) and one of /dev/kvm (as \
          `kvm` does)",
@@ -93,208 +98,6 @@ pub const VM_SKIPPED_BINARIES: &[(&str, &str)] = &[
 
 /// Single tests that do not run in a VM (libtest `--skip` filters), and why.
 pub const VM_SKIPPED_TESTS: &[(&str, &str)] = &[];
-
-/// One integration test binary of `cis490-tests`.
-#[derive(Clone, Debug)]
-pub struct TestBinary {
-    /// The test target's name (`sched` for tests/tests/sched.rs).
-    pub name: String,
-    pub path: PathBuf,
-}
-
-impl TestBinary {
-    /// Its tests, from `--list`.
-    pub fn list(&self) -> Result<Vec<String>> {
-        let out = Command::new(&self.path)
-            .args(["--list", "--format", "terse"])
-            .output()
-            .with_context(|| format!("cannot run {} --list", self.path.display()))?;
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.strip_suffix(": test"))
-            .map(str::to_owned)
-            .collect())
-    }
-}
-
-/// Builds the integration test binaries (without running them) and returns them.
-pub fn build_test_binaries() -> Result<Vec<TestBinary>> {
-    let out = cargo()
-        .args([
-            "test",
-            "--package",
-            "cis490-tests",
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("cargo test --no-run")?;
-    if !out.status.success() {
-        bail!("building the integration tests failed");
-    }
-    let mut bins = Vec::new();
-    for line in out.stdout.split(|&b| b == b'\n') {
-        let Ok(msg) = serde_json::from_slice::<Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["kind"] == serde_json::json!(["test"])
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            bins.push(TestBinary {
-                name: msg["target"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                path: PathBuf::from(exe),
-            });
-        }
-    }
-    if bins.is_empty() {
-        bail!("cargo reported no integration test binaries");
-    }
-    bins.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(bins)
-}
-
-/// What a real trace's meta.json says about the probes.
-#[derive(Clone, Debug, Default)]
-pub struct ProbeSummary {
-    pub kernel: String,
-    /// (tracepoint, kind: `tp_btf` or `tracepoint`), attached.
-    pub attached: Vec<(String, String)>,
-    /// (tracepoint, state, why), for probes that are missing or failed.
-    pub broken: Vec<(String, String, String)>,
-    /// (family, active, path, note).
-    pub families: Vec<(String, bool, Option<String>, Option<String>)>,
-}
-
-impl ProbeSummary {
-    pub fn from_meta(meta: &Value) -> Self {
-        let s = |v: &Value| v.as_str().map(str::to_owned);
-        let mut out = ProbeSummary {
-            kernel: s(&meta["host"]["kernel_release"]).unwrap_or_default(),
-            ..Self::default()
-        };
-        for p in meta["probes"].as_array().into_iter().flatten() {
-            let tp = s(&p["tracepoint"]).unwrap_or_default();
-            let kind = p["kind"].as_str();
-            let (kind, name) = match (kind.and_then(|k| k.strip_prefix("trace_point:")), kind) {
-                (Some(cat), _) => ("tracepoint", format!("{cat}:{tp}")),
-                (None, Some("iter")) => ("iter", format!("iter/{tp}")),
-                _ => ("tp_btf", tp),
-            };
-            match p["state"].as_str() {
-                Some("attached") => out.attached.push((name, kind.to_owned())),
-                Some(st @ ("missing" | "failed")) => {
-                    out.broken
-                        .push((name, st.to_owned(), s(&p["error"]).unwrap_or_default()))
-                }
-                _ => {}
-            }
-        }
-        for f in meta["families"].as_array().into_iter().flatten() {
-            out.families.push((
-                s(&f["family"]).unwrap_or_default(),
-                f["active"].as_bool().unwrap_or(false),
-                s(&f["path"]),
-                s(&f["note"]),
-            ));
-        }
-        out
-    }
-
-    /// Each family's path: `sched tp_btf+sched_info`, `kvm off`.
-    pub fn paths(&self) -> Vec<String> {
-        self.families
-            .iter()
-            .map(|(f, active, path, _)| match (active, path) {
-                (true, Some(p)) => format!("{f} {p}"),
-                _ => format!("{f} off"),
-            })
-            .collect()
-    }
-
-    /// Every family that took a fallback path or is (partly) off, and why.
-    pub fn fallbacks(&self) -> Vec<String> {
-        self.families
-            .iter()
-            .filter_map(|(f, active, path, note)| {
-                let fallback = path.as_deref() == Some("block_rq");
-                (note.is_some() || fallback || !active).then(|| {
-                    format!(
-                        "{f}: {}{}",
-                        if *active {
-                            path.clone().unwrap_or_default()
-                        } else {
-                            "off".into()
-                        },
-                        note.as_ref().map(|n| format!(" ({n})")).unwrap_or_default()
-                    )
-                })
-            })
-            .collect()
-    }
-
-    pub fn attached_line(&self) -> String {
-        let by = |kind: &str| {
-            self.attached
-                .iter()
-                .filter(|(_, k)| k == kind)
-                .map(|(n, _)| n.as_str())
-                .collect::<Vec<_>>()
-        };
-        let (btf, classic, iters) = (by("tp_btf"), by("tracepoint"), by("iter"));
-        let mut s = format!(
-            "{} attached: BTF raw tracepoints ({}): {}",
-            self.attached.len(),
-            btf.len(),
-            btf.join(" ")
-        );
-        if !iters.is_empty() {
-            s.push_str(&format!(
-                "; BPF iterators ({}): {}",
-                iters.len(),
-                iters.join(" ")
-            ));
-        }
-        if !classic.is_empty() {
-            s.push_str(&format!(
-                "; classic tracepoints ({}): {}",
-                classic.len(),
-                classic.join(" ")
-            ));
-        }
-        s
-    }
-
-    /// Human-readable lines for progress output.
-    pub fn lines(&self) -> Vec<String> {
-        let mut v = vec![
-            format!("probes: {}", self.attached_line()),
-            format!("families: {}", self.paths().join(", ")),
-        ];
-        for f in self.fallbacks() {
-            v.push(format!("fallback: {f}"));
-        }
-        for (n, st, why) in &self.broken {
-            v.push(format!("not attached: {n}: {st}: {why}"));
-        }
-        v
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::json!({
-            "kernel": self.kernel,
-            "attached": self.attached.iter().map(|(n, k)| serde_json::json!({"tracepoint": n, "kind": k})).collect::<Vec<_>>(),
-            "not_attached": self.broken.iter().map(|(n, s, w)| serde_json::json!({"tracepoint": n, "state": s, "error": w})).collect::<Vec<_>>(),
-            "families": self.families.iter().map(|(f, a, p, n)| serde_json::json!({"family": f, "active": a, "path": p, "note": n})).collect::<Vec<_>>(),
-            "paths": self.paths(),
-            "fallbacks": self.fallbacks(),
-        })
-    }
-}
 
 /// Runs `cis490 trace -- sleep 1` on the host and summarises its meta.json.
 fn host_probe_summary(bin_dir: &Path) -> Result<ProbeSummary> {
@@ -511,44 +314,5 @@ pub fn task(target: Target) -> Result<()> {
                 append,
             },
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn probe_summary_names_paths_and_fallbacks() {
-        let meta = serde_json::json!({
-            "host": {"kernel_release": "6.1.0-56-amd64"},
-            "probes": [
-                {"tracepoint": "sched_switch", "kind": "tp_btf", "state": "attached"},
-                {"tracepoint": "task", "kind": "iter", "state": "attached"},
-                {"tracepoint": "kvm_exit", "kind": "trace_point:kvm", "state": "skipped"},
-                {"tracepoint": "kvm_userspace_exit", "kind": "trace_point:kvm", "state": "attached"},
-                {"tracepoint": "sock_send_length", "kind": "tp_btf", "state": "missing", "error": "no btf_trace_sock_send_length"},
-            ],
-            "families": [
-                {"family": "sched", "active": true, "path": "tp_btf+sched_info", "note": null},
-                {"family": "block", "active": true, "path": "block_rq", "note": null},
-                {"family": "kvm", "active": false, "path": null, "note": "no kvm"},
-            ],
-        });
-        let s = ProbeSummary::from_meta(&meta);
-        assert_eq!(s.attached.len(), 3);
-        assert_eq!(s.attached[1], ("iter/task".into(), "iter".into()));
-        assert_eq!(s.attached[2].0, "kvm:kvm_userspace_exit");
-        assert_eq!(
-            s.paths(),
-            ["sched tp_btf+sched_info", "block block_rq", "kvm off"]
-        );
-        assert_eq!(s.fallbacks(), ["block: block_rq", "kvm: off (no kvm)"]);
-        assert!(
-            s.attached_line()
-                .contains("classic tracepoints (1): kvm:kvm_userspace_exit")
-        );
-        assert!(s.attached_line().contains("BPF iterators (1): iter/task"));
-        assert_eq!(s.broken.len(), 1);
     }
 }

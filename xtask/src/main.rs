@@ -22,8 +22,10 @@ mod demo;
 mod fuzz;
 mod guest;
 mod integration;
+mod probe_summary;
 mod pyenv;
 mod setup;
+mod testbins;
 mod testrun;
 mod vm;
 
@@ -278,8 +280,7 @@ fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {
     setup::ensure()?;
     build_bins(false)?;
     // What the tests check against, installed if missing: bpftool (the BTF
-    // cross-check) and the QEMU guest (the QMP unit tests boot it too, so
-    // it comes before them).
+    // cross-check) and the QEMU guest.
     let bpftool = testrun::ensure_bpftool()?;
     eprintln!("test: bpftool: {}", bpftool.display());
     let (_, accel, guest_json) = guest::prepare()?;

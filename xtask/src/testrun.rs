@@ -45,7 +45,7 @@ pub const SKIP_VARIABLES: &[(&str, &str)] = &[
     ),
     (
         "CIS490_SKIP_QEMU_TESTS",
-        "the unit tests that boot QEMU (sources::qmp::tests) return early",
+        "the QMP source's tests that boot QEMU (tests/tests/qmp_qemu.rs) return early",
     ),
 ];
 

@@ -44,7 +44,8 @@ use cis490_tests::guest::{kill, spawn_line_reader, spawn_reader};
 
 use crate::{
     guest::{self, Apt, Cpio, KernelFiles},
-    integration::{ProbeSummary, TestBinary},
+    probe_summary::ProbeSummary,
+    testbins::TestBinary,
 };
 
 /// Env var: the VM cache directory (default `~/.cache/cis490/vm`).

@@ -56,7 +56,10 @@ fn write_episode(
         "end_reason": "target_exited", "sources": sources,
         "families": [{"family": "sched", "active": true, "path": "tp_btf+iter", "note": null},
                      {"family": "kvm", "active": false, "path": null, "note": "no <kvm>"}],
-        "probes": [{"program": "sched_switch", "state": "attached"}, {"program": "kvm_exit", "state": "missing"}],
+        "probes": [{"family": "sched", "program": "sched_switch", "tracepoint": "sched_switch", "kind": "tp_btf",
+                    "required": true, "state": "attached", "error": null},
+                   {"family": "kvm", "program": "kvm_exit", "tracepoint": "kvm_exit", "kind": "trace_point:kvm",
+                    "required": false, "state": "missing", "error": "no kvm"}],
         "ebpf": {"dropped_events": 3, "map_errors": 0, "records_undecodable": 0, "slice_mismatches": 0},
         "skipped_boundaries": 0, "labels": labels.len()
     });

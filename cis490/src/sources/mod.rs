@@ -2,7 +2,6 @@
 //! "what changed since the last boundary?", as a [`Measures`]. The
 //! coordinator stamps the row envelope; no source reads another's output.
 
-pub mod ebpf;
 pub mod guest;
 pub mod perf;
 pub mod proc;

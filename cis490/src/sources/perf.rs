@@ -40,12 +40,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 
 use crate::row::Measures;
 
 /// What meta.json says about the perf source.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PerfInfo {
     /// Event name -> "counting" or the reason it is not (e.g. "not supported by this machine (no hardware PMU): ENOENT").
     pub events: BTreeMap<String, String>,
@@ -298,25 +298,14 @@ struct Event {
 /// Threads of `pid`, the leader first. Fails if the process is gone.
 fn list_tids(pid: i32, out: &mut Vec<i32>) -> anyhow::Result<()> {
     out.clear();
-    let dir = format!("/proc/{pid}/task");
-    let rd = std::fs::read_dir(&dir).map_err(|e| {
+    let tids = crate::target::thread_ids(pid).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
-            anyhow!("perf: process {pid} does not exist (no {dir})")
+            anyhow!("perf: process {pid} does not exist (no /proc/{pid}/task)")
         } else {
-            anyhow!("perf: cannot list the threads of process {pid} ({dir}): {e}")
+            anyhow!("perf: cannot list the threads of process {pid} (/proc/{pid}/task): {e}")
         }
     })?;
-    for entry in rd {
-        let entry = entry
-            .with_context(|| format!("perf: cannot list the threads of process {pid} ({dir})"))?;
-        if let Some(tid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        {
-            out.push(tid);
-        }
-    }
+    out.extend(tids.into_iter().map(|t| t as i32));
     if out.is_empty() {
         bail!("perf: process {pid} has no threads (it has exited)");
     }

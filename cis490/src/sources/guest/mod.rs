@@ -17,7 +17,7 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result};
 use cis490_agent::protocol::{AgentLine, CpuTimes, Disk, MAX_INTERVAL_MS, MAX_LINE_BYTES, NetIf};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use fields::GuestMeasures;
 use reader::{Arrived, BadReason, Reader, ReaderTotals};
@@ -35,7 +35,7 @@ const ABSURD_BYTES_PER_S: u128 = 64 << 30;
 /// Lines may queue in the guest and QEMU and arrive in a burst.
 const SLACK_S: u128 = 10;
 
-/// What events.jsonl says about the guest source.
+/// What events.jsonl says about the guest source (`Event::Guest`).
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum GuestEvent {
@@ -88,21 +88,8 @@ pub enum GuestEvent {
     },
 }
 
-impl GuestEvent {
-    /// The `event` name and the other members, for `events.jsonl`.
-    pub fn split(&self) -> (String, serde_json::Value) {
-        let mut v = serde_json::to_value(self).unwrap_or_default();
-        let name = v
-            .as_object_mut()
-            .and_then(|m| m.shift_remove("event"))
-            .and_then(|n| n.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        (name, v)
-    }
-}
-
 /// What meta.json's `guest_agent` says.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GuestInfo {
     pub socket: String,
     /// The interval the agent was asked for, ms.

@@ -65,7 +65,7 @@ pub struct Arrived {
 }
 
 /// Totals over the whole trace, for meta.json.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct ReaderTotals {
     pub connections: u64,
     pub bytes: u64,

@@ -130,7 +130,16 @@ fn a_peer_on_the_socket_baseline_deltas_bad_lines_and_a_hang_up() {
     assert_eq!(m.guest_cpu_user_ns, Some(50));
     assert_eq!(m.guest_net_tx_bytes, Some(500));
     assert_eq!(m.guest_execs, Some(1));
-    let names: Vec<String> = src.take_events().iter().map(|(_, e)| e.split().0).collect();
+    let names: Vec<String> = src
+        .take_events()
+        .iter()
+        .map(|(_, e)| {
+            serde_json::to_value(e).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
     assert_eq!(
         names,
         [
@@ -159,7 +168,16 @@ fn a_peer_on_the_socket_baseline_deltas_bad_lines_and_a_hang_up() {
         Some(20),
         "deltas continue across a reconnect"
     );
-    let names: Vec<String> = src.take_events().iter().map(|(_, e)| e.split().0).collect();
+    let names: Vec<String> = src
+        .take_events()
+        .iter()
+        .map(|(_, e)| {
+            serde_json::to_value(e).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
     assert_eq!(
         names,
         ["guest_bad_line", "guest_disconnected", "guest_connected"]

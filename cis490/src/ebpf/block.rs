@@ -1,0 +1,241 @@
+//! The block I/O probe family (programs in `cis490-ebpf/src/block.rs`):
+//! `block_io_start`/`block_io_done` where the kernel has them (6.5+), else
+//! the older `block_rq_insert`/`block_rq_issue`/`block_rq_complete`.
+//!
+//! The reader: Block I/O rows from `BLOCK_STATS` and `BLOCK_MAX` (probes in
+//! `cis490-ebpf/src/block.rs`).
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray},
+};
+use cis490_common::{
+    BlockStats, MaxSlot, ReqStart,
+    block::{REQ_OP_READ, global, map, prog},
+};
+
+use super::{
+    maps::{hist_delta, max_of, read_percpu, take},
+    spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeKind::TpBtf, ProbeSpec},
+};
+use crate::{clock::mono_now_ns, row::Measures};
+
+pub const FAMILY: &str = "block";
+
+/// Which block tracepoints to use (`--block-probes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PathChoice {
+    /// `block_io_*` where the kernel has them, else the `block_rq_*` fallback.
+    #[default]
+    Auto,
+    /// `block_io_start`/`block_io_done` (Linux 6.5+).
+    Io,
+    /// `block_rq_insert`/`block_rq_issue`/`block_rq_complete`.
+    Rq,
+}
+
+/// The path taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockPath {
+    Io,
+    Rq,
+}
+
+impl BlockPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Io => "block_io",
+            Self::Rq => "block_rq",
+        }
+    }
+}
+
+pub const OFFSETS: &[OffsetSpec] = &[
+    OffsetSpec {
+        global: global::REQ_CMD_FLAGS_OFFSET,
+        ty: "request",
+        path: "cmd_flags",
+    },
+    OffsetSpec {
+        global: global::REQ_BIO_OFFSET,
+        ty: "request",
+        path: "bio",
+    },
+    OffsetSpec {
+        global: global::REQ_DATA_LEN_OFFSET,
+        ty: "request",
+        path: "__data_len",
+    },
+];
+
+const fn tp(program: &'static str) -> ProbeSpec {
+    ProbeSpec {
+        program,
+        tracepoint: program,
+        kind: TpBtf,
+        required: false,
+    }
+}
+
+pub(super) const IO: &[ProbeSpec] = &[
+    tp(prog::BLOCK_IO_START),
+    tp(prog::BLOCK_RQ_ISSUE),
+    tp(prog::BLOCK_RQ_COMPLETE),
+    tp(prog::BLOCK_IO_DONE),
+];
+pub(super) const RQ: &[ProbeSpec] = &[
+    tp(prog::BLOCK_BIO_QUEUE),
+    tp(prog::BLOCK_RQ_INSERT),
+    tp(prog::BLOCK_RQ_ISSUE),
+    tp(prog::BLOCK_RQ_COMPLETE),
+];
+
+fn probes(path: BlockPath) -> &'static [ProbeSpec] {
+    match path {
+        BlockPath::Io => IO,
+        BlockPath::Rq => RQ,
+    }
+}
+
+/// Picks the path before loading (it is a read-only global of the object).
+pub fn plan(facts: &KernelFacts, choice: PathChoice) -> Result<BlockPath, String> {
+    facts.have_offsets(OFFSETS)?;
+    let has_all = |specs: &[ProbeSpec]| specs.iter().all(|s| facts.has_tracepoint(s.tracepoint));
+    let (io, rq) = (has_all(IO), has_all(RQ));
+    match choice {
+        PathChoice::Io if io => Ok(BlockPath::Io),
+        PathChoice::Io => Err("this kernel has no block_io_start/block_io_done tracepoints".into()),
+        PathChoice::Rq if rq => Ok(BlockPath::Rq),
+        PathChoice::Auto if io => Ok(BlockPath::Io),
+        PathChoice::Auto | PathChoice::Rq if rq => Ok(BlockPath::Rq),
+        _ => Err("this kernel has neither block_io_* nor block_rq_* tracepoints".into()),
+    }
+}
+
+/// Attaches the planned path's programs; the path for the reader when they
+/// all attached.
+pub fn attach(
+    a: &mut Attacher<'_>,
+    plan: &Result<BlockPath, String>,
+) -> (FamilyStatus, Option<BlockPath>) {
+    let all = IO
+        .iter()
+        .chain(RQ)
+        .filter(|s| s.program != prog::BLOCK_RQ_ISSUE && s.program != prog::BLOCK_RQ_COMPLETE);
+    let path = match plan {
+        Ok(p) => *p,
+        Err(why) => {
+            for s in all.chain(&IO[1..3]) {
+                a.skip(FAMILY, s, why);
+            }
+            let status = FamilyStatus {
+                family: FAMILY.into(),
+                active: false,
+                path: None,
+                note: Some(why.clone()),
+            };
+            return (status, None);
+        }
+    };
+    let mut failed = None;
+    for s in probes(path) {
+        if !a.attach(FAMILY, s) && failed.is_none() {
+            failed = Some(format!("{} did not attach", s.program));
+        }
+    }
+    for s in all.filter(|s| !probes(path).iter().any(|p| p.program == s.program)) {
+        a.skip(FAMILY, s, &format!("path {} taken", path.name()));
+    }
+    let active = failed.is_none();
+    let status = FamilyStatus {
+        family: FAMILY.into(),
+        active,
+        path: Some(path.name().into()),
+        note: failed,
+    };
+    (status, active.then_some(path))
+}
+
+// ---- the reader ----------------------------------------------------------
+
+pub struct BlockReader {
+    stats: PerCpuArray<MapData, BlockStats>,
+    max: PerCpuArray<MapData, MaxSlot>,
+    reqs: HashMap<MapData, u64, ReqStart>,
+    /// Requests accounted here rather than in the kernel (see `settle`).
+    settled: BlockStats,
+    prev: BlockStats,
+}
+
+impl BlockReader {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            stats: take(ebpf, map::BLOCK_STATS)?,
+            max: take(ebpf, map::BLOCK_MAX)?,
+            reqs: take(ebpf, map::REQS)?,
+            settled: BlockStats::ZERO,
+            prev: BlockStats::ZERO,
+        })
+    }
+
+    pub fn map_errors(&self) -> u64 {
+        self.prev.map_errors
+    }
+
+    pub fn missed_completions(&self) -> u64 {
+        self.prev.missed_completions
+    }
+
+    /// Accounts requests still in the kernel map that were issued but never
+    /// seen completing (their completion event was not delivered): all of
+    /// them once the target is gone, else those issued over a second ago.
+    /// Called before the last row.
+    pub fn settle(&mut self, target_gone: bool) {
+        let now = mono_now_ns();
+        let stale: Vec<(u64, ReqStart)> = self
+            .reqs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| {
+                r.issued != 0 && (target_gone || now.saturating_sub(r.ts_ns) > 1_000_000_000)
+            })
+            .collect();
+        for (rq, r) in stale {
+            if self.reqs.remove(&rq).is_err() {
+                continue; // completed meanwhile
+            }
+            let s = &mut self.settled;
+            if r.op == REQ_OP_READ {
+                s.read_bytes += r.missing_bytes();
+                s.read_ops += 1;
+            } else {
+                s.write_bytes += r.missing_bytes();
+                s.write_ops += 1;
+            }
+            s.missed_completions += 1;
+        }
+    }
+
+    pub fn sample(&mut self, ended: u64, m: &mut Measures) -> Result<()> {
+        let mut c = read_percpu(
+            &self.stats,
+            map::BLOCK_STATS,
+            BlockStats::ZERO,
+            BlockStats::accumulate,
+        )?;
+        c.accumulate(&self.settled);
+        let max = max_of(&self.max, ended).context(map::BLOCK_MAX)?;
+        let p = &self.prev;
+        let d = |a: u64, b: u64| Some(a.saturating_sub(b));
+        m.blk_read_ops = d(c.read_ops, p.read_ops);
+        m.blk_write_ops = d(c.write_ops, p.write_ops);
+        m.blk_read_bytes = d(c.read_bytes, p.read_bytes);
+        m.blk_write_bytes = d(c.write_bytes, p.write_bytes);
+        m.blk_latency_ns_sum = d(c.latency_ns, p.latency_ns);
+        m.blk_latency_max_ns = Some(max.unwrap_or(0));
+        m.blk_latency_hist_log2 = Some(hist_delta(&c.latency_hist, &p.latency_hist));
+        self.prev = c;
+        Ok(())
+    }
+}

@@ -1,0 +1,390 @@
+//! Loading the embedded eBPF object and attaching each probe family (the
+//! vocabulary they share is in `spec`), with a
+//! record of what attached, which path a family took (its fallbacks) and
+//! what failed: for meta.json, and for nulling the fields a missing probe
+//! would have measured.
+//!
+//! Order: [`KernelFacts::probe`] reads the kernel BTF (member offsets,
+//! tracepoints) and fails early if the scheduler family cannot work;
+//! [`Plan::new`] decides each family's path; [`Probes::load_and_attach`]
+//! loads the object with the offsets and paths as read-only globals, then
+//! attaches family by family.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+use anyhow::{Result, anyhow, bail};
+use aya::{Ebpf, EbpfLoader};
+use cis490_common::{
+    block::global as block_names,
+    global, map,
+    sched::{RunDelaySource, global as sched_names},
+};
+
+use super::{
+    block,
+    btf::{self, KernelBtf},
+    kvm, net, sched,
+    spec::{
+        AttachState, Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeKind, ProbeSpec,
+        ProbeStatus,
+    },
+};
+
+/// The eBPF object built by build.rs from `cis490-ebpf`.
+pub(super) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cis490-ebpf"));
+
+/// Every program any family may attach.
+fn all_probes() -> impl Iterator<Item = &'static ProbeSpec> {
+    sched::PROBES
+        .iter()
+        .chain([&sched::ITER])
+        .chain(block::IO)
+        .chain(block::RQ)
+        .chain(net::TAPS)
+        .chain(net::SOCKETS)
+        .chain([&kvm::KVM_EXIT, &kvm::KVM_USERSPACE_EXIT])
+}
+
+/// Every offset any family needs.
+fn all_offsets() -> impl Iterator<Item = &'static OffsetSpec> {
+    sched::OFFSETS
+        .iter()
+        .chain(block::OFFSETS)
+        .chain(net::OFFSETS)
+}
+
+impl KernelFacts {
+    /// Reads the kernel BTF and fails with one line naming what is missing
+    /// for the scheduler family: BTF itself, a `task_struct` member, or a
+    /// required tracepoint. Other families only record what they lack.
+    pub fn probe(btf_path: &Path) -> Result<Self> {
+        let btf = KernelBtf::from_file(btf_path)?;
+        let required: Vec<&str> = sched::PROBES
+            .iter()
+            .filter(|p| p.required)
+            .map(|p| p.tracepoint)
+            .collect();
+        let missing = btf.missing_tracepoints(&required);
+        if !missing.is_empty() {
+            bail!(
+                "this kernel lacks the tracepoints cis490 needs: {} (no btf_trace_* type in {})",
+                missing.join(", "),
+                btf_path.display()
+            );
+        }
+        let mut offsets = BTreeMap::new();
+        for o in all_offsets() {
+            let off = btf.member_path_offset(o.ty, o.path);
+            if sched::REQUIRED_OFFSETS.contains(&o.global) {
+                offsets.insert(o.global.into(), Some(off?));
+            } else {
+                offsets.insert(o.global.into(), off.ok());
+            }
+        }
+        // Only the attach points some family may use: the stub BTF built
+        // from them (btf::stub) then stops at the highest of their ids.
+        let wanted = |kind: ProbeKind| {
+            all_probes()
+                .filter(move |p| p.kind == kind)
+                .map(|p| p.tracepoint)
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let (tps, iters) = (wanted(ProbeKind::TpBtf), wanted(ProbeKind::Iter));
+        let mut tracepoints = btf.tracepoints();
+        tracepoints.retain(|name, _| tps.contains(name.as_str()));
+        let mut iterators = btf.iterators();
+        iterators.retain(|name, _| iters.contains(name.as_str()));
+        let (tracepoints, iterators) = (Arc::new(tracepoints), Arc::new(iterators));
+        drop(btf);
+        release_freed_memory();
+        Ok(Self {
+            btf_path: btf_path.display().to_string(),
+            offsets,
+            tracepoints,
+            iterators,
+        })
+    }
+}
+
+/// User choices about probe paths.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub block: block::PathChoice,
+    /// Size of the lifecycle-record ring buffer (`RECORDS`), bytes: a power
+    /// of two and a multiple of the page size.
+    pub ringbuf_bytes: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            block: block::PathChoice::default(),
+            ringbuf_bytes: cis490_common::RINGBUF_BYTES,
+        }
+    }
+}
+
+/// Per-family decisions taken before the object is loaded (they become
+/// read-only globals).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub run_delay: RunDelaySource,
+    pub block: Result<block::BlockPath, String>,
+    pub net: net::NetPlan,
+    pub kvm: Result<kvm::KvmFormat, String>,
+    pub ringbuf_bytes: u32,
+}
+
+impl Plan {
+    pub fn new(facts: &KernelFacts, opts: Options) -> Self {
+        Self {
+            run_delay: sched::plan(facts),
+            block: block::plan(facts, opts.block),
+            net: net::plan(facts),
+            kvm: kvm::plan(),
+            ringbuf_bytes: opts.ringbuf_bytes,
+        }
+    }
+
+    /// The globals to set at load time, beyond the offsets.
+    fn globals(&self) -> Vec<(&'static str, u32)> {
+        let mut g = vec![
+            (sched_names::RUN_DELAY_SOURCE, self.run_delay as u32),
+            (
+                block_names::BLOCK_LEGACY,
+                matches!(self.block, Ok(block::BlockPath::Rq)) as u32,
+            ),
+        ];
+        g.extend(kvm::globals(&self.kvm));
+        g
+    }
+}
+
+/// The loaded object and what became of each probe and family.
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub status: Vec<ProbeStatus>,
+    pub families: Vec<FamilyStatus>,
+    /// What each attached family hands to its reader (taken by
+    /// [`super::EbpfSource::new`]).
+    pub(super) handoff: Handoff,
+}
+
+/// Each family's typed result of attaching, for its reader (`None`: the
+/// family measures nothing here).
+pub(super) struct Handoff {
+    pub sched: Option<sched::Attached>,
+    pub block: Option<block::BlockPath>,
+    pub net: Option<net::Attached>,
+    pub kvm: Option<kvm::Attached>,
+}
+
+impl Probes {
+    /// Loads the programs for target thread group `tgid` and attaches every
+    /// family. Only the scheduler family's required probes are fatal.
+    pub fn load_and_attach(tgid: u32, facts: &KernelFacts, plan: &Plan) -> Result<Self> {
+        raise_memlock_limit();
+        // aya 0.14's loader always parses the whole kernel BTF when it is
+        // made (about 28 MiB at its peak here, the tracer's largest
+        // allocation), for CO-RE relocations this object does not have:
+        // made first, while little else is allocated, and that BTF dropped
+        // at once.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        release_freed_memory();
+        // The attach points' type ids, not the whole kernel BTF (see
+        // btf::stub).
+        let btf = aya::Btf::parse(
+            &btf::stub::stub(&facts.tracepoints, &facts.iterators),
+            aya::Endianness::default(),
+        )
+        .map_err(|e| anyhow!("cannot build the attach points' BTF: {e}"))?;
+        let offsets: Vec<(&str, u32)> = facts
+            .offsets
+            .iter()
+            .map(|(g, o)| (g.as_ref(), o.unwrap_or(0)))
+            .collect();
+        let globals = plan.globals();
+        loader
+            .map_max_entries(map::RECORDS, plan.ringbuf_bytes)
+            .override_global(global::TARGET_TGID, &tgid, true);
+        for (name, value) in offsets.iter().chain(globals.iter()) {
+            loader.override_global(name, value, true);
+        }
+        let ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|e| anyhow!("cannot load the eBPF object: {e}"))?;
+        let mut a = Attacher {
+            ebpf,
+            btf,
+            facts,
+            status: Vec::new(),
+        };
+        let (sched_status, sched) = sched::attach(&mut a, tgid, plan.run_delay)?;
+        let (block_status, block) = block::attach(&mut a, &plan.block);
+        let (net_status, net) = net::attach(&mut a, &plan.net);
+        let (kvm_status, kvm) = kvm::attach(&mut a, &plan.kvm);
+        let families = vec![sched_status, block_status, net_status, kvm_status];
+        let Attacher {
+            ebpf, status, btf, ..
+        } = a;
+        // aya's parse of the kernel BTF is the tracer's largest allocation.
+        drop(btf);
+        release_freed_memory();
+        Ok(Self {
+            ebpf,
+            status,
+            families,
+            handoff: Handoff {
+                sched: Some(sched),
+                block,
+                net,
+                kvm,
+            },
+        })
+    }
+
+    pub fn family(&self, name: &str) -> Option<&FamilyStatus> {
+        self.families.iter().find(|f| f.family == name)
+    }
+
+    /// Whether a family measures anything.
+    pub fn active(&self, name: &str) -> bool {
+        self.family(name).is_some_and(|f| f.active)
+    }
+
+    /// Whether one program attached.
+    pub fn attached(&self, program: &str) -> bool {
+        self.status
+            .iter()
+            .any(|s| s.program == program && s.state == AttachState::Attached)
+    }
+}
+
+/// Gives memory freed after a large parse back to the system (glibc keeps
+/// freed heap otherwise), so the tracer's resident size stays small while
+/// it traces.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!(
+            "cannot raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use cis490_common::{block, kvm, net, sched};
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+
+    use super::*;
+
+    /// The names `cis490_common` declares, by kind, over every family.
+    fn declared(kind: &str) -> BTreeSet<&'static str> {
+        let lists: &[&[&str]] = match kind {
+            "maps" => &[
+                map::ALL,
+                sched::map::ALL,
+                block::map::ALL,
+                net::map::ALL,
+                kvm::map::ALL,
+            ],
+            "programs" => &[
+                sched::prog::ALL,
+                block::prog::ALL,
+                net::prog::ALL,
+                kvm::prog::ALL,
+            ],
+            _ => &[
+                global::ALL,
+                sched::global::ALL,
+                block::global::ALL,
+                net::global::ALL,
+                kvm::global::ALL,
+            ],
+        };
+        lists.iter().flat_map(|l| l.iter().copied()).collect()
+    }
+
+    /// The symbols of the embedded object defined in sections whose name
+    /// passes `section`.
+    fn symbols(section: impl Fn(&str) -> bool) -> BTreeSet<String> {
+        let obj = object::File::parse(EBPF_OBJECT).unwrap();
+        obj.symbols()
+            .filter(|s| {
+                s.section_index()
+                    .and_then(|i| obj.section_by_index(i).ok())
+                    .and_then(|sec| sec.name().ok().map(&section))
+                    .unwrap_or(false)
+            })
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            // Ours only: not the compiler's anonymous constants (`anon.*`).
+            .filter(|n| !n.is_empty() && !n.contains('.'))
+            .collect()
+    }
+
+    /// Every map, program and global of the embedded eBPF object is a name
+    /// declared in `cis490_common`, and every declared name is in the
+    /// object: a name spelled differently on the two sides fails here, not
+    /// at load time on some kernel.
+    #[test]
+    fn the_objects_names_are_the_declared_ones() {
+        let maps = symbols(|s| s == "maps" || s == ".maps");
+        let globals = symbols(|s| s.starts_with(".rodata"));
+        let programs = symbols(|s| {
+            ["tp_btf", "iter", "tracepoint", "classifier", "tc"]
+                .iter()
+                .any(|p| s == *p || s.starts_with(&format!("{p}/")))
+        });
+        for (kind, found) in [("maps", maps), ("programs", programs), ("globals", globals)] {
+            let found: BTreeSet<&str> = found.iter().map(String::as_str).collect();
+            assert_eq!(
+                found,
+                declared(kind),
+                "the object's {kind} (left) differ from cis490_common's names (right)"
+            );
+        }
+    }
+
+    /// Every global of the object is set by the loader (a global left at 0
+    /// would read the wrong field, silently), and every offset the families
+    /// list is a global of the object.
+    #[test]
+    fn every_global_of_the_object_is_set() {
+        let plan_globals: BTreeSet<&str> = [global::TARGET_TGID]
+            .into_iter()
+            .chain(
+                Plan {
+                    run_delay: RunDelaySource::SchedInfo,
+                    block: Err(String::new()),
+                    net: super::net::NetPlan {
+                        taps: Ok(()),
+                        sockets: Ok(()),
+                    },
+                    kvm: Err(String::new()),
+                    ringbuf_bytes: 0,
+                }
+                .globals()
+                .into_iter()
+                .map(|(g, _)| g),
+            )
+            .chain(all_offsets().map(|o| o.global))
+            .collect();
+        assert_eq!(plan_globals, declared("globals"));
+    }
+}

@@ -1,0 +1,305 @@
+//! The network probe family (programs in `cis490-ebpf/src/net.rs`): the
+//! target's tap interfaces (by interface, in softirq context) and its own
+//! IPv4/IPv6 sockets (in process context, Linux 6.3+).
+//!
+//! The reader: Network rows from `NET_STATS`, and the registry of the target's taps in
+//! `TAP_IFS` (probes in `cis490-ebpf/src/net.rs`).
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+};
+use cis490_common::{
+    IfStats, NetStats,
+    net::{MAX_IFS, SOCKET_SLOT, global, if_key, ifindex_bit, map, prog},
+};
+
+use crate::sources::SampleCtx;
+
+use super::{
+    maps::{read_percpu, take},
+    spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeKind::TpBtf, ProbeSpec},
+};
+use crate::{
+    row::{Measures, NetCounters},
+    taps::{self, Tap},
+};
+
+pub const FAMILY: &str = "net";
+
+pub const TAP_OFFSETS: &[OffsetSpec] = &[
+    OffsetSpec {
+        global: global::SKB_LEN_OFFSET,
+        ty: "sk_buff",
+        path: "len",
+    },
+    OffsetSpec {
+        global: global::SKB_DATA_OFFSET,
+        ty: "sk_buff",
+        path: "data",
+    },
+    OffsetSpec {
+        global: global::SKB_HEAD_OFFSET,
+        ty: "sk_buff",
+        path: "head",
+    },
+    OffsetSpec {
+        global: global::SKB_MAC_HEADER_OFFSET,
+        ty: "sk_buff",
+        path: "mac_header",
+    },
+    OffsetSpec {
+        global: global::SKB_DEV_OFFSET,
+        ty: "sk_buff",
+        path: "dev",
+    },
+    OffsetSpec {
+        global: global::NETDEV_IFINDEX_OFFSET,
+        ty: "net_device",
+        path: "ifindex",
+    },
+    OffsetSpec {
+        global: global::NETDEV_NET_OFFSET,
+        ty: "net_device",
+        path: "nd_net.net",
+    },
+    OffsetSpec {
+        global: global::NET_INUM_OFFSET,
+        ty: "net",
+        path: "ns.inum",
+    },
+];
+pub const SOCK_OFFSETS: &[OffsetSpec] = &[OffsetSpec {
+    global: global::SOCK_FAMILY_OFFSET,
+    ty: "sock",
+    path: "__sk_common.skc_family",
+}];
+pub const OFFSETS: &[OffsetSpec] = &{
+    let mut all = [TAP_OFFSETS[0]; TAP_OFFSETS.len() + SOCK_OFFSETS.len()];
+    let mut i = 0;
+    while i < TAP_OFFSETS.len() {
+        all[i] = TAP_OFFSETS[i];
+        i += 1;
+    }
+    all[i] = SOCK_OFFSETS[0];
+    all
+};
+
+const fn tp(program: &'static str) -> ProbeSpec {
+    ProbeSpec {
+        program,
+        tracepoint: program,
+        kind: TpBtf,
+        required: false,
+    }
+}
+
+pub(super) const TAPS: &[ProbeSpec] = &[tp(prog::NETIF_RECEIVE_SKB), tp(prog::NET_DEV_XMIT)];
+pub(super) const SOCKETS: &[ProbeSpec] = &[tp(prog::SOCK_SEND_LENGTH), tp(prog::SOCK_RECV_LENGTH)];
+
+/// Which vantages can work on this kernel.
+#[derive(Clone, Debug)]
+pub struct NetPlan {
+    pub taps: Result<(), String>,
+    pub sockets: Result<(), String>,
+}
+
+pub fn plan(facts: &KernelFacts) -> NetPlan {
+    let tracepoints =
+        |specs: &[ProbeSpec]| match specs.iter().find(|s| !facts.has_tracepoint(s.tracepoint)) {
+            Some(s) => Err(format!("this kernel has no {} tracepoint", s.tracepoint)),
+            None => Ok(()),
+        };
+    NetPlan {
+        taps: facts
+            .have_offsets(TAP_OFFSETS)
+            .and_then(|()| tracepoints(TAPS)),
+        sockets: facts
+            .have_offsets(SOCK_OFFSETS)
+            .and_then(|()| tracepoints(SOCKETS)),
+    }
+}
+
+/// Attaches one vantage; `Ok` when all its programs attached.
+fn vantage(
+    a: &mut Attacher<'_>,
+    specs: &[ProbeSpec],
+    plan: &Result<(), String>,
+) -> Result<(), String> {
+    match plan {
+        Err(why) => {
+            for s in specs {
+                a.skip(FAMILY, s, why);
+            }
+            Err(why.clone())
+        }
+        Ok(()) => match specs.iter().filter(|s| !a.attach(FAMILY, s)).count() {
+            0 => Ok(()),
+            _ => Err(format!("{} did not attach", specs[0].program)),
+        },
+    }
+}
+
+/// Which vantages attached, for the reader.
+#[derive(Clone, Copy, Debug)]
+pub struct Attached {
+    taps: bool,
+    sockets: bool,
+}
+
+/// Attaches the vantages the plan allows; `None` for the reader when
+/// neither attached.
+pub fn attach(a: &mut Attacher<'_>, plan: &NetPlan) -> (FamilyStatus, Option<Attached>) {
+    let taps = vantage(a, TAPS, &plan.taps);
+    let sockets = vantage(a, SOCKETS, &plan.sockets);
+    let (taps_ok, sockets_ok) = (taps.is_ok(), sockets.is_ok());
+    let path = match (&taps, &sockets) {
+        (Ok(()), Ok(())) => Some("taps+sockets"),
+        (Ok(()), Err(_)) => Some("taps"),
+        (Err(_), Ok(())) => Some("sockets"),
+        (Err(_), Err(_)) => None,
+    };
+    let note = [
+        taps.err().map(|e| format!("taps: {e}")),
+        sockets.err().map(|e| format!("sockets: {e}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>();
+    let status = FamilyStatus {
+        family: FAMILY.into(),
+        active: path.is_some(),
+        path: path.map(Into::into),
+        note: (!note.is_empty()).then(|| note.join("; ")),
+    };
+    let attached = path.is_some().then_some(Attached {
+        taps: taps_ok,
+        sockets: sockets_ok,
+    });
+    (status, attached)
+}
+
+// ---- the reader ----------------------------------------------------------
+
+pub struct NetReader {
+    pid: i32,
+    stats: PerCpuArray<MapData, NetStats>,
+    tap_ifs: HashMap<MapData, u64, u32>,
+    /// The probes' ifindex filter: a bit for every registered tap.
+    tap_ifindexes: Array<MapData, u64>,
+    taps_on: bool,
+    sockets_on: bool,
+    /// Interface name of each slot in use, in slot order.
+    slots: Vec<String>,
+    new_taps: Vec<Tap>,
+    prev: NetStats,
+}
+
+/// Counters of one slot between two reads.
+fn delta(now: &IfStats, prev: &IfStats) -> NetCounters {
+    NetCounters {
+        tx_bytes: now.tx_bytes.saturating_sub(prev.tx_bytes),
+        rx_bytes: now.rx_bytes.saturating_sub(prev.rx_bytes),
+        tx_packets: now.tx_packets.saturating_sub(prev.tx_packets),
+        rx_packets: now.rx_packets.saturating_sub(prev.rx_packets),
+    }
+}
+
+impl NetReader {
+    pub fn new(ebpf: &mut Ebpf, pid: i32, attached: Attached) -> Result<Self> {
+        Ok(Self {
+            pid,
+            stats: take(ebpf, map::NET_STATS)?,
+            tap_ifs: take(ebpf, map::TAP_IFS)?,
+            tap_ifindexes: take(ebpf, map::TAP_IFINDEXES)?,
+            taps_on: attached.taps,
+            sockets_on: attached.sockets,
+            slots: Vec::new(),
+            new_taps: Vec::new(),
+            prev: NetStats::ZERO,
+        })
+    }
+
+    pub fn take_new_taps(&mut self) -> Vec<Tap> {
+        std::mem::take(&mut self.new_taps)
+    }
+
+    /// Gives taps the target opened since the last call a slot, so the
+    /// probes count their traffic from now on.
+    fn register(&mut self, names: &[String]) {
+        let fresh: Vec<String> = names
+            .iter()
+            .filter(|n| !self.slots.contains(n))
+            .cloned()
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let resolved = match taps::resolve(self.pid, &fresh) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!("taps of {}: {e}", self.pid);
+                return;
+            }
+        };
+        for tap in resolved {
+            if self.slots.len() >= MAX_IFS {
+                log::warn!(
+                    "the target holds more than {MAX_IFS} taps: {} is not counted",
+                    tap.name
+                );
+                continue;
+            }
+            let slot = self.slots.len() as u32;
+            // The filter bit first: a frame between the two is then only
+            // looked up in vain, never missed once the tap is in TAP_IFS.
+            let (word, bit) = ifindex_bit(tap.ifindex);
+            let set = self
+                .tap_ifindexes
+                .get(&word, 0)
+                .and_then(|w| self.tap_ifindexes.set(word, w | bit, 0));
+            if let Err(e) = set {
+                log::warn!("cannot count tap {}: {e}", tap.name);
+                continue;
+            }
+            match self
+                .tap_ifs
+                .insert(if_key(tap.netns_inum, tap.ifindex), slot, 0)
+            {
+                Ok(()) => {
+                    self.slots.push(tap.name.clone());
+                    self.new_taps.push(tap);
+                }
+                Err(e) => log::warn!("cannot count tap {}: {e}", tap.name),
+            }
+        }
+    }
+
+    pub fn sample(&mut self, ctx: &SampleCtx<'_>, m: &mut Measures) -> Result<()> {
+        if self.taps_on {
+            self.register(&ctx.holdings.taps);
+        }
+        let c = read_percpu(
+            &self.stats,
+            map::NET_STATS,
+            NetStats::ZERO,
+            NetStats::accumulate,
+        )?;
+        let mut by_if = BTreeMap::new();
+        for (i, name) in self.slots.iter().enumerate() {
+            by_if.insert(name.clone(), delta(&c.slots[i], &self.prev.slots[i]));
+        }
+        if self.sockets_on {
+            by_if.insert(
+                "sockets".to_owned(),
+                delta(&c.slots[SOCKET_SLOT], &self.prev.slots[SOCKET_SLOT]),
+            );
+        }
+        m.set_net(Some(by_if));
+        self.prev = c;
+        Ok(())
+    }
+}

@@ -1,0 +1,515 @@
+//! The scheduler probe family (programs in `cis490-ebpf/src/sched.rs`): the
+//! one the tracer cannot run without.
+//!
+//! Its reader makes the scheduler fields of the eBPF rows from
+//! `SCHED_STATS` (exited threads, events), the task iterator's `LIVE`
+//! (threads alive at the boundary) and `RUNQ_MAX`.
+
+use std::os::fd::{AsFd as _, OwnedFd};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, PerCpuArray},
+};
+use cis490_common::{
+    LiveCounters, MaxSlot, SchedStats,
+    sched::{RunDelaySource, global, map, prog},
+};
+
+use super::{
+    maps::{hist_delta, max_of, read_percpu, take},
+    spec::{
+        Attacher, FamilyStatus, KernelFacts, OffsetSpec,
+        ProbeKind::{Iter, TpBtf},
+        ProbeSpec,
+    },
+};
+use crate::row::Measures;
+
+mod task_iter;
+
+pub const FAMILY: &str = "sched";
+
+pub const PROBES: &[ProbeSpec] = &[
+    ProbeSpec {
+        program: prog::SCHED_SWITCH,
+        tracepoint: "sched_switch",
+        kind: TpBtf,
+        required: true,
+    },
+    ProbeSpec {
+        program: prog::SCHED_WAKEUP,
+        tracepoint: "sched_wakeup",
+        kind: TpBtf,
+        required: true,
+    },
+    ProbeSpec {
+        program: prog::SCHED_WAKEUP_NEW,
+        tracepoint: "sched_wakeup_new",
+        kind: TpBtf,
+        required: true,
+    },
+    ProbeSpec {
+        program: prog::TASK_NEWTASK,
+        tracepoint: "task_newtask",
+        kind: TpBtf,
+        required: true,
+    },
+    ProbeSpec {
+        program: prog::SCHED_PROCESS_EXIT,
+        tracepoint: "sched_process_exit",
+        kind: TpBtf,
+        required: true,
+    },
+    ProbeSpec {
+        program: prog::SCHED_PROCESS_EXEC,
+        tracepoint: "sched_process_exec",
+        kind: TpBtf,
+        required: false,
+    },
+    ProbeSpec {
+        program: prog::TASK_RENAME,
+        tracepoint: "task_rename",
+        kind: TpBtf,
+        required: false,
+    },
+];
+
+/// The task iterator that reads the live threads' counters at every bucket
+/// boundary (`bpf_iter_task`, Linux 5.8+; limited to the target's threads
+/// from Linux 6.1).
+pub const ITER: ProbeSpec = ProbeSpec {
+    program: prog::SCHED_ITER,
+    tracepoint: "task",
+    kind: Iter,
+    required: true,
+};
+
+pub const OFFSETS: &[OffsetSpec] = &[
+    OffsetSpec {
+        global: global::TASK_PID_OFFSET,
+        ty: "task_struct",
+        path: "pid",
+    },
+    OffsetSpec {
+        global: global::TASK_TGID_OFFSET,
+        ty: "task_struct",
+        path: "tgid",
+    },
+    OffsetSpec {
+        global: global::TASK_RUNTIME_OFFSET,
+        ty: "task_struct",
+        path: "se.sum_exec_runtime",
+    },
+    OffsetSpec {
+        global: global::TASK_NVCSW_OFFSET,
+        ty: "task_struct",
+        path: "nvcsw",
+    },
+    OffsetSpec {
+        global: global::TASK_NIVCSW_OFFSET,
+        ty: "task_struct",
+        path: "nivcsw",
+    },
+    OffsetSpec {
+        global: global::TASK_MIGRATIONS_OFFSET,
+        ty: "task_struct",
+        path: "se.nr_migrations",
+    },
+    OffsetSpec {
+        global: global::TASK_MIN_FLT_OFFSET,
+        ty: "task_struct",
+        path: "min_flt",
+    },
+    OffsetSpec {
+        global: global::TASK_MAJ_FLT_OFFSET,
+        ty: "task_struct",
+        path: "maj_flt",
+    },
+    // Absent without CONFIG_SCHED_INFO: run-queue delay then comes from events.
+    OffsetSpec {
+        global: global::TASK_RUN_DELAY_OFFSET,
+        ty: "task_struct",
+        path: "sched_info.run_delay",
+    },
+    OffsetSpec {
+        global: global::TASK_STATE_OFFSET,
+        ty: "task_struct",
+        path: "__state",
+    },
+    OffsetSpec {
+        global: global::TASK_CPU_OFFSET,
+        ty: "task_struct",
+        path: "thread_info.cpu",
+    },
+    OffsetSpec {
+        global: global::TASK_ON_CPU_OFFSET,
+        ty: "task_struct",
+        path: "on_cpu",
+    },
+    // Single run-queue delays off the kernel's sched_info (rq->clock -
+    // last_queued at switch-in); without any of these, from events.
+    OffsetSpec {
+        global: global::TASK_LAST_QUEUED_OFFSET,
+        ty: "task_struct",
+        path: "sched_info.last_queued",
+    },
+    OffsetSpec {
+        global: global::TASK_CFS_RQ_OFFSET,
+        ty: "task_struct",
+        path: "se.cfs_rq",
+    },
+    OffsetSpec {
+        global: global::CFS_RQ_RQ_OFFSET,
+        ty: "cfs_rq",
+        path: "rq",
+    },
+    OffsetSpec {
+        global: global::RQ_CLOCK_OFFSET,
+        ty: "rq",
+        path: "clock",
+    },
+];
+
+/// Offsets without which the trace fails (all but the run-delay ones).
+pub const REQUIRED_OFFSETS: &[&str] = &[
+    global::TASK_PID_OFFSET,
+    global::TASK_TGID_OFFSET,
+    global::TASK_RUNTIME_OFFSET,
+    global::TASK_NVCSW_OFFSET,
+    global::TASK_NIVCSW_OFFSET,
+    global::TASK_MIGRATIONS_OFFSET,
+    global::TASK_MIN_FLT_OFFSET,
+    global::TASK_MAJ_FLT_OFFSET,
+    global::TASK_STATE_OFFSET,
+    global::TASK_CPU_OFFSET,
+    global::TASK_ON_CPU_OFFSET,
+];
+
+/// Where run-queue delays come from on this kernel (the programs read the
+/// decision as the global `RUN_DELAY_SOURCE`, the reader as this value):
+/// from the offsets the kernel's BTF has.
+pub fn plan(facts: &KernelFacts) -> RunDelaySource {
+    let has = |g: &str| facts.offsets.get(g).copied().flatten().is_some();
+    let single = [
+        global::TASK_LAST_QUEUED_OFFSET,
+        global::TASK_CFS_RQ_OFFSET,
+        global::CFS_RQ_RQ_OFFSET,
+        global::RQ_CLOCK_OFFSET,
+    ];
+    match (
+        has(global::TASK_RUN_DELAY_OFFSET),
+        single.iter().all(|g| has(g)),
+    ) {
+        (true, true) => RunDelaySource::SchedInfo,
+        (true, false) => RunDelaySource::SumFromSchedInfo,
+        (false, _) => RunDelaySource::WakeupMarks,
+    }
+}
+
+/// The family's path in meta.json (a label, never parsed back), and why it
+/// is degraded when it is.
+fn path_and_note(run_delay: RunDelaySource) -> (&'static str, Option<String>) {
+    match run_delay {
+        RunDelaySource::SchedInfo => ("tp_btf+iter+sched_info", None),
+        RunDelaySource::SumFromSchedInfo => (
+            "tp_btf+iter+sched_info+wakeup_marks",
+            Some(
+                "no sched_info.last_queued / se.cfs_rq (CONFIG_FAIR_GROUP_SCHED): single \
+                 run-queue delays are timed from the wakeup"
+                    .to_owned(),
+            ),
+        ),
+        RunDelaySource::WakeupMarks => (
+            "tp_btf+iter+wakeup_marks",
+            Some(
+                "no task_struct.sched_info.run_delay (CONFIG_SCHED_INFO): runq_delay_ns is \
+                 summed from single delays timed from the wakeup"
+                    .to_owned(),
+            ),
+        ),
+    }
+}
+
+/// What attaching the family hands to its reader: the task iterator's link
+/// and the run-delay decision.
+pub struct Attached {
+    iter_link: OwnedFd,
+    run_delay: RunDelaySource,
+}
+
+/// Attaches every scheduler probe and creates the task iterator's link
+/// (for thread group `tgid`); a required one that fails ends the trace.
+pub fn attach(
+    a: &mut Attacher<'_>,
+    tgid: u32,
+    run_delay: RunDelaySource,
+) -> Result<(FamilyStatus, Attached)> {
+    let iter_link = attach_iter(a, tgid)?;
+    for spec in PROBES {
+        if !a.attach(FAMILY, spec) && spec.required {
+            let err = a.last_error().unwrap_or_default();
+            bail!(
+                "cannot attach {} to tracepoint {}: {err}",
+                spec.program,
+                spec.tracepoint
+            );
+        }
+    }
+    let (path, note) = path_and_note(run_delay);
+    let status = FamilyStatus {
+        family: FAMILY.into(),
+        active: true,
+        path: Some(path.into()),
+        note,
+    };
+    Ok((
+        status,
+        Attached {
+            iter_link,
+            run_delay,
+        },
+    ))
+}
+
+/// Loads the task iterator and creates its link: for the target's threads
+/// only where the kernel filters by pid (6.1+), else over every task (the
+/// program filters).
+fn attach_iter(a: &mut Attacher<'_>, tgid: u32) -> Result<OwnedFd> {
+    let loaded = a.attach(FAMILY, &ITER);
+    let link = loaded
+        .then(|| {
+            let prog: &mut aya::programs::Iter =
+                a.ebpf.program_mut(ITER.program)?.try_into().ok()?;
+            let fd = prog.fd().ok()?.as_fd();
+            Some(
+                task_iter::link(fd, Some(tgid))
+                    .or_else(|_| task_iter::link(fd, None))
+                    .map_err(|e| format!("cannot create the task iterator's link: {e}")),
+            )
+        })
+        .flatten();
+    match link {
+        Some(Ok(fd)) => Ok(fd),
+        Some(Err(e)) => {
+            a.fail_last(&e);
+            bail!("{e}")
+        }
+        None => {
+            let err = a.last_error().unwrap_or_else(|| "cannot load it".into());
+            bail!(
+                "cannot load the task iterator {} (BPF task iterators need Linux 5.8+): {err}",
+                ITER.program
+            )
+        }
+    }
+}
+
+// ---- the reader ----------------------------------------------------------
+
+/// Cumulative totals at one sample: exited threads plus live ones.
+#[derive(Clone, Copy)]
+struct Totals {
+    stats: SchedStats,
+    cpu_ns: u64,
+    nvcsw: u64,
+    nivcsw: u64,
+    migrations: u64,
+    runq_delay_ns: u64,
+    min_flt: u64,
+    maj_flt: u64,
+    threads: u64,
+}
+
+impl Totals {
+    /// Each counter at least what it was: a thread in the few microseconds
+    /// between leaving the kernel's thread list and its final switch-out is
+    /// in neither half for a moment, so a total can dip; the next sample
+    /// catches it up, and keeping the totals monotonic keeps every episode
+    /// sum exact.
+    fn at_least(self, prev: &Totals) -> Totals {
+        Totals {
+            cpu_ns: self.cpu_ns.max(prev.cpu_ns),
+            nvcsw: self.nvcsw.max(prev.nvcsw),
+            nivcsw: self.nivcsw.max(prev.nivcsw),
+            migrations: self.migrations.max(prev.migrations),
+            runq_delay_ns: self.runq_delay_ns.max(prev.runq_delay_ns),
+            min_flt: self.min_flt.max(prev.min_flt),
+            maj_flt: self.maj_flt.max(prev.maj_flt),
+            ..self
+        }
+    }
+}
+
+pub struct SchedReader {
+    stats: PerCpuArray<MapData, SchedStats>,
+    live: Array<MapData, LiveCounters>,
+    iter_link: OwnedFd,
+    runq_max: PerCpuArray<MapData, MaxSlot>,
+    /// Whether the kernel keeps `sched_info.run_delay` per thread.
+    run_delay: bool,
+    prev: Option<Totals>,
+    /// Set by the probes when the target's pid went to a new process.
+    gone: Array<MapData, u32>,
+    /// Why the task iterator cannot see the target's live threads, when it
+    /// cannot: their counters are then unknown, and so `null`.
+    blind: Option<String>,
+}
+
+impl SchedReader {
+    pub fn new(ebpf: &mut Ebpf, attached: Attached) -> Result<Self> {
+        let Attached {
+            iter_link,
+            run_delay,
+        } = attached;
+        Ok(Self {
+            stats: take(ebpf, map::SCHED_STATS)?,
+            live: take(ebpf, map::LIVE)?,
+            iter_link,
+            runq_max: take(ebpf, map::RUNQ_MAX)?,
+            run_delay: run_delay != RunDelaySource::WakeupMarks,
+            prev: None,
+            gone: take(ebpf, map::TARGET_GONE)?,
+            blind: None,
+        })
+    }
+
+    /// Checks that the task iterator sees the target's threads: a live
+    /// process has at least one. Some kernels hide a process from task
+    /// iterators (here: the sandbox's pid 1, which no `iter/task` run
+    /// visits, filtered or not); then the live threads' counters cannot be
+    /// read and the fields that need them are `null` from the first row.
+    /// Returns the reason when blind.
+    pub fn check_visible(&mut self, pid: i32) -> Option<String> {
+        let threads = task_iter::run(self.iter_link.as_fd())
+            .ok()
+            .and_then(|()| self.live.get(&0, 0).ok())
+            .map(|l| l.threads + l.dying);
+        let in_proc = crate::target::thread_ids(pid).map_or(0, |t| t.len());
+        if threads == Some(0) && in_proc > 0 {
+            self.blind = Some(format!(
+                "the kernel's task iterator shows none of pid {pid}'s {in_proc} threads: \
+                 cpu_ns, context switches, migrations, runq_delay_ns, page faults and threads are null \
+                 (wakeups and single run-queue delays still come from events)"
+            ));
+        }
+        self.blind.clone()
+    }
+
+    /// Whether a new process got the target's pid (after the target ended)
+    /// while tracing; the probes stopped matching anything then.
+    pub fn target_pid_reused(&self) -> bool {
+        self.gone.get(&0, 0).is_ok_and(|v| v != 0)
+    }
+
+    /// Once the target has exited: waits (at most `limit`) until every
+    /// thread of it has made its final switch-out, which adds its final
+    /// counters to the exited threads', so the last row has them. (The
+    /// target's exit is reported when its last thread is marked exited,
+    /// a moment before that thread leaves its CPU; in a VM whose virtual
+    /// CPU is descheduled, that moment can last milliseconds.)
+    ///
+    /// A thread that is not the leader leaves the thread list (where the
+    /// iterator finds it) before its final switch-out, so the iterator alone
+    /// cannot tell that one is still to come: the probes also count the
+    /// exits that began (`sched_process_exit`) and the final switch-outs
+    /// accounted, and the wait lasts until the two are equal too.
+    pub fn wait_for_final_switches(&self, limit: std::time::Duration) {
+        let t0 = std::time::Instant::now();
+        let mut pending = None;
+        while t0.elapsed() < limit {
+            let live_settled = task_iter::run(self.iter_link.as_fd())
+                .ok()
+                .and_then(|()| self.live.get(&0, 0).ok())
+                .is_none_or(|l| l.threads == 0 && l.dying == 0);
+            let exits = read_percpu(
+                &self.stats,
+                map::SCHED_STATS,
+                SchedStats::ZERO,
+                SchedStats::accumulate,
+            )
+            .map(|s| s.exits_started.saturating_sub(s.exits_accounted))
+            .unwrap_or(0);
+            pending = Some(exits);
+            if live_settled && exits == 0 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        log::warn!(
+            "the target's last threads had not left their CPUs after {limit:?} ({} final \
+             switch-outs still to come)",
+            pending.unwrap_or(0)
+        );
+    }
+
+    /// Cumulative event counters so far (for meta.json and progress).
+    pub fn totals(&self) -> &SchedStats {
+        static ZERO: SchedStats = SchedStats::ZERO;
+        self.prev.as_ref().map_or(&ZERO, |p| &p.stats)
+    }
+
+    fn read(&self) -> Result<Totals> {
+        // The exited threads first, then the live ones: a thread that exits
+        // in between is then missing for one sample (caught up by the next),
+        // never counted twice (the iterator skips a thread from the moment
+        // it is marked TASK_DEAD, before its final switch-out adds it to the
+        // exited ones).
+        let stats = read_percpu(
+            &self.stats,
+            map::SCHED_STATS,
+            SchedStats::ZERO,
+            SchedStats::accumulate,
+        )?;
+        task_iter::run(self.iter_link.as_fd()).context("running the task iterator")?;
+        let live = self.live.get(&0, 0).context(map::LIVE)?;
+        Ok(Totals {
+            stats,
+            cpu_ns: stats.dead_runtime_ns.wrapping_add(live.runtime_ns),
+            nvcsw: stats.dead_nvcsw.wrapping_add(live.nvcsw),
+            nivcsw: stats.dead_nivcsw.wrapping_add(live.nivcsw),
+            migrations: stats.dead_migrations.wrapping_add(live.migrations),
+            runq_delay_ns: if self.run_delay {
+                stats.dead_run_delay_ns.wrapping_add(live.run_delay_ns)
+            } else {
+                stats.runq_delay_ns
+            },
+            min_flt: stats.dead_min_flt.wrapping_add(live.min_flt),
+            maj_flt: stats.dead_maj_flt.wrapping_add(live.maj_flt),
+            threads: live.threads,
+        })
+    }
+
+    pub fn sample(&mut self, ended: u64, m: &mut Measures) -> Result<()> {
+        let cur = self.read()?;
+        let max = max_of(&self.runq_max, ended).context(map::RUNQ_MAX)?;
+        let Some(prev) = self.prev else {
+            // The baseline.
+            self.prev = Some(cur);
+            return Ok(());
+        };
+        let cur = cur.at_least(&prev);
+        let (p, c) = (&prev.stats, &cur.stats);
+        let d = |a: u64, b: u64| Some(a.saturating_sub(b));
+        if self.blind.is_none() {
+            m.cpu_ns = d(cur.cpu_ns, prev.cpu_ns);
+            m.ctx_switches_voluntary = d(cur.nvcsw, prev.nvcsw);
+            m.ctx_switches_involuntary = d(cur.nivcsw, prev.nivcsw);
+            m.set_ctx_total();
+            m.runq_delay_ns = d(cur.runq_delay_ns, prev.runq_delay_ns);
+            m.threads = Some(cur.threads);
+            m.migrations = d(cur.migrations, prev.migrations);
+            m.page_faults_minor = d(cur.min_flt, prev.min_flt);
+            m.page_faults_major = d(cur.maj_flt, prev.maj_flt);
+        }
+        m.wakeups = d(c.wakeups, p.wakeups);
+        // No delay measured in the bucket: the maximum is 0, not unknown.
+        m.runq_delay_max_ns = Some(max.unwrap_or(0));
+        m.runq_delay_hist_log2 = Some(hist_delta(&c.runq_hist, &p.runq_hist));
+        m.events = d(c.events, p.events);
+        m.dropped_events = d(c.dropped, p.dropped);
+        self.prev = Some(cur);
+        Ok(())
+    }
+}

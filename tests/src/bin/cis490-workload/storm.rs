@@ -1,0 +1,130 @@
+//! `storm`: a context-switch storm for benchmarks.
+
+use std::io::{self, Read, Write};
+use std::thread;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+
+use crate::affinity::{allowed_cpus, set_affinity};
+use crate::clock::{Rusage, process_cpu_ns, rusage, secs};
+use crate::held::Held;
+use crate::threads::{join, spawn_named};
+
+/// A context-switch storm for benchmarks: two threads bounce one byte over two pipes,
+/// R round trips, as fast as the machine allows.
+///
+/// By default both threads are pinned to the same CPU (the fastest way here: a wakeup on
+/// the same CPU costs no inter-processor interrupt), so every round trip is two context
+/// switches between the two threads. --cpus split pins them to two CPUs, --cpus free
+/// leaves them to the scheduler; --pairs N runs N such pairs at once. With --wait-signal,
+/// writes PATH.ready and waits for SIGUSR1 first. Report: {"kind":"storm", "pid",
+/// "round_trips" (all pairs), "pairs", "cpus", "wall_ns",
+/// "round_trips_per_s", "rusage_self", "process_cpu_ns"}; then sleeps --linger-ms.
+#[derive(Args, Debug)]
+pub struct StormArgs {
+    /// Number of round trips.
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u64).range(1..))]
+    round_trips: u64,
+    /// Where the two threads run: same (one CPU, pinned), split (two CPUs, pinned) or free.
+    #[arg(long, value_name = "HOW", default_value = "same",
+          value_parser = ["same", "split", "free"])]
+    cpus: String,
+    /// Independent ping-pong pairs, each doing R round trips; with --cpus same, pair K is
+    /// pinned to the K-th allowed CPU (modulo their number): two pairs on two CPUs keep both
+    /// busy switching.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pairs: u32,
+    #[command(flatten)]
+    held: Held,
+}
+
+pub fn cmd_storm(a: &StormArgs) -> Result<()> {
+    #[derive(Serialize)]
+    struct Report {
+        kind: &'static str,
+        pid: u32,
+        /// All pairs' round trips together.
+        round_trips: u64,
+        pairs: u32,
+        /// CPUs of [ping, "pong"] of the first pair, or null when not pinned.
+        cpus: Option<[usize; 2]>,
+        wall_ns: u64,
+        round_trips_per_s: f64,
+        rusage_self: Rusage,
+        process_cpu_ns: u64,
+    }
+    let allowed = allowed_cpus()?;
+    let cpus_of = |k: usize| match (a.cpus.as_str(), &allowed[..]) {
+        ("same", [_, ..]) => {
+            let c = allowed[k % allowed.len()];
+            Ok(Some([c, c]))
+        }
+        ("split", [c, d, ..]) => Ok(Some([*c, *d])),
+        ("split", _) => bail!("--cpus split needs two CPUs"),
+        _ => Ok(None),
+    };
+    let pinned: Vec<Option<[usize; 2]>> =
+        (0..a.pairs as usize).map(cpus_of).collect::<Result<_>>()?;
+    a.held.start()?;
+    let n = a.round_trips;
+    let start = Instant::now();
+    thread::scope(|s| -> Result<()> {
+        let mut handles = Vec::new();
+        for (k, cpus) in pinned.iter().copied().enumerate() {
+            let (mut r1, mut w1) = io::pipe().context("pipe")?;
+            let (mut r2, mut w2) = io::pipe().context("pipe")?;
+            handles.push(spawn_named(
+                s,
+                format!("pong-{k}"),
+                move || -> Result<()> {
+                    if let Some([_, cpu]) = cpus {
+                        set_affinity(&[cpu])?;
+                    }
+                    let mut b = [0u8; 1];
+                    for _ in 0..n {
+                        r1.read_exact(&mut b).context("pong: read")?;
+                        w2.write_all(&b).context("pong: write")?;
+                    }
+                    Ok(())
+                },
+            )?);
+            handles.push(spawn_named(
+                s,
+                format!("ping-{k}"),
+                move || -> Result<()> {
+                    if let Some([cpu, _]) = cpus {
+                        set_affinity(&[cpu])?;
+                    }
+                    let mut b = [0u8; 1];
+                    for i in 0..n {
+                        w1.write_all(&[i as u8]).context("ping: write")?;
+                        r2.read_exact(&mut b).context("ping: read")?;
+                    }
+                    Ok(())
+                },
+            )?);
+        }
+        for h in handles {
+            join(h)??;
+        }
+        Ok(())
+    })?;
+    let wall_ns = start.elapsed().as_nanos() as u64;
+    let total = n * u64::from(a.pairs);
+    let report = Report {
+        kind: "storm",
+        pid: std::process::id(),
+        round_trips: total,
+        pairs: a.pairs,
+        cpus: pinned[0],
+        wall_ns,
+        round_trips_per_s: total as f64 / secs(wall_ns),
+        rusage_self: rusage(libc::RUSAGE_SELF),
+        process_cpu_ns: process_cpu_ns(),
+    };
+    a.held.finish(&report)
+}
