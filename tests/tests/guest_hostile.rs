@@ -100,12 +100,14 @@ struct Sent {
     bad: u64,
 }
 
-/// Sends one line, 20 ms after the previous (under the flood cap).
+/// Sends one line, then waits 50 ms: two lines a 100 ms bucket, far under
+/// the flood cap of 32 even when the tracer wakes up a second late (a
+/// loaded or emulated machine), so no bad line is skipped unread.
 fn send(p: &mut UnixStream, bytes: &[u8], is_bad: bool, n: &mut Sent) {
     p.write_all(bytes).unwrap();
     n.sent += 1;
     n.bad += u64::from(is_bad);
-    std::thread::sleep(Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(50));
 }
 
 fn sum(rows: &[Value], field: &str) -> u64 {
@@ -160,7 +162,7 @@ fn a_hostile_peer_costs_only_counted_lines() {
     let chain1 = k; // steps counted in the first chain of deltas
     let hwm_before = vm_hwm_kib(pid);
 
-    // Garbage, one line of each kind (20 ms apart: under the flood cap).
+    // Garbage, one line of each kind (50 ms apart: under the flood cap).
     let mut wrong_type = serde_json::to_value(good(k + 1)).unwrap();
     wrong_type["procs"] = "seven".into();
     let mut negative = serde_json::to_value(good(k + 1)).unwrap();
