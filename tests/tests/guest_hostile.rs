@@ -386,3 +386,39 @@ fn a_hostile_peer_costs_only_counted_lines() {
     assert_eq!(meta["longest_line_held"], 64 * 1024);
     assert_check_passes(&ep.dir);
 }
+
+/// A socket nobody ever serves: the trace goes on and completes, the guest
+/// rows are all `null` but their line counts (0), the failure is an event,
+/// a warning and meta.json's error, and `cis490 check` fails naming it.
+#[test]
+fn a_guest_agent_socket_that_never_answers_is_reported() {
+    require_root();
+    let dir = scratch("guest-never");
+    let sock = dir.join("nobody.sock");
+    let out = run_with_timeout(
+        default_trace_cmd(&dir)
+            .arg("--guest-agent")
+            .arg(&sock)
+            .args(["--", "sleep", "1"]),
+        T,
+    );
+    let ep = Episode::from_output(&out);
+    assert!(ep.is_done());
+    let rows = ep.rows("guest");
+    assert!(!rows.is_empty());
+    for r in rows {
+        assert_eq!(r["guest_lines"], 0);
+        assert!(r["guest_cpu_user_ns"].is_null() && r["guest_mem_used_bytes"].is_null());
+    }
+    let never: Vec<&Value> = ep.events_named("guest_never_connected").collect();
+    assert_eq!(never.len(), 1);
+    assert!(never[0]["error"].as_str().unwrap().contains("nobody.sock"));
+    assert!(ep.meta["guest_agent"]["error"].is_string());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("guest agent"), "{stderr}");
+    let (ok, text) = check_episode(&ep.dir);
+    assert!(
+        !ok && text.contains("guest agent source was asked for but never connected"),
+        "{text}"
+    );
+}
