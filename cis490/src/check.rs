@@ -53,6 +53,11 @@ pub fn row_keys() -> BTreeSet<String> {
     }
 }
 
+/// The schemas of `events.jsonl` and `labels.jsonl` lines (the documented
+/// contract, embedded).
+const EVENT_SCHEMA: &str = include_str!("../../docs/event.schema.json");
+const LABEL_SCHEMA: &str = include_str!("../../docs/label.schema.json");
+
 fn read_jsonl(path: &Path) -> Result<Vec<(usize, Result<Value, String>)>> {
     let text = fs::read_to_string(path)?;
     Ok(text
@@ -206,13 +211,26 @@ pub fn check(dir: &Path) -> Result<Report> {
         format!("directory name is the episode id {id}"),
     );
 
-    for (name, file) in [("events", EVENTS), ("labels", LABELS)] {
+    for (name, file, schema) in [
+        ("events", EVENTS, EVENT_SCHEMA),
+        ("labels", LABELS, LABEL_SCHEMA),
+    ] {
+        let schema: Value = serde_json::from_str(schema).expect("the embedded schema parses");
+        let validator =
+            jsonschema::draft202012::new(&schema).expect("the embedded schema compiles");
         match read_jsonl(&dir.join(file)) {
             Err(e) => r.check(false, format!("{file}: {e}")),
             Ok(lines) => {
+                // Each line parses and fits its schema (the first problem
+                // of a line is named).
                 let bad: Vec<String> = lines
                     .iter()
-                    .filter_map(|(n, l)| l.as_ref().err().map(|e| format!("{file}:{n}: {e}")))
+                    .filter_map(|(n, l)| match l {
+                        Err(e) => Some(format!("{file}:{n}: {e}")),
+                        Ok(v) => validator.iter_errors(v).next().map(|e| {
+                            format!("{file}:{n}: not a valid line ({}: {e})", e.instance_path())
+                        }),
+                    })
                     .collect();
                 r.check(
                     bad.is_empty(),
@@ -444,7 +462,11 @@ mod tests {
         let meta = serde_json::json!({"id": id, "status": if done {"complete"} else {"running"},
             "start": {"t_mono_ns": 1000}, "sources": [{"source": "ebpf", "file": "telemetry-ebpf.jsonl", "rows": rows.len()}]});
         fs::write(dir.join(META), meta.to_string()).unwrap();
-        fs::write(dir.join(EVENTS), "{\"event\":\"started\"}\n").unwrap();
+        fs::write(
+            dir.join(EVENTS),
+            "{\"t_mono_ns\":1000,\"t_wall_ns\":1,\"seq\":null,\"event\":\"started\",\"pid\":1,\"mode\":\"spawn\",\"interval_ns\":100}\n",
+        )
+        .unwrap();
         fs::write(dir.join(LABELS), "").unwrap();
         let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
         fs::write(dir.join("telemetry-ebpf.jsonl"), text).unwrap();
@@ -488,7 +510,11 @@ mod tests {
             meta["host_steal_ns"] = steal.into();
         }
         fs::write(dir.join(META), meta.to_string()).unwrap();
-        fs::write(dir.join(EVENTS), "{\"event\":\"started\"}\n").unwrap();
+        fs::write(
+            dir.join(EVENTS),
+            "{\"t_mono_ns\":1000,\"t_wall_ns\":1,\"seq\":null,\"event\":\"started\",\"pid\":1,\"mode\":\"spawn\",\"interval_ns\":100}\n",
+        )
+        .unwrap();
         fs::write(dir.join(LABELS), "").unwrap();
         fs::write(dir.join(DONE), "").unwrap();
         for (source, value) in totals {
@@ -756,6 +782,31 @@ mod tests {
         let mut none = None;
         add_total(&mut none, None);
         assert_eq!(none, None);
+    }
+
+    /// Lines of events.jsonl and labels.jsonl are held to their schemas: a
+    /// line that is JSON but not an event or a label is named.
+    #[test]
+    fn event_and_label_lines_that_break_their_schema_are_named() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("01TEST");
+        fs::create_dir(&dir).unwrap();
+        let good = [row("01TEST", 0, 1100, 100), row("01TEST", 1, 1200, 100)];
+        write_episode(&dir, &good, true);
+        assert!(check(&dir).unwrap().problems.is_empty());
+        let events = fs::read_to_string(dir.join(EVENTS)).unwrap();
+        fs::write(dir.join(EVENTS), format!("{events}{{\"junk\":1}}\n")).unwrap();
+        fs::write(
+            dir.join(LABELS),
+            "{\"t_mono_ns\":1150,\"t_wall_ns\":1,\"seq\":0,\"label\":\"boot\",\"via\":\"cli\"}\n\
+             {\"t_mono_ns\":-1,\"t_wall_ns\":1,\"seq\":0,\"label\":\"x\",\"via\":\"cli\"}\n",
+        )
+        .unwrap();
+        let r = check(&dir).unwrap();
+        let all = r.problems.join("; ");
+        assert!(all.contains("events.jsonl:2: not a valid line"), "{all}");
+        assert!(all.contains("labels.jsonl:2: not a valid line"), "{all}");
+        assert!(!all.contains("labels.jsonl:1"), "{all}");
     }
 
     #[test]
