@@ -368,7 +368,8 @@ impl GuestSource {
                         GuestEvent::GuestBadLine {
                             reason,
                             bytes: a.bytes,
-                            detail,
+                            // As the reader's details: at most 200 characters.
+                            detail: detail.chars().take(200).collect(),
                         },
                     ));
                     if reason == BadReason::CounterWentBack {
