@@ -199,6 +199,12 @@ pub fn check(dir: &Path) -> Result<Report> {
             format!("qmp: the QMP source was asked for but never connected: {why}"),
         );
     }
+    if let Some(why) = meta.guest_agent.as_ref().and_then(|g| g.error.as_deref()) {
+        r.check(
+            false,
+            format!("guest: the guest agent source was asked for but never connected: {why}"),
+        );
+    }
     let id = meta.id.clone();
     r.check(
         dir.file_name().is_some_and(|n| n == id.as_str()),
@@ -849,6 +855,33 @@ mod tests {
                 "wrong type",
             ),
         ];
+        // A guest agent source that never connected fails the episode.
+        write_episode(&dir, &good, true);
+        let mut meta: Value = serde_json::from_slice(&fs::read(dir.join(META)).unwrap()).unwrap();
+        let info = crate::sources::guest::GuestInfo {
+            socket: "/run/ga.sock".into(),
+            agent_interval_ms: 100,
+            line_cap_bytes: 65536,
+            flood_cap_lines_per_bucket: 32,
+            lines: 0,
+            lines_rejected_as_deltas: 0,
+            reader: Default::default(),
+            error: Some("cannot connect to /run/ga.sock: No such file or directory".into()),
+        };
+        meta["guest_agent"] = serde_json::to_value(&info).unwrap();
+        fs::write(dir.join(META), meta.to_string()).unwrap();
+        let r = check(&dir).unwrap();
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.contains("guest agent source was asked for but never connected")),
+            "{:?}",
+            r.problems
+        );
+        meta["guest_agent"]["error"] = Value::Null;
+        fs::write(dir.join(META), meta.to_string()).unwrap();
+        assert!(check(&dir).unwrap().problems.is_empty());
+
         for (rows, done, expect) in cases {
             let _ = fs::remove_file(dir.join(DONE));
             write_episode(&dir, &rows, done);

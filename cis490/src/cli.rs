@@ -202,6 +202,21 @@ pub struct TraceArgs {
     #[arg(long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
 
+    /// Also record what the in-guest agent (cis490-agent, started by the
+    /// guest's init) reports, from QEMU's chardev socket of its
+    /// virtio-serial port: rows in telemetry-guest.jsonl
+    /// (available_in_deployment: true), started guest processes as
+    /// guest_exec events. The socket is retried every 100 ms while QEMU
+    /// starts and after every hang-up. QEMU options, e.g.:
+    /// `-chardev socket,id=ga,path=SOCKET,server=on,wait=off -device
+    /// virtio-serial -device virtserialport,chardev=ga,name=cis490.guest.agent`.
+    /// Each line is untrusted: at most 64 KiB (longer ones are cut and
+    /// counted), at most 32 lines read per bucket (the rest skipped and
+    /// counted), malformed or implausible ones counted in guest_bad_lines
+    /// (docs/agent-protocol.md).
+    #[arg(long, value_name = "SOCKET")]
+    pub guest_agent: Option<PathBuf>,
+
     /// Listen on this unix socket for live commands, one per line:
     /// `label NAME` (mark a phase now), `ping`, `stop` (end tracing).
     #[arg(long, value_name = "PATH")]
@@ -308,6 +323,7 @@ impl TraceArgs {
             tags: self.tags,
             control: self.control,
             qmp: self.qmp,
+            guest_agent: self.guest_agent,
             episode_file: self.episode_file,
             argv,
         }

@@ -94,6 +94,10 @@ pub enum Event<'a> {
     TargetTerminated { signal: &'static str },
     /// Tracing finished; everything is written.
     Finished { reason: EndReason, buckets: u64 },
+    /// The guest agent source's events (`guest_*`, named by their own
+    /// `event` tag; untagged variants come last).
+    #[serde(untagged)]
+    Guest(crate::sources::guest::GuestEvent),
 }
 
 /// The members of a `qmp` event.
@@ -188,6 +192,17 @@ mod tests {
                 buckets: 9
             })["reason"],
             "duration"
+        );
+        // The guest source's events carry their own `event` name.
+        assert_eq!(
+            line(Event::Guest(crate::sources::guest::GuestEvent::GuestExec {
+                pid: 95,
+                ppid: 1,
+                comm: "sleep".into(),
+                guest_seq: 4
+            })),
+            serde_json::json!({"t_mono_ns": 5, "t_wall_ns": 7, "seq": 2, "event": "guest_exec",
+                "pid": 95, "ppid": 1, "comm": "sleep", "guest_seq": 4})
         );
     }
 }

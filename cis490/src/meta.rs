@@ -133,6 +133,8 @@ pub struct Meta {
     pub perf_error: Option<String>,
     /// The QMP source: what it could read, or why not.
     pub qmp: Option<serde_json::Value>,
+    /// The guest agent source's socket, caps and counts (`--guest-agent`).
+    pub guest_agent: Option<crate::sources::guest::GuestInfo>,
     /// The tracer's own cost (getrusage at the end).
     pub tracer: Option<TracerUsage>,
     /// `--tag KEY=VALUE` pairs (the sample, the VM...), by key.

@@ -24,14 +24,17 @@ pub enum SourceKind {
     Perf,
     /// QEMU's own statistics over its QMP socket.
     Qmp,
+    /// The in-guest agent's lines over virtio-serial (`--guest-agent`).
+    Guest,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 4] = [
+    pub const ALL: [SourceKind; 5] = [
         SourceKind::Ebpf,
         SourceKind::Proc,
         SourceKind::Perf,
         SourceKind::Qmp,
+        SourceKind::Guest,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,14 +43,17 @@ impl SourceKind {
             Self::Proc => "proc",
             Self::Perf => "perf",
             Self::Qmp => "qmp",
+            Self::Guest => "guest",
         }
     }
 
     /// In the lab's threat model every host-side vantage is an oracle: the
-    /// deployed detector cannot see the host.
+    /// deployed detector cannot see the host. The guest agent is the inside
+    /// view a deployed endpoint sensor has.
     pub fn available_in_deployment(self) -> bool {
         match self {
             Self::Ebpf | Self::Proc | Self::Perf | Self::Qmp => false,
+            Self::Guest => true,
         }
     }
 
@@ -63,7 +69,7 @@ impl std::str::FromStr for SourceKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown source '{s}' (known: ebpf, proc, perf, qmp)"))
+            .ok_or_else(|| format!("unknown source '{s}' (known: ebpf, proc, perf, qmp, guest)"))
     }
 }
 
@@ -148,6 +154,10 @@ pub struct Measures {
     pub cache_misses: Option<u64>,
     /// Branch mispredictions (hardware counter).
     pub branch_misses: Option<u64>,
+
+    /// The guest agent's fields (`guest_*`), in every row.
+    #[serde(flatten)]
+    pub guest: crate::sources::guest::GuestMeasures,
 }
 
 /// Block counters of one device, as a source counts them.
@@ -433,6 +443,7 @@ mod tests {
             cache_references: Some(n),
             cache_misses: Some(n),
             branch_misses: Some(n),
+            guest: crate::sources::guest::GuestMeasures::every(n),
         };
         Row {
             episode_id: "01M8HJJ72G58PD87B8318Y5SKR".into(),
@@ -555,12 +566,16 @@ mod tests {
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":null,"event":"started","pid":7,"mode":"spawn","interval_ns":100000000}"#,
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"event":"thread_started","tid":8,"parent_tid":7,"comm":"CPU 0/TCG"}"#,
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"qmp","qmp_event":"STOP","data":null}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"guest_exec","pid":95,"ppid":1,"comm":"sleep","guest_seq":7}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"guest_bad_line","reason":"too_long","bytes":104857600,"detail":"a line of 104857600 bytes (at most 65536)"}"#,
                 ],
                 vec![
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"event":"thread_started","tid":8,"comm":"x"}"#,
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"event":"duration_reached"}"#,
                     r#"{"t_mono_ns":-1,"t_wall_ns":2,"seq":0,"event":"finished","reason":"signal","buckets":1}"#,
                     r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":0,"event":"Started"}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"guest_exec","pid":95,"comm":"sleep","guest_seq":7}"#,
+                    r#"{"t_mono_ns":1,"t_wall_ns":2,"seq":3,"event":"guest_bad_line","reason":"lies","bytes":1,"detail":""}"#,
                 ],
             ),
             (

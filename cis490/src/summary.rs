@@ -1,7 +1,7 @@
 //! `cis490 summary EPISODE`: every source's totals side by side.
 //!
 //! Generic over the row schema: each field is summed over the rows (the
-//! schema's rule), except levels (`threads`: the maximum seen) and maxima
+//! schema's rule), except levels (`threads` and the guest's levels: the maximum seen) and maxima
 //! (`*_max_ns`: the maximum); histograms show their number of samples. A
 //! field a source does not measure shows as `-`.
 
@@ -35,7 +35,9 @@ pub(crate) const ENVELOPE: &[&str] = &[
 
 /// How a field aggregates over an episode.
 pub fn is_max_field(name: &str) -> bool {
-    name == "threads" || name.ends_with("_max_ns")
+    name == "threads"
+        || name.ends_with("_max_ns")
+        || crate::sources::guest::fields::LEVELS.contains(&name)
 }
 
 /// An object field (`net_by_if`, `kvm_exit_reasons`) as dotted leaves; a

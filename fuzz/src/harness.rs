@@ -310,3 +310,76 @@ fn split_lines(data: &[u8], chunk: usize, max: usize) -> (Vec<Vec<u8>>, usize) {
     }
     (lines, errors)
 }
+
+// ---- guest -----------------------------------------------------------------
+
+/// The guest source's splitter at a small cap (so the fuzzer reaches it).
+const GUEST_SMALL_CAP: usize = 64;
+
+/// What the splitter made of a stream: lines, over-long lengths, and the
+/// bytes of the unfinished line at the end.
+type Split = (Vec<Vec<u8>>, Vec<u64>, Option<u64>);
+
+fn guest_split(data: &[u8], chunk: usize, cap: usize) -> Split {
+    use crate::guest_lines::{Piece, Splitter};
+    let mut s = Splitter::new(cap);
+    let (mut lines, mut long) = (Vec::new(), Vec::new());
+    for c in data.chunks(chunk) {
+        s.feed(c, |p| match p {
+            Piece::Line(l) => {
+                assert!(l.len() <= cap && !l.contains(&b'\n'));
+                lines.push(l.to_vec());
+            }
+            Piece::TooLong(n) => {
+                assert!(n as usize > cap);
+                long.push(n);
+            }
+        });
+        assert!(s.held() <= cap, "the splitter holds {} bytes", s.held());
+    }
+    (lines, long, s.take_partial())
+}
+
+/// Bytes from a guest agent's port, as the guest source reads them. The
+/// pieces (lines, over-long lines with their lengths, the unfinished tail)
+/// do not depend on how the stream is cut into reads, never exceed the cap
+/// held, and account for every byte; every line either parses into an
+/// agent line within the protocol's bounds, which serializes and parses
+/// back equal, or is rejected with a reason and a bounded message.
+pub fn guest_stream(data: &[u8]) {
+    use cis490_agent::protocol::MAX_LINE_BYTES;
+
+    use crate::guest_validate::{BadReason, parse};
+    let chunk = 1 + data.len() % 17;
+    let mut lines = Vec::new();
+    for cap in [GUEST_SMALL_CAP, MAX_LINE_BYTES] {
+        let whole = guest_split(data, data.len().max(1), cap);
+        assert_eq!(guest_split(data, chunk, cap), whole);
+        assert_eq!(guest_split(data, 1, cap), whole);
+        let (l, long, partial) = &whole;
+        let newlines = data.iter().filter(|b| **b == b'\n').count();
+        assert_eq!(l.len() + long.len(), newlines);
+        let bytes: u64 = l.iter().map(|x| x.len() as u64).sum::<u64>()
+            + long.iter().sum::<u64>()
+            + partial.unwrap_or(0)
+            + newlines as u64;
+        assert_eq!(bytes, data.len() as u64, "every byte accounted for");
+        lines = whole.0;
+    }
+    for line in lines {
+        match parse(&line) {
+            Ok(l) => {
+                assert!(l.validate().is_ok());
+                let text = serde_json::to_vec(&l).unwrap();
+                assert_eq!(parse(&text).ok().as_ref(), Some(&l));
+            }
+            Err((reason, msg)) => {
+                assert!(matches!(
+                    reason,
+                    BadReason::NotJson | BadReason::WrongShape | BadReason::Invalid
+                ));
+                assert!(msg.len() < 4096, "a message of {} bytes", msg.len());
+            }
+        }
+    }
+}

@@ -28,4 +28,19 @@ pub mod proc_source;
 #[path = "../../cis490/src/sources/qmp/mod.rs"]
 pub mod qmp_source;
 
+/// `cis490::sources::guest`'s line splitter, line validation and row
+/// fields (the last for `row`, which flattens them into `Measures`).
+#[path = "../../cis490/src/sources/guest/lines.rs"]
+pub mod guest_lines;
+#[path = "../../cis490/src/sources/guest/validate.rs"]
+pub mod guest_validate;
+#[path = "../../cis490/src/sources/guest/fields.rs"]
+pub mod guest_fields;
+/// Where `row` finds the guest fields (`crate::sources::guest`).
+pub mod sources {
+    pub mod guest {
+        pub use crate::guest_fields::GuestMeasures;
+    }
+}
+
 pub mod harness;

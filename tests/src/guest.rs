@@ -101,6 +101,9 @@ pub struct Launch {
     pub console: Option<PathBuf>,
     /// Serve QMP on this unix socket (`-qmp unix:PATH,server=on,wait=off`).
     pub qmp: Option<PathBuf>,
+    /// The guest agent's virtio-serial port (`cis490.guest.agent`) on a
+    /// chardev unix socket QEMU serves at this path (`--guest-agent`).
+    pub agent: Option<PathBuf>,
 }
 
 /// The QEMU command line for a launch (program first): 256 MiB, no display,
@@ -156,6 +159,19 @@ pub fn qemu_argv(g: &Guest, launch: &Launch) -> Vec<OsString> {
         arg.push(qmp);
         arg.push(",server=on,wait=off");
         v.extend(["-qmp".into(), arg]);
+    }
+    if let Some(agent) = &launch.agent {
+        let mut chardev = OsString::from("socket,id=cis490ga,path=");
+        chardev.push(agent);
+        chardev.push(",server=on,wait=off");
+        v.extend([
+            "-chardev".into(),
+            chardev,
+            "-device".into(),
+            "virtio-serial".into(),
+            "-device".into(),
+            "virtserialport,chardev=cis490ga,name=cis490.guest.agent".into(),
+        ]);
     }
     v
 }

@@ -4,7 +4,8 @@
 //! `event.schema.json`, every `labels.jsonl` line against
 //! `label.schema.json`. Two episodes between them fill every kind of field
 //! this machine can measure: a QEMU guest (disk, a tap in a network
-//! namespace, QMP, phase labels; all four sources) and the tiny KVM VMM
+//! namespace, QMP, its guest agent, phase labels; all five sources) and the
+//! tiny KVM VMM
 //! (the KVM exit reason maps).
 
 use std::{collections::BTreeSet, fs, path::Path, time::Duration};
@@ -184,11 +185,15 @@ fn every_line_of_real_episodes_matches_the_schemas() {
     ));
     launch.disk = Some(disk);
     let (_, qmp) = net.wire(&mut launch, &dir);
+    let agent = dir.join("agent.sock");
+    launch.agent = Some(agent.clone());
     let argv = net.argv(&g.guest, &launch);
     let out = run_with_timeout(
         trace_cmd(&dir)
             .arg("--qmp")
             .arg(&qmp)
+            .arg("--guest-agent")
+            .arg(&agent)
             .args(["--label", "boot@0", "--label", "workload@1"])
             .args(["--duration", "170", "--"])
             .args(&argv),
@@ -201,7 +206,7 @@ fn every_line_of_real_episodes_matches_the_schemas() {
     let qemu = validate_episode(&s, &ep.dir);
     assert_eq!(
         qemu.sources,
-        ["ebpf", "perf", "proc", "qmp"]
+        ["ebpf", "guest", "perf", "proc", "qmp"]
             .map(String::from)
             .into_iter()
             .collect(),
@@ -217,6 +222,9 @@ fn every_line_of_real_episodes_matches_the_schemas() {
         "blk_latency_hist_log2",
         "page_faults_minor",
         "threads",
+        "guest_cpu_user_ns",
+        "guest_disk_write_bytes",
+        "guest_lines",
     ] {
         assert!(
             qemu.non_null.contains(field),

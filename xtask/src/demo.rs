@@ -94,10 +94,11 @@ pub fn run_demo(bin: &Path, data_dir: &Path) -> Result<()> {
 
 /// The guest writes and reads 64 MiB on its virtio disk (direct I/O,
 /// `cache=none`) and sends 8 MB over TCP through a tap to a peer, both in a
-/// network namespace made for the demo. QEMU serves QMP, and the demo asks
-/// for perf's per-thread counters too (not a default source), so the
-/// episode holds every host-side source (ebpf, proc, perf, qmp) and the
-/// guest's phase labels.
+/// network namespace made for the demo. QEMU serves QMP and the guest
+/// agent's virtio-serial port, and the demo asks for perf's per-thread
+/// counters too (not a default source), so the episode holds every
+/// host-side source (ebpf, proc, perf, qmp), the guest's own view (guest,
+/// from the agent its init starts) and the guest's phase labels.
 fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
     let ns = Netns::new("demo");
     ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
@@ -135,6 +136,10 @@ fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
     let qmp = work.join("qmp.sock");
     let _ = fs::remove_file(&qmp);
     launch.qmp = Some(qmp.clone());
+    // The guest agent's virtio-serial port: the inside view (guest source).
+    let agent = work.join("agent.sock");
+    let _ = fs::remove_file(&agent);
+    launch.agent = Some(agent.clone());
     let mut argv: Vec<OsString> = ["ip", "netns", "exec", &ns.0].map(OsString::from).to_vec();
     argv.extend(qemu_argv(&g.guest, &launch));
     eprintln!(
@@ -152,6 +157,8 @@ fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
             "ebpf,proc,perf".into(),
             "--qmp".into(),
             qmp.into(),
+            "--guest-agent".into(),
+            agent.into(),
             "--control".into(),
             control.into(),
             "--label".into(),

@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{setup, workspace_root};
 
 /// Every fuzz target (`fuzz/fuzz_targets/<name>.rs`).
-pub const TARGETS: [&str; 3] = ["record", "proc", "qmp"];
+pub const TARGETS: [&str; 4] = ["record", "proc", "qmp", "guest"];
 
 /// The cargo-fuzz release installed when none is.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";

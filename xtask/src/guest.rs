@@ -9,6 +9,8 @@
 //!   half-finished build is redone. Taken from Debian's
 //!   `linux-image-<version>-amd64` package (`apt-get download`, `dpkg-deb -x`).
 //! - `busybox/busybox`: from Debian's `busybox-static` package.
+//! - the in-guest agent, `/bin/cis490-agent` in the initramfs, built here
+//!   (`crate::agent`, static) and started by `/init` at boot.
 //! - `initramfs-<hash>.cpio`: an uncompressed `newc` archive written here
 //!   (no `cpio` tool); the hash is over the whole archive, so a change to the
 //!   init script, busybox or a module gives a new file.
@@ -49,6 +51,8 @@ const MODULES: &[&str] = &[
     "failover",
     "net_failover",
     "virtio_net",
+    // virtio-serial: the guest agent's port (cis490.guest.agent).
+    "virtio_console",
 ];
 
 /// Busybox applets the init script uses (plus a few for debugging by hand),
@@ -64,11 +68,18 @@ const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The guest's `/init`; `@MODULES@` becomes the module names in load order.
 ///
 /// Kernel command line parameters (all optional), run in this order:
-/// `cis490.ip=A.B.C.D/P` (eth0 up with that address),
+/// `cis490.ip=A.B.C.D/P` (eth0 up with that address, IPv6 off),
+/// `cis490.wait_ms=N` (idle first: the guest agent's first line goes out),
+/// then `vda_write_bytes_before=` and `eth0_tx_bytes_before=` (the guest's
+/// own counters, where the device exists),
+/// `cis490.procs=K` (K `sleep 3` processes in the background; their pids in
+/// `proc_pids=`),
 /// `cis490.disk_write_mb=N` (N MiB of zeros to /dev/vda from offset 0, direct I/O),
 /// `cis490.disk_read_mb=N` (read N MiB back, direct I/O),
 /// `cis490.send=HOST:PORT:BYTES` (BYTES zero bytes over TCP, then close),
-/// `cis490.sleep_ms=N` (idle). Then `done` and power off.
+/// then the counters again (`..._after=`), `cis490.sleep_ms=N` (idle).
+/// Then `done` and power off. `/bin/cis490-agent` starts before the
+/// workload.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
 # cis490 test guest init (written by `cargo xtask guest`); runs as PID 1.
 export PATH=/bin
@@ -81,6 +92,9 @@ say() { echo "cis490-guest: $*"; }
 for m in @MODULES@; do
     insmod "/lib/modules/$m.ko" || say "error=insmod_$m"
 done
+# The guest agent: a line per interval on its virtio-serial port when QEMU
+# has one (it waits for the port otherwise).
+/bin/cis490-agent </dev/null >/dev/null 2>&1 &
 say booted
 
 # Waits up to 5 s for a device node or interface to appear.
@@ -89,9 +103,11 @@ wait_for() {
     while [ ! -e "$1" ] && [ $n -lt 50 ]; do usleep 100000; n=$((n + 1)); done
 }
 
-ip= write_mb= read_mb= send= sleep_ms=
+ip= write_mb= read_mb= send= sleep_ms= wait_ms= procs=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
+        cis490.wait_ms=*) wait_ms=${arg#*=} ;;
+        cis490.procs=*) procs=${arg#*=} ;;
         cis490.ip=*) ip=${arg#*=} ;;
         cis490.disk_write_mb=*) write_mb=${arg#*=} ;;
         cis490.disk_read_mb=*) read_mb=${arg#*=} ;;
@@ -102,11 +118,41 @@ done
 
 if [ -n "$ip" ]; then
     wait_for /sys/class/net/eth0
+    # No IPv6: its router solicitations would be traffic the tests did not send.
+    { echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6; } 2>/dev/null
     if ip link set lo up && ip link set eth0 up && ip addr add "$ip" dev eth0; then
         say "ip=$ip"
     else
         say "error=ip"
     fi
+fi
+
+if [ -n "$wait_ms" ]; then
+    usleep $((wait_ms * 1000))
+fi
+
+# The guest's own counters before the workload (its ground truth).
+counters() {
+    if [ -e /sys/block/vda/stat ]; then
+        # $1 stays the label; the 7th field (sectors written) becomes $8.
+        set -- "$1" $(cat /sys/block/vda/stat)
+        say "vda_write_bytes_$1=$(($8 * 512))"
+    fi
+    if [ -e /sys/class/net/eth0 ]; then
+        say "eth0_tx_bytes_$1=$(cat /sys/class/net/eth0/statistics/tx_bytes)"
+    fi
+}
+counters before
+
+if [ -n "$procs" ]; then
+    pids=
+    n=0
+    while [ $n -lt "$procs" ]; do
+        sleep 3 &
+        pids="$pids${pids:+,}$!"
+        n=$((n + 1))
+    done
+    say "proc_pids=$pids"
 fi
 
 if [ -n "$write_mb" ]; then
@@ -140,6 +186,8 @@ if [ -n "$send" ]; then
         say "error=send"
     fi
 fi
+
+counters after
 
 if [ -n "$sleep_ms" ]; then
     usleep $((sleep_ms * 1000))
@@ -353,7 +401,8 @@ fn ensure_parts() -> Result<(Guest, KernelFiles)> {
     let qemu = ensure_qemu(&mut apt)?;
     let kernel = ensure_kernel(&cache, &mut apt)?;
     let busybox = ensure_busybox(&cache, &mut apt)?;
-    let initrd = ensure_initramfs(&cache, &kernel, &busybox)?;
+    let agent = crate::agent::build()?;
+    let initrd = ensure_initramfs(&cache, &kernel, &busybox, &agent)?;
     let guest = Guest {
         kernel: kernel.dir.join(format!("vmlinuz-{}", kernel.version)),
         initrd,
@@ -677,8 +726,13 @@ fn only_entry(dir: &Path, prefix: &str) -> Result<PathBuf> {
 
 /// The initramfs for this kernel and busybox, named by its content's hash;
 /// written only if that file does not exist yet (older ones are removed).
-fn ensure_initramfs(cache: &Path, kernel: &KernelFiles, busybox: &Path) -> Result<PathBuf> {
-    let archive = initramfs(kernel, busybox)?;
+fn ensure_initramfs(
+    cache: &Path,
+    kernel: &KernelFiles,
+    busybox: &Path,
+    agent: &Path,
+) -> Result<PathBuf> {
+    let archive = initramfs(kernel, busybox, agent)?;
     let path = cache.join(format!("initramfs-{:016x}.cpio", fnv1a(&archive)));
     if path.is_file() {
         return Ok(path);
@@ -694,10 +748,10 @@ fn ensure_initramfs(cache: &Path, kernel: &KernelFiles, busybox: &Path) -> Resul
     Ok(path)
 }
 
-/// The initramfs archive: `/init`, busybox and its applet links, the modules,
-/// the mount points, and `/dev/console` (the kernel opens it for init's
-/// stdio before devtmpfs is mounted).
-fn initramfs(kernel: &KernelFiles, busybox: &Path) -> Result<Vec<u8>> {
+/// The initramfs archive: `/init`, busybox and its applet links, the guest
+/// agent, the modules, the mount points, and `/dev/console` (the kernel
+/// opens it for init's stdio before devtmpfs is mounted).
+fn initramfs(kernel: &KernelFiles, busybox: &Path, agent: &Path) -> Result<Vec<u8>> {
     let init = INIT_SCRIPT.replace("@MODULES@", &kernel.order.join(" "));
     let mut cpio = Cpio::default();
     for dir in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
@@ -707,6 +761,7 @@ fn initramfs(kernel: &KernelFiles, busybox: &Path) -> Result<Vec<u8>> {
     cpio.char_dev("dev/null", 0o666, 1, 3);
     cpio.file("init", 0o755, init.as_bytes());
     cpio.file("bin/busybox", 0o755, &fs::read(busybox)?);
+    cpio.file("bin/cis490-agent", 0o755, &fs::read(agent)?);
     for applet in APPLETS {
         cpio.symlink(&format!("bin/{applet}"), "busybox");
     }

@@ -69,6 +69,11 @@ pub const VM_SKIPPED_BINARIES: &[(&str, &str)] = &[
          does not boot in reasonable time",
     ),
     (
+        "guest_agent",
+        "boots a QEMU guest with the guest agent (as `qemu` does): a software-emulated guest \
+         inside a software-emulated VM does not boot in reasonable time",
+    ),
+    (
         "qmp_qemu",
         "runs QEMU and boots a guest under it (as `qemu` does), for the QMP source's real-QEMU \
          tests",

@@ -15,6 +15,7 @@
 //! - `integration-test local|vm`: the privileged tests on the host kernel,
 //!   or on Debian kernels booted in QEMU VMs.
 
+mod agent;
 mod bench;
 mod browser;
 mod demo;
@@ -78,7 +79,7 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 300)]
         secs: u64,
-        /// Only this target (record, proc, qmp).
+        /// Only this target (record, proc, qmp, guest).
         target: Option<String>,
     },
     /// Benchmark cis490's overhead beside bpftrace and a /proc poller on
@@ -87,8 +88,12 @@ enum Task {
     /// table into docs/benchmarks.md and print it. Needs root; installs
     /// bpftrace with apt if missing; about 15 minutes (--quick: about 3).
     Bench(bench::Args),
-    /// Build the test guest (kernel + busybox initramfs, cached outside the
-    /// repo), probe the accelerator, write and print guest.json.
+    /// Build the in-guest agent (cis490-agent) as a static executable and
+    /// print its path (the guest images include it and start it at boot).
+    BuildAgent,
+    /// Build the test guest (kernel + busybox initramfs with the agent,
+    /// cached outside the repo), probe the accelerator, write and print
+    /// guest.json.
     Guest {
         /// Also boot the guest once with a sample disk workload.
         #[arg(long)]
@@ -141,6 +146,7 @@ fn main() -> Result<()> {
         Task::Demo { data_dir } => demo(&data_dir),
         Task::Test { fuzz_secs, args } => test(fuzz_secs, &args),
         Task::Fuzz { secs, target } => fuzz::run(secs, target.as_deref()),
+        Task::BuildAgent => agent::task(),
         Task::Guest { boot } => guest::task(boot),
         Task::Bench(args) => bench_task(args),
         Task::IntegrationTest { target } => integration::task(target),

@@ -62,6 +62,7 @@ macro_rules! measures {
         pub const MEASURES: &[Measure] = &[$(measures!(@one $kind $name)),*];
     };
     (@one u64 $name:ident) => { Measure::U64(stringify!($name), |m| m.$name) };
+    (@one guest $name:ident) => { Measure::U64(stringify!($name), |m| m.guest.$name) };
     (@one hist $name:ident) => { Measure::Hist(stringify!($name), |m| m.$name.as_ref()) };
     (@one keyed $name:ident) => { Measure::Keyed(stringify!($name), |m| m.$name.as_ref().map(|o| o.len())) };
 }
@@ -103,6 +104,22 @@ measures!(
     u64 cache_references,
     u64 cache_misses,
     u64 branch_misses,
+    guest guest_cpu_user_ns,
+    guest guest_cpu_system_ns,
+    guest guest_cpu_idle_ns,
+    guest guest_cpu_iowait_ns,
+    guest guest_mem_used_bytes,
+    guest guest_mem_available_bytes,
+    guest guest_procs,
+    guest guest_execs,
+    guest guest_net_tx_bytes,
+    guest guest_net_rx_bytes,
+    guest guest_disk_read_bytes,
+    guest guest_disk_write_bytes,
+    guest guest_tcp_conns,
+    guest guest_lines,
+    guest guest_bad_lines,
+    guest guest_skipped_lines,
 );
 
 /// One entry of a keyed object: its key and its counters.

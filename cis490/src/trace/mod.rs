@@ -50,6 +50,8 @@ pub struct TraceConfig {
     pub control: Option<PathBuf>,
     /// QEMU's QMP socket (`--qmp PATH`).
     pub qmp: Option<PathBuf>,
+    /// QEMU's chardev socket of the guest agent's port (`--guest-agent PATH`).
+    pub guest_agent: Option<PathBuf>,
     /// Where to write the episode directory's path once it exists
     /// (`--episode-file PATH`).
     pub episode_file: Option<PathBuf>,
@@ -79,6 +81,9 @@ impl TraceConfig {
         }
         if self.sources.contains(&SourceKind::Qmp) && self.qmp.is_none() {
             bail!("the qmp source needs QEMU's QMP socket: give --qmp SOCKET");
+        }
+        if self.sources.contains(&SourceKind::Guest) && self.guest_agent.is_none() {
+            bail!("the guest source needs the agent's chardev socket: give --guest-agent SOCKET");
         }
         if let Some(limit) = self.duration {
             for (name, at) in &self.labels {
@@ -179,6 +184,7 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
         perf_error: None,
         tracer: None,
         qmp: None,
+        guest_agent: None,
         control_socket: cfg.control.as_ref().map(|p| p.display().to_string()),
         labels: 0,
         tags: crate::meta::tag_map(&cfg.tags).map_err(anyhow::Error::msg)?,

@@ -28,7 +28,7 @@ use crate::{
     fdwatch,
     meta::{Clock, EndReason, Meta, SourceMeta},
     row::SourceKind,
-    sources::{perf::PerfSource, proc::ProcSource},
+    sources::{guest::GuestSource, perf::PerfSource, proc::ProcSource},
     taps::Holdings,
     target::Target,
 };
@@ -89,6 +89,9 @@ impl<'a> Run<'a> {
         let mut kinds = cfg.sources.clone();
         if cfg.qmp.is_some() && !kinds.contains(&SourceKind::Qmp) {
             kinds.push(SourceKind::Qmp);
+        }
+        if cfg.guest_agent.is_some() && !kinds.contains(&SourceKind::Guest) {
+            kinds.push(SourceKind::Guest);
         }
         let perf = if kinds.contains(&SourceKind::Perf) {
             match PerfSource::new(pid) {
@@ -160,6 +163,11 @@ impl<'a> Run<'a> {
                 since: Instant::now(),
                 last_error: None,
             }),
+            guest: cfg
+                .guest_agent
+                .as_deref()
+                .map(|p| GuestSource::start(p, cfg.interval))
+                .transpose()?,
             qmp_timeout: (cfg.interval * 4 / 5)
                 .clamp(Duration::from_millis(20), Duration::from_millis(500)),
             holdings: Holdings::default(),
@@ -375,6 +383,9 @@ impl<'a> Run<'a> {
         if let Some(q) = &mut sources.qmp {
             q.give_up();
         }
+        if let Some(g) = &mut sources.guest {
+            g.stop(ClockPair::now());
+        }
         let end = ClockPair::now();
         let (start, clock) = (grid.start, &mut grid.clock);
         let last = sources.close_bucket(clock, &mut out, end).await?;
@@ -406,6 +417,9 @@ impl<'a> Run<'a> {
         }
         if let Some(p) = &sources.perf {
             meta.perf = Some(p.info());
+        }
+        if let Some(g) = &sources.guest {
+            meta.guest_agent = Some(g.info());
         }
         if sources.ebpf.target_pid_reused() {
             log::warn!(

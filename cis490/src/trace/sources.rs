@@ -13,7 +13,9 @@ use crate::{
     ebpf::EbpfSource,
     event::{Event, QmpDetail},
     row::{Row, SourceKind},
-    sources::{SampleCtx, Source, perf::PerfSource, proc::ProcSource, qmp::QmpSource},
+    sources::{
+        SampleCtx, Source, guest::GuestSource, perf::PerfSource, proc::ProcSource, qmp::QmpSource,
+    },
     taps::{self, Holdings},
 };
 
@@ -26,6 +28,7 @@ pub(super) struct Sources {
     pub(super) proc: Option<ProcSource>,
     pub(super) perf: Option<PerfSource>,
     pub(super) qmp: Option<QmpSlot>,
+    pub(super) guest: Option<GuestSource>,
     /// How long a QMP query may take within a bucket.
     pub(super) qmp_timeout: Duration,
     /// Buckets whose QMP row has no data at all (not connected yet or any
@@ -94,6 +97,10 @@ impl Sources {
                     }
                     None => crate::row::Measures::default(),
                 },
+                SourceKind::Guest => match &mut self.guest {
+                    Some(g) => g.sample(now),
+                    None => crate::row::Measures::default(),
+                },
             };
             let row = Row {
                 episode_id: self.episode_id.clone(),
@@ -131,6 +138,11 @@ impl Sources {
         if let Some(q) = &mut self.qmp {
             for (at, detail) in q.take_events(now) {
                 out.event(at, clock.seq_of(at.mono_ns), Event::Qmp(detail))?;
+            }
+        }
+        if let Some(g) = &mut self.guest {
+            for (at, e) in g.take_events() {
+                out.event(at, Some(tick.seq), Event::Guest(e))?;
             }
         }
         let new_taps = self.ebpf.take_new_taps();

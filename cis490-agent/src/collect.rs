@@ -1,0 +1,430 @@
+//! What the agent reads in the guest: pure parsers of `/proc` and `/sys`
+//! text (unit-tested on captured text), and [`Collector`], which reads the
+//! files and remembers the processes it has seen.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs,
+    path::{Path, PathBuf},
+};
+
+use crate::protocol::{
+    AgentLine, CpuTimes, Disk, Exec, MAX_DEVICES, MAX_EXECS, MAX_NAME_BYTES, MAX_VALUE, Memory,
+    NetIf, VERSION,
+};
+
+/// `/proc/stat`'s aggregate `cpu` line in ns (`ticks_per_s` is `USER_HZ`).
+pub fn parse_cpu(stat: &str, ticks_per_s: u64) -> Option<CpuTimes> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let t: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| t.get(i).copied().unwrap_or(0);
+    let ns = |ticks: u64| (ticks as u128 * 1_000_000_000 / ticks_per_s.max(1) as u128) as u64;
+    Some(CpuTimes {
+        user_ns: ns(at(0).saturating_add(at(1))),
+        system_ns: ns(at(2).saturating_add(at(5)).saturating_add(at(6))),
+        idle_ns: ns(at(3)),
+        iowait_ns: ns(at(4)),
+    })
+}
+
+/// `/proc/meminfo`: used (`MemTotal - MemAvailable`) and available, bytes.
+pub fn parse_meminfo(text: &str) -> Option<Memory> {
+    let kib = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+            .map(|k| k.saturating_mul(1024))
+    };
+    let total = kib("MemTotal")?;
+    let available = kib("MemAvailable")?;
+    Some(Memory {
+        used_bytes: total.saturating_sub(available),
+        available_bytes: available,
+    })
+}
+
+/// `/proc/net/dev`: counters per interface, `lo` left out.
+pub fn parse_net_dev(text: &str) -> BTreeMap<String, NetIf> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().skip(2) {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if name == "lo" || name.is_empty() || name.len() > MAX_NAME_BYTES {
+            continue;
+        }
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if f.len() < 10 || out.len() >= MAX_DEVICES {
+            continue;
+        }
+        out.insert(
+            name.to_owned(),
+            NetIf {
+                rx_bytes: f[0],
+                rx_packets: f[1],
+                tx_bytes: f[8],
+                tx_packets: f[9],
+            },
+        );
+    }
+    out
+}
+
+/// `/sys/block/DEV/stat` (the kernel's `Documentation/block/stat.rst`).
+pub fn parse_block_stat(text: &str) -> Option<Disk> {
+    let f: Vec<u64> = text
+        .split_whitespace()
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if f.len() < 7 {
+        return None;
+    }
+    Some(Disk {
+        read_ios: f[0],
+        read_bytes: f[2].saturating_mul(512),
+        write_ios: f[4],
+        write_bytes: f[6].saturating_mul(512),
+    })
+}
+
+/// Sockets in `/proc/net/tcp` (or `tcp6`) that are not listening (state
+/// `0A`).
+pub fn count_tcp_conns(text: &str) -> u64 {
+    text.lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(3).is_some_and(|st| st != "0A"))
+        .count() as u64
+}
+
+/// What the agent needs of `/proc/PID/stat`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcStat {
+    pub comm: String,
+    pub ppid: u32,
+    /// `PF_KTHREAD` is set in its flags.
+    pub kernel_thread: bool,
+}
+
+/// `/proc/PID/stat`: the command name sits between the first `(` and the
+/// last `)`, so a name with spaces or parentheses does not shift the fields.
+pub fn parse_pid_stat(text: &str) -> Option<ProcStat> {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm: String = text
+        .get(open + 1..close)?
+        .chars()
+        .take(MAX_NAME_BYTES)
+        .collect();
+    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is the state, rest[1] the ppid, rest[6] the flags.
+    let ppid = rest.get(1)?.parse().ok()?;
+    let flags: u64 = rest.get(6)?.parse().ok()?;
+    Some(ProcStat {
+        comm,
+        ppid,
+        kernel_thread: flags & PF_KTHREAD != 0,
+    })
+}
+
+/// The guest's state between two lines.
+pub struct Collector {
+    root: PathBuf,
+    sys_block: PathBuf,
+    ticks_per_s: u64,
+    /// Processes seen (user-space and kernel threads, so a kernel thread is
+    /// read once).
+    seen: HashSet<u32>,
+    /// Pids that were kernel threads when seen.
+    kernel: HashSet<u32>,
+    first_scan: bool,
+    /// Started processes not yet written (kept until a line is written).
+    pending: Vec<Exec>,
+    pending_left_out: u64,
+    seq: u64,
+    pub unsent_lines: u64,
+}
+
+impl Collector {
+    /// Reads `/proc` and `/sys/block` (other roots: for tests).
+    pub fn new(proc_root: &Path, sys_block: &Path) -> Self {
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Self {
+            root: proc_root.to_owned(),
+            sys_block: sys_block.to_owned(),
+            ticks_per_s: if hz > 0 { hz as u64 } else { 100 },
+            seen: HashSet::new(),
+            kernel: HashSet::new(),
+            first_scan: true,
+            pending: Vec::new(),
+            pending_left_out: 0,
+            seq: 0,
+            unsent_lines: 0,
+        }
+    }
+
+    fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.root.join(rel)).unwrap_or_default()
+    }
+
+    /// Scans `/proc` for processes: returns the user-space processes alive
+    /// and queues those not seen before (none on the first scan: they were
+    /// there when the agent started).
+    fn scan_processes(&mut self) -> u64 {
+        let mut alive = HashSet::new();
+        let mut user = 0;
+        for entry in fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            alive.insert(pid);
+            if self.seen.contains(&pid) {
+                if !self.kernel.contains(&pid) {
+                    user += 1;
+                }
+                continue;
+            }
+            let Some(st) = parse_pid_stat(&self.read(&format!("{pid}/stat"))) else {
+                // Gone between the listing and the read.
+                continue;
+            };
+            self.seen.insert(pid);
+            if st.kernel_thread {
+                self.kernel.insert(pid);
+                continue;
+            }
+            user += 1;
+            if self.first_scan {
+                continue;
+            }
+            if self.pending.len() < MAX_EXECS {
+                self.pending.push(Exec {
+                    pid,
+                    ppid: st.ppid,
+                    comm: st.comm,
+                });
+            } else {
+                self.pending_left_out += 1;
+            }
+        }
+        // A pid that is gone may come back as a new process.
+        self.seen.retain(|p| alive.contains(p));
+        self.kernel.retain(|p| alive.contains(p));
+        self.first_scan = false;
+        user
+    }
+
+    /// One line: everything read now. `written` must be called if it was
+    /// written, `unsent` if not.
+    pub fn collect(&mut self) -> AgentLine {
+        let procs = self.scan_processes();
+        let mut disks = BTreeMap::new();
+        let mut names: Vec<String> = fs::read_dir(&self.sys_block)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with("loop") && !n.starts_with("ram"))
+            .filter(|n| n.len() <= MAX_NAME_BYTES)
+            .collect();
+        names.sort();
+        for name in names.into_iter().take(MAX_DEVICES) {
+            let text =
+                fs::read_to_string(self.sys_block.join(&name).join("stat")).unwrap_or_default();
+            if let Some(d) = parse_block_stat(&text) {
+                disks.insert(name, d);
+            }
+        }
+        let cap = |v: u64| v.min(MAX_VALUE);
+        let (mono, wall) = (
+            clock_ns(libc::CLOCK_MONOTONIC),
+            clock_ns(libc::CLOCK_REALTIME),
+        );
+        let line = AgentLine {
+            v: VERSION,
+            seq: self.seq,
+            boot_id: self
+                .read("sys/kernel/random/boot_id")
+                .trim()
+                .chars()
+                .take(64)
+                .collect(),
+            guest_mono_ns: cap(mono),
+            guest_wall_ns: cap(wall),
+            cpu: parse_cpu(&self.read("stat"), self.ticks_per_s).unwrap_or_default(),
+            mem: parse_meminfo(&self.read("meminfo")).unwrap_or_default(),
+            procs,
+            execs: self.pending.clone(),
+            execs_left_out: self.pending_left_out,
+            net: parse_net_dev(&self.read("net/dev")),
+            disks,
+            tcp_conns: count_tcp_conns(&self.read("net/tcp"))
+                + count_tcp_conns(&self.read("net/tcp6")),
+            unsent_lines: self.unsent_lines,
+        };
+        self.seq += 1;
+        line
+    }
+
+    /// The last collected line was written: its execs are delivered.
+    pub fn written(&mut self) {
+        self.pending.clear();
+        self.pending_left_out = 0;
+    }
+
+    /// The last collected line could not be written: its execs stay queued.
+    pub fn unsent(&mut self) {
+        self.unsent_lines += 1;
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ts.tv_sec.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec.max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_line_in_ns() {
+        let stat = "cpu  100 5 30 4000 7 1 2 9 0 0\ncpu0 50 2 15 2000 3 0 1 4 0 0\nintr 1\n";
+        let c = parse_cpu(stat, 100).unwrap();
+        assert_eq!(c.user_ns, 1_050_000_000);
+        assert_eq!(c.system_ns, 330_000_000);
+        assert_eq!(c.idle_ns, 40_000_000_000);
+        assert_eq!(c.iowait_ns, 70_000_000);
+        assert_eq!(parse_cpu("cpu0 1 2 3\n", 100), None);
+        assert_eq!(parse_cpu("cpu  1 x 3\n", 100), None);
+    }
+
+    #[test]
+    fn meminfo_used_and_available() {
+        let t = "MemTotal:        2000 kB\nMemFree:  10 kB\nMemAvailable:    1500 kB\n";
+        let m = parse_meminfo(t).unwrap();
+        assert_eq!((m.used_bytes, m.available_bytes), (500 * 1024, 1500 * 1024));
+        assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
+    }
+
+    #[test]
+    fn net_dev_without_lo() {
+        let t = "Inter-|   Receive                                                |  Transmit\n \
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+lo:     100       2    0    0    0     0          0         0      100       2    0    0    0     0       0          0\n  \
+eth0: 1234567    890    0    0    0     0          0         0  7654321     456    0    0    0     0       0          0\n";
+        let n = parse_net_dev(t);
+        assert_eq!(n.len(), 1);
+        let e = n["eth0"];
+        assert_eq!(
+            (e.rx_bytes, e.rx_packets, e.tx_bytes, e.tx_packets),
+            (1_234_567, 890, 7_654_321, 456)
+        );
+    }
+
+    #[test]
+    fn block_stat_in_bytes() {
+        let t = "    1200      3   40960   100    300    0   204800   500    0   600   700    0 0 0 0 0 0\n";
+        let d = parse_block_stat(t).unwrap();
+        assert_eq!(
+            (d.read_ios, d.read_bytes, d.write_ios, d.write_bytes),
+            (1200, 40960 * 512, 300, 204_800 * 512)
+        );
+        assert_eq!(parse_block_stat("1 2 3"), None);
+    }
+
+    #[test]
+    fn tcp_conns_skip_listeners() {
+        let t = "  sl  local_address rem_address   st tx_queue rx_queue\n   \
+0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n   \
+1: 0100007F:8AE2 0100007F:0016 01 00000000:00000000 00:00000000 00000000\n   \
+2: 0100007F:8AE4 0100007F:0016 06 00000000:00000000 00:00000000 00000000\n";
+        assert_eq!(count_tcp_conns(t), 2);
+        assert_eq!(count_tcp_conns(""), 0);
+    }
+
+    #[test]
+    fn pid_stat_with_a_hostile_comm() {
+        let s = parse_pid_stat("42 (a) b (c) S 7 42 42 0 -1 4194560 100 0 0 0").unwrap();
+        assert_eq!(
+            s,
+            ProcStat {
+                comm: "a) b (c".into(),
+                ppid: 7,
+                kernel_thread: false
+            }
+        );
+        let k = parse_pid_stat("2 (kthreadd) S 0 0 0 0 -1 2129984 0 0").unwrap();
+        assert!(k.kernel_thread);
+        assert_eq!(parse_pid_stat("42 (x S 7"), None);
+    }
+
+    #[test]
+    fn the_collector_reports_new_processes_once_and_keeps_unsent_ones() {
+        let dir = std::env::temp_dir().join(format!("cis490-agent-test-{}", std::process::id()));
+        let proc_root = dir.join("proc");
+        let block = dir.join("block");
+        let _ = fs::remove_dir_all(&dir);
+        let add = |pid: u32, comm: &str, flags: u64| {
+            fs::create_dir_all(proc_root.join(pid.to_string())).unwrap();
+            fs::write(
+                proc_root.join(format!("{pid}/stat")),
+                format!("{pid} ({comm}) S 1 {pid} {pid} 0 -1 {flags} 0 0"),
+            )
+            .unwrap();
+        };
+        add(1, "init", 0);
+        add(2, "kthreadd", 0x0020_0000);
+        fs::create_dir_all(block.join("vda")).unwrap();
+        fs::write(block.join("vda/stat"), "1 0 8 0 2 0 16 0 0 0 0").unwrap();
+        fs::create_dir_all(block.join("loop0")).unwrap();
+        let mut c = Collector::new(&proc_root, &block);
+        let first = c.collect();
+        assert_eq!((first.procs, first.execs.len(), first.seq), (1, 0, 0));
+        assert_eq!(first.disks.keys().collect::<Vec<_>>(), ["vda"]);
+        assert_eq!(first.disks["vda"].write_bytes, 16 * 512);
+        c.written();
+        add(50, "sleep", 0);
+        add(51, "kworker/0:1", 0x0020_0000);
+        let second = c.collect();
+        assert_eq!(second.procs, 2);
+        assert_eq!(
+            second.execs,
+            vec![Exec {
+                pid: 50,
+                ppid: 1,
+                comm: "sleep".into()
+            }]
+        );
+        c.unsent();
+        let third = c.collect();
+        assert_eq!(third.execs.len(), 1, "an unsent exec is sent again");
+        assert_eq!(third.unsent_lines, 1);
+        c.written();
+        assert!(c.collect().execs.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
