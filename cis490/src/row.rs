@@ -157,7 +157,7 @@ pub struct Measures {
 
     /// The guest agent's fields (`guest_*`), in every row.
     #[serde(flatten)]
-    pub guest: crate::sources::guest::GuestMeasures,
+    pub guest: crate::sources::guest::fields::GuestMeasures,
 }
 
 /// Block counters of one device, as a source counts them.
@@ -443,7 +443,7 @@ mod tests {
             cache_references: Some(n),
             cache_misses: Some(n),
             branch_misses: Some(n),
-            guest: crate::sources::guest::GuestMeasures::every(n),
+            guest: crate::sources::guest::fields::GuestMeasures::every(n),
         };
         Row {
             episode_id: "01M8HJJ72G58PD87B8318Y5SKR".into(),

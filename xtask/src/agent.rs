@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, guest::Apt, run, workspace_root};
+use crate::{apt::Apt, cargo, run, workspace_root};
 
 /// The target triple the agent is built for (the host's, statically).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";

@@ -16,6 +16,7 @@
 //!   or on Debian kernels booted in QEMU VMs.
 
 mod agent;
+mod apt;
 mod bench;
 mod browser;
 mod demo;
