@@ -179,8 +179,12 @@ fn every_line_of_real_episodes_matches_the_schemas() {
     let mut net = GuestNet::start(&dir, "sch", "c490sc0", 98, 5556);
     let disk = dir.join("disk.img");
     create_disk(&disk, 16).unwrap();
+    // wait_ms: time for the guest agent's first lines to go out before the
+    // workload (as tests/guest_agent.rs gives it); without it a fast boot
+    // can end before the agent's port is up.
     let mut launch = g.launch(format!(
-        "{} cis490.disk_write_mb=4 cis490.disk_read_mb=4 cis490.sleep_ms=300",
+        "{} cis490.wait_ms=3000 cis490.disk_write_mb=4 cis490.disk_read_mb=4 \
+         cis490.sleep_ms=300",
         net.params(300_000)
     ));
     launch.disk = Some(disk);
