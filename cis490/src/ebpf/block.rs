@@ -17,7 +17,7 @@ use cis490_common::{
 
 use super::{
     maps::{hist_delta, max_of, read_percpu, take},
-    spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeKind::TpBtf, ProbeSpec},
+    spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeSpec},
 };
 use crate::{clock::mono_now_ns, row::Measures};
 
@@ -69,26 +69,17 @@ pub const OFFSETS: &[OffsetSpec] = &[
     },
 ];
 
-const fn tp(program: &'static str) -> ProbeSpec {
-    ProbeSpec {
-        program,
-        tracepoint: program,
-        kind: TpBtf,
-        required: false,
-    }
-}
-
 pub(super) const IO: &[ProbeSpec] = &[
-    tp(prog::BLOCK_IO_START),
-    tp(prog::BLOCK_RQ_ISSUE),
-    tp(prog::BLOCK_RQ_COMPLETE),
-    tp(prog::BLOCK_IO_DONE),
+    ProbeSpec::tp_btf(prog::BLOCK_IO_START),
+    ProbeSpec::tp_btf(prog::BLOCK_RQ_ISSUE),
+    ProbeSpec::tp_btf(prog::BLOCK_RQ_COMPLETE),
+    ProbeSpec::tp_btf(prog::BLOCK_IO_DONE),
 ];
 pub(super) const RQ: &[ProbeSpec] = &[
-    tp(prog::BLOCK_BIO_QUEUE),
-    tp(prog::BLOCK_RQ_INSERT),
-    tp(prog::BLOCK_RQ_ISSUE),
-    tp(prog::BLOCK_RQ_COMPLETE),
+    ProbeSpec::tp_btf(prog::BLOCK_BIO_QUEUE),
+    ProbeSpec::tp_btf(prog::BLOCK_RQ_INSERT),
+    ProbeSpec::tp_btf(prog::BLOCK_RQ_ISSUE),
+    ProbeSpec::tp_btf(prog::BLOCK_RQ_COMPLETE),
 ];
 
 fn probes(path: BlockPath) -> &'static [ProbeSpec] {
@@ -129,13 +120,7 @@ pub fn attach(
             for s in all.chain(&IO[1..3]) {
                 a.skip(FAMILY, s, why);
             }
-            let status = FamilyStatus {
-                family: FAMILY.into(),
-                active: false,
-                path: None,
-                note: Some(why.clone()),
-            };
-            return (status, None);
+            return (FamilyStatus::off(FAMILY, why), None);
         }
     };
     let mut failed = None;

@@ -264,13 +264,7 @@ pub fn attach(
         Err(why) => {
             a.skip(FAMILY, &KVM_EXIT, why);
             a.skip(FAMILY, &KVM_USERSPACE_EXIT, why);
-            let status = FamilyStatus {
-                family: FAMILY.into(),
-                active: false,
-                path: None,
-                note: Some(why.clone()),
-            };
-            return (status, None);
+            return (FamilyStatus::off(FAMILY, why), None);
         }
     };
     let hw = one(a, &KVM_EXIT, &f.hw);

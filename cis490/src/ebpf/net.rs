@@ -21,7 +21,7 @@ use crate::sources::SampleCtx;
 
 use super::{
     maps::{read_percpu, take},
-    spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeKind::TpBtf, ProbeSpec},
+    spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeSpec},
 };
 use crate::{
     row::{Measures, NetCounters},
@@ -88,17 +88,14 @@ pub const OFFSETS: &[OffsetSpec] = &{
     all
 };
 
-const fn tp(program: &'static str) -> ProbeSpec {
-    ProbeSpec {
-        program,
-        tracepoint: program,
-        kind: TpBtf,
-        required: false,
-    }
-}
-
-pub(super) const TAPS: &[ProbeSpec] = &[tp(prog::NETIF_RECEIVE_SKB), tp(prog::NET_DEV_XMIT)];
-pub(super) const SOCKETS: &[ProbeSpec] = &[tp(prog::SOCK_SEND_LENGTH), tp(prog::SOCK_RECV_LENGTH)];
+pub(super) const TAPS: &[ProbeSpec] = &[
+    ProbeSpec::tp_btf(prog::NETIF_RECEIVE_SKB),
+    ProbeSpec::tp_btf(prog::NET_DEV_XMIT),
+];
+pub(super) const SOCKETS: &[ProbeSpec] = &[
+    ProbeSpec::tp_btf(prog::SOCK_SEND_LENGTH),
+    ProbeSpec::tp_btf(prog::SOCK_RECV_LENGTH),
+];
 
 /// Which vantages can work on this kernel.
 #[derive(Clone, Debug)]

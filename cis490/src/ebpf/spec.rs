@@ -59,6 +59,18 @@ pub struct ProbeSpec {
     pub required: bool,
 }
 
+impl ProbeSpec {
+    /// An optional `tp_btf` program named for its tracepoint.
+    pub const fn tp_btf(program: &'static str) -> Self {
+        Self {
+            program,
+            tracepoint: program,
+            kind: ProbeKind::TpBtf,
+            required: false,
+        }
+    }
+}
+
 /// How a probe ended up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -96,6 +108,18 @@ pub struct FamilyStatus {
     pub path: Option<Cow<'static, str>>,
     /// Why it is inactive or degraded.
     pub note: Option<String>,
+}
+
+impl FamilyStatus {
+    /// A family that measures nothing here, and why.
+    pub fn off(family: &'static str, why: &str) -> Self {
+        Self {
+            family: family.into(),
+            active: false,
+            path: None,
+            note: Some(why.to_owned()),
+        }
+    }
 }
 
 /// The kernel facts the programs need, read from its BTF before anything
@@ -164,6 +188,22 @@ impl Attacher<'_> {
             Ok(()) => (AttachState::Attached, None),
             Err((s, e)) => (s, Some(e)),
         };
+        self.record(family, spec, state, error);
+        ok
+    }
+
+    /// Records a program that a family decided not to attach.
+    pub fn skip(&mut self, family: &'static str, spec: &ProbeSpec, why: &str) {
+        self.record(family, spec, AttachState::Skipped, Some(why.to_owned()));
+    }
+
+    fn record(
+        &mut self,
+        family: &'static str,
+        spec: &ProbeSpec,
+        state: AttachState,
+        error: Option<String>,
+    ) {
         self.status.push(ProbeStatus {
             family: family.into(),
             program: spec.program.into(),
@@ -172,20 +212,6 @@ impl Attacher<'_> {
             required: spec.required,
             state,
             error,
-        });
-        ok
-    }
-
-    /// Records a program that a family decided not to attach.
-    pub fn skip(&mut self, family: &'static str, spec: &ProbeSpec, why: &str) {
-        self.status.push(ProbeStatus {
-            family: family.into(),
-            program: spec.program.into(),
-            tracepoint: spec.tracepoint.into(),
-            kind: spec.kind.label(),
-            required: spec.required,
-            state: AttachState::Skipped,
-            error: Some(why.to_owned()),
         });
     }
 
