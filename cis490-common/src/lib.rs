@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod block;
+pub mod gateway;
 pub mod kvm;
 pub mod net;
 pub mod record;

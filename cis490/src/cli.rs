@@ -29,7 +29,9 @@ pub enum Command {
                       meta.json, events.jsonl, labels.jsonl, telemetry-<source>.jsonl and, last, \
                       done.marker. The last line on stdout is the episode directory.\n\n\
                       Examples:\n  sudo cis490 trace --target-pid 1234 --duration 60\n  \
-                      sudo cis490 trace --interval-ms 10 -- qemu-system-x86_64 ...",
+                      sudo cis490 trace --interval-ms 10 -- qemu-system-x86_64 ...\n  \
+                      sudo cis490 trace --gateway-if br-malware --gateway-pcap -- qemu-system-x86_64 \
+                      -nic tap,mac=52:54:00:12:34:56 ...",
         after_help = "Tracing stops when the target exits, at --duration, or on SIGINT/SIGTERM. \
                       A command started with -- that is still running then gets SIGTERM \
                       (SIGKILL 5 s later)."
@@ -151,7 +153,7 @@ pub struct TraceArgs {
     pub data_dir: PathBuf,
 
     /// Sources to record, comma-separated: ebpf, proc, perf (qmp is added
-    /// by --qmp). The default is ebpf and proc. perf is an explicit oracle: it opens software counters
+    /// by --qmp, gateway by --gateway-if). The default is ebpf and proc. perf is an explicit oracle: it opens software counters
     /// (task-clock, context switches, migrations, page faults) and the
     /// hardware ones on every thread of the target, and the kernel saves
     /// and restores them at every context switch of a traced thread: on a
@@ -199,6 +201,33 @@ pub struct TraceArgs {
     /// several -qmp options).
     #[arg(long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
+
+    /// Also count the VM's frames on this interface (usually the lab's
+    /// bridge) with TC classifiers (clsact or TCX, detached at the end):
+    /// rows in telemetry-gateway.jsonl (`available_in_deployment: true`;
+    /// frames, bytes, protocols, TCP flags, DNS queries and NXDOMAIN
+    /// answers, new flows, distinct remote addresses and ports, frame
+    /// sizes). The VM's frames are those from or to its MAC addresses
+    /// (--gateway-mac, else `mac=` in QEMU's command line); with none known
+    /// every frame on the interface is counted (meta.json says so).
+    /// Example: --gateway-if br-malware --gateway-mac 52:54:00:12:34:56
+    #[arg(long, value_name = "IFACE")]
+    pub gateway_if: Option<String>,
+
+    /// A MAC address of the traced VM's NIC (repeatable), for --gateway-if.
+    #[arg(long = "gateway-mac", value_name = "MAC", requires = "gateway_if")]
+    pub gateway_macs: Vec<crate::sources::gateway::macs::Mac>,
+
+    /// Also write the VM's frames to gateway.pcap in the episode (through
+    /// a ring buffer; frames it had no room for are counted in the rows'
+    /// `dropped_events`).
+    #[arg(long, requires = "gateway_if")]
+    pub gateway_pcap: bool,
+
+    /// Bytes of each frame kept in gateway.pcap (1..=1536).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::sources::gateway::DEFAULT_SNAPLEN,
+          requires = "gateway_pcap")]
+    pub gateway_snaplen: u32,
 
     /// Listen on this unix socket for live commands, one per line:
     /// `label NAME` (mark a phase now), `ping`, `stop` (end tracing).
@@ -299,6 +328,14 @@ impl TraceArgs {
             tags: self.tags,
             control: self.control,
             qmp: self.qmp,
+            gateway: self
+                .gateway_if
+                .map(|iface| crate::sources::gateway::GatewayConfig {
+                    iface,
+                    macs: self.gateway_macs,
+                    pcap: self.gateway_pcap,
+                    snaplen: self.gateway_snaplen,
+                }),
             argv,
         }
     }

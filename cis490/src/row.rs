@@ -24,14 +24,17 @@ pub enum SourceKind {
     Perf,
     /// QEMU's own statistics over its QMP socket.
     Qmp,
+    /// The VM's frames at the lab's gateway interface (TC classifiers).
+    Gateway,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 4] = [
+    pub const ALL: [SourceKind; 5] = [
         SourceKind::Ebpf,
         SourceKind::Proc,
         SourceKind::Perf,
         SourceKind::Qmp,
+        SourceKind::Gateway,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,14 +43,17 @@ impl SourceKind {
             Self::Proc => "proc",
             Self::Perf => "perf",
             Self::Qmp => "qmp",
+            Self::Gateway => "gateway",
         }
     }
 
     /// In the lab's threat model every host-side vantage is an oracle: the
-    /// deployed detector cannot see the host.
+    /// deployed detector cannot see the host. The gateway sees what a
+    /// deployed detector on the network sees.
     pub fn available_in_deployment(self) -> bool {
         match self {
             Self::Ebpf | Self::Proc | Self::Perf | Self::Qmp => false,
+            Self::Gateway => true,
         }
     }
 
@@ -63,7 +69,7 @@ impl std::str::FromStr for SourceKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown source '{s}' (known: ebpf, proc, perf, qmp)"))
+            .ok_or_else(|| format!("unknown source '{s}' (known: ebpf, proc, perf, qmp, gateway)"))
     }
 }
 
@@ -148,6 +154,10 @@ pub struct Measures {
     pub cache_misses: Option<u64>,
     /// Branch mispredictions (hardware counter).
     pub branch_misses: Option<u64>,
+
+    /// The gateway's fields (`gw_*`), `null` in every other source.
+    #[serde(flatten)]
+    pub gw: crate::sources::gateway::GatewayMeasures,
 }
 
 /// Block counters of one device, as a source counts them.
@@ -433,6 +443,7 @@ mod tests {
             cache_references: Some(n),
             cache_misses: Some(n),
             branch_misses: Some(n),
+            gw: crate::sources::gateway::GatewayMeasures::full(n),
         };
         Row {
             episode_id: "01M8HJJ72G58PD87B8318Y5SKR".into(),

@@ -26,6 +26,7 @@ use crate::{
     sources::{
         SampleCtx, Source,
         ebpf::{EbpfSource, Record, RecordStream},
+        gateway::GatewaySource,
         perf::PerfSource,
         proc::ProcSource,
         qmp::QmpSource,
@@ -55,6 +56,8 @@ pub struct TraceConfig {
     pub control: Option<PathBuf>,
     /// QEMU's QMP socket (`--qmp PATH`).
     pub qmp: Option<PathBuf>,
+    /// The gateway collector (`--gateway-if` and co).
+    pub gateway: Option<crate::sources::gateway::GatewayConfig>,
     /// This process's own argv, for meta.json.
     pub argv: Vec<String>,
 }
@@ -78,6 +81,12 @@ impl TraceConfig {
         }
         if self.sources.contains(&SourceKind::Qmp) && self.qmp.is_none() {
             bail!("the qmp source needs QEMU's QMP socket: give --qmp SOCKET");
+        }
+        if self.sources.contains(&SourceKind::Gateway) && self.gateway.is_none() {
+            bail!("the gateway source needs an interface: give --gateway-if IFACE");
+        }
+        if let Some(g) = &self.gateway {
+            g.validate()?;
         }
         if let Some(limit) = self.duration {
             for (name, at) in &self.labels {
@@ -162,6 +171,7 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
         labels: 0,
         tags: crate::meta::tag_map(&cfg.tags).map_err(anyhow::Error::msg)?,
         host_steal_ns: None,
+        gateway: None,
     };
     episode.write_meta(&meta)?;
     log::info!("episode {} -> {}", episode.id(), episode.path().display());
@@ -288,6 +298,7 @@ struct Sources {
     proc: Option<ProcSource>,
     perf: Option<PerfSource>,
     qmp: Option<QmpSlot>,
+    gateway: Option<GatewaySource>,
     /// How long a QMP query may take within a bucket.
     qmp_timeout: Duration,
     holdings: Holdings,
@@ -318,6 +329,9 @@ impl Sources {
         Source::sample(&mut self.ebpf, &ctx)?;
         sample_opt(&mut self.proc, &ctx)?;
         sample_opt(&mut self.perf, &ctx)?;
+        if let Some(g) = &mut self.gateway {
+            g.sample()?;
+        }
         if let Some(q) = &mut self.qmp {
             q.sample(self.qmp_timeout).await;
         }
@@ -345,6 +359,10 @@ impl Sources {
                 SourceKind::Perf => sample_opt(&mut self.perf, &ctx)?,
                 SourceKind::Qmp => match &mut self.qmp {
                     Some(q) => q.sample(self.qmp_timeout).await,
+                    None => crate::row::Measures::default(),
+                },
+                SourceKind::Gateway => match &mut self.gateway {
+                    Some(g) => g.sample()?,
                     None => crate::row::Measures::default(),
                 },
             };
@@ -590,6 +608,9 @@ async fn trace(
     if cfg.qmp.is_some() && !kinds.contains(&SourceKind::Qmp) {
         kinds.push(SourceKind::Qmp);
     }
+    if cfg.gateway.is_some() && !kinds.contains(&SourceKind::Gateway) {
+        kinds.push(SourceKind::Gateway);
+    }
     let perf = if kinds.contains(&SourceKind::Perf) {
         match PerfSource::new(pid) {
             Ok(p) => {
@@ -647,6 +668,31 @@ async fn trace(
             f.note = Some(why);
         }
     }
+    let gateway = match &cfg.gateway {
+        Some(g) => {
+            // QEMU's command line, for `mac=`: the command given, or the
+            // running target's.
+            let argv: Vec<String> = if cfg.command.is_empty() {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|b| {
+                        b.split(|&c| c == 0)
+                            .take(4096)
+                            .map(|a| String::from_utf8_lossy(a).into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                cfg.command
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect()
+            };
+            let src = GatewaySource::new(&mut probes, g, &argv, episode.path())?;
+            meta.gateway = Some(src.info().clone());
+            Some(src)
+        }
+        None => None,
+    };
     let proc = if cfg.sources.contains(&SourceKind::Proc) {
         Some(ProcSource::new(pid)?)
     } else {
@@ -658,6 +704,7 @@ async fn trace(
         ebpf,
         proc,
         perf,
+        gateway,
         qmp: cfg.qmp.as_ref().map(|p| QmpSlot::Pending {
             path: p.clone(),
             since: Instant::now(),
@@ -817,6 +864,7 @@ async fn trace(
             if let Some(fd) = &killer {
                 let _ = crate::target::pidfd_send_signal(fd, libc::SIGKILL);
             }
+            crate::sources::gateway::emergency_detach();
             eprintln!(
                 "error: second signal while finishing: aborted, the episode has no done.marker"
             );
@@ -853,6 +901,9 @@ async fn trace(
         log::warn!(
             "pid {pid} went to a new process after the target ended; that process was not traced"
         );
+    }
+    if let Some(g) = sources.gateway.take() {
+        meta.gateway = Some(g.finish()?);
     }
     let block_map_errors = sources.ebpf.block_map_errors();
     meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();

@@ -3,6 +3,7 @@
 //! coordinator stamps the row envelope; no source reads another's output.
 
 pub mod ebpf;
+pub mod gateway;
 pub mod perf;
 pub mod proc;
 pub mod qmp;
