@@ -229,6 +229,19 @@ pub struct TraceArgs {
           requires = "gateway_pcap")]
     pub gateway_snaplen: u32,
 
+    /// How --gateway-if attaches: tcx (bpf links, Linux 6.6+: gone with the
+    /// tracer whatever ends it), clsact (the clsact qdisc, added if missing
+    /// and then removed, and netlink filters, removed at the end), or auto
+    /// (tcx where the kernel has it).
+    #[arg(
+        long,
+        value_name = "HOW",
+        value_enum,
+        default_value = "auto",
+        requires = "gateway_if"
+    )]
+    pub gateway_attach: crate::sources::gateway::attach::AttachChoice,
+
     /// Listen on this unix socket for live commands, one per line:
     /// `label NAME` (mark a phase now), `ping`, `stop` (end tracing).
     #[arg(long, value_name = "PATH")]
@@ -335,6 +348,7 @@ impl TraceArgs {
                     macs: self.gateway_macs,
                     pcap: self.gateway_pcap,
                     snaplen: self.gateway_snaplen,
+                    attach: self.gateway_attach,
                 }),
             argv,
         }

@@ -32,6 +32,16 @@ pub enum AttachMode {
     Clsact,
 }
 
+/// `--gateway-attach`: how to attach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachChoice {
+    /// TCX on 6.6 and later, else clsact.
+    #[default]
+    Auto,
+    Tcx,
+    Clsact,
+}
+
 /// The classifiers attached to one interface; detached on drop.
 pub struct Attachment {
     pub iface: String,
@@ -68,12 +78,17 @@ pub fn ifindex(iface: &str) -> Result<u32> {
 
 impl Attachment {
     /// Loads and attaches both classifiers of `ebpf` to `iface`.
-    pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<Self> {
+    pub fn attach(ebpf: &mut Ebpf, iface: &str, choice: AttachChoice) -> Result<Self> {
         let ifindex = ifindex(iface)?;
-        let mode = if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
-            AttachMode::Tcx
-        } else {
-            AttachMode::Clsact
+        let mode = match choice {
+            AttachChoice::Tcx => AttachMode::Tcx,
+            AttachChoice::Clsact => AttachMode::Clsact,
+            AttachChoice::Auto
+                if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) =>
+            {
+                AttachMode::Tcx
+            }
+            AttachChoice::Auto => AttachMode::Clsact,
         };
         let mut added_clsact = false;
         if mode == AttachMode::Clsact {

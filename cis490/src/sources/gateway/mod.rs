@@ -35,6 +35,8 @@ pub struct GatewayConfig {
     /// `--gateway-pcap`.
     pub pcap: bool,
     pub snaplen: u32,
+    /// `--gateway-attach`.
+    pub attach: attach::AttachChoice,
 }
 
 impl GatewayConfig {
@@ -222,7 +224,7 @@ impl GatewaySource {
         let epoch_map = take(probes, gw::GW_EPOCH)?;
         let ips = take(probes, gw::GW_REMOTE_IPS)?;
         let ports = take(probes, gw::GW_REMOTE_PORTS)?;
-        let attachment = Attachment::attach(&mut probes.ebpf, &cfg.iface)?;
+        let attachment = Attachment::attach(&mut probes.ebpf, &cfg.iface, cfg.attach)?;
         if count_all {
             log::warn!(
                 "gateway: no MAC address of the VM known (--gateway-mac, mac= in its command line): \
