@@ -6,6 +6,7 @@
 //! a time.
 
 pub mod browser;
+pub mod capture;
 pub mod guest;
 
 use std::{
