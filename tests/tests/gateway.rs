@@ -457,13 +457,17 @@ fn read_pcap(path: &Path) -> Vec<Frame> {
     frames
 }
 
+/// A 5-tuple from the VM's side: protocol, local and remote address, local
+/// and remote port.
+type Flow = (u8, [u8; 16], [u8; 16], u16, u16);
+
 /// What the gateway fields count of one frame, recomputed from its bytes
 /// (the rules of docs/data-model.md, written again here).
 #[derive(Default)]
 struct Counted {
     /// Additive fields: name -> count.
     n: BTreeMap<&'static str, u64>,
-    flow: Option<(u8, [u8; 16], [u8; 16], u16, u16)>,
+    flow: Option<Flow>,
     remote_ip: Option<[u8; 16]>,
     remote_port: Option<u16>,
 }
@@ -649,10 +653,10 @@ fn counted_frames(frames: &[Frame], macs: &[[u8; 6]]) -> Vec<(u64, Counted)> {
         .iter()
         .filter_map(|f| {
             let mut c = count_frame(f, macs)?;
-            if let Some(flow) = c.flow {
-                if seen.insert(flow) {
-                    c.n.insert("gw_new_flows", 1);
-                }
+            if let Some(flow) = c.flow
+                && seen.insert(flow)
+            {
+                c.n.insert("gw_new_flows", 1);
             }
             Some((f.ts_ns, c))
         })

@@ -29,7 +29,8 @@ use serde::Serialize;
 use crate::btf::KernelBtf;
 
 /// The eBPF object built by build.rs from `cis490-ebpf`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cis490-ebpf"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cis490-ebpf"));
 
 /// A kernel struct member a program reads, and the read-only global in the
 /// object that receives its byte offset.

@@ -142,6 +142,7 @@ fn worst(kind: SourceKind, seq: u64, keys: u64) -> Measures {
         cache_references: Some(n(107)),
         cache_misses: Some(n(108)),
         branch_misses: Some(n(109)),
+        gw: crate::sources::gateway::GatewayMeasures::full(n(110)),
     }
 }
 

@@ -142,10 +142,10 @@ impl Drop for Attachment {
         // Dropping a link detaches it (a TCX link closes, a netlink filter
         // is deleted).
         self.links.clear();
-        if self.added_clsact {
-            if let Err(e) = del_clsact(self.ifindex) {
-                log::warn!("cannot remove the clsact qdisc of {}: {e}", self.iface);
-            }
+        if self.added_clsact
+            && let Err(e) = del_clsact(self.ifindex)
+        {
+            log::warn!("cannot remove the clsact qdisc of {}: {e}", self.iface);
         }
         *PENDING.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
@@ -173,10 +173,10 @@ pub fn emergency_detach() {
 fn is_eexist(e: &tc::TcError) -> bool {
     let mut src: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            if io.raw_os_error() == Some(libc::EEXIST) {
-                return true;
-            }
+        if let Some(io) = s.downcast_ref::<io::Error>()
+            && io.raw_os_error() == Some(libc::EEXIST)
+        {
+            return true;
         }
         src = s.source();
     }

@@ -91,10 +91,10 @@ pub fn from_rx_filter(answer: &serde_json::Value, max: usize) -> Result<Vec<Mac>
             .get("main-mac")
             .and_then(|v| v.as_str())
             .and_then(|s| s.parse::<Mac>().ok())
+            && !macs.contains(&m)
+            && macs.len() < max
         {
-            if !macs.contains(&m) && macs.len() < max {
-                macs.push(m);
-            }
+            macs.push(m);
         }
     }
     Ok(macs)

@@ -417,3 +417,32 @@ fn add(a: &mut GwStats, b: &GwStats) {
         *x = x.wrapping_add(*y);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The eBPF side's `#[map]` statics and programs carry the names of
+    /// `cis490_common::gateway` (a `#[map]` name must be a literal there).
+    #[test]
+    fn the_object_has_every_gateway_name() {
+        use object::{Object as _, ObjectSymbol as _};
+        let obj = object::File::parse(crate::probes::EBPF_OBJECT).unwrap();
+        let symbols: Vec<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
+        for name in gw::MAPS.iter().chain(gw::PROGRAMS.iter()) {
+            assert!(symbols.contains(name), "{name} is not in the eBPF object");
+        }
+    }
+
+    #[test]
+    fn per_cpu_counters_add_up() {
+        let mut a = GwStats::ZERO;
+        let mut b = GwStats::ZERO;
+        b.out_frames = 3;
+        b.pcap_dropped = 2;
+        b.size_hist[6] = 5;
+        add(&mut a, &b);
+        add(&mut a, &b);
+        assert_eq!((a.out_frames, a.pcap_dropped, a.size_hist[6]), (6, 4, 10));
+    }
+}
