@@ -208,7 +208,8 @@ pub struct TraceArgs {
     /// frames, bytes, protocols, TCP flags, DNS queries and NXDOMAIN
     /// answers, new flows, distinct remote addresses and ports, frame
     /// sizes). The VM's frames are those from or to its MAC addresses
-    /// (--gateway-mac, else `mac=` in QEMU's command line); with none known
+    /// (--gateway-mac, else QEMU's query-rx-filter over --qmp, else `mac=`
+    /// in QEMU's command line); with none known
     /// every frame on the interface is counted (meta.json says so).
     /// Example: --gateway-if br-malware --gateway-mac 52:54:00:12:34:56
     #[arg(long, value_name = "IFACE")]

@@ -687,7 +687,8 @@ async fn trace(
                     .map(|a| a.to_string_lossy().into_owned())
                     .collect()
             };
-            let src = GatewaySource::new(&mut probes, g, &argv, episode.path())?;
+            let macs = GatewaySource::find_macs(g, cfg.qmp.as_deref(), &argv).await;
+            let src = GatewaySource::new(&mut probes, g, macs, episode.path())?;
             meta.gateway = Some(src.info().clone());
             Some(src)
         }

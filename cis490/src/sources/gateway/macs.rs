@@ -79,6 +79,22 @@ pub fn from_command_line<S: AsRef<str>>(argv: &[S], max: usize) -> (Vec<Mac>, us
     (macs, bad)
 }
 
+/// The VM's NIC addresses from QEMU's `query-rx-filter` over its QMP
+/// socket, within `timeout` (the connection is closed again: QEMU serves one
+/// client at a time, and the qmp source connects next).
+pub async fn from_qmp(path: &std::path::Path, timeout: std::time::Duration) -> Result<Vec<Mac>> {
+    let mut c = crate::qmp::QmpClient::connect(path, timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("QMP {}: {e}", path.display()))?;
+    let answer = c
+        .execute("query-rx-filter", None, timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("QMP query-rx-filter: {e}"))?;
+    from_rx_filter(&answer, MAX_MACS)
+}
+
+const MAX_MACS: usize = cis490_common::gateway::MAX_MACS as usize;
+
 /// The `main-mac` of every NIC in a `query-rx-filter` answer (untrusted:
 /// bounded by `max`, malformed entries skipped).
 pub fn from_rx_filter(answer: &serde_json::Value, max: usize) -> Result<Vec<Mac>> {
@@ -157,5 +173,26 @@ mod tests {
             vec![Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56])]
         );
         assert!(from_rx_filter(&serde_json::json!({}), 16).is_err());
+    }
+
+    #[tokio::test]
+    async fn macs_from_a_qmp_server() {
+        use crate::qmp::fake::{err, greeting, ret, serve};
+        let srv = serve(greeting(), |req| match req["execute"].as_str() {
+            Some("query-rx-filter") => vec![ret(
+                req,
+                r#"[{"name": "net0", "main-mac": "52:54:00:12:34:56"}, {"name": "net1", "main-mac": "52:54:00:12:34:57"}]"#,
+            )],
+            _ => vec![err(req, "CommandNotFound", "no")],
+        });
+        let t = std::time::Duration::from_secs(5);
+        let macs = from_qmp(&srv.path, t).await.unwrap();
+        assert_eq!(
+            macs.iter().map(Mac::to_string).collect::<Vec<_>>(),
+            ["52:54:00:12:34:56", "52:54:00:12:34:57"]
+        );
+        // No socket: an error (the caller falls back to the command line).
+        let gone = srv.path.with_file_name("none.sock");
+        assert!(from_qmp(&gone, t).await.is_err());
     }
 }

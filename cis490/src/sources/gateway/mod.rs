@@ -176,25 +176,40 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 impl GatewaySource {
+    /// The VM's MAC addresses: `--gateway-mac`, else QEMU's answer to
+    /// `query-rx-filter` over `qmp` (when given and answering within 2 s),
+    /// else `mac=` in QEMU's command line `argv`.
+    pub async fn find_macs(
+        cfg: &GatewayConfig,
+        qmp: Option<&Path>,
+        argv: &[String],
+    ) -> (Vec<Mac>, MacOrigin, usize) {
+        if !cfg.macs.is_empty() {
+            return (cfg.macs.clone(), MacOrigin::Cli, 0);
+        }
+        if let Some(q) = qmp {
+            match macs::from_qmp(q, std::time::Duration::from_secs(2)).await {
+                Ok(m) if !m.is_empty() => return (m, MacOrigin::Qmp, 0),
+                Ok(_) => log::info!("gateway: QEMU's query-rx-filter lists no NIC"),
+                Err(e) => log::info!("gateway: no MAC from QMP ({e:#}); trying the command line"),
+            }
+        }
+        let (m, bad) = macs::from_command_line(argv, MAX_MACS as usize);
+        let origin = if m.is_empty() {
+            MacOrigin::None
+        } else {
+            MacOrigin::CommandLine
+        };
+        (m, origin, bad)
+    }
+
     /// Configures the maps (MACs, capture) and attaches the classifiers.
-    /// `argv` is QEMU's command line, for `mac=` when no MAC was given.
     pub fn new(
         probes: &mut Probes,
         cfg: &GatewayConfig,
-        argv: &[String],
+        (macs, origin, bad): (Vec<Mac>, MacOrigin, usize),
         episode: &Path,
     ) -> Result<Self> {
-        let (macs, origin, bad) = if !cfg.macs.is_empty() {
-            (cfg.macs.clone(), MacOrigin::Cli, 0)
-        } else {
-            let (m, bad) = macs::from_command_line(argv, MAX_MACS as usize);
-            let origin = if m.is_empty() {
-                MacOrigin::None
-            } else {
-                MacOrigin::CommandLine
-            };
-            (m, origin, bad)
-        };
         let mut mac_map: HashMap<MapData, u64, u32> = take(probes, gw::GW_MACS)?;
         for m in &macs {
             mac_map.insert(mac_key(m.0), 1, 0).context("map GW_MACS")?;
