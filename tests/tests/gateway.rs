@@ -34,15 +34,24 @@ const VM2_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x90, 0x00, 0x02];
 const GW4: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
 const GW6: Ipv6Addr = Ipv6Addr::new(0xfd90, 0, 0, 0, 0, 0, 0, 1);
 const BRIDGE: &str = "c490br";
-/// Bucket width of the traces.
-const INTERVAL_MS: u64 = 200;
+/// Bucket width of the traces (longer under software emulation, where
+/// everything is tens of times slower).
+fn interval_ms() -> u64 {
+    if software_emulated() { 1000 } else { 200 }
+}
 /// How far a capture timestamp may be from the instant the kernel program
 /// counted the frame, before (the capture stamps a received frame at the
 /// veth, before the bridge) and after (the tracer reads its counters a
 /// little after the boundary's clock reading, having sampled its other
 /// sources first).
 const EARLY_NS: u64 = 5_000_000;
-const LATE_NS: u64 = 50_000_000;
+fn late_ns() -> u64 {
+    if software_emulated() {
+        400_000_000
+    } else {
+        50_000_000
+    }
+}
 
 fn mac_str(m: [u8; 6]) -> String {
     m.iter()
@@ -686,8 +695,8 @@ fn bounds(frames: &[(u64, Counted)], from: u64, to: u64) -> Bounds {
         (BTreeSet::new(), BTreeSet::new()),
     );
     for (ts, c) in frames {
-        let possible = *ts + EARLY_NS > from && *ts <= to + LATE_NS;
-        let certain = *ts > from + LATE_NS && *ts + EARLY_NS <= to;
+        let possible = *ts + EARLY_NS > from && *ts <= to + late_ns();
+        let certain = *ts > from + late_ns() && *ts + EARLY_NS <= to;
         if !possible {
             continue;
         }
@@ -811,7 +820,7 @@ fn trace_gateway(lab: &Lab, dir: &Path, extra: &[&str]) -> Child {
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(["--progress-secs", "0", "--sources", "ebpf"])
-        .args(["--interval-ms", &INTERVAL_MS.to_string()])
+        .args(["--interval-ms", &interval_ms().to_string()])
         .args(["--gateway-if", BRIDGE])
         .args(extra)
         .stdout(Stdio::piped())
@@ -857,7 +866,7 @@ fn attached(gw: &Netns) -> (Vec<String>, String) {
 
 /// vm1's traffic, in phases a bucket or two apart.
 fn vm1_traffic(lab: &Lab) {
-    let pause = || thread::sleep(Duration::from_millis(INTERVAL_MS * 3 / 4));
+    let pause = || thread::sleep(Duration::from_millis(interval_ms() * 3 / 4));
     let (ok, refused) = run_in(&lab.vm1, || connect_ports((7200..7220).chain(7300..7340)));
     assert_eq!((ok, refused), (20, 40));
     pause();
@@ -933,11 +942,11 @@ fn gateway_fields_equal_a_capture_of_the_bridge() {
     let (tcx, _) = attached(&lab.gw);
     // Quiet edges: nothing of the test's own within a bucket of the start
     // and the end.
-    thread::sleep(Duration::from_millis(INTERVAL_MS * 2));
+    thread::sleep(Duration::from_millis(interval_ms() * 2));
     let other = vm2_traffic(&lab);
     vm1_traffic(&lab);
     other.join().unwrap();
-    thread::sleep(Duration::from_millis(INTERVAL_MS * 3));
+    thread::sleep(Duration::from_millis(interval_ms() * 3));
     let ep = end_trace(trace);
     thread::sleep(Duration::from_millis(300));
     stop_capture(capture);
@@ -1082,14 +1091,14 @@ fn clsact_attach_leaves_the_bridge_as_it_was() {
             tc.contains("gw_ingress") && tc.contains("gw_egress"),
             "{tc}"
         );
-        thread::sleep(Duration::from_millis(INTERVAL_MS * 2));
+        thread::sleep(Duration::from_millis(interval_ms() * 2));
         let other = vm2_traffic(&lab);
         let (ok, refused) = run_in(&lab.vm1, || connect_ports((7200..7205).chain(7300..7310)));
         assert_eq!((ok, refused), (5, 10));
         run_in(&lab.vm1, || ping(IpAddr::V4(GW4), 3));
         run_in(&lab.vm1, || bulk((GW4, 7001).into(), 512 << 10));
         other.join().unwrap();
-        thread::sleep(Duration::from_millis(INTERVAL_MS * 3));
+        thread::sleep(Duration::from_millis(interval_ms() * 3));
         let ep = end_trace(trace);
         thread::sleep(Duration::from_millis(300));
         stop_capture(capture);
@@ -1116,11 +1125,11 @@ fn without_a_mac_every_frame_counts() {
     let pcap = dir.join("bridge.pcap");
     let capture = start_capture(&lab.gw, &pcap);
     let trace = trace_gateway(&lab, &dir, &["--", "sleep", "600"]);
-    thread::sleep(Duration::from_millis(INTERVAL_MS * 2));
+    thread::sleep(Duration::from_millis(interval_ms() * 2));
     let other = vm2_traffic(&lab);
     run_in(&lab.vm1, || connect_ports(7300..7320));
     other.join().unwrap();
-    thread::sleep(Duration::from_millis(INTERVAL_MS * 3));
+    thread::sleep(Duration::from_millis(interval_ms() * 3));
     let ep = end_trace(trace);
     thread::sleep(Duration::from_millis(300));
     stop_capture(capture);
@@ -1134,11 +1143,11 @@ fn without_a_mac_every_frame_counts() {
     let frames = read_pcap(&pcap);
     let certain = frames
         .iter()
-        .filter(|f| f.ts_ns > start + LATE_NS && f.ts_ns + EARLY_NS <= end)
+        .filter(|f| f.ts_ns > start + late_ns() && f.ts_ns + EARLY_NS <= end)
         .count() as u64;
     let possible = frames
         .iter()
-        .filter(|f| f.ts_ns + EARLY_NS > start && f.ts_ns <= end + LATE_NS)
+        .filter(|f| f.ts_ns + EARLY_NS > start && f.ts_ns <= end + late_ns())
         .count() as u64;
     let got = ep.sum("gateway", "events");
     assert!(

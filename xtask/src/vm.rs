@@ -506,7 +506,11 @@ fn write_initramfs(
     // root's user and group entries: tcpdump looks up the user it runs as
     // (`-Z root`, so it keeps root's rights instead of dropping to
     // `tcpdump`, whom this VM does not know).
-    tree.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n".to_vec());
+    tree.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+    );
     tree.file("etc/group", 0o644, b"root:x:0:\n".to_vec());
     let list = guest::output(Command::new(busybox).arg("--list"))?;
     for applet in list.lines().map(str::trim).filter(|a| !a.is_empty()) {
