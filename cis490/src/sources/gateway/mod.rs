@@ -5,6 +5,7 @@
 //! has, so its rows are `available_in_deployment: true`.
 
 pub mod attach;
+pub mod check;
 pub mod macs;
 pub mod pcap;
 
