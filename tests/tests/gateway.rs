@@ -1157,3 +1157,72 @@ fn without_a_mac_every_frame_counts() {
     // Both VMs' frames: far more than vm1's alone.
     assert!(got > 6 * 5 * 2, "{got}");
 }
+
+/// Every way the tracer can end leaves the bridge as it was: an abort on a
+/// second signal undoes the clsact path (the target ignores SIGTERM, so the
+/// tracer is still finishing when the second signal comes), and a SIGKILL
+/// takes TCX links with it (kernels 6.6+; the clsact path's netlink filters
+/// outlive a SIGKILL, as documented, and are removed here).
+#[test]
+fn aborted_and_killed_tracers_leave_nothing_behind() {
+    require_root();
+    let dir = scratch("gateway-abort");
+    let lab = lab("gk");
+    let stubborn = ["--", "sh", "-c", "trap '' TERM; exec sleep 600"];
+    // A second SIGINT while finishing: exit 130, filters and qdisc gone.
+    let mut args = vec!["--gateway-attach", "clsact"];
+    args.extend(stubborn);
+    let trace = trace_gateway(&lab, &dir, &args);
+    let (_, tc) = attached(&lab.gw);
+    assert!(tc.contains("gw_ingress") && tc.contains("clsact"), "{tc}");
+    let ep_dir = episode_dir(&dir);
+    let target: i32 = Episode::read(&ep_dir).meta["target"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    kill(trace.id() as i32, libc::SIGINT);
+    // The tracer waits up to 5 s for the target after its SIGTERM.
+    thread::sleep(Duration::from_millis(1500));
+    kill(trace.id() as i32, libc::SIGINT);
+    let out = wait_output(trace, T);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, tc) = attached(&lab.gw);
+    assert!(
+        !tc.contains("gw_") && !tc.contains("clsact"),
+        "left after the abort:\n{tc}"
+    );
+    // SAFETY: kill(2); the target may be gone already (the abort kills it).
+    unsafe { libc::kill(target, libc::SIGKILL) };
+
+    // SIGKILL.
+    let _ = fs::remove_dir_all(dir.join("data"));
+    let trace = trace_gateway(&lab, &dir, &["--", "sleep", "600"]);
+    let ep = Episode::read(&episode_dir(&dir));
+    let target = ep.meta["target"]["pid"].as_i64().unwrap() as i32;
+    // meta.json names the attach mode only at the end: ask the kernel.
+    let (tcx, tc) = attached(&lab.gw);
+    let mode = if tcx.is_empty() { "clsact" } else { "tcx" };
+    assert!(mode == "tcx" || tc.contains("gw_ingress"), "{tc}");
+    kill(trace.id() as i32, libc::SIGKILL);
+    let _ = wait_output(trace, T);
+    unsafe { libc::kill(target, libc::SIGKILL) };
+    thread::sleep(Duration::from_millis(200));
+    let (tcx, tc) = attached(&lab.gw);
+    if mode == "tcx" {
+        assert!(
+            tcx.is_empty() && !tc.contains("gw_"),
+            "left after SIGKILL: {tcx:?}\n{tc}"
+        );
+    } else {
+        assert_eq!(mode, "clsact");
+        assert!(
+            tc.contains("gw_ingress"),
+            "the netlink filters outlive a SIGKILL:\n{tc}"
+        );
+        lab.gw.sh(&format!("tc qdisc del dev {BRIDGE} clsact"));
+    }
+}
