@@ -230,6 +230,11 @@ pub struct TraceArgs {
           requires = "gateway_pcap")]
     pub gateway_snaplen: u32,
 
+    /// The network namespace of --gateway-if: a name of `ip netns` or a
+    /// path (/proc/PID/ns/net); default: the tracer's own.
+    #[arg(long, value_name = "NETNS", requires = "gateway_if")]
+    pub gateway_netns: Option<PathBuf>,
+
     /// How --gateway-if attaches: tcx (bpf links, Linux 6.6+: gone with the
     /// tracer whatever ends it), clsact (the clsact qdisc, added if missing
     /// and then removed, and netlink filters, removed at the end), or auto
@@ -350,6 +355,7 @@ impl TraceArgs {
                     pcap: self.gateway_pcap,
                     snaplen: self.gateway_snaplen,
                     attach: self.gateway_attach,
+                    netns: self.gateway_netns,
                 }),
             argv,
         }

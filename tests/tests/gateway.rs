@@ -814,10 +814,23 @@ fn compare(ep: &Episode, capture: &[Frame], macs: &[[u8; 6]]) -> (usize, usize) 
     (busy, exact)
 }
 
+/// `cis490 trace --gateway-if BRIDGE EXTRA...` in the gateway's namespace
+/// (`ip netns exec`), or from the host's with `--gateway-netns`.
 fn trace_gateway(lab: &Lab, dir: &Path, extra: &[&str]) -> Child {
-    let mut c = lab.gw.cmd(&bin("cis490"));
-    c.arg("trace")
-        .arg("--data-dir")
+    trace_gateway_from(lab, dir, false, extra)
+}
+
+fn trace_gateway_from(lab: &Lab, dir: &Path, from_host: bool, extra: &[&str]) -> Child {
+    let mut c = if from_host {
+        let mut c = Command::new(bin("cis490"));
+        c.args(["trace", "--gateway-netns", &lab.gw.0]);
+        c
+    } else {
+        let mut c = lab.gw.cmd(&bin("cis490"));
+        c.arg("trace");
+        c
+    };
+    c.arg("--data-dir")
         .arg(dir.join("data"))
         .args(["--progress-secs", "0", "--sources", "ebpf"])
         .args(["--interval-ms", &interval_ms().to_string()])
@@ -1073,9 +1086,11 @@ fn clsact_attach_leaves_the_bridge_as_it_was() {
         let _ = fs::remove_file(&pcap);
         let capture = start_capture(&lab.gw, &pcap);
         let mac_arg = format!("virtio-net-pci,netdev=n0,mac={}", mac_str(VM1_MAC));
-        let trace = trace_gateway(
+        // From the host's namespace, the bridge's named.
+        let trace = trace_gateway_from(
             &lab,
             &dir,
+            true,
             &[
                 "--gateway-attach",
                 "clsact",
@@ -1104,6 +1119,7 @@ fn clsact_attach_leaves_the_bridge_as_it_was() {
         stop_capture(capture);
         let gw = &ep.meta["gateway"];
         assert_eq!(gw["attach"], "clsact");
+        assert_eq!(gw["netns"], lab.gw.0.as_str());
         assert_eq!(gw["added_clsact"], !pre_existing);
         assert_eq!(gw["mac_origin"], "command_line");
         assert_eq!(gw["macs"], serde_json::json!([mac_str(VM1_MAC)]));
@@ -1172,7 +1188,7 @@ fn aborted_and_killed_tracers_leave_nothing_behind() {
     // A second SIGINT while finishing: exit 130, filters and qdisc gone.
     let mut args = vec!["--gateway-attach", "clsact"];
     args.extend(stubborn);
-    let trace = trace_gateway(&lab, &dir, &args);
+    let trace = trace_gateway_from(&lab, &dir, true, &args);
     let (_, tc) = attached(&lab.gw);
     assert!(tc.contains("gw_ingress") && tc.contains("clsact"), "{tc}");
     let ep_dir = episode_dir(&dir);

@@ -8,7 +8,14 @@
 //! every exit path the tracer controls ([`Attachment`]'s `Drop`, and
 //! [`emergency_detach`] before the abort on a second signal).
 
-use std::{ffi::CString, io, sync::Mutex};
+use std::{
+    ffi::CString,
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -50,6 +57,7 @@ pub struct Attachment {
     /// Whether this tracer added the `clsact` qdisc (and removes it).
     pub added_clsact: bool,
     links: Vec<SchedClassifierLink>,
+    netns: Option<PathBuf>,
 }
 
 /// What [`emergency_detach`] must undo (netlink filters only: TCX links go
@@ -58,6 +66,45 @@ struct Pending {
     iface: String,
     ifindex: u32,
     added_clsact: bool,
+    netns: Option<PathBuf>,
+}
+
+/// Runs `f` with this thread in the network namespace at `netns` (a path,
+/// or a name of `ip netns`), then back in its own; `None`: here.
+pub fn in_netns<T>(netns: Option<&Path>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let Some(ns) = netns else { return f() };
+    let path = netns_path(ns);
+    let own = File::open("/proc/thread-self/ns/net")
+        .context("cannot open this thread's network namespace")?;
+    let there = File::open(&path)
+        .with_context(|| format!("--gateway-netns {}: cannot open", path.display()))?;
+    // SAFETY: setns with open namespace files, for this thread only.
+    if unsafe { libc::setns(there.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "--gateway-netns {}: cannot enter: {}",
+            path.display(),
+            io::Error::last_os_error()
+        );
+    }
+    let r = f();
+    // SAFETY: as above; back where the thread was.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // Never go on in the wrong namespace.
+        panic!(
+            "cannot return to the tracer's network namespace: {}",
+            io::Error::last_os_error()
+        );
+    }
+    r
+}
+
+/// A namespace path, or `/var/run/netns/NAME` for a bare name.
+pub fn netns_path(ns: &Path) -> PathBuf {
+    if ns.components().count() == 1 && !ns.is_absolute() {
+        Path::new("/var/run/netns").join(ns)
+    } else {
+        ns.to_owned()
+    }
 }
 
 static PENDING: Mutex<Option<Pending>> = Mutex::new(None);
@@ -77,8 +124,23 @@ pub fn ifindex(iface: &str) -> Result<u32> {
 }
 
 impl Attachment {
-    /// Loads and attaches both classifiers of `ebpf` to `iface`.
-    pub fn attach(ebpf: &mut Ebpf, iface: &str, choice: AttachChoice) -> Result<Self> {
+    /// Loads and attaches both classifiers of `ebpf` to `iface` (of the
+    /// network namespace `netns`, else the tracer's).
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        iface: &str,
+        choice: AttachChoice,
+        netns: Option<&Path>,
+    ) -> Result<Self> {
+        in_netns(netns, || Self::attach_here(ebpf, iface, choice, netns))
+    }
+
+    fn attach_here(
+        ebpf: &mut Ebpf,
+        iface: &str,
+        choice: AttachChoice,
+        netns: Option<&Path>,
+    ) -> Result<Self> {
         let ifindex = ifindex(iface)?;
         let mode = match choice {
             AttachChoice::Tcx => AttachMode::Tcx,
@@ -101,6 +163,7 @@ impl Attachment {
                 iface: iface.to_owned(),
                 ifindex,
                 added_clsact,
+                netns: netns.map(Path::to_owned),
             });
         }
         let mut this = Self {
@@ -109,6 +172,7 @@ impl Attachment {
             mode,
             added_clsact,
             links: Vec::new(),
+            netns: netns.map(Path::to_owned),
         };
         for (name, hook) in [
             (GW_INGRESS, TcAttachType::Ingress),
@@ -140,12 +204,21 @@ impl Attachment {
 impl Drop for Attachment {
     fn drop(&mut self) {
         // Dropping a link detaches it (a TCX link closes, a netlink filter
-        // is deleted).
-        self.links.clear();
-        if self.added_clsact
-            && let Err(e) = del_clsact(self.ifindex)
-        {
-            log::warn!("cannot remove the clsact qdisc of {}: {e}", self.iface);
+        // is deleted, in the interface's namespace).
+        let (links, added, ifindex) = (
+            std::mem::take(&mut self.links),
+            self.added_clsact,
+            self.ifindex,
+        );
+        let r = in_netns(self.netns.as_deref(), || {
+            drop(links);
+            if added {
+                del_clsact(ifindex)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            log::warn!("cannot remove the clsact qdisc of {}: {e:#}", self.iface);
         }
         *PENDING.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
@@ -156,17 +229,20 @@ impl Drop for Attachment {
 pub fn emergency_detach() {
     let pending = PENDING.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(p) = pending {
-        if p.added_clsact {
-            // The qdisc takes its filters with it.
-            let _ = del_clsact(p.ifindex);
-        } else {
-            for (name, hook) in [
-                (GW_INGRESS, TcAttachType::Ingress),
-                (GW_EGRESS, TcAttachType::Egress),
-            ] {
-                let _ = tc::qdisc_detach_program(&p.iface, hook, name);
+        let _ = in_netns(p.netns.as_deref(), || {
+            if p.added_clsact {
+                // The qdisc takes its filters with it.
+                let _ = del_clsact(p.ifindex);
+            } else {
+                for (name, hook) in [
+                    (GW_INGRESS, TcAttachType::Ingress),
+                    (GW_EGRESS, TcAttachType::Egress),
+                ] {
+                    let _ = tc::qdisc_detach_program(&p.iface, hook, name);
+                }
             }
-        }
+            Ok(())
+        });
     }
 }
 

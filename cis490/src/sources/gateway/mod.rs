@@ -38,6 +38,8 @@ pub struct GatewayConfig {
     pub snaplen: u32,
     /// `--gateway-attach`.
     pub attach: attach::AttachChoice,
+    /// `--gateway-netns`: the interface's network namespace.
+    pub netns: Option<std::path::PathBuf>,
 }
 
 impl GatewayConfig {
@@ -48,7 +50,7 @@ impl GatewayConfig {
         if self.snaplen == 0 || self.snaplen > gw::SNAP_MAX {
             anyhow::bail!("--gateway-snaplen must be 1..={}", gw::SNAP_MAX);
         }
-        attach::ifindex(&self.iface)?;
+        attach::in_netns(self.netns.as_deref(), || attach::ifindex(&self.iface))?;
         Ok(())
     }
 }
@@ -122,6 +124,8 @@ impl GatewayMeasures {
 #[derive(Clone, Debug, Serialize)]
 pub struct GatewayInfo {
     pub interface: String,
+    /// `--gateway-netns` as given (`null`: the tracer's namespace).
+    pub netns: Option<std::path::PathBuf>,
     pub ifindex: u32,
     pub attach: AttachMode,
     /// Whether the tracer added the clsact qdisc (and removed it at the end).
@@ -240,7 +244,12 @@ impl GatewaySource {
         let epoch_map = take(probes, gw::GW_EPOCH)?;
         let ips = take(probes, gw::GW_REMOTE_IPS)?;
         let ports = take(probes, gw::GW_REMOTE_PORTS)?;
-        let attachment = Attachment::attach(&mut probes.ebpf, &cfg.iface, cfg.attach)?;
+        let attachment = Attachment::attach(
+            &mut probes.ebpf,
+            &cfg.iface,
+            cfg.attach,
+            cfg.netns.as_deref(),
+        )?;
         if count_all {
             log::warn!(
                 "gateway: no MAC address of the VM known (--gateway-mac, mac= in its command line): \
@@ -250,6 +259,7 @@ impl GatewaySource {
         }
         let info = GatewayInfo {
             interface: cfg.iface.clone(),
+            netns: cfg.netns.clone(),
             ifindex: attachment.ifindex,
             attach: attachment.mode,
             added_clsact: attachment.added_clsact,
