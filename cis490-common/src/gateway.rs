@@ -55,8 +55,10 @@ pub const FLOWS_CAP: u32 = 65_536;
 pub const DISTINCT_CAP: u32 = 8_192;
 /// Elements of the frame size histogram (log2 of the frame length).
 pub const SIZE_BUCKETS: usize = 32;
-/// Largest snap length of `gateway.pcap`.
-pub const SNAP_MAX: u32 = 1_536;
+/// Largest snap length of `gateway.pcap` (a power of two: the classifier
+/// bounds the copy's length with a mask, which every verifier follows).
+pub const SNAP_MAX: u32 = 1_024;
+const _: () = assert!(SNAP_MAX.is_power_of_two());
 /// Default size of the `GW_PCAP` ring buffer (a power of two of pages).
 pub const PCAP_RINGBUF_BYTES: u32 = 4 << 20;
 

@@ -371,13 +371,12 @@ fn capture(ctx: &TcContext, s: *mut GwStats, len: u32, snaplen: u32) {
         return;
     };
     let rec = entry.as_mut_ptr();
-    let mut n = if len < snaplen { len } else { snaplen };
-    // Bounds the verifier sees: 1..=SNAP_MAX.
-    n = unsafe { core::ptr::read_volatile(&n) };
-    if n == 0 || n > SNAP_MAX {
-        entry.discard(0);
-        return;
-    }
+    // 1..=SNAP_MAX (a frame has bytes; the loader keeps the snap length
+    // in 1..=SNAP_MAX), bounded by a mask the verifier follows on every
+    // kernel (a compare LLVM may turn into one on a copy of the register).
+    let n = if len < snaplen { len } else { snaplen };
+    let n = unsafe { core::ptr::read_volatile(&n) };
+    let n = (n.wrapping_sub(1) & (SNAP_MAX - 1)) + 1;
     // SAFETY: `rec` is the reserved record; `n` fits `data`.
     let ok = unsafe {
         (*rec).ts_ns = bpf_ktime_get_ns();

@@ -225,7 +225,7 @@ pub struct TraceArgs {
     #[arg(long, requires = "gateway_if")]
     pub gateway_pcap: bool,
 
-    /// Bytes of each frame kept in gateway.pcap (1..=1536).
+    /// Bytes of each frame kept in gateway.pcap (1..=1024).
     #[arg(long, value_name = "BYTES", default_value_t = crate::sources::gateway::DEFAULT_SNAPLEN,
           requires = "gateway_pcap")]
     pub gateway_snaplen: u32,
