@@ -838,9 +838,31 @@ fn trace_gateway_from(lab: &Lab, dir: &Path, from_host: bool, extra: &[&str]) ->
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = c.spawn().expect("spawn cis490");
-    wait_trace_started(&dir.join("data"), T);
-    child
+    let mut child = c.spawn().expect("spawn cis490");
+    // Started, or failed: then its error, not a timeout.
+    let t0 = std::time::Instant::now();
+    loop {
+        let started = fs::read_dir(dir.join("data/episodes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                fs::read_to_string(e.path().join("events.jsonl"))
+                    .is_ok_and(|t| t.contains("\"event\":\"started\""))
+            });
+        if started {
+            return child;
+        }
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "cis490 trace ended before it started tracing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(t0.elapsed() < T, "trace did not start within {T:?}");
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn end_trace(child: Child) -> Episode {
