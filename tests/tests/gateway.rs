@@ -891,12 +891,22 @@ fn attached(gw: &Netns) -> (Vec<String>, String) {
         }
         names
     });
-    let mut tc = String::new();
+    let tc = tc_bin();
+    let mut out = String::new();
     for hook in ["ingress", "egress"] {
-        tc += &gw.sh(&format!("tc filter show dev {BRIDGE} {hook}"));
+        out += &gw.sh(&format!("{tc} filter show dev {BRIDGE} {hook}"));
     }
-    tc += &gw.sh(&format!("tc qdisc show dev {BRIDGE}"));
-    (tcx, tc)
+    out += &gw.sh(&format!("{tc} qdisc show dev {BRIDGE}"));
+    (tcx, out)
+}
+
+/// iproute2's `tc` (not busybox's applet, first on the VMs' PATH, which
+/// knows no clsact): /usr/sbin/tc here, /usr/bin/tc in the VMs.
+fn tc_bin() -> &'static str {
+    ["/usr/sbin/tc", "/sbin/tc", "/usr/bin/tc"]
+        .into_iter()
+        .find(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+        .expect("iproute2's tc")
 }
 
 /// vm1's traffic, in phases a bucket or two apart.
@@ -1101,7 +1111,8 @@ fn clsact_attach_leaves_the_bridge_as_it_was() {
     serve(&lab.gw);
     for pre_existing in [false, true] {
         if pre_existing {
-            lab.gw.sh(&format!("tc qdisc add dev {BRIDGE} clsact"));
+            lab.gw
+                .sh(&format!("{} qdisc add dev {BRIDGE} clsact", tc_bin()));
         }
         let _ = fs::remove_dir_all(dir.join("data"));
         let pcap = dir.join("bridge.pcap");
@@ -1261,6 +1272,7 @@ fn aborted_and_killed_tracers_leave_nothing_behind() {
             tc.contains("gw_ingress"),
             "the netlink filters outlive a SIGKILL:\n{tc}"
         );
-        lab.gw.sh(&format!("tc qdisc del dev {BRIDGE} clsact"));
+        lab.gw
+            .sh(&format!("{} qdisc del dev {BRIDGE} clsact", tc_bin()));
     }
 }
