@@ -1085,7 +1085,7 @@ fn gateway_fields_equal_a_capture_of_the_bridge() {
     }
     // And tcpdump reads it.
     let out = Command::new(cis490_tests::capture::tcpdump())
-        .args(["-n", "-r"])
+        .args(["-n", "-Z", "root", "-r"])
         .arg(ep.dir.join("gateway.pcap"))
         .output()
         .unwrap();
