@@ -910,7 +910,31 @@ fn tc_bin() -> &'static str {
 }
 
 /// vm1's traffic, in phases a bucket or two apart.
-fn vm1_traffic(lab: &Lab) {
+/// Sleeps until `late_ns()` + 10 ms past the trace's next bucket boundary
+/// (the grid from its `started` event), so that a short phase then falls
+/// in one bucket, clear of both its edges: one bucket compared exactly
+/// whatever the machine's speed.
+fn into_a_bucket(ep_dir: &Path) {
+    let text = fs::read_to_string(ep_dir.join("events.jsonl")).unwrap();
+    let started: Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["event"] == "started")
+        .expect("started event");
+    let start = started["t_mono_ns"].as_u64().unwrap();
+    let interval = started["interval_ns"].as_u64().unwrap();
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime into a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let next = start + ((now - start) / interval + 1) * interval;
+    thread::sleep(Duration::from_nanos(next + late_ns() + 10_000_000 - now));
+}
+
+fn vm1_traffic(lab: &Lab, ep_dir: &Path) {
     let pause = || thread::sleep(Duration::from_millis(interval_ms() * 3 / 4));
     let (ok, refused) = run_in(&lab.vm1, || connect_ports((7200..7220).chain(7300..7340)));
     assert_eq!((ok, refused), (20, 40));
@@ -938,7 +962,10 @@ fn vm1_traffic(lab: &Lab) {
         dns_tcp(&["t1.lab".into(), "nxt2.lab".into(), "t3.lab".into()])
     });
     pause();
+    // Ten pings inside one bucket.
+    into_a_bucket(ep_dir);
     run_in(&lab.vm1, || ping(IpAddr::V4(GW4), 10));
+    pause();
     run_in(&lab.vm1, || ping(IpAddr::V6(GW6), 5));
     // And pings from the gateway to the VM.
     run_in(&lab.gw, || ping(IpAddr::V4(Ipv4Addr::new(10, 90, 0, 2)), 5));
@@ -989,7 +1016,7 @@ fn gateway_fields_equal_a_capture_of_the_bridge() {
     // and the end.
     thread::sleep(Duration::from_millis(interval_ms() * 2));
     let other = vm2_traffic(&lab);
-    vm1_traffic(&lab);
+    vm1_traffic(&lab, &episode_dir(&dir));
     other.join().unwrap();
     thread::sleep(Duration::from_millis(interval_ms() * 3));
     let ep = end_trace(trace);
