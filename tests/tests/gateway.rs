@@ -1303,3 +1303,50 @@ fn aborted_and_killed_tracers_leave_nothing_behind() {
             .sh(&format!("{} qdisc del dev {BRIDGE} clsact", tc_bin()));
     }
 }
+
+/// Bad gateway options: one `error:` line each, a non-zero exit, no
+/// episode marked done.
+#[test]
+fn bad_gateway_options_get_one_error_line() {
+    require_root();
+    let dir = scratch("gateway-errors");
+    let data = dir.join("data");
+    for (args, says) in [
+        (
+            vec!["--gateway-if", "c490nosuch0"],
+            "--gateway-if c490nosuch0: no such interface",
+        ),
+        (
+            vec!["--gateway-if", "lo", "--gateway-mac", "52:54:00:zz:00:01"],
+            "is not a MAC address",
+        ),
+        (
+            vec!["--gateway-mac", "52:54:00:00:00:01"],
+            "required arguments were not provided",
+        ),
+        (
+            vec![
+                "--gateway-if",
+                "lo",
+                "--gateway-pcap",
+                "--gateway-snaplen",
+                "4096",
+            ],
+            "--gateway-snaplen must be 1..=1024",
+        ),
+        (
+            vec!["--gateway-if", "lo", "--gateway-netns", "c490-no-such-ns"],
+            "--gateway-netns /var/run/netns/c490-no-such-ns: cannot open",
+        ),
+        (vec!["--sources", "ebpf,gateway"], "give --gateway-if IFACE"),
+    ] {
+        let out = run_with_timeout(
+            default_trace_cmd(&dir)
+                .args(&args)
+                .args(["--", "sleep", "5"]),
+            T,
+        );
+        let line = one_line_error(&out, &data);
+        assert!(line.contains(says), "{args:?}: {line}");
+    }
+}
