@@ -1350,3 +1350,56 @@ fn bad_gateway_options_get_one_error_line() {
         assert!(line.contains(says), "{args:?}: {line}");
     }
 }
+
+/// `--gateway-pcap` on a flood the ring buffer cannot hold in one bucket:
+/// the frames it could not write are counted (`dropped_events`, meta.json
+/// `pcap.dropped`), and written + dropped = every frame counted.
+#[test]
+fn pcap_frames_the_ring_buffer_cannot_hold_are_counted() {
+    require_root();
+    let dir = scratch("gateway-drops");
+    let lab = lab("gd");
+    let trace = trace_gateway(
+        &lab,
+        &dir,
+        &[
+            "--gateway-mac",
+            &mac_str(VM1_MAC),
+            "--gateway-pcap",
+            "--gateway-snaplen",
+            "1024",
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
+    // 20000 datagrams at once: 20000 records of 1 KiB do not fit in 4 MiB.
+    run_in(&lab.vm1, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        for _ in 0..20_000 {
+            s.send_to(&[0u8; 64], (GW4, 9)).unwrap();
+        }
+    });
+    thread::sleep(Duration::from_millis(500));
+    let ep = end_trace(trace);
+    let gw = &ep.meta["gateway"];
+    let (records, dropped) = (
+        gw["pcap"]["records"].as_u64().unwrap(),
+        gw["pcap"]["dropped"].as_u64().unwrap(),
+    );
+    assert!(dropped > 0, "the flood overflowed nothing: {gw}");
+    assert_eq!(gw["pcap"]["undecodable"], 0);
+    // Every frame since the classifiers attached: written or dropped.
+    assert_eq!(records + dropped, gw["frames"].as_u64().unwrap(), "{gw}");
+    assert_eq!(
+        read_pcap(&ep.dir.join("gateway.pcap")).len() as u64,
+        records
+    );
+    // The rows' drops: those of the buckets (not before the baseline).
+    let rows_dropped = ep.sum("gateway", "dropped_events");
+    assert!(
+        rows_dropped > 0 && rows_dropped <= dropped,
+        "{rows_dropped} of {dropped}"
+    );
+    assert!(ep.sum("gateway", "gw_out_frames") >= 20_000);
+}
