@@ -910,11 +910,27 @@ fn tc_bin() -> &'static str {
 }
 
 /// vm1's traffic, in phases a bucket or two apart.
-/// Sleeps until `late_ns()` + 10 ms past the trace's next bucket boundary
-/// (the grid from its `started` event), so that a short phase then falls
-/// in one bucket, clear of both its edges: one bucket compared exactly
+fn mono_now() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime into a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn sleep_until_mono(t: u64) {
+    thread::sleep(Duration::from_nanos(t.saturating_sub(mono_now())));
+}
+
+/// Sleeps until `late_ns()` + 10 ms past a bucket boundary of the trace (the
+/// grid from its `started` event) at least `late_ns()` away, so that a
+/// short phase then falls in one bucket, clear of both its edges and of the
+/// stragglers of the phase before; returns when that bucket's late window
+/// ends (for the next phase to wait for): one bucket compared exactly
 /// whatever the machine's speed.
-fn into_a_bucket(ep_dir: &Path) {
+fn into_a_bucket(ep_dir: &Path) -> u64 {
     let text = fs::read_to_string(ep_dir.join("events.jsonl")).unwrap();
     let started: Value = text
         .lines()
@@ -923,15 +939,13 @@ fn into_a_bucket(ep_dir: &Path) {
         .expect("started event");
     let start = started["t_mono_ns"].as_u64().unwrap();
     let interval = started["interval_ns"].as_u64().unwrap();
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime into a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    let next = start + ((now - start) / interval + 1) * interval;
-    thread::sleep(Duration::from_nanos(next + late_ns() + 10_000_000 - now));
+    let now = mono_now();
+    let mut next = start + ((now - start) / interval + 1) * interval;
+    if next - now < late_ns() {
+        next += interval;
+    }
+    sleep_until_mono(next + late_ns() + 10_000_000);
+    next + interval + late_ns() + 10_000_000
 }
 
 fn vm1_traffic(lab: &Lab, ep_dir: &Path) {
@@ -962,10 +976,10 @@ fn vm1_traffic(lab: &Lab, ep_dir: &Path) {
         dns_tcp(&["t1.lab".into(), "nxt2.lab".into(), "t3.lab".into()])
     });
     pause();
-    // Ten pings inside one bucket.
-    into_a_bucket(ep_dir);
+    // Ten pings inside one bucket, nothing else of vm1's near it.
+    let after = into_a_bucket(ep_dir);
     run_in(&lab.vm1, || ping(IpAddr::V4(GW4), 10));
-    pause();
+    sleep_until_mono(after);
     run_in(&lab.vm1, || ping(IpAddr::V6(GW6), 5));
     // And pings from the gateway to the VM.
     run_in(&lab.gw, || ping(IpAddr::V4(Ipv4Addr::new(10, 90, 0, 2)), 5));
