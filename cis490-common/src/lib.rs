@@ -49,6 +49,7 @@ names! {
 }
 
 pub mod block;
+pub mod gateway;
 pub mod kvm;
 pub mod net;
 pub mod record;

@@ -7,6 +7,7 @@
 #![allow(internal_features)]
 
 mod block;
+mod gateway;
 mod kvm;
 mod maps;
 mod net;

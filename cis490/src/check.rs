@@ -81,6 +81,8 @@ struct Scan {
     clocks: Vec<(u64, u64, u64)>,
     /// Per entry of [`TOLERANCES`], the source's total.
     totals: Vec<Option<u64>>,
+    /// The VM's frames, for the gateway-vs-taps comparison.
+    frames: Option<crate::sources::gateway::check::Frames>,
 }
 
 /// How far two sources may be apart on a total: a relative share plus an
@@ -262,6 +264,7 @@ pub fn check(dir: &Path) -> Result<Report> {
         let mut scan = Scan {
             clocks: Vec::new(),
             totals: vec![None; TOLERANCES.len()],
+            frames: None,
         };
         let mut problems = Vec::new();
         let mut more = 0usize;
@@ -313,6 +316,7 @@ pub fn check(dir: &Path) -> Result<Report> {
             for (t, acc) in TOLERANCES.iter().zip(scan.totals.iter_mut()) {
                 add_total(acc, (t.get)(&row.m));
             }
+            crate::sources::gateway::check::add_row(&mut scan.frames, row.source, &row.m);
             if !order_ok {
                 continue;
             }
@@ -411,6 +415,13 @@ pub fn check(dir: &Path) -> Result<Report> {
                     format!("{}: {a} {x} vs {b} {y} (allowed {allowed})", t.field),
                 );
             }
+        }
+    }
+    // The gateway against the eBPF tap counters of the same VM.
+    let frames = |s: &str| by_source.get(s).and_then(|s| s.frames);
+    if let (Some(taps), Some(gw)) = (frames("ebpf"), frames("gateway")) {
+        for (ok, what) in crate::sources::gateway::check::compare(&taps, &gw) {
+            r.check(ok, format!("gateway vs ebpf taps, {what}"));
         }
     }
     Ok(r)

@@ -21,6 +21,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per run: the size of the trace variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Trace a process and write an episode directory.
@@ -29,7 +31,9 @@ pub enum Command {
                       meta.json, events.jsonl, labels.jsonl, telemetry-<source>.jsonl and, last, \
                       done.marker. The last line on stdout is the episode directory.\n\n\
                       Examples:\n  sudo cis490 trace --target-pid 1234 --duration 60\n  \
-                      sudo cis490 trace --interval-ms 10 -- qemu-system-x86_64 ...",
+                      sudo cis490 trace --interval-ms 10 -- qemu-system-x86_64 ...\n  \
+                      sudo cis490 trace --gateway-if br-malware --gateway-pcap -- qemu-system-x86_64 \
+                      -nic tap,mac=52:54:00:12:34:56 ...",
         after_help = "Tracing stops when the target exits, at --duration, or on SIGINT/SIGTERM. \
                       A command started with -- that is still running then gets SIGTERM \
                       (SIGKILL 5 s later)."
@@ -151,7 +155,7 @@ pub struct TraceArgs {
     pub data_dir: PathBuf,
 
     /// Sources to record, comma-separated: ebpf, proc, perf (qmp is added
-    /// by --qmp). The default is ebpf and proc. perf is an explicit oracle: it opens software counters
+    /// by --qmp, gateway by --gateway-if). The default is ebpf and proc. perf is an explicit oracle: it opens software counters
     /// (task-clock, context switches, migrations, page faults) and the
     /// hardware ones on every thread of the target, and the kernel saves
     /// and restores them at every context switch of a traced thread: on a
@@ -216,6 +220,51 @@ pub struct TraceArgs {
     /// (docs/agent-protocol.md).
     #[arg(long, value_name = "SOCKET")]
     pub guest_agent: Option<PathBuf>,
+    /// Also count the VM's frames on this interface (usually the lab's
+    /// bridge) with TC classifiers (clsact or TCX, detached at the end):
+    /// rows in telemetry-gateway.jsonl (`available_in_deployment: true`;
+    /// frames, bytes, protocols, TCP flags, DNS queries and NXDOMAIN
+    /// answers, new flows, distinct remote addresses and ports, frame
+    /// sizes). The VM's frames are those from or to its MAC addresses
+    /// (--gateway-mac, else QEMU's query-rx-filter over --qmp, else `mac=`
+    /// in QEMU's command line); with none known
+    /// every frame on the interface is counted (meta.json says so).
+    /// Example: --gateway-if br-malware --gateway-mac 52:54:00:12:34:56
+    #[arg(long, value_name = "IFACE")]
+    pub gateway_if: Option<String>,
+
+    /// A MAC address of the traced VM's NIC (repeatable), for --gateway-if.
+    #[arg(long = "gateway-mac", value_name = "MAC", requires = "gateway_if")]
+    pub gateway_macs: Vec<crate::sources::gateway::macs::Mac>,
+
+    /// Also write the VM's frames to gateway.pcap in the episode (through
+    /// a ring buffer; frames it had no room for are counted in the rows'
+    /// `dropped_events`).
+    #[arg(long, requires = "gateway_if")]
+    pub gateway_pcap: bool,
+
+    /// Bytes of each frame kept in gateway.pcap (1..=1024).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::sources::gateway::DEFAULT_SNAPLEN,
+          requires = "gateway_pcap")]
+    pub gateway_snaplen: u32,
+
+    /// The network namespace of --gateway-if: a name of `ip netns` or a
+    /// path (/proc/PID/ns/net); default: the tracer's own.
+    #[arg(long, value_name = "NETNS", requires = "gateway_if")]
+    pub gateway_netns: Option<PathBuf>,
+
+    /// How --gateway-if attaches: tcx (bpf links, Linux 6.6+: gone with the
+    /// tracer whatever ends it), clsact (the clsact qdisc, added if missing
+    /// and then removed, and netlink filters, removed at the end), or auto
+    /// (tcx where the kernel has it).
+    #[arg(
+        long,
+        value_name = "HOW",
+        value_enum,
+        default_value = "auto",
+        requires = "gateway_if"
+    )]
+    pub gateway_attach: crate::sources::gateway::attach::AttachChoice,
 
     /// Listen on this unix socket for live commands, one per line:
     /// `label NAME` (mark a phase now), `ping`, `stop` (end tracing).
@@ -325,6 +374,16 @@ impl TraceArgs {
             qmp: self.qmp,
             guest_agent: self.guest_agent,
             episode_file: self.episode_file,
+            gateway: self
+                .gateway_if
+                .map(|iface| crate::sources::gateway::GatewayConfig {
+                    iface,
+                    macs: self.gateway_macs,
+                    pcap: self.gateway_pcap,
+                    snaplen: self.gateway_snaplen,
+                    attach: self.gateway_attach,
+                    netns: self.gateway_netns,
+                }),
             argv,
         }
     }

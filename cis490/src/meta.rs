@@ -149,6 +149,12 @@ pub struct Meta {
     /// counts it, the scheduler's runtime does not, so `cis490 check`
     /// allows perf's `cpu_ns` that much more. `null` where not readable.
     pub host_steal_ns: Option<u64>,
+    /// The gateway collector: interface, attach mode, the VM's MAC
+    /// addresses and where they came from, capture counts (`null` without
+    /// `--gateway-if`).
+    /// (Written only: no reader of an episode needs it back typed.)
+    #[serde(skip_deserializing)]
+    pub gateway: Option<crate::sources::gateway::GatewayInfo>,
 }
 
 /// Longest `--tag` value, bytes.

@@ -26,15 +26,18 @@ pub enum SourceKind {
     Qmp,
     /// The in-guest agent's lines over virtio-serial (`--guest-agent`).
     Guest,
+    /// The VM's frames at the lab's gateway interface (TC classifiers).
+    Gateway,
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 5] = [
+    pub const ALL: [SourceKind; 6] = [
         SourceKind::Ebpf,
         SourceKind::Proc,
         SourceKind::Perf,
         SourceKind::Qmp,
         SourceKind::Guest,
+        SourceKind::Gateway,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,16 +47,18 @@ impl SourceKind {
             Self::Perf => "perf",
             Self::Qmp => "qmp",
             Self::Guest => "guest",
+            Self::Gateway => "gateway",
         }
     }
 
     /// In the lab's threat model every host-side vantage is an oracle: the
     /// deployed detector cannot see the host. The guest agent is the inside
-    /// view a deployed endpoint sensor has.
+    /// view a deployed endpoint sensor has, and the gateway what a deployed
+    /// detector on the network sees.
     pub fn available_in_deployment(self) -> bool {
         match self {
             Self::Ebpf | Self::Proc | Self::Perf | Self::Qmp => false,
-            Self::Guest => true,
+            Self::Guest | Self::Gateway => true,
         }
     }
 
@@ -69,7 +74,9 @@ impl std::str::FromStr for SourceKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown source '{s}' (known: ebpf, proc, perf, qmp, guest)"))
+            .ok_or_else(|| {
+                format!("unknown source '{s}' (known: ebpf, proc, perf, qmp, guest, gateway)")
+            })
     }
 }
 
@@ -158,6 +165,9 @@ pub struct Measures {
     /// The guest agent's fields (`guest_*`), in every row.
     #[serde(flatten)]
     pub guest: crate::sources::guest::fields::GuestMeasures,
+    /// The gateway's fields (`gw_*`), `null` in every other source.
+    #[serde(flatten)]
+    pub gw: crate::sources::gateway::fields::GatewayMeasures,
 }
 
 /// Block counters of one device, as a source counts them.
@@ -444,6 +454,7 @@ mod tests {
             cache_misses: Some(n),
             branch_misses: Some(n),
             guest: crate::sources::guest::fields::GuestMeasures::every(n),
+            gw: crate::sources::gateway::fields::GatewayMeasures::full(n),
         };
         Row {
             episode_id: "01M8HJJ72G58PD87B8318Y5SKR".into(),

@@ -6,6 +6,7 @@
 //! a time.
 
 pub mod browser;
+pub mod capture;
 pub mod guest;
 
 use std::{
@@ -1042,12 +1043,13 @@ pub mod bpf {
     /// the names `cis490_common` declares (a unit test of cis490 holds the
     /// built object to them).
     pub fn cis490_program_names() -> BTreeSet<String> {
-        use cis490_common::{block, kvm, net, sched};
+        use cis490_common::{block, gateway, kvm, net, sched};
         [
             sched::prog::ALL,
             block::prog::ALL,
             net::prog::ALL,
             kvm::prog::ALL,
+            gateway::prog::ALL,
         ]
         .iter()
         .flat_map(|l| l.iter())
@@ -1058,13 +1060,14 @@ pub mod bpf {
     /// cis490's map names (at most 15 bytes), as `cis490_common` declares
     /// them.
     pub fn cis490_map_names() -> BTreeSet<String> {
-        use cis490_common::{block, kvm, map, net, sched};
+        use cis490_common::{block, gateway, kvm, map, net, sched};
         [
             map::ALL,
             sched::map::ALL,
             block::map::ALL,
             net::map::ALL,
             kvm::map::ALL,
+            gateway::map::ALL,
         ]
         .iter()
         .flat_map(|l| l.iter())

@@ -26,7 +26,11 @@ const KEYED: [&str; 4] = [
     "kvm_exit_reasons",
     "kvm_userspace_exit_reasons",
 ];
-const HISTS: [&str; 2] = ["runq_delay_hist_log2", "blk_latency_hist_log2"];
+const HISTS: [&str; 3] = [
+    "runq_delay_hist_log2",
+    "blk_latency_hist_log2",
+    "gw_frame_size_hist_log2",
+];
 const ENVELOPE: [&str; 7] = [
     "episode_id",
     "source",

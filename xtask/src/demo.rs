@@ -22,6 +22,11 @@ use cis490_tests::{
 use crate::{guest, run};
 
 const TAP: &str = "c490demo0";
+/// The bridge the tap is on: the gateway source's interface.
+const BRIDGE: &str = "c490demobr";
+/// The guest NIC's address, on QEMU's command line (`mac=`), so the gateway
+/// source knows the guest's frames.
+const GUEST_MAC: &str = "52:54:00:99:00:02";
 const SEND_BYTES: u64 = 8_000_000;
 const DISK_MB: u64 = 64;
 
@@ -98,12 +103,20 @@ pub fn run_demo(bin: &Path, data_dir: &Path) -> Result<()> {
 /// agent's virtio-serial port, and the demo asks for perf's per-thread
 /// counters too (not a default source), so the episode holds every
 /// host-side source (ebpf, proc, perf, qmp), the guest's own view (guest,
-/// from the agent its init starts) and the guest's phase labels.
+/// from the agent its init starts), the gateway's rows (the tap is on a
+/// bridge, as in the lab) and the guest's phase labels.
 fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
     let ns = Netns::new("demo");
+    // The lab's shape: the guest's tap on a bridge whose own address is
+    // the guest's peer (the gateway), watched by the gateway source.
+    ns.ip(&["link", "add", BRIDGE, "type", "bridge"]);
     ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
-    ns.sh(&format!("sysctl -q -w net.ipv6.conf.{TAP}.disable_ipv6=1"));
-    ns.ip(&["addr", "add", "10.99.0.1/24", "dev", TAP]);
+    for dev in [BRIDGE, TAP] {
+        ns.sh(&format!("sysctl -q -w net.ipv6.conf.{dev}.disable_ipv6=1"));
+    }
+    ns.ip(&["link", "set", TAP, "master", BRIDGE]);
+    ns.ip(&["addr", "add", "10.99.0.1/24", "dev", BRIDGE]);
+    ns.ip(&["link", "set", BRIDGE, "up"]);
     ns.ip(&["link", "set", TAP, "up"]);
     let work = guest::cache_dir().join("demo");
     fs::create_dir_all(&work)?;
@@ -130,7 +143,7 @@ fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
     ));
     launch.disk = Some(disk.clone());
     launch.nic = Some(format!(
-        "tap,ifname={TAP},script=no,downscript=no,model=virtio-net-pci"
+        "tap,ifname={TAP},script=no,downscript=no,model=virtio-net-pci,mac={GUEST_MAC}"
     ));
     launch.console = Some(console.clone());
     let qmp = work.join("qmp.sock");
@@ -163,6 +176,10 @@ fn qemu(bin: &Path, data_dir: &Path, g: &GuestJson) -> Result<String> {
             control.into(),
             "--label".into(),
             "boot@0".into(),
+            "--gateway-if".into(),
+            BRIDGE.into(),
+            "--gateway-netns".into(),
+            ns.0.clone().into(),
         ],
         &argv,
     );

@@ -226,6 +226,8 @@ pub fn vm(kernels: &[String], opts: &vm::Options) -> Result<()> {
         .map(|(n, _)| n.to_string())
         .collect();
     let mut apt = guest::Apt::default();
+    // The VM copies the host's tcpdump (the gateway test's capture).
+    crate::capture::ensure_tcpdump(&mut apt)?;
     let (qemu, accel, busybox) = vm::host_parts(&mut apt)?;
     let kernels: Vec<String> = if kernels.is_empty() {
         vm::DEFAULT_KERNELS.iter().map(|s| s.to_string()).collect()

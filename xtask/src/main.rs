@@ -19,6 +19,7 @@ mod agent;
 mod apt;
 mod bench;
 mod browser;
+mod capture;
 mod demo;
 mod fuzz;
 mod guest;
@@ -313,10 +314,13 @@ fn test(fuzz_secs: u64, args: &[String]) -> Result<()> {
     // The browser the report test opens its page in.
     let chromium = browser::ensure_chromium(&mut guest::Apt::default())?;
     eprintln!("test: browser ready: {}", chromium.display());
+    // The capture the gateway test holds the gateway collector against.
+    let tcpdump = capture::ensure_tcpdump(&mut guest::Apt::default())?;
     let mut privileged = cargo();
     privileged.env(guest::JSON_ENV, &guest_json);
     privileged.env(pyenv::PYTHON_ENV, &python);
     privileged.env(cis490_tests::browser::CHROMIUM_ENV, &chromium);
+    privileged.env(cis490_tests::capture::TCPDUMP_ENV, &tcpdump);
     // One at a time: each test times real workloads on a 2-core machine.
     privileged
         .args([

@@ -61,6 +61,8 @@ pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12"];
 /// through a loop device), and kvm for its tracepoints (`kvm:kvm_exit`,
 /// `kvm:kvm_userspace_exit`, classic ones through tracefs: the kvm family
 /// attaches there, though without VMX/SVM under emulation no VM runs).
+/// The gateway test's lab: veth pairs on a bridge, the clsact qdisc
+/// (sch_ingress) and the classifier (cls_bpf) of the clsact path.
 const MODULES: &[&str] = &[
     "virtio",
     "virtio_ring",
@@ -73,13 +75,18 @@ const MODULES: &[&str] = &[
     "tun",
     "loop",
     "kvm",
+    "veth",
+    "bridge",
+    "sch_ingress",
+    "cls_bpf",
 ];
 
 /// Host programs the tests run that busybox lacks or gets wrong: `ip netns`
 /// (the tap tests), `bash` (`/dev/tcp` in the socket test), `setpriv
-/// --clear-groups` (the non-root test), `mkfs.ext4` (the failing-disk test).
-/// Copied with their libraries.
-const HOST_TOOLS: &[&str] = &["ip", "bash", "setpriv", "mkfs.ext4"];
+/// --clear-groups` (the non-root test), `mkfs.ext4` (the failing-disk test),
+/// `tcpdump` and `tc` (the gateway test: its capture, and the qdiscs and
+/// filters left on the bridge). Copied with their libraries.
+const HOST_TOOLS: &[&str] = &["ip", "bash", "setpriv", "mkfs.ext4", "tcpdump", "tc"];
 
 /// Where the binaries go inside the VM: the test binaries in `deps/`, since
 /// the tests find `cis490` and the workload in the parent of their own
@@ -497,6 +504,15 @@ fn write_initramfs(
         .replace("@BINARY_TIMEOUT@", &BINARY_TIMEOUT_SECS.to_string());
     tree.file("init", 0o755, init.into_bytes());
     tree.file("bin/busybox", 0o755, fs::read(busybox)?);
+    // root's user and group entries: tcpdump looks up the user it runs as
+    // (`-Z root`, so it keeps root's rights instead of dropping to
+    // `tcpdump`, whom this VM does not know).
+    tree.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+    );
+    tree.file("etc/group", 0o644, b"root:x:0:\n".to_vec());
     let list = guest::output(Command::new(busybox).arg("--list"))?;
     for applet in list.lines().map(str::trim).filter(|a| !a.is_empty()) {
         if applet != "busybox" {

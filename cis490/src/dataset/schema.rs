@@ -64,6 +64,8 @@ macro_rules! measures {
     (@one u64 $name:ident) => { Measure::U64(stringify!($name), |m| m.$name) };
     (@one guest $name:ident) => { Measure::U64(stringify!($name), |m| m.guest.$name) };
     (@one hist $name:ident) => { Measure::Hist(stringify!($name), |m| m.$name.as_ref()) };
+    (@one gw $name:ident) => { Measure::U64(stringify!($name), |m| m.gw.$name) };
+    (@one gwhist $name:ident) => { Measure::Hist(stringify!($name), |m| m.gw.$name.as_ref()) };
     (@one keyed $name:ident) => { Measure::Keyed(stringify!($name), |m| m.$name.as_ref().map(|o| o.len())) };
 }
 
@@ -120,6 +122,29 @@ measures!(
     guest guest_lines,
     guest guest_bad_lines,
     guest guest_skipped_lines,
+    gw gw_out_frames,
+    gw gw_out_bytes,
+    gw gw_in_frames,
+    gw gw_in_bytes,
+    gw gw_ipv4_frames,
+    gw gw_ipv6_frames,
+    gw gw_arp_frames,
+    gw gw_other_frames,
+    gw gw_tcp_frames,
+    gw gw_udp_frames,
+    gw gw_icmp_frames,
+    gw gw_tcp_syn,
+    gw gw_tcp_synack_in,
+    gw gw_tcp_rst_in,
+    gw gw_tcp_rst_out,
+    gw gw_tcp_fin,
+    gw gw_dns_queries,
+    gw gw_dns_nxdomain,
+    gw gw_new_flows,
+    gw gw_remote_ips,
+    gw gw_remote_ports,
+    gw gw_distinct_overflow,
+    gwhist gw_frame_size_hist_log2,
 );
 
 /// One entry of a keyed object: its key and its counters.

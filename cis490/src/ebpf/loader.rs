@@ -289,7 +289,7 @@ fn raise_memlock_limit() {
 mod tests {
     use std::collections::BTreeSet;
 
-    use cis490_common::{block, kvm, net, sched};
+    use cis490_common::{block, gateway, kvm, net, sched};
     use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
     use super::*;
@@ -303,12 +303,14 @@ mod tests {
                 block::map::ALL,
                 net::map::ALL,
                 kvm::map::ALL,
+                gateway::map::ALL,
             ],
             "programs" => &[
                 sched::prog::ALL,
                 block::prog::ALL,
                 net::prog::ALL,
                 kvm::prog::ALL,
+                gateway::prog::ALL,
             ],
             _ => &[
                 global::ALL,

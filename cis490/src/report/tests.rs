@@ -23,6 +23,23 @@ fn write_episode(
     labels: &[(&str, u64)],
     events: &[Value],
 ) {
+    // As in real episodes, the guest and gateway sources fill only their
+    // own fields, and the host-side sources none of those.
+    let own_fields = |kind: SourceKind, m: Measures| match kind {
+        SourceKind::Guest => Measures {
+            guest: m.guest,
+            ..Default::default()
+        },
+        SourceKind::Gateway => Measures {
+            gw: m.gw,
+            ..Default::default()
+        },
+        _ => Measures {
+            guest: Default::default(),
+            gw: Default::default(),
+            ..m
+        },
+    };
     let start = 1_000_000_000u64;
     let mut sources = Vec::new();
     for kind in SourceKind::ALL {
@@ -38,7 +55,7 @@ fn write_episode(
                 t_wall_ns: t + 1_700_000_000_000_000_000,
                 interval_ns,
                 seq,
-                m: m(kind, seq),
+                m: own_fields(kind, m(kind, seq)),
             };
             writeln!(text, "{}", serde_json::to_string(&row).unwrap()).unwrap();
         }
@@ -146,6 +163,7 @@ fn worst(kind: SourceKind, seq: u64, keys: u64) -> Measures {
         cache_misses: Some(n(108)),
         branch_misses: Some(n(109)),
         guest: crate::sources::guest::GuestMeasures::every(n(110)),
+        gw: crate::sources::gateway::GatewayMeasures::full(n(110)),
     }
 }
 

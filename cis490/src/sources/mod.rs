@@ -2,6 +2,7 @@
 //! "what changed since the last boundary?", as a [`Measures`]. The
 //! coordinator stamps the row envelope; no source reads another's output.
 
+pub mod gateway;
 pub mod guest;
 pub mod perf;
 pub mod proc;

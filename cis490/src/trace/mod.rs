@@ -55,6 +55,8 @@ pub struct TraceConfig {
     /// Where to write the episode directory's path once it exists
     /// (`--episode-file PATH`).
     pub episode_file: Option<PathBuf>,
+    /// The gateway collector (`--gateway-if` and co).
+    pub gateway: Option<crate::sources::gateway::GatewayConfig>,
     /// This process's own argv, for meta.json.
     pub argv: Vec<String>,
 }
@@ -81,6 +83,12 @@ impl TraceConfig {
         }
         if self.sources.contains(&SourceKind::Qmp) && self.qmp.is_none() {
             bail!("the qmp source needs QEMU's QMP socket: give --qmp SOCKET");
+        }
+        if self.sources.contains(&SourceKind::Gateway) && self.gateway.is_none() {
+            bail!("the gateway source needs an interface: give --gateway-if IFACE");
+        }
+        if let Some(g) = &self.gateway {
+            g.validate()?;
         }
         if self.sources.contains(&SourceKind::Guest) && self.guest_agent.is_none() {
             bail!("the guest source needs the agent's chardev socket: give --guest-agent SOCKET");
@@ -189,6 +197,7 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
         labels: 0,
         tags: crate::meta::tag_map(&cfg.tags).map_err(anyhow::Error::msg)?,
         host_steal_ns: None,
+        gateway: None,
     };
     episode.write_meta(&meta)?;
     log::info!("episode {} -> {}", episode.id(), episode.path().display());
@@ -234,7 +243,7 @@ async fn trace(
     // SIGINT/SIGTERM handled from here on: a signal during setup still
     // ends in a complete episode.
     let mut signals = phases::Signals::handle()?;
-    let mut run = phases::Run::attach(cfg, facts, target, episode, meta)?;
+    let mut run = phases::Run::attach(cfg, facts, target, episode, meta).await?;
     let mut grid = run.begin().await?;
     let reason = run.event_loop(&mut grid, &mut signals).await?;
     run.finish(grid, reason, signals).await

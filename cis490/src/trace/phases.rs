@@ -28,7 +28,7 @@ use crate::{
     fdwatch,
     meta::{Clock, EndReason, Meta, SourceMeta},
     row::SourceKind,
-    sources::{guest::GuestSource, perf::PerfSource, proc::ProcSource},
+    sources::{gateway::GatewaySource, guest::GuestSource, perf::PerfSource, proc::ProcSource},
     taps::Holdings,
     target::Target,
 };
@@ -78,7 +78,7 @@ impl<'a> Run<'a> {
     /// `execve`, its counters are inherited by every thread it will start),
     /// the output files and the control socket, and loads and attaches the
     /// probes.
-    pub(super) fn attach(
+    pub(super) async fn attach(
         cfg: &'a TraceConfig,
         facts: &KernelFacts,
         target: &'a mut Target,
@@ -92,6 +92,9 @@ impl<'a> Run<'a> {
         }
         if cfg.guest_agent.is_some() && !kinds.contains(&SourceKind::Guest) {
             kinds.push(SourceKind::Guest);
+        }
+        if cfg.gateway.is_some() && !kinds.contains(&SourceKind::Gateway) {
+            kinds.push(SourceKind::Gateway);
         }
         let perf = if kinds.contains(&SourceKind::Perf) {
             match PerfSource::new(pid) {
@@ -147,6 +150,16 @@ impl<'a> Run<'a> {
                 f.note = Some(why);
             }
         }
+        let gateway = match &cfg.gateway {
+            Some(g) => {
+                let argv = qemu_argv(cfg, pid);
+                let macs = GatewaySource::find_macs(g, cfg.qmp.as_deref(), &argv).await;
+                let src = GatewaySource::new(&mut probes, g, macs, episode.path())?;
+                meta.gateway = Some(src.info().clone());
+                Some(src)
+            }
+            None => None,
+        };
         let proc = if cfg.sources.contains(&SourceKind::Proc) {
             Some(ProcSource::new(pid)?)
         } else {
@@ -173,6 +186,7 @@ impl<'a> Run<'a> {
             holdings: Holdings::default(),
             holdings_at: None,
             qmp_empty_buckets: 0,
+            gateway,
         };
         Ok(Self {
             cfg,
@@ -421,6 +435,9 @@ impl<'a> Run<'a> {
         if let Some(g) = &sources.guest {
             meta.guest_agent = Some(g.info());
         }
+        if let Some(g) = sources.gateway.take() {
+            meta.gateway = Some(g.finish()?);
+        }
         if sources.ebpf.target_pid_reused() {
             log::warn!(
                 "pid {pid} went to a new process after the target ended; that process was not traced"
@@ -507,6 +524,26 @@ impl<'a> Run<'a> {
     }
 }
 
+/// QEMU's command line, for the gateway's `mac=`: the command given, or
+/// the running target's.
+fn qemu_argv(cfg: &TraceConfig, pid: i32) -> Vec<String> {
+    if cfg.command.is_empty() {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| {
+                b.split(|&c| c == 0)
+                    .take(4096)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        cfg.command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
 /// A second SIGINT or SIGTERM while finishing aborts at once: no
 /// done.marker, so nothing picks up a half-finished episode. A spawned
 /// command is killed with it rather than left behind.
@@ -520,6 +557,7 @@ fn abort_on_second_signal(target: &Target, mut signals: Signals) {
         if let Some(fd) = &killer {
             let _ = crate::target::pidfd_send_signal(fd, libc::SIGKILL);
         }
+        crate::sources::gateway::emergency_detach();
         eprintln!("error: second signal while finishing: aborted, the episode has no done.marker");
         std::process::exit(130);
     });

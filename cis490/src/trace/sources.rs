@@ -14,7 +14,8 @@ use crate::{
     event::{Event, QmpDetail},
     row::{Row, SourceKind},
     sources::{
-        SampleCtx, Source, guest::GuestSource, perf::PerfSource, proc::ProcSource, qmp::QmpSource,
+        SampleCtx, Source, gateway::GatewaySource, guest::GuestSource, perf::PerfSource,
+        proc::ProcSource, qmp::QmpSource,
     },
     taps::{self, Holdings},
 };
@@ -29,6 +30,7 @@ pub(super) struct Sources {
     pub(super) perf: Option<PerfSource>,
     pub(super) qmp: Option<QmpSlot>,
     pub(super) guest: Option<GuestSource>,
+    pub(super) gateway: Option<GatewaySource>,
     /// How long a QMP query may take within a bucket.
     pub(super) qmp_timeout: Duration,
     /// Buckets whose QMP row has no data at all (not connected yet or any
@@ -62,6 +64,9 @@ impl Sources {
         Source::sample(&mut self.ebpf, &ctx)?;
         sample_opt(&mut self.proc, &ctx)?;
         sample_opt(&mut self.perf, &ctx)?;
+        if let Some(g) = &mut self.gateway {
+            g.sample()?;
+        }
         if let Some(q) = &mut self.qmp {
             q.sample(self.qmp_timeout, self.pid).await?;
         }
@@ -99,6 +104,10 @@ impl Sources {
                 },
                 SourceKind::Guest => match &mut self.guest {
                     Some(g) => g.sample(now),
+                    None => crate::row::Measures::default(),
+                },
+                SourceKind::Gateway => match &mut self.gateway {
+                    Some(g) => g.sample()?,
                     None => crate::row::Measures::default(),
                 },
             };
