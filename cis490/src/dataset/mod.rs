@@ -32,7 +32,7 @@ use crate::{
 
 /// The version of the dataset layout and columns (`docs/data-model.md`).
 /// Bumped on any change a reader could notice.
-pub const DATASET_VERSION: u32 = 1;
+pub const DATASET_VERSION: u32 = 2;
 
 /// The partition value Hive, Spark and DuckDB read as `NULL`.
 pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";

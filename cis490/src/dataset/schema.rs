@@ -737,7 +737,7 @@ mod tests {
             .unwrap();
         assert!(
             kv.iter()
-                .any(|k| k.key == "cis490.dataset_version" && k.value.as_deref() == Some("1"))
+                .any(|k| k.key == "cis490.dataset_version" && k.value.as_deref() == Some("2"))
         );
     }
 }

@@ -587,7 +587,7 @@ mod tests {
             serde_json::from_slice(&store.objects.borrow()["manifests/01EP.json"]).unwrap();
         assert_eq!(
             (m.dataset_version, m.episode_id.as_str(), m.host.as_str()),
-            (1, "01EP", "lab-03")
+            (DATASET_VERSION, "01EP", "lab-03")
         );
         assert_eq!(m.files.len(), 13);
         for f in &m.files {
