@@ -36,10 +36,22 @@ pub mod guest_lines;
 pub mod guest_validate;
 #[path = "../../cis490/src/sources/guest/fields.rs"]
 pub mod guest_fields;
-/// Where `row` finds the guest fields (`crate::sources::guest`).
+/// `cis490::sources::gateway`'s row fields (for `row`, which flattens them
+/// into `Measures`).
+#[path = "../../cis490/src/sources/gateway/fields.rs"]
+pub mod gateway_fields;
+/// Where `row` finds the guest and gateway fields
+/// (`crate::sources::{guest,gateway}::fields`).
 pub mod sources {
     pub mod guest {
-        pub use crate::guest_fields::GuestMeasures;
+        pub mod fields {
+            pub use crate::guest_fields::GuestMeasures;
+        }
+    }
+    pub mod gateway {
+        pub mod fields {
+            pub use crate::gateway_fields::GatewayMeasures;
+        }
     }
 }
 
