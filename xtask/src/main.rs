@@ -258,7 +258,8 @@ fn bench_task(args: bench::Args) -> Result<()> {
         bail!("the bench loads eBPF programs and needs root: run `sudo -E cargo xtask bench`");
     }
     let bin = build_bins(true)?;
-    let wants_qemu = args.workloads.is_empty() || args.workloads.contains(&bench::Kind::Qemu);
+    let wants_qemu = !args.gateway_only
+        && (args.workloads.is_empty() || args.workloads.contains(&bench::Kind::Qemu));
     let guest = wants_qemu.then(|| {
         guest::prepare().map(|(g, accel, _)| cis490_tests::guest::GuestJson {
             guest: g,

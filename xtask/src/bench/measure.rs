@@ -65,6 +65,12 @@ impl BpfRun {
 /// `run_cnt`). Programs held only through a link fd are counted through
 /// the program fd the loader keeps (aya and bpftrace both keep it).
 pub fn bpf_run(pid: u32) -> BpfRun {
+    bpf_run_where(pid, |_| true)
+}
+
+/// [`bpf_run`] over the programs whose `prog_type` (fdinfo's number, e.g.
+/// 3 for a TC classifier) `keep` accepts.
+pub fn bpf_run_where(pid: u32, keep: impl Fn(u64) -> bool) -> BpfRun {
     let mut r = BpfRun::default();
     let mut seen = std::collections::BTreeSet::new();
     let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
@@ -84,6 +90,9 @@ pub fn bpf_run(pid: u32) -> BpfRun {
         else {
             continue;
         };
+        if !field("prog_type:").is_some_and(&keep) {
+            continue;
+        }
         if seen.insert(id) {
             r.programs += 1;
             r.run_time_ns += t;

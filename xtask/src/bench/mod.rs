@@ -12,6 +12,7 @@
 //! programs' own run time, and a loss check runs cis490 with a deliberately
 //! tiny ring buffer against a thread burst.
 
+mod gateway;
 mod measure;
 mod report;
 mod tracers;
@@ -53,6 +54,14 @@ pub struct Args {
     /// Skip the ring-buffer loss check.
     #[arg(long)]
     pub no_loss_check: bool,
+    /// Skip the gateway part (the gateway collector beside tcpdump on a
+    /// frame flood at a bridge).
+    #[arg(long, conflicts_with = "gateway_only")]
+    pub no_gateway: bool,
+    /// Run the gateway part only; it rewrites its own section of --out and
+    /// leaves the workloads' section as it was.
+    #[arg(long)]
+    pub gateway_only: bool,
     /// Wait (up to this many minutes) until the 1-minute load average is
     /// below --quiet-load before starting.
     #[arg(long, value_name = "MIN", default_value_t = 0)]
@@ -154,13 +163,47 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
     tracers.sort();
     tracers.dedup();
 
+    let gw_frames = if args.quick { 50_000 } else { 300_000 };
+    let cis490 = args
+        .cis490_bin
+        .clone()
+        .unwrap_or_else(|| bin.join("cis490"));
+    let out = if args.out.is_absolute() {
+        args.out.clone()
+    } else {
+        crate::workspace_root().join(&args.out)
+    };
+    let scratch = std::env::temp_dir().join(format!("cis490-bench-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&scratch);
+    fs::create_dir_all(&scratch)?;
+    measure::restore_on_signal();
+    let run_gateway = |failures: &mut Vec<String>| -> Result<()> {
+        eprintln!("bench: the gateway part: {rounds} round(s) of a {gw_frames}-frame flood");
+        let when = utc_now();
+        let g = gateway::run(bin, &cis490, gw_frames, rounds, &scratch)?;
+        let text = gateway::render(&g, &command, &when);
+        println!("{text}");
+        report::write_between(&out, report::GW_BEGIN, report::GW_END, &text)?;
+        eprintln!("bench: wrote the gateway section of {}", out.display());
+        failures.extend(g.failures);
+        Ok(())
+    };
+    if args.gateway_only {
+        let mut failures = Vec::new();
+        run_gateway(&mut failures)?;
+        let _ = fs::remove_dir_all(&scratch);
+        if !failures.is_empty() {
+            bail!("{} gateway run(s) failed (see the table)", failures.len());
+        }
+        return Ok(());
+    }
+
     ensure_tracefs()?;
     let bpftrace = if tracers.contains(&Tracer::Bpftrace) {
         ensure_bpftrace()?
     } else {
         PathBuf::from("bpftrace")
     };
-    measure::restore_on_signal();
 
     let mut skipped = Vec::new();
     let guest = match guest {
@@ -179,10 +222,7 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
     let env = Env::new(bin, sizes, &kinds, guest)?;
     let setup = Setup {
         bin: bin.to_owned(),
-        cis490: args
-            .cis490_bin
-            .clone()
-            .unwrap_or_else(|| bin.join("cis490")),
+        cis490: cis490.clone(),
         bpftrace,
         ringbuf_kib: None,
         block_tps: if Path::new("/sys/kernel/tracing/events/block/block_io_start").exists() {
@@ -191,9 +231,6 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
             ("block_rq_issue", "block_rq_complete")
         },
     };
-    let scratch = std::env::temp_dir().join(format!("cis490-bench-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&scratch);
-    fs::create_dir_all(&scratch)?;
     eprintln!(
         "bench: {} round(s) of {} x {}; scratch {}",
         rounds,
@@ -271,6 +308,14 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
     }
     drop(env);
 
+    let mut gw_failures = Vec::new();
+    if !args.no_gateway
+        && let Err(e) = run_gateway(&mut gw_failures)
+    {
+        gw_failures.push(format!("the gateway part: {e:#}"));
+    }
+    failures.extend(gw_failures);
+
     let results = Results {
         command,
         cis490_bin: args.cis490_bin.as_ref().map(|p| p.display().to_string()),
@@ -290,11 +335,6 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
     };
     let text = report::render(&results);
     println!("{text}");
-    let out = if args.out.is_absolute() {
-        args.out.clone()
-    } else {
-        crate::workspace_root().join(&args.out)
-    };
     report::write_section(&out, &text)?;
     eprintln!(
         "bench: wrote {} ({:.0} s)",
