@@ -43,17 +43,27 @@ const SCHED_CLS: u64 = 3;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Watcher {
     None,
+    /// As users run it: the default sources and the gateway.
     Cis490,
+    /// The gateway beside the /proc source only (no eBPF probe families):
+    /// the gateway's own cost.
+    Cis490Gateway,
     Tcpdump,
 }
 
 impl Watcher {
-    const ALL: [Watcher; 3] = [Watcher::None, Watcher::Cis490, Watcher::Tcpdump];
+    const ALL: [Watcher; 4] = [
+        Watcher::None,
+        Watcher::Cis490,
+        Watcher::Cis490Gateway,
+        Watcher::Tcpdump,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Watcher::None => "untraced",
             Watcher::Cis490 => "cis490 --gateway-if",
+            Watcher::Cis490Gateway => "cis490 --gateway-if --sources proc",
             Watcher::Tcpdump => "tcpdump -w",
         }
     }
@@ -71,8 +81,11 @@ pub struct FloodRun {
     /// The watcher's process CPU time over the flood.
     pub watcher_cpu_ns: Option<u64>,
     /// Frames the watcher counted (cis490: `gw_out_frames` summed over the
-    /// rows; tcpdump: "packets captured").
+    /// rows; tcpdump: "packets received by filter", what the kernel handed
+    /// it).
     pub counted: Option<u64>,
+    /// tcpdump: "packets captured" (what it had written when SIGINT came).
+    pub captured: Option<u64>,
     /// Frames the watcher says it lost (cis490: the gateway rows'
     /// `dropped_events`; tcpdump: "packets dropped by kernel").
     pub lost: Option<u64>,
@@ -95,7 +108,9 @@ pub struct GatewayResults {
     pub rounds: u32,
     pub tcpdump: String,
     pub runs: Vec<FloodRun>,
+    /// The statistics runs: as users run it, and the gateway alone.
     pub stats: Option<std::result::Result<FloodStats, String>>,
+    pub stats_alone: Option<std::result::Result<FloodStats, String>>,
     pub failures: Vec<String>,
 }
 
@@ -148,7 +163,7 @@ impl Watching {
         let stderr = fs::File::create(dir.join("watcher.stderr"))?;
         let (mut cmd, target) = match watcher {
             Watcher::None => return Ok(None),
-            Watcher::Cis490 => {
+            Watcher::Cis490 | Watcher::Cis490Gateway => {
                 let target = Command::new("sleep")
                     .arg("3600")
                     .spawn()
@@ -158,6 +173,11 @@ impl Watching {
                     .args(["--interval-ms", "100", "--progress-secs", "0"])
                     .args(["--gateway-if", BRIDGE, "--gateway-netns", &lab.gw.0])
                     .args(["--gateway-mac", VM_MAC])
+                    .args(if watcher == Watcher::Cis490Gateway {
+                        &["--sources", "proc"][..]
+                    } else {
+                        &[]
+                    })
                     .arg("--data-dir")
                     .arg(dir.join("data"));
                 (c, Some(target))
@@ -210,14 +230,16 @@ impl Watching {
     fn ready(&self, watcher: Watcher) -> bool {
         match watcher {
             Watcher::None => true,
-            Watcher::Cis490 => fs::read_dir(self.dir.join("data/episodes"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|e| {
-                    fs::read_to_string(e.path().join("events.jsonl"))
-                        .is_ok_and(|t| t.contains("\"event\":\"started\""))
-                }),
+            Watcher::Cis490 | Watcher::Cis490Gateway => {
+                fs::read_dir(self.dir.join("data/episodes"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| {
+                        fs::read_to_string(e.path().join("events.jsonl"))
+                            .is_ok_and(|t| t.contains("\"event\":\"started\""))
+                    })
+            }
             Watcher::Tcpdump => self.stderr().contains("listening on"),
         }
     }
@@ -239,8 +261,9 @@ impl Watching {
         }
     }
 
-    /// Ends the watcher and reads what it counted: (counted, lost).
-    fn finish(mut self, watcher: Watcher) -> Result<(u64, u64)> {
+    /// Ends the watcher and reads what it counted: (counted, lost,
+    /// captured).
+    fn finish(mut self, watcher: Watcher) -> Result<(u64, u64, Option<u64>)> {
         match &mut self.target {
             // cis490 ends its episode when its target is gone.
             Some(t) => {
@@ -259,8 +282,8 @@ impl Watching {
             );
         }
         match watcher {
-            Watcher::None => Ok((0, 0)),
-            Watcher::Cis490 => {
+            Watcher::None => Ok((0, 0, None)),
+            Watcher::Cis490 | Watcher::Cis490Gateway => {
                 let out = fs::read_to_string(self.dir.join("watcher.stdout"))?;
                 let ep = PathBuf::from(out.lines().last().unwrap_or_default().trim());
                 let rows = fs::read_to_string(ep.join("telemetry-gateway.jsonl"))
@@ -271,7 +294,7 @@ impl Watching {
                     counted += v["gw_out_frames"].as_u64().unwrap_or(0);
                     lost += v["dropped_events"].as_u64().unwrap_or(0);
                 }
-                Ok((counted, lost))
+                Ok((counted, lost, None))
             }
             Watcher::Tcpdump => {
                 let err = self.stderr();
@@ -281,7 +304,11 @@ impl Watching {
                         .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
                         .with_context(|| format!("no \"{what}\" line from tcpdump: {err}"))
                 };
-                Ok((number("packets captured")?, number("dropped by kernel")?))
+                Ok((
+                    number("received by filter")?,
+                    number("dropped by kernel")?,
+                    Some(number("packets captured")?),
+                ))
             }
         }
     }
@@ -354,6 +381,7 @@ fn run_once(
         watcher_cpu_ns: cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a)),
         counted: counted.map(|c| c.0),
         lost: counted.map(|c| c.1),
+        captured: counted.and_then(|c| c.2),
     })
 }
 
@@ -362,9 +390,15 @@ fn bpf_of(pid: u32, only: Option<u64>) -> BpfRun {
     measure::bpf_run_where(pid, |ty| only.is_none_or(|o| o == ty))
 }
 
-fn stats_once(lab: &Lab, tools: &Tools, frames: u64, dir: &Path) -> Result<FloodStats> {
+fn stats_once(
+    lab: &Lab,
+    tools: &Tools,
+    watcher: Watcher,
+    frames: u64,
+    dir: &Path,
+) -> Result<FloodStats> {
     fs::create_dir_all(dir)?;
-    let mut w = Watching::start(Watcher::Cis490, lab, tools.cis490, &tools.tcpdump, dir)?
+    let mut w = Watching::start(watcher, lab, tools.cis490, &tools.tcpdump, dir)?
         .context("cis490 did not start")?;
     std::thread::sleep(Duration::from_millis(150));
     let (c0, a0) = (bpf_of(w.pid(), Some(SCHED_CLS)), bpf_of(w.pid(), None));
@@ -377,7 +411,7 @@ fn stats_once(lab: &Lab, tools: &Tools, frames: u64, dir: &Path) -> Result<Flood
             return Err(e);
         }
     };
-    w.finish(Watcher::Cis490)?;
+    w.finish(watcher)?;
     if c1.programs == 0 {
         bail!("the tracer had no TC classifier loaded during the flood");
     }
@@ -422,6 +456,7 @@ pub fn run(
         tcpdump: version,
         runs: Vec::new(),
         stats: None,
+        stats_alone: None,
         failures: Vec::new(),
     };
     let mut n = 0;
@@ -460,13 +495,26 @@ pub fn run(
         }
     }
     let stats = BpfStats::enable()?;
-    let s = stats_once(&lab, &tools, frames, &scratch.join("gw-stats"));
+    let mut one = |w: Watcher| {
+        let s = stats_once(
+            &lab,
+            &tools,
+            w,
+            frames,
+            &scratch.join(format!("gw-stats-{w:?}")),
+        );
+        if let Err(e) = &s {
+            eprintln!("bench: FAILED gateway statistics run ({}): {e:#}", w.name());
+            res.failures
+                .push(format!("gateway statistics run ({}): {e:#}", w.name()));
+        }
+        Some(s.map_err(|e| format!("{e:#}")))
+    };
+    let full = one(Watcher::Cis490);
+    let alone = one(Watcher::Cis490Gateway);
     drop(stats);
-    if let Err(e) = &s {
-        eprintln!("bench: FAILED gateway statistics run: {e:#}");
-        res.failures.push(format!("gateway statistics run: {e:#}"));
-    }
-    res.stats = Some(s.map_err(|e| format!("{e:#}")));
+    res.stats = full;
+    res.stats_alone = alone;
     Ok(res)
 }
 
@@ -511,9 +559,9 @@ pub fn render(res: &GatewayResults, command: &str, when: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "| per frame | untraced | cis490 --gateway-if | tcpdump -w |"
+        "| per frame | untraced | cis490 --gateway-if (default sources) | cis490 --gateway-if --sources proc | tcpdump -w |"
     );
-    let _ = writeln!(s, "| --- | --- | --- | --- |");
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
     let sender = |w| res.spread(w, |r| per_frame(Some(r.sender_cpu_ns), r.frames_sent));
     let watcher = |w| res.spread(w, |r| per_frame(r.watcher_cpu_ns, r.frames_sent));
     let wall = |w| res.spread(w, |r| per_frame(Some(r.wall_ns), r.frames_sent));
@@ -524,58 +572,80 @@ pub fn render(res: &GatewayResults, command: &str, when: &str) -> String {
         }
         _ => ns_cell(v),
     };
+    let [none, full, alone, tcpdump] = Watcher::ALL;
     let _ = writeln!(
         s,
-        "| the sender's CPU time (its sends, and the bridge's receive work the kernel charges to it) | {} | {} | {} |",
-        ns_cell(sender(Watcher::None)),
-        with_delta(sender(Watcher::Cis490)),
-        with_delta(sender(Watcher::Tcpdump)),
+        "| the sender's CPU time (its sends, and the bridge's receive work the kernel charges to it) | {} | {} | {} | {} |",
+        ns_cell(sender(none)),
+        with_delta(sender(full)),
+        with_delta(sender(alone)),
+        with_delta(sender(tcpdump)),
     );
     let _ = writeln!(
         s,
-        "| the sender's wall time | {} | {} | {} |",
-        ns_cell(wall(Watcher::None)),
-        ns_cell(wall(Watcher::Cis490)),
-        ns_cell(wall(Watcher::Tcpdump)),
+        "| the sender's wall time | {} | {} | {} | {} |",
+        ns_cell(wall(none)),
+        ns_cell(wall(full)),
+        ns_cell(wall(alone)),
+        ns_cell(wall(tcpdump)),
     );
     let _ = writeln!(
         s,
-        "| the watcher's own process CPU time | - | {} | {} |",
-        ns_cell(watcher(Watcher::Cis490)),
-        ns_cell(watcher(Watcher::Tcpdump)),
+        "| the watcher's own process CPU time | - | {} | {} | {} |",
+        ns_cell(watcher(full)),
+        ns_cell(watcher(alone)),
+        ns_cell(watcher(tcpdump)),
     );
     if let Some(Ok(st)) = &res.stats {
         let per = |b: BpfRun| b.run_time_ns as f64 / st.frames_sent.max(1) as f64;
         let _ = writeln!(
             s,
-            "| BPF run time (statistics run): the gateway's classifiers | - | {:.0} ns ({} runs for {} frames, {:.0} ns per run) | - |",
+            "| BPF run time (statistics run, default sources): the gateway's classifiers | - | {:.0} ns ({} runs for {} frames, {:.0} ns per run) | - | - |",
             per(st.classifiers),
             st.classifiers.run_cnt,
             st.frames_sent,
             st.classifiers.run_time_ns as f64 / st.classifiers.run_cnt.max(1) as f64,
         );
+        if let Some(Ok(a)) = &res.stats_alone {
+            let _ = writeln!(
+                s,
+                "| BPF run time (statistics run, --sources proc): the gateway's classifiers | - | - | {:.0} ns ({} runs, {:.0} ns per run; every program: {:.0} ns, {} programs) | - |",
+                a.classifiers.run_time_ns as f64 / a.frames_sent.max(1) as f64,
+                a.classifiers.run_cnt,
+                a.classifiers.run_time_ns as f64 / a.classifiers.run_cnt.max(1) as f64,
+                a.all.run_time_ns as f64 / a.frames_sent.max(1) as f64,
+                a.all.programs,
+            );
+        }
+        let rest = st.all.since(st.classifiers);
         let _ = writeln!(
             s,
-            "| BPF run time (statistics run): every cis490 program during the flood | - | {:.0} ns ({} programs) | - |",
-            per(st.all),
-            st.all.programs,
+            "| BPF run time (same run): the default sources' programs (the network probes run on every packet of the machine; the scheduler's) | - | {:.0} ns ({} runs, {:.1} per frame) | - | - |",
+            per(rest),
+            rest.run_cnt,
+            rest.run_cnt as f64 / st.frames_sent.max(1) as f64,
         );
     }
     let total = |w| {
-        let (mut sent, mut counted, mut lost) = (0u64, 0u64, 0u64);
+        let (mut sent, mut counted, mut lost, mut captured) = (0u64, 0u64, 0u64, 0u64);
         for r in res.of(w) {
             sent += r.frames_sent;
             counted += r.counted.unwrap_or(0);
             lost += r.lost.unwrap_or(0);
+            captured += r.captured.unwrap_or(0);
         }
-        (sent, counted, lost)
+        (sent, counted, lost, captured)
     };
-    let (cs, cc, cl) = total(Watcher::Cis490);
-    let (ts, tc, tl) = total(Watcher::Tcpdump);
+    let gw_cell = |w| {
+        let (sent, counted, lost, _) = total(w);
+        format!("{counted} of {sent} in the rows' `gw_out_frames` ({lost} dropped events)")
+    };
+    let (ts, tc, tl, tw) = total(tcpdump);
     let _ = writeln!(
         s,
-        "| frames counted of frames sent, all rounds | - | {cc} of {cs} ({} dropped events) | {tc} of {ts} ({tl} dropped by the kernel) |",
-        cl
+        "| frames counted of frames sent, all rounds | - | {} | {} | {tc} of {ts} received by its filter, {tw} captured when SIGINT stopped it ({tl} dropped by the kernel) |",
+        gw_cell(full),
+        gw_cell(alone),
     );
     let _ = writeln!(
         s,
