@@ -355,6 +355,7 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 
 impl TraceArgs {
     pub fn into_config(self, argv: Vec<String>) -> TraceConfig {
+        let counters = self.sources.contains(&SourceKind::Ebpf);
         TraceConfig {
             target_pid: self.target_pid,
             command: self.command,
@@ -367,6 +368,7 @@ impl TraceArgs {
             probe_options: crate::ebpf::Options {
                 block: self.block_probes,
                 ringbuf_bytes: self.ringbuf_kib * 1024,
+                counters,
             },
             labels: self.labels,
             tags: self.tags,

@@ -126,3 +126,80 @@ fn page_faults_agree_with_the_process_own_count() {
     // docs/data-model.md); every other comparison of `cis490 check` holds.
     assert_check_passes_but(&ep.dir, &[("ctx_switches", &["proc"])]);
 }
+
+/// Without the eBPF source (`--sources proc`), no program runs on every
+/// context switch, wakeup, block request or packet of the machine: only
+/// the thread lifecycle probes (for `events.jsonl`) and the task iterator
+/// are loaded. Checked against the kernel's own list of the programs the
+/// tracer holds while it runs; the lifecycle events are all there.
+#[test]
+fn without_the_ebpf_source_only_the_lifecycle_probes_run() {
+    require_root();
+    let dir = scratch("defaults-no-ebpf");
+    let out_json = dir.join("cpu.json");
+    let n = 20u64;
+    let trace = default_trace_cmd(&dir)
+        .args([
+            "--sources",
+            "proc",
+            "--",
+            bin("cis490-workload").to_str().unwrap(),
+        ])
+        .args(["cpu", "--threads", &n.to_string(), "--burn-ms", "5"])
+        .args(["--late-threads", &n.to_string(), "--late-delay-ms", "300"])
+        .arg("--out")
+        .arg(&out_json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = trace.id() as i32;
+    // The names of the programs the tracer holds, as the kernel has them.
+    let mut names = std::collections::BTreeSet::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        let held = bpf::held_by(pid);
+        if held.progs.is_empty() && !names.is_empty() {
+            break;
+        }
+        let all = bpf::objects();
+        for id in &held.progs {
+            if let Some((name, _)) = all.progs.get(id) {
+                names.insert(name.clone());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ep = Episode::from_output(&trace.wait_with_output().unwrap());
+    assert!(ep.is_done());
+    let lifecycle: std::collections::BTreeSet<String> = [
+        "sched_iter",
+        "task_newtask",
+        "sched_process_exit",
+        "sched_process_exec",
+        "task_rename",
+    ]
+    .iter()
+    .map(|s| s.chars().take(15).collect())
+    .collect();
+    eprintln!("programs held without the eBPF source: {names:?}");
+    assert!(!names.is_empty(), "never saw the tracer's programs");
+    assert!(
+        names.is_subset(&lifecycle),
+        "programs beyond the lifecycle probes: {:?}",
+        names.difference(&lifecycle).collect::<Vec<_>>()
+    );
+    // meta.json says the same, and why.
+    for f in ep.meta["families"].as_array().unwrap() {
+        assert_eq!(f["active"], false, "{f}");
+        assert!(f["note"].as_str().unwrap().contains("--sources"), "{f}");
+    }
+    assert!(!ep.dir.join("telemetry-ebpf.jsonl").exists());
+    // Every thread's start and exit is in events.jsonl (the workload's
+    // 2n threads; the main thread's exit too).
+    let started = ep.events_named("thread_started").count() as u64;
+    let exited = ep.events_named("thread_exited").count() as u64;
+    assert_eq!(started, 2 * n, "thread_started events");
+    assert_eq!(exited, 2 * n + 1, "thread_exited events");
+    assert_check_passes(&ep.dir);
+}

@@ -114,6 +114,10 @@ pub struct Options {
     /// Size of the lifecycle-record ring buffer (`RECORDS`), bytes: a power
     /// of two and a multiple of the page size.
     pub ringbuf_bytes: u32,
+    /// Whether the eBPF source's counters are wanted (`--sources` has
+    /// `ebpf`). Without them only the lifecycle probes attach (for
+    /// `events.jsonl`): no program on every switch, request or packet.
+    pub counters: bool,
 }
 
 impl Default for Options {
@@ -121,14 +125,20 @@ impl Default for Options {
         Self {
             block: block::PathChoice::default(),
             ringbuf_bytes: cis490_common::RINGBUF_BYTES,
+            counters: true,
         }
     }
 }
+
+/// Why a counting probe or family is off when `--sources` has no `ebpf`.
+pub const NOT_ASKED: &str = "the ebpf source was not asked for (--sources)";
 
 /// Per-family decisions taken before the object is loaded (they become
 /// read-only globals).
 #[derive(Clone, Debug)]
 pub struct Plan {
+    /// [`Options::counters`].
+    pub counters: bool,
     pub run_delay: RunDelaySource,
     pub block: Result<block::BlockPath, String>,
     pub net: net::NetPlan,
@@ -138,11 +148,26 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(facts: &KernelFacts, opts: Options) -> Self {
+        fn off<T>() -> Result<T, String> {
+            Err(NOT_ASKED.to_owned())
+        }
         Self {
+            counters: opts.counters,
             run_delay: sched::plan(facts),
-            block: block::plan(facts, opts.block),
-            net: net::plan(facts),
-            kvm: kvm::plan(),
+            block: if opts.counters {
+                block::plan(facts, opts.block)
+            } else {
+                off()
+            },
+            net: if opts.counters {
+                net::plan(facts)
+            } else {
+                net::NetPlan {
+                    taps: off(),
+                    sockets: off(),
+                }
+            },
+            kvm: if opts.counters { kvm::plan() } else { off() },
             ringbuf_bytes: opts.ringbuf_bytes,
         }
     }
@@ -221,7 +246,7 @@ impl Probes {
             facts,
             status: Vec::new(),
         };
-        let (sched_status, sched) = sched::attach(&mut a, tgid, plan.run_delay)?;
+        let (sched_status, sched) = sched::attach(&mut a, tgid, plan.run_delay, plan.counters)?;
         let (block_status, block) = block::attach(&mut a, &plan.block);
         let (net_status, net) = net::attach(&mut a, &plan.net);
         let (kvm_status, kvm) = kvm::attach(&mut a, &plan.kvm);

@@ -237,6 +237,19 @@ fn path_and_note(run_delay: RunDelaySource) -> (&'static str, Option<String>) {
 pub struct Attached {
     iter_link: OwnedFd,
     run_delay: RunDelaySource,
+    /// Whether the counting probes attached (else lifecycle only).
+    counters: bool,
+}
+
+/// The probes that count (on every switch and wakeup of the machine); the
+/// others carry the thread lifecycle to `events.jsonl`.
+fn counts(spec: &ProbeSpec) -> bool {
+    [
+        prog::SCHED_SWITCH,
+        prog::SCHED_WAKEUP,
+        prog::SCHED_WAKEUP_NEW,
+    ]
+    .contains(&spec.program)
 }
 
 /// Attaches every scheduler probe and creates the task iterator's link
@@ -245,9 +258,14 @@ pub fn attach(
     a: &mut Attacher<'_>,
     tgid: u32,
     run_delay: RunDelaySource,
+    counters: bool,
 ) -> Result<(FamilyStatus, Attached)> {
     let iter_link = attach_iter(a, tgid)?;
     for spec in PROBES {
+        if !counters && counts(spec) {
+            a.skip(FAMILY, spec, super::loader::NOT_ASKED);
+            continue;
+        }
         if !a.attach(FAMILY, spec) && spec.required {
             let err = a.last_error().unwrap_or_default();
             bail!(
@@ -258,17 +276,28 @@ pub fn attach(
         }
     }
     let (path, note) = path_and_note(run_delay);
-    let status = FamilyStatus {
-        family: FAMILY.into(),
-        active: true,
-        path: Some(path.into()),
-        note,
+    let status = if counters {
+        FamilyStatus {
+            family: FAMILY.into(),
+            active: true,
+            path: Some(path.into()),
+            note,
+        }
+    } else {
+        FamilyStatus::off(
+            FAMILY,
+            &format!(
+                "{}: the thread lifecycle probes only",
+                super::loader::NOT_ASKED
+            ),
+        )
     };
     Ok((
         status,
         Attached {
             iter_link,
             run_delay,
+            counters,
         },
     ))
 }
@@ -355,6 +384,9 @@ pub struct SchedReader {
     /// Why the task iterator cannot see the target's live threads, when it
     /// cannot: their counters are then unknown, and so `null`.
     blind: Option<String>,
+    /// Whether the counting probes run (no final switch-outs to wait for
+    /// without them).
+    counters: bool,
 }
 
 impl SchedReader {
@@ -362,6 +394,7 @@ impl SchedReader {
         let Attached {
             iter_link,
             run_delay,
+            counters,
         } = attached;
         Ok(Self {
             stats: take(ebpf, map::SCHED_STATS)?,
@@ -372,6 +405,7 @@ impl SchedReader {
             prev: None,
             gone: take(ebpf, map::TARGET_GONE)?,
             blind: None,
+            counters,
         })
     }
 
@@ -416,6 +450,9 @@ impl SchedReader {
     /// exits that began (`sched_process_exit`) and the final switch-outs
     /// accounted, and the wait lasts until the two are equal too.
     pub fn wait_for_final_switches(&self, limit: std::time::Duration) {
+        if !self.counters {
+            return;
+        }
         let t0 = std::time::Instant::now();
         let mut pending = None;
         while t0.elapsed() < limit {

@@ -128,7 +128,8 @@ impl<'a> Run<'a> {
             out.event(attached_at, None, Event::Probe(p))?;
         }
         for f in &probes.families {
-            if !f.active {
+            // Without the eBPF source its counting families are off as asked.
+            if !f.active && cfg.probe_options.counters {
                 log::warn!(
                     "{} telemetry off: {}",
                     f.family,

@@ -80,9 +80,11 @@ impl Tracer {
         self.cis490_sources().is_some()
     }
 
-    /// Whether it runs BPF programs (and so has BPF statistics).
+    /// Whether it runs BPF programs (and so has BPF statistics): every
+    /// cis490 (without the eBPF source only its thread lifecycle probes,
+    /// which the statistics pass shows) and bpftrace.
     pub fn is_bpf(self) -> bool {
-        matches!(self, Tracer::Cis490 | Tracer::Cis490Ebpf | Tracer::Bpftrace)
+        self.is_cis490() || self == Tracer::Bpftrace
     }
 }
 
