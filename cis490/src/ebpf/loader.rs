@@ -397,6 +397,7 @@ mod tests {
             .into_iter()
             .chain(
                 Plan {
+                    counters: true,
                     run_delay: RunDelaySource::SchedInfo,
                     block: Err(String::new()),
                     net: super::net::NetPlan {
