@@ -155,17 +155,19 @@ pub struct TraceArgs {
     pub data_dir: PathBuf,
 
     /// Sources to record, comma-separated: ebpf, proc, perf (qmp is added
-    /// by --qmp, gateway by --gateway-if). The default is ebpf and proc. perf is an explicit oracle: it opens software counters
-    /// (task-clock, context switches, migrations, page faults) and the
-    /// hardware ones on every thread of the target, and the kernel saves
-    /// and restores them at every context switch of a traced thread: on a
-    /// context-switch storm here the traced process spent 18.8% and 24.9%
-    /// more CPU time under perf alone (two runs), against -0.2% and +9.9%
-    /// (within the noise) under ebpf alone (docs/benchmarks.md). eBPF and
-    /// /proc give the same software
-    /// counts; only the hardware counters (cycles, instructions, cache
-    /// references and misses, branch misses, where the machine has a PMU)
-    /// are perf's alone.
+    /// by --qmp, gateway by --gateway-if). The default is ebpf and proc.
+    /// Without ebpf only the thread lifecycle probes load (for
+    /// events.jsonl): no program on every switch, request or packet. perf is
+    /// an explicit oracle: it opens software counters (task-clock, context
+    /// switches, migrations, page faults) and the hardware ones on every
+    /// thread of the target, and the kernel saves and restores them at every
+    /// context switch of a traced thread: on a context-switch storm here the
+    /// traced process spent 24.6% more CPU time under perf alone (median of
+    /// 7 rounds), against 7.7% under ebpf alone and 0.3% under proc alone
+    /// (docs/benchmarks.md). eBPF and /proc give the same software counts;
+    /// only the hardware counters (cycles, instructions, cache references
+    /// and misses, branch misses, where the machine has a PMU) are perf's
+    /// alone.
     #[arg(
         long,
         value_name = "LIST",
