@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
-    episode::{DONE, LABELS, META},
+    episode::{DONE, LABELS},
     meta::{EndReason, Meta},
     row::SourceKind,
 };
@@ -229,15 +229,6 @@ fn number(v: f64) -> Value {
     }
 }
 
-/// Reads an episode's `meta.json` as JSON (the report shows members of it
-/// as they are).
-pub fn read_meta(dir: &Path) -> Result<Value> {
-    let bytes = fs::read(dir.join(META))
-        .with_context(|| format!("{} is not an episode directory", dir.display()))?;
-    serde_json::from_slice(&bytes)
-        .with_context(|| format!("{}: meta.json does not parse", dir.display()))
-}
-
 /// The totals of every source of an episode: the one computation behind
 /// `cis490 summary`, `summary --json` and the report's table. `visit` sees
 /// every row of every source as it is read (source name, row), so a caller
@@ -445,6 +436,8 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    use crate::episode::META;
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()

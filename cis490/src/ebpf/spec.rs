@@ -84,6 +84,18 @@ pub enum AttachState {
     Skipped,
 }
 
+impl AttachState {
+    /// Its name in meta.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Attached => "attached",
+            Self::Missing => "missing",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
 /// What meta.json records per probe.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProbeStatus {

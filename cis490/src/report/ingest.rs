@@ -11,6 +11,8 @@ use std::{
 
 use serde_json::{Map, Value};
 
+use crate::meta::Meta;
+
 use super::{
     series::{Columns, Heat, column},
     svg::{COLUMNS, HEAT_COLUMNS},
@@ -62,22 +64,16 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    pub fn new(dir: &Path, meta: &Value) -> Self {
-        let start_ns = meta["start"]["t_mono_ns"].as_f64().unwrap_or(0.0);
-        let sources: Vec<(String, String)> = meta["sources"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| {
-                (
-                    s["source"].as_str().unwrap_or("?").to_owned(),
-                    s["file"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
+    pub fn new(dir: &Path, meta: &Meta) -> Self {
+        let start_ns = meta.start.map_or(0.0, |c| c.t_mono_ns as f64);
+        let sources: Vec<(String, String)> = meta
+            .sources
+            .iter()
+            .map(|s| (s.source.name().to_owned(), s.file.clone()))
             .collect();
         // The span: the episode's end, or (an unfinished episode) the
         // last row of its first source.
-        let end_ns = meta["end"]["t_mono_ns"].as_f64().or_else(|| {
+        let end_ns = meta.end.map(|c| c.t_mono_ns as f64).or_else(|| {
             sources
                 .iter()
                 .find_map(|(_, f)| last_t_mono(&dir.join(f)))
@@ -90,7 +86,7 @@ impl Ingest {
         Self {
             start_ns,
             span_s,
-            nominal_ns: meta["interval_ns"].as_f64().unwrap_or(0.0),
+            nominal_ns: meta.interval_ns as f64,
             sources: sources.into_iter().map(|(s, _)| s).collect(),
             series: HashMap::new(),
             index: HashMap::new(),

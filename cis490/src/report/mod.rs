@@ -28,7 +28,7 @@ pub const MAX_PAGE_BYTES: usize = 8 << 20;
 
 /// Renders the report of the episode in `dir` as HTML.
 pub fn render(dir: &Path) -> Result<String> {
-    let meta = summary::read_meta(dir)?;
+    let meta = crate::meta::Meta::read(dir)?;
     let mut ing = ingest::Ingest::new(dir, &meta);
     let mut rows = 0u64;
     let t0 = std::time::Instant::now();

@@ -10,7 +10,7 @@ use super::{
     series::Columns,
     svg::{self, Frame, Lane, Line, Style, clip, esc},
 };
-use crate::{check, summary};
+use crate::{check, meta::Meta, summary};
 
 /// Phases drawn as bands (more are listed, not drawn).
 const MAX_PHASES: usize = 32;
@@ -53,7 +53,7 @@ struct Canvas {
 
 /// Renders the page.
 pub fn page(
-    meta: &Value,
+    meta: &Meta,
     totals: &summary::EpisodeTotals,
     check: &check::Report,
     ing: &Ingest,
@@ -119,7 +119,7 @@ fn text(v: &Value) -> String {
 
 fn header(
     h: &mut String,
-    meta: &Value,
+    meta: &Meta,
     t: &summary::EpisodeTotals,
     check: &check::Report,
     ing: &Ingest,
@@ -139,34 +139,30 @@ fn header(
         )
     };
     h.push_str("<table class=\"head\">");
-    let target = &meta["target"];
-    let cmdline = target["cmdline"]
-        .as_array()
-        .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| text(&target["cmdline"]));
+    let target = &meta.target;
     kv(
         h,
         "target",
         &format!(
             "pid {} <b>{}</b> ({}), {}",
-            esc(&text(&target["pid"])),
-            esc(&text(&target["comm"])),
-            esc(&text(&target["mode"])),
-            esc(&clip(&cmdline, 400))
+            target.pid,
+            esc(&target.comm),
+            target.mode.name(),
+            esc(&clip(&target.cmdline.join(" "), 400))
         ),
     );
-    let host = &meta["host"];
+    let host = &meta.host;
     kv(
         h,
         "host",
         &format!(
             "{}, kernel {}, {} CPUs",
-            esc(&text(&host["hostname"])),
-            esc(&text(&host["kernel_release"])),
-            esc(&text(&host["cpus"]))
+            esc(&host.hostname),
+            esc(&host.kernel_release),
+            host.cpus
         ),
     );
-    let started = meta["start"]["t_wall_ns"].as_u64().map_or("-".into(), utc);
+    let started = meta.start.map_or("-".into(), |c| utc(c.t_wall_ns));
     kv(
         h,
         "time",
@@ -189,31 +185,23 @@ fn header(
             } else {
                 ", NO done.marker"
             },
-            esc(&text(&meta["skipped_boundaries"]))
+            meta.skipped_boundaries
         ),
     );
-    let sources: Vec<String> = meta["sources"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| {
-            format!(
-                "{} ({}, {} rows)",
-                esc(&text(&s["source"])),
-                esc(&text(&s["file"])),
-                esc(&text(&s["rows"]))
-            )
-        })
+    let sources: Vec<String> = meta
+        .sources
+        .iter()
+        .map(|s| format!("{} ({}, {} rows)", s.source.name(), esc(&s.file), s.rows))
         .collect();
     kv(h, "sources", &sources.join(", "));
-    let e = &meta["ebpf"];
+    let e = &meta.ebpf;
     let loss = format!(
         "{} ring-buffer records dropped ({} buckets), {} map errors, {} undecodable records, {} slice mismatches; {} merged buckets (longer than 1.5 intervals)",
-        esc(&text(&e["dropped_events"])),
+        e.dropped_events,
         ing.drop_buckets.values().max().copied().unwrap_or(0),
-        esc(&text(&e["map_errors"])),
-        esc(&text(&e["records_undecodable"])),
-        esc(&text(&e["slice_mismatches"])),
+        e.map_errors,
+        e.records_undecodable,
+        e.slice_mismatches,
         ing.merged_buckets.values().max().copied().unwrap_or(0),
     );
     kv(h, "loss", &loss);
@@ -228,23 +216,23 @@ fn header(
     }
     // Probe paths.
     h.push_str("<h3>Probe families</h3><table class=\"families\"><tr><th>family</th><th>active</th><th>path</th><th>note</th></tr>");
-    for f in meta["families"].as_array().into_iter().flatten() {
+    for f in &meta.families {
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&text(&f["family"])),
-            esc(&text(&f["active"])),
-            esc(&text(&f["path"])),
-            esc(&clip(&text(&f["note"]), 400))
+            esc(&f.family),
+            f.active,
+            esc(f.path.as_deref().unwrap_or("-")),
+            esc(&clip(f.note.as_deref().unwrap_or("-"), 400))
         );
     }
     h.push_str("</table>");
     let mut states: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for p in meta["probes"].as_array().into_iter().flatten() {
+    for p in &meta.probes {
         states
-            .entry(text(&p["state"]))
+            .entry(p.state.name().to_owned())
             .or_default()
-            .push(text(&p["program"]));
+            .push(p.program.to_string());
     }
     let probes: Vec<String> = states
         .iter()
@@ -530,7 +518,7 @@ fn folded_note(ing: &Ingest, field: &str, what: &str) -> String {
     }
 }
 
-fn charts(h: &mut String, f: &Canvas, ing: &Ingest, meta: &Value) {
+fn charts(h: &mut String, f: &Canvas, ing: &Ingest, meta: &Meta) {
     section(h, "CPU", "");
     if !figure(
         h,
@@ -753,12 +741,11 @@ fn charts(h: &mut String, f: &Canvas, ing: &Ingest, meta: &Value) {
         any |= figure(h, f, field, title, &Unit::Rate("exits"), lines);
     }
     if !any {
-        let why = meta["families"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|f| f["family"] == "kvm")
-            .and_then(|f| f["note"].as_str())
+        let why = meta
+            .families
+            .iter()
+            .find(|f| f.family == "kvm")
+            .and_then(|f| f.note.as_deref())
             .unwrap_or("");
         none(h, "KVM exits");
         if !why.is_empty() {
