@@ -250,13 +250,8 @@ pub fn wait_for_file(path: &Path, timeout: Duration) {
 pub fn wait_trace_started(data_dir: &Path, timeout: Duration) -> PathBuf {
     let t0 = Instant::now();
     loop {
-        if let Ok(entries) = fs::read_dir(data_dir.join("episodes")) {
-            for e in entries.flatten() {
-                let events = fs::read_to_string(e.path().join("events.jsonl")).unwrap_or_default();
-                if events.contains("\"event\":\"started\"") {
-                    return e.path();
-                }
-            }
+        if let Some(ep) = started_episode(data_dir) {
+            return ep;
         }
         assert!(
             t0.elapsed() < timeout,
@@ -264,6 +259,19 @@ pub fn wait_trace_started(data_dir: &Path, timeout: Duration) -> PathBuf {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The episode under `data_dir` whose tracer has taken its baseline (its
+/// `started` event is out), if one has.
+pub fn started_episode(data_dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(data_dir.join("episodes"))
+        .ok()?
+        .flatten()
+        .find(|e| {
+            fs::read_to_string(e.path().join("events.jsonl"))
+                .is_ok_and(|t| t.contains("\"event\":\"started\""))
+        })
+        .map(|e| e.path())
 }
 
 /// Waits until the episode's events.jsonl has an event named `name`

@@ -842,15 +842,7 @@ fn trace_gateway_from(lab: &Lab, dir: &Path, from_host: bool, extra: &[&str]) ->
     // Started, or failed: then its error, not a timeout.
     let t0 = std::time::Instant::now();
     loop {
-        let started = fs::read_dir(dir.join("data/episodes"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                fs::read_to_string(e.path().join("events.jsonl"))
-                    .is_ok_and(|t| t.contains("\"event\":\"started\""))
-            });
-        if started {
+        if started_episode(&dir.join("data")).is_some() {
             return child;
         }
         if child.try_wait().unwrap().is_some() {

@@ -231,14 +231,7 @@ impl Watching {
         match watcher {
             Watcher::None => true,
             Watcher::Cis490 | Watcher::Cis490Gateway => {
-                fs::read_dir(self.dir.join("data/episodes"))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .any(|e| {
-                        fs::read_to_string(e.path().join("events.jsonl"))
-                            .is_ok_and(|t| t.contains("\"event\":\"started\""))
-                    })
+                cis490_tests::started_episode(&self.dir.join("data")).is_some()
             }
             Watcher::Tcpdump => self.stderr().contains("listening on"),
         }

@@ -203,14 +203,7 @@ impl Running {
         match self.tracer {
             Tracer::None => true,
             Tracer::Cis490 | Tracer::Cis490Ebpf | Tracer::Cis490Proc | Tracer::Cis490Perf => {
-                fs::read_dir(self.dir.join("data/episodes"))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .any(|e| {
-                        fs::read_to_string(e.path().join("events.jsonl"))
-                            .is_ok_and(|t| t.contains("\"event\":\"started\""))
-                    })
+                cis490_tests::started_episode(&self.dir.join("data")).is_some()
             }
             Tracer::Bpftrace => {
                 fs::read_to_string(self.dir.join("bpftrace.out")).is_ok_and(|t| t.contains("tick"))
