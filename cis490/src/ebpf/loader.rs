@@ -25,8 +25,8 @@ use super::{
     btf::{self, KernelBtf},
     kvm, net, sched,
     spec::{
-        AttachState, Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeKind, ProbeSpec,
-        ProbeStatus,
+        AttachState, Attacher, FamilyStatus, KernelFacts, NOT_ASKED, OffsetSpec, ProbeKind,
+        ProbeSpec, ProbeStatus,
     },
 };
 
@@ -129,9 +129,6 @@ impl Default for Options {
         }
     }
 }
-
-/// Why a counting probe or family is off when `--sources` has no `ebpf`.
-pub const NOT_ASKED: &str = "the ebpf source was not asked for (--sources)";
 
 /// Per-family decisions taken before the object is loaded (they become
 /// read-only globals).

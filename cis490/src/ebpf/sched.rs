@@ -263,7 +263,7 @@ pub fn attach(
     let iter_link = attach_iter(a, tgid)?;
     for spec in PROBES {
         if !counters && counts(spec) {
-            a.skip(FAMILY, spec, super::loader::NOT_ASKED);
+            a.skip(FAMILY, spec, super::spec::NOT_ASKED);
             continue;
         }
         if !a.attach(FAMILY, spec) && spec.required {
@@ -288,7 +288,7 @@ pub fn attach(
             FAMILY,
             &format!(
                 "{}: the thread lifecycle probes only",
-                super::loader::NOT_ASKED
+                super::spec::NOT_ASKED
             ),
         )
     };

@@ -122,6 +122,9 @@ pub struct FamilyStatus {
     pub note: Option<String>,
 }
 
+/// Why a counting probe or family is off when `--sources` has no `ebpf`.
+pub const NOT_ASKED: &str = "the ebpf source was not asked for (--sources)";
+
 impl FamilyStatus {
     /// A family that measures nothing here, and why.
     pub fn off(family: &'static str, why: &str) -> Self {
