@@ -17,6 +17,7 @@ crate::names! {
     /// The block family's programs, each named for its tracepoint.
     pub mod prog {
         BLOCK_BIO_QUEUE = "block_bio_queue",
+        BLOCK_SPLIT = "block_split",
         BLOCK_IO_START = "block_io_start",
         BLOCK_RQ_INSERT = "block_rq_insert",
         BLOCK_RQ_ISSUE = "block_rq_issue",
@@ -26,12 +27,14 @@ crate::names! {
 }
 
 crate::names! {
-    /// The block family's read-only globals: `struct request` member
-    /// offsets, and the path taken (1: the `block_rq` fallback).
+    /// The block family's read-only globals: `struct request` and
+    /// `struct bio` member offsets, and the path taken (1: the `block_rq`
+    /// fallback).
     pub mod global {
         REQ_CMD_FLAGS_OFFSET,
         REQ_DATA_LEN_OFFSET,
         REQ_BIO_OFFSET,
+        BIO_PRIVATE_OFFSET,
         BLOCK_LEGACY,
     }
 }

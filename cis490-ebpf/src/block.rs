@@ -8,9 +8,15 @@
 //! seen at `block_rq_insert` or `block_rq_issue` whatever context those run
 //! in (a plug flush, kblockd); at insert the submitting thread counts too,
 //! never at issue (the thread that runs the queue may dispatch another
-//! process's requests). Completion runs in interrupt context, where the current task is
-//! anyone: it only looks the request up. A request address that a
-//! non-target submitter reuses drops any stale entry.
+//! process's requests). Without an I/O scheduler a request is often never
+//! inserted (issued directly, or a plug flushed through the driver's
+//! `queue_rqs`), so the mark alone decides. A bio too large for one request
+//! is split (`block_split`): the front becomes a new bio, which never passes
+//! `block_bio_queue` and is the first bio of its request; it takes its
+//! parent's mark (the parent, the rest, goes on as a bio already queued).
+//! Completion runs in interrupt context, where the current task is
+//! anyone: it only looks the request up. A request or bio address that a
+//! non-target reuses drops any stale entry or mark.
 
 use aya_ebpf::{
     Global,
@@ -42,8 +48,9 @@ pub static BLOCK_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0)
 #[map]
 pub static REQS: HashMap<u64, ReqStart> = HashMap::with_max_entries(16_384, 0);
 
-/// Bios the target queued (legacy block path), keyed by `struct bio *`;
-/// LRU, so marks of bios merged into another request age out.
+/// Bios the target queued (legacy block path) and the bios split from
+/// them, keyed by `struct bio *`; LRU, so marks of bios merged into another
+/// request age out.
 #[map]
 pub static BIOS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16_384, 0);
 
@@ -56,6 +63,9 @@ static REQ_DATA_LEN_OFFSET: Global<u32> = Global::new(0);
 /// `struct request`: `bio`, its first bio.
 #[unsafe(no_mangle)]
 static REQ_BIO_OFFSET: Global<u32> = Global::new(0);
+/// `struct bio`: `bi_private`; a split's is its parent (`bio_chain`).
+#[unsafe(no_mangle)]
+static BIO_PRIVATE_OFFSET: Global<u32> = Global::new(0);
 /// 1 on kernels without `block_io_start`/`block_io_done`: attribute at
 /// insert or issue and account each completion as final.
 #[unsafe(no_mangle)]
@@ -71,7 +81,8 @@ fn block_stats() -> Result<*mut BlockStats, i32> {
 /// Attributes request `rq` if it is the target's (and the op is a read or
 /// write); forgets a stale entry otherwise. It is the target's when the
 /// current thread is (only if `by_current`: the submitter's context) or,
-/// on the legacy path (`legacy`), when the target queued its first bio. On
+/// on the legacy path (`legacy`), when its first bio is marked (the target
+/// queued it, or it was split from one the target queued). On
 /// the legacy path an existing entry is kept (insert, then issue). At issue
 /// the current thread is whoever runs the queue, which may be the target
 /// dispatching another process's request: there only the bio mark counts.
@@ -130,6 +141,25 @@ pub fn block_bio_queue(ctx: BtfTracePointContext) -> i32 {
         let _ = BIOS.insert(bio, 1, BPF_ANY as u64);
     } else {
         let _ = BIOS.remove(bio);
+    }
+    0
+}
+
+/// `block_split(struct bio *split, unsigned int new_sector)` (legacy path):
+/// the front of a bio over the queue's limits (its max_sectors_kb or
+/// max_segments) was split off as a new bio, chained to the rest (the
+/// parent, `bi_private`), before a request is made of it. The parent was
+/// queued; the split never is (`block_bio_queue` fires once per bio), and
+/// is its request's first bio: it takes the parent's mark, whatever thread
+/// splits it (a stale mark at its address is dropped).
+#[btf_tracepoint(function = "block_split")]
+pub fn block_split(ctx: BtfTracePointContext) -> i32 {
+    let split: u64 = ctx.arg(0);
+    let parent: u64 = field(split as *const u8, &BIO_PRIVATE_OFFSET).unwrap_or(0);
+    if parent != 0 && unsafe { BIOS.get(parent) }.is_some() {
+        let _ = BIOS.insert(split, 1, BPF_ANY as u64);
+    } else {
+        let _ = BIOS.remove(split);
     }
     0
 }

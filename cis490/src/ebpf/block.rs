@@ -1,6 +1,7 @@
 //! The block I/O probe family (programs in `cis490-ebpf/src/block.rs`):
 //! `block_io_start`/`block_io_done` where the kernel has them (6.5+), else
-//! the older `block_rq_insert`/`block_rq_issue`/`block_rq_complete`.
+//! the older `block_rq_insert`/`block_rq_issue`/`block_rq_complete` (with
+//! `block_bio_queue` and `block_split` marking the target's bios).
 //!
 //! The reader: Block I/O rows from `BLOCK_STATS` and `BLOCK_MAX` (probes in
 //! `cis490-ebpf/src/block.rs`).
@@ -67,6 +68,11 @@ pub const OFFSETS: &[OffsetSpec] = &[
         ty: "request",
         path: "__data_len",
     },
+    OffsetSpec {
+        global: global::BIO_PRIVATE_OFFSET,
+        ty: "bio",
+        path: "bi_private",
+    },
 ];
 
 pub(super) const IO: &[ProbeSpec] = &[
@@ -77,6 +83,7 @@ pub(super) const IO: &[ProbeSpec] = &[
 ];
 pub(super) const RQ: &[ProbeSpec] = &[
     ProbeSpec::tp_btf(prog::BLOCK_BIO_QUEUE),
+    ProbeSpec::tp_btf(prog::BLOCK_SPLIT),
     ProbeSpec::tp_btf(prog::BLOCK_RQ_INSERT),
     ProbeSpec::tp_btf(prog::BLOCK_RQ_ISSUE),
     ProbeSpec::tp_btf(prog::BLOCK_RQ_COMPLETE),

@@ -28,8 +28,9 @@ use crate::signals::ready_then_wait;
 /// SIGUSR1 (at most --timeout-ms). Then sleeps --start-delay-ms.
 ///
 /// Direct phase: reads /proc/self/io, opens the file with O_DIRECT, writes W MiB from
-/// offset 0 with pwrite() in blocks of --block-kb from a 4096-aligned buffer, calls
-/// fdatasync() once, reads R MiB from offset 0 with pread() in the same blocks, and reads
+/// offset 0 with pwrite() in blocks of --block-kb from a 4096-aligned buffer (with
+/// --scattered: pwritev() of every other 4 KiB page of a buffer twice as large), calls
+/// fdatasync() once, reads R MiB from offset 0 with pread() (preadv()) in the same blocks, and reads
 /// /proc/self/io again. Nothing else in the process does file I/O in between, so
 /// write_bytes in /proc/self/io grows by exactly W MiB and read_bytes by R MiB (direct
 /// reads are accounted when their bios are submitted, direct writes when issued).
@@ -57,6 +58,12 @@ pub struct DioArgs {
     /// is shorter if it does not divide the total.
     #[arg(long, value_name = "KB", default_value_t = 1024, value_parser = parse_block_kb)]
     block_kb: u64,
+    /// Each call's buffer is every other 4 KiB page of one twice its size (pwritev()/preadv(),
+    /// one iovec per page), so no two of its pages are physically adjacent and each is a
+    /// segment of its own: a call of more pages than the device's max_segments is split
+    /// into several requests whatever memory the buffer got. --block-kb at most 4096 then.
+    #[arg(long)]
+    scattered: bool,
     /// Idle sleep before the direct phase (after the preallocation and any signal wait).
     #[arg(long, value_name = "MS", default_value_t = 0)]
     start_delay_ms: u64,
@@ -125,6 +132,9 @@ const MIB: u64 = 1 << 20;
 
 /// Alignment of the O_DIRECT buffer, offsets and sizes: the largest common logical block size.
 const DIO_ALIGN: usize = 4096;
+
+/// The most iovecs one pwritev()/preadv() takes (Linux's UIO_MAXIOV).
+const IOV_MAX: u64 = 1024;
 
 /// Every "name: value" line of /proc/self/io, in file order.
 fn proc_self_io() -> Result<serde_json::Map<String, serde_json::Value>> {
@@ -200,6 +210,9 @@ pub fn cmd_dio(a: &DioArgs) -> Result<()> {
     let write_bytes = a.write_mb * MIB;
     let read_bytes = a.read_mb * MIB;
     let block = a.block_kb * 1024;
+    if a.scattered && block / DIO_ALIGN as u64 > IOV_MAX {
+        bail!("--scattered takes at most {} KiB per call", IOV_MAX * 4);
+    }
     let prealloc_bytes = write_bytes.max(read_bytes);
 
     preallocate(&a.file, prealloc_bytes)?;
@@ -210,10 +223,39 @@ pub fn cmd_dio(a: &DioArgs) -> Result<()> {
     thread::sleep(Duration::from_millis(a.start_delay_ms));
 
     // Everything the direct phase needs is set up before the first /proc/self/io reading.
-    let mut buf = AlignedBuf::new(block as usize, DIO_ALIGN)?;
+    let stride = if a.scattered { 2 } else { 1 };
+    let mut buf = AlignedBuf::new(stride * block as usize, DIO_ALIGN)?;
     for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
         *b = (i % 251) as u8 ^ 0xa5;
     }
+    // --scattered: one iovec per 4 KiB page, every other page of `buf`.
+    let base = buf.ptr.as_ptr();
+    let pages: Vec<libc::iovec> = (0..block as usize / DIO_ALIGN)
+        .map(|i| libc::iovec {
+            // SAFETY: page 2i lies inside `buf`, which is 2 * block bytes long.
+            iov_base: unsafe { base.add(2 * i * DIO_ALIGN) }.cast(),
+            iov_len: DIO_ALIGN,
+        })
+        .collect();
+    // The first `n` bytes of the call's buffer, written (`write`) or read at `off`.
+    let scattered_io = |fd: i32, write: bool, n: usize, off: u64| -> io::Result<usize> {
+        let iov = &pages[..n.div_ceil(DIO_ALIGN)];
+        let cnt = iov.len() as libc::c_int;
+        // SAFETY: each iovec covers one page of `buf`, alive and not otherwise borrowed
+        // during the call; n is a multiple of DIO_ALIGN (sizes are whole KiB, multiples of 4).
+        let rc = unsafe {
+            if write {
+                libc::pwritev(fd, iov.as_ptr(), cnt, off as libc::off_t)
+            } else {
+                libc::preadv(fd, iov.as_ptr(), cnt, off as libc::off_t)
+            }
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc as usize)
+        }
+    };
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -226,9 +268,12 @@ pub fn cmd_dio(a: &DioArgs) -> Result<()> {
     let (mut off, mut write_calls) = (0u64, 0u64);
     while off < write_bytes {
         let n = (write_bytes - off).min(block) as usize;
-        let done = file
-            .write_at(&buf.as_slice()[..n], off)
-            .with_context(|| format!("O_DIRECT pwrite of {n} bytes at offset {off}"))?;
+        let done = if a.scattered {
+            scattered_io(file.as_raw_fd(), true, n, off)
+        } else {
+            file.write_at(&buf.as_slice()[..n], off)
+        }
+        .with_context(|| format!("O_DIRECT pwrite of {n} bytes at offset {off}"))?;
         write_calls += 1;
         if done != n {
             bail!("short O_DIRECT write at offset {off}: {done} of {n} bytes");
@@ -245,9 +290,12 @@ pub fn cmd_dio(a: &DioArgs) -> Result<()> {
     let (mut off, mut read_calls) = (0u64, 0u64);
     while off < read_bytes {
         let n = (read_bytes - off).min(block) as usize;
-        let done = file
-            .read_at(&mut buf.as_mut_slice()[..n], off)
-            .with_context(|| format!("O_DIRECT pread of {n} bytes at offset {off}"))?;
+        let done = if a.scattered {
+            scattered_io(file.as_raw_fd(), false, n, off)
+        } else {
+            file.read_at(&mut buf.as_mut_slice()[..n], off)
+        }
+        .with_context(|| format!("O_DIRECT pread of {n} bytes at offset {off}"))?;
         read_calls += 1;
         if done != n {
             bail!("short O_DIRECT read at offset {off}: {done} of {n} bytes");
