@@ -91,14 +91,27 @@ pub struct Launch {
     /// `cis490.disk_write_mb=4 cis490.sleep_ms=200`.
     pub params: String,
     /// A raw disk image, attached as virtio-blk with `cache=none` (it must
-    /// be on a filesystem that supports O_DIRECT, i.e. not tmpfs).
+    /// be on a filesystem that supports O_DIRECT, i.e. not tmpfs), or the
+    /// cache mode of [`Launch::disk_cache`].
     pub disk: Option<PathBuf>,
+    /// QEMU's cache mode for `disk` (default `none`; the VM runner's scratch
+    /// disk is `unsafe`: QEMU may cache it and ignore flushes).
+    pub disk_cache: Option<&'static str>,
+    /// vCPUs (default: QEMU's one). Under TCG with more than one, a single
+    /// host thread runs them all (see [`qemu_argv`]).
+    pub smp: Option<u32>,
+    /// Guest memory, MiB (default 256).
+    pub memory_mib: Option<u32>,
     /// A `-nic` value (e.g. `user,model=virtio-net-pci` or
     /// `tap,ifname=tap0,script=no,downscript=no,model=virtio-net-pci`);
     /// `none` when unset.
     pub nic: Option<String>,
-    /// Write the serial console to this file instead of stdout.
+    /// Write the serial console to this file instead of stdout (where it
+    /// goes with `-nographic`, or alone with [`Launch::serial_stdio`]).
     pub console: Option<PathBuf>,
+    /// The serial console alone on stdout (`-serial stdio`, no display, no
+    /// monitor), for a caller that reads it from a pipe.
+    pub serial_stdio: bool,
     /// Serve QMP on this unix socket (`-qmp unix:PATH,server=on,wait=off`).
     pub qmp: Option<PathBuf>,
     /// The guest agent's virtio-serial port (`cis490.guest.agent`) on a
@@ -106,23 +119,47 @@ pub struct Launch {
     pub agent: Option<PathBuf>,
 }
 
-/// The QEMU command line for a launch (program first): 256 MiB, no display,
-/// serial console on stdout or in a file, `-no-reboot` so the guest's
-/// power-off (or panic) ends QEMU.
+/// The QEMU command line for a launch (program first): 256 MiB unless
+/// asked, no display, serial console on stdout or in a file, `-no-reboot` so
+/// the guest's power-off (or panic) ends QEMU. The one place a QEMU guest's
+/// command line is made: the tests, the demo and the VM runner
+/// (`xtask/src/vm.rs`) launch through it.
 pub fn qemu_argv(g: &Guest, launch: &Launch) -> Vec<OsString> {
-    let mut v: Vec<OsString> = vec![
-        g.qemu.clone().into(),
-        "-accel".into(),
-        launch.accel.clone().into(),
-    ];
+    let smp = launch.smp.unwrap_or(1);
+    let accel = if launch.accel == "tcg" && smp > 1 {
+        // One host thread for all vCPUs. With a thread per vCPU (QEMU 7.2
+        // here), the kernel's live code patching (int3, then the new
+        // instruction, as every tracepoint attach and detach does) now and
+        // then leaves a vCPU running the stale int3: an "Oops: int3" or a
+        // soft lockup in smp_call_function_many_cond, seen in about one
+        // run in three.
+        "tcg,thread=single".to_owned()
+    } else {
+        launch.accel.clone()
+    };
+    let mut v: Vec<OsString> = vec![g.qemu.clone().into(), "-accel".into(), accel.into()];
     if launch.accel == "kvm" {
         v.extend(["-cpu".into(), "host".into()]);
     }
-    v.extend(["-m", "256", "-no-reboot"].map(OsString::from));
-    match &launch.console {
+    if let Some(n) = launch.smp {
+        v.extend(["-smp".into(), n.to_string().into()]);
+    }
+    v.extend([
+        "-m".into(),
+        launch.memory_mib.unwrap_or(256).to_string().into(),
+        "-no-reboot".into(),
+    ]);
+    let serial = match &launch.console {
         Some(path) => {
             let mut serial = OsString::from("file:");
             serial.push(path);
+            Some(serial)
+        }
+        None if launch.serial_stdio => Some("stdio".into()),
+        None => None,
+    };
+    match serial {
+        Some(serial) => {
             v.extend([
                 "-display".into(),
                 "none".into(),
@@ -147,7 +184,8 @@ pub fn qemu_argv(g: &Guest, launch: &Launch) -> Vec<OsString> {
     if let Some(disk) = &launch.disk {
         let mut drive = OsString::from("file=");
         drive.push(disk);
-        drive.push(",format=raw,if=virtio,cache=none");
+        drive.push(",format=raw,if=virtio,cache=");
+        drive.push(launch.disk_cache.unwrap_or("none"));
         v.extend(["-drive".into(), drive]);
     }
     v.extend([

@@ -585,6 +585,11 @@ fn make_scratch_disk(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// QEMU's command for a kernel of the matrix, through the one builder of
+/// QEMU command lines (`cis490_tests::guest::qemu_argv`): the serial
+/// console alone on stdout (read from a pipe), the scratch disk on virtio
+/// with `cache=unsafe` (scratch data: QEMU may cache it and ignore
+/// flushes), no network.
 fn qemu_command(
     qemu: &Path,
     accel: &str,
@@ -592,35 +597,25 @@ fn qemu_command(
     kernel: &KernelFiles,
     initrd: &Path,
     disk: &Path,
-    append: &str,
+    params: &str,
 ) -> Command {
-    let mut cmd = Command::new(qemu);
-    if accel == "kvm" {
-        cmd.args(["-accel", "kvm", "-cpu", "host"]);
-    } else {
-        // One host thread for all vCPUs. With a thread per vCPU (QEMU 7.2
-        // here), the kernel's live code patching (int3, then the new
-        // instruction, as every tracepoint attach and detach does) now and
-        // then leaves a vCPU running the stale int3: an "Oops: int3" or a
-        // soft lockup in smp_call_function_many_cond, seen in about one
-        // run in three.
-        cmd.args(["-accel", "tcg,thread=single"]);
-    }
-    cmd.args(["-smp", &opts.smp.to_string()])
-        .args(["-m", &opts.memory_mib.to_string()])
-        .args(["-no-reboot", "-display", "none", "-monitor", "none"])
-        .args(["-serial", "stdio"])
-        .arg("-kernel")
-        .arg(kernel.vmlinuz())
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", append]);
-    let mut drive = std::ffi::OsString::from("file=");
-    drive.push(disk);
-    // Scratch data: QEMU may cache it and ignore flushes.
-    drive.push(",format=raw,if=virtio,cache=unsafe");
-    cmd.arg("-drive").arg(drive).args(["-nic", "none"]);
-    cmd
+    let guest = cis490_tests::guest::Guest {
+        kernel: kernel.vmlinuz(),
+        initrd: initrd.to_owned(),
+        kernel_version: kernel.version.clone(),
+        qemu: qemu.to_owned(),
+    };
+    let launch = cis490_tests::guest::Launch {
+        accel: accel.to_owned(),
+        params: params.to_owned(),
+        disk: Some(disk.to_owned()),
+        disk_cache: Some("unsafe"),
+        smp: Some(opts.smp),
+        memory_mib: Some(opts.memory_mib),
+        serial_stdio: true,
+        ..Default::default()
+    };
+    cis490_tests::guest::qemu_command(&guest, &launch)
 }
 
 /// Boots one kernel and runs the tests; never fails itself (what went wrong
@@ -655,8 +650,10 @@ pub fn run_kernel(
     let names: Vec<&str> = tests.iter().map(|t| t.name.as_str()).collect();
     // loglevel=5: warnings and stack traces reach the console (and
     // console.log), so a lockup or a verifier splat shows its stack.
+    // After the guests' common `console=ttyS0 panic=-1 quiet`
+    // (`cis490_tests::guest::BASE_APPEND`); a later loglevel wins.
     let mut append = format!(
-        "console=ttyS0 panic=-1 loglevel=5 cis490.accel={accel} cis490.tests={}",
+        "loglevel=5 cis490.accel={accel} cis490.tests={}",
         names.join(",")
     );
     if !skip.is_empty() {
@@ -669,11 +666,9 @@ pub fn run_kernel(
         append.push(' ');
         append.push_str(more);
     }
-    if append.len() > 2000 {
-        bail!(
-            "the kernel command line would be {} bytes (limit 2048): {append}",
-            append.len()
-        );
+    let length = cis490_tests::guest::BASE_APPEND.len() + 1 + append.len();
+    if length > 2000 {
+        bail!("the kernel command line would be {length} bytes (limit 2048): {append}");
     }
     let console = out_dir.join("console.log");
     let mut run = KernelRun {
