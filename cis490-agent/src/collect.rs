@@ -3,7 +3,7 @@
 //! files and remembers the processes it has seen.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs,
     path::{Path, PathBuf},
 };
@@ -151,6 +151,10 @@ pub struct Collector {
     first_scan: bool,
     /// Started processes not yet written (kept until a line is written).
     pending: Vec<Exec>,
+    /// New processes that still had their parent's name when first seen
+    /// (forked, their `execve` not yet done): queued at the next scan with
+    /// the name they have then (or this one, if they are gone by then).
+    young: HashMap<u32, Exec>,
     pending_left_out: u64,
     seq: u64,
     pub unsent_lines: u64,
@@ -169,6 +173,7 @@ impl Collector {
             kernel: HashSet::new(),
             first_scan: true,
             pending: Vec::new(),
+            young: HashMap::new(),
             pending_left_out: 0,
             seq: 0,
             unsent_lines: 0,
@@ -204,23 +209,48 @@ impl Collector {
                 // Gone between the listing and the read.
                 continue;
             };
-            self.seen.insert(pid);
+            if let Some(mut e) = self.young.remove(&pid) {
+                // Its name now (after its execve, if it did one).
+                e.comm = st.comm;
+                self.seen.insert(pid);
+                user += 1;
+                self.queue(e);
+                continue;
+            }
             if st.kernel_thread {
+                self.seen.insert(pid);
                 self.kernel.insert(pid);
                 continue;
             }
             user += 1;
             if self.first_scan {
+                self.seen.insert(pid);
                 continue;
             }
-            if self.pending.len() < MAX_EXECS {
-                self.pending.push(Exec {
-                    pid,
-                    ppid: st.ppid,
-                    comm: st.comm,
-                });
+            let parent = parse_pid_stat(&self.read(&format!("{}/stat", st.ppid)));
+            let e = Exec {
+                pid,
+                ppid: st.ppid,
+                comm: st.comm,
+            };
+            if parent.is_some_and(|p| p.comm == e.comm) && self.young.len() < MAX_EXECS {
+                self.young.insert(pid, e);
             } else {
-                self.pending_left_out += 1;
+                self.seen.insert(pid);
+                self.queue(e);
+            }
+        }
+        // A young process gone before the next scan: it started; its last
+        // name is the one it had.
+        let gone: Vec<u32> = self
+            .young
+            .keys()
+            .filter(|p| !alive.contains(p))
+            .copied()
+            .collect();
+        for pid in gone {
+            if let Some(e) = self.young.remove(&pid) {
+                self.queue(e);
             }
         }
         // A pid that is gone may come back as a new process.
@@ -228,6 +258,14 @@ impl Collector {
         self.kernel.retain(|p| alive.contains(p));
         self.first_scan = false;
         user
+    }
+
+    fn queue(&mut self, e: Exec) {
+        if self.pending.len() < MAX_EXECS {
+            self.pending.push(e);
+        } else {
+            self.pending_left_out += 1;
+        }
     }
 
     /// One line: everything read now. `written` must be called if it was
@@ -423,6 +461,28 @@ eth0: 1234567    890    0    0    0     0          0         0  7654321     456 
         let third = c.collect();
         assert_eq!(third.execs.len(), 1, "an unsent exec is sent again");
         assert_eq!(third.unsent_lines, 1);
+        c.written();
+        assert!(c.collect().execs.is_empty());
+        c.written();
+        // Forked but not yet exec'd (the parent's name): reported at the
+        // next scan, with the name it has then; one gone by then with the
+        // name it had.
+        add(60, "init", 0);
+        add(61, "init", 0);
+        let fourth = c.collect();
+        assert!(fourth.execs.is_empty(), "{:?}", fourth.execs);
+        assert_eq!(fourth.procs, 4);
+        c.written();
+        add(60, "sleep", 0);
+        fs::remove_dir_all(proc_root.join("61")).unwrap();
+        let fifth = c.collect();
+        let mut got: Vec<(u32, String)> = fifth
+            .execs
+            .iter()
+            .map(|e| (e.pid, e.comm.clone()))
+            .collect();
+        got.sort();
+        assert_eq!(got, [(60, "sleep".into()), (61, "init".into())]);
         c.written();
         assert!(c.collect().execs.is_empty());
         fs::remove_dir_all(&dir).unwrap();
