@@ -83,6 +83,29 @@ struct Scan {
     totals: Vec<Option<u64>>,
     /// The VM's frames, for the gateway-vs-taps comparison.
     frames: Option<crate::sources::gateway::check::Frames>,
+    /// Per tap of the target: what it sent (bytes, frames), summed over the
+    /// rows of `net_by_if` (eBPF and /proc, for their comparison).
+    tap_tx: BTreeMap<String, (u64, u64)>,
+}
+
+/// Allowed difference between the eBPF and /proc tap counters of one tap:
+/// this share of the larger total, or at least this many frames, or bytes
+/// (as many full-size frames): the two read at the same boundary, a moment
+/// apart, so a tap busy at the episode's ends differs by what passed then.
+const TAP_RELATIVE: f64 = 0.02;
+const TAP_ABSOLUTE_FRAMES: u64 = 64;
+const TAP_ABSOLUTE_BYTES: u64 = 64 * 1514;
+
+/// Adds a row's taps (`net_by_if` without the `sockets` vantage).
+fn add_taps(acc: &mut BTreeMap<String, (u64, u64)>, m: &Measures) {
+    for (name, c) in m.net_by_if.iter().flatten() {
+        if name == "sockets" {
+            continue;
+        }
+        let e = acc.entry(name.clone()).or_default();
+        e.0 = e.0.saturating_add(c.tx_bytes);
+        e.1 = e.1.saturating_add(c.tx_packets);
+    }
 }
 
 /// How far two sources may be apart on a total: a relative share plus an
@@ -265,6 +288,7 @@ pub fn check(dir: &Path) -> Result<Report> {
             clocks: Vec::new(),
             totals: vec![None; TOLERANCES.len()],
             frames: None,
+            tap_tx: BTreeMap::new(),
         };
         let mut problems = Vec::new();
         let mut more = 0usize;
@@ -317,6 +341,9 @@ pub fn check(dir: &Path) -> Result<Report> {
                 add_total(acc, (t.get)(&row.m));
             }
             crate::sources::gateway::check::add_row(&mut scan.frames, row.source, &row.m);
+            if matches!(row.source, SourceKind::Ebpf | SourceKind::Proc) {
+                add_taps(&mut scan.tap_tx, &row.m);
+            }
             if !order_ok {
                 continue;
             }
@@ -413,6 +440,28 @@ pub fn check(dir: &Path) -> Result<Report> {
                 r.check(
                     x.abs_diff(y) <= allowed,
                     format!("{}: {a} {x} vs {b} {y} (allowed {allowed})", t.field),
+                );
+            }
+        }
+    }
+    // Each tap's sent frames and bytes: eBPF (the host receiving what the
+    // target wrote into the tap) against /proc (the tap's own counters).
+    // Received frames are not compared: eBPF counts them when the host
+    // transmits into the tap, the tap's counters when the target reads
+    // them (docs/data-model.md).
+    if let (Some(e), Some(p)) = (by_source.get("ebpf"), by_source.get("proc")) {
+        for (tap, &(eb, ef)) in &e.tap_tx {
+            let Some(&(pb, pf)) = p.tap_tx.get(tap) else {
+                continue;
+            };
+            for (what, x, y, abs) in [
+                ("tx_bytes", eb, pb, TAP_ABSOLUTE_BYTES),
+                ("tx_packets", ef, pf, TAP_ABSOLUTE_FRAMES),
+            ] {
+                let allowed = abs.max((x.max(y) as f64 * TAP_RELATIVE) as u64);
+                r.check(
+                    x.abs_diff(y) <= allowed,
+                    format!("net_by_if.{tap}.{what}: ebpf {x} vs proc {y} (allowed {allowed})"),
                 );
             }
         }
@@ -779,6 +828,47 @@ mod tests {
         );
         let e = run(base.path()).unwrap_err().to_string();
         assert!(e.contains("not an episode directory"), "{e}");
+    }
+
+    /// Each tap's sent bytes and frames: eBPF against /proc, at the
+    /// allowance and one past it; received ones and `sockets` not compared.
+    #[test]
+    fn tap_tx_is_held_to_the_taps_own_counters() {
+        let run = |e: (u64, u64), p: (u64, u64)| {
+            let base = tempfile::tempdir().unwrap();
+            let dir = base.path().join("01TAP");
+            fs::create_dir(&dir).unwrap();
+            write_sources(
+                &dir,
+                "cpu_ns",
+                &[(SourceKind::Ebpf, 1), (SourceKind::Proc, 1)],
+                None,
+            );
+            for (source, (bytes, frames)) in [(SourceKind::Ebpf, e), (SourceKind::Proc, p)] {
+                let f = dir.join(format!("telemetry-{}.jsonl", source.name()));
+                let mut v: Value =
+                    serde_json::from_str(fs::read_to_string(&f).unwrap().trim()).unwrap();
+                let c = |b: u64, n: u64| serde_json::json!({"tx_bytes": b, "rx_bytes": 5 * b, "tx_packets": n, "rx_packets": 9 * n});
+                v["net_by_if"] =
+                    serde_json::json!({"tap0": c(bytes, frames), "sockets": c(7 * bytes, 1)});
+                fs::write(&f, format!("{v}\n")).unwrap();
+            }
+            check(&dir).unwrap().problems
+        };
+        // 2% of 10 MB, 64 frames: both within.
+        assert_eq!(
+            run((10_000_000, 10_000), (9_800_000, 9_936)),
+            Vec::<String>::new()
+        );
+        let p = run((10_000_000, 10_000), (9_799_999, 10_000));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("net_by_if.tap0.tx_bytes: ebpf 10000000 vs proc 9799999"),
+            "{p:?}"
+        );
+        let p = run((1000, 100), (1000, 35));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("net_by_if.tap0.tx_packets"), "{p:?}");
     }
 
     #[test]
