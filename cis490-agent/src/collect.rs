@@ -242,16 +242,13 @@ impl Collector {
         }
         // A young process gone before the next scan: it started; its last
         // name is the one it had.
-        let gone: Vec<u32> = self
+        let gone: Vec<Exec> = self
             .young
-            .keys()
-            .filter(|p| !alive.contains(p))
-            .copied()
+            .extract_if(|p, _| !alive.contains(p))
+            .map(|(_, e)| e)
             .collect();
-        for pid in gone {
-            if let Some(e) = self.young.remove(&pid) {
-                self.queue(e);
-            }
+        for e in gone {
+            self.queue(e);
         }
         // A pid that is gone may come back as a new process.
         self.seen.retain(|p| alive.contains(p));

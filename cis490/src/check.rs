@@ -96,6 +96,12 @@ const TAP_RELATIVE: f64 = 0.02;
 const TAP_ABSOLUTE_FRAMES: u64 = 64;
 const TAP_ABSOLUTE_BYTES: u64 = 64 * 1514;
 
+/// How far totals `x` and `y` may be apart: `relative` of the larger, and
+/// at least `absolute`.
+fn allowed(x: u64, y: u64, relative: f64, absolute: u64) -> u64 {
+    absolute.max((x.max(y) as f64 * relative) as u64)
+}
+
 /// Adds a row's taps (`net_by_if` without the `sockets` vantage).
 fn add_taps(acc: &mut BTreeMap<String, (u64, u64)>, m: &Measures) {
     for (name, c) in m.net_by_if.iter().flatten() {
@@ -430,7 +436,7 @@ pub fn check(dir: &Path) -> Result<Report> {
                 else {
                     continue;
                 };
-                let mut allowed = t.absolute.max((x.max(y) as f64 * t.relative) as u64);
+                let mut allowed = allowed(x, y, t.relative, t.absolute);
                 // perf's task-clock keeps counting while the hypervisor
                 // steals the CPU; the scheduler's runtime does not.
                 let perf_above = (a.as_str() == "perf" && x > y) || (b.as_str() == "perf" && y > x);
@@ -458,7 +464,7 @@ pub fn check(dir: &Path) -> Result<Report> {
                 ("tx_bytes", eb, pb, TAP_ABSOLUTE_BYTES),
                 ("tx_packets", ef, pf, TAP_ABSOLUTE_FRAMES),
             ] {
-                let allowed = abs.max((x.max(y) as f64 * TAP_RELATIVE) as u64);
+                let allowed = allowed(x, y, TAP_RELATIVE, abs);
                 r.check(
                     x.abs_diff(y) <= allowed,
                     format!("net_by_if.{tap}.{what}: ebpf {x} vs proc {y} (allowed {allowed})"),

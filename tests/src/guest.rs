@@ -107,11 +107,8 @@ pub struct Launch {
     /// `none` when unset.
     pub nic: Option<String>,
     /// Write the serial console to this file instead of stdout (where it
-    /// goes with `-nographic`, or alone with [`Launch::serial_stdio`]).
+    /// goes alone: no display, no monitor).
     pub console: Option<PathBuf>,
-    /// The serial console alone on stdout (`-serial stdio`, no display, no
-    /// monitor), for a caller that reads it from a pipe.
-    pub serial_stdio: bool,
     /// Serve QMP on this unix socket (`-qmp unix:PATH,server=on,wait=off`).
     pub qmp: Option<PathBuf>,
     /// The guest agent's virtio-serial port (`cis490.guest.agent`) on a
@@ -153,24 +150,18 @@ pub fn qemu_argv(g: &Guest, launch: &Launch) -> Vec<OsString> {
         Some(path) => {
             let mut serial = OsString::from("file:");
             serial.push(path);
-            Some(serial)
+            serial
         }
-        None if launch.serial_stdio => Some("stdio".into()),
-        None => None,
+        None => "stdio".into(),
     };
-    match serial {
-        Some(serial) => {
-            v.extend([
-                "-display".into(),
-                "none".into(),
-                "-monitor".into(),
-                "none".into(),
-                "-serial".into(),
-                serial,
-            ]);
-        }
-        None => v.push("-nographic".into()),
-    }
+    v.extend([
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-serial".into(),
+        serial,
+    ]);
     v.extend([
         "-kernel".into(),
         g.kernel.clone().into(),

@@ -172,12 +172,13 @@ fn without_the_ebpf_source_only_the_lifecycle_probes_run() {
     }
     let ep = Episode::from_output(&trace.wait_with_output().unwrap());
     assert!(ep.is_done());
+    use cis490_common::sched::prog;
     let lifecycle: std::collections::BTreeSet<String> = [
-        "sched_iter",
-        "task_newtask",
-        "sched_process_exit",
-        "sched_process_exec",
-        "task_rename",
+        prog::SCHED_ITER,
+        prog::TASK_NEWTASK,
+        prog::SCHED_PROCESS_EXIT,
+        prog::SCHED_PROCESS_EXEC,
+        prog::TASK_RENAME,
     ]
     .iter()
     .map(|s| s.chars().take(15).collect())

@@ -612,7 +612,6 @@ fn qemu_command(
         disk_cache: Some("unsafe"),
         smp: Some(opts.smp),
         memory_mib: Some(opts.memory_mib),
-        serial_stdio: true,
         ..Default::default()
     };
     cis490_tests::guest::qemu_command(&guest, &launch)

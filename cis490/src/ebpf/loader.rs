@@ -148,23 +148,25 @@ impl Plan {
         fn off<T>() -> Result<T, String> {
             Err(NOT_ASKED.to_owned())
         }
+        let (block, net, kvm) = if opts.counters {
+            (
+                block::plan(facts, opts.block),
+                net::plan(facts),
+                kvm::plan(),
+            )
+        } else {
+            let net = net::NetPlan {
+                taps: off(),
+                sockets: off(),
+            };
+            (off(), net, off())
+        };
         Self {
             counters: opts.counters,
             run_delay: sched::plan(facts),
-            block: if opts.counters {
-                block::plan(facts, opts.block)
-            } else {
-                off()
-            },
-            net: if opts.counters {
-                net::plan(facts)
-            } else {
-                net::NetPlan {
-                    taps: off(),
-                    sockets: off(),
-                }
-            },
-            kvm: if opts.counters { kvm::plan() } else { off() },
+            block,
+            net,
+            kvm,
             ringbuf_bytes: opts.ringbuf_bytes,
         }
     }
