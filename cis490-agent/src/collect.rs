@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
+    io::Read,
     path::{Path, PathBuf},
 };
 
@@ -138,6 +139,34 @@ pub fn parse_pid_stat(text: &str) -> Option<ProcStat> {
     })
 }
 
+/// How long a forked process may keep its parent's name before it is
+/// listed with it. Under TCG a guest busy with its workload can take well
+/// over one 100 ms interval between a `fork` and its `execve`.
+pub const YOUNG_LIMIT_NS: u64 = 2_000_000_000;
+
+/// A new process whose name may not be final when first seen: it had its
+/// parent's name (forked, its `execve` not yet done), or a name that is not
+/// its `argv[0]` (busybox re-executes itself as `/proc/self/exe`, named
+/// `exe` until it names itself after the applet). It is listed at the first
+/// scan that finds the same name as the scan before, other than the
+/// parent's; or, gone, with the last name seen; or after `YOUNG_LIMIT_NS`
+/// (a subshell that never execs) with the name it has then.
+struct Young {
+    /// `comm` is the name the last scan saw.
+    exec: Exec,
+    parent_comm: String,
+    /// When first seen (monotonic ns).
+    since: u64,
+}
+
+/// `comm` is what the kernel makes of `argv[0]`: its last path component,
+/// cut to 15 bytes. `cmdline` is `/proc/PID/cmdline` (NUL-separated).
+pub fn comm_is_argv0(comm: &str, cmdline: &str) -> bool {
+    let argv0 = cmdline.split('\0').next().unwrap_or("");
+    let base = argv0.rsplit('/').next().unwrap_or("").as_bytes();
+    !comm.is_empty() && &base[..base.len().min(15)] == comm.as_bytes()
+}
+
 /// The guest's state between two lines.
 pub struct Collector {
     root: PathBuf,
@@ -151,10 +180,9 @@ pub struct Collector {
     first_scan: bool,
     /// Started processes not yet written (kept until a line is written).
     pending: Vec<Exec>,
-    /// New processes that still had their parent's name when first seen
-    /// (forked, their `execve` not yet done): queued at the next scan with
-    /// the name they have then (or this one, if they are gone by then).
-    young: HashMap<u32, Exec>,
+    /// New processes whose name may still change (see [`Young`]).
+    young: HashMap<u32, Young>,
+    young_limit_ns: u64,
     pending_left_out: u64,
     seq: u64,
     pub unsent_lines: u64,
@@ -174,6 +202,7 @@ impl Collector {
             first_scan: true,
             pending: Vec::new(),
             young: HashMap::new(),
+            young_limit_ns: YOUNG_LIMIT_NS,
             pending_left_out: 0,
             seq: 0,
             unsent_lines: 0,
@@ -184,10 +213,20 @@ impl Collector {
         fs::read_to_string(self.root.join(rel)).unwrap_or_default()
     }
 
+    /// The first 4 KiB of a file (a guest process's `cmdline` can be long).
+    fn read_capped(&self, rel: &str) -> String {
+        let mut buf = Vec::new();
+        if let Ok(f) = fs::File::open(self.root.join(rel)) {
+            let _ = f.take(4096).read_to_end(&mut buf);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
     /// Scans `/proc` for processes: returns the user-space processes alive
     /// and queues those not seen before (none on the first scan: they were
     /// there when the agent started).
     fn scan_processes(&mut self) -> u64 {
+        let now = clock_ns(libc::CLOCK_MONOTONIC);
         let mut alive = HashSet::new();
         let mut user = 0;
         for entry in fs::read_dir(&self.root).into_iter().flatten().flatten() {
@@ -209,12 +248,19 @@ impl Collector {
                 // Gone between the listing and the read.
                 continue;
             };
-            if let Some(mut e) = self.young.remove(&pid) {
-                // Its name now (after its execve, if it did one).
-                e.comm = st.comm;
-                self.seen.insert(pid);
+            if let Some(y) = self.young.get_mut(&pid) {
                 user += 1;
-                self.queue(e);
+                // Listed once its name holds from one scan to the next and
+                // is not its parent's, or at the limit.
+                let settled = st.comm == y.exec.comm && st.comm != y.parent_comm;
+                if settled || now.saturating_sub(y.since) >= self.young_limit_ns {
+                    let mut e = self.young.remove(&pid).expect("just found").exec;
+                    e.comm = st.comm;
+                    self.seen.insert(pid);
+                    self.queue(e);
+                } else {
+                    y.exec.comm = st.comm;
+                }
                 continue;
             }
             if st.kernel_thread {
@@ -227,17 +273,28 @@ impl Collector {
                 self.seen.insert(pid);
                 continue;
             }
-            let parent = parse_pid_stat(&self.read(&format!("{}/stat", st.ppid)));
+            let parent_comm = parse_pid_stat(&self.read(&format!("{}/stat", st.ppid)))
+                .map(|p| p.comm)
+                .unwrap_or_default();
             let e = Exec {
                 pid,
                 ppid: st.ppid,
                 comm: st.comm,
             };
-            if parent.is_some_and(|p| p.comm == e.comm) && self.young.len() < MAX_EXECS {
-                self.young.insert(pid, e);
-            } else {
+            let plain = e.comm != parent_comm
+                && comm_is_argv0(&e.comm, &self.read_capped(&format!("{pid}/cmdline")));
+            if plain || self.young.len() >= MAX_EXECS {
                 self.seen.insert(pid);
                 self.queue(e);
+            } else {
+                self.young.insert(
+                    pid,
+                    Young {
+                        exec: e,
+                        parent_comm,
+                        since: now,
+                    },
+                );
             }
         }
         // A young process gone before the next scan: it started; its last
@@ -245,7 +302,7 @@ impl Collector {
         let gone: Vec<Exec> = self
             .young
             .extract_if(|p, _| !alive.contains(p))
-            .map(|(_, e)| e)
+            .map(|(_, y)| y.exec)
             .collect();
         for e in gone {
             self.queue(e);
@@ -402,6 +459,19 @@ eth0: 1234567    890    0    0    0     0          0         0  7654321     456 
     }
 
     #[test]
+    fn comm_against_argv0() {
+        assert!(comm_is_argv0("sleep", "sleep\u{0}3\u{0}"));
+        assert!(comm_is_argv0("sleep", "/bin/sleep\u{0}"));
+        assert!(comm_is_argv0(
+            "a_very_long_pro",
+            "/x/a_very_long_program\u{0}"
+        ));
+        assert!(!comm_is_argv0("exe", "sleep\u{0}3\u{0}"));
+        assert!(!comm_is_argv0("bash", "-bash\u{0}"));
+        assert!(!comm_is_argv0("", ""));
+    }
+
+    #[test]
     fn pid_stat_with_a_hostile_comm() {
         let s = parse_pid_stat("42 (a) b (c) S 7 42 42 0 -1 4194560 100 0 0 0").unwrap();
         assert_eq!(
@@ -430,6 +500,14 @@ eth0: 1234567    890    0    0    0     0          0         0  7654321     456 
                 format!("{pid} ({comm}) S 1 {pid} {pid} 0 -1 {flags} 0 0"),
             )
             .unwrap();
+            fs::write(
+                proc_root.join(format!("{pid}/cmdline")),
+                format!("/bin/{comm}\u{0}"),
+            )
+            .unwrap();
+        };
+        let argv = |pid: u32, cmdline: &str| {
+            fs::write(proc_root.join(format!("{pid}/cmdline")), cmdline).unwrap();
         };
         add(1, "init", 0);
         add(2, "kthreadd", 0x0020_0000);
@@ -461,25 +539,54 @@ eth0: 1234567    890    0    0    0     0          0         0  7654321     456 
         c.written();
         assert!(c.collect().execs.is_empty());
         c.written();
-        // Forked but not yet exec'd (the parent's name): reported at the
-        // next scan, with the name it has then; one gone by then with the
-        // name it had.
+        let names = |l: &AgentLine| -> Vec<(u32, String)> {
+            let mut v: Vec<_> = l.execs.iter().map(|e| (e.pid, e.comm.clone())).collect();
+            v.sort();
+            v
+        };
+        // Forked but not yet exec'd (the parent's name): it waits until a
+        // name other than the parent's holds from one scan to the next; one
+        // gone before that is listed with the name it had.
         add(60, "init", 0);
         add(61, "init", 0);
         let fourth = c.collect();
         assert!(fourth.execs.is_empty(), "{:?}", fourth.execs);
-        assert_eq!(fourth.procs, 4);
+        assert_eq!(fourth.procs, 4, "a waiting process is counted alive");
         c.written();
         add(60, "sleep", 0);
         fs::remove_dir_all(proc_root.join("61")).unwrap();
-        let fifth = c.collect();
-        let mut got: Vec<(u32, String)> = fifth
-            .execs
-            .iter()
-            .map(|e| (e.pid, e.comm.clone()))
-            .collect();
-        got.sort();
-        assert_eq!(got, [(60, "sleep".into()), (61, "init".into())]);
+        assert_eq!(names(&c.collect()), [(61, "init".into())]);
+        c.written();
+        assert_eq!(names(&c.collect()), [(60, "sleep".into())]);
+        c.written();
+        // busybox re-executing itself: `exe` (not its argv[0]) until it
+        // names itself after the applet.
+        add(63, "exe", 0);
+        argv(63, "sleep\u{0}3\u{0}");
+        assert!(c.collect().execs.is_empty());
+        c.written();
+        add(63, "sleep", 0);
+        assert!(c.collect().execs.is_empty());
+        c.written();
+        assert_eq!(names(&c.collect()), [(63, "sleep".into())]);
+        c.written();
+        // A script: named after itself, argv[0] its interpreter; listed
+        // one scan later.
+        add(64, "job.sh", 0);
+        argv(64, "/bin/sh\u{0}/opt/job.sh\u{0}");
+        assert!(c.collect().execs.is_empty());
+        c.written();
+        assert_eq!(names(&c.collect()), [(64, "job.sh".into())]);
+        c.written();
+        // Its parent's name still, scan after scan (a subshell): listed
+        // with it at the limit.
+        add(62, "init", 0);
+        assert!(c.collect().execs.is_empty());
+        c.written();
+        assert!(c.collect().execs.is_empty());
+        c.written();
+        c.young_limit_ns = 0;
+        assert_eq!(names(&c.collect()), [(62, "init".into())]);
         c.written();
         assert!(c.collect().execs.is_empty());
         fs::remove_dir_all(&dir).unwrap();

@@ -113,7 +113,10 @@ fn the_guest_source_matches_the_guests_own_counters_and_the_host() {
         assert!(
             ep.events_named("guest_exec")
                 .any(|e| e["pid"] == *pid && e["comm"] == "sleep"),
-            "no guest_exec of sleep pid {pid}"
+            "no guest_exec of sleep pid {pid}; the guest_exec events of {pids:?}: {:?}",
+            ep.events_named("guest_exec")
+                .filter(|e| e["pid"].as_u64().is_some_and(|p| pids.contains(&p)))
+                .collect::<Vec<_>>()
         );
     }
     assert!(ep.sum("guest", "guest_execs") >= procs as u64);
