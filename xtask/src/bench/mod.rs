@@ -15,6 +15,7 @@
 mod gateway;
 mod measure;
 mod report;
+mod scaling;
 mod tracers;
 mod workloads;
 
@@ -62,6 +63,18 @@ pub struct Args {
     /// leaves the workloads' section as it was.
     #[arg(long)]
     pub gateway_only: bool,
+    /// Skip the scaling part (the pinned storm while other targets are
+    /// each traced by a standalone cis490).
+    #[arg(long, conflicts_with = "scaling_only")]
+    pub no_scaling: bool,
+    /// Run the scaling part only; it rewrites its own section of --out.
+    #[arg(long, conflicts_with = "gateway_only")]
+    pub scaling_only: bool,
+    /// The scaling part's other targets: it runs with none, then with this
+    /// many (each an idle process with its own `cis490 trace`).
+    #[arg(long, value_name = "N", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub scaling_others: u32,
     /// Wait (up to this many minutes) until the 1-minute load average is
     /// below --quiet-load before starting.
     #[arg(long, value_name = "MIN", default_value_t = 0)]
@@ -159,6 +172,10 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
     } else {
         args.tracers.clone()
     };
+    if args.scaling_only {
+        tracers = vec![Tracer::Cis490];
+        kinds = vec![Kind::Storm];
+    }
     tracers.push(Tracer::None);
     tracers.sort();
     tracers.dedup();
@@ -243,6 +260,32 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
         scratch.display()
     );
 
+    let scaling_counts = [0, args.scaling_others as usize];
+    let run_scaling = |failures: &mut Vec<String>| -> Result<()> {
+        eprintln!(
+            "bench: the scaling part: the pinned storm with {} and {} other traced targets",
+            scaling_counts[0], scaling_counts[1]
+        );
+        let when = utc_now();
+        let s = scaling::run(&env, &setup, &scaling_counts, rounds, &scratch)?;
+        let text = scaling::render(&s, &command, &when);
+        println!("{text}");
+        report::write_between(&out, report::SCALE_BEGIN, report::SCALE_END, &text)?;
+        eprintln!("bench: wrote the scaling section of {}", out.display());
+        failures.extend(s.failures);
+        Ok(())
+    };
+    if args.scaling_only {
+        let mut failures = Vec::new();
+        run_scaling(&mut failures)?;
+        drop(env);
+        let _ = fs::remove_dir_all(&scratch);
+        if !failures.is_empty() {
+            bail!("{} scaling run(s) failed (see the table)", failures.len());
+        }
+        return Ok(());
+    }
+
     let mut runs = Vec::new();
     let mut failures = Vec::new();
     let mut n = 0usize;
@@ -305,6 +348,11 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
         .then(|| loss_check(&setup, &scratch.join("loss")).map_err(|e| format!("{e:#}")));
     if let Some(Err(e)) = &loss {
         eprintln!("bench: loss check FAILED: {e}");
+    }
+    if !args.no_scaling
+        && let Err(e) = run_scaling(&mut failures)
+    {
+        failures.push(format!("the scaling part: {e:#}"));
     }
     drop(env);
 
