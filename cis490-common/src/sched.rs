@@ -215,6 +215,10 @@ pub struct LiveCounters {
     /// Threads marked `TASK_DEAD` but still on a CPU: their final
     /// switch-out, which adds them to the exited ones, is still to come.
     pub dying: u64,
+    /// Threads whose CPU's slice record was being rewritten while the
+    /// iterator copied it: counted with the kernel's own
+    /// `se.sum_exec_runtime` (up to date at the last tick), not the copy.
+    pub torn: u64,
 }
 
 impl LiveCounters {
@@ -231,6 +235,7 @@ impl LiveCounters {
         threads: 0,
         running: 0,
         dying: 0,
+        torn: 0,
     };
 }
 
@@ -242,6 +247,12 @@ impl LiveCounters {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuSlice {
+    /// A sequence count: odd while `sched_switch` rewrites the record at a
+    /// target thread's switch-in, even otherwise. The task iterator, on
+    /// another CPU, uses the record only when the count was the same even
+    /// number before and after it copied it (a torn copy could pair one
+    /// thread's id with another's base).
+    pub seq: u64,
     /// When the running target thread was switched in: the run queue's
     /// clock (`rq->clock`), or `bpf_ktime_get_ns` when `cal_clock_ns` is 0.
     pub since_ns: u64,
@@ -266,6 +277,7 @@ impl CpuSlice {
     /// Target thread `tid` runs since `since_ns`.
     pub const TARGET: u32 = 2;
     pub const ZERO: Self = Self {
+        seq: 0,
         since_ns: 0,
         cal_clock_ns: 0,
         cal_rq_ns: 0,
@@ -311,8 +323,8 @@ pub struct MaxSlot {
 }
 
 const _: () = assert!(core::mem::size_of::<SchedStats>() == (16 + HIST_BUCKETS) * 8);
-const _: () = assert!(core::mem::size_of::<LiveCounters>() == 12 * 8);
-const _: () = assert!(core::mem::size_of::<CpuSlice>() == 40);
+const _: () = assert!(core::mem::size_of::<LiveCounters>() == 13 * 8);
+const _: () = assert!(core::mem::size_of::<CpuSlice>() == 48);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 7 * 8);
 const _: () = assert!(core::mem::size_of::<MaxSlot>() == 16);
 

@@ -310,10 +310,10 @@ fn ports(s: *mut GwStats, l4: &L4, sport: u16, dport: u16) {
     };
     // A lookup first: lock-free, where an insert takes the bucket's lock
     // even to find the key there (most frames belong to a known flow).
-    if unsafe { GW_FLOWS.get(&key) }.is_some() {
+    if unsafe { GW_FLOWS.get(key) }.is_some() {
         return distinct_port(s, l4, remote_port);
     }
-    match GW_FLOWS.insert(&key, &0, BPF_NOEXIST as u64) {
+    match GW_FLOWS.insert(key, 0, BPF_NOEXIST as u64) {
         Ok(()) => unsafe { bump(&raw mut (*s).new_flows, 1) },
         Err(E2BIG) => unsafe { bump(&raw mut (*s).flows_overflow, 1) },
         Err(_) => {}
@@ -331,10 +331,10 @@ fn distinct_port(s: *mut GwStats, l4: &L4, port: u16) {
         epoch: epoch(),
         port: port as u64,
     };
-    if unsafe { GW_REMOTE_PORTS.get(&key) }.is_some() {
+    if unsafe { GW_REMOTE_PORTS.get(key) }.is_some() {
         return;
     }
-    match GW_REMOTE_PORTS.insert(&key, &0, BPF_NOEXIST as u64) {
+    match GW_REMOTE_PORTS.insert(key, 0, BPF_NOEXIST as u64) {
         Ok(()) => unsafe { bump(&raw mut (*s).remote_ports, 1) },
         Err(E2BIG) => unsafe { bump(&raw mut (*s).distinct_overflow, 1) },
         Err(_) => {}
@@ -352,10 +352,10 @@ fn distinct_ip(s: *mut GwStats, remote: &[u8; 16]) {
         epoch: epoch(),
         addr: *remote,
     };
-    if unsafe { GW_REMOTE_IPS.get(&key) }.is_some() {
+    if unsafe { GW_REMOTE_IPS.get(key) }.is_some() {
         return;
     }
-    match GW_REMOTE_IPS.insert(&key, &0, BPF_NOEXIST as u64) {
+    match GW_REMOTE_IPS.insert(key, 0, BPF_NOEXIST as u64) {
         Ok(()) => unsafe { bump(&raw mut (*s).remote_ips, 1) },
         Err(E2BIG) => unsafe { bump(&raw mut (*s).distinct_overflow, 1) },
         Err(_) => {}

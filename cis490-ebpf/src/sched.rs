@@ -122,6 +122,11 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
     }
 
     if next_is_target {
+        // Odd while the record is rewritten (see `CpuSlice::seq`); only this
+        // CPU writes it, with interrupts off.
+        let seq = slice.seq;
+        unsafe { core::ptr::write_volatile(&raw mut slice.seq, seq.wrapping_add(1)) };
+        compiler_barrier();
         slice.since_ns = if delays_from_sched_info() {
             // The slice is timed on the scheduler's clock, already read;
             // the iterator converts it with a (clock, rq clock) pair taken
@@ -145,6 +150,8 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         slice.tid = task_tid(next);
         compiler_barrier();
         unsafe { core::ptr::write_volatile(&raw mut slice.state, CpuSlice::TARGET) };
+        compiler_barrier();
+        unsafe { core::ptr::write_volatile(&raw mut slice.seq, seq.wrapping_add(2)) };
     }
     Ok(())
 }
@@ -300,10 +307,18 @@ fn try_iter(ctx: *const *const u8) -> Res {
         )
     } as *const CpuSlice;
     if !slot.is_null() {
-        // SAFETY: a map value pointer; another CPU may be updating it.
+        // SAFETY: a map value pointer; another CPU may be updating it. A
+        // sequence lock: the copy counts only if the count was the same even
+        // number before and after it (x86 keeps loads in order, and stores;
+        // the barriers keep the compiler from moving them).
+        let seq = unsafe { core::ptr::read_volatile(&raw const (*slot).seq) };
+        compiler_barrier();
         let state = unsafe { core::ptr::read_volatile(&raw const (*slot).state) };
         compiler_barrier();
         let sl = unsafe { *slot };
+        compiler_barrier();
+        let seq_after = unsafe { core::ptr::read_volatile(&raw const (*slot).seq) };
+        let whole = seq & 1 == 0 && seq == seq_after;
         // `now` on the clock the slice was timed with: the run queue's,
         // through the CPU's latest (clock, rq clock) pair, or the clock.
         let now = if sl.cal_clock_ns != 0 {
@@ -312,7 +327,9 @@ fn try_iter(ctx: *const *const u8) -> Res {
         } else {
             live.now_ns
         };
-        if state == CpuSlice::TARGET && sl.tid == task_tid(task) && now > sl.since_ns {
+        if !whole {
+            live.torn += 1;
+        } else if state == CpuSlice::TARGET && sl.tid == task_tid(task) && now > sl.since_ns {
             // On a CPU: its runtime is only brought up to date at ticks.
             runtime = sl.base_runtime_ns + (now - sl.since_ns);
             live.running += 1;

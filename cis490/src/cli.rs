@@ -156,6 +156,7 @@ pub struct TraceArgs {
 
     /// Sources to record, comma-separated: ebpf, proc, perf (qmp is added
     /// by --qmp, gateway by --gateway-if). The default is ebpf and proc.
+    /// Given more than once, the sources of every list (each once).
     /// Without ebpf only the thread lifecycle probes load (for
     /// events.jsonl): no program on every switch, request or packet. perf is
     /// an explicit oracle: it opens software counters (task-clock, context
@@ -358,13 +359,20 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 impl TraceArgs {
     pub fn into_config(self, argv: Vec<String>) -> TraceConfig {
         let counters = self.sources.contains(&SourceKind::Ebpf);
+        // `--sources` given twice, or a source twice in one list: each once.
+        let mut sources = Vec::new();
+        for s in self.sources {
+            if !sources.contains(&s) {
+                sources.push(s);
+            }
+        }
         TraceConfig {
             target_pid: self.target_pid,
             command: self.command,
             duration: self.duration,
             interval: Duration::from_millis(self.interval_ms),
             data_dir: self.data_dir,
-            sources: self.sources,
+            sources,
             btf: self.btf,
             progress: (!self.progress_secs.is_zero()).then_some(self.progress_secs),
             probe_options: crate::ebpf::Options {
@@ -412,6 +420,29 @@ mod tests {
         // an explicit oracle, not a default.
         assert_eq!(t.sources, [SourceKind::Ebpf, SourceKind::Proc]);
         assert_eq!(t.data_dir, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn sources_given_twice_are_each_taken_once() {
+        let Command::Trace(t) = parse(&[
+            "trace",
+            "--sources",
+            "ebpf,proc,ebpf",
+            "--sources",
+            "perf,proc",
+            "--",
+            "true",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        let c = t.into_config(Vec::new());
+        assert_eq!(
+            c.sources,
+            [SourceKind::Ebpf, SourceKind::Proc, SourceKind::Perf]
+        );
     }
 
     #[test]

@@ -89,6 +89,13 @@ pub struct EbpfTotals {
     /// own counters at switch-out); only the split of that slice across
     /// buckets is late.
     pub slice_mismatches: u64,
+    /// Times the task iterator found a CPU's running-slice record being
+    /// rewritten (a switch-in on that CPU) while it copied it, and counted
+    /// that thread with the kernel's own runtime (current to the last tick)
+    /// instead: the part of the slice since the tick lands in the next
+    /// bucket. Never an overcount.
+    #[serde(default)]
+    pub torn_slice_reads: u64,
     /// Block requests whose completion the kernel did not deliver; their
     /// bytes were accounted when their address was reused or at the end.
     pub block_missed_completions: u64,

@@ -705,3 +705,70 @@ fn run_queue_delay_matches_the_workloads_own_wake_to_run_delays() {
          {late_elsewhere}: {user_max_rest})"
     );
 }
+
+/// The running-slice record (`CpuSlice`), which `sched_switch` rewrites at
+/// each switch-in of a target thread while the task iterator may copy it
+/// from another CPU. A thread with 1.5 s of CPU ping-pongs with a fresh one
+/// on one CPU for 6 s at 1 ms buckets (about a million switch-ins, 6000
+/// copies): a torn copy that paired the fresh thread's id with the old
+/// one's base would put 1.5 s into one bucket. No bucket may hold more CPU
+/// than it lasted times the CPUs, plus 1 ms (a slice is timed on the run
+/// queue's clock); the total stays within 2% (+20 ms) of the process's own
+/// CPU clock.
+#[test]
+fn no_bucket_holds_more_cpu_than_it_lasted() {
+    require_root();
+    let dir = scratch("slice-seq");
+    let out_json = dir.join("storm.json");
+    let out = run_with_timeout(
+        default_trace_cmd(&dir)
+            .args(["--sources", "ebpf", "--interval-ms", "1", "--"])
+            .arg(bin("cis490-workload"))
+            .args([
+                "storm",
+                "--round-trips",
+                "1000000000",
+                "--burn-first-ms",
+                "1500",
+                "--for-ms",
+                "6000",
+            ])
+            .arg("--out")
+            .arg(&out_json),
+        Duration::from_secs(120),
+    );
+    let ep = Episode::from_output(&out);
+    let truth = report(&out_json);
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    let rows = ep.rows("ebpf");
+    let mut worst = (0u64, 0u64);
+    for r in rows {
+        let (Some(cpu), Some(len)) = (r["cpu_ns"].as_u64(), r["interval_ns"].as_u64()) else {
+            continue;
+        };
+        let cap = len * cpus + 1_000_000;
+        assert!(
+            cpu <= cap,
+            "bucket {} holds {cpu} ns of CPU in {len} ns on {cpus} CPUs",
+            r["seq"]
+        );
+        if cpu * worst.1.max(1) > worst.0 * len.max(1) {
+            worst = (cpu, len);
+        }
+    }
+    let total = ep.sum("ebpf", "cpu_ns");
+    let own = truth["process_cpu_ns"].as_u64().unwrap();
+    eprintln!(
+        "{} rows, {} round trips; CPU {total} ns vs the process's {own}; fullest bucket {} ns in {} ns; torn slice reads {}",
+        rows.len(),
+        truth["round_trips"],
+        worst.0,
+        worst.1,
+        ep.meta["ebpf"]["torn_slice_reads"]
+    );
+    assert!(
+        total.abs_diff(own) <= own / 50 + 20_000_000,
+        "ebpf {total} vs process {own}"
+    );
+    assert!(truth["round_trips"].as_u64().unwrap() > 0);
+}

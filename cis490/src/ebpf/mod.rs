@@ -116,6 +116,11 @@ impl EbpfSource {
         self.sched.totals()
     }
 
+    /// See [`sched::SchedReader::torn_slice_reads`].
+    pub fn torn_slice_reads(&self) -> u64 {
+        self.sched.torn_slice_reads()
+    }
+
     /// See [`sched::SchedReader::check_visible`].
     pub fn check_visible(&mut self, pid: i32) -> Option<String> {
         self.sched.check_visible(pid)

@@ -349,6 +349,8 @@ struct Totals {
     min_flt: u64,
     maj_flt: u64,
     threads: u64,
+    /// This read's torn slice copies (`LiveCounters::torn`).
+    torn: u64,
 }
 
 impl Totals {
@@ -387,6 +389,9 @@ pub struct SchedReader {
     /// Whether the counting probes run (no final switch-outs to wait for
     /// without them).
     counters: bool,
+    /// Torn slice copies over the samples (`meta.json`
+    /// `ebpf.torn_slice_reads`).
+    torn: u64,
 }
 
 impl SchedReader {
@@ -406,6 +411,7 @@ impl SchedReader {
             gone: take(ebpf, map::TARGET_GONE)?,
             blind: None,
             counters,
+            torn: 0,
         })
     }
 
@@ -515,11 +521,18 @@ impl SchedReader {
             min_flt: stats.dead_min_flt.wrapping_add(live.min_flt),
             maj_flt: stats.dead_maj_flt.wrapping_add(live.maj_flt),
             threads: live.threads,
+            torn: live.torn,
         })
+    }
+
+    /// Torn slice copies the task iterator met and did without.
+    pub fn torn_slice_reads(&self) -> u64 {
+        self.torn
     }
 
     pub fn sample(&mut self, ended: u64, m: &mut Measures) -> Result<()> {
         let cur = self.read()?;
+        self.torn += cur.torn;
         let max = max_of(&self.runq_max, ended).context(map::RUNQ_MAX)?;
         let Some(prev) = self.prev else {
             // The baseline.

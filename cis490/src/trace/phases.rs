@@ -413,6 +413,7 @@ impl<'a> Run<'a> {
             let _ = out.event(at, clock.seq_of(l.ts_ns), Event::lifecycle(&l));
         });
         let totals = *sources.ebpf.totals();
+        let torn_slice_reads = sources.ebpf.torn_slice_reads();
         if let Some(q) = &sources.qmp {
             let mut info = q.info();
             let empty = sources.qmp_empty_buckets;
@@ -485,6 +486,7 @@ impl<'a> Run<'a> {
         meta.ebpf.dropped_events = totals.dropped;
         meta.ebpf.map_errors = totals.map_errors + block_map_errors;
         meta.ebpf.slice_mismatches = totals.slice_mismatches;
+        meta.ebpf.torn_slice_reads = torn_slice_reads;
         meta.ebpf.records_received = records.received;
         meta.ebpf.records_undecodable = records.undecodable;
         meta.sources = out

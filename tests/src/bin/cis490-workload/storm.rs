@@ -1,14 +1,16 @@
 //! `storm`: a context-switch storm for benchmarks.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 
 use crate::affinity::{allowed_cpus, set_affinity};
+use crate::burn::burn_for_ns;
 use crate::clock::{Rusage, process_cpu_ns, rusage, secs};
 use crate::held::Held;
 use crate::threads::{join, spawn_named};
@@ -38,6 +40,14 @@ pub struct StormArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pairs: u32,
+    /// Each ping thread first burns this much of its own CPU time, so the two threads of a
+    /// pair have very different CPU totals when they start switching.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    burn_first_ms: u64,
+    /// Stop each pair after this many milliseconds of ping-pong even if R round trips are
+    /// not done (the report gives the round trips done).
+    #[arg(long, value_name = "MS")]
+    for_ms: Option<u64>,
     #[command(flatten)]
     held: Held,
 }
@@ -71,6 +81,9 @@ pub fn cmd_storm(a: &StormArgs) -> Result<()> {
         (0..a.pairs as usize).map(cpus_of).collect::<Result<_>>()?;
     a.held.start()?;
     let n = a.round_trips;
+    let (burn_ns, for_ms) = (a.burn_first_ms * 1_000_000, a.for_ms);
+    let done = AtomicU64::new(0);
+    let done = &done;
     let start = Instant::now();
     thread::scope(|s| -> Result<()> {
         let mut handles = Vec::new();
@@ -86,7 +99,11 @@ pub fn cmd_storm(a: &StormArgs) -> Result<()> {
                     }
                     let mut b = [0u8; 1];
                     for _ in 0..n {
-                        r1.read_exact(&mut b).context("pong: read")?;
+                        match r1.read_exact(&mut b) {
+                            // The ping side stopped at --for-ms.
+                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                            r => r.context("pong: read")?,
+                        }
                         w2.write_all(&b).context("pong: write")?;
                     }
                     Ok(())
@@ -99,11 +116,22 @@ pub fn cmd_storm(a: &StormArgs) -> Result<()> {
                     if let Some([cpu, _]) = cpus {
                         set_affinity(&[cpu])?;
                     }
+                    if burn_ns > 0 {
+                        burn_for_ns(burn_ns);
+                    }
+                    let t0 = Instant::now();
+                    let deadline = for_ms.map(|ms| t0 + Duration::from_millis(ms));
                     let mut b = [0u8; 1];
+                    let mut trips = 0;
                     for i in 0..n {
+                        if deadline.is_some_and(|d| i % 256 == 0 && Instant::now() >= d) {
+                            break;
+                        }
                         w1.write_all(&[i as u8]).context("ping: write")?;
                         r2.read_exact(&mut b).context("ping: read")?;
+                        trips += 1;
                     }
+                    done.fetch_add(trips, Ordering::Relaxed);
                     Ok(())
                 },
             )?);
@@ -114,7 +142,7 @@ pub fn cmd_storm(a: &StormArgs) -> Result<()> {
         Ok(())
     })?;
     let wall_ns = start.elapsed().as_nanos() as u64;
-    let total = n * u64::from(a.pairs);
+    let total = done.load(Ordering::Relaxed);
     let report = Report {
         kind: "storm",
         pid: std::process::id(),
