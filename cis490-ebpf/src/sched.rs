@@ -330,8 +330,11 @@ fn try_iter(ctx: *const *const u8) -> Res {
         if !whole {
             live.torn += 1;
         } else if state == CpuSlice::TARGET && sl.tid == task_tid(task) && now > sl.since_ns {
-            // On a CPU: its runtime is only brought up to date at ticks.
-            runtime = sl.base_runtime_ns + (now - sl.since_ns);
+            // On a CPU: its runtime is only brought up to date at ticks. Not
+            // below that: where the run queue's clock and this one run at
+            // different rates (a guest's TSC against its clocksource) the
+            // estimate drifts over a long slice; the tick bounds the lag.
+            runtime = runtime.max(sl.base_runtime_ns + (now - sl.since_ns));
             live.running += 1;
         }
     }

@@ -712,8 +712,9 @@ fn run_queue_delay_matches_the_workloads_own_wake_to_run_delays() {
 /// on one CPU for 6 s at 1 ms buckets (about a million switch-ins, 6000
 /// copies): a torn copy that paired the fresh thread's id with the old
 /// one's base would put 1.5 s into one bucket. No bucket may hold more CPU
-/// than it lasted times the CPUs, plus 1 ms (a slice is timed on the run
-/// queue's clock); the total stays within 2% (+20 ms) of the process's own
+/// than it lasted times the CPUs, plus 10 ms (a running thread's count may
+/// lag by up to a scheduler tick, 10 ms at the slowest HZ: caught up at its
+/// switch-out); the total stays within 2% (+20 ms) of the process's own
 /// CPU clock.
 #[test]
 fn no_bucket_holds_more_cpu_than_it_lasted() {
@@ -746,7 +747,7 @@ fn no_bucket_holds_more_cpu_than_it_lasted() {
         let (Some(cpu), Some(len)) = (r["cpu_ns"].as_u64(), r["interval_ns"].as_u64()) else {
             continue;
         };
-        let cap = len * cpus + 1_000_000;
+        let cap = len * cpus + 10_000_000;
         assert!(
             cpu <= cap,
             "bucket {} holds {cpu} ns of CPU in {len} ns on {cpus} CPUs",
