@@ -177,6 +177,16 @@ pub struct TraceArgs {
     )]
     pub sources: Vec<SourceKind>,
 
+    /// Count the wakeups of the target's threads (the eBPF source's
+    /// `wakeups` field, null without this). It runs one more program on
+    /// every wakeup of the machine, whatever the process: on a pinned
+    /// context-switch storm here the traced process spent about 5 points
+    /// more CPU time with it (docs/benchmarks.md). Kernels without
+    /// `sched_info` run that program anyway (their run-queue delays are
+    /// timed from the wakeup) and count wakeups without being asked.
+    #[arg(long)]
+    pub wakeups: bool,
+
     /// Kernel BTF to read task_struct offsets and tracepoints from.
     #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]
     pub btf: PathBuf,
@@ -379,6 +389,7 @@ impl TraceArgs {
                 block: self.block_probes,
                 ringbuf_bytes: self.ringbuf_kib * 1024,
                 counters,
+                wakeups: self.wakeups,
             },
             labels: self.labels,
             tags: self.tags,

@@ -88,13 +88,13 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// `cis490 trace ...` with a data dir in `dir` and every host-side source:
-/// the default (ebpf, proc) plus perf's per-thread counters as one more
-/// oracle for the tests to hold the others against. (`default_trace_cmd`
-/// is the command as users run it.)
+/// `cis490 trace ...` with a data dir in `dir`, every host-side source and
+/// every count: the default (ebpf, proc) plus perf's per-thread counters as
+/// one more oracle for the tests to hold the others against, and
+/// `--wakeups`. (`default_trace_cmd` is the command as users run it.)
 pub fn trace_cmd(dir: &Path) -> Command {
     let mut c = default_trace_cmd(dir);
-    c.args(["--sources", "ebpf,proc,perf"]);
+    c.args(["--sources", "ebpf,proc,perf", "--wakeups"]);
     c
 }
 

@@ -204,3 +204,114 @@ fn without_the_ebpf_source_only_the_lifecycle_probes_run() {
     assert_eq!(exited, 2 * n + 1, "thread_exited events");
     assert_check_passes(&ep.dir);
 }
+
+/// The names (as the kernel has them, 15 bytes) of the BPF programs the
+/// process `pid` holds while it runs, sampled until it holds none.
+fn programs_held(pid: i32) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        let held = bpf::held_by(pid);
+        if held.progs.is_empty() && !names.is_empty() {
+            break;
+        }
+        let all = bpf::objects();
+        for id in &held.progs {
+            if let Some((name, _)) = all.progs.get(id) {
+                names.insert(name.clone());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    names
+}
+
+/// `wakeups` costs a program on every wakeup of the machine, so the
+/// default leaves it out (null, with the reason in `meta.json`) unless the
+/// kernel's run-queue delays need that program anyway (no `sched_info`);
+/// `--wakeups` counts them: at least the workload's own 300 (a thread
+/// sleeping 2 ms at a time, each sleep ended by one wakeup).
+#[test]
+fn wakeups_are_counted_when_asked() {
+    require_root();
+    use cis490_common::sched::prog;
+    let short = |p: &str| -> String { p.chars().take(15).collect() };
+    for asked in [false, true] {
+        let dir = scratch(if asked {
+            "wakeups-asked"
+        } else {
+            "wakeups-default"
+        });
+        let out_json = dir.join("wakeups.json");
+        let mut cmd = default_trace_cmd(&dir);
+        if asked {
+            cmd.arg("--wakeups");
+        }
+        let trace = cmd
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .args(["wakeups", "--count", "300", "--period-us", "2000", "--out"])
+            .arg(&out_json)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let names = programs_held(trace.id() as i32);
+        let ep = Episode::from_output(&trace.wait_with_output().unwrap());
+        assert!(ep.is_done());
+        let sched = ep.meta["families"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["family"] == "sched")
+            .unwrap()
+            .clone();
+        // Only where single run-queue delays come from the kernel's
+        // sched_info can the wakeup program be left out.
+        let needed = sched["path"] != "tp_btf+iter+sched_info";
+        let counted = asked || needed;
+        let wakeups: Vec<Option<u64>> = ep
+            .rows("ebpf")
+            .iter()
+            .map(|r| r["wakeups"].as_u64())
+            .collect();
+        eprintln!(
+            "--wakeups {asked}: sched path {}, note {}; wakeup program held: {}; wakeups {:?}",
+            sched["path"],
+            sched["note"],
+            names.contains(&short(prog::SCHED_WAKEUP)),
+            wakeups.iter().flatten().sum::<u64>()
+        );
+        assert!(names.contains(&short(prog::SCHED_SWITCH)), "{names:?}");
+        assert_eq!(
+            names.contains(&short(prog::SCHED_WAKEUP)),
+            counted,
+            "{names:?}"
+        );
+        assert_eq!(
+            names.contains(&short(prog::SCHED_WAKEUP_NEW)),
+            counted,
+            "{names:?}"
+        );
+        if counted {
+            assert!(wakeups.iter().all(Option::is_some));
+            let n: u64 = wakeups.iter().flatten().sum();
+            assert!(n >= 300, "{n} wakeups for the workload's 300 sleeps");
+        } else {
+            assert!(wakeups.iter().all(Option::is_none), "{wakeups:?}");
+            assert!(
+                sched["note"].as_str().unwrap_or("").contains("--wakeups"),
+                "{sched}"
+            );
+            let probe = ep.meta["probes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["program"] == prog::SCHED_WAKEUP)
+                .unwrap()
+                .clone();
+            assert_eq!(probe["state"], "skipped", "{probe}");
+        }
+        assert_check_passes(&ep.dir);
+    }
+}

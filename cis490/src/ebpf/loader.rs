@@ -118,6 +118,10 @@ pub struct Options {
     /// `ebpf`). Without them only the lifecycle probes attach (for
     /// `events.jsonl`): no program on every switch, request or packet.
     pub counters: bool,
+    /// Whether `wakeups` is counted (`--wakeups`): the `sched_wakeup`
+    /// program on every wakeup of the machine. Without it the program runs
+    /// only where single run-queue delays are timed from the wakeup.
+    pub wakeups: bool,
 }
 
 impl Default for Options {
@@ -126,6 +130,7 @@ impl Default for Options {
             block: block::PathChoice::default(),
             ringbuf_bytes: cis490_common::RINGBUF_BYTES,
             counters: true,
+            wakeups: false,
         }
     }
 }
@@ -136,6 +141,9 @@ impl Default for Options {
 pub struct Plan {
     /// [`Options::counters`].
     pub counters: bool,
+    /// Whether the wakeup probes attach: with the counters, when
+    /// [`Options::wakeups`] asks or the run-queue delays need them.
+    pub wakeups: bool,
     pub run_delay: RunDelaySource,
     pub block: Result<block::BlockPath, String>,
     pub net: net::NetPlan,
@@ -161,9 +169,11 @@ impl Plan {
             };
             (off(), net, off())
         };
+        let run_delay = sched::plan(facts);
         Self {
             counters: opts.counters,
-            run_delay: sched::plan(facts),
+            wakeups: opts.counters && (opts.wakeups || run_delay != RunDelaySource::SchedInfo),
+            run_delay,
             block,
             net,
             kvm,
@@ -245,7 +255,7 @@ impl Probes {
             facts,
             status: Vec::new(),
         };
-        let (sched_status, sched) = sched::attach(&mut a, tgid, plan.run_delay, plan.counters)?;
+        let (sched_status, sched) = sched::attach(&mut a, tgid, plan)?;
         let (block_status, block) = block::attach(&mut a, &plan.block);
         let (net_status, net) = net::attach(&mut a, &plan.net);
         let (kvm_status, kvm) = kvm::attach(&mut a, &plan.kvm);
@@ -397,6 +407,7 @@ mod tests {
             .chain(
                 Plan {
                     counters: true,
+                    wakeups: true,
                     run_delay: RunDelaySource::SchedInfo,
                     block: Err(String::new()),
                     net: super::net::NetPlan {

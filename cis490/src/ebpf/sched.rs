@@ -18,6 +18,7 @@ use cis490_common::{
 };
 
 use super::{
+    loader::Plan,
     maps::{hist_delta, max_of, read_percpu, take},
     spec::{
         Attacher, FamilyStatus, KernelFacts, OffsetSpec,
@@ -239,31 +240,36 @@ pub struct Attached {
     run_delay: RunDelaySource,
     /// Whether the counting probes attached (else lifecycle only).
     counters: bool,
+    /// Whether the wakeup probes attached.
+    wakeups: bool,
 }
 
 /// The probes that count (on every switch and wakeup of the machine); the
 /// others carry the thread lifecycle to `events.jsonl`.
 fn counts(spec: &ProbeSpec) -> bool {
-    [
-        prog::SCHED_SWITCH,
-        prog::SCHED_WAKEUP,
-        prog::SCHED_WAKEUP_NEW,
-    ]
-    .contains(&spec.program)
+    spec.program == prog::SCHED_SWITCH || is_wakeup(spec)
 }
 
-/// Attaches every scheduler probe and creates the task iterator's link
-/// (for thread group `tgid`); a required one that fails ends the trace.
-pub fn attach(
-    a: &mut Attacher<'_>,
-    tgid: u32,
-    run_delay: RunDelaySource,
-    counters: bool,
-) -> Result<(FamilyStatus, Attached)> {
+fn is_wakeup(spec: &ProbeSpec) -> bool {
+    [prog::SCHED_WAKEUP, prog::SCHED_WAKEUP_NEW].contains(&spec.program)
+}
+
+/// Why the wakeup probes are left out when the counters run.
+pub const WAKEUPS_NOT_ASKED: &str = "wakeups not counted (--wakeups)";
+
+/// Attaches every scheduler probe the plan asks for and creates the task
+/// iterator's link (for thread group `tgid`); a required one that fails
+/// ends the trace.
+pub fn attach(a: &mut Attacher<'_>, tgid: u32, plan: &Plan) -> Result<(FamilyStatus, Attached)> {
+    let (run_delay, counters) = (plan.run_delay, plan.counters);
     let iter_link = attach_iter(a, tgid)?;
     for spec in PROBES {
         if !counters && counts(spec) {
             a.skip(FAMILY, spec, super::spec::NOT_ASKED);
+            continue;
+        }
+        if !plan.wakeups && is_wakeup(spec) {
+            a.skip(FAMILY, spec, WAKEUPS_NOT_ASKED);
             continue;
         }
         if !a.attach(FAMILY, spec) && spec.required {
@@ -275,7 +281,13 @@ pub fn attach(
             );
         }
     }
-    let (path, note) = path_and_note(run_delay);
+    let (path, mut note) = path_and_note(run_delay);
+    if counters && !plan.wakeups {
+        note = Some(match note {
+            Some(n) => format!("{n}; {WAKEUPS_NOT_ASKED}: wakeups is null"),
+            None => format!("{WAKEUPS_NOT_ASKED}: wakeups is null"),
+        });
+    }
     let status = if counters {
         FamilyStatus {
             family: FAMILY.into(),
@@ -298,6 +310,7 @@ pub fn attach(
             iter_link,
             run_delay,
             counters,
+            wakeups: plan.wakeups,
         },
     ))
 }
@@ -392,6 +405,8 @@ pub struct SchedReader {
     /// Torn slice copies over the samples (`meta.json`
     /// `ebpf.torn_slice_reads`).
     torn: u64,
+    /// Whether the wakeup probes run (else `wakeups` is null).
+    wakeups: bool,
 }
 
 impl SchedReader {
@@ -400,6 +415,7 @@ impl SchedReader {
             iter_link,
             run_delay,
             counters,
+            wakeups,
         } = attached;
         Ok(Self {
             stats: take(ebpf, map::SCHED_STATS)?,
@@ -412,6 +428,7 @@ impl SchedReader {
             blind: None,
             counters,
             torn: 0,
+            wakeups,
         })
     }
 
@@ -553,7 +570,7 @@ impl SchedReader {
             m.page_faults_minor = d(cur.min_flt, prev.min_flt);
             m.page_faults_major = d(cur.maj_flt, prev.maj_flt);
         }
-        m.wakeups = d(c.wakeups, p.wakeups);
+        m.wakeups = self.wakeups.then(|| c.wakeups.saturating_sub(p.wakeups));
         // No delay measured in the bucket: the maximum is 0, not unknown.
         m.runq_delay_max_ns = Some(max.unwrap_or(0));
         m.runq_delay_hist_log2 = Some(hist_delta(&c.runq_hist, &p.runq_hist));

@@ -30,6 +30,9 @@ pub enum Tracer {
     /// cis490 as users run it: `cis490 trace --target-pid PID` (the
     /// default sources).
     Cis490,
+    /// cis490 as users run it plus `--wakeups` (the wakeup program on
+    /// every wakeup of the machine).
+    Cis490Wakeups,
     /// cis490 with the eBPF source alone (`--sources ebpf`: every probe family).
     Cis490Ebpf,
     /// cis490 with the /proc oracle alone (`--sources proc`).
@@ -43,9 +46,10 @@ pub enum Tracer {
 }
 
 impl Tracer {
-    pub const ALL: [Tracer; 7] = [
+    pub const ALL: [Tracer; 8] = [
         Tracer::None,
         Tracer::Cis490,
+        Tracer::Cis490Wakeups,
         Tracer::Cis490Ebpf,
         Tracer::Cis490Proc,
         Tracer::Cis490Perf,
@@ -57,6 +61,7 @@ impl Tracer {
         match self {
             Tracer::None => "untraced",
             Tracer::Cis490 => "cis490",
+            Tracer::Cis490Wakeups => "cis490 --wakeups",
             Tracer::Cis490Ebpf => "cis490 ebpf",
             Tracer::Cis490Proc => "cis490 proc",
             Tracer::Cis490Perf => "cis490 perf",
@@ -68,7 +73,7 @@ impl Tracer {
     /// For a cis490 run: its `--sources` (`None`: the default sources).
     pub fn cis490_sources(self) -> Option<Option<&'static str>> {
         match self {
-            Tracer::Cis490 => Some(None),
+            Tracer::Cis490 | Tracer::Cis490Wakeups => Some(None),
             Tracer::Cis490Ebpf => Some(Some("ebpf")),
             Tracer::Cis490Proc => Some(Some("proc")),
             Tracer::Cis490Perf => Some(Some("perf")),
@@ -137,11 +142,18 @@ impl Setup {
         let stderr = || fs::File::create(dir.join("tracer.stderr"));
         let mut cmd = match tracer {
             Tracer::None => return Ok(None),
-            t @ (Tracer::Cis490 | Tracer::Cis490Ebpf | Tracer::Cis490Proc | Tracer::Cis490Perf) => {
+            t @ (Tracer::Cis490
+            | Tracer::Cis490Wakeups
+            | Tracer::Cis490Ebpf
+            | Tracer::Cis490Proc
+            | Tracer::Cis490Perf) => {
                 let mut c = Command::new(&self.cis490);
                 c.args(["trace", "--target-pid", &pid.to_string()]);
                 if let Some(Some(sources)) = t.cis490_sources() {
                     c.args(["--sources", sources]);
+                }
+                if t == Tracer::Cis490Wakeups {
+                    c.arg("--wakeups");
                 }
                 c.args([
                     "--interval-ms",
@@ -202,9 +214,11 @@ impl Running {
     fn is_ready(&self) -> bool {
         match self.tracer {
             Tracer::None => true,
-            Tracer::Cis490 | Tracer::Cis490Ebpf | Tracer::Cis490Proc | Tracer::Cis490Perf => {
-                cis490_tests::started_episode(&self.dir.join("data")).is_some()
-            }
+            Tracer::Cis490
+            | Tracer::Cis490Wakeups
+            | Tracer::Cis490Ebpf
+            | Tracer::Cis490Proc
+            | Tracer::Cis490Perf => cis490_tests::started_episode(&self.dir.join("data")).is_some(),
             Tracer::Bpftrace => {
                 fs::read_to_string(self.dir.join("bpftrace.out")).is_ok_and(|t| t.contains("tick"))
             }
