@@ -275,7 +275,7 @@ impl Running {
             ..Outcome::default()
         };
         match self.tracer {
-            Tracer::Cis490 | Tracer::Cis490Ebpf | Tracer::Cis490Proc | Tracer::Cis490Perf => {
+            t if t.is_cis490() => {
                 let stdout = fs::read_to_string(self.dir.join("tracer.stdout"))?;
                 let ep = PathBuf::from(
                     stdout
