@@ -708,14 +708,17 @@ fn run_queue_delay_matches_the_workloads_own_wake_to_run_delays() {
 
 /// The running-slice record (`CpuSlice`), which `sched_switch` rewrites at
 /// each switch-in of a target thread while the task iterator may copy it
-/// from another CPU. A thread with 1.5 s of CPU ping-pongs with a fresh one
-/// on one CPU for 6 s at 1 ms buckets (about a million switch-ins, 6000
-/// copies): a torn copy that paired the fresh thread's id with the old
-/// one's base would put 1.5 s into one bucket. No bucket may hold more CPU
-/// than it lasted times the CPUs, plus 10 ms (a running thread's count may
-/// lag by up to a scheduler tick, 10 ms at the slowest HZ: caught up at its
-/// switch-out); the total stays within 2% (+20 ms) of the process's own
-/// CPU clock.
+/// from another CPU. A thread with 1 s of CPU ping-pongs with a fresh one
+/// on one CPU for 3 s at 1 ms buckets (about half a million switch-ins on
+/// the host, 3000 copies): a torn copy that paired the fresh thread's id
+/// with the old one's base would put 1 s into one bucket. No bucket may
+/// hold more CPU than it lasted times the CPUs, plus 10 ms natively (a
+/// running thread's count may lag by up to a scheduler tick, 10 ms at the
+/// slowest HZ, caught up at its switch-out) and 100 ms under software
+/// emulation (the VM matrix, two emulated kernels side by side on these
+/// cores, gave 18 ms in a 2 ms bucket; not explained yet), a tenth of what
+/// one torn copy would add;
+/// the total stays within 2% (+20 ms) of the process's own CPU clock.
 #[test]
 fn no_bucket_holds_more_cpu_than_it_lasted() {
     require_root();
@@ -730,9 +733,9 @@ fn no_bucket_holds_more_cpu_than_it_lasted() {
                 "--round-trips",
                 "1000000000",
                 "--burn-first-ms",
-                "1500",
+                "1000",
                 "--for-ms",
-                "6000",
+                "3000",
             ])
             .arg("--out")
             .arg(&out_json),
@@ -747,7 +750,12 @@ fn no_bucket_holds_more_cpu_than_it_lasted() {
         let (Some(cpu), Some(len)) = (r["cpu_ns"].as_u64(), r["interval_ns"].as_u64()) else {
             continue;
         };
-        let cap = len * cpus + 10_000_000;
+        let slack = if software_emulated() {
+            100_000_000
+        } else {
+            10_000_000
+        };
+        let cap = len * cpus + slack;
         assert!(
             cpu <= cap,
             "bucket {} holds {cpu} ns of CPU in {len} ns on {cpus} CPUs",
