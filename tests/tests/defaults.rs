@@ -153,23 +153,7 @@ fn without_the_ebpf_source_only_the_lifecycle_probes_run() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let pid = trace.id() as i32;
-    // The names of the programs the tracer holds, as the kernel has them.
-    let mut names = std::collections::BTreeSet::new();
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(30) {
-        let held = bpf::held_by(pid);
-        if held.progs.is_empty() && !names.is_empty() {
-            break;
-        }
-        let all = bpf::objects();
-        for id in &held.progs {
-            if let Some((name, _)) = all.progs.get(id) {
-                names.insert(name.clone());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let names = programs_held(trace.id() as i32);
     let ep = Episode::from_output(&trace.wait_with_output().unwrap());
     assert!(ep.is_done());
     use cis490_common::sched::prog;
