@@ -255,7 +255,15 @@ impl Probes {
             facts,
             status: Vec::new(),
         };
-        let (sched_status, sched) = sched::attach(&mut a, tgid, plan)?;
+        let (sched_status, sched) = sched::attach(
+            &mut a,
+            tgid,
+            sched::SchedPlan {
+                run_delay: plan.run_delay,
+                counters: plan.counters,
+                wakeups: plan.wakeups,
+            },
+        )?;
         let (block_status, block) = block::attach(&mut a, &plan.block);
         let (net_status, net) = net::attach(&mut a, &plan.net);
         let (kvm_status, kvm) = kvm::attach(&mut a, &plan.kvm);

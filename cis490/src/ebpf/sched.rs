@@ -18,7 +18,6 @@ use cis490_common::{
 };
 
 use super::{
-    loader::Plan,
     maps::{hist_delta, max_of, read_percpu, take},
     spec::{
         Attacher, FamilyStatus, KernelFacts, OffsetSpec,
@@ -257,10 +256,24 @@ fn is_wakeup(spec: &ProbeSpec) -> bool {
 /// Why the wakeup probes are left out when the counters run.
 pub const WAKEUPS_NOT_ASKED: &str = "wakeups not counted (--wakeups)";
 
+/// What the loader's plan decided for this family.
+#[derive(Clone, Copy, Debug)]
+pub struct SchedPlan {
+    pub run_delay: RunDelaySource,
+    /// The counting probes attach (else lifecycle only).
+    pub counters: bool,
+    /// The wakeup probes attach (with the counters).
+    pub wakeups: bool,
+}
+
 /// Attaches every scheduler probe the plan asks for and creates the task
 /// iterator's link (for thread group `tgid`); a required one that fails
 /// ends the trace.
-pub fn attach(a: &mut Attacher<'_>, tgid: u32, plan: &Plan) -> Result<(FamilyStatus, Attached)> {
+pub fn attach(
+    a: &mut Attacher<'_>,
+    tgid: u32,
+    plan: SchedPlan,
+) -> Result<(FamilyStatus, Attached)> {
     let (run_delay, counters) = (plan.run_delay, plan.counters);
     let iter_link = attach_iter(a, tgid)?;
     for spec in PROBES {
