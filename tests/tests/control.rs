@@ -99,7 +99,8 @@ fn a_bad_label_is_a_clear_error() {
 
 /// Sends `stop` on `sock` from a forked child that drops to user `uid`
 /// first; what happened: "ok", "error" (the tracer answered an error),
-/// "refused" (connect denied), "closed" (no answer).
+/// "refused" (connect denied: EACCES or EPERM), "closed" (no answer),
+/// "connect failed" (any other connect error, or refused for a second).
 fn stop_as(sock: &std::path::Path, uid: u32) -> &'static str {
     use std::os::unix::ffi::OsStrExt as _;
     let path = sock.as_os_str().as_bytes();
@@ -119,11 +120,27 @@ fn stop_as(sock: &std::path::Path, uid: u32) -> &'static str {
             if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
                 libc::_exit(9);
             }
-            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
             let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-            if libc::connect(fd, (&raw const addr).cast(), len) != 0 {
-                libc::_exit(2);
-            }
+            // Denied (EACCES, EPERM) is the answer; a listener that is
+            // momentarily not accepting (ECONNREFUSED, EAGAIN: seen once in
+            // an emulated guest) is tried again for up to a second.
+            let mut tries = 0;
+            let fd = loop {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                if libc::connect(fd, (&raw const addr).cast(), len) == 0 {
+                    break fd;
+                }
+                let e = *libc::__errno_location();
+                libc::close(fd);
+                if e == libc::EACCES || e == libc::EPERM {
+                    libc::_exit(2);
+                }
+                tries += 1;
+                if tries > 20 || (e != libc::ECONNREFUSED && e != libc::EAGAIN) {
+                    libc::_exit(4);
+                }
+                libc::usleep(50_000);
+            };
             let tv = libc::timeval {
                 tv_sec: 5,
                 tv_usec: 0,
@@ -155,6 +172,7 @@ fn stop_as(sock: &std::path::Path, uid: u32) -> &'static str {
         1 => "error",
         2 => "refused",
         3 => "closed",
+        4 => "connect failed",
         c => panic!("control client child failed ({c})"),
     }
 }

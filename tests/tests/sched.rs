@@ -709,8 +709,8 @@ fn run_queue_delay_matches_the_workloads_own_wake_to_run_delays() {
 /// The running-slice record (`CpuSlice`), which `sched_switch` rewrites at
 /// each switch-in of a target thread while the task iterator may copy it
 /// from another CPU. A thread with 1 s of CPU ping-pongs with a fresh one
-/// on one CPU for 3 s at 1 ms buckets (about half a million switch-ins on
-/// the host, 3000 copies): a torn copy that paired the fresh thread's id
+/// on one CPU for 3 s (under emulation 0.5 s after 0.5 s) at 1 ms buckets (about half a
+/// million switch-ins on the host, 3000 copies): a torn copy that paired the fresh thread's id
 /// with the old one's base would put 1 s into one bucket. No bucket may
 /// hold more CPU than it lasted times the CPUs, plus 10 ms natively (a
 /// running thread's count may lag by up to a scheduler tick, 10 ms at the
@@ -724,6 +724,14 @@ fn no_bucket_holds_more_cpu_than_it_lasted() {
     require_root();
     let dir = scratch("slice-seq");
     let out_json = dir.join("storm.json");
+    // Under emulation a lighter run: the VM matrix runs its kernels side by
+    // side on these cores, and while this one ran at full strength the other
+    // guest's run-queue test failed in 2 of 3 matrix runs.
+    let (burn_ms, for_ms) = if software_emulated() {
+        ("500", "500")
+    } else {
+        ("1000", "3000")
+    };
     let out = run_with_timeout(
         default_trace_cmd(&dir)
             .args(["--sources", "ebpf", "--interval-ms", "1", "--"])
@@ -733,9 +741,9 @@ fn no_bucket_holds_more_cpu_than_it_lasted() {
                 "--round-trips",
                 "1000000000",
                 "--burn-first-ms",
-                "1000",
+                burn_ms,
                 "--for-ms",
-                "3000",
+                for_ms,
             ])
             .arg("--out")
             .arg(&out_json),
