@@ -138,24 +138,19 @@ fn without_the_ebpf_source_only_the_lifecycle_probes_run() {
     let dir = scratch("defaults-no-ebpf");
     let out_json = dir.join("cpu.json");
     let n = 20u64;
-    let trace = default_trace_cmd(&dir)
-        .args([
-            "--sources",
-            "proc",
-            "--",
-            bin("cis490-workload").to_str().unwrap(),
-        ])
-        .args(["cpu", "--threads", &n.to_string(), "--burn-ms", "5"])
-        .args(["--late-threads", &n.to_string(), "--late-delay-ms", "300"])
-        .arg("--out")
-        .arg(&out_json)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let names = programs_held(trace.id() as i32);
-    let ep = Episode::from_output(&trace.wait_with_output().unwrap());
-    assert!(ep.is_done());
+    let (names, ep) = trace_holding(
+        default_trace_cmd(&dir)
+            .args([
+                "--sources",
+                "proc",
+                "--",
+                bin("cis490-workload").to_str().unwrap(),
+            ])
+            .args(["cpu", "--threads", &n.to_string(), "--burn-ms", "5"])
+            .args(["--late-threads", &n.to_string(), "--late-delay-ms", "300"])
+            .arg("--out")
+            .arg(&out_json),
+    );
     use cis490_common::sched::prog;
     let lifecycle: std::collections::BTreeSet<String> = [
         prog::SCHED_ITER,
@@ -187,6 +182,20 @@ fn without_the_ebpf_source_only_the_lifecycle_probes_run() {
     assert_eq!(started, 2 * n, "thread_started events");
     assert_eq!(exited, 2 * n + 1, "thread_exited events");
     assert_check_passes(&ep.dir);
+}
+
+/// Runs a trace to its end: the names (as the kernel has them, 15 bytes)
+/// of the BPF programs it held while it ran, and its complete episode.
+fn trace_holding(cmd: &mut std::process::Command) -> (std::collections::BTreeSet<String>, Episode) {
+    let trace = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let names = programs_held(trace.id() as i32);
+    let ep = Episode::from_output(&trace.wait_with_output().unwrap());
+    assert!(ep.is_done());
+    (names, ep)
 }
 
 /// The names (as the kernel has them, 15 bytes) of the BPF programs the
@@ -231,25 +240,13 @@ fn wakeups_are_counted_when_asked() {
         if asked {
             cmd.arg("--wakeups");
         }
-        let trace = cmd
-            .arg("--")
-            .arg(bin("cis490-workload"))
-            .args(["wakeups", "--count", "300", "--period-us", "2000", "--out"])
-            .arg(&out_json)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let names = programs_held(trace.id() as i32);
-        let ep = Episode::from_output(&trace.wait_with_output().unwrap());
-        assert!(ep.is_done());
-        let sched = ep.meta["families"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["family"] == "sched")
-            .unwrap()
-            .clone();
+        let (names, ep) = trace_holding(
+            cmd.arg("--")
+                .arg(bin("cis490-workload"))
+                .args(["wakeups", "--count", "300", "--period-us", "2000", "--out"])
+                .arg(&out_json),
+        );
+        let sched = family(&ep, "sched");
         // Only where single run-queue delays come from the kernel's
         // sched_info can the wakeup program be left out.
         let needed = sched["path"] != "tp_btf+iter+sched_info";

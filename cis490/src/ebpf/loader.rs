@@ -14,11 +14,7 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use anyhow::{Result, anyhow, bail};
 use aya::{Ebpf, EbpfLoader};
-use cis490_common::{
-    block::global as block_names,
-    global, map,
-    sched::{RunDelaySource, global as sched_names},
-};
+use cis490_common::{block::global as block_names, global, map, sched::global as sched_names};
 
 use super::{
     block,
@@ -139,12 +135,7 @@ impl Default for Options {
 /// read-only globals).
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// [`Options::counters`].
-    pub counters: bool,
-    /// Whether the wakeup probes attach: with the counters, when
-    /// [`Options::wakeups`] asks or the run-queue delays need them.
-    pub wakeups: bool,
-    pub run_delay: RunDelaySource,
+    pub sched: sched::SchedPlan,
     pub block: Result<block::BlockPath, String>,
     pub net: net::NetPlan,
     pub kvm: Result<kvm::KvmFormat, String>,
@@ -169,11 +160,8 @@ impl Plan {
             };
             (off(), net, off())
         };
-        let run_delay = sched::plan(facts);
         Self {
-            counters: opts.counters,
-            wakeups: opts.counters && (opts.wakeups || run_delay != RunDelaySource::SchedInfo),
-            run_delay,
+            sched: sched::plan(facts, opts.counters, opts.wakeups),
             block,
             net,
             kvm,
@@ -184,7 +172,7 @@ impl Plan {
     /// The globals to set at load time, beyond the offsets.
     fn globals(&self) -> Vec<(&'static str, u32)> {
         let mut g = vec![
-            (sched_names::RUN_DELAY_SOURCE, self.run_delay as u32),
+            (sched_names::RUN_DELAY_SOURCE, self.sched.run_delay as u32),
             (
                 block_names::BLOCK_LEGACY,
                 matches!(self.block, Ok(block::BlockPath::Rq)) as u32,
@@ -255,15 +243,7 @@ impl Probes {
             facts,
             status: Vec::new(),
         };
-        let (sched_status, sched) = sched::attach(
-            &mut a,
-            tgid,
-            sched::SchedPlan {
-                run_delay: plan.run_delay,
-                counters: plan.counters,
-                wakeups: plan.wakeups,
-            },
-        )?;
+        let (sched_status, sched) = sched::attach(&mut a, tgid, plan.sched)?;
         let (block_status, block) = block::attach(&mut a, &plan.block);
         let (net_status, net) = net::attach(&mut a, &plan.net);
         let (kvm_status, kvm) = kvm::attach(&mut a, &plan.kvm);
@@ -414,9 +394,11 @@ mod tests {
             .into_iter()
             .chain(
                 Plan {
-                    counters: true,
-                    wakeups: true,
-                    run_delay: RunDelaySource::SchedInfo,
+                    sched: super::sched::SchedPlan {
+                        run_delay: sched::RunDelaySource::SchedInfo,
+                        counters: true,
+                        wakeups: true,
+                    },
                     block: Err(String::new()),
                     net: super::net::NetPlan {
                         taps: Ok(()),

@@ -187,10 +187,23 @@ pub const REQUIRED_OFFSETS: &[&str] = &[
     global::TASK_ON_CPU_OFFSET,
 ];
 
+/// The family's decisions: where run-queue delays come from, and which
+/// probes attach. The wakeup probes run on every wakeup of the machine:
+/// with the counters, only when `wakeups` asks or the run-queue delays are
+/// timed from the wakeup.
+pub fn plan(facts: &KernelFacts, counters: bool, wakeups: bool) -> SchedPlan {
+    let run_delay = run_delay_source(facts);
+    SchedPlan {
+        run_delay,
+        counters,
+        wakeups: counters && (wakeups || run_delay != RunDelaySource::SchedInfo),
+    }
+}
+
 /// Where run-queue delays come from on this kernel (the programs read the
 /// decision as the global `RUN_DELAY_SOURCE`, the reader as this value):
 /// from the offsets the kernel's BTF has.
-pub fn plan(facts: &KernelFacts) -> RunDelaySource {
+fn run_delay_source(facts: &KernelFacts) -> RunDelaySource {
     let has = |g: &str| facts.offsets.get(g).copied().flatten().is_some();
     let single = [
         global::TASK_LAST_QUEUED_OFFSET,
@@ -236,11 +249,7 @@ fn path_and_note(run_delay: RunDelaySource) -> (&'static str, Option<String>) {
 /// and the run-delay decision.
 pub struct Attached {
     iter_link: OwnedFd,
-    run_delay: RunDelaySource,
-    /// Whether the counting probes attached (else lifecycle only).
-    counters: bool,
-    /// Whether the wakeup probes attached.
-    wakeups: bool,
+    plan: SchedPlan,
 }
 
 /// The probes that count (on every switch and wakeup of the machine); the
@@ -317,15 +326,7 @@ pub fn attach(
             ),
         )
     };
-    Ok((
-        status,
-        Attached {
-            iter_link,
-            run_delay,
-            counters,
-            wakeups: plan.wakeups,
-        },
-    ))
+    Ok((status, Attached { iter_link, plan }))
 }
 
 /// Loads the task iterator and creates its link: for the target's threads
@@ -426,9 +427,12 @@ impl SchedReader {
     pub fn new(ebpf: &mut Ebpf, attached: Attached) -> Result<Self> {
         let Attached {
             iter_link,
-            run_delay,
-            counters,
-            wakeups,
+            plan:
+                SchedPlan {
+                    run_delay,
+                    counters,
+                    wakeups,
+                },
         } = attached;
         Ok(Self {
             stats: take(ebpf, map::SCHED_STATS)?,

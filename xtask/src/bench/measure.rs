@@ -51,6 +51,15 @@ pub struct BpfRun {
 }
 
 impl BpfRun {
+    /// Two sets of programs together.
+    pub fn plus(self, other: BpfRun) -> BpfRun {
+        BpfRun {
+            programs: self.programs + other.programs,
+            run_time_ns: self.run_time_ns + other.run_time_ns,
+            run_cnt: self.run_cnt + other.run_cnt,
+        }
+    }
+
     pub fn since(self, before: BpfRun) -> BpfRun {
         BpfRun {
             programs: self.programs,

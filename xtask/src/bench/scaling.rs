@@ -110,11 +110,7 @@ impl Drop for Others {
 fn bpf_of(pids: &[u32]) -> BpfRun {
     pids.iter()
         .map(|&p| measure::bpf_run(p))
-        .fold(BpfRun::default(), |a, b| BpfRun {
-            programs: a.programs + b.programs,
-            run_time_ns: a.run_time_ns + b.run_time_ns,
-            run_cnt: a.run_cnt + b.run_cnt,
-        })
+        .fold(BpfRun::default(), BpfRun::plus)
 }
 
 /// Runs the scaling part: for each count of other targets, `rounds` pairs
@@ -151,21 +147,17 @@ pub fn run(
                 if traced { "cis490" } else { "untraced" }
             ));
             let tracer = if traced { Tracer::Cis490 } else { Tracer::None };
-            let pids = o.pids();
-            let b0 = bpf_of(&pids);
+            // The other tracers' programs, read around the run in the
+            // statistics pass only.
+            let others_bpf = || stats_pass.then(|| bpf_of(&o.pids()));
+            let b0 = others_bpf();
             let r = run_once(env, setup, Kind::Storm, tracer, &d, round, stats_pass);
-            let b1 = bpf_of(&pids);
+            let b1 = others_bpf();
             match r {
                 Ok(r) => {
-                    let bpf = stats_pass.then(|| {
-                        let own = r.bpf.unwrap_or_default();
-                        let o = b1.since(b0);
-                        BpfRun {
-                            programs: own.programs + o.programs,
-                            run_time_ns: own.run_time_ns + o.run_time_ns,
-                            run_cnt: own.run_cnt + o.run_cnt,
-                        }
-                    });
+                    let bpf = b0
+                        .zip(b1)
+                        .map(|(b0, b1)| r.bpf.unwrap_or_default().plus(b1.since(b0)));
                     let sr = ScaleRun {
                         others,
                         traced,
