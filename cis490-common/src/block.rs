@@ -112,6 +112,10 @@ pub struct ReqStart {
     pub op: u32,
     /// 1 once issued to the driver.
     pub issued: u32,
+    /// The target slot it is counted for (`crate::target`).
+    pub slot: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 impl ReqStart {
@@ -127,7 +131,7 @@ pub const REQ_OP_READ: u32 = 0;
 pub const REQ_OP_WRITE: u32 = 1;
 
 const _: () = assert!(core::mem::size_of::<BlockStats>() == (8 + HIST_BUCKETS) * 8);
-const _: () = assert!(core::mem::size_of::<ReqStart>() == 40);
+const _: () = assert!(core::mem::size_of::<ReqStart>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {

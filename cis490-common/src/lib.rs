@@ -33,20 +33,22 @@ macro_rules! names {
 names! {
     /// Maps every family uses.
     pub mod map {
-        /// The bucket epoch the loader publishes at each boundary.
+        /// The traced thread groups: tgid -> target slot
+        /// ([`target`](crate::target)).
+        TARGETS,
+        /// The target filter: a bit per tgid modulo [`target::FILTER_BITS`],
+        /// set for every traced tgid (checked before `TARGETS`).
+        TARGET_FILTER,
+        /// Per target slot: 1 once its pid went to a new process.
+        TARGET_GONE,
+        /// The bucket epoch the loader publishes at each boundary, per
+        /// target slot (each episode has its own grid).
         EPOCH,
         /// The ring buffer of streamed records ([`record`]).
         RECORDS,
     }
 }
 
-names! {
-    /// Globals every family reads.
-    pub mod global {
-        /// The traced thread group's id.
-        TARGET_TGID,
-    }
-}
 
 pub mod block;
 pub mod gateway;
@@ -54,6 +56,7 @@ pub mod kvm;
 pub mod net;
 pub mod record;
 pub mod sched;
+pub mod target;
 
 pub use block::{BlockStats, ReqStart};
 pub use kvm::KvmStats;

@@ -86,9 +86,10 @@ impl IfStats {
     }
 }
 
-/// Cumulative per-CPU network counters (map `NET_STATS`, one slot): slots
-/// `0..MAX_IFS` are the tap interfaces (the slot number is the value of
-/// `TAP_IFS`), slot `SOCKET_SLOT` the sockets.
+/// Cumulative per-CPU network counters of one target (map `NET_STATS`, one
+/// entry per target slot): slots `0..MAX_IFS` are its tap interfaces (the
+/// slot number is in the value of `TAP_IFS`, [`tap_slots`]), slot
+/// `SOCKET_SLOT` its sockets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetStats {
@@ -105,6 +106,19 @@ impl NetStats {
             a.accumulate(b);
         }
     }
+}
+
+/// Value of `TAP_IFS`: the target slot that owns the tap and the tap's
+/// slot of that target's [`NetStats::slots`].
+#[inline(always)]
+pub const fn tap_value(target: u32, if_slot: u32) -> u32 {
+    (target << 8) | (if_slot & 0xff)
+}
+
+/// The (target slot, interface slot) of a `TAP_IFS` value.
+#[inline(always)]
+pub const fn tap_slots(value: u32) -> (u32, usize) {
+    (value >> 8, (value & 0xff) as usize)
 }
 
 /// Key of `TAP_IFS`: an interface is its index within its network
@@ -145,5 +159,11 @@ mod tests {
         // Indexes past the filter's 1024 bits share bits (a filter).
         assert_eq!(ifindex_bit(1024 + 5), ifindex_bit(5));
         assert!(ifindex_bit(u32::MAX).0 < TAP_IFINDEX_WORDS);
+    }
+
+    #[test]
+    fn tap_values_round_trip() {
+        assert_eq!(tap_slots(tap_value(0, 3)), (0, 3));
+        assert_eq!(tap_slots(tap_value(1023, MAX_IFS as u32 - 1)), (1023, MAX_IFS - 1));
     }
 }

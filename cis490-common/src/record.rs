@@ -70,9 +70,14 @@ pub struct LifecycleRecord {
     pub aux: u32,
     /// Thread name, NUL-padded.
     pub comm: [u8; COMM_LEN],
+    /// The target slot of the thread's process (`crate::target`).
+    pub slot: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<LifecycleRecord>() == 4 + 4 + 8 + 4 + 4 + COMM_LEN);
+const _: () =
+    assert!(core::mem::size_of::<LifecycleRecord>() == 4 + 4 + 8 + 4 + 4 + COMM_LEN + 4 + 4);
 
 /// Why a ring-buffer record could not be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +160,8 @@ impl TryFrom<&[u8]> for LifecycleRecord {
             tid: f.u32(),
             aux: f.u32(),
             comm: f.bytes(),
+            slot: f.u32(),
+            reserved: f.u32(),
         })
     }
 }
@@ -180,6 +187,10 @@ mod tests {
     use super::*;
 
     fn encode(what: u32, ts: u64, tid: u32, aux: u32, comm: &[u8]) -> Vec<u8> {
+        encode_slot(what, ts, tid, aux, comm, 0)
+    }
+
+    fn encode_slot(what: u32, ts: u64, tid: u32, aux: u32, comm: &[u8], slot: u32) -> Vec<u8> {
         let mut v = Vec::new();
         v.extend_from_slice(&1u32.to_le_bytes());
         v.extend_from_slice(&what.to_le_bytes());
@@ -189,12 +200,14 @@ mod tests {
         let mut c = [0u8; COMM_LEN];
         c[..comm.len()].copy_from_slice(comm);
         v.extend_from_slice(&c);
+        v.extend_from_slice(&slot.to_le_bytes());
+        v.extend_from_slice(&0u32.to_le_bytes());
         v
     }
 
     #[test]
     fn decodes_a_thread_start() {
-        let buf = encode(1, 0x0102_0304_0506_0708, 4242, 4240, b"CPU 0/TCG");
+        let buf = encode_slot(1, 0x0102_0304_0506_0708, 4242, 4240, b"CPU 0/TCG", 7);
         assert_eq!(record_kind(&buf), Ok(RecordKind::Lifecycle));
         let r = LifecycleRecord::try_from(buf.as_slice()).unwrap();
         assert_eq!(r.lifecycle(), Ok(LifecycleKind::ThreadStart));
@@ -202,6 +215,7 @@ mod tests {
         assert_eq!(r.tid, 4242);
         assert_eq!(r.aux, 4240);
         assert_eq!(r.comm_bytes(), b"CPU 0/TCG");
+        assert_eq!(r.slot, 7);
     }
 
     #[test]
@@ -215,8 +229,8 @@ mod tests {
     fn rejects_short_and_unknown() {
         let buf = encode(2, 1, 2, 0, b"x");
         assert_eq!(
-            LifecycleRecord::try_from(&buf[..39]),
-            Err(DecodeError::Short { need: 40, got: 39 })
+            LifecycleRecord::try_from(&buf[..47]),
+            Err(DecodeError::Short { need: 48, got: 47 })
         );
         assert_eq!(
             record_kind(&buf[..3]),
@@ -243,6 +257,8 @@ mod tests {
             tid: 77,
             aux: 76,
             comm: *b"workload\0\0\0\0\0\0\0\0",
+            slot: 3,
+            reserved: 0,
         };
         // SAFETY: LifecycleRecord is repr(C) without padding (asserted above).
         let bytes = unsafe {

@@ -19,15 +19,14 @@
 //! the bucket epoch the loader publishes.
 
 crate::names! {
-    /// The scheduler family's maps (`cis490-ebpf/src/sched.rs`; `TARGET_GONE`, which
-    /// the new-task probe sets, beside the target filter in `target.rs`).
+    /// The scheduler family's maps (`cis490-ebpf/src/sched.rs`). Per target
+    /// slot: `SCHED_STATS`, `LIVE`, and `RUNQ_MAX` (two per slot).
     pub mod map {
         SCHED_STATS,
         CPU_SLICE,
         RUNQ_MAX,
         LIVE,
         RUNNABLE_SINCE,
-        TARGET_GONE,
     }
 }
 
@@ -91,8 +90,8 @@ pub enum RunDelaySource {
 /// Number of log2 buckets in a latency histogram (covers every `u64`).
 pub const HIST_BUCKETS: usize = 64;
 
-/// Cumulative per-CPU scheduler counters for the target process
-/// (map `SCHED_STATS`, one slot, `PerCpuArray`).
+/// Cumulative per-CPU scheduler counters of one target process (map
+/// `SCHED_STATS`, one entry per target slot, `PerCpuArray`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SchedStats {
@@ -185,19 +184,16 @@ impl SchedStats {
     }
 }
 
-/// What the task iterator (`sched_iter`) summed over the target's live
-/// threads at one boundary (map `LIVE`, one slot, `Array`): each thread's
-/// own kernel counters, with the running part of a slice still on a CPU
-/// added to its on-CPU time. Exited threads (`TASK_DEAD`) are skipped: their
-/// final counters are in [`SchedStats`].
+/// What the task iterator (`sched_iter`) summed over a target's live
+/// threads at one boundary (map `LIVE`, one entry per target slot,
+/// `Array`): each thread's own kernel counters, with the running part of a
+/// slice still on a CPU added to its on-CPU time. Exited threads
+/// (`TASK_DEAD`) are skipped: their final counters are in [`SchedStats`].
+/// The loader zeroes the slot's entry before each run (runs are one at a
+/// time in a process), and reads it after.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LiveCounters {
-    /// The iterator session these sums belong to (`bpf_iter_meta`'s
-    /// `session_id`, new for every run): the first call of a run resets them.
-    pub session: u64,
-    /// `bpf_ktime_get_ns` when the iteration started.
-    pub now_ns: u64,
     /// `se.sum_exec_runtime` (plus the running part of a slice on a CPU), ns.
     pub runtime_ns: u64,
     pub nvcsw: u64,
@@ -223,8 +219,6 @@ pub struct LiveCounters {
 
 impl LiveCounters {
     pub const ZERO: Self = Self {
-        session: 0,
-        now_ns: 0,
         runtime_ns: 0,
         nvcsw: 0,
         nivcsw: 0,
@@ -314,7 +308,8 @@ impl ThreadCounters {
 }
 
 /// Per-bucket maximum of a latency on one CPU, valid for bucket `epoch` only
-/// (map `RUNQ_MAX`, two slots indexed by `epoch & 1`, `PerCpuArray`).
+/// (maps `RUNQ_MAX`, `BLOCK_MAX`: two entries per target slot, at
+/// `2 * slot + (epoch & 1)`, `PerCpuArray`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaxSlot {
@@ -323,7 +318,7 @@ pub struct MaxSlot {
 }
 
 const _: () = assert!(core::mem::size_of::<SchedStats>() == (16 + HIST_BUCKETS) * 8);
-const _: () = assert!(core::mem::size_of::<LiveCounters>() == 13 * 8);
+const _: () = assert!(core::mem::size_of::<LiveCounters>() == 11 * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 48);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 7 * 8);
 const _: () = assert!(core::mem::size_of::<MaxSlot>() == 16);

@@ -33,14 +33,16 @@ use cis490_common::{
 
 use crate::{
     maps::{add, add_to_hist, raise_max},
-    target::{current, field, is_target},
+    target::{current, field, target_slot},
 };
 
-/// Cumulative block I/O counters, one slot per CPU.
+/// Cumulative block I/O counters per target slot, per CPU. Sized by the
+/// loader.
 #[map]
 pub static BLOCK_STATS: PerCpuArray<BlockStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-bucket block latency maximum, two slots per CPU (`epoch & 1`).
+/// Per-bucket block latency maximum, two per target slot and CPU
+/// (`2 * slot + (epoch & 1)`). Sized by the loader.
 #[map]
 pub static BLOCK_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
 
@@ -48,9 +50,9 @@ pub static BLOCK_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0)
 #[map]
 pub static REQS: HashMap<u64, ReqStart> = HashMap::with_max_entries(16_384, 0);
 
-/// Bios the target queued (legacy block path) and the bios split from
-/// them, keyed by `struct bio *`; LRU, so marks of bios merged into another
-/// request age out.
+/// Bios a target queued (legacy block path) and the bios split from
+/// them, keyed by `struct bio *`, with the target's slot; LRU, so marks of
+/// bios merged into another request age out.
 #[map]
 pub static BIOS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16_384, 0);
 
@@ -74,8 +76,8 @@ static BLOCK_LEGACY: Global<u32> = Global::new(0);
 type Res = Result<(), i32>;
 const NO_MAP: i32 = -1;
 
-fn block_stats() -> Result<*mut BlockStats, i32> {
-    BLOCK_STATS.get_ptr_mut(0).ok_or(NO_MAP)
+fn block_stats(slot: u32) -> Result<*mut BlockStats, i32> {
+    BLOCK_STATS.get_ptr_mut(slot).ok_or(NO_MAP)
 }
 
 /// Attributes request `rq` if it is the target's (and the op is a read or
@@ -99,19 +101,19 @@ fn start(ctx: &BtfTracePointContext, legacy: bool, by_current: bool) -> Res {
         // A new request at the address of one that was issued: that one
         // completed without the probes seeing it.
         if r.issued != 0 {
-            catch_up(block_stats()?, rq, r);
+            catch_up(block_stats(r.slot)?, rq, r);
         }
     }
     let (tgid, _) = current();
-    let mut ours = by_current && is_target(tgid);
-    if legacy && unsafe { BIOS.get(bio) }.is_some() {
+    let mut ours = if by_current { target_slot(tgid) } else { None };
+    if legacy && let Some(&marked) = unsafe { BIOS.get(bio) } {
         let _ = BIOS.remove(bio);
-        ours = true;
+        ours = Some(marked);
     }
-    if !ours {
+    let Some(slot) = ours else {
         let _ = REQS.remove(rq);
         return Ok(());
-    }
+    };
     let flags: u32 = field(rq as *const u8, &REQ_CMD_FLAGS_OFFSET)?;
     let op = flags & REQ_OP_MASK;
     if op != REQ_OP_READ && op != REQ_OP_WRITE {
@@ -124,9 +126,11 @@ fn start(ctx: &BtfTracePointContext, legacy: bool, by_current: bool) -> Res {
         bio,
         op,
         issued: 0,
+        slot,
+        reserved: 0,
     };
     if REQS.insert(rq, start, BPF_ANY as u64).is_err() {
-        add(unsafe { &raw mut (*block_stats()?).map_errors }, 1);
+        add(unsafe { &raw mut (*block_stats(slot)?).map_errors }, 1);
     }
     Ok(())
 }
@@ -137,8 +141,8 @@ fn start(ctx: &BtfTracePointContext, legacy: bool, by_current: bool) -> Res {
 pub fn block_bio_queue(ctx: BtfTracePointContext) -> i32 {
     let bio: u64 = ctx.arg(0);
     let (tgid, _) = current();
-    if is_target(tgid) {
-        let _ = BIOS.insert(bio, 1, BPF_ANY as u64);
+    if let Some(slot) = target_slot(tgid) {
+        let _ = BIOS.insert(bio, slot, BPF_ANY as u64);
     } else {
         let _ = BIOS.remove(bio);
     }
@@ -156,8 +160,13 @@ pub fn block_bio_queue(ctx: BtfTracePointContext) -> i32 {
 pub fn block_split(ctx: BtfTracePointContext) -> i32 {
     let split: u64 = ctx.arg(0);
     let parent: u64 = field(split as *const u8, &BIO_PRIVATE_OFFSET).unwrap_or(0);
-    if parent != 0 && unsafe { BIOS.get(parent) }.is_some() {
-        let _ = BIOS.insert(split, 1, BPF_ANY as u64);
+    let marked = if parent != 0 {
+        unsafe { BIOS.get(parent) }.copied()
+    } else {
+        None
+    };
+    if let Some(slot) = marked {
+        let _ = BIOS.insert(split, slot, BPF_ANY as u64);
     } else {
         let _ = BIOS.remove(split);
     }
@@ -225,8 +234,8 @@ fn try_complete(ctx: &BtfTracePointContext) -> Res {
     };
     let error: u64 = ctx.arg(1);
     let nr_bytes: u64 = ctx.arg(2);
-    let s = block_stats()?;
     let r = unsafe { &mut *r };
+    let s = block_stats(r.slot)?;
     if error as u8 == 0 {
         let bytes = nr_bytes & 0xffff_ffff;
         r.done_bytes += bytes;
@@ -254,8 +263,8 @@ fn try_done(ctx: &BtfTracePointContext) -> Res {
     let Some(r) = REQS.get_ptr(rq) else {
         return Ok(());
     };
-    let s = block_stats()?;
-    finish(s, rq, unsafe { &*r });
+    let r = unsafe { &*r };
+    finish(block_stats(r.slot)?, rq, r);
     Ok(())
 }
 
@@ -289,6 +298,6 @@ fn finish(s: *mut BlockStats, rq: u64, r: &ReqStart) {
     add(unsafe { &raw mut (*s).latency_ns }, latency);
     add(unsafe { &raw mut (*s).latency_count }, 1);
     add_to_hist(unsafe { &raw mut (*s).latency_hist }, latency);
-    raise_max(&BLOCK_MAX, latency);
+    raise_max(&BLOCK_MAX, r.slot, latency);
     let _ = REQS.remove(rq);
 }

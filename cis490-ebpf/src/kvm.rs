@@ -17,10 +17,11 @@ use cis490_common::{
 
 use crate::{
     maps::add,
-    target::{current, is_target},
+    target::{current, target_slot},
 };
 
-/// Cumulative KVM exit counters, one slot per CPU.
+/// Cumulative KVM exit counters per target slot, per CPU. Sized by the
+/// loader.
 #[map]
 pub static KVM_STATS: PerCpuArray<KvmStats> = PerCpuArray::with_max_entries(1, 0);
 
@@ -41,12 +42,12 @@ pub fn kvm_exit(ctx: TracePointContext) -> u32 {
 
 fn try_kvm_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let (tgid, _) = current();
-    if !is_target(tgid) {
+    let Some(target) = target_slot(tgid) else {
         return Ok(());
-    }
+    };
     let reason: u32 = unsafe { ctx.read_at(KVM_EXIT_REASON_OFFSET.load() as usize)? };
     let isa: u32 = unsafe { ctx.read_at(KVM_EXIT_ISA_OFFSET.load() as usize)? };
-    let Some(s) = KVM_STATS.get_ptr_mut(0) else {
+    let Some(s) = KVM_STATS.get_ptr_mut(target) else {
         return Ok(());
     };
     let slot = reason_slot(reason, isa);
@@ -70,12 +71,12 @@ pub fn kvm_userspace_exit(ctx: TracePointContext) -> u32 {
 
 fn try_userspace_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let (tgid, _) = current();
-    if !is_target(tgid) {
+    let Some(target) = target_slot(tgid) else {
         return Ok(());
-    }
+    };
     let reason: u32 = unsafe { ctx.read_at(KVM_USERSPACE_REASON_OFFSET.load() as usize)? };
     let errno: i32 = unsafe { ctx.read_at(KVM_USERSPACE_ERRNO_OFFSET.load() as usize)? };
-    let Some(s) = KVM_STATS.get_ptr_mut(0) else {
+    let Some(s) = KVM_STATS.get_ptr_mut(target) else {
         return Ok(());
     };
     let slot = userspace_slot(reason, errno);

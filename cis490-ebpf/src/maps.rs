@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use cis490_common::{HIST_BUCKETS, MaxSlot, RINGBUF_BYTES, SchedStats, log2_bucket};
 
-/// The current bucket epoch, published by the loader at each boundary.
+/// The current bucket epoch of each target slot, published by the loader at
+/// each of that target's boundaries. Sized by the loader.
 #[map]
 pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
@@ -36,10 +37,10 @@ pub fn add(counter: *mut u64, v: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, v) };
 }
 
-/// The bucket epoch the loader published last.
+/// The bucket epoch the loader published last for target slot `slot`.
 #[inline(always)]
-pub fn epoch() -> u64 {
-    EPOCH.get(0).copied().unwrap_or(0)
+pub fn epoch(slot: u32) -> u64 {
+    EPOCH.get(slot).copied().unwrap_or(0)
 }
 
 /// The log2 histogram bucket of `v`, with a bounds check the verifier sees.
@@ -80,12 +81,13 @@ pub fn bump_hist(hist: *mut [u64; HIST_BUCKETS], v: u64) {
     }
 }
 
-/// Raises this CPU's maximum for the current bucket epoch in `slots` (two
-/// slots, `epoch & 1`), resetting it when the epoch moved on.
+/// Raises this CPU's maximum for target `target`'s current bucket epoch in
+/// `slots` (two per target, `2 * target + (epoch & 1)`), resetting it when
+/// the epoch moved on.
 #[inline(always)]
-pub fn raise_max(slots: &PerCpuArray<MaxSlot>, v: u64) {
-    let e = epoch();
-    if let Some(slot) = slots.get_ptr_mut((e & 1) as u32) {
+pub fn raise_max(slots: &PerCpuArray<MaxSlot>, target: u32, v: u64) {
+    let e = epoch(target);
+    if let Some(slot) = slots.get_ptr_mut(2 * target + (e & 1) as u32) {
         // SAFETY: a map value pointer, valid for this program run.
         let slot = unsafe { &mut *slot };
         if slot.epoch != e {

@@ -16,20 +16,22 @@ use aya_ebpf::{
 };
 use cis490_common::{
     IfStats, NetStats,
-    net::{AF_INET, AF_INET6, MAX_IFS, SOCKET_SLOT, if_key, ifindex_bit},
+    net::{AF_INET, AF_INET6, MAX_IFS, SOCKET_SLOT, if_key, ifindex_bit, tap_slots},
 };
 
 use crate::{
     maps::add,
-    target::{current, field, is_target, load},
+    target::{current, field, load, target_slot},
 };
 
-/// Cumulative network counters per tap interface and for sockets.
+/// Cumulative network counters per target slot (per tap interface and for
+/// sockets), per CPU. Sized by the loader.
 #[map]
 pub static NET_STATS: PerCpuArray<NetStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// The target's tap interfaces: `if_key(netns inode, ifindex)` -> slot of
-/// `NetStats::slots`. Kept by the loader as the target opens taps.
+/// The targets' tap interfaces: `if_key(netns inode, ifindex)` ->
+/// `tap_value(target slot, slot of its NetStats::slots)`. Kept by the
+/// loader as targets open taps.
 #[map]
 pub static TAP_IFS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_IFS as u32, 0);
 
@@ -64,11 +66,11 @@ static SOCK_FAMILY_OFFSET: Global<u32> = Global::new(0);
 type Res = Result<(), i32>;
 const MSG_PEEK: u64 = 2;
 
-/// The `NetStats` slot of a tap of the target, if `dev` (a BTF-typed
-/// `struct net_device *`) is one. Direct loads: this runs for every packet
-/// of the machine.
+/// The (target slot, `NetStats` slot) of a tap of a target, if `dev` (a
+/// BTF-typed `struct net_device *`) is one. Direct loads: this runs for
+/// every packet of the machine.
 #[inline(always)]
-fn tap_slot(dev: *const u8) -> Option<usize> {
+fn tap_slot(dev: *const u8) -> Option<(u32, usize)> {
     let ifindex: u32 = load(dev, &NETDEV_IFINDEX_OFFSET);
     // Most packets of the machine are not on a tap of the target: the
     // ifindex filter says so with two loads.
@@ -79,14 +81,14 @@ fn tap_slot(dev: *const u8) -> Option<usize> {
     let net: *const u8 = load(dev, &NETDEV_NET_OFFSET);
     let inum: u32 = load(net, &NET_INUM_OFFSET);
     unsafe { TAP_IFS.get(if_key(inum, ifindex)) }
-        .map(|&slot| slot as usize)
-        .filter(|&slot| slot < MAX_IFS)
+        .map(|&value| tap_slots(value))
+        .filter(|&(_, slot)| slot < MAX_IFS)
 }
 
 /// Adds one packet of `bytes` to `slot`, as sent (`tx`) or received.
 #[inline(always)]
-fn count(slot: usize, tx: bool, bytes: u64) {
-    let Some(s) = NET_STATS.get_ptr_mut(0) else {
+fn count(target: u32, slot: usize, tx: bool, bytes: u64) {
+    let Some(s) = NET_STATS.get_ptr_mut(target) else {
         return;
     };
     if slot > MAX_IFS {
@@ -115,7 +117,7 @@ pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
 fn try_receive(ctx: &BtfTracePointContext) -> Res {
     let skb: *const u8 = ctx.arg(0);
     let dev: *const u8 = load(skb, &SKB_DEV_OFFSET);
-    let Some(slot) = tap_slot(dev) else {
+    let Some((target, slot)) = tap_slot(dev) else {
         return Ok(());
     };
     // The stack has pulled the link-layer header by now; count the whole
@@ -129,7 +131,7 @@ fn try_receive(ctx: &BtfTracePointContext) -> Res {
     } else {
         data.saturating_sub(head + mac as u64)
     };
-    count(slot, true, len as u64 + pulled.min(256));
+    count(target, slot, true, len as u64 + pulled.min(256));
     Ok(())
 }
 
@@ -148,11 +150,11 @@ fn try_xmit(ctx: &BtfTracePointContext) -> Res {
         return Ok(());
     }
     let dev: *const u8 = ctx.arg(2);
-    let Some(slot) = tap_slot(dev) else {
+    let Some((target, slot)) = tap_slot(dev) else {
         return Ok(());
     };
     let skb_len: u64 = ctx.arg(3);
-    count(slot, false, skb_len & 0xffff_ffff);
+    count(target, slot, false, skb_len & 0xffff_ffff);
     Ok(())
 }
 
@@ -160,9 +162,9 @@ fn try_xmit(ctx: &BtfTracePointContext) -> Res {
 #[inline(always)]
 fn sock(ctx: &BtfTracePointContext, tx: bool) -> Res {
     let (tgid, _) = current();
-    if !is_target(tgid) {
+    let Some(target) = target_slot(tgid) else {
         return Ok(());
-    }
+    };
     let ret: u64 = ctx.arg(1);
     let ret = ret as i32;
     let flags: u64 = ctx.arg(2);
@@ -172,7 +174,7 @@ fn sock(ctx: &BtfTracePointContext, tx: bool) -> Res {
     let sk: *const u8 = ctx.arg(0);
     let family: u16 = field(sk, &SOCK_FAMILY_OFFSET)?;
     if family == AF_INET || family == AF_INET6 {
-        count(SOCKET_SLOT, tx, ret as u64);
+        count(target, SOCKET_SLOT, tx, ret as u64);
     }
     Ok(())
 }

@@ -29,31 +29,34 @@ use crate::{
     maps::{add, bump, bump_hist, emit, raise_max},
     target::{
         TARGET_GONE, arrival_delay, current, delays_from_sched_info, has_run_delay,
-        has_target_tgid, is_target, rq_clock, target_gone, task_counters, task_cpu, task_on_cpu,
-        task_runtime, task_state, task_tgid, task_tid,
+        may_be_target, rq_clock, target_slot, task_counters, task_cpu, task_on_cpu, task_runtime,
+        task_state, task_tgid, task_tid,
     },
 };
 
-/// Cumulative scheduler counters, one slot per CPU.
+/// Cumulative scheduler counters per target slot, per CPU. Sized by the
+/// loader.
 #[map]
 pub static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// This CPU's scheduler counters.
+/// This CPU's scheduler counters of target slot `slot`.
 #[inline(always)]
-fn stats() -> Option<*mut SchedStats> {
-    SCHED_STATS.get_ptr_mut(0)
+fn stats(slot: u32) -> Result<*mut SchedStats, i32> {
+    SCHED_STATS.get_ptr_mut(slot).ok_or(NO_MAP)
 }
 
 /// Which target thread runs on each CPU, and since when.
 #[map]
 pub static CPU_SLICE: PerCpuArray<CpuSlice> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-bucket run-queue delay maximum, two slots per CPU (`epoch & 1`).
+/// Per-bucket run-queue delay maximum, two per target slot and CPU
+/// (`2 * slot + (epoch & 1)`). Sized by the loader.
 #[map]
 pub static RUNQ_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
 
-/// What the task iterator summed over the target's live threads at the
-/// last boundary (written by `sched_iter`, read by the loader right after).
+/// What the task iterator summed over each target's live threads at its
+/// last boundary (zeroed by the loader, written by `sched_iter`, read by
+/// the loader right after). Sized by the loader.
 #[map]
 pub static LIVE: Array<LiveCounters> = Array::with_max_entries(1, 0);
 
@@ -84,27 +87,38 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
 fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    let prev_is_target = has_target_tgid(task_tgid(prev));
-    let next_is_target = has_target_tgid(task_tgid(next));
+    let (prev_tgid, next_tgid) = (task_tgid(prev), task_tgid(next));
     let slice = CPU_SLICE.get_ptr_mut(0).ok_or(NO_MAP)?;
     // SAFETY: map value pointers from lookups are valid for this program run.
     let slice = unsafe { &mut *slice };
-    // `TARGET_GONE` is looked up once, and only for a switch that involves
-    // the target's id.
-    if (!prev_is_target && !next_is_target) || target_gone() {
-        // Hot path: the switch does not concern the target.
+    // The filter decides almost every switch with two inlined loads; only
+    // a set bit costs the slot lookup (and `TARGET_GONE`'s).
+    let prev_slot = if may_be_target(prev_tgid) {
+        target_slot(prev_tgid)
+    } else {
+        None
+    };
+    let next_slot = if next_tgid == prev_tgid {
+        prev_slot
+    } else if may_be_target(next_tgid) {
+        target_slot(next_tgid)
+    } else {
+        None
+    };
+    if prev_slot.is_none() && next_slot.is_none() {
+        // Hot path: the switch does not concern a target.
         if slice.state != CpuSlice::OTHER {
             slice.state = CpuSlice::OTHER;
         }
         return Ok(());
     }
-    let s = stats().ok_or(NO_MAP)?;
-    bump(unsafe { &raw mut (*s).events }, 1);
 
-    if prev_is_target {
-        // The task iterator may read this slot from another CPU meanwhile:
-        // closed first, it is never counted as running after the thread's
-        // own counters took the slice in.
+    if let Some(slot) = prev_slot {
+        let s = stats(slot)?;
+        bump(unsafe { &raw mut (*s).events }, 1);
+        // The task iterator may read this record from another CPU
+        // meanwhile: closed first, it is never counted as running after the
+        // thread's own counters took the slice in.
         let (was_state, was_tid) = (slice.state, slice.tid);
         unsafe { core::ptr::write_volatile(&raw mut slice.state, CpuSlice::OTHER) };
         let prev_tid = task_tid(prev);
@@ -119,9 +133,15 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         if !delays_from_sched_info() {
             runnable_since_on_switch_out(ctx, s, prev_tid, prev_state as u32);
         }
+    } else if slice.state != CpuSlice::OTHER {
+        slice.state = CpuSlice::OTHER;
     }
 
-    if next_is_target {
+    if let Some(slot) = next_slot {
+        let s = stats(slot)?;
+        if prev_slot != next_slot {
+            bump(unsafe { &raw mut (*s).events }, 1);
+        }
         // Odd while the record is rewritten (see `CpuSlice::seq`); only this
         // CPU writes it, with interrupts off.
         let seq = slice.seq;
@@ -134,7 +154,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
             // the dearest thing this program would do on every switch.
             let rq_now = rq_clock(next);
             if let Some(delay) = arrival_delay(next, rq_now) {
-                record_runq_delay(s, delay);
+                record_runq_delay(s, slot, delay);
             }
             if slice.cal_clock_ns == 0 || rq_now.wrapping_sub(slice.cal_rq_ns) > CALIBRATE_NS {
                 slice.cal_rq_ns = rq_now;
@@ -142,7 +162,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
             }
             rq_now
         } else {
-            delay_from_wakeup(s, task_tid(next));
+            delay_from_wakeup(s, slot, task_tid(next));
             slice.cal_clock_ns = 0;
             unsafe { bpf_ktime_get_ns() }
         };
@@ -182,12 +202,12 @@ fn account_dead(s: *mut SchedStats, prev: *const u8) {
 }
 
 #[inline(always)]
-fn record_runq_delay(s: *mut SchedStats, delay: u64) {
+fn record_runq_delay(s: *mut SchedStats, slot: u32, delay: u64) {
     bump(unsafe { &raw mut (*s).runq_delay_ns }, delay);
     bump(unsafe { &raw mut (*s).runq_delay_count }, 1);
     bump_hist(unsafe { &raw mut (*s).runq_hist }, delay);
     // Only sched_switch (interrupts off) touches RUNQ_MAX: no nesting.
-    raise_max(&RUNQ_MAX, delay);
+    raise_max(&RUNQ_MAX, slot, delay);
 }
 
 /// Without single delays from `sched_info`: a thread that leaves the CPU
@@ -213,11 +233,11 @@ fn runnable_since_on_switch_out(
 /// Without single delays from `sched_info`: wakeup (or preemption) to
 /// switch-in, timed with the wakeup mark.
 #[inline(always)]
-fn delay_from_wakeup(s: *mut SchedStats, tid: u32) {
+fn delay_from_wakeup(s: *mut SchedStats, slot: u32, tid: u32) {
     if let Some(since) = RUNNABLE_SINCE.get_ptr(tid) {
         let delay = unsafe { bpf_ktime_get_ns() }.saturating_sub(unsafe { *since });
         let _ = RUNNABLE_SINCE.remove(tid);
-        record_runq_delay(s, delay);
+        record_runq_delay(s, slot, delay);
     }
 }
 
@@ -237,10 +257,10 @@ pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
 
 fn try_wakeup(ctx: &BtfTracePointContext) -> Res {
     let p: *const u8 = ctx.arg(0);
-    if !is_target(task_tgid(p)) {
+    let Some(slot) = target_slot(task_tgid(p)) else {
         return Ok(());
-    }
-    let s = stats().ok_or(NO_MAP)?;
+    };
+    let s = stats(slot)?;
     bump(unsafe { &raw mut (*s).wakeups }, 1);
     bump(unsafe { &raw mut (*s).events }, 1);
     if !delays_from_sched_info() {
@@ -269,23 +289,17 @@ pub fn sched_iter(ctx: *mut core::ffi::c_void) -> i32 {
 
 fn try_iter(ctx: *const *const u8) -> Res {
     // SAFETY: the context is two pointers (checked by the verifier).
-    let (meta, task) = unsafe { (*ctx, *ctx.add(1)) };
-    let live = LIVE.get_ptr_mut(0).ok_or(NO_MAP)?;
-    // SAFETY: map value pointer, valid for this program run.
-    let live = unsafe { &mut *live };
-    // `struct bpf_iter_meta { struct seq_file *seq; u64 session_id; u64 seq_num; }`.
-    // A new session for every run (`seq_num` does not tell the first call:
-    // the final call, with no task, repeats the last object's number).
-    // SAFETY: a BTF-typed pointer; the verifier checks the access.
-    let session: u64 = unsafe { core::ptr::read_volatile(meta.add(8).cast::<u64>()) };
-    if live.session != session {
-        *live = LiveCounters::ZERO;
-        live.session = session;
-        live.now_ns = unsafe { bpf_ktime_get_ns() };
-    }
-    if task.is_null() || !is_target(task_tgid(task)) {
+    let task = unsafe { *ctx.add(1) };
+    if task.is_null() {
         return Ok(());
     }
+    let Some(slot) = target_slot(task_tgid(task)) else {
+        return Ok(());
+    };
+    let live = LIVE.get_ptr_mut(slot).ok_or(NO_MAP)?;
+    // SAFETY: map value pointer, valid for this program run (runs are one
+    // at a time: the loader serialises them).
+    let live = unsafe { &mut *live };
     if task_state(task) & TASK_DEAD != 0 {
         // Counted at its final switch-out, or about to be: the loader's last
         // sample waits for the dying ones.
@@ -321,11 +335,12 @@ fn try_iter(ctx: *const *const u8) -> Res {
         let whole = seq & 1 == 0 && seq == seq_after;
         // `now` on the clock the slice was timed with: the run queue's,
         // through the CPU's latest (clock, rq clock) pair, or the clock.
+        let clock_now = unsafe { bpf_ktime_get_ns() };
         let now = if sl.cal_clock_ns != 0 {
             sl.cal_rq_ns
-                .wrapping_add(live.now_ns.wrapping_sub(sl.cal_clock_ns))
+                .wrapping_add(clock_now.wrapping_sub(sl.cal_clock_ns))
         } else {
-            live.now_ns
+            clock_now
         };
         if !whole {
             live.torn += 1;
@@ -351,7 +366,13 @@ fn try_iter(ctx: *const *const u8) -> Res {
     Ok(())
 }
 
-fn lifecycle(what: LifecycleKind, tid: u32, aux: u32, comm: [u8; COMM_LEN]) -> LifecycleRecord {
+fn lifecycle(
+    what: LifecycleKind,
+    slot: u32,
+    tid: u32,
+    aux: u32,
+    comm: [u8; COMM_LEN],
+) -> LifecycleRecord {
     LifecycleRecord {
         kind: RecordKind::Lifecycle as u32,
         what: what as u32,
@@ -359,6 +380,8 @@ fn lifecycle(what: LifecycleKind, tid: u32, aux: u32, comm: [u8; COMM_LEN]) -> L
         tid,
         aux,
         comm,
+        slot,
+        reserved: 0,
     }
 }
 
@@ -377,9 +400,9 @@ pub fn task_newtask(ctx: BtfTracePointContext) -> i32 {
 fn try_newtask(ctx: &BtfTracePointContext) -> Res {
     let child: *const u8 = ctx.arg(0);
     let tgid = task_tgid(child);
-    if !is_target(tgid) {
+    let Some(slot) = target_slot(tgid) else {
         return Ok(());
-    }
+    };
     let tid = task_tid(child);
     if tid == tgid {
         // A new thread never gets its process's id: this is a new process
@@ -387,18 +410,18 @@ fn try_newtask(ctx: &BtfTracePointContext) -> Res {
         // exited and it was reaped). It is not the target, and nothing with
         // this tgid is from now on. The target existed before the probes
         // (attached to, or forked before them), so this is the only way.
-        if let Some(gone) = TARGET_GONE.get_ptr_mut(0) {
+        if let Some(gone) = TARGET_GONE.get_ptr_mut(slot) {
             // SAFETY: a map value pointer, valid for this program run.
             unsafe { *gone = 1 };
         }
         return Ok(());
     }
-    let s = stats().ok_or(NO_MAP)?;
+    let s = stats(slot)?;
     add(unsafe { &raw mut (*s).events }, 1);
     let (_, parent_tid) = current();
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     emit(
-        &lifecycle(LifecycleKind::ThreadStart, tid, parent_tid, comm),
+        &lifecycle(LifecycleKind::ThreadStart, slot, tid, parent_tid, comm),
         s,
     );
     Ok(())
@@ -414,17 +437,17 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
 
 fn try_exit(_ctx: &BtfTracePointContext) -> Res {
     let (tgid, tid) = current();
-    if !is_target(tgid) {
+    let Some(slot) = target_slot(tgid) else {
         return Ok(());
-    }
-    let s = stats().ok_or(NO_MAP)?;
+    };
+    let s = stats(slot)?;
     add(unsafe { &raw mut (*s).events }, 1);
     add(unsafe { &raw mut (*s).exits_started }, 1);
     if !delays_from_sched_info() {
         let _ = RUNNABLE_SINCE.remove(tid);
     }
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    emit(&lifecycle(LifecycleKind::ThreadExit, tid, 0, comm), s);
+    emit(&lifecycle(LifecycleKind::ThreadExit, slot, tid, 0, comm), s);
     Ok(())
 }
 
@@ -438,15 +461,15 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
 
 fn try_exec(ctx: &BtfTracePointContext) -> Res {
     let (tgid, tid) = current();
-    if !is_target(tgid) {
+    let Some(slot) = target_slot(tgid) else {
         return Ok(());
-    }
+    };
     let old_pid: u64 = ctx.arg(1);
-    let s = stats().ok_or(NO_MAP)?;
+    let s = stats(slot)?;
     add(unsafe { &raw mut (*s).events }, 1);
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     emit(
-        &lifecycle(LifecycleKind::Exec, tid, old_pid as u32, comm),
+        &lifecycle(LifecycleKind::Exec, slot, tid, old_pid as u32, comm),
         s,
     );
     Ok(())
@@ -462,15 +485,15 @@ pub fn task_rename(ctx: BtfTracePointContext) -> i32 {
 
 fn try_rename(ctx: &BtfTracePointContext) -> Res {
     let task: *const u8 = ctx.arg(0);
-    if !is_target(task_tgid(task)) {
+    let Some(slot) = target_slot(task_tgid(task)) else {
         return Ok(());
-    }
+    };
     let tid = task_tid(task);
-    let s = stats().ok_or(NO_MAP)?;
+    let s = stats(slot)?;
     add(unsafe { &raw mut (*s).events }, 1);
     let src: *const u8 = ctx.arg(1);
     let mut comm = [0u8; COMM_LEN];
     let _ = unsafe { bpf_probe_read_kernel_str_bytes(src, &mut comm) };
-    emit(&lifecycle(LifecycleKind::Rename, tid, 0, comm), s);
+    emit(&lifecycle(LifecycleKind::Rename, slot, tid, 0, comm), s);
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The target filter: which thread group is traced, and the kernel struct
-//! field offsets the loader resolved from the kernel's BTF.
+//! The targets: which thread groups are traced, each with its slot in the
+//! per-target maps (`cis490_common::target`), and the kernel struct field
+//! offsets the loader resolved from the kernel's BTF.
 //!
 //! Rust has no CO-RE field relocations, so the loader reads the offsets from
 //! `/sys/kernel/btf/vmlinux` and writes them into these read-only globals
@@ -13,18 +14,30 @@ use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::map,
-    maps::Array,
+    maps::{Array, HashMap},
 };
-use cis490_common::{ThreadCounters, sched::RunDelaySource};
+use cis490_common::{
+    ThreadCounters,
+    sched::RunDelaySource,
+    target::{FILTER_WORDS, filter_bit},
+};
 
-/// `[0]` is set to 1 by the new-task probe when a new process gets the target's
-/// pid: the target is gone and its pid reused. From then on no task matches
-/// the target (`target::is_target`).
+/// The traced thread groups: tgid -> target slot (`cis490_common::target`).
+/// Sized by the loader.
+#[map]
+pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(1, 0);
+
+/// The target filter: a bit per tgid modulo `FILTER_BITS`, set by the
+/// loader for every traced tgid.
+#[map]
+pub static TARGET_FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
+
+/// Per target slot: set to 1 by the new-task probe when a new process gets
+/// the target's pid: the target is gone and its pid reused. From then on no
+/// task matches that slot ([`target_slot`]). Sized by the loader.
 #[map]
 pub static TARGET_GONE: Array<u32> = Array::with_max_entries(1, 0);
 
-#[unsafe(no_mangle)]
-static TARGET_TGID: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static TASK_PID_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
@@ -76,25 +89,39 @@ static RQ_CLOCK_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static RUN_DELAY_SOURCE: Global<u32> = Global::new(0);
 
-/// Whether `tgid` is the traced process. Not once its pid went to a new
-/// process (the new-task probe sets `TARGET_GONE`): the map is looked up only
-/// for a task whose tgid matches, so the hot paths pay nothing for it.
+/// The target slot of thread group `tgid`, if it is traced: the filter
+/// rejects almost every task of the machine with one inlined array load
+/// whatever the number of targets; only a set bit costs the `TARGETS`
+/// lookup. Not once the target's pid went to a new process
+/// (`TARGET_GONE`).
 #[inline(always)]
-pub fn is_target(tgid: u32) -> bool {
-    has_target_tgid(tgid) && !target_gone()
+pub fn target_slot(tgid: u32) -> Option<u32> {
+    let slot = traced_slot(tgid)?;
+    (!target_gone(slot)).then_some(slot)
 }
 
-/// Whether `tgid` is the traced process's id, gone or not (for a program
-/// that tests several tasks: [`target_gone`] then once for all).
+/// The target slot of `tgid`, gone or not (the new-task probe marks a slot
+/// gone).
 #[inline(always)]
-pub fn has_target_tgid(tgid: u32) -> bool {
-    tgid == TARGET_TGID.load()
+pub fn traced_slot(tgid: u32) -> Option<u32> {
+    if !may_be_target(tgid) {
+        return None;
+    }
+    // SAFETY: a copy of the value, read at once.
+    unsafe { TARGETS.get(tgid) }.copied()
 }
 
-/// Whether the target's pid went to a new process (`TARGET_GONE`).
+/// Whether the filter lets `tgid` through (a clear bit: not a target).
 #[inline(always)]
-pub fn target_gone() -> bool {
-    TARGET_GONE.get(0).copied().unwrap_or(0) != 0
+pub fn may_be_target(tgid: u32) -> bool {
+    let (word, bit) = filter_bit(tgid);
+    TARGET_FILTER.get(word).copied().unwrap_or(0) & bit != 0
+}
+
+/// Whether target slot `slot`'s pid went to a new process (`TARGET_GONE`).
+#[inline(always)]
+pub fn target_gone(slot: u32) -> bool {
+    TARGET_GONE.get(slot).copied().unwrap_or(0) != 0
 }
 
 /// Whether the kernel keeps per-thread run-queue delay (`sched_info`).

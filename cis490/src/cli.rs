@@ -391,6 +391,7 @@ impl TraceArgs {
                 ringbuf_bytes: self.ringbuf_kib * 1024,
                 counters,
                 wakeups: self.wakeups,
+                targets: 1,
             },
             labels: self.labels,
             tags: self.tags,

@@ -17,7 +17,8 @@ use cis490_common::{
 };
 
 use super::{
-    maps::{hist_delta, max_of, read_percpu, take},
+    maps::{hist_delta, max_of, open, read_percpu},
+    targets::Slot,
     spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeSpec},
 };
 use crate::{clock::mono_now_ns, row::Measures};
@@ -155,17 +156,20 @@ pub struct BlockReader {
     stats: PerCpuArray<MapData, BlockStats>,
     max: PerCpuArray<MapData, MaxSlot>,
     reqs: HashMap<MapData, u64, ReqStart>,
+    /// The target's slot.
+    slot: u32,
     /// Requests accounted here rather than in the kernel (see `settle`).
     settled: BlockStats,
     prev: BlockStats,
 }
 
 impl BlockReader {
-    pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
+    pub fn new(ebpf: &Ebpf, slot: Slot) -> Result<Self> {
         Ok(Self {
-            stats: take(ebpf, map::BLOCK_STATS)?,
-            max: take(ebpf, map::BLOCK_MAX)?,
-            reqs: take(ebpf, map::REQS)?,
+            stats: open(ebpf, map::BLOCK_STATS)?,
+            max: open(ebpf, map::BLOCK_MAX)?,
+            reqs: open(ebpf, map::REQS)?,
+            slot: slot.index(),
             settled: BlockStats::ZERO,
             prev: BlockStats::ZERO,
         })
@@ -190,7 +194,9 @@ impl BlockReader {
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, r)| {
-                r.issued != 0 && (target_gone || now.saturating_sub(r.ts_ns) > 1_000_000_000)
+                r.slot == self.slot
+                    && r.issued != 0
+                    && (target_gone || now.saturating_sub(r.ts_ns) > 1_000_000_000)
             })
             .collect();
         for (rq, r) in stale {
@@ -213,11 +219,12 @@ impl BlockReader {
         let mut c = read_percpu(
             &self.stats,
             map::BLOCK_STATS,
+            self.slot,
             BlockStats::ZERO,
             BlockStats::accumulate,
         )?;
         c.accumulate(&self.settled);
-        let max = max_of(&self.max, ended).context(map::BLOCK_MAX)?;
+        let max = max_of(&self.max, self.slot, ended).context(map::BLOCK_MAX)?;
         let p = &self.prev;
         let d = |a: u64, b: u64| Some(a.saturating_sub(b));
         m.blk_read_ops = d(c.read_ops, p.read_ops);

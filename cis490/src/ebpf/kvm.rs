@@ -23,7 +23,8 @@ use cis490_common::{
 use crate::sources::SampleCtx;
 
 use super::{
-    maps::{read_percpu, take},
+    maps::{open, read_percpu},
+    targets::Slot,
     spec::{Attacher, FamilyStatus, ProbeKind, ProbeSpec},
 };
 use crate::row::Measures;
@@ -296,6 +297,8 @@ pub fn attach(
 // ---- the reader ----------------------------------------------------------
 
 pub struct KvmReader {
+    /// The target's slot.
+    slot: u32,
     stats: PerCpuArray<MapData, KvmStats>,
     hw: Option<HwExits>,
     userspace: Option<UserspaceExits>,
@@ -315,9 +318,10 @@ fn named(now: &[u64], prev: &[u64], name: impl Fn(usize) -> String) -> BTreeMap<
 }
 
 impl KvmReader {
-    pub fn new(ebpf: &mut Ebpf, attached: Attached) -> Result<Self> {
+    pub fn new(ebpf: &Ebpf, slot: Slot, attached: Attached) -> Result<Self> {
         Ok(Self {
-            stats: take(ebpf, map::KVM_STATS)?,
+            stats: open(ebpf, map::KVM_STATS)?,
+            slot: slot.index(),
             hw: attached.hw,
             userspace: attached.userspace,
             prev: KvmStats::ZERO,
@@ -328,6 +332,7 @@ impl KvmReader {
         let c = read_percpu(
             &self.stats,
             map::KVM_STATS,
+            self.slot,
             KvmStats::ZERO,
             KvmStats::accumulate,
         )?;

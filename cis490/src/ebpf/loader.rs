@@ -14,12 +14,19 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use anyhow::{Result, anyhow, bail};
 use aya::{Ebpf, EbpfLoader};
-use cis490_common::{block::global as block_names, global, map, sched::global as sched_names};
+use cis490_common::{
+    block::{global as block_names, map as block_maps},
+    kvm::map as kvm_maps,
+    map,
+    net::map as net_maps,
+    sched::{global as sched_names, map as sched_maps},
+};
 
 use super::{
     block,
     btf::{self, KernelBtf},
     kvm, net, sched,
+    targets::{Slot, Targets},
     spec::{
         AttachState, Attacher, FamilyStatus, KernelFacts, NOT_ASKED, OffsetSpec, ProbeKind,
         ProbeSpec, ProbeStatus,
@@ -118,6 +125,8 @@ pub struct Options {
     /// program on every wakeup of the machine. Without it the program runs
     /// only where single run-queue delays are timed from the wakeup.
     pub wakeups: bool,
+    /// Target slots in the per-target maps: 1 for a standalone trace.
+    pub targets: u32,
 }
 
 impl Default for Options {
@@ -127,9 +136,25 @@ impl Default for Options {
             ringbuf_bytes: cis490_common::RINGBUF_BYTES,
             counters: true,
             wakeups: false,
+            targets: 1,
         }
     }
 }
+
+/// The maps with entries per target slot, and how many entries a slot has
+/// (the loader sizes them for the number of targets).
+const PER_TARGET_MAPS: &[(&str, u32)] = &[
+    (map::TARGETS, 1),
+    (map::TARGET_GONE, 1),
+    (map::EPOCH, 1),
+    (sched_maps::SCHED_STATS, 1),
+    (sched_maps::LIVE, 1),
+    (sched_maps::RUNQ_MAX, 2),
+    (block_maps::BLOCK_STATS, 1),
+    (block_maps::BLOCK_MAX, 2),
+    (net_maps::NET_STATS, 1),
+    (kvm_maps::KVM_STATS, 1),
+];
 
 /// Per-family decisions taken before the object is loaded (they become
 /// read-only globals).
@@ -140,6 +165,8 @@ pub struct Plan {
     pub net: net::NetPlan,
     pub kvm: Result<kvm::KvmFormat, String>,
     pub ringbuf_bytes: u32,
+    /// Target slots (see [`Options::targets`]).
+    pub targets: u32,
 }
 
 impl Plan {
@@ -166,6 +193,7 @@ impl Plan {
             net,
             kvm,
             ringbuf_bytes: opts.ringbuf_bytes,
+            targets: opts.targets.max(1),
         }
     }
 
@@ -186,6 +214,10 @@ impl Plan {
 /// The loaded object and what became of each probe and family.
 pub struct Probes {
     pub ebpf: Ebpf,
+    /// The traced thread groups.
+    pub targets: Targets,
+    /// The slot of the target given to [`Probes::load_and_attach`].
+    pub slot: Slot,
     pub status: Vec<ProbeStatus>,
     pub families: Vec<FamilyStatus>,
     /// What each attached family hands to its reader (taken by
@@ -228,15 +260,19 @@ impl Probes {
             .map(|(g, o)| (g.as_ref(), o.unwrap_or(0)))
             .collect();
         let globals = plan.globals();
-        loader
-            .map_max_entries(map::RECORDS, plan.ringbuf_bytes)
-            .override_global(global::TARGET_TGID, &tgid, true);
+        loader.map_max_entries(map::RECORDS, plan.ringbuf_bytes);
+        for (name, per_slot) in PER_TARGET_MAPS {
+            loader.map_max_entries(name, per_slot * plan.targets);
+        }
         for (name, value) in offsets.iter().chain(globals.iter()) {
             loader.override_global(name, value, true);
         }
         let ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| anyhow!("cannot load the eBPF object: {e}"))?;
+        // The target before any program attaches: none misses its start.
+        let mut targets = Targets::new(&ebpf, plan.targets)?;
+        let slot = targets.add(tgid)?;
         let mut a = Attacher {
             ebpf,
             btf,
@@ -256,6 +292,8 @@ impl Probes {
         release_freed_memory();
         Ok(Self {
             ebpf,
+            targets,
+            slot,
             status,
             families,
             handoff: Handoff {
@@ -335,7 +373,6 @@ mod tests {
                 gateway::prog::ALL,
             ],
             _ => &[
-                global::ALL,
                 sched::global::ALL,
                 block::global::ALL,
                 net::global::ALL,
@@ -390,8 +427,7 @@ mod tests {
     /// list is a global of the object.
     #[test]
     fn every_global_of_the_object_is_set() {
-        let plan_globals: BTreeSet<&str> = [global::TARGET_TGID]
-            .into_iter()
+        let plan_globals: BTreeSet<&str> = std::iter::empty()
             .chain(
                 Plan {
                     sched: super::sched::SchedPlan {
@@ -406,6 +442,7 @@ mod tests {
                     },
                     kvm: Err(String::new()),
                     ringbuf_bytes: 0,
+                    targets: 1,
                 }
                 .globals()
                 .into_iter()

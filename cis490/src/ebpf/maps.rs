@@ -1,41 +1,64 @@
-//! Reading the loaded object's maps: taking one out by name, summing a
+//! Reading the loaded object's maps: opening one by name, summing a
 //! per-CPU value, a per-bucket maximum, histogram deltas.
 
-use anyhow::{Context as _, Result, anyhow};
+use std::os::fd::AsFd as _;
+
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray},
+    maps::{Map, MapData, MapError, PerCpuArray},
 };
 use cis490_common::{HIST_BUCKETS, MaxSlot};
 
-/// Takes a map out of the loaded object.
-pub(super) fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    ebpf: &mut Ebpf,
-    name: &str,
-) -> Result<T> {
+/// A handle of its own on one of the loaded object's maps (a duplicate of
+/// the object's file descriptor): every reader of every episode holds its
+/// own, and the object keeps its maps.
+pub(super) fn open<T: TryFrom<Map, Error = MapError>>(ebpf: &Ebpf, name: &str) -> Result<T> {
     let map = ebpf
-        .take_map(name)
+        .map(name)
         .ok_or_else(|| anyhow!("map {name} not in the eBPF object"))?;
-    T::try_from(map).with_context(|| format!("map {name}"))
+    let dup = |d: &MapData| -> Result<MapData> {
+        let fd = d
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .with_context(|| format!("cannot duplicate map {name}'s descriptor"))?;
+        MapData::from_fd(fd).with_context(|| format!("map {name}"))
+    };
+    let own = match map {
+        Map::Array(d) => Map::Array(dup(d)?),
+        Map::PerCpuArray(d) => Map::PerCpuArray(dup(d)?),
+        Map::HashMap(d) => Map::HashMap(dup(d)?),
+        Map::LruHashMap(d) => Map::LruHashMap(dup(d)?),
+        Map::RingBuf(d) => Map::RingBuf(dup(d)?),
+        _ => bail!("map {name}: a kind of map cis490 does not read"),
+    };
+    T::try_from(own).with_context(|| format!("map {name}"))
 }
 
-/// Sums a per-CPU value over all CPUs.
+/// Sums a per-CPU value (entry `key`: a target slot) over all CPUs.
 pub(super) fn read_percpu<T: aya::Pod>(
     map: &PerCpuArray<MapData, T>,
     name: &str,
+    key: u32,
     mut acc: T,
     add: impl Fn(&mut T, &T),
 ) -> Result<T> {
-    for v in map.get(&0, 0).with_context(|| name.to_owned())?.iter() {
+    for v in map.get(&key, 0).with_context(|| name.to_owned())?.iter() {
         add(&mut acc, v);
     }
     Ok(acc)
 }
 
-/// The largest value recorded for bucket epoch `ended` on any CPU.
-pub(super) fn max_of(slots: &PerCpuArray<MapData, MaxSlot>, ended: u64) -> Result<Option<u64>> {
+/// The largest value recorded for target slot `slot`'s bucket epoch
+/// `ended` on any CPU.
+pub(super) fn max_of(
+    slots: &PerCpuArray<MapData, MaxSlot>,
+    slot: u32,
+    ended: u64,
+) -> Result<Option<u64>> {
     Ok(slots
-        .get(&((ended & 1) as u32), 0)?
+        .get(&(2 * slot + (ended & 1) as u32), 0)?
         .iter()
         .filter(|m| m.epoch == ended)
         .map(|m| m.max_ns)

@@ -22,17 +22,19 @@ mod net;
 mod records;
 mod sched;
 mod spec;
+mod targets;
 
 pub use block::PathChoice as BlockPathChoice;
 pub use loader::{Options, Plan, Probes};
 pub use records::{Record, RecordStream};
 pub use spec::{AttachState, FamilyStatus, KernelFacts, ProbeKind, ProbeStatus};
+pub use targets::{Slot, Targets};
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, MapData};
 use cis490_common::{SchedStats, map};
 
-use self::maps::take;
+use self::maps::open;
 
 use crate::{
     row::{Measures, SourceKind},
@@ -40,9 +42,10 @@ use crate::{
     taps::Tap,
 };
 
-/// The bucket epoch the programs tag per-bucket maxima with.
+/// The bucket epoch the programs tag a target's per-bucket maxima with.
 struct Epoch {
     map: Array<MapData, u64>,
+    slot: u32,
     current: u64,
 }
 
@@ -51,7 +54,7 @@ impl Epoch {
     fn advance(&mut self) -> Result<u64> {
         let ended = self.current;
         self.current += 1;
-        self.map.set(0, self.current, 0).context(map::EPOCH)?;
+        self.map.set(self.slot, self.current, 0).context(map::EPOCH)?;
         Ok(ended)
     }
 }
@@ -69,30 +72,32 @@ impl EbpfSource {
     /// The scheduler family's name in meta.json (`families`).
     pub const SCHED_FAMILY: &'static str = sched::FAMILY;
 
-    /// Takes the maps out of the loaded object and takes a first baseline.
-    /// Call [`Self::rebase`] once every CPU has switched since (so a thread
-    /// running at attach has its slice recorded).
+    /// Opens the maps of the standalone target's slot and takes a first
+    /// baseline. Call [`Self::rebase`] once every CPU has switched since (so
+    /// a thread running at attach has its slice recorded).
     pub fn new(probes: &mut Probes, pid: i32) -> Result<Self> {
+        let slot = probes.slot;
         let epoch = Epoch {
-            map: take(&mut probes.ebpf, map::EPOCH)?,
+            map: open(&probes.ebpf, map::EPOCH)?,
+            slot: slot.index(),
             current: 0,
         };
         let handoff = &mut probes.handoff;
-        let ebpf = &mut probes.ebpf;
+        let ebpf = &probes.ebpf;
         let sched = match handoff.sched.take() {
-            Some(attached) => sched::SchedReader::new(ebpf, attached)?,
+            Some(attached) => sched::SchedReader::new(ebpf, slot, attached)?,
             None => bail!("the scheduler's task iterator is not attached"),
         };
         let block = match handoff.block.take() {
-            Some(_) => Some(block::BlockReader::new(ebpf)?),
+            Some(_) => Some(block::BlockReader::new(ebpf, slot)?),
             None => None,
         };
         let net = match handoff.net.take() {
-            Some(attached) => Some(net::NetReader::new(ebpf, pid, attached)?),
+            Some(attached) => Some(net::NetReader::new(ebpf, slot, pid, attached)?),
             None => None,
         };
         let kvm = match handoff.kvm.take() {
-            Some(attached) => Some(kvm::KvmReader::new(ebpf, attached)?),
+            Some(attached) => Some(kvm::KvmReader::new(ebpf, slot, attached)?),
             None => None,
         };
         let mut src = Self {

@@ -14,14 +14,15 @@ use aya::{
 };
 use cis490_common::{
     IfStats, NetStats,
-    net::{MAX_IFS, SOCKET_SLOT, global, if_key, ifindex_bit, map, prog},
+    net::{MAX_IFS, SOCKET_SLOT, global, if_key, ifindex_bit, map, prog, tap_value},
 };
 
 use crate::sources::SampleCtx;
 
 use super::{
-    maps::{read_percpu, take},
+    maps::{open, read_percpu},
     spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeSpec},
+    targets::Slot,
 };
 use crate::{
     row::{Measures, NetCounters},
@@ -183,6 +184,8 @@ pub fn attach(a: &mut Attacher<'_>, plan: &NetPlan) -> (FamilyStatus, Option<Att
 
 pub struct NetReader {
     pid: i32,
+    /// The target's slot.
+    target: u32,
     stats: PerCpuArray<MapData, NetStats>,
     tap_ifs: HashMap<MapData, u64, u32>,
     /// The probes' ifindex filter: a bit for every registered tap.
@@ -191,6 +194,9 @@ pub struct NetReader {
     sockets_on: bool,
     /// Interface name of each slot in use, in slot order.
     slots: Vec<String>,
+    /// Their `TAP_IFS` keys, removed when the reader goes (the slot may
+    /// go to another target).
+    keys: Vec<u64>,
     new_taps: Vec<Tap>,
     prev: NetStats,
 }
@@ -206,15 +212,17 @@ fn delta(now: &IfStats, prev: &IfStats) -> NetCounters {
 }
 
 impl NetReader {
-    pub fn new(ebpf: &mut Ebpf, pid: i32, attached: Attached) -> Result<Self> {
+    pub fn new(ebpf: &Ebpf, slot: Slot, pid: i32, attached: Attached) -> Result<Self> {
         Ok(Self {
             pid,
-            stats: take(ebpf, map::NET_STATS)?,
-            tap_ifs: take(ebpf, map::TAP_IFS)?,
-            tap_ifindexes: take(ebpf, map::TAP_IFINDEXES)?,
+            target: slot.index(),
+            stats: open(ebpf, map::NET_STATS)?,
+            tap_ifs: open(ebpf, map::TAP_IFS)?,
+            tap_ifindexes: open(ebpf, map::TAP_IFINDEXES)?,
             taps_on: attached.taps,
             sockets_on: attached.sockets,
             slots: Vec::new(),
+            keys: Vec::new(),
             new_taps: Vec::new(),
             prev: NetStats::ZERO,
         })
@@ -262,12 +270,11 @@ impl NetReader {
                 log::warn!("cannot count tap {}: {e}", tap.name);
                 continue;
             }
-            match self
-                .tap_ifs
-                .insert(if_key(tap.netns_inum, tap.ifindex), slot, 0)
-            {
+            let key = if_key(tap.netns_inum, tap.ifindex);
+            match self.tap_ifs.insert(key, tap_value(self.target, slot), 0) {
                 Ok(()) => {
                     self.slots.push(tap.name.clone());
+                    self.keys.push(key);
                     self.new_taps.push(tap);
                 }
                 Err(e) => log::warn!("cannot count tap {}: {e}", tap.name),
@@ -282,6 +289,7 @@ impl NetReader {
         let c = read_percpu(
             &self.stats,
             map::NET_STATS,
+            self.target,
             NetStats::ZERO,
             NetStats::accumulate,
         )?;
@@ -298,5 +306,15 @@ impl NetReader {
         m.set_net(Some(by_if));
         self.prev = c;
         Ok(())
+    }
+}
+
+impl Drop for NetReader {
+    /// The target's taps are no longer counted for its slot. (Their filter
+    /// bits stay: a bit is a filter, not the answer.)
+    fn drop(&mut self) {
+        for key in &self.keys {
+            let _ = self.tap_ifs.remove(key);
+        }
     }
 }

@@ -6,7 +6,7 @@ use aya::maps::{MapData, RingBuf};
 use cis490_common::{LifecycleRecord, RecordKind, map, record::record_kind};
 use tokio::io::unix::AsyncFd;
 
-use super::{Probes, maps::take};
+use super::{Probes, maps::open};
 
 /// A decoded ring-buffer record.
 #[derive(Clone, Debug)]
@@ -22,8 +22,8 @@ pub struct RecordStream {
 }
 
 impl RecordStream {
-    pub fn new(probes: &mut Probes) -> Result<Self> {
-        let ring: RingBuf<MapData> = take(&mut probes.ebpf, map::RECORDS)?;
+    pub fn new(probes: &Probes) -> Result<Self> {
+        let ring: RingBuf<MapData> = open(&probes.ebpf, map::RECORDS)?;
         Ok(Self {
             ring: crate::fdwatch::readable(ring)
                 .context("registering the ring buffer with the event loop")?,

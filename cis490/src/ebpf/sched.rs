@@ -14,11 +14,13 @@ use aya::{
 };
 use cis490_common::{
     LiveCounters, MaxSlot, SchedStats,
+    map as common_map,
     sched::{RunDelaySource, global, map, prog},
 };
 
 use super::{
-    maps::{hist_delta, max_of, read_percpu, take},
+    maps::{hist_delta, max_of, open, read_percpu},
+    targets::Slot,
     spec::{
         Attacher, FamilyStatus, KernelFacts, OffsetSpec,
         ProbeKind::{Iter, TpBtf},
@@ -401,6 +403,8 @@ impl Totals {
 }
 
 pub struct SchedReader {
+    /// The target's slot.
+    slot: u32,
     stats: PerCpuArray<MapData, SchedStats>,
     live: Array<MapData, LiveCounters>,
     iter_link: OwnedFd,
@@ -424,7 +428,7 @@ pub struct SchedReader {
 }
 
 impl SchedReader {
-    pub fn new(ebpf: &mut Ebpf, attached: Attached) -> Result<Self> {
+    pub fn new(ebpf: &Ebpf, slot: Slot, attached: Attached) -> Result<Self> {
         let Attached {
             iter_link,
             plan:
@@ -435,13 +439,14 @@ impl SchedReader {
                 },
         } = attached;
         Ok(Self {
-            stats: take(ebpf, map::SCHED_STATS)?,
-            live: take(ebpf, map::LIVE)?,
+            slot: slot.index(),
+            stats: open(ebpf, map::SCHED_STATS)?,
+            live: open(ebpf, map::LIVE)?,
             iter_link,
-            runq_max: take(ebpf, map::RUNQ_MAX)?,
+            runq_max: open(ebpf, map::RUNQ_MAX)?,
             run_delay: run_delay != RunDelaySource::WakeupMarks,
             prev: None,
-            gone: take(ebpf, map::TARGET_GONE)?,
+            gone: open(ebpf, common_map::TARGET_GONE)?,
             blind: None,
             counters,
             torn: 0,
@@ -456,10 +461,7 @@ impl SchedReader {
     /// read and the fields that need them are `null` from the first row.
     /// Returns the reason when blind.
     pub fn check_visible(&mut self, pid: i32) -> Option<String> {
-        let threads = task_iter::run(self.iter_link.as_fd())
-            .ok()
-            .and_then(|()| self.live.get(&0, 0).ok())
-            .map(|l| l.threads + l.dying);
+        let threads = self.live().ok().map(|l| l.threads + l.dying);
         let in_proc = crate::target::thread_ids(pid).map_or(0, |t| t.len());
         if threads == Some(0) && in_proc > 0 {
             self.blind = Some(format!(
@@ -474,7 +476,7 @@ impl SchedReader {
     /// Whether a new process got the target's pid (after the target ended)
     /// while tracing; the probes stopped matching anything then.
     pub fn target_pid_reused(&self) -> bool {
-        self.gone.get(&0, 0).is_ok_and(|v| v != 0)
+        self.gone.get(&self.slot, 0).is_ok_and(|v| v != 0)
     }
 
     /// Once the target has exited: waits (at most `limit`) until every
@@ -489,20 +491,21 @@ impl SchedReader {
     /// cannot tell that one is still to come: the probes also count the
     /// exits that began (`sched_process_exit`) and the final switch-outs
     /// accounted, and the wait lasts until the two are equal too.
-    pub fn wait_for_final_switches(&self, limit: std::time::Duration) {
+    pub fn wait_for_final_switches(&mut self, limit: std::time::Duration) {
         if !self.counters {
             return;
         }
         let t0 = std::time::Instant::now();
         let mut pending = None;
         while t0.elapsed() < limit {
-            let live_settled = task_iter::run(self.iter_link.as_fd())
+            let live_settled = self
+                .live()
                 .ok()
-                .and_then(|()| self.live.get(&0, 0).ok())
                 .is_none_or(|l| l.threads == 0 && l.dying == 0);
             let exits = read_percpu(
                 &self.stats,
                 map::SCHED_STATS,
+                self.slot,
                 SchedStats::ZERO,
                 SchedStats::accumulate,
             )
@@ -521,13 +524,27 @@ impl SchedReader {
         );
     }
 
+    /// One run of the task iterator over the target's live threads: its
+    /// `LIVE` entry zeroed, the run, the entry read. Runs are one at a time
+    /// in a process (a server's episodes share the entries; where the
+    /// kernel cannot filter by pid a run visits every target's threads).
+    fn live(&mut self) -> Result<LiveCounters> {
+        static RUNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = RUNS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.live
+            .set(self.slot, LiveCounters::ZERO, 0)
+            .context(map::LIVE)?;
+        task_iter::run(self.iter_link.as_fd()).context("running the task iterator")?;
+        self.live.get(&self.slot, 0).context(map::LIVE)
+    }
+
     /// Cumulative event counters so far (for meta.json and progress).
     pub fn totals(&self) -> &SchedStats {
         static ZERO: SchedStats = SchedStats::ZERO;
         self.prev.as_ref().map_or(&ZERO, |p| &p.stats)
     }
 
-    fn read(&self) -> Result<Totals> {
+    fn read(&mut self) -> Result<Totals> {
         // The exited threads first, then the live ones: a thread that exits
         // in between is then missing for one sample (caught up by the next),
         // never counted twice (the iterator skips a thread from the moment
@@ -536,11 +553,11 @@ impl SchedReader {
         let stats = read_percpu(
             &self.stats,
             map::SCHED_STATS,
+            self.slot,
             SchedStats::ZERO,
             SchedStats::accumulate,
         )?;
-        task_iter::run(self.iter_link.as_fd()).context("running the task iterator")?;
-        let live = self.live.get(&0, 0).context(map::LIVE)?;
+        let live = self.live()?;
         Ok(Totals {
             stats,
             cpu_ns: stats.dead_runtime_ns.wrapping_add(live.runtime_ns),
@@ -567,7 +584,7 @@ impl SchedReader {
     pub fn sample(&mut self, ended: u64, m: &mut Measures) -> Result<()> {
         let cur = self.read()?;
         self.torn += cur.torn;
-        let max = max_of(&self.runq_max, ended).context(map::RUNQ_MAX)?;
+        let max = max_of(&self.runq_max, self.slot, ended).context(map::RUNQ_MAX)?;
         let Some(prev) = self.prev else {
             // The baseline.
             self.prev = Some(cur);

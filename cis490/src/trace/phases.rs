@@ -137,7 +137,7 @@ impl<'a> Run<'a> {
                 );
             }
         }
-        let records = RecordStream::new(&mut probes)?;
+        let records = RecordStream::new(&probes)?;
         target.check_same_process()?;
 
         let mut ebpf = EbpfSource::new(&mut probes, pid)?;

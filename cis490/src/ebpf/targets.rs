@@ -1,0 +1,112 @@
+//! The traced thread groups and their slots in the per-target maps
+//! (`cis490_common::target`): the loader's side of `TARGETS`, the target
+//! filter, `TARGET_GONE` and `EPOCH`. A standalone trace has one slot; a
+//! server as many as `--max-targets`, each given to an episode and taken
+//! back when it ends.
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData},
+};
+use cis490_common::{
+    map,
+    target::filter_bit,
+};
+
+use super::maps::open;
+
+/// A target's slot: the index of its entries in every per-target map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot(pub(super) u32);
+
+impl Slot {
+    pub fn index(self) -> u32 {
+        self.0
+    }
+}
+
+/// The table of traced thread groups, kept in the kernel's maps.
+pub struct Targets {
+    map: HashMap<MapData, u32, u32>,
+    filter: Array<MapData, u64>,
+    gone: Array<MapData, u32>,
+    epoch: Array<MapData, u64>,
+    /// The tgid in each slot, if any.
+    tgids: Vec<Option<u32>>,
+}
+
+impl Targets {
+    /// The table of a loaded object with `slots` slots per target map.
+    pub fn new(ebpf: &Ebpf, slots: u32) -> Result<Self> {
+        Ok(Self {
+            map: open(ebpf, map::TARGETS)?,
+            filter: open(ebpf, map::TARGET_FILTER)?,
+            gone: open(ebpf, map::TARGET_GONE)?,
+            epoch: open(ebpf, map::EPOCH)?,
+            tgids: vec![None; slots as usize],
+        })
+    }
+
+    /// Traces thread group `tgid` from now on, in a free slot: its
+    /// pid-reuse flag and epoch reset first, then its entry, then its filter
+    /// bit (so no program sees a half-made target).
+    pub fn add(&mut self, tgid: u32) -> Result<Slot> {
+        if self.tgids.contains(&Some(tgid)) {
+            bail!("pid {tgid} is traced already");
+        }
+        let Some(i) = self.tgids.iter().position(Option::is_none) else {
+            bail!(
+                "{} targets are traced already (the most this tracer takes)",
+                self.tgids.len()
+            );
+        };
+        let slot = i as u32;
+        self.gone.set(slot, 0, 0).context(map::TARGET_GONE)?;
+        self.epoch.set(slot, 0, 0).context(map::EPOCH)?;
+        self.map.insert(tgid, slot, 0).context(map::TARGETS)?;
+        let (word, bit) = filter_bit(tgid);
+        let w = self.filter.get(&word, 0).context(map::TARGET_FILTER)?;
+        self.filter
+            .set(word, w | bit, 0)
+            .context(map::TARGET_FILTER)?;
+        self.tgids[i] = Some(tgid);
+        Ok(Slot(slot))
+    }
+
+    /// Stops tracing the thread group in `slot` and frees the slot. Its
+    /// filter bit stays set while another target shares it.
+    pub fn remove(&mut self, slot: Slot) -> Result<()> {
+        let Some(tgid) = self.tgids.get_mut(slot.0 as usize).and_then(Option::take) else {
+            return Ok(());
+        };
+        let (word, bit) = filter_bit(tgid);
+        let shared = self
+            .tgids
+            .iter()
+            .flatten()
+            .any(|&t| filter_bit(t) == (word, bit));
+        if !shared {
+            let w = self.filter.get(&word, 0).context(map::TARGET_FILTER)?;
+            self.filter
+                .set(word, w & !bit, 0)
+                .context(map::TARGET_FILTER)?;
+        }
+        // Only the loader adds and removes entries.
+        self.map.remove(&tgid).context(map::TARGETS)
+    }
+
+    /// The thread group traced in `slot`.
+    pub fn tgid(&self, slot: Slot) -> Option<u32> {
+        self.tgids.get(slot.0 as usize).copied().flatten()
+    }
+
+    /// Targets traced now.
+    pub fn len(&self) -> usize {
+        self.tgids.iter().flatten().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
