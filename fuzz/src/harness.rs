@@ -37,6 +37,8 @@ fn encode(r: &LifecycleRecord) -> [u8; RECORD_LEN] {
     out[16..20].copy_from_slice(&r.tid.to_le_bytes());
     out[20..24].copy_from_slice(&r.aux.to_le_bytes());
     out[24..24 + COMM_LEN].copy_from_slice(&r.comm);
+    out[24 + COMM_LEN..28 + COMM_LEN].copy_from_slice(&r.slot.to_le_bytes());
+    out[28 + COMM_LEN..32 + COMM_LEN].copy_from_slice(&r.reserved.to_le_bytes());
     out
 }
 
@@ -108,7 +110,9 @@ pub fn record(data: &[u8]) {
         ts_ns: u64::from_le_bytes(b[8..16].try_into().unwrap()),
         tid: le32(&b[16..]),
         aux: le32(&b[20..]),
-        comm: b[24..].try_into().unwrap(),
+        comm: b[24..24 + COMM_LEN].try_into().unwrap(),
+        slot: le32(&b[24 + COMM_LEN..]),
+        reserved: le32(&b[28 + COMM_LEN..]),
     };
     let bytes = encode(&x);
     assert_eq!(memory_bytes(&x), bytes);
