@@ -29,6 +29,8 @@ pub enum EndReason {
     Signal,
     /// `stop` on the control socket.
     Control,
+    /// The `cis490 trace --server` client went away.
+    ClientGone,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
@@ -195,6 +197,7 @@ impl EndReason {
             EndReason::Duration => "duration",
             EndReason::Signal => "signal",
             EndReason::Control => "control",
+            EndReason::ClientGone => "client_gone",
         }
     }
 }
