@@ -52,7 +52,6 @@ names! {
     }
 }
 
-
 pub mod block;
 pub mod gateway;
 pub mod kvm;

@@ -28,8 +28,8 @@ use cis490_common::{
 use crate::{
     maps::{add, bump, bump_hist, emit, raise_max},
     target::{
-        TARGET_GONE, arrival_delay, current, delays_from_sched_info, has_run_delay,
-        rq_clock, target_slot, target_slot_cached, task_counters, task_cpu, task_on_cpu, task_runtime,
+        TARGET_GONE, arrival_delay, current, delays_from_sched_info, has_run_delay, rq_clock,
+        target_slot, target_slot_cached, task_counters, task_cpu, task_on_cpu, task_runtime,
         task_state, task_tgid, task_tid,
     },
 };

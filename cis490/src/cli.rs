@@ -450,14 +450,16 @@ impl TraceArgs {
     /// Parses `cis490 trace`'s arguments (without `cis490 trace`); the
     /// error is clap's first line.
     pub fn parse_args(args: &[String]) -> Result<Self, String> {
-        TraceOnly::try_parse_from(args).map(|t| t.args).map_err(|e| {
-            let text = e.to_string();
-            text.lines()
-                .next()
-                .unwrap_or("bad arguments")
-                .trim_start_matches("error: ")
-                .to_owned()
-        })
+        TraceOnly::try_parse_from(args)
+            .map(|t| t.args)
+            .map_err(|e| {
+                let text = e.to_string();
+                text.lines()
+                    .next()
+                    .unwrap_or("bad arguments")
+                    .trim_start_matches("error: ")
+                    .to_owned()
+            })
     }
 
     pub fn into_config(self, argv: Vec<String>) -> TraceConfig {

@@ -143,11 +143,15 @@ pub fn check_path(path: &Path) -> Result<()> {
 /// then set again); a socket left at the path by an earlier run is
 /// replaced. The path is checked as [`check_path`] does.
 pub fn listen_private(path: &Path, flag: &str) -> Result<UnixListener> {
-    check_path(path).map_err(|e| anyhow::anyhow!("{}", e.to_string().replacen("--control", flag, 1)))?;
+    check_path(path)
+        .map_err(|e| anyhow::anyhow!("{}", e.to_string().replacen("--control", flag, 1)))?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt as _;
         if !meta.file_type().is_socket() {
-            bail!("{flag} {}: the path exists and is not a socket", path.display());
+            bail!(
+                "{flag} {}: the path exists and is not a socket",
+                path.display()
+            );
         }
         // A socket left by an earlier run.
         std::fs::remove_file(path)?;

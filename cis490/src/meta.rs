@@ -271,10 +271,24 @@ pub struct TracerUsage {
 }
 
 impl TracerUsage {
+    /// The tracer process's.
     pub fn now() -> Self {
+        Self::of(libc::RUSAGE_SELF)
+    }
+
+    /// A server's episode: the CPU time of the calling thread (the
+    /// episode's event loop) and the server's peak memory.
+    pub fn now_for_thread() -> Self {
+        Self {
+            max_rss_kib: Self::now().max_rss_kib,
+            ..Self::of(libc::RUSAGE_THREAD)
+        }
+    }
+
+    fn of(who: libc::c_int) -> Self {
         // SAFETY: getrusage fills a zeroed struct.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        unsafe { libc::getrusage(who, &mut ru) };
         let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
         Self {
             max_rss_kib: ru.ru_maxrss as u64,

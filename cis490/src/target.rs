@@ -252,7 +252,11 @@ impl Target {
         let r = self.remote.as_ref()?;
         let t0 = std::time::Instant::now();
         loop {
-            if let Some(e) = *r.exit.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            if let Some(e) = *r
+                .exit
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+            {
                 return Some(e);
             }
             if t0.elapsed() > std::time::Duration::from_secs(2) {

@@ -222,7 +222,10 @@ fn three_overlapping_episodes_are_each_exact() {
 
     // Each episode its own grid, from its own start.
     let (s1, s2, s3) = (start_ns(&cpu), start_ns(&dio), start_ns(&tap));
-    assert!(s2 >= s1 + 300_000_000 && s3 >= s2 + 300_000_000, "{s1} {s2} {s3}");
+    assert!(
+        s2 >= s1 + 300_000_000 && s3 >= s2 + 300_000_000,
+        "{s1} {s2} {s3}"
+    );
     assert_eq!(cpu.meta["interval_ns"], 100_000_000);
     assert_eq!(dio.meta["interval_ns"], 50_000_000);
     assert_eq!(tap.meta["interval_ns"], 20_000_000);
@@ -234,7 +237,10 @@ fn three_overlapping_episodes_are_each_exact() {
     }
     // The episodes overlapped, and ended at their own times.
     let end = |ep: &Episode| ep.meta["end"]["t_mono_ns"].as_u64().unwrap();
-    assert!(end(&cpu) > s3 && end(&dio) > s3, "the episodes did not overlap");
+    assert!(
+        end(&cpu) > s3 && end(&dio) > s3,
+        "the episodes did not overlap"
+    );
     assert_ne!(end(&cpu), end(&dio));
 
     // 1: CPU against the workload's own clock at its exit, and the oracle.
@@ -289,7 +295,10 @@ fn three_overlapping_episodes_are_each_exact() {
             .sum()
     };
     assert_eq!(by_if("tx_bytes"), truth["bytes_written"].as_u64().unwrap());
-    assert_eq!(by_if("tx_packets"), truth["frames_written"].as_u64().unwrap());
+    assert_eq!(
+        by_if("tx_packets"),
+        truth["frames_written"].as_u64().unwrap()
+    );
     assert_eq!(by_if("tx_packets"), 1500);
     for ep in [&cpu, &dio] {
         assert!(
@@ -304,7 +313,11 @@ fn three_overlapping_episodes_are_each_exact() {
     assert_eq!(tap.sum("ebpf", "blk_write_bytes"), 0);
     drop(ns);
     let out = server.stop(libc::SIGTERM);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A client killed mid-run ends its episode only, as `client_gone`, and
@@ -325,7 +338,11 @@ fn a_killed_client_and_an_exiting_target_end_their_own_episodes_only() {
         .spawn()
         .unwrap();
     wait_for_file(&a_json.with_extension("json.ready"), T);
-    let a = spawn_piped(server.trace(&a_dir).args(["--target-pid", &a_wl.id().to_string()]));
+    let a = spawn_piped(
+        server
+            .trace(&a_dir)
+            .args(["--target-pid", &a_wl.id().to_string()]),
+    );
     let a_ep = started(&a_dir);
     // B: a spawned command that exits after 600 ms of work.
     let b_stamp = b_dir.join("exit.json");
@@ -425,7 +442,10 @@ fn a_full_server_and_bad_requests_get_clear_errors_on_that_client_only() {
     let out = run_with_timeout(server.trace(&b_dir).args(["--", "true"]), T);
     assert!(!out.status.success());
     let e = first_error(&out);
-    assert!(e.contains("traces 1 targets already") && e.contains("--max-targets 1"), "{e}");
+    assert!(
+        e.contains("traces 1 targets already") && e.contains("--max-targets 1"),
+        "{e}"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
     // The episode directory it made holds no done.marker.
     assert_eq!(done_markers(&b_dir.join("data")), 0);
@@ -436,7 +456,10 @@ fn a_full_server_and_bad_requests_get_clear_errors_on_that_client_only() {
             .args(["--wakeups", "--target-pid", &sleeper.id().to_string()]),
         T,
     );
-    assert!(first_error(&out).contains("cis490 serve --wakeups"), "{out:?}");
+    assert!(
+        first_error(&out).contains("cis490 serve --wakeups"),
+        "{out:?}"
+    );
     let out = run_with_timeout(
         server.trace(&b_dir).args([
             "--gateway-if",
@@ -458,10 +481,7 @@ fn a_full_server_and_bad_requests_get_clear_errors_on_that_client_only() {
     let a = Episode::from_output(&wait_output(a, T));
     assert_eq!(a.dir, a_ep);
     assert_eq!(a.meta["end_reason"], "signal");
-    assert_eq!(
-        a.events_named("signal").next().unwrap()["signal"],
-        "SIGINT"
-    );
+    assert_eq!(a.events_named("signal").next().unwrap()["signal"], "SIGINT");
     assert_check_passes(&a.dir);
     let _ = sleeper.kill();
     let _ = sleeper.wait();
@@ -492,7 +512,10 @@ fn only_root_may_use_the_server() {
     let old = unsafe { libc::umask(0) };
     let server = Server::start(&dir, &[]);
     unsafe { libc::umask(old) };
-    let mode = std::fs::metadata(&server.socket).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&server.socket)
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     // SAFETY: the closure only calls setgid/setuid (async-signal-safe).
     let as_nobody = |c: &mut Command| unsafe {
@@ -509,7 +532,10 @@ fn only_root_may_use_the_server() {
     as_nobody(&mut c);
     let out = run_with_timeout(&mut c, T);
     let e = first_error(&out);
-    assert!(e.contains("cannot reach the cis490 server") && e.contains("denied"), "{e}");
+    assert!(
+        e.contains("cannot reach the cis490 server") && e.contains("denied"),
+        "{e}"
+    );
 
     std::fs::set_permissions(&server.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let mut c = server.trace(&dir);
@@ -517,8 +543,14 @@ fn only_root_may_use_the_server() {
     as_nobody(&mut c);
     let out = run_with_timeout(&mut c, T);
     let e = first_error(&out);
-    assert!(e.contains("permission denied") && e.contains("uid 65534"), "{e}");
-    assert!(!dir.join("data").exists(), "a refused client made an episode");
+    assert!(
+        e.contains("permission denied") && e.contains("uid 65534"),
+        "{e}"
+    );
+    assert!(
+        !dir.join("data").exists(),
+        "a refused client made an episode"
+    );
 }
 
 /// SIGTERM to the server finishes every running episode (complete, with
@@ -540,7 +572,11 @@ fn stopping_the_server_finishes_every_episode() {
     let held = bpf::held_by(server.child.as_ref().unwrap().id() as i32);
     assert!(!held.progs.is_empty(), "no program of the server's loaded");
     let out = server.stop(libc::SIGTERM);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for c in clients {
         let ep = Episode::from_output(&wait_output(c, T));
         assert_eq!(ep.meta["end_reason"], "signal");
@@ -569,9 +605,11 @@ fn a_killed_server_leaves_no_program() {
     wait_freed(&held);
     // Its client says so.
     let out = wait_output(client, T);
-    assert!(first_error(&out).contains("closed the connection"), "{out:?}");
+    assert!(
+        first_error(&out).contains("closed the connection"),
+        "{out:?}"
+    );
 }
-
 
 /// Waits until the kernel has freed every BPF object of `held` (it frees
 /// maps a moment after the last program that used them).

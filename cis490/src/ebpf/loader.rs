@@ -26,11 +26,11 @@ use super::{
     block,
     btf::{self, KernelBtf},
     kvm, net, sched,
-    targets::{Slot, Targets},
     spec::{
         AttachState, Attacher, FamilyStatus, KernelFacts, NOT_ASKED, OffsetSpec, ProbeKind,
         ProbeSpec, ProbeStatus,
     },
+    targets::{Slot, Targets},
 };
 
 /// The eBPF object built by build.rs from `cis490-ebpf`.

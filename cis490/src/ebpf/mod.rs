@@ -54,7 +54,9 @@ impl Epoch {
     fn advance(&mut self) -> Result<u64> {
         let ended = self.current;
         self.current += 1;
-        self.map.set(self.slot, self.current, 0).context(map::EPOCH)?;
+        self.map
+            .set(self.slot, self.current, 0)
+            .context(map::EPOCH)?;
         Ok(ended)
     }
 }

@@ -13,19 +13,18 @@ use aya::{
     maps::{Array, MapData, PerCpuArray},
 };
 use cis490_common::{
-    LiveCounters, MaxSlot, SchedStats,
-    map as common_map,
+    LiveCounters, MaxSlot, SchedStats, map as common_map,
     sched::{RunDelaySource, global, map, prog},
 };
 
 use super::{
     maps::{hist_delta, max_of, open, read_percpu},
-    targets::Slot,
     spec::{
         Attacher, FamilyStatus, KernelFacts, OffsetSpec,
         ProbeKind::{Iter, TpBtf},
         ProbeSpec,
     },
+    targets::Slot,
 };
 use crate::row::Measures;
 
@@ -520,7 +519,9 @@ impl SchedReader {
     /// kernel cannot filter by pid a run visits every target's threads).
     fn live(&mut self) -> Result<LiveCounters> {
         static RUNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one = RUNS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = RUNS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.live
             .set(self.slot, LiveCounters::ZERO, 0)
             .context(map::LIVE)?;

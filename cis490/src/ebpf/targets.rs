@@ -9,10 +9,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
 };
-use cis490_common::{
-    map,
-    target::filter_bit,
-};
+use cis490_common::{map, target::filter_bit};
 
 use super::maps::open;
 

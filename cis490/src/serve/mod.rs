@@ -188,7 +188,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let probes = Probes::load_and_attach(None, &facts, &plan)?;
     for f in &probes.families {
         if !f.active {
-            log::warn!("{} telemetry off: {}", f.family, f.note.as_deref().unwrap_or("?"));
+            log::warn!(
+                "{} telemetry off: {}",
+                f.family,
+                f.note.as_deref().unwrap_or("?")
+            );
         }
     }
     let routes = Arc::new(Mutex::new(HashMap::new()));

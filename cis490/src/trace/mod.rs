@@ -161,7 +161,14 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
         None => Target::spawn(&cfg.command)?,
     };
     let stops = || Ok(phases::Stops::Signals(phases::Signals::handle()?));
-    episode(&cfg, &cwd, &facts, target, phases::Backend::Standalone, stops)
+    episode(
+        &cfg,
+        &cwd,
+        &facts,
+        target,
+        phases::Backend::Standalone,
+        stops,
+    )
 }
 
 /// Runs one episode of a server (`cis490 serve`) for a client: `cfg` as

@@ -227,7 +227,9 @@ impl<'a> Run<'a> {
                 let argv = qemu_argv(cfg, pid);
                 let macs = GatewaySource::find_macs(g, cfg.qmp.as_deref(), &argv).await;
                 let Held::Own(probes) = &mut held else {
-                    anyhow::bail!("--gateway-if is not available through a server: trace that VM standalone");
+                    anyhow::bail!(
+                        "--gateway-if is not available through a server: trace that VM standalone"
+                    );
                 };
                 let src = GatewaySource::new(probes, g, macs, episode.path())?;
                 meta.gateway = Some(src.info().clone());
@@ -527,6 +529,7 @@ impl<'a> Run<'a> {
         let block_map_errors = sources.ebpf.block_map_errors();
         meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();
         drop(sources);
+        let served = matches!(probes, Held::Lease(_));
         drop(probes);
 
         match reason {
@@ -555,7 +558,11 @@ impl<'a> Run<'a> {
             t_wall_ns: end.wall_ns,
         });
         meta.end_reason = Some(reason);
-        meta.tracer = Some(crate::meta::TracerUsage::now());
+        meta.tracer = Some(if served {
+            crate::meta::TracerUsage::now_for_thread()
+        } else {
+            crate::meta::TracerUsage::now()
+        });
         meta.host_steal_ns = grid
             .steal_at_start
             .zip(crate::meta::machine_steal_ns())

@@ -140,7 +140,8 @@ impl Server {
         let mut seen = std::collections::BTreeSet::new();
         let mut total = 0;
         for fd in fds.flatten() {
-            if !fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:bpf-map") {
+            if !fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:bpf-map")
+            {
                 continue;
             }
             let info = fs::read_to_string(format!(
@@ -424,8 +425,13 @@ pub fn render(s: &Scaling, command: &str, when: &str) -> String {
     t += "| tracing | other targets | storm untraced: CPU s | change | BPF ns/round trip | storm traced: CPU s | change | BPF ns/round trip |\n";
     t += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
     // One baseline for both parts: the storm with no tracer and no server.
-    let base = cpu_median(s, Mode::Standalone, s.counts.first().copied().unwrap_or(0), false)
-        .map(|m| m.0);
+    let base = cpu_median(
+        s,
+        Mode::Standalone,
+        s.counts.first().copied().unwrap_or(0),
+        false,
+    )
+    .map(|m| m.0);
     for mode in [Mode::Standalone, Mode::Served] {
         let change = |m: Option<(f64, f64, f64)>| match (m, base) {
             (Some((m, lo, hi)), Some(b)) if b > 0.0 => format!(
