@@ -148,13 +148,26 @@ fn three_overlapping_episodes_are_each_exact() {
         .spawn()
         .unwrap();
     wait_for_file(&dio_json.with_extension("json.ready"), T);
-    let dio = spawn_piped(server.trace(&dio_dir).args([
-        "--target-pid",
-        &dio_wl.id().to_string(),
-        "--interval-ms",
-        "50",
-    ]));
+    let ctl = dio_dir.join("ctl.sock");
+    let dio = spawn_piped(
+        server
+            .trace(&dio_dir)
+            .args([
+                "--target-pid",
+                &dio_wl.id().to_string(),
+                "--interval-ms",
+                "50",
+                "--label",
+                "attached@0",
+                "--control",
+            ])
+            .arg(&ctl),
+    );
     started(&dio_dir);
+    // The episode's own control socket, through the server.
+    wait_for_file(&ctl, T);
+    let answer = raw_request(&ctl, b"label io\n");
+    assert!(answer.starts_with("ok "), "{answer}");
     let mut noise = Command::new(bin("cis490-workload"))
         .args(["dio", "--write-mb", "16", "--read-mb", "16", "--file"])
         .arg(dio_dir.join("noise.bin"))
@@ -265,6 +278,18 @@ fn three_overlapping_episodes_are_each_exact() {
     assert!(rusage.cpu_ns >= exit.cpu_ns, "{rusage:?} vs {exit:?}");
     assert_eq!(cpu.meta["target_exit"]["code"], 0);
     assert_eq!(cpu.meta["target"]["mode"], "spawn");
+
+    // The episode's labels: one from --label, one over its control socket.
+    let labels = std::fs::read_to_string(dio.dir.join("labels.jsonl")).unwrap();
+    assert_eq!(labels.lines().count(), 2, "{labels}");
+    assert!(
+        labels.contains("\"attached\"") && labels.contains("\"io\""),
+        "{labels}"
+    );
+    for ep in [&cpu, &tap] {
+        let l = std::fs::read_to_string(ep.dir.join("labels.jsonl")).unwrap();
+        assert!(l.is_empty(), "another episode's label: {l}");
+    }
 
     // 2: block bytes against the workload's calls (block_io: exact reads,
     // writes plus the file's metadata; block_rq: one request of slack).
@@ -490,14 +515,15 @@ fn a_full_server_and_bad_requests_get_clear_errors_on_that_client_only() {
     Episode::from_output(&out);
 }
 
-/// Sends `bytes` on a fresh connection and returns what the server says.
+/// Sends `bytes` on a fresh connection and returns the first line of the
+/// answer.
 fn raw_request(socket: &Path, bytes: &[u8]) -> String {
-    use std::io::{Read as _, Write as _};
+    use std::io::{BufRead as _, Write as _};
     let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
     s.write_all(bytes).unwrap();
     let mut reply = String::new();
-    let _ = s.read_to_string(&mut reply);
+    let _ = std::io::BufReader::new(s).read_line(&mut reply);
     reply
 }
 
