@@ -41,6 +41,9 @@ names! {
         TARGET_FILTER,
         /// Per target slot: 1 once its pid went to a new process.
         TARGET_GONE,
+        /// A count the loader raises after every change of `TARGETS`: a
+        /// slot cached with an older count is looked up again.
+        TARGETS_GEN,
         /// The bucket epoch the loader publishes at each boundary, per
         /// target slot (each episode has its own grid).
         EPOCH,
@@ -48,7 +51,6 @@ names! {
         RECORDS,
     }
 }
-
 
 pub mod block;
 pub mod gateway;

@@ -164,6 +164,9 @@ mod tests {
     #[test]
     fn tap_values_round_trip() {
         assert_eq!(tap_slots(tap_value(0, 3)), (0, 3));
-        assert_eq!(tap_slots(tap_value(1023, MAX_IFS as u32 - 1)), (1023, MAX_IFS - 1));
+        assert_eq!(
+            tap_slots(tap_value(1023, MAX_IFS as u32 - 1)),
+            (1023, MAX_IFS - 1)
+        );
     }
 }

@@ -261,6 +261,15 @@ pub struct CpuSlice {
     pub tid: u32,
     /// One of `CpuSlice::UNKNOWN`, `OTHER`, `TARGET`.
     pub state: u32,
+    /// This CPU's last answer of `TARGETS`, for `sched_switch` alone (it
+    /// runs with interrupts off, so nothing else on the CPU writes it
+    /// meanwhile): the tgid asked, its slot (`NO_SLOT`: not a target),
+    /// and `TARGETS_GEN` when it was asked. Most switches that involve a
+    /// target involve the same process as the one before on that CPU; the
+    /// answer is good while the count has not moved.
+    pub cache_tgid: u32,
+    pub cache_slot: u32,
+    pub cache_gen: u64,
 }
 
 impl CpuSlice {
@@ -270,6 +279,8 @@ impl CpuSlice {
     pub const OTHER: u32 = 1;
     /// Target thread `tid` runs since `since_ns`.
     pub const TARGET: u32 = 2;
+    /// `cache_slot` of a tgid that is not a target.
+    pub const NO_SLOT: u32 = u32::MAX;
     pub const ZERO: Self = Self {
         seq: 0,
         since_ns: 0,
@@ -278,6 +289,9 @@ impl CpuSlice {
         base_runtime_ns: 0,
         tid: 0,
         state: Self::UNKNOWN,
+        cache_tgid: 0,
+        cache_slot: Self::NO_SLOT,
+        cache_gen: 0,
     };
 }
 
@@ -319,7 +333,7 @@ pub struct MaxSlot {
 
 const _: () = assert!(core::mem::size_of::<SchedStats>() == (16 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<LiveCounters>() == 11 * 8);
-const _: () = assert!(core::mem::size_of::<CpuSlice>() == 48);
+const _: () = assert!(core::mem::size_of::<CpuSlice>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 7 * 8);
 const _: () = assert!(core::mem::size_of::<MaxSlot>() == 16);
 

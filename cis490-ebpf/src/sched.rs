@@ -28,8 +28,8 @@ use cis490_common::{
 use crate::{
     maps::{add, bump, bump_hist, emit, raise_max},
     target::{
-        TARGET_GONE, arrival_delay, current, delays_from_sched_info, has_run_delay,
-        may_be_target, rq_clock, target_slot, task_counters, task_cpu, task_on_cpu, task_runtime,
+        TARGET_GONE, arrival_delay, current, delays_from_sched_info, has_run_delay, rq_clock,
+        target_slot, target_slot_cached, task_counters, task_cpu, task_on_cpu, task_runtime,
         task_state, task_tgid, task_tid,
     },
 };
@@ -93,17 +93,11 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
     let slice = unsafe { &mut *slice };
     // The filter decides almost every switch with two inlined loads; only
     // a set bit costs the slot lookup (and `TARGET_GONE`'s).
-    let prev_slot = if may_be_target(prev_tgid) {
-        target_slot(prev_tgid)
-    } else {
-        None
-    };
+    let prev_slot = target_slot_cached(prev_tgid, slice);
     let next_slot = if next_tgid == prev_tgid {
         prev_slot
-    } else if may_be_target(next_tgid) {
-        target_slot(next_tgid)
     } else {
-        None
+        target_slot_cached(next_tgid, slice)
     };
     if prev_slot.is_none() && next_slot.is_none() {
         // Hot path: the switch does not concern a target.

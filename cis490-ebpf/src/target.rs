@@ -17,7 +17,7 @@ use aya_ebpf::{
     maps::{Array, HashMap},
 };
 use cis490_common::{
-    ThreadCounters,
+    CpuSlice, ThreadCounters,
     sched::RunDelaySource,
     target::{FILTER_WORDS, filter_bit},
 };
@@ -31,6 +31,11 @@ pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(1, 0);
 /// loader for every traced tgid.
 #[map]
 pub static TARGET_FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
+
+/// Raised by the loader after every change of `TARGETS` (a cached answer
+/// with an older count is asked again: [`target_slot_cached`]).
+#[map]
+pub static TARGETS_GEN: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Per target slot: set to 1 by the new-task probe when a new process gets
 /// the target's pid: the target is gone and its pid reused. From then on no
@@ -98,6 +103,33 @@ static RUN_DELAY_SOURCE: Global<u32> = Global::new(0);
 pub fn target_slot(tgid: u32) -> Option<u32> {
     let slot = traced_slot(tgid)?;
     (!target_gone(slot)).then_some(slot)
+}
+
+/// [`target_slot`] for `sched_switch`, through this CPU's cached answer in
+/// its slice record (see `CpuSlice::cache_tgid`): the `TARGETS` lookup
+/// only when the tgid or the count of changes differs. Only for a program
+/// that runs with interrupts off (nothing else writes the cache meanwhile).
+#[inline(always)]
+pub fn target_slot_cached(tgid: u32, cache: &mut CpuSlice) -> Option<u32> {
+    if !may_be_target(tgid) {
+        return None;
+    }
+    let generation = TARGETS_GEN.get(0).copied().unwrap_or(0);
+    let slot = if cache.cache_tgid == tgid && cache.cache_gen == generation {
+        cache.cache_slot
+    } else {
+        // The count before the lookup: a change after it raises the count
+        // again, so the answer is asked again.
+        // SAFETY: a copy of the value, read at once.
+        let slot = unsafe { TARGETS.get(tgid) }
+            .copied()
+            .unwrap_or(CpuSlice::NO_SLOT);
+        cache.cache_tgid = tgid;
+        cache.cache_slot = slot;
+        cache.cache_gen = generation;
+        slot
+    };
+    (slot != CpuSlice::NO_SLOT && !target_gone(slot)).then_some(slot)
 }
 
 /// The target slot of `tgid`, gone or not (the new-task probe marks a slot

@@ -39,6 +39,21 @@ pub enum Command {
                       (SIGKILL 5 s later)."
     )]
     Trace(TraceArgs),
+    /// Load the probes once and run many episodes, one per `cis490 trace
+    /// --server` client.
+    #[command(
+        long_about = "Load and attach the eBPF programs once, then run any number of episodes                       at once, each for its own target, one per client (`cis490 trace --server                       SOCKET ...`). One set of programs serves every VM of the host: a context                       switch that involves no target costs the same whatever the number of                       targets, where every standalone tracer adds its own programs to every                       switch of the machine.
+
+                      A client behaves like the standalone command for its caller: the same                       options, the same episode, the episode directory as the last line on                       stdout, the same exit statuses; SIGINT/SIGTERM to it finish its episode                       only, and one that dies (SIGKILL) ends its episode with end_reason                       client_gone. Paths a client gives are its own (relative to its working                       directory). The load-time options (--block-probes, --wakeups,                       --ringbuf-kib, --btf) are the server's: a client asking for others gets an                       error. --gateway-if needs a standalone trace.
+
+                      SIGINT/SIGTERM to the server finish every running episode (done.marker),                       then detach everything. The control socket is mode 0600, and only root or                       the server's user may use it.
+
+                      Examples:
+  sudo cis490 serve --control /run/cis490.sock --max-targets 64 &
+                        sudo cis490 trace --server /run/cis490.sock --duration 60 --target-pid 1234
+                        sudo cis490 trace --server /run/cis490.sock --qmp /run/vm3.qmp --                       qemu-system-x86_64 ..."
+    )]
+    Serve(ServeArgs),
     /// Print per-source totals of an episode, side by side.
     #[command(
         long_about = "Print per-source totals of an episode, side by side: each field summed \
@@ -137,7 +152,63 @@ pub struct ShipArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The unix socket clients connect to (`cis490 trace --server SOCKET`);
+    /// created mode 0600, replacing a socket left by an earlier server.
+    #[arg(long, value_name = "SOCKET")]
+    pub control: PathBuf,
+
+    /// Where episodes go when a client gives no --data-dir
+    /// (DIR/episodes/<ULID>/).
+    #[arg(long, value_name = "DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// The most targets traced at once; a client beyond them gets an error.
+    /// The kernel side keeps per-CPU counters for each (see the README).
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=cis490_common::target::MAX_TARGETS as i64))]
+    pub max_targets: u32,
+
+    /// Count wakeups in every episode (see `cis490 trace --help`).
+    #[arg(long)]
+    pub wakeups: bool,
+
+    /// Kernel BTF to read task_struct offsets and tracepoints from.
+    #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]
+    pub btf: PathBuf,
+
+    /// Block tracepoints (see `cis490 trace --help`).
+    #[arg(long, value_name = "PATH", value_enum, default_value = "auto")]
+    pub block_probes: crate::ebpf::BlockPathChoice,
+
+    /// Size of the lifecycle-record ring buffer shared by every episode, in
+    /// KiB (a power of two, at least the page size).
+    #[arg(long, value_name = "KIB", default_value_t = 4 * cis490_common::RINGBUF_BYTES / 1024,
+          value_parser = parse_ringbuf_kib)]
+    pub ringbuf_kib: u32,
+}
+
+impl ServeArgs {
+    /// The probes' options for every episode.
+    pub fn probe_options(&self) -> crate::ebpf::Options {
+        crate::ebpf::Options {
+            block: self.block_probes,
+            ringbuf_bytes: self.ringbuf_kib * 1024,
+            counters: true,
+            wakeups: self.wakeups,
+            targets: self.max_targets,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct TraceArgs {
+    /// Run the episode through a server (`cis490 serve --control SOCKET`),
+    /// which has the probes loaded once for every VM of the host; for the
+    /// caller it behaves as without.
+    #[arg(long, value_name = "SOCKET")]
+    pub server: Option<PathBuf>,
+
     /// Trace this running process (all its threads, including new ones).
     #[arg(long, value_name = "PID", conflicts_with = "command")]
     pub target_pid: Option<i32>,
@@ -367,7 +438,30 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `cis490 trace`'s options alone (a server parses its clients' with it).
+#[derive(Debug, Parser)]
+#[command(name = "cis490 trace", no_binary_name = true)]
+struct TraceOnly {
+    #[command(flatten)]
+    args: TraceArgs,
+}
+
 impl TraceArgs {
+    /// Parses `cis490 trace`'s arguments (without `cis490 trace`); the
+    /// error is clap's first line.
+    pub fn parse_args(args: &[String]) -> Result<Self, String> {
+        TraceOnly::try_parse_from(args)
+            .map(|t| t.args)
+            .map_err(|e| {
+                let text = e.to_string();
+                text.lines()
+                    .next()
+                    .unwrap_or("bad arguments")
+                    .trim_start_matches("error: ")
+                    .to_owned()
+            })
+    }
+
     pub fn into_config(self, argv: Vec<String>) -> TraceConfig {
         let counters = self.sources.contains(&SourceKind::Ebpf);
         // `--sources` given twice, or a source twice in one list: each once.

@@ -138,9 +138,40 @@ pub fn check_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Listens on a unix socket at `path` (`flag` names the option, for
+/// errors), mode 0600 whatever the umask (created under a umask of 0177,
+/// then set again); a socket left at the path by an earlier run is
+/// replaced. The path is checked as [`check_path`] does.
+pub fn listen_private(path: &Path, flag: &str) -> Result<UnixListener> {
+    check_path(path)
+        .map_err(|e| anyhow::anyhow!("{}", e.to_string().replacen("--control", flag, 1)))?;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{flag} {}: the path exists and is not a socket",
+                path.display()
+            );
+        }
+        // A socket left by an earlier run.
+        std::fs::remove_file(path)?;
+    }
+    // SAFETY: umask has no preconditions; restored right after.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener =
+        bound.map_err(|e| anyhow::anyhow!("{flag} {}: cannot listen: {e}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| anyhow::anyhow!("{flag} {}: cannot set mode 0600: {e}", path.display()))?;
+    Ok(listener)
+}
+
 /// Whether a peer with `uid` may use the control socket: root, or the
 /// tracer's own user.
-fn may_connect(uid: u32) -> bool {
+pub fn may_connect(uid: u32) -> bool {
     // SAFETY: geteuid has no preconditions.
     uid == 0 || uid == unsafe { libc::geteuid() }
 }
@@ -150,31 +181,7 @@ impl ControlSocket {
     /// umask of 0177, then set again), and takes commands only from root
     /// or the tracer's own user (each connection's peer credentials).
     pub fn bind(path: &Path) -> Result<Self> {
-        check_path(path)?;
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            use std::os::unix::fs::FileTypeExt as _;
-            if !meta.file_type().is_socket() {
-                bail!(
-                    "--control {}: the path exists and is not a socket",
-                    path.display()
-                );
-            }
-            // A socket left by an earlier run.
-            std::fs::remove_file(path)?;
-        }
-        // SAFETY: umask has no preconditions; restored right after.
-        let old = unsafe { libc::umask(0o177) };
-        let bound = UnixListener::bind(path);
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        let listener = bound
-            .map_err(|e| anyhow::anyhow!("--control {}: cannot listen: {e}", path.display()))?;
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-                |e| anyhow::anyhow!("--control {}: cannot set mode 0600: {e}", path.display()),
-            )?;
-        }
+        let listener = listen_private(path, "--control")?;
         let (tx, requests) = mpsc::channel(64);
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {

@@ -54,6 +54,9 @@ pub enum Event<'a> {
     Signal { signal: &'static str },
     /// `stop` on the control socket ends the trace.
     ControlStop,
+    /// The `cis490 trace --server` client of this episode went away (its
+    /// connection closed without a result): the server ends the episode.
+    ClientGone,
     /// Ring-buffer records dropped in a bucket (rows stay exact).
     Drops { dropped_records: u64 },
     /// A QMP event of QEMU's, or the QMP source giving up.
@@ -173,6 +176,10 @@ mod tests {
             }),
             serde_json::json!({"t_mono_ns": 5, "t_wall_ns": 7, "seq": 2, "event": "thread_started",
                 "tid": 3, "parent_tid": 1, "comm": "w"})
+        );
+        assert_eq!(
+            line(Event::ClientGone),
+            serde_json::json!({"t_mono_ns": 5, "t_wall_ns": 7, "seq": 2, "event": "client_gone"})
         );
         assert_eq!(
             line(Event::ControlStop),

@@ -17,6 +17,7 @@ pub mod fdwatch;
 pub mod meta;
 pub mod report;
 pub mod row;
+pub mod serve;
 pub mod sources;
 pub mod summary;
 pub mod taps;

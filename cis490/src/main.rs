@@ -11,10 +11,26 @@ fn main() -> ExitCode {
         .init();
     let argv: Vec<String> = std::env::args().collect();
     let result = match cli.command {
-        Command::Trace(args) => cis490::trace::run(args.into_config(argv)).map(|dir| {
-            // The last line on stdout is the episode directory.
-            println!("{}", dir.display());
-        }),
+        Command::Trace(args) => {
+            let dir = match args.server.clone() {
+                Some(socket) => {
+                    // `cis490 trace`'s own arguments, for the server.
+                    let raw = argv
+                        .iter()
+                        .skip_while(|a| *a != "trace")
+                        .skip(1)
+                        .cloned()
+                        .collect();
+                    cis490::serve::client::run(args, raw, &socket)
+                }
+                None => cis490::trace::run(args.into_config(argv)),
+            };
+            dir.map(|dir| {
+                // The last line on stdout is the episode directory.
+                println!("{}", dir.display());
+            })
+        }
+        Command::Serve(args) => cis490::serve::run(args),
         Command::Summary(args) => cis490::summary::run(&args.episode, args.json),
         Command::Report(args) => {
             let out = args

@@ -29,6 +29,8 @@ pub enum EndReason {
     Signal,
     /// `stop` on the control socket.
     Control,
+    /// The `cis490 trace --server` client went away.
+    ClientGone,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
@@ -195,6 +197,7 @@ impl EndReason {
             EndReason::Duration => "duration",
             EndReason::Signal => "signal",
             EndReason::Control => "control",
+            EndReason::ClientGone => "client_gone",
         }
     }
 }
@@ -268,10 +271,24 @@ pub struct TracerUsage {
 }
 
 impl TracerUsage {
+    /// The tracer process's.
     pub fn now() -> Self {
+        Self::of(libc::RUSAGE_SELF)
+    }
+
+    /// A server's episode: the CPU time of the calling thread (the
+    /// episode's event loop) and the server's peak memory.
+    pub fn now_for_thread() -> Self {
+        Self {
+            max_rss_kib: Self::now().max_rss_kib,
+            ..Self::of(libc::RUSAGE_THREAD)
+        }
+    }
+
+    fn of(who: libc::c_int) -> Self {
         // SAFETY: getrusage fills a zeroed struct.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        unsafe { libc::getrusage(who, &mut ru) };
         let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
         Self {
             max_rss_kib: ru.ru_maxrss as u64,

@@ -54,6 +54,24 @@ pub struct Target {
     pidfd: OwnedFd,
     starttime: u64,
     spawned: Option<Spawned>,
+    /// A command spawned by a client of a server (`cis490 trace --server`).
+    remote: Option<Remote>,
+}
+
+/// A command a `cis490 trace --server` client forked and holds before
+/// `execve`: the client releases it and reaps it, and reports how it ended.
+pub struct Remote {
+    /// Tells the client to release the command.
+    pub release: Option<Box<dyn FnOnce() -> Result<()> + Send>>,
+    /// How it ended, once the client reported it.
+    pub exit: std::sync::Arc<std::sync::Mutex<Option<RemoteExit>>>,
+}
+
+/// How a client's command ended, as the client (its parent) saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RemoteExit {
+    pub status: ExitStatus,
+    pub usage: Option<ExitUsage>,
 }
 
 /// A child forked by us, waiting on a pipe before `execve`.
@@ -215,7 +233,37 @@ impl Target {
             pidfd,
             starttime,
             spawned: None,
+            remote: None,
         })
+    }
+
+    /// A command a client of a server forked and holds before `execve`
+    /// (pid `pid`): released through `remote.release`, its end reported by
+    /// the client.
+    pub fn adopt(pid: i32, remote: Remote) -> Result<Self> {
+        let mut t = Self::attach(pid)?;
+        t.remote = Some(remote);
+        Ok(t)
+    }
+
+    /// How a client's command ended, waiting up to 2 s for the client's
+    /// report (it comes as soon as the client sees the exit).
+    fn remote_exit(&self) -> Option<RemoteExit> {
+        let r = self.remote.as_ref()?;
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(e) = *r
+                .exit
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+            {
+                return Some(e);
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(2) {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Forks a child that will `execve` `argv` once [`Target::release`] is
@@ -292,6 +340,7 @@ impl Target {
             pid,
             pidfd,
             starttime,
+            remote: None,
             spawned: Some(Spawned {
                 gate: Some(gate_w),
                 exec_err: Some(err_r),
@@ -305,8 +354,10 @@ impl Target {
         self.pid
     }
 
+    /// Whether the target is a command started for this trace (here, or
+    /// by a server's client).
     pub fn is_spawned(&self) -> bool {
-        self.spawned.is_some()
+        self.spawned.is_some() || self.remote.is_some()
     }
 
     /// A file descriptor that becomes readable when the process exits.
@@ -317,6 +368,9 @@ impl Target {
     /// Lets a spawned child `execve` and reports whether that worked.
     /// A no-op for an attached process.
     pub fn release(&mut self) -> Result<()> {
+        if let Some(release) = self.remote.as_mut().and_then(|r| r.release.take()) {
+            return release();
+        }
         let Some(sp) = self.spawned.as_mut() else {
             return Ok(());
         };
@@ -368,6 +422,9 @@ impl Target {
     /// The exit status of a spawned child that has exited, without reaping
     /// it (the /proc oracle still reads the zombie's final counters).
     pub fn exit_status(&self) -> Option<ExitStatus> {
+        if self.remote.is_some() {
+            return self.remote_exit().map(|e| e.status);
+        }
         self.spawned.as_ref()?;
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid on our own child's pidfd with a valid siginfo.
@@ -396,6 +453,9 @@ impl Target {
     /// process, every thread included. Ground truth that ends where the
     /// process ends, unlike anything the process can measure itself.
     pub fn exit_usage(&self) -> Option<ExitUsage> {
+        if self.remote.is_some() {
+            return self.remote_exit().and_then(|e| e.usage);
+        }
         self.spawned.as_ref()?;
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -445,11 +505,15 @@ impl Target {
     /// is let go (it exits without running the command). A no-op for an
     /// attached process.
     pub fn end_spawned(&mut self, grace: std::time::Duration) {
-        let Some(sp) = self.spawned.as_mut() else {
-            return;
+        let never_released = match (&mut self.spawned, &mut self.remote) {
+            (Some(sp), _) => sp.gate.take().is_some(),
+            // The client lets an unreleased command go when it hears the
+            // end of the episode.
+            (None, Some(r)) => r.release.take().is_some(),
+            (None, None) => return,
         };
         let t0 = std::time::Instant::now();
-        if sp.gate.take().is_none() && !self.has_exited() {
+        if !never_released && !self.has_exited() {
             let _ = self.signal(libc::SIGTERM);
             while !self.has_exited() && t0.elapsed() < grace {
                 std::thread::sleep(std::time::Duration::from_millis(10));

@@ -18,8 +18,8 @@ use cis490_common::{
 
 use super::{
     maps::{hist_delta, max_of, open, read_percpu},
-    targets::Slot,
     spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeSpec},
+    targets::Slot,
 };
 use crate::{clock::mono_now_ns, row::Measures};
 

@@ -24,8 +24,8 @@ use crate::sources::SampleCtx;
 
 use super::{
     maps::{open, read_percpu},
-    targets::Slot,
     spec::{Attacher, FamilyStatus, ProbeKind, ProbeSpec},
+    targets::Slot,
 };
 use crate::row::Measures;
 

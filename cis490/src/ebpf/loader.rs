@@ -26,11 +26,11 @@ use super::{
     block,
     btf::{self, KernelBtf},
     kvm, net, sched,
-    targets::{Slot, Targets},
     spec::{
         AttachState, Attacher, FamilyStatus, KernelFacts, NOT_ASKED, OffsetSpec, ProbeKind,
         ProbeSpec, ProbeStatus,
     },
+    targets::{Slot, Targets},
 };
 
 /// The eBPF object built by build.rs from `cis490-ebpf`.
@@ -214,10 +214,11 @@ impl Plan {
 /// The loaded object and what became of each probe and family.
 pub struct Probes {
     pub ebpf: Ebpf,
-    /// The traced thread groups.
-    pub targets: Targets,
-    /// The slot of the target given to [`Probes::load_and_attach`].
-    pub slot: Slot,
+    /// The traced thread groups (a server's episodes add and remove theirs).
+    pub targets: std::sync::Mutex<Targets>,
+    /// The slot of the target given to [`Probes::load_and_attach`], if one
+    /// was (a server adds its targets later).
+    pub slot: Option<Slot>,
     pub status: Vec<ProbeStatus>,
     pub families: Vec<FamilyStatus>,
     /// What each attached family hands to its reader (taken by
@@ -225,8 +226,9 @@ pub struct Probes {
     pub(super) handoff: Handoff,
 }
 
-/// Each family's typed result of attaching, for its reader (`None`: the
-/// family measures nothing here).
+/// Each family's typed result of attaching, for its readers (`None`: the
+/// family measures nothing here). Every episode's readers get a copy.
+#[derive(Clone)]
 pub(super) struct Handoff {
     pub sched: Option<sched::Attached>,
     pub block: Option<block::BlockPath>,
@@ -235,9 +237,10 @@ pub(super) struct Handoff {
 }
 
 impl Probes {
-    /// Loads the programs for target thread group `tgid` and attaches every
-    /// family. Only the scheduler family's required probes are fatal.
-    pub fn load_and_attach(tgid: u32, facts: &KernelFacts, plan: &Plan) -> Result<Self> {
+    /// Loads the programs, adds thread group `first` as a target if given
+    /// (before anything attaches) and attaches every family. Only the
+    /// scheduler family's required probes are fatal.
+    pub fn load_and_attach(first: Option<u32>, facts: &KernelFacts, plan: &Plan) -> Result<Self> {
         raise_memlock_limit();
         // aya 0.14's loader always parses the whole kernel BTF when it is
         // made (about 28 MiB at its peak here, the tracer's largest
@@ -272,14 +275,14 @@ impl Probes {
             .map_err(|e| anyhow!("cannot load the eBPF object: {e}"))?;
         // The target before any program attaches: none misses its start.
         let mut targets = Targets::new(&ebpf, plan.targets)?;
-        let slot = targets.add(tgid)?;
+        let slot = first.map(|tgid| targets.add(tgid)).transpose()?;
         let mut a = Attacher {
             ebpf,
             btf,
             facts,
             status: Vec::new(),
         };
-        let (sched_status, sched) = sched::attach(&mut a, tgid, plan.sched)?;
+        let (sched_status, sched) = sched::attach(&mut a, plan.sched)?;
         let (block_status, block) = block::attach(&mut a, &plan.block);
         let (net_status, net) = net::attach(&mut a, &plan.net);
         let (kvm_status, kvm) = kvm::attach(&mut a, &plan.kvm);
@@ -292,7 +295,7 @@ impl Probes {
         release_freed_memory();
         Ok(Self {
             ebpf,
-            targets,
+            targets: std::sync::Mutex::new(targets),
             slot,
             status,
             families,
@@ -303,6 +306,12 @@ impl Probes {
                 kvm,
             },
         })
+    }
+
+    /// A handle of its own on the ring buffer of lifecycle records (a
+    /// server's dispatcher reads it for every episode).
+    pub fn records_ring(&self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        super::maps::open(&self.ebpf, map::RECORDS)
     }
 
     pub fn family(&self, name: &str) -> Option<&FamilyStatus> {

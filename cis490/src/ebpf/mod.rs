@@ -26,7 +26,7 @@ mod targets;
 
 pub use block::PathChoice as BlockPathChoice;
 pub use loader::{Options, Plan, Probes};
-pub use records::{Record, RecordStream};
+pub use records::{Record, RecordStream, decode as decode_record};
 pub use spec::{AttachState, FamilyStatus, KernelFacts, ProbeKind, ProbeStatus};
 pub use targets::{Slot, Targets};
 
@@ -54,7 +54,9 @@ impl Epoch {
     fn advance(&mut self) -> Result<u64> {
         let ended = self.current;
         self.current += 1;
-        self.map.set(self.slot, self.current, 0).context(map::EPOCH)?;
+        self.map
+            .set(self.slot, self.current, 0)
+            .context(map::EPOCH)?;
         Ok(ended)
     }
 }
@@ -72,31 +74,30 @@ impl EbpfSource {
     /// The scheduler family's name in meta.json (`families`).
     pub const SCHED_FAMILY: &'static str = sched::FAMILY;
 
-    /// Opens the maps of the standalone target's slot and takes a first
-    /// baseline. Call [`Self::rebase`] once every CPU has switched since (so
-    /// a thread running at attach has its slice recorded).
-    pub fn new(probes: &mut Probes, pid: i32) -> Result<Self> {
-        let slot = probes.slot;
+    /// Opens the maps of target `slot` (thread group `pid`) and takes a
+    /// first baseline. Call [`Self::rebase`] once every CPU has switched
+    /// since (so a thread running at attach has its slice recorded).
+    pub fn new(probes: &Probes, slot: Slot, pid: i32) -> Result<Self> {
         let epoch = Epoch {
             map: open(&probes.ebpf, map::EPOCH)?,
             slot: slot.index(),
             current: 0,
         };
-        let handoff = &mut probes.handoff;
+        let handoff = probes.handoff.clone();
         let ebpf = &probes.ebpf;
-        let sched = match handoff.sched.take() {
-            Some(attached) => sched::SchedReader::new(ebpf, slot, attached)?,
+        let sched = match handoff.sched {
+            Some(attached) => sched::SchedReader::new(ebpf, slot, pid as u32, attached)?,
             None => bail!("the scheduler's task iterator is not attached"),
         };
-        let block = match handoff.block.take() {
+        let block = match handoff.block {
             Some(_) => Some(block::BlockReader::new(ebpf, slot)?),
             None => None,
         };
-        let net = match handoff.net.take() {
+        let net = match handoff.net {
             Some(attached) => Some(net::NetReader::new(ebpf, slot, pid, attached)?),
             None => None,
         };
-        let kvm = match handoff.kvm.take() {
+        let kvm = match handoff.kvm {
             Some(attached) => Some(kvm::KvmReader::new(ebpf, slot, attached)?),
             None => None,
         };

@@ -13,19 +13,18 @@ use aya::{
     maps::{Array, MapData, PerCpuArray},
 };
 use cis490_common::{
-    LiveCounters, MaxSlot, SchedStats,
-    map as common_map,
+    LiveCounters, MaxSlot, SchedStats, map as common_map,
     sched::{RunDelaySource, global, map, prog},
 };
 
 use super::{
     maps::{hist_delta, max_of, open, read_percpu},
-    targets::Slot,
     spec::{
         Attacher, FamilyStatus, KernelFacts, OffsetSpec,
         ProbeKind::{Iter, TpBtf},
         ProbeSpec,
     },
+    targets::Slot,
 };
 use crate::row::Measures;
 
@@ -247,10 +246,11 @@ fn path_and_note(run_delay: RunDelaySource) -> (&'static str, Option<String>) {
     }
 }
 
-/// What attaching the family hands to its reader: the task iterator's link
-/// and the run-delay decision.
+/// What attaching the family hands to its readers: the plan (the run-delay
+/// decision, what attached). Each reader makes its own link of the task
+/// iterator, for its target.
+#[derive(Clone, Copy, Debug)]
 pub struct Attached {
-    iter_link: OwnedFd,
     plan: SchedPlan,
 }
 
@@ -277,16 +277,11 @@ pub struct SchedPlan {
     pub wakeups: bool,
 }
 
-/// Attaches every scheduler probe the plan asks for and creates the task
-/// iterator's link (for thread group `tgid`); a required one that fails
-/// ends the trace.
-pub fn attach(
-    a: &mut Attacher<'_>,
-    tgid: u32,
-    plan: SchedPlan,
-) -> Result<(FamilyStatus, Attached)> {
+/// Attaches every scheduler probe the plan asks for and loads the task
+/// iterator; a required one that fails ends the trace.
+pub fn attach(a: &mut Attacher<'_>, plan: SchedPlan) -> Result<(FamilyStatus, Attached)> {
     let (run_delay, counters) = (plan.run_delay, plan.counters);
-    let iter_link = attach_iter(a, tgid)?;
+    load_iter(a)?;
     for spec in PROBES {
         if !counters && counts(spec) {
             a.skip(FAMILY, spec, super::spec::NOT_ASKED);
@@ -328,40 +323,34 @@ pub fn attach(
             ),
         )
     };
-    Ok((status, Attached { iter_link, plan }))
+    Ok((status, Attached { plan }))
 }
 
-/// Loads the task iterator and creates its link: for the target's threads
-/// only where the kernel filters by pid (6.1+), else over every task (the
-/// program filters).
-fn attach_iter(a: &mut Attacher<'_>, tgid: u32) -> Result<OwnedFd> {
-    let loaded = a.attach(FAMILY, &ITER);
-    let link = loaded
-        .then(|| {
-            let prog: &mut aya::programs::Iter =
-                a.ebpf.program_mut(ITER.program)?.try_into().ok()?;
-            let fd = prog.fd().ok()?.as_fd();
-            Some(
-                task_iter::link(fd, Some(tgid))
-                    .or_else(|_| task_iter::link(fd, None))
-                    .map_err(|e| format!("cannot create the task iterator's link: {e}")),
-            )
-        })
-        .flatten();
-    match link {
-        Some(Ok(fd)) => Ok(fd),
-        Some(Err(e)) => {
-            a.fail_last(&e);
-            bail!("{e}")
-        }
-        None => {
-            let err = a.last_error().unwrap_or_else(|| "cannot load it".into());
-            bail!(
-                "cannot load the task iterator {} (BPF task iterators need Linux 5.8+): {err}",
-                ITER.program
-            )
-        }
+/// Loads the task iterator (each reader links it for its target).
+fn load_iter(a: &mut Attacher<'_>) -> Result<()> {
+    if a.attach(FAMILY, &ITER) {
+        return Ok(());
     }
+    let err = a.last_error().unwrap_or_else(|| "cannot load it".into());
+    bail!(
+        "cannot load the task iterator {} (BPF task iterators need Linux 5.8+): {err}",
+        ITER.program
+    )
+}
+
+/// Creates a link of the loaded task iterator for thread group `tgid`: its
+/// threads only where the kernel filters by pid (6.1+), else every task
+/// (the program filters by target).
+fn iter_link(ebpf: &Ebpf, tgid: u32) -> Result<OwnedFd> {
+    let prog: &aya::programs::Iter = ebpf
+        .program(ITER.program)
+        .ok_or_else(|| anyhow::anyhow!("no program {} in the eBPF object", ITER.program))?
+        .try_into()
+        .with_context(|| ITER.program)?;
+    let fd = prog.fd().with_context(|| ITER.program)?.as_fd();
+    task_iter::link(fd, Some(tgid))
+        .or_else(|_| task_iter::link(fd, None))
+        .context("cannot create the task iterator's link")
 }
 
 // ---- the reader ----------------------------------------------------------
@@ -428,9 +417,9 @@ pub struct SchedReader {
 }
 
 impl SchedReader {
-    pub fn new(ebpf: &Ebpf, slot: Slot, attached: Attached) -> Result<Self> {
+    pub fn new(ebpf: &Ebpf, slot: Slot, tgid: u32, attached: Attached) -> Result<Self> {
+        let iter_link = iter_link(ebpf, tgid)?;
         let Attached {
-            iter_link,
             plan:
                 SchedPlan {
                     run_delay,
@@ -530,7 +519,9 @@ impl SchedReader {
     /// kernel cannot filter by pid a run visits every target's threads).
     fn live(&mut self) -> Result<LiveCounters> {
         static RUNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one = RUNS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = RUNS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.live
             .set(self.slot, LiveCounters::ZERO, 0)
             .context(map::LIVE)?;

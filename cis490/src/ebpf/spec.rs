@@ -187,14 +187,6 @@ impl Attacher<'_> {
         self.status.last().and_then(|s| s.error.clone())
     }
 
-    /// Marks the program attached last as failed, with `error`.
-    pub fn fail_last(&mut self, error: &str) {
-        if let Some(s) = self.status.last_mut() {
-            s.state = AttachState::Failed;
-            s.error = Some(error.to_owned());
-        }
-    }
-
     /// Attaches one program; records and returns whether it worked.
     pub fn attach(&mut self, family: &'static str, spec: &ProbeSpec) -> bool {
         let state = self.try_attach(spec);

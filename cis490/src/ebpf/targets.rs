@@ -9,10 +9,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
 };
-use cis490_common::{
-    map,
-    target::filter_bit,
-};
+use cis490_common::{map, target::filter_bit};
 
 use super::maps::open;
 
@@ -32,6 +29,7 @@ pub struct Targets {
     filter: Array<MapData, u64>,
     gone: Array<MapData, u32>,
     epoch: Array<MapData, u64>,
+    generation: Array<MapData, u64>,
     /// The tgid in each slot, if any.
     tgids: Vec<Option<u32>>,
 }
@@ -44,6 +42,7 @@ impl Targets {
             filter: open(ebpf, map::TARGET_FILTER)?,
             gone: open(ebpf, map::TARGET_GONE)?,
             epoch: open(ebpf, map::EPOCH)?,
+            generation: open(ebpf, map::TARGETS_GEN)?,
             tgids: vec![None; slots as usize],
         })
     }
@@ -65,6 +64,7 @@ impl Targets {
         self.gone.set(slot, 0, 0).context(map::TARGET_GONE)?;
         self.epoch.set(slot, 0, 0).context(map::EPOCH)?;
         self.map.insert(tgid, slot, 0).context(map::TARGETS)?;
+        self.changed()?;
         let (word, bit) = filter_bit(tgid);
         let w = self.filter.get(&word, 0).context(map::TARGET_FILTER)?;
         self.filter
@@ -93,7 +93,17 @@ impl Targets {
                 .context(map::TARGET_FILTER)?;
         }
         // Only the loader adds and removes entries.
-        self.map.remove(&tgid).context(map::TARGETS)
+        self.map.remove(&tgid).context(map::TARGETS)?;
+        self.changed()
+    }
+
+    /// Raises the count of changes of `TARGETS`: every CPU's cached answer
+    /// is asked again.
+    fn changed(&mut self) -> Result<()> {
+        let g = self.generation.get(&0, 0).context(map::TARGETS_GEN)?;
+        self.generation
+            .set(0, g.wrapping_add(1), 0)
+            .context(map::TARGETS_GEN)
     }
 
     /// The thread group traced in `slot`.

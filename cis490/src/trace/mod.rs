@@ -62,7 +62,7 @@ pub struct TraceConfig {
 }
 
 impl TraceConfig {
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.target_pid.is_some() != self.command.is_empty() {
             bail!("give exactly one target: --target-pid PID or -- COMMAND [ARGS...]");
         }
@@ -132,7 +132,7 @@ fn check_episode_file(path: &Path) -> Result<()> {
 /// SIGINT and SIGTERM, blocked from the start of a trace until the event
 /// loop handles them, so a signal during setup still ends in a complete
 /// episode instead of killing the tracer.
-fn stop_signals(how: libc::c_int) {
+pub(crate) fn stop_signals(how: libc::c_int) {
     // SAFETY: a sigset built with sigemptyset/sigaddset, for this thread
     // (no other thread exists yet when blocking).
     unsafe {
@@ -156,10 +156,63 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
     caps::require_init_pid_namespace()?;
     let facts = KernelFacts::probe(&cfg.btf)?;
     // Fork before any thread exists (the runtime is created below).
-    let mut target = match cfg.target_pid {
+    let target = match cfg.target_pid {
         Some(pid) => Target::attach(pid)?,
         None => Target::spawn(&cfg.command)?,
     };
+    let stops = || Ok(phases::Stops::Signals(phases::Signals::handle()?));
+    episode(
+        &cfg,
+        &cwd,
+        &facts,
+        target,
+        phases::Backend::Standalone,
+        stops,
+    )
+}
+
+/// Runs one episode of a server (`cis490 serve`) for a client: `cfg` as
+/// the client gave it (validated here; relative paths are the client's,
+/// under `cwd`), told to stop by `stops`. Returns the episode directory.
+pub(crate) fn run_served(
+    mut cfg: TraceConfig,
+    cwd: &Path,
+    target: Target,
+    shared: std::sync::Arc<crate::serve::Shared>,
+    stops: tokio::sync::mpsc::UnboundedReceiver<phases::Stop>,
+) -> Result<PathBuf> {
+    // Every path as the client meant it, before it is checked.
+    cfg.data_dir = cwd.join(&cfg.data_dir);
+    for p in [
+        &mut cfg.control,
+        &mut cfg.qmp,
+        &mut cfg.guest_agent,
+        &mut cfg.episode_file,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *p = cwd.join(&*p);
+    }
+    cfg.validate()?;
+    let facts = shared.facts().clone();
+    let backend = phases::Backend::Served(shared);
+    episode(&cfg, cwd, &facts, target, backend, move || {
+        Ok(phases::Stops::Served(stops))
+    })
+}
+
+pub(crate) use phases::Stop;
+
+/// One episode, from its directory to `done.marker`.
+fn episode(
+    cfg: &TraceConfig,
+    cwd: &Path,
+    facts: &KernelFacts,
+    mut target: Target,
+    backend: phases::Backend,
+    stops: impl FnOnce() -> Result<phases::Stops>,
+) -> Result<PathBuf> {
     let episode = EpisodeDir::create(&cfg.data_dir)?;
     let argv = (!cfg.command.is_empty()).then_some(cfg.command.as_slice());
     let mut meta = Meta {
@@ -169,7 +222,7 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
         error: None,
         cis490_version: env!("CARGO_PKG_VERSION").into(),
         command_line: cfg.argv.clone(),
-        working_directory: cwd.clone(),
+        working_directory: cwd.to_owned(),
         host: Host::current(),
         target: target.info(argv),
         interval_ns: cfg.interval.as_nanos() as u64,
@@ -211,7 +264,15 @@ pub fn run(mut cfg: TraceConfig) -> Result<PathBuf> {
         .enable_all()
         .build()
         .context("cannot start the event loop")?;
-    let result = rt.block_on(trace(&cfg, &facts, &mut target, &episode, &mut meta));
+    let result = rt.block_on(trace(
+        cfg,
+        facts,
+        &mut target,
+        &episode,
+        &mut meta,
+        backend,
+        stops,
+    ));
     match result {
         Ok(()) => {
             meta.status = Status::Complete;
@@ -239,12 +300,14 @@ async fn trace(
     target: &mut Target,
     episode: &EpisodeDir,
     meta: &mut Meta,
+    backend: phases::Backend,
+    stops: impl FnOnce() -> Result<phases::Stops>,
 ) -> Result<()> {
     // SIGINT/SIGTERM handled from here on: a signal during setup still
     // ends in a complete episode.
-    let mut signals = phases::Signals::handle()?;
-    let mut run = phases::Run::attach(cfg, facts, target, episode, meta).await?;
+    let mut stops = stops()?;
+    let mut run = phases::Run::attach(cfg, facts, target, episode, meta, backend).await?;
     let mut grid = run.begin().await?;
-    let reason = run.event_loop(&mut grid, &mut signals).await?;
-    run.finish(grid, reason, signals).await
+    let reason = run.event_loop(&mut grid, &mut stops).await?;
+    run.finish(grid, reason, stops).await
 }

@@ -52,6 +52,39 @@ impl Signals {
     }
 }
 
+/// What ends a trace from outside: this process's signals (a standalone
+/// trace), or a server's word for one of its episodes.
+pub(crate) enum Stops {
+    Signals(Signals),
+    /// From the episode's client (its signals, its going away) or the
+    /// server (its own signals).
+    Served(tokio::sync::mpsc::UnboundedReceiver<Stop>),
+}
+
+/// Why a trace is told to stop.
+#[derive(Clone, Debug)]
+pub enum Stop {
+    /// SIGINT or SIGTERM (to this process, to a server's client, or to the
+    /// server).
+    Signal(&'static str),
+    /// A server's client went away.
+    ClientGone,
+    /// A server's client could not start its command.
+    ExecFailed(String),
+}
+
+impl Stops {
+    async fn next(&mut self) -> Stop {
+        match self {
+            Stops::Signals(s) => tokio::select! {
+                _ = s.int.recv() => Stop::Signal("SIGINT"),
+                _ = s.term.recv() => Stop::Signal("SIGTERM"),
+            },
+            Stops::Served(rx) => rx.recv().await.unwrap_or(Stop::ClientGone),
+        }
+    }
+}
+
 /// One trace's state across its phases.
 pub(super) struct Run<'a> {
     cfg: &'a TraceConfig,
@@ -62,8 +95,33 @@ pub(super) struct Run<'a> {
     control: Option<ControlSocket>,
     records: RecordStream,
     sources: Sources,
-    /// The loaded object: dropping it detaches every program.
-    probes: Probes,
+    /// The probes: this trace's own loaded object (dropping it detaches
+    /// every program), or a server's, with this episode's target slot.
+    probes: Held,
+}
+
+/// Where a trace's probes come from.
+pub(crate) enum Backend {
+    /// Loaded and attached for this trace alone.
+    Standalone,
+    /// A server's, shared with its other episodes.
+    Served(std::sync::Arc<crate::serve::Shared>),
+}
+
+/// The probes a trace holds.
+enum Held {
+    Own(Box<Probes>),
+    /// A slot of a server's probes, freed when dropped.
+    Lease(crate::serve::Lease),
+}
+
+impl Held {
+    fn probes(&self) -> &Probes {
+        match self {
+            Held::Own(p) => p,
+            Held::Lease(l) => l.probes(),
+        }
+    }
 }
 
 /// The bucket grid, from the moment [`Run::begin`] took the baseline.
@@ -84,6 +142,7 @@ impl<'a> Run<'a> {
         target: &'a mut Target,
         episode: &EpisodeDir,
         meta: &'a mut Meta,
+        backend: Backend,
     ) -> Result<Self> {
         let pid = target.pid();
         let mut kinds = cfg.sources.clone();
@@ -119,8 +178,21 @@ impl<'a> Run<'a> {
             .map(ControlSocket::bind)
             .transpose()?;
 
-        let plan = Plan::new(facts, cfg.probe_options);
-        let mut probes = Probes::load_and_attach(pid as u32, facts, &plan)?;
+        let (mut held, slot, records) = match backend {
+            Backend::Standalone => {
+                let plan = Plan::new(facts, cfg.probe_options);
+                let probes = Probes::load_and_attach(Some(pid as u32), facts, &plan)?;
+                let slot = probes.slot.expect("the target was given");
+                let records = RecordStream::new(&probes)?;
+                (Held::Own(Box::new(probes)), slot, records)
+            }
+            Backend::Served(shared) => {
+                let (lease, rx) = crate::serve::Lease::take(shared, pid as u32)?;
+                let slot = lease.slot();
+                (Held::Lease(lease), slot, RecordStream::from_channel(rx))
+            }
+        };
+        let probes = held.probes();
         meta.probes = probes.status.clone();
         meta.families = probes.families.clone();
         let attached_at = ClockPair::now();
@@ -137,10 +209,9 @@ impl<'a> Run<'a> {
                 );
             }
         }
-        let records = RecordStream::new(&probes)?;
         target.check_same_process()?;
 
-        let mut ebpf = EbpfSource::new(&mut probes, pid)?;
+        let mut ebpf = EbpfSource::new(probes, slot, pid)?;
         if let Some(why) = ebpf.check_visible(pid) {
             log::warn!("{why}");
             if let Some(f) = meta
@@ -155,7 +226,12 @@ impl<'a> Run<'a> {
             Some(g) => {
                 let argv = qemu_argv(cfg, pid);
                 let macs = GatewaySource::find_macs(g, cfg.qmp.as_deref(), &argv).await;
-                let src = GatewaySource::new(&mut probes, g, macs, episode.path())?;
+                let Held::Own(probes) = &mut held else {
+                    anyhow::bail!(
+                        "--gateway-if is not available through a server: trace that VM standalone"
+                    );
+                };
+                let src = GatewaySource::new(probes, g, macs, episode.path())?;
                 meta.gateway = Some(src.info().clone());
                 Some(src)
             }
@@ -198,7 +274,7 @@ impl<'a> Run<'a> {
             control,
             records,
             sources,
-            probes,
+            probes: held,
         })
     }
 
@@ -250,7 +326,7 @@ impl<'a> Run<'a> {
     pub(super) async fn event_loop(
         &mut self,
         grid: &mut Grid,
-        signals: &mut Signals,
+        stops: &mut Stops,
     ) -> Result<EndReason> {
         let Self {
             cfg,
@@ -285,15 +361,20 @@ impl<'a> Run<'a> {
             let deadline = mono_to_instant(clock.next_deadline_ns());
             tokio::select! {
                 biased;
-                _ = signals.int.recv() => {
+                stop = stops.next() => {
                     let now = ClockPair::now();
-                    out.event(now, clock.seq_of(now.mono_ns), Event::Signal { signal: "SIGINT" })?;
-                    break EndReason::Signal;
-                }
-                _ = signals.term.recv() => {
-                    let now = ClockPair::now();
-                    out.event(now, clock.seq_of(now.mono_ns), Event::Signal { signal: "SIGTERM" })?;
-                    break EndReason::Signal;
+                    let seq = clock.seq_of(now.mono_ns);
+                    match stop {
+                        Stop::Signal(signal) => {
+                            out.event(now, seq, Event::Signal { signal })?;
+                            break EndReason::Signal;
+                        }
+                        Stop::ClientGone => {
+                            out.event(now, seq, Event::ClientGone)?;
+                            break EndReason::ClientGone;
+                        }
+                        Stop::ExecFailed(e) => anyhow::bail!("{e}"),
+                    }
                 }
                 r = pidfd.readable() => {
                     r?.retain_ready();
@@ -375,7 +456,7 @@ impl<'a> Run<'a> {
         self,
         mut grid: Grid,
         reason: EndReason,
-        signals: Signals,
+        stops: Stops,
     ) -> Result<()> {
         let Self {
             target,
@@ -387,7 +468,7 @@ impl<'a> Run<'a> {
             probes,
             ..
         } = self;
-        if reason == EndReason::Signal {
+        if let (EndReason::Signal, Stops::Signals(signals)) = (reason, stops) {
             abort_on_second_signal(target, signals);
         }
         if reason == EndReason::TargetExited {
@@ -448,6 +529,7 @@ impl<'a> Run<'a> {
         let block_map_errors = sources.ebpf.block_map_errors();
         meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();
         drop(sources);
+        let served = matches!(probes, Held::Lease(_));
         drop(probes);
 
         match reason {
@@ -464,7 +546,7 @@ impl<'a> Run<'a> {
                 )?;
             }
             EndReason::Duration => out.event(end, Some(last.seq), Event::DurationReached)?,
-            EndReason::Signal | EndReason::Control => {}
+            EndReason::Signal | EndReason::Control | EndReason::ClientGone => {}
         }
         if target.is_spawned() && reason != EndReason::TargetExited {
             terminate(target, &mut out).await?;
@@ -476,7 +558,11 @@ impl<'a> Run<'a> {
             t_wall_ns: end.wall_ns,
         });
         meta.end_reason = Some(reason);
-        meta.tracer = Some(crate::meta::TracerUsage::now());
+        meta.tracer = Some(if served {
+            crate::meta::TracerUsage::now_for_thread()
+        } else {
+            crate::meta::TracerUsage::now()
+        });
         meta.host_steal_ns = grid
             .steal_at_start
             .zip(crate::meta::machine_steal_ns())

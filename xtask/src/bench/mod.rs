@@ -64,17 +64,19 @@ pub struct Args {
     #[arg(long)]
     pub gateway_only: bool,
     /// Skip the scaling part (the pinned storm while other targets are
-    /// each traced by a standalone cis490).
+    /// traced too: each by a standalone cis490, then all through one
+    /// server).
     #[arg(long, conflicts_with = "scaling_only")]
     pub no_scaling: bool,
     /// Run the scaling part only; it rewrites its own section of --out.
     #[arg(long, conflicts_with = "gateway_only")]
     pub scaling_only: bool,
-    /// The scaling part's other targets: it runs with none, then with this
-    /// many (each an idle process with its own `cis490 trace`).
-    #[arg(long, value_name = "N", default_value_t = 8,
+    /// The scaling part's counts of other targets (idle processes): it runs
+    /// with none, then with each of these, every one traced by a
+    /// standalone `cis490 trace`, then all through one `cis490 serve`.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "8,32",
           value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub scaling_others: u32,
+    pub scaling_others: Vec<u32>,
     /// Wait (up to this many minutes) until the 1-minute load average is
     /// below --quiet-load before starting.
     #[arg(long, value_name = "MIN", default_value_t = 0)]
@@ -247,6 +249,7 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
         } else {
             ("block_rq_issue", "block_rq_complete")
         },
+        server: None,
     };
     eprintln!(
         "bench: {} round(s) of {} x {}; scratch {}",
@@ -260,11 +263,13 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
         scratch.display()
     );
 
-    let scaling_counts = [0, args.scaling_others as usize];
+    let mut scaling_counts = vec![0usize];
+    scaling_counts.extend(args.scaling_others.iter().map(|&n| n as usize));
+    scaling_counts.sort();
+    scaling_counts.dedup();
     let run_scaling = |failures: &mut Vec<String>| -> Result<()> {
         eprintln!(
-            "bench: the scaling part: the pinned storm with {} and {} other traced targets",
-            scaling_counts[0], scaling_counts[1]
+            "bench: the scaling part: the pinned storm with {scaling_counts:?} other traced targets"
         );
         let when = utc_now();
         let s = scaling::run(&env, &setup, &scaling_counts, rounds, &scratch)?;
@@ -520,6 +525,7 @@ fn loss_check(setup: &Setup, dir: &Path) -> Result<LossCheck> {
         bpftrace: setup.bpftrace.clone(),
         ringbuf_kib: Some(4),
         block_tps: setup.block_tps,
+        server: None,
     };
     let running = tiny
         .start(Tracer::Cis490, wl.id(), dir)?

@@ -1,26 +1,32 @@
-//! What many traced VMs cost a host today: the pinned context-switch storm,
-//! untraced and under `cis490 trace` as users run it, while 0 and then
+//! What many traced VMs cost a host: the pinned context-switch storm,
+//! untraced and traced as users run it, while 0 and then each of
 //! `--scaling-others` other targets (idle `sleep` processes, standing in
-//! for the lab's other VMs) are each traced by a standalone `cis490 trace`
-//! of their own (the default command, as a lab runs one per VM today).
+//! for the lab's other VMs) are traced too, two ways:
 //!
-//! Each standalone tracer loads and attaches its own programs, and the
-//! scheduler programs of every one run on every context switch of the
-//! machine, the storm's included: the storm's CPU time grows with the
-//! number of tracers even when none of them traces it. The figures are
-//! the storm's own CPU time (medians over the rounds; the storm is pinned,
-//! so the other tracers' user-space work on the other CPU does not count)
-//! and, from a pass with the kernel's BPF statistics on, the run time of
-//! every tracer's programs per storm round trip.
+//! - standalone: each other target by a `cis490 trace` of its own (the
+//!   default command, one per VM), the storm by another. Each loads and
+//!   attaches its own programs, and the scheduler programs of every one
+//!   run on every context switch of the machine, the storm's included;
+//! - served: one `cis490 serve`, every target (the storm's included)
+//!   through `cis490 trace --server`. One set of programs: a switch that
+//!   involves no target is rejected by the target filter whatever their
+//!   number.
+//!
+//! The figures are the storm's own CPU time (medians over the rounds; the
+//! storm is pinned, so the tracers' user-space work on the other CPU does
+//! not count) and, from a pass with the kernel's BPF statistics on, the run
+//! time of every tracer's programs per storm round trip. The served part
+//! also reads the server's resident memory with each count of episodes
+//! running, and after they ended.
 
 use std::{
     fs,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 use super::{
     measure::{self, BpfRun, BpfStats, median},
@@ -29,9 +35,28 @@ use super::{
     workloads::{Env, Kind},
 };
 
-/// One storm run with `others` standalone tracers on idle targets.
+/// How the targets are traced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A `cis490 trace` per target.
+    Standalone,
+    /// One `cis490 serve`, a `cis490 trace --server` client per target.
+    Served,
+}
+
+impl Mode {
+    fn tracer(self) -> Tracer {
+        match self {
+            Mode::Standalone => Tracer::Cis490,
+            Mode::Served => Tracer::Cis490Served,
+        }
+    }
+}
+
+/// One storm run with `others` other traced targets.
 #[derive(Clone, Debug)]
 pub struct ScaleRun {
+    pub mode: Mode,
     pub others: usize,
     pub traced: bool,
     pub stats_pass: bool,
@@ -47,17 +72,124 @@ pub struct Scaling {
     pub rounds: u32,
     pub round_trips: u64,
     pub runs: Vec<ScaleRun>,
+    /// The server's resident memory (KiB) with N other episodes running
+    /// (the storm's not), and once they ended.
+    pub server_rss: Vec<(usize, u64, u64)>,
+    /// The server's maps' locked kernel memory (bytes), fixed at load.
+    pub server_map_bytes: Option<u64>,
+    pub max_targets: u32,
     pub failures: Vec<String>,
 }
 
-/// Idle targets, each with its standalone tracer.
+/// A `cis490 serve` for the served part, stopped when dropped.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(cis490: &Path, dir: &Path, max_targets: u32) -> Result<Server> {
+        fs::create_dir_all(dir)?;
+        let socket = dir.join("server.sock");
+        let child = Command::new(cis490)
+            .arg("serve")
+            .arg("--control")
+            .arg(&socket)
+            .args(["--max-targets", &max_targets.to_string()])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(dir.join("server.stdout"))?)
+            .stderr(fs::File::create(dir.join("server.stderr"))?)
+            .spawn()
+            .context("cannot start cis490 serve")?;
+        let mut s = Server { child, socket };
+        let t0 = Instant::now();
+        while !s.socket.exists() {
+            if let Some(st) = s.child.try_wait()? {
+                bail!("cis490 serve exited ({st}) before it listened");
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("cis490 serve did not listen within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(s)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory, KiB.
+    fn rss_kib(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// The locked kernel memory of the maps it holds, bytes.
+    fn map_bytes(&self) -> u64 {
+        let pid = self.pid();
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return 0;
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        let mut total = 0;
+        for fd in fds.flatten() {
+            if !fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:bpf-map")
+            {
+                continue;
+            }
+            let info = fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            let field = |k: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if let (Some(id), Some(bytes)) = (field("map_id:"), field("memlock:"))
+                && seen.insert(id)
+            {
+                total += bytes;
+            }
+        }
+        total
+    }
+
+    fn stop(mut self) -> Result<()> {
+        super::measure::signal(self.pid(), libc::SIGTERM)?;
+        let st = self.child.wait()?;
+        if !st.success() {
+            bail!("cis490 serve exited with {st}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Idle targets, each traced (standalone, or through the server).
 struct Others {
     sleeps: Vec<Child>,
     tracers: Vec<Running>,
 }
 
 impl Others {
-    fn start(setup: &Setup, n: usize, dir: &Path) -> Result<Others> {
+    fn start(setup: &Setup, tracer: Tracer, n: usize, dir: &Path) -> Result<Others> {
         let mut o = Others {
             sleeps: Vec::new(),
             tracers: Vec::new(),
@@ -72,9 +204,7 @@ impl Others {
             o.sleeps.push(sleep);
             let d = dir.join(format!("other-{i}"));
             fs::create_dir_all(&d)?;
-            let t = setup
-                .start(Tracer::Cis490, pid, &d)?
-                .context("a cis490 tracer")?;
+            let t = setup.start(tracer, pid, &d)?.context("a cis490 tracer")?;
             o.tracers.push(t);
         }
         Ok(o)
@@ -113,9 +243,9 @@ fn bpf_of(pids: &[u32]) -> BpfRun {
         .fold(BpfRun::default(), BpfRun::plus)
 }
 
-/// Runs the scaling part: for each count of other targets, `rounds` pairs
-/// of storms (untraced, traced; the order alternates), then one statistics
-/// pass of each.
+/// Runs the scaling part, standalone then served: for each count of other
+/// targets, `rounds` pairs of storms (untraced, traced; the order
+/// alternates), then one statistics pass of each.
 pub fn run(
     env: &Env,
     setup: &Setup,
@@ -123,95 +253,139 @@ pub fn run(
     rounds: u32,
     scratch: &Path,
 ) -> Result<Scaling> {
+    let max_targets = counts.iter().max().copied().unwrap_or(0) as u32 + 8;
     let mut s = Scaling {
         counts: counts.to_vec(),
         rounds,
         round_trips: env.sizes.storm_round_trips,
         runs: Vec::new(),
+        server_rss: Vec::new(),
+        server_map_bytes: None,
+        max_targets,
         failures: Vec::new(),
     };
     let mut n = 0usize;
-    for &others in counts {
-        let dir = scratch.join(format!("scaling-{others}"));
-        fs::create_dir_all(&dir)?;
-        let t0 = Instant::now();
-        let o = Others::start(setup, others, &dir)?;
-        eprintln!(
-            "bench: scaling: {others} other target(s), each with its own cis490 trace (ready in {:.1} s)",
-            t0.elapsed().as_secs_f64()
-        );
-        let mut pass = |traced: bool, round: u32, stats_pass: bool| {
-            n += 1;
-            let d = dir.join(format!(
-                "{n:03}-r{round}-{}",
-                if traced { "cis490" } else { "untraced" }
-            ));
-            let tracer = if traced { Tracer::Cis490 } else { Tracer::None };
-            // The other tracers' programs, read around the run in the
-            // statistics pass only.
-            let others_bpf = || stats_pass.then(|| bpf_of(&o.pids()));
-            let b0 = others_bpf();
-            let r = run_once(env, setup, Kind::Storm, tracer, &d, round, stats_pass);
-            let b1 = others_bpf();
-            match r {
-                Ok(r) => {
-                    let bpf = b0
-                        .zip(b1)
-                        .map(|(b0, b1)| r.bpf.unwrap_or_default().plus(b1.since(b0)));
-                    let sr = ScaleRun {
-                        others,
-                        traced,
-                        stats_pass,
-                        work_cpu_ns: r.work_cpu_ns,
-                        round_trips: s.round_trips,
-                        bpf,
-                    };
-                    eprintln!(
-                        "bench: scaling: {others} others, storm {}{}: workload CPU {:.3} s{}",
-                        tracer.name(),
-                        if stats_pass { " (statistics pass)" } else { "" },
-                        sr.work_cpu_ns.unwrap_or(0) as f64 / 1e9,
-                        sr.bpf
-                            .map(|b| format!(
-                                ", BPF {:.0} ns per round trip",
-                                b.run_time_ns as f64 / sr.round_trips as f64
-                            ))
-                            .unwrap_or_default()
-                    );
-                    s.runs.push(sr);
-                }
-                Err(e) => {
-                    let msg = format!("scaling: {others} others, storm {}: {e:#}", tracer.name());
-                    eprintln!("bench: FAILED {msg}");
-                    s.failures.push(msg);
-                }
-            }
-            settle();
+    for mode in [Mode::Standalone, Mode::Served] {
+        let server = match mode {
+            Mode::Standalone => None,
+            Mode::Served => Some(Server::start(
+                &setup.cis490,
+                &scratch.join("scaling-server"),
+                max_targets,
+            )?),
         };
-        for round in 0..rounds {
-            let first = round % 2 == 0;
-            pass(!first, round, false);
-            pass(first, round, false);
+        let setup = Setup {
+            bin: setup.bin.clone(),
+            cis490: setup.cis490.clone(),
+            bpftrace: setup.bpftrace.clone(),
+            ringbuf_kib: setup.ringbuf_kib,
+            block_tps: setup.block_tps,
+            server: server.as_ref().map(|s| s.socket.clone()),
+        };
+        if let Some(sv) = &server {
+            s.server_map_bytes = Some(sv.map_bytes());
         }
+        for &others in counts {
+            let dir = scratch.join(format!("scaling-{mode:?}-{others}"));
+            fs::create_dir_all(&dir)?;
+            let t0 = Instant::now();
+            let o = Others::start(&setup, mode.tracer(), others, &dir)?;
+            eprintln!(
+                "bench: scaling: {others} other target(s), {mode:?} (ready in {:.1} s)",
+                t0.elapsed().as_secs_f64()
+            );
+            let rss_running = server.as_ref().map(|sv| sv.rss_kib());
+            // Whose programs run: the other tracers', or the server's.
+            let bpf_pids: Vec<u32> = match &server {
+                Some(sv) => vec![sv.pid()],
+                None => o.pids(),
+            };
+            let mut pass = |traced: bool, round: u32, stats_pass: bool| {
+                n += 1;
+                let d = dir.join(format!(
+                    "{n:03}-r{round}-{}",
+                    if traced { "cis490" } else { "untraced" }
+                ));
+                let tracer = if traced { mode.tracer() } else { Tracer::None };
+                // The other tracers' (or the server's) programs, read
+                // around the run in the statistics pass only.
+                let others_bpf = || stats_pass.then(|| bpf_of(&bpf_pids));
+                let b0 = others_bpf();
+                let r = run_once(env, &setup, Kind::Storm, tracer, &d, round, stats_pass);
+                let b1 = others_bpf();
+                match r {
+                    Ok(r) => {
+                        let bpf = b0
+                            .zip(b1)
+                            .map(|(b0, b1)| r.bpf.unwrap_or_default().plus(b1.since(b0)));
+                        let sr = ScaleRun {
+                            mode,
+                            others,
+                            traced,
+                            stats_pass,
+                            work_cpu_ns: r.work_cpu_ns,
+                            round_trips: s.round_trips,
+                            bpf,
+                        };
+                        eprintln!(
+                            "bench: scaling: {mode:?}, {others} others, storm {}{}: workload CPU {:.3} s{}",
+                            tracer.name(),
+                            if stats_pass { " (statistics pass)" } else { "" },
+                            sr.work_cpu_ns.unwrap_or(0) as f64 / 1e9,
+                            sr.bpf
+                                .map(|b| format!(
+                                    ", BPF {:.0} ns per round trip",
+                                    b.run_time_ns as f64 / sr.round_trips as f64
+                                ))
+                                .unwrap_or_default()
+                        );
+                        s.runs.push(sr);
+                    }
+                    Err(e) => {
+                        let msg = format!(
+                            "scaling: {mode:?}, {others} others, storm {}: {e:#}",
+                            tracer.name()
+                        );
+                        eprintln!("bench: FAILED {msg}");
+                        s.failures.push(msg);
+                    }
+                }
+                settle();
+            };
+            for round in 0..rounds {
+                let first = round % 2 == 0;
+                pass(!first, round, false);
+                pass(first, round, false);
+            }
+            {
+                let _stats = BpfStats::enable()?;
+                pass(false, rounds, true);
+                pass(true, rounds, true);
+            }
+            if let Err(e) = o.finish() {
+                s.failures.push(format!(
+                    "scaling: {mode:?}, {others} others: a tracer: {e:#}"
+                ));
+            }
+            if let (Some(sv), Some(running)) = (&server, rss_running) {
+                std::thread::sleep(Duration::from_millis(300));
+                s.server_rss.push((others, running, sv.rss_kib()));
+            }
+        }
+        if let Some(sv) = server
+            && let Err(e) = sv.stop()
         {
-            let _stats = BpfStats::enable()?;
-            pass(false, rounds, true);
-            pass(true, rounds, true);
-        }
-        if let Err(e) = o.finish() {
-            s.failures.push(format!(
-                "scaling: {others} others: a standalone tracer: {e:#}"
-            ));
+            s.failures.push(format!("scaling: the server: {e:#}"));
         }
     }
     Ok(s)
 }
 
-fn cpu_median(s: &Scaling, others: usize, traced: bool) -> Option<(f64, f64, f64)> {
+fn cpu_median(s: &Scaling, mode: Mode, others: usize, traced: bool) -> Option<(f64, f64, f64)> {
     let v: Vec<f64> = s
         .runs
         .iter()
-        .filter(|r| r.others == others && r.traced == traced && !r.stats_pass)
+        .filter(|r| r.mode == mode && r.others == others && r.traced == traced && !r.stats_pass)
         .filter_map(|r| r.work_cpu_ns.map(|c| c as f64))
         .collect();
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -219,10 +393,10 @@ fn cpu_median(s: &Scaling, others: usize, traced: bool) -> Option<(f64, f64, f64
     median(&v).map(|m| (m, lo, hi))
 }
 
-fn bpf_per_trip(s: &Scaling, others: usize, traced: bool) -> Option<f64> {
+fn bpf_per_trip(s: &Scaling, mode: Mode, others: usize, traced: bool) -> Option<f64> {
     s.runs
         .iter()
-        .find(|r| r.others == others && r.traced == traced && r.stats_pass)
+        .find(|r| r.mode == mode && r.others == others && r.traced == traced && r.stats_pass)
         .and_then(|r| r.bpf)
         .map(|b| b.run_time_ns as f64 / s.round_trips.max(1) as f64)
 }
@@ -231,42 +405,114 @@ fn bpf_per_trip(s: &Scaling, others: usize, traced: bool) -> Option<f64> {
 pub fn render(s: &Scaling, command: &str, when: &str) -> String {
     let mut t = String::new();
     t += &format!(
-        "### Many traced VMs: standalone tracers (today's design)\n\n\
+        "### Many traced VMs: standalone tracers against one server\n\n\
          Generated by `{command}` at {when}: the pinned storm ({} round trips), {} round(s) \
-         per row, untraced and under `cis490 trace` (the default sources), while N other \
-         targets (idle `sleep` processes) are each traced by a standalone `cis490 trace` of \
-         their own. The storm's own CPU time, medians (lowest..highest); the change is against \
-         the untraced storm with no other tracer. BPF: the run time of every tracer's programs \
-         per round trip, from one run with the kernel's BPF statistics on.\n\n",
-        s.round_trips, s.rounds
+         per row, untraced and traced with the default sources, while N other targets (idle \
+         `sleep` processes) are traced too: standalone, each target (the storm's included) by \
+         a `cis490 trace` of its own; served, every target through one `cis490 serve \
+         --max-targets {}` (`cis490 trace --server`). The storm's own CPU time, medians \
+         (lowest..highest); the change is against the storm with no tracer and no server at all \
+         (the standalone part's first row), so the served rows' untraced storm shows what the \
+         server's programs cost a process it does not trace. BPF: the run time of every tracer's programs (standalone) or the \
+         server's (served) per round trip, from one run with the kernel's BPF statistics on.\n\n",
+        s.round_trips, s.rounds, s.max_targets
     );
-    t += "| other targets (standalone tracers) | storm untraced: CPU s | change | BPF ns/round trip | storm under cis490: CPU s | change | BPF ns/round trip |\n";
-    t += "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
-    let base = cpu_median(s, s.counts.first().copied().unwrap_or(0), false).map(|m| m.0);
     let cell = |m: Option<(f64, f64, f64)>| match m {
         Some((m, lo, hi)) => format!("{:.3} ({:.3}..{:.3})", m / 1e9, lo / 1e9, hi / 1e9),
         None => "failed".into(),
     };
-    let change = |m: Option<(f64, f64, f64)>| match (m, base) {
-        (Some((m, lo, hi)), Some(b)) if b > 0.0 => format!(
-            "{:+.1}% ({:+.1}..{:+.1})",
-            (m / b - 1.0) * 100.0,
-            (lo / b - 1.0) * 100.0,
-            (hi / b - 1.0) * 100.0
-        ),
-        _ => "-".into(),
-    };
     let ns = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
-    for &k in &s.counts {
-        let (u, c) = (cpu_median(s, k, false), cpu_median(s, k, true));
+    t += "| tracing | other targets | storm untraced: CPU s | change | BPF ns/round trip | storm traced: CPU s | change | BPF ns/round trip |\n";
+    t += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    // One baseline for both parts: the storm with no tracer and no server.
+    let base = cpu_median(
+        s,
+        Mode::Standalone,
+        s.counts.first().copied().unwrap_or(0),
+        false,
+    )
+    .map(|m| m.0);
+    for mode in [Mode::Standalone, Mode::Served] {
+        let change = |m: Option<(f64, f64, f64)>| match (m, base) {
+            (Some((m, lo, hi)), Some(b)) if b > 0.0 => format!(
+                "{:+.1}% ({:+.1}..{:+.1})",
+                (m / b - 1.0) * 100.0,
+                (lo / b - 1.0) * 100.0,
+                (hi / b - 1.0) * 100.0
+            ),
+            _ => "-".into(),
+        };
+        for &k in &s.counts {
+            let (u, c) = (cpu_median(s, mode, k, false), cpu_median(s, mode, k, true));
+            t += &format!(
+                "| {} | {k} | {} | {} | {} | {} | {} | {} |\n",
+                match mode {
+                    Mode::Standalone => "standalone",
+                    Mode::Served => "served",
+                },
+                cell(u),
+                change(u),
+                ns(bpf_per_trip(s, mode, k, false)),
+                cell(c),
+                change(c),
+                ns(bpf_per_trip(s, mode, k, true))
+            );
+        }
+    }
+    // The target: through the server, the traced storm with the most other
+    // targets within 1 percentage point of it with none.
+    let (first, last) = (
+        s.counts.first().copied().unwrap_or(0),
+        s.counts.last().copied().unwrap_or(0),
+    );
+    if let (Some(b), Some(c0), Some(cn)) = (
+        base,
+        cpu_median(s, Mode::Served, first, true),
+        cpu_median(s, Mode::Served, last, true),
+    ) {
+        let pp = (cn.0 - c0.0) / b * 100.0;
+        let (lo, hi) = ((cn.1 - c0.2) / b * 100.0, (cn.2 - c0.1) / b * 100.0);
+        let bpf = bpf_per_trip(s, Mode::Served, last, true)
+            .zip(bpf_per_trip(s, Mode::Served, first, true))
+            .map(|(a, z)| (a - z) / (b / s.round_trips.max(1) as f64) * 100.0);
+        let holds = if hi <= 1.0 {
+            "yes"
+        } else if lo > 1.0 {
+            "no"
+        } else {
+            "not shown (the range crosses it)"
+        };
         t += &format!(
-            "| {k} | {} | {} | {} | {} | {} | {} |\n",
-            cell(u),
-            change(u),
-            ns(bpf_per_trip(s, k, false)),
-            cell(c),
-            change(c),
-            ns(bpf_per_trip(s, k, true))
+            "\nServed, {last} other targets against none, the traced storm: {pp:+.1} percentage \
+             points of the untraced storm's CPU time (medians; {lo:+.1}..{hi:+.1} between the \
+             extremes of the two rows){}. Within 1 point: {holds}.\n",
+            bpf.map(|v| format!(
+                "; BPF run time per round trip {v:+.2} points (one statistics pass each)"
+            ))
+            .unwrap_or_default()
+        );
+    }
+    if !s.server_rss.is_empty() {
+        t += "\nThe server's resident memory (VmRSS) with N other episodes running (their clients idle), and after they ended:\n\n";
+        t += "| other episodes | running: KiB | after: KiB |\n| ---: | ---: | ---: |\n";
+        for (n, running, after) in &s.server_rss {
+            t += &format!("| {n} | {running} | {after} |\n");
+        }
+        if let (Some(&(0, r0, _)), Some(&(n, rn, _))) = (s.server_rss.first(), s.server_rss.last())
+            && n > 0
+        {
+            t += &format!(
+                "\nAbout {:.0} KiB more per running episode ({n} episodes against none).\n",
+                rn.saturating_sub(r0) as f64 / n as f64
+            );
+        }
+    }
+    if let Some(b) = s.server_map_bytes {
+        t += &format!(
+            "\nThe server's maps lock {:.1} MiB of kernel memory, allocated at load for \
+             --max-targets {} (it does not grow with the episodes).\n",
+            b as f64 / (1024.0 * 1024.0),
+            s.max_targets
         );
     }
     if !s.failures.is_empty() {

@@ -39,6 +39,9 @@ pub enum Tracer {
     Cis490Proc,
     /// cis490 with perf's per-thread counters alone (`--sources perf`).
     Cis490Perf,
+    /// cis490 as users run it, through a server (`cis490 trace --server`;
+    /// the scaling part only, which runs the server).
+    Cis490Served,
     /// bpftrace counting the same scheduler and block events.
     Bpftrace,
     /// A plain /proc poller at the same interval.
@@ -65,6 +68,7 @@ impl Tracer {
             Tracer::Cis490Ebpf => "cis490 ebpf",
             Tracer::Cis490Proc => "cis490 proc",
             Tracer::Cis490Perf => "cis490 perf",
+            Tracer::Cis490Served => "cis490 --server",
             Tracer::Bpftrace => "bpftrace",
             Tracer::Proc => "/proc poller",
         }
@@ -73,7 +77,7 @@ impl Tracer {
     /// For a cis490 run: its `--sources` (`None`: the default sources).
     pub fn cis490_sources(self) -> Option<Option<&'static str>> {
         match self {
-            Tracer::Cis490 | Tracer::Cis490Wakeups => Some(None),
+            Tracer::Cis490 | Tracer::Cis490Wakeups | Tracer::Cis490Served => Some(None),
             Tracer::Cis490Ebpf => Some(Some("ebpf")),
             Tracer::Cis490Proc => Some(Some("proc")),
             Tracer::Cis490Perf => Some(Some("perf")),
@@ -108,6 +112,8 @@ pub struct Setup {
     /// Block tracepoints bpftrace uses: ("block_io_start", "block_io_done")
     /// on Linux 6.5+, else ("block_rq_issue", "block_rq_complete").
     pub block_tps: (&'static str, &'static str),
+    /// A running `cis490 serve`'s socket, for `Tracer::Cis490Served`.
+    pub server: Option<PathBuf>,
 }
 
 /// A tracer running against a pid.
@@ -146,9 +152,17 @@ impl Setup {
             | Tracer::Cis490Wakeups
             | Tracer::Cis490Ebpf
             | Tracer::Cis490Proc
-            | Tracer::Cis490Perf) => {
+            | Tracer::Cis490Perf
+            | Tracer::Cis490Served) => {
                 let mut c = Command::new(&self.cis490);
                 c.args(["trace", "--target-pid", &pid.to_string()]);
+                if t == Tracer::Cis490Served {
+                    let socket = self
+                        .server
+                        .as_ref()
+                        .context("cis490 --server runs in the scaling part only")?;
+                    c.arg("--server").arg(socket);
+                }
                 if let Some(Some(sources)) = t.cis490_sources() {
                     c.args(["--sources", sources]);
                 }
@@ -218,7 +232,10 @@ impl Running {
             | Tracer::Cis490Wakeups
             | Tracer::Cis490Ebpf
             | Tracer::Cis490Proc
-            | Tracer::Cis490Perf => cis490_tests::started_episode(&self.dir.join("data")).is_some(),
+            | Tracer::Cis490Perf
+            | Tracer::Cis490Served => {
+                cis490_tests::started_episode(&self.dir.join("data")).is_some()
+            }
             Tracer::Bpftrace => {
                 fs::read_to_string(self.dir.join("bpftrace.out")).is_ok_and(|t| t.contains("tick"))
             }

@@ -1,0 +1,655 @@
+//! One server, many episodes (`cis490 serve`, `cis490 trace --server`):
+//! overlapping episodes each as exact as a standalone trace against its own
+//! workload's ground truth, each on its own grid; a killed client, an
+//! exiting target, a full server, a bad request and a user who may not use
+//! the socket; the server's own end.
+
+use std::{
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use cis490_tests::*;
+
+const T: Duration = Duration::from_secs(90);
+const MIB: u64 = 1 << 20;
+
+/// A running `cis490 serve`, stopped (SIGTERM) and reaped when dropped.
+struct Server {
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, args: &[&str]) -> Server {
+        let socket = dir.join("cis490.sock");
+        let child = Command::new(bin("cis490"))
+            .arg("serve")
+            .arg("--control")
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(dir.join("server-data"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let s = Server {
+            child: Some(child),
+            socket,
+        };
+        let t0 = Instant::now();
+        while !s.socket.exists() {
+            assert!(t0.elapsed() < T, "the server did not listen within {T:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
+    /// `cis490 trace --server SOCKET` with a data dir in `dir`.
+    fn trace(&self, dir: &Path) -> Command {
+        let mut c = default_trace_cmd(dir);
+        c.arg("--server").arg(&self.socket);
+        c
+    }
+
+    /// Stops the server with `sig` and returns its output.
+    fn stop(mut self, sig: libc::c_int) -> Output {
+        let child = self.child.take().unwrap();
+        kill(child.id() as i32, sig);
+        wait_output(child, T)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            kill(c.id() as i32, libc::SIGTERM);
+            let out = wait_output(c, T);
+            eprintln!("server stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+fn spawn_piped(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The episode a client has started (its `started` event out), found by
+/// its data dir.
+fn started(dir: &Path) -> PathBuf {
+    wait_trace_started(&dir.join("data"), T)
+}
+
+fn start_ns(ep: &Episode) -> u64 {
+    ep.meta["start"]["t_mono_ns"].as_u64().unwrap()
+}
+
+/// Three episodes through one server, started 0.3 s apart and ending at
+/// their own times, each held to its own workload's ground truth as the
+/// single-target tests hold a standalone trace: CPU time and switches
+/// (spawned), block bytes (attached), tap bytes (attached, in a network
+/// namespace), with an untraced neighbour of each kind beside them.
+#[test]
+fn three_overlapping_episodes_are_each_exact() {
+    require_root();
+    let dir = scratch("serve-three");
+    let server = Server::start(&dir, &[]);
+    let (cpu_dir, dio_dir, tap_dir) = (dir.join("cpu"), dir.join("dio"), dir.join("tap"));
+
+    // Episode 1: a spawned command burning two threads.
+    let stamp = cpu_dir.join("exit.json");
+    std::fs::create_dir_all(&cpu_dir).unwrap();
+    let cpu = spawn_piped(
+        server
+            .trace(&cpu_dir)
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .arg("--exit-stamp")
+            .arg(&stamp)
+            .args([
+                "cpu",
+                "--threads",
+                "2",
+                "--burn-ms",
+                "900",
+                "--linger-ms",
+                "250",
+                "--out",
+            ])
+            .arg(cpu_dir.join("cpu.json")),
+    );
+    let cpu_ep = started(&cpu_dir);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Episode 2: direct I/O of a process attached to.
+    std::fs::create_dir_all(&dio_dir).unwrap();
+    let dio_json = dio_dir.join("dio.json");
+    let mut dio_wl = Command::new(bin("cis490-workload"))
+        .args([
+            "dio",
+            "--write-mb",
+            "16",
+            "--read-mb",
+            "8",
+            "--wait-signal",
+            "--linger-ms",
+            "1500",
+            "--file",
+        ])
+        .arg(dio_dir.join("target.bin"))
+        .arg("--out")
+        .arg(&dio_json)
+        .spawn()
+        .unwrap();
+    wait_for_file(&dio_json.with_extension("json.ready"), T);
+    let ctl = dio_dir.join("ctl.sock");
+    let dio = spawn_piped(
+        server
+            .trace(&dio_dir)
+            .args([
+                "--target-pid",
+                &dio_wl.id().to_string(),
+                "--interval-ms",
+                "50",
+                "--label",
+                "attached@0",
+                "--control",
+            ])
+            .arg(&ctl),
+    );
+    started(&dio_dir);
+    // The episode's own control socket, through the server.
+    wait_for_file(&ctl, T);
+    let answer = raw_request(&ctl, b"label io\n");
+    assert!(answer.starts_with("ok "), "{answer}");
+    let mut noise = Command::new(bin("cis490-workload"))
+        .args(["dio", "--write-mb", "16", "--read-mb", "16", "--file"])
+        .arg(dio_dir.join("noise.bin"))
+        .arg("--out")
+        .arg(dio_dir.join("noise.json"))
+        .spawn()
+        .unwrap();
+    kill(dio_wl.id() as i32, libc::SIGUSR1);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Episode 3: frames through a tap of a process attached to, another
+    // process's tap busy beside it.
+    std::fs::create_dir_all(&tap_dir).unwrap();
+    let ns = Netns::new("serve");
+    let tap_json = tap_dir.join("tap.json");
+    let tap_wl = |name: &str, out: &Path, args: &[&str]| {
+        let child = ns
+            .cmd(&bin("cis490-workload"))
+            .args(["tap", "--name", name, "--wait-signal"])
+            .args(args)
+            .arg("--out")
+            .arg(out)
+            .spawn()
+            .unwrap();
+        wait_for_file(&out.with_extension("json.ready"), T);
+        ns.sh(&format!("sysctl -q -w net.ipv6.conf.{name}.disable_ipv6=1"));
+        ns.ip(&["link", "set", name, "up"]);
+        child
+    };
+    let mut tap = tap_wl(
+        "c490s0",
+        &tap_json,
+        &["--frames", "1500", "--size", "1000", "--linger-ms", "300"],
+    );
+    let mut tap_noise = tap_wl(
+        "c490s1",
+        &tap_dir.join("noise.json"),
+        &["--frames", "1000", "--size", "1200"],
+    );
+    let tap_trace = spawn_piped(server.trace(&tap_dir).args([
+        "--target-pid",
+        &tap.id().to_string(),
+        "--interval-ms",
+        "20",
+    ]));
+    let tap_ep = started(&tap_dir);
+    wait_for_event(&tap_ep, "tap_attached", |e| e["name"] == "c490s0", T);
+    kill(tap_noise.id() as i32, libc::SIGUSR1);
+    kill(tap.id() as i32, libc::SIGUSR1);
+
+    assert!(dio_wl.wait().unwrap().success());
+    assert!(noise.wait().unwrap().success());
+    assert!(tap.wait().unwrap().success());
+    assert!(tap_noise.wait().unwrap().success());
+    let cpu = Episode::from_output(&wait_output(cpu, T));
+    let dio = Episode::from_output(&wait_output(dio, T));
+    let tap = Episode::from_output(&wait_output(tap_trace, T));
+    assert_eq!(cpu.dir, cpu_ep);
+    for ep in [&cpu, &dio, &tap] {
+        assert!(ep.is_done());
+        assert_eq!(ep.meta["status"], "complete");
+        assert_eq!(ep.meta["end_reason"], "target_exited");
+        assert_check_passes(&ep.dir);
+    }
+
+    // Each episode its own grid, from its own start.
+    let (s1, s2, s3) = (start_ns(&cpu), start_ns(&dio), start_ns(&tap));
+    assert!(
+        s2 >= s1 + 300_000_000 && s3 >= s2 + 300_000_000,
+        "{s1} {s2} {s3}"
+    );
+    assert_eq!(cpu.meta["interval_ns"], 100_000_000);
+    assert_eq!(dio.meta["interval_ns"], 50_000_000);
+    assert_eq!(tap.meta["interval_ns"], 20_000_000);
+    for ep in [&cpu, &dio, &tap] {
+        let first = &ep.rows("ebpf")[0];
+        assert_eq!(first["seq"], 0);
+        let begins = first["t_mono_ns"].as_u64().unwrap() - first["interval_ns"].as_u64().unwrap();
+        assert_eq!(begins, start_ns(ep), "{first}");
+    }
+    // The episodes overlapped, and ended at their own times.
+    let end = |ep: &Episode| ep.meta["end"]["t_mono_ns"].as_u64().unwrap();
+    assert!(
+        end(&cpu) > s3 && end(&dio) > s3,
+        "the episodes did not overlap"
+    );
+    assert_ne!(end(&cpu), end(&dio));
+
+    // 1: CPU against the workload's own clock at its exit, and the oracle.
+    let exit = ExitUsage::from_stamp(&stamp);
+    assert_traced_cpu_vs_stamp(
+        "served ebpf cpu_ns vs ground truth",
+        cpu.sum("ebpf", "cpu_ns"),
+        exit.cpu_ns,
+        0,
+    );
+    assert_close(
+        "served ebpf cpu_ns vs /proc",
+        cpu.sum("ebpf", "cpu_ns") as f64,
+        cpu.sum("proc", "cpu_ns") as f64,
+        0.02,
+    );
+    for f in ["ctx_switches_voluntary", "ctx_switches_involuntary"] {
+        let (e, p) = (cpu.sum("ebpf", f), cpu.sum("proc", f));
+        assert!(e.abs_diff(p) <= 5, "{f}: ebpf {e} vs /proc {p}");
+    }
+    let rusage = ExitUsage::from_meta(&cpu);
+    assert!(rusage.cpu_ns >= exit.cpu_ns, "{rusage:?} vs {exit:?}");
+    assert_eq!(cpu.meta["target_exit"]["code"], 0);
+    assert_eq!(cpu.meta["target"]["mode"], "spawn");
+
+    // The episode's labels: one from --label, one over its control socket.
+    let labels = std::fs::read_to_string(dio.dir.join("labels.jsonl")).unwrap();
+    assert_eq!(labels.lines().count(), 2, "{labels}");
+    assert!(
+        labels.contains("\"attached\"") && labels.contains("\"io\""),
+        "{labels}"
+    );
+    for ep in [&cpu, &tap] {
+        let l = std::fs::read_to_string(ep.dir.join("labels.jsonl")).unwrap();
+        assert!(l.is_empty(), "another episode's label: {l}");
+    }
+
+    // 2: block bytes against the workload's calls (block_io: exact reads,
+    // writes plus the file's metadata; block_rq: one request of slack).
+    let truth = report(&dio_json);
+    let (w, r) = (
+        truth["write_bytes"].as_u64().unwrap(),
+        truth["read_bytes"].as_u64().unwrap(),
+    );
+    assert_eq!((w, r), (16 * MIB, 8 * MIB));
+    let (ew, er) = (
+        dio.sum("ebpf", "blk_write_bytes"),
+        dio.sum("ebpf", "blk_read_bytes"),
+    );
+    let slack = if family(&dio, "block")["path"] == "block_io" {
+        65536
+    } else {
+        4 * MIB
+    };
+    assert!(ew >= w && ew <= w + slack, "blk_write_bytes {ew} vs {w}");
+    assert!(er >= r && er <= r + slack, "blk_read_bytes {er} vs {r}");
+
+    // 3: the tap's frames, exactly.
+    let truth = report(&tap_json);
+    let by_if = |field: &str| -> u64 {
+        tap.rows("ebpf")
+            .iter()
+            .filter_map(|r| r["net_by_if"]["c490s0"][field].as_u64())
+            .sum()
+    };
+    assert_eq!(by_if("tx_bytes"), truth["bytes_written"].as_u64().unwrap());
+    assert_eq!(
+        by_if("tx_packets"),
+        truth["frames_written"].as_u64().unwrap()
+    );
+    assert_eq!(by_if("tx_packets"), 1500);
+    for ep in [&cpu, &dio] {
+        assert!(
+            ep.rows("ebpf")
+                .iter()
+                .all(|r| r["net_by_if"].get("c490s0").is_none()),
+            "another episode's tap counted in {}",
+            ep.dir.display()
+        );
+    }
+    // No episode counted another's I/O.
+    assert_eq!(tap.sum("ebpf", "blk_write_bytes"), 0);
+    drop(ns);
+    let out = server.stop(libc::SIGTERM);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A client killed mid-run ends its episode only, as `client_gone`, and
+/// that episode is complete and valid; a target that exits ends its own
+/// episode only; the other episode goes on and is exact.
+#[test]
+fn a_killed_client_and_an_exiting_target_end_their_own_episodes_only() {
+    require_root();
+    let dir = scratch("serve-kill");
+    let server = Server::start(&dir, &[]);
+    let (a_dir, b_dir, c_dir) = (dir.join("a"), dir.join("b"), dir.join("c"));
+    // A: attached to a process that burns and then waits for a signal.
+    let a_json = a_dir.join("a.json");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let mut a_wl = Command::new(bin("cis490-workload"))
+        .args(["wait-signal", "--threads", "1", "--burn-ms", "300", "--out"])
+        .arg(&a_json)
+        .spawn()
+        .unwrap();
+    wait_for_file(&a_json.with_extension("json.ready"), T);
+    let a = spawn_piped(
+        server
+            .trace(&a_dir)
+            .args(["--target-pid", &a_wl.id().to_string()]),
+    );
+    let a_ep = started(&a_dir);
+    // B: a spawned command that exits after 600 ms of work.
+    let b_stamp = b_dir.join("exit.json");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let b = spawn_piped(
+        server
+            .trace(&b_dir)
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .arg("--exit-stamp")
+            .arg(&b_stamp)
+            .args(["cpu", "--threads", "1", "--burn-ms", "600", "--out"])
+            .arg(b_dir.join("b.json")),
+    );
+    // C: runs on after A's client is killed, to its duration.
+    std::fs::create_dir_all(&c_dir).unwrap();
+    let c = spawn_piped(
+        server
+            .trace(&c_dir)
+            .args(["--duration", "3", "--"])
+            .arg(bin("cis490-workload"))
+            .args(["cpu", "--threads", "1", "--burn-ms", "20000", "--out"])
+            .arg(c_dir.join("c.json")),
+    );
+    let c_ep = started(&c_dir);
+    let b = Episode::from_output(&wait_output(b, T));
+    assert_eq!(b.meta["end_reason"], "target_exited");
+    assert_traced_cpu_vs_stamp(
+        "served ebpf cpu_ns vs ground truth",
+        b.sum("ebpf", "cpu_ns"),
+        ExitUsage::from_stamp(&b_stamp).cpu_ns,
+        0,
+    );
+    assert_check_passes(&b.dir);
+    // B's end ended neither A nor C.
+    assert!(!a_ep.join("done.marker").exists() && !c_ep.join("done.marker").exists());
+
+    // Kill A's client.
+    kill(a.id() as i32, libc::SIGKILL);
+    let out = wait_output(a, T);
+    assert!(!out.status.success());
+    wait_for_file(&a_ep.join("done.marker"), T);
+    let a = Episode::read(&a_ep);
+    assert_eq!(a.meta["status"], "complete");
+    assert_eq!(a.meta["end_reason"], "client_gone");
+    assert_eq!(a.events_named("client_gone").count(), 1);
+    assert_check_passes(&a.dir);
+    // Its target was attached to, not started: it runs on, untouched.
+    assert_eq!(proc_state(a_wl.id() as i32).map(|s| s != 'Z'), Some(true));
+    kill(a_wl.id() as i32, libc::SIGUSR1);
+    assert!(a_wl.wait().unwrap().success());
+
+    // C goes on to its duration, then completes.
+    assert!(!c_ep.join("done.marker").exists(), "C ended with A");
+    let c = Episode::from_output(&wait_output(c, T));
+    assert_eq!(c.meta["end_reason"], "duration");
+    assert_close(
+        "served ebpf cpu_ns vs /proc",
+        c.sum("ebpf", "cpu_ns") as f64,
+        c.sum("proc", "cpu_ns") as f64,
+        0.02,
+    );
+    assert_check_passes(&c.dir);
+    let out = server.stop(libc::SIGTERM);
+    assert!(out.status.success());
+}
+
+/// The first line a failed client printed on stderr.
+fn first_error(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("client: {}; stderr: {err}", out.status);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line: {err}");
+    lines[0].to_owned()
+}
+
+/// Beyond `--max-targets` a client gets one clear error line and no
+/// episode; so does a request the server cannot run (a gateway, wakeups the
+/// server does not count, garbage on the socket); the running episode is
+/// untouched, and SIGINT to its client finishes it.
+#[test]
+fn a_full_server_and_bad_requests_get_clear_errors_on_that_client_only() {
+    require_root();
+    let dir = scratch("serve-full");
+    let server = Server::start(&dir, &["--max-targets", "1"]);
+    let a_dir = dir.join("a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let a = spawn_piped(
+        server
+            .trace(&a_dir)
+            .args(["--target-pid", &sleeper.id().to_string()]),
+    );
+    let a_ep = started(&a_dir);
+
+    let b_dir = dir.join("b");
+    let out = run_with_timeout(server.trace(&b_dir).args(["--", "true"]), T);
+    assert!(!out.status.success());
+    let e = first_error(&out);
+    assert!(
+        e.contains("traces 1 targets already") && e.contains("--max-targets 1"),
+        "{e}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    // The episode directory it made holds no done.marker.
+    assert_eq!(done_markers(&b_dir.join("data")), 0);
+
+    let out = run_with_timeout(
+        server
+            .trace(&b_dir)
+            .args(["--wakeups", "--target-pid", &sleeper.id().to_string()]),
+        T,
+    );
+    assert!(
+        first_error(&out).contains("cis490 serve --wakeups"),
+        "{out:?}"
+    );
+    let out = run_with_timeout(
+        server.trace(&b_dir).args([
+            "--gateway-if",
+            "lo",
+            "--target-pid",
+            &sleeper.id().to_string(),
+        ]),
+        T,
+    );
+    assert!(first_error(&out).contains("--gateway-if"), "{out:?}");
+    // Not the protocol at all: one error line back.
+    let reply = raw_request(&server.socket, b"hello\n");
+    assert!(reply.contains("\"type\":\"error\""), "{reply}");
+    assert!(reply.contains("not a message"), "{reply}");
+
+    // A still runs; SIGINT to its client finishes it.
+    assert!(!a_ep.join("done.marker").exists());
+    kill(a.id() as i32, libc::SIGINT);
+    let a = Episode::from_output(&wait_output(a, T));
+    assert_eq!(a.dir, a_ep);
+    assert_eq!(a.meta["end_reason"], "signal");
+    assert_eq!(a.events_named("signal").next().unwrap()["signal"], "SIGINT");
+    assert_check_passes(&a.dir);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    // The slot is free again.
+    let out = run_with_timeout(server.trace(&b_dir).args(["--", "true"]), T);
+    Episode::from_output(&out);
+}
+
+/// Sends `bytes` on a fresh connection and returns the first line of the
+/// answer.
+fn raw_request(socket: &Path, bytes: &[u8]) -> String {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut reply = String::new();
+    let _ = std::io::BufReader::new(s).read_line(&mut reply);
+    reply
+}
+
+/// The socket is mode 0600 whatever the umask, so another user cannot
+/// connect; with the mode opened up, the server still refuses a peer that
+/// is neither root nor its user (peer credentials).
+#[test]
+fn only_root_may_use_the_server() {
+    require_root();
+    let dir = scratch("serve-root");
+    // SAFETY: umask has no preconditions; restored below.
+    let old = unsafe { libc::umask(0) };
+    let server = Server::start(&dir, &[]);
+    unsafe { libc::umask(old) };
+    let mode = std::fs::metadata(&server.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // SAFETY: the closure only calls setgid/setuid (async-signal-safe).
+    let as_nobody = |c: &mut Command| unsafe {
+        c.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    };
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = server.trace(&dir);
+    c.args(["--", "true"]);
+    as_nobody(&mut c);
+    let out = run_with_timeout(&mut c, T);
+    let e = first_error(&out);
+    assert!(
+        e.contains("cannot reach the cis490 server") && e.contains("denied"),
+        "{e}"
+    );
+
+    std::fs::set_permissions(&server.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut c = server.trace(&dir);
+    c.args(["--", "true"]);
+    as_nobody(&mut c);
+    let out = run_with_timeout(&mut c, T);
+    let e = first_error(&out);
+    assert!(
+        e.contains("permission denied") && e.contains("uid 65534"),
+        "{e}"
+    );
+    assert!(
+        !dir.join("data").exists(),
+        "a refused client made an episode"
+    );
+}
+
+/// SIGTERM to the server finishes every running episode (complete, with
+/// done.marker, `signal`), each client prints its episode and exits 0, and
+/// the server detaches every program.
+#[test]
+fn stopping_the_server_finishes_every_episode() {
+    require_root();
+    let dir = scratch("serve-stop");
+    let server = Server::start(&dir, &[]);
+    let mut clients = Vec::new();
+    for name in ["a", "b"] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let c = spawn_piped(server.trace(&d).args(["--", "sleep", "30"]));
+        started(&d);
+        clients.push(c);
+    }
+    let held = bpf::held_by(server.child.as_ref().unwrap().id() as i32);
+    assert!(!held.progs.is_empty(), "no program of the server's loaded");
+    let out = server.stop(libc::SIGTERM);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for c in clients {
+        let ep = Episode::from_output(&wait_output(c, T));
+        assert_eq!(ep.meta["end_reason"], "signal");
+        assert!(ep.is_done());
+        // The spawned command was ended with the episode.
+        assert!(ep.events_named("target_terminated").count() >= 1);
+        assert_check_passes(&ep.dir);
+    }
+    wait_freed(&held);
+}
+
+/// A server killed with SIGKILL leaves no BPF program behind.
+#[test]
+fn a_killed_server_leaves_no_program() {
+    require_root();
+    let dir = scratch("serve-killed");
+    let server = Server::start(&dir, &[]);
+    let d = dir.join("a");
+    std::fs::create_dir_all(&d).unwrap();
+    let client = spawn_piped(server.trace(&d).args(["--", "sleep", "30"]));
+    started(&d);
+    let held = bpf::held_by(server.child.as_ref().unwrap().id() as i32);
+    assert!(!held.progs.is_empty());
+    let out = server.stop(libc::SIGKILL);
+    assert!(!out.status.success());
+    wait_freed(&held);
+    // Its client says so.
+    let out = wait_output(client, T);
+    assert!(
+        first_error(&out).contains("closed the connection"),
+        "{out:?}"
+    );
+}
+
+/// Waits until the kernel has freed every BPF object of `held` (it frees
+/// maps a moment after the last program that used them).
+fn wait_freed(held: &bpf::Held) {
+    let t0 = Instant::now();
+    loop {
+        let left = bpf::still_loaded(held);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "BPF objects left 10 s after the server ended: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
