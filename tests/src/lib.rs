@@ -1162,3 +1162,63 @@ pub mod bpf {
         out
     }
 }
+
+/// A running `cis490 serve`, stopped (SIGTERM) and reaped when dropped.
+pub struct Server {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+}
+
+impl Server {
+    pub fn start(dir: &Path, args: &[&str]) -> Server {
+        let socket = dir.join("cis490.sock");
+        let child = Command::new(bin("cis490"))
+            .arg("serve")
+            .arg("--control")
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(dir.join("server-data"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let s = Server {
+            child: Some(child),
+            socket,
+        };
+        let t0 = Instant::now();
+        while !s.socket.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(90),
+                "the server did not listen within 90 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
+    /// `cis490 trace --server SOCKET` with a data dir in `dir`.
+    pub fn trace(&self, dir: &Path) -> Command {
+        let mut c = default_trace_cmd(dir);
+        c.arg("--server").arg(&self.socket);
+        c
+    }
+
+    /// Stops the server with `sig` and returns its output.
+    pub fn stop(mut self, sig: libc::c_int) -> Output {
+        let child = self.child.take().unwrap();
+        kill(child.id() as i32, sig);
+        wait_output(child, Duration::from_secs(90))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            kill(c.id() as i32, libc::SIGTERM);
+            let out = wait_output(c, Duration::from_secs(90));
+            eprintln!("server stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}

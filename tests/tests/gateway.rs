@@ -1240,6 +1240,73 @@ fn without_a_mac_every_frame_counts() {
     assert!(got > 6 * 5 * 2, "{got}");
 }
 
+/// Through a server (`cis490 trace --server`), the gateway collector is the
+/// episode's own: every frame on the bridge counted (held to the capture as
+/// above), its classifiers gone from the bridge when the episode ends, the
+/// server still running.
+#[test]
+fn a_served_episode_counts_the_bridge_too() {
+    require_root();
+    let dir = scratch("gateway-served");
+    let lab = lab("gs");
+    serve(&lab.gw);
+    let server = Server::start(&dir, &[]);
+    let pcap = dir.join("bridge.pcap");
+    let capture = start_capture(&lab.gw, &pcap);
+    let data = dir.join("data");
+    let mut c = server.trace(&dir);
+    c.args(["--gateway-netns", &lab.gw.0])
+        .args(["--sources", "ebpf"])
+        .args(["--interval-ms", &interval_ms().to_string()])
+        .args(["--gateway-if", BRIDGE, "--", "sleep", "600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let trace = c.spawn().unwrap();
+    wait_trace_started(&data, T);
+    let (tcx, tc) = attached(&lab.gw);
+    assert!(
+        !tcx.is_empty() || tc.contains("gw_ingress"),
+        "no classifier on the bridge: {tcx:?} {tc}"
+    );
+    thread::sleep(Duration::from_millis(interval_ms() * 2));
+    let other = vm2_traffic(&lab);
+    run_in(&lab.vm1, || connect_ports(7300..7320));
+    other.join().unwrap();
+    thread::sleep(Duration::from_millis(interval_ms() * 3));
+    let ep = end_trace(trace);
+    thread::sleep(Duration::from_millis(300));
+    stop_capture(capture);
+    assert_eq!(ep.meta["gateway"]["counts_every_frame"], true);
+    let start = ep.meta["start"]["t_wall_ns"].as_u64().unwrap();
+    let end = ep.rows("gateway").last().unwrap()["t_wall_ns"]
+        .as_u64()
+        .unwrap();
+    let frames = read_pcap(&pcap);
+    let certain = frames
+        .iter()
+        .filter(|f| f.ts_ns > start + late_ns() && f.ts_ns + EARLY_NS <= end)
+        .count() as u64;
+    let possible = frames
+        .iter()
+        .filter(|f| f.ts_ns + EARLY_NS > start && f.ts_ns <= end + late_ns())
+        .count() as u64;
+    let got = ep.sum("gateway", "events");
+    assert!(
+        certain <= got && got <= possible,
+        "every frame: {got}, capture {certain}..={possible}"
+    );
+    assert!(got > 6 * 5 * 2, "{got}");
+    // The episode's classifiers went with it; the server runs on.
+    let (tcx, tc) = attached(&lab.gw);
+    assert!(
+        tcx.is_empty() && !tc.contains("gw_"),
+        "left on the bridge: {tcx:?} {tc}"
+    );
+    assert!(server.child.as_ref().is_some());
+    let out = server.stop(libc::SIGTERM);
+    assert!(out.status.success());
+}
+
 /// Every way the tracer can end leaves the bridge as it was: an abort on a
 /// second signal undoes the clsact path (the target ignores SIGTERM, so the
 /// tracer is still finishing when the second signal comes), and a SIGKILL

@@ -241,38 +241,7 @@ impl Probes {
     /// (before anything attaches) and attaches every family. Only the
     /// scheduler family's required probes are fatal.
     pub fn load_and_attach(first: Option<u32>, facts: &KernelFacts, plan: &Plan) -> Result<Self> {
-        raise_memlock_limit();
-        // aya 0.14's loader always parses the whole kernel BTF when it is
-        // made (about 28 MiB at its peak here, the tracer's largest
-        // allocation), for CO-RE relocations this object does not have:
-        // made first, while little else is allocated, and that BTF dropped
-        // at once.
-        let mut loader = EbpfLoader::new();
-        loader.btf(None);
-        release_freed_memory();
-        // The attach points' type ids, not the whole kernel BTF (see
-        // btf::stub).
-        let btf = aya::Btf::parse(
-            &btf::stub::stub(&facts.tracepoints, &facts.iterators),
-            aya::Endianness::default(),
-        )
-        .map_err(|e| anyhow!("cannot build the attach points' BTF: {e}"))?;
-        let offsets: Vec<(&str, u32)> = facts
-            .offsets
-            .iter()
-            .map(|(g, o)| (g.as_ref(), o.unwrap_or(0)))
-            .collect();
-        let globals = plan.globals();
-        loader.map_max_entries(map::RECORDS, plan.ringbuf_bytes);
-        for (name, per_slot) in PER_TARGET_MAPS {
-            loader.map_max_entries(name, per_slot * plan.targets);
-        }
-        for (name, value) in offsets.iter().chain(globals.iter()) {
-            loader.override_global(name, value, true);
-        }
-        let ebpf = loader
-            .load(EBPF_OBJECT)
-            .map_err(|e| anyhow!("cannot load the eBPF object: {e}"))?;
+        let (ebpf, btf) = Self::load(facts, plan)?;
         // The target before any program attaches: none misses its start.
         let mut targets = Targets::new(&ebpf, plan.targets)?;
         let slot = first.map(|tgid| targets.add(tgid)).transpose()?;
@@ -308,6 +277,69 @@ impl Probes {
         })
     }
 
+    /// The object loaded with nothing attached and no target, for a
+    /// server's episode that runs the gateway collector: its classifiers
+    /// and maps are the episode's own (the gateway source attaches them).
+    pub fn load_unattached(facts: &KernelFacts, plan: &Plan) -> Result<Self> {
+        let (ebpf, btf) = Self::load(facts, plan)?;
+        drop(btf);
+        let targets = Targets::new(&ebpf, plan.targets)?;
+        Ok(Self {
+            ebpf,
+            targets: std::sync::Mutex::new(targets),
+            slot: None,
+            status: Vec::new(),
+            families: Vec::new(),
+            handoff: Handoff {
+                sched: None,
+                block: None,
+                net: None,
+                kvm: None,
+            },
+        })
+    }
+
+    /// Loads the object (maps made, programs not yet) with the offsets and
+    /// the plan's decisions as read-only globals; returns it and the attach
+    /// points' BTF.
+    fn load(facts: &KernelFacts, plan: &Plan) -> Result<(Ebpf, aya::Btf)> {
+        raise_memlock_limit();
+        // aya 0.14's loader always parses the whole kernel BTF when it is
+        // made (about 28 MiB at its peak here, the tracer's largest
+        // allocation), for CO-RE relocations this object does not have:
+        // made first, while little else is allocated, and that BTF dropped
+        // at once.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        release_freed_memory();
+        // The attach points' type ids, not the whole kernel BTF (see
+        // btf::stub).
+        let btf = aya::Btf::parse(
+            &btf::stub::stub(&facts.tracepoints, &facts.iterators),
+            aya::Endianness::default(),
+        )
+        .map_err(|e| anyhow!("cannot build the attach points' BTF: {e}"))?;
+        let offsets: Vec<(&str, u32)> = facts
+            .offsets
+            .iter()
+            .map(|(g, o)| (g.as_ref(), o.unwrap_or(0)))
+            .collect();
+        let globals = plan.globals();
+        loader.map_max_entries(map::RECORDS, plan.ringbuf_bytes);
+        for (name, per_slot) in PER_TARGET_MAPS {
+            loader.map_max_entries(name, per_slot * plan.targets);
+        }
+        for (name, value) in offsets.iter().chain(globals.iter()) {
+            loader.override_global(name, value, true);
+        }
+        let ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|e| anyhow!("cannot load the eBPF object: {e}"))?;
+        Ok((ebpf, btf))
+    }
+}
+
+impl Probes {
     /// A handle of its own on the ring buffer of lifecycle records (a
     /// server's dispatcher reads it for every episode).
     pub fn records_ring(&self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {

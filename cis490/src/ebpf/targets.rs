@@ -9,7 +9,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
 };
-use cis490_common::{map, target::filter_bit};
+use cis490_common::{ReqStart, block::map as block_map, map, target::filter_bit};
 
 use super::maps::open;
 
@@ -30,6 +30,10 @@ pub struct Targets {
     gone: Array<MapData, u32>,
     epoch: Array<MapData, u64>,
     generation: Array<MapData, u64>,
+    /// Block requests in flight and bio marks, each with its slot: a freed
+    /// slot's are forgotten before the slot is given again.
+    reqs: HashMap<MapData, u64, ReqStart>,
+    bios: HashMap<MapData, u64, u32>,
     /// The tgid in each slot, if any.
     tgids: Vec<Option<u32>>,
 }
@@ -43,6 +47,8 @@ impl Targets {
             gone: open(ebpf, map::TARGET_GONE)?,
             epoch: open(ebpf, map::EPOCH)?,
             generation: open(ebpf, map::TARGETS_GEN)?,
+            reqs: open(ebpf, block_map::REQS)?,
+            bios: open(ebpf, block_map::BIOS)?,
             tgids: vec![None; slots as usize],
         })
     }
@@ -75,17 +81,21 @@ impl Targets {
     }
 
     /// Stops tracing the thread group in `slot` and frees the slot. Its
-    /// filter bit stays set while another target shares it.
+    /// filter bit stays set while another target shares it. Its block
+    /// requests still in flight and its bio marks are forgotten before the
+    /// slot is free, so that none completes into the next target given it.
     pub fn remove(&mut self, slot: Slot) -> Result<()> {
-        let Some(tgid) = self.tgids.get_mut(slot.0 as usize).and_then(Option::take) else {
+        let Some(tgid) = self.tgid(slot) else {
             return Ok(());
         };
         let (word, bit) = filter_bit(tgid);
         let shared = self
             .tgids
             .iter()
-            .flatten()
-            .any(|&t| filter_bit(t) == (word, bit));
+            .enumerate()
+            .filter(|&(i, _)| i != slot.0 as usize)
+            .filter_map(|(_, t)| *t)
+            .any(|t| filter_bit(t) == (word, bit));
         if !shared {
             let w = self.filter.get(&word, 0).context(map::TARGET_FILTER)?;
             self.filter
@@ -94,7 +104,31 @@ impl Targets {
         }
         // Only the loader adds and removes entries.
         self.map.remove(&tgid).context(map::TARGETS)?;
-        self.changed()
+        self.changed()?;
+        // No program adds entries of the slot any more.
+        let reqs: Vec<u64> = self
+            .reqs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| r.slot == slot.0)
+            .map(|(k, _)| k)
+            .collect();
+        for k in reqs {
+            // One that completed meanwhile is gone already.
+            let _ = self.reqs.remove(&k);
+        }
+        let bios: Vec<u64> = self
+            .bios
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|&(_, s)| s == slot.0)
+            .map(|(k, _)| k)
+            .collect();
+        for k in bios {
+            let _ = self.bios.remove(&k);
+        }
+        self.tgids[slot.0 as usize] = None;
+        Ok(())
     }
 
     /// Raises the count of changes of `TARGETS`: every CPU's cached answer

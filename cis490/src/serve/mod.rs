@@ -55,6 +55,23 @@ impl Shared {
     pub fn facts(&self) -> &KernelFacts {
         &self.facts
     }
+
+    /// Fails when `--max-targets` targets are traced already.
+    fn check_room(&self) -> Result<()> {
+        let targets = self
+            .probes
+            .targets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if targets.len() >= self.options.targets as usize {
+            bail!(
+                "the server traces {} targets already, its most (cis490 serve --max-targets {})",
+                targets.len(),
+                self.options.targets
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Shared {
@@ -81,18 +98,12 @@ impl Lease {
         let slot = {
             // The route before any record of the slot can exist.
             let mut routes = shared.routes.lock().unwrap_or_else(PoisonError::into_inner);
+            shared.check_room()?;
             let mut targets = shared
                 .probes
                 .targets
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if targets.len() >= shared.options.targets as usize {
-                bail!(
-                    "the server traces {} targets already, its most (cis490 serve --max-targets {})",
-                    targets.len(),
-                    shared.options.targets
-                );
-            }
             let slot = targets.add(tgid)?;
             routes.insert(slot.index(), tx);
             slot
@@ -174,6 +185,9 @@ fn dispatch(
 struct Running {
     next: u64,
     stops: HashMap<u64, UnboundedSender<Stop>>,
+    /// The signal the server got, once it is stopping: an episode
+    /// registered after it is told at once.
+    stopping: Option<&'static str>,
 }
 
 /// Runs the server until SIGINT or SIGTERM, which finish every running
@@ -286,7 +300,8 @@ async fn accept(
         }
     };
     drop(listener);
-    let running = running.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut running = running.lock().unwrap_or_else(PoisonError::into_inner);
+    running.stopping = Some(signal);
     log::info!(
         "{signal}: finishing {} running episode(s)",
         running.stops.len()
@@ -358,6 +373,9 @@ fn episode(
     if spawned == cfg.command.is_empty() || (!spawned && cfg.target_pid != Some(pid)) {
         bail!("the request's target does not match its arguments");
     }
+    // A full server says so before it makes an episode (Lease::take checks
+    // again, under its lock).
+    shared.check_room()?;
     log::info!(
         "client: {} pid {pid}",
         if spawned { "spawned" } else { "attach to" }
@@ -368,6 +386,9 @@ fn episode(
         r.next += 1;
         let id = r.next;
         r.stops.insert(id, tx.clone());
+        if let Some(signal) = r.stopping {
+            let _ = tx.send(Stop::Signal(signal));
+        }
         id
     };
     let exit: Arc<Mutex<Option<RemoteExit>>> = Arc::default();
@@ -412,9 +433,6 @@ fn check_load_options(shared: &Shared, t: &TraceArgs, args: &[String]) -> Result
             .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
     };
     let o = &shared.options;
-    if t.gateway_if.is_some() {
-        bail!("--gateway-if is not available through a server: trace that VM standalone");
-    }
     if t.wakeups && !o.wakeups {
         bail!("the server does not count wakeups: start it with `cis490 serve --wakeups`");
     }

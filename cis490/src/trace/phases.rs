@@ -111,15 +111,35 @@ pub(crate) enum Backend {
 /// The probes a trace holds.
 enum Held {
     Own(Box<Probes>),
-    /// A slot of a server's probes, freed when dropped.
-    Lease(crate::serve::Lease),
+    /// A slot of a server's probes, freed when dropped, and the episode's
+    /// own object for the gateway collector's classifiers (detached when
+    /// dropped), if it runs one.
+    Lease {
+        lease: crate::serve::Lease,
+        gateway: Option<Box<Probes>>,
+    },
 }
 
 impl Held {
     fn probes(&self) -> &Probes {
         match self {
             Held::Own(p) => p,
-            Held::Lease(l) => l.probes(),
+            Held::Lease { lease, .. } => lease.probes(),
+        }
+    }
+
+    /// The object the gateway collector's classifiers come from: this
+    /// trace's own, or one loaded for this episode of a server.
+    fn for_gateway(&mut self, facts: &KernelFacts, cfg: &TraceConfig) -> Result<&mut Probes> {
+        match self {
+            Held::Own(p) => Ok(p),
+            Held::Lease { gateway, .. } => {
+                if gateway.is_none() {
+                    let plan = Plan::new(facts, cfg.probe_options);
+                    *gateway = Some(Box::new(Probes::load_unattached(facts, &plan)?));
+                }
+                Ok(gateway.as_mut().expect("just loaded"))
+            }
         }
     }
 }
@@ -189,7 +209,11 @@ impl<'a> Run<'a> {
             Backend::Served(shared) => {
                 let (lease, rx) = crate::serve::Lease::take(shared, pid as u32)?;
                 let slot = lease.slot();
-                (Held::Lease(lease), slot, RecordStream::from_channel(rx))
+                let held = Held::Lease {
+                    lease,
+                    gateway: None,
+                };
+                (held, slot, RecordStream::from_channel(rx))
             }
         };
         let probes = held.probes();
@@ -226,11 +250,7 @@ impl<'a> Run<'a> {
             Some(g) => {
                 let argv = qemu_argv(cfg, pid);
                 let macs = GatewaySource::find_macs(g, cfg.qmp.as_deref(), &argv).await;
-                let Held::Own(probes) = &mut held else {
-                    anyhow::bail!(
-                        "--gateway-if is not available through a server: trace that VM standalone"
-                    );
-                };
+                let probes = held.for_gateway(facts, cfg)?;
                 let src = GatewaySource::new(probes, g, macs, episode.path())?;
                 meta.gateway = Some(src.info().clone());
                 Some(src)
@@ -529,7 +549,7 @@ impl<'a> Run<'a> {
         let block_map_errors = sources.ebpf.block_map_errors();
         meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();
         drop(sources);
-        let served = matches!(probes, Held::Lease(_));
+        let served = matches!(probes, Held::Lease { .. });
         drop(probes);
 
         match reason {
