@@ -45,8 +45,11 @@ fn three_overlapping_episodes_are_each_exact() {
     let server = Server::start(&dir, &[]);
     let (cpu_dir, dio_dir, tap_dir) = (dir.join("cpu"), dir.join("dio"), dir.join("tap"));
 
-    // Episode 1: a spawned command burning two threads.
+    // Episode 1: a spawned command that burns two threads once signalled
+    // (so that its work comes after all three episodes started, however
+    // slow the machine).
     let stamp = cpu_dir.join("exit.json");
+    let cpu_json = cpu_dir.join("cpu.json");
     std::fs::create_dir_all(&cpu_dir).unwrap();
     let cpu = spawn_piped(
         server
@@ -55,19 +58,14 @@ fn three_overlapping_episodes_are_each_exact() {
             .arg(bin("cis490-workload"))
             .arg("--exit-stamp")
             .arg(&stamp)
-            .args([
-                "cpu",
-                "--threads",
-                "2",
-                "--burn-ms",
-                "900",
-                "--linger-ms",
-                "250",
-                "--out",
-            ])
-            .arg(cpu_dir.join("cpu.json")),
+            .args(["wait-signal", "--threads", "2", "--burn-ms", "900", "--out"])
+            .arg(&cpu_json),
     );
     let cpu_ep = started(&cpu_dir);
+    wait_for_file(&cpu_json.with_extension("json.ready"), T);
+    let cpu_pid = report(&cpu_json.with_extension("json.ready"))["pid"]
+        .as_i64()
+        .unwrap() as i32;
     std::thread::sleep(Duration::from_millis(300));
 
     // Episode 2: direct I/O of a process attached to.
@@ -82,7 +80,7 @@ fn three_overlapping_episodes_are_each_exact() {
             "8",
             "--wait-signal",
             "--linger-ms",
-            "1500",
+            "250",
             "--file",
         ])
         .arg(dio_dir.join("target.bin"))
@@ -111,14 +109,6 @@ fn three_overlapping_episodes_are_each_exact() {
     wait_for_file(&ctl, T);
     let answer = raw_request(&ctl, b"label io\n");
     assert!(answer.starts_with("ok "), "{answer}");
-    let mut noise = Command::new(bin("cis490-workload"))
-        .args(["dio", "--write-mb", "16", "--read-mb", "16", "--file"])
-        .arg(dio_dir.join("noise.bin"))
-        .arg("--out")
-        .arg(dio_dir.join("noise.json"))
-        .spawn()
-        .unwrap();
-    kill(dio_wl.id() as i32, libc::SIGUSR1);
     std::thread::sleep(Duration::from_millis(300));
 
     // Episode 3: frames through a tap of a process attached to, another
@@ -158,6 +148,17 @@ fn three_overlapping_episodes_are_each_exact() {
     ]));
     let tap_ep = started(&tap_dir);
     wait_for_event(&tap_ep, "tap_attached", |e| e["name"] == "c490s0", T);
+
+    // All three traced: their work, with untraced neighbours.
+    let mut noise = Command::new(bin("cis490-workload"))
+        .args(["dio", "--write-mb", "16", "--read-mb", "16", "--file"])
+        .arg(dio_dir.join("noise.bin"))
+        .arg("--out")
+        .arg(dio_dir.join("noise.json"))
+        .spawn()
+        .unwrap();
+    kill(cpu_pid, libc::SIGUSR1);
+    kill(dio_wl.id() as i32, libc::SIGUSR1);
     kill(tap_noise.id() as i32, libc::SIGUSR1);
     kill(tap.id() as i32, libc::SIGUSR1);
 
