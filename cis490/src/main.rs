@@ -5,10 +5,14 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .format_timestamp_millis()
-        .init();
+    // (A server's episodes' lines also go to their clients.)
+    cis490::serve::Logger::new(
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            .format_target(false)
+            .format_timestamp_millis()
+            .build(),
+    )
+    .install();
     let argv: Vec<String> = std::env::args().collect();
     let result = match cli.command {
         Command::Trace(args) => {

@@ -475,7 +475,16 @@ fn a_full_server_and_bad_requests_get_clear_errors_on_that_client_only() {
     let _ = sleeper.wait();
     // The slot is free again.
     let out = run_with_timeout(server.trace(&b_dir).args(["--", "true"]), T);
-    Episode::from_output(&out);
+    let ep = Episode::from_output(&out);
+    // What the episode logged reached its client's stderr, as the
+    // standalone command prints it.
+    let err = String::from_utf8_lossy(&out.stderr);
+    let id = ep.meta["id"].as_str().unwrap();
+    assert!(
+        err.lines()
+            .any(|l| l.contains("INFO") && l.contains(&format!("episode {id} ->"))),
+        "{err}"
+    );
 }
 
 /// Sends `bytes` on a fresh connection and returns the first line of the

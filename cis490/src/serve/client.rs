@@ -117,6 +117,7 @@ async fn talk(
                                 .map_err(|e| anyhow!("cannot reach the server: {e}"))?;
                         }
                     }
+                    ToClient::Log { line } => eprintln!("{line}"),
                     ToClient::Done { episode } => return Ok(episode),
                     ToClient::Error { error } => return Err(anyhow!("{error}")),
                 }

@@ -39,6 +39,74 @@ use crate::{
     trace::Stop,
 };
 
+std::thread_local! {
+    /// The connection of the client whose episode this thread runs.
+    static CLIENT: std::cell::RefCell<Option<UnixStream>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The process's logger: what a server's episode thread logs also goes to
+/// that episode's client (which prints it on its stderr), and everything to
+/// `inner` (the process's stderr).
+pub struct Logger {
+    inner: env_logger::Logger,
+}
+
+impl Logger {
+    pub fn new(inner: env_logger::Logger) -> Self {
+        Self { inner }
+    }
+
+    /// Installs it as the process's logger.
+    pub fn install(self) {
+        let level = self.inner.filter();
+        if log::set_boxed_logger(Box::new(self)).is_ok() {
+            log::set_max_level(level);
+        }
+    }
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        self.inner.enabled(m)
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if !self.inner.matches(r) {
+            return;
+        }
+        self.inner.log(r);
+        // Not while the thread is being torn down.
+        let _ = CLIENT.try_with(|c| {
+            if let Ok(mut c) = c.try_borrow_mut()
+                && let Some(stream) = c.as_mut()
+            {
+                let line = format!("[{} {:<5}] {}", utc_millis(), r.level(), r.args());
+                // A client that went away is not an error of the log's.
+                let _ = send(stream, &ToClient::Log { line });
+            }
+        });
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+/// Now as `YYYY-MM-DDThh:mm:ss.mmmZ`, as the standalone command's log lines
+/// begin.
+fn utc_millis() -> String {
+    let ns = crate::clock::ClockPair::now().wall_ns;
+    let (secs, ms) = (ns / 1_000_000_000, ns / 1_000_000 % 1000);
+    let rem = secs % 86_400;
+    format!(
+        "{}T{:02}:{:02}:{:02}.{ms:03}Z",
+        crate::dataset::utc_date(secs),
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// What every episode of a server shares: the loaded probes, the kernel
 /// facts, the load-time options, and the routes of the lifecycle records.
 pub struct Shared {
@@ -321,7 +389,10 @@ fn client(shared: Arc<Shared>, running: Arc<Mutex<Running>>, stream: UnixStream)
             return;
         }
     };
+    // What this thread logs from now on goes to the client too.
+    CLIENT.with(|c| *c.borrow_mut() = stream.try_clone().ok());
     let result = episode(&shared, &running, stream);
+    CLIENT.with(|c| *c.borrow_mut() = None);
     let msg = match result {
         Ok(dir) => {
             log::info!("episode done: {}", dir.display());

@@ -52,6 +52,9 @@ pub enum ToServer {
 pub enum ToClient {
     /// Tracing runs: let the held command `execve`.
     Release,
+    /// A line the episode logged (a warning, progress): the client prints
+    /// it on its stderr, as the standalone command would.
+    Log { line: String },
     /// The episode is complete.
     Done { episode: PathBuf },
     /// The episode failed, or was never started.
