@@ -261,6 +261,10 @@ struct Running {
 /// Runs the server until SIGINT or SIGTERM, which finish every running
 /// episode; then detaches everything.
 pub fn run(args: ServeArgs) -> Result<()> {
+    // Episode threads would each get a malloc arena of their own, whose
+    // freed memory glibc keeps: a few arenas for all of them.
+    // SAFETY: mallopt with a valid parameter, before any other thread.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     caps::require_tracing_caps()?;
     caps::require_init_pid_namespace()?;
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
@@ -408,6 +412,9 @@ fn client(shared: Arc<Shared>, running: Arc<Mutex<Running>>, stream: UnixStream)
     // A client that went away does not read it.
     let _ = send(&mut reply, &msg);
     let _ = reply.shutdown(std::net::Shutdown::Both);
+    // The episode's memory back to the system, not kept by the allocator.
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// Reads a client's request, checks it, and runs its episode.
