@@ -46,7 +46,8 @@ pub const USERSPACE_RESTART_SLOT: usize = 62;
 /// `KVM_RUN` returned another error, or the code is out of range.
 pub const USERSPACE_ERROR_SLOT: usize = 63;
 
-/// Cumulative per-CPU KVM exit counters (map `KVM_STATS`, one slot).
+/// Cumulative per-CPU KVM exit counters of one target (map `KVM_STATS`, one
+/// entry per target slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvmStats {
