@@ -251,8 +251,8 @@ pub struct TraceArgs {
     /// Count the wakeups of the target's threads (the eBPF source's
     /// `wakeups` field, null without this). It runs one more program on
     /// every wakeup of the machine, whatever the process: on a pinned
-    /// context-switch storm here the traced process spent 10.6% more CPU
-    /// time with it, 7.0% without (medians of 7 rounds; docs/benchmarks.md).
+    /// context-switch storm here the traced process spent 11.8% more CPU
+    /// time with it, 6.5% without (medians of 7 rounds; docs/benchmarks.md).
     /// Kernels without
     /// `sched_info` run that program anyway (their run-queue delays are
     /// timed from the wakeup) and count wakeups without being asked.
