@@ -42,16 +42,29 @@ pub enum Command {
     /// Load the probes once and run many episodes, one per `cis490 trace
     /// --server` client.
     #[command(
-        long_about = "Load and attach the eBPF programs once, then run any number of episodes                       at once, each for its own target, one per client (`cis490 trace --server                       SOCKET ...`). One set of programs serves every VM of the host: a context                       switch that involves no target costs the same whatever the number of                       targets, where every standalone tracer adds its own programs to every                       switch of the machine.
-
-                      A client behaves like the standalone command for its caller: the same                       options, the same episode, the episode directory as the last line on                       stdout, the same exit statuses; SIGINT/SIGTERM to it finish its episode                       only, and one that dies (SIGKILL) ends its episode with end_reason                       client_gone. Paths a client gives are its own (relative to its working                       directory). The load-time options (--block-probes, --wakeups,                       --ringbuf-kib, --btf) are the server's: a client asking for others gets an                       error. --gateway-if attaches the gateway's classifiers for that episode alone.
-
-                      SIGINT/SIGTERM to the server finish every running episode (done.marker),                       then detach everything. The control socket is mode 0600, and only root or                       the server's user may use it.
-
-                      Examples:
-  sudo cis490 serve --control /run/cis490.sock --max-targets 64 &
-                        sudo cis490 trace --server /run/cis490.sock --duration 60 --target-pid 1234
-                        sudo cis490 trace --server /run/cis490.sock --qmp /run/vm3.qmp --                       qemu-system-x86_64 ..."
+        long_about = "Load and attach the eBPF programs once, then run any number of episodes \
+                      at once, each for its own target, one per client (`cis490 trace --server \
+                      SOCKET ...`). One set of programs serves every VM of the host: a context \
+                      switch that involves no target costs the same whatever the number of \
+                      targets, where every standalone tracer adds its own programs to every \
+                      switch of the machine.\n\n\
+                      A client behaves like the standalone command for its caller: the same \
+                      options, the same episode, the episode directory as the last line on \
+                      stdout, the same exit statuses; SIGINT/SIGTERM to it finish its episode \
+                      only, and one that dies (SIGKILL) ends its episode with end_reason \
+                      client_gone. Paths a client gives are its own (relative to its working \
+                      directory). The load-time options (--block-probes, --wakeups, \
+                      --ringbuf-kib, --btf) are the server's: a client asking for others gets an \
+                      error. --gateway-if attaches the gateway's classifiers for that episode \
+                      alone.\n\n\
+                      SIGINT/SIGTERM to the server finish every running episode (done.marker), \
+                      then detach everything. The control socket is mode 0600, and only root or \
+                      the server's user may use it.\n\n\
+                      Examples:\n  \
+                      sudo cis490 serve --control /run/cis490.sock --max-targets 64 &\n  \
+                      sudo cis490 trace --server /run/cis490.sock --duration 60 --target-pid 1234\n  \
+                      sudo cis490 trace --server /run/cis490.sock --qmp /run/vm3.qmp -- \
+                      qemu-system-x86_64 ..."
     )]
     Serve(ServeArgs),
     /// Print per-source totals of an episode, side by side.
@@ -151,6 +164,46 @@ pub struct ShipArgs {
     pub delete_local: bool,
 }
 
+/// The options that choose and load the programs: a standalone trace's
+/// own, a server's for every episode it runs (a served episode may repeat
+/// them, not change them).
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Count the wakeups of the target's threads (the eBPF source's
+    /// `wakeups` field, null without this). It runs one more program on
+    /// every wakeup of the machine, whatever the process: on a pinned
+    /// context-switch storm here the traced process spent 11.8% more CPU
+    /// time with it, 6.5% without (medians of 7 rounds; docs/benchmarks.md).
+    /// Kernels without
+    /// `sched_info` run that program anyway (their run-queue delays are
+    /// timed from the wakeup) and count wakeups without being asked.
+    #[arg(long)]
+    pub wakeups: bool,
+
+    /// Kernel BTF to read task_struct offsets and tracepoints from.
+    #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]
+    pub btf: PathBuf,
+
+    /// Block tracepoints: block_io_start/done (Linux 6.5+), the older
+    /// block_rq_insert/issue/complete, or auto (the first this kernel has).
+    #[arg(long, value_name = "PATH", value_enum, default_value = "auto")]
+    pub block_probes: crate::ebpf::BlockPathChoice,
+}
+
+impl ProbeArgs {
+    /// The probes' options, with the ring buffer's size and the number of
+    /// target slots.
+    pub fn options(&self, ringbuf_kib: u32, counters: bool, targets: u32) -> crate::ebpf::Options {
+        crate::ebpf::Options {
+            block: self.block_probes,
+            ringbuf_bytes: ringbuf_kib * 1024,
+            counters,
+            wakeups: self.wakeups,
+            targets,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The unix socket clients connect to (`cis490 trace --server SOCKET`);
@@ -169,17 +222,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=cis490_common::target::MAX_TARGETS as i64))]
     pub max_targets: u32,
 
-    /// Count wakeups in every episode (see `cis490 trace --help`).
-    #[arg(long)]
-    pub wakeups: bool,
-
-    /// Kernel BTF to read task_struct offsets and tracepoints from.
-    #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]
-    pub btf: PathBuf,
-
-    /// Block tracepoints (see `cis490 trace --help`).
-    #[arg(long, value_name = "PATH", value_enum, default_value = "auto")]
-    pub block_probes: crate::ebpf::BlockPathChoice,
+    #[command(flatten)]
+    pub probes: ProbeArgs,
 
     /// Size of the lifecycle-record ring buffer shared by every episode, in
     /// KiB (a power of two, at least the page size).
@@ -191,13 +235,8 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// The probes' options for every episode.
     pub fn probe_options(&self) -> crate::ebpf::Options {
-        crate::ebpf::Options {
-            block: self.block_probes,
-            ringbuf_bytes: self.ringbuf_kib * 1024,
-            counters: true,
-            wakeups: self.wakeups,
-            targets: self.max_targets,
-        }
+        self.probes
+            .options(self.ringbuf_kib, true, self.max_targets)
     }
 }
 
@@ -248,25 +287,8 @@ pub struct TraceArgs {
     )]
     pub sources: Vec<SourceKind>,
 
-    /// Count the wakeups of the target's threads (the eBPF source's
-    /// `wakeups` field, null without this). It runs one more program on
-    /// every wakeup of the machine, whatever the process: on a pinned
-    /// context-switch storm here the traced process spent 11.8% more CPU
-    /// time with it, 6.5% without (medians of 7 rounds; docs/benchmarks.md).
-    /// Kernels without
-    /// `sched_info` run that program anyway (their run-queue delays are
-    /// timed from the wakeup) and count wakeups without being asked.
-    #[arg(long)]
-    pub wakeups: bool,
-
-    /// Kernel BTF to read task_struct offsets and tracepoints from.
-    #[arg(long, value_name = "PATH", default_value = "/sys/kernel/btf/vmlinux")]
-    pub btf: PathBuf,
-
-    /// Block tracepoints: block_io_start/done (Linux 6.5+), the older
-    /// block_rq_insert/issue/complete, or auto (the first this kernel has).
-    #[arg(long, value_name = "PATH", value_enum, default_value = "auto")]
-    pub block_probes: crate::ebpf::BlockPathChoice,
+    #[command(flatten)]
+    pub probes: ProbeArgs,
 
     /// Mark a phase NAME at SECS seconds after tracing starts, in labels.jsonl
     /// (repeatable; e.g. --label boot@0 --label detonate@30).
@@ -478,15 +500,9 @@ impl TraceArgs {
             interval: Duration::from_millis(self.interval_ms),
             data_dir: self.data_dir,
             sources,
-            btf: self.btf,
+            btf: self.probes.btf.clone(),
             progress: (!self.progress_secs.is_zero()).then_some(self.progress_secs),
-            probe_options: crate::ebpf::Options {
-                block: self.block_probes,
-                ringbuf_bytes: self.ringbuf_kib * 1024,
-                counters,
-                wakeups: self.wakeups,
-                targets: 1,
-            },
+            probe_options: self.probes.options(self.ringbuf_kib, counters, 1),
             labels: self.labels,
             tags: self.tags,
             control: self.control,
@@ -514,6 +530,25 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("cis490").chain(args.iter().copied()))
+    }
+
+    /// Every command's help reads as prose: no line of it carries the source's
+    /// indentation (a `long_about` continued without `\\`).
+    #[test]
+    fn help_texts_have_no_source_indentation() {
+        use clap::CommandFactory as _;
+        let mut cli = Cli::command();
+        cli.build();
+        for sub in cli.get_subcommands_mut().filter(|s| s.get_name() != "help") {
+            let name = sub.get_name().to_string();
+            let help = sub.render_long_help().to_string();
+            for line in help.lines() {
+                assert!(
+                    !line.trim_start().contains("    "),
+                    "`cis490 {name} --help` has a run of spaces: {line:?}"
+                );
+            }
+        }
     }
 
     #[test]

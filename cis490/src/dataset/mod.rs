@@ -304,6 +304,12 @@ pub fn utc_date(unix_secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// The UTC time of day of a Unix time as `hh:mm:ss`.
+pub fn utc_time(unix_secs: u64) -> String {
+    let rem = unix_secs % 86_400;
+    format!("{:02}:{:02}:{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
 /// The episode directories under `DATA/episodes/`, sorted by name.
 pub fn episode_dirs(data_dir: &Path) -> Result<Vec<PathBuf>> {
     let root = data_dir.join("episodes");
@@ -329,6 +335,8 @@ mod tests {
         assert_eq!(utc_date(1_735_689_599), "2024-12-31");
         assert_eq!(utc_date(1_735_689_600), "2025-01-01");
         assert_eq!(utc_date(4_107_542_400), "2100-03-01");
+        assert_eq!(utc_time(1_735_689_599), "23:59:59");
+        assert_eq!(utc_time(1_735_689_600 + 3_723), "01:02:03");
     }
 
     #[test]

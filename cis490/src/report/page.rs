@@ -99,14 +99,11 @@ fn kv(h: &mut String, k: &str, v: &str) {
 /// Wall-clock ns since the epoch as `YYYY-MM-DD hh:mm:ss UTC`.
 pub fn utc(ns: u64) -> String {
     let secs = ns / 1_000_000_000;
-    let rem = secs % 86_400;
-    format!(
-        "{} {:02}:{:02}:{:02} UTC",
+    let (date, time) = (
         crate::dataset::utc_date(secs),
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+        crate::dataset::utc_time(secs),
+    );
+    format!("{date} {time} UTC")
 }
 
 fn text(v: &Value) -> String {

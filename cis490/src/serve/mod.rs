@@ -97,14 +97,11 @@ impl log::Log for Logger {
 fn utc_millis() -> String {
     let ns = crate::clock::ClockPair::now().wall_ns;
     let (secs, ms) = (ns / 1_000_000_000, ns / 1_000_000 % 1000);
-    let rem = secs % 86_400;
-    format!(
-        "{}T{:02}:{:02}:{:02}.{ms:03}Z",
+    let (date, time) = (
         crate::dataset::utc_date(secs),
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+        crate::dataset::utc_time(secs),
+    );
+    format!("{date}T{time}.{ms:03}Z")
 }
 
 /// What every episode of a server shares: the loaded probes, the kernel
@@ -269,7 +266,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     caps::require_init_pid_namespace()?;
     let cwd = std::env::current_dir().context("cannot read the working directory")?;
     let options = args.probe_options();
-    let facts = KernelFacts::probe(&args.btf)?;
+    let facts = KernelFacts::probe(&args.probes.btf)?;
     let plan = Plan::new(&facts, options);
     let probes = Probes::load_and_attach(None, &facts, &plan)?;
     for f in &probes.families {
@@ -295,7 +292,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         probes,
         facts,
         options,
-        btf: args.btf.clone(),
+        btf: args.probes.btf.clone(),
         data_dir: cwd.join(&args.data_dir),
         routes,
         dispatcher: Some((stop, dispatcher)),
@@ -438,14 +435,10 @@ fn episode(
     stream.set_read_timeout(None)?;
     let targs = TraceArgs::parse_args(&args).map_err(|e| anyhow!("{e}"))?;
     check_load_options(shared, &targs, &args)?;
-    let gave = |flag: &str| {
-        args.iter()
-            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
-    };
     let mut argv: Vec<String> = ["cis490", "trace"].map(String::from).to_vec();
     argv.extend(args.iter().cloned());
     let mut cfg = targs.into_config(argv);
-    if !gave("--data-dir") {
+    if !gave(&args, "--data-dir") {
         cfg.data_dir = shared.data_dir.clone();
     }
     if spawned == cfg.command.is_empty() || (!spawned && cfg.target_pid != Some(pid)) {
@@ -506,33 +499,38 @@ fn episode(
 /// The load-time options are the server's: a client asking for others is
 /// told so.
 fn check_load_options(shared: &Shared, t: &TraceArgs, args: &[String]) -> Result<()> {
-    let gave = |flag: &str| {
-        args.iter()
-            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
-    };
-    let o = &shared.options;
+    let (o, ringbuf_kib, t) = (&shared.options, t.ringbuf_kib, &t.probes);
     if t.wakeups && !o.wakeups {
         bail!("the server does not count wakeups: start it with `cis490 serve --wakeups`");
     }
-    if gave("--block-probes") && t.block_probes != o.block {
+    if gave(args, "--block-probes") && t.block_probes != o.block {
         bail!(
             "--block-probes is the server's (here {:?}): give it to `cis490 serve`",
             o.block
         );
     }
-    if gave("--ringbuf-kib") && t.ringbuf_kib * 1024 != o.ringbuf_bytes {
+    if gave(args, "--ringbuf-kib") && ringbuf_kib * 1024 != o.ringbuf_bytes {
         bail!(
             "--ringbuf-kib is the server's (here {}): give it to `cis490 serve`",
             o.ringbuf_bytes / 1024
         );
     }
-    if gave("--btf") && t.btf != shared.btf {
+    if gave(args, "--btf") && t.btf != shared.btf {
         bail!(
             "--btf is the server's (here {}): give it to `cis490 serve`",
             shared.btf.display()
         );
     }
     Ok(())
+}
+
+/// Whether the client's arguments give FLAG (`--flag V` or `--flag=V`)
+/// before its command.
+fn gave(args: &[String], flag: &str) -> bool {
+    args.iter().take_while(|a| *a != "--").any(|a| {
+        a.strip_prefix(flag)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+    })
 }
 
 /// Reads a client's messages during its episode: a signal it got or its
@@ -565,5 +563,22 @@ fn listen(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gave;
+
+    #[test]
+    fn a_flag_counts_before_the_command_only() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(gave(&args(&["--btf", "/x", "--", "true"]), "--btf"));
+        assert!(gave(&args(&["--btf=/x"]), "--btf"));
+        assert!(!gave(&args(&["--btf-x", "1"]), "--btf"));
+        assert!(!gave(
+            &args(&["--", "cmd", "--data-dir", "d"]),
+            "--data-dir"
+        ));
     }
 }
