@@ -41,34 +41,65 @@ pub use cis490_tests::guest::{Guest, GuestJson, JSON_ENV, Launch, boot, create_d
 pub const CACHE_ENV: &str = "CIS490_CACHE";
 /// Env var: `kvm` or `tcg`, overrides the accelerator probe.
 pub const ACCEL_ENV: &str = "CIS490_GUEST_ACCEL";
-/// The modules the guest needs (virtio PCI, block and net), by name. Those
-/// built into the kernel are absent from the package and skipped; the load
-/// order comes from each module's own `depends=` (its `.modinfo`).
-const MODULES: &[&str] = &[
+/// The virtio PCI transport and its block device: the first modules of
+/// every guest (the test guest's and the VM runner's, each adding its own).
+/// Those built into the kernel are absent from the package and skipped; the
+/// load order comes from each module's own `depends=` (its `.modinfo`).
+pub(crate) const VIRTIO_MODULES: &[&str] = &[
     "virtio",
     "virtio_ring",
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
     "virtio_pci",
     "virtio_blk",
-    "failover",
-    "net_failover",
-    "virtio_net",
-    // virtio-serial: the guest agent's port (cis490.guest.agent).
-    "virtio_console",
 ];
+
+/// The test guest's modules beyond [`VIRTIO_MODULES`]: the NIC and
+/// virtio-serial (the guest agent's port, cis490.guest.agent).
+const MODULES: &[&str] = &["failover", "net_failover", "virtio_net", "virtio_console"];
+
+/// [`VIRTIO_MODULES`] and then `extra`.
+pub(crate) fn modules(extra: &[&'static str]) -> Vec<&'static str> {
+    VIRTIO_MODULES.iter().chain(extra).copied().collect()
+}
+
+/// Every guest's `/init` up to its own work: PATH, `say` (a console line
+/// `PREFIX: key=value`), `mnt TYPE SOURCE DIR` (a failure said, not fatal),
+/// proc, sysfs and devtmpfs mounted, and the modules loaded in order.
+pub(crate) fn init_script(prefix: &str, what: &str, modules: &[String], body: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+# {what}; runs as PID 1.
+export PATH=/usr/bin:/bin
+
+say() {{ echo "{prefix}: $*"; }}
+mnt() {{
+    mkdir -p "$3"
+    mount -t "$1" "$2" "$3" || say "error=mount_$1_$3"
+}}
+mnt proc proc /proc
+mnt sysfs sysfs /sys
+mnt devtmpfs devtmpfs /dev
+
+for m in {modules}; do
+    insmod "/lib/modules/$m.ko" || say "error=insmod_$m"
+done
+{body}"#,
+        modules = modules.join(" ")
+    )
+}
 
 /// Busybox applets the init script uses (plus a few for debugging by hand),
 /// installed as `/bin/<applet>` symlinks.
 const APPLETS: &[&str] = &[
-    "sh", "mount", "insmod", "cat", "dd", "ip", "nc", "head", "usleep", "timeout", "poweroff",
-    "sleep", "ls", "dmesg", "uname",
+    "sh", "mount", "mkdir", "insmod", "cat", "dd", "ip", "nc", "head", "usleep", "timeout",
+    "poweroff", "sleep", "ls", "dmesg", "uname",
 ];
 
 /// How long a KVM boot may take to reach `booted` before the probe says "tcg".
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The guest's `/init`; `@MODULES@` becomes the module names in load order.
+/// The test guest's `/init` after [`init_script`]'s common part.
 ///
 /// Kernel command line parameters (all optional), run in this order:
 /// `cis490.ip=A.B.C.D/P` (eth0 up with that address, IPv6 off),
@@ -83,18 +114,7 @@ const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// then the counters again (`..._after=`), `cis490.sleep_ms=N` (idle).
 /// Then `done` and power off. `/bin/cis490-agent` starts before the
 /// workload.
-pub const INIT_SCRIPT: &str = r#"#!/bin/sh
-# cis490 test guest init (written by `cargo xtask guest`); runs as PID 1.
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-
-say() { echo "cis490-guest: $*"; }
-
-for m in @MODULES@; do
-    insmod "/lib/modules/$m.ko" || say "error=insmod_$m"
-done
+pub const INIT_SCRIPT: &str = r#"
 # The guest agent: a line per interval on its virtio-serial port when QEMU
 # has one (it waits for the port otherwise).
 /bin/cis490-agent </dev/null >/dev/null 2>&1 &
@@ -502,11 +522,11 @@ impl KernelFiles {
 /// `linux-image-6.1.0-*-amd64` package.
 fn ensure_kernel(cache: &Path, apt: &mut Apt) -> Result<KernelFiles> {
     let dir = cache.join("kernel");
-    if let Some(k) = KernelFiles::load(&dir, MODULES) {
+    if let Some(k) = KernelFiles::load(&dir, &modules(MODULES)) {
         return Ok(k);
     }
     let package = meta_dependency(apt, "linux-image-amd64")?;
-    fetch_kernel(apt, &package, cache, &dir, MODULES)
+    fetch_kernel(apt, &package, cache, &dir, &modules(MODULES))
 }
 
 /// Downloads kernel package `package` (with `apt-get download`, working in
@@ -739,7 +759,12 @@ fn ensure_initramfs(
 /// agent, the modules, the mount points, and `/dev/console` (the kernel
 /// opens it for init's stdio before devtmpfs is mounted).
 fn initramfs(kernel: &KernelFiles, busybox: &Path, agent: &Path) -> Result<Vec<u8>> {
-    let init = INIT_SCRIPT.replace("@MODULES@", &kernel.order.join(" "));
+    let init = init_script(
+        "cis490-guest",
+        "cis490 test guest init (written by `cargo xtask guest`)",
+        &kernel.order,
+        INIT_SCRIPT,
+    );
     let mut cpio = Cpio::default();
     for dir in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
         cpio.dir(dir);
@@ -851,8 +876,6 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Sends each line read from `r` with the time it arrived; the channel closes
-/// at EOF.
 #[cfg(test)]
 mod tests {
     use super::*;

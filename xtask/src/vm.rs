@@ -54,22 +54,16 @@ pub const CACHE_ENV: &str = "CIS490_VM_CACHE";
 /// The kernels `vm` boots when none is named.
 pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12"];
 
-/// Modules the VM loads (with their dependencies, from each module's
-/// `depends=`): virtio PCI and block for the scratch disk, ext4 for its
-/// filesystem (crc32c is only a soft dependency of ext4, so named), tun for
-/// the tap tests, loop for the failing-disk test (an ext4 image mounted
+/// Modules the VM loads beyond [`guest::VIRTIO_MODULES`] (the scratch disk's
+/// transport and device), with their dependencies from each module's
+/// `depends=`: ext4 for the scratch disk's filesystem (crc32c is only a
+/// soft dependency of ext4, so named), tun for the tap tests, loop for the failing-disk test (an ext4 image mounted
 /// through a loop device), and kvm for its tracepoints (`kvm:kvm_exit`,
 /// `kvm:kvm_userspace_exit`, classic ones through tracefs: the kvm family
 /// attaches there, though without VMX/SVM under emulation no VM runs).
 /// The gateway test's lab: veth pairs on a bridge, the clsact qdisc
 /// (sch_ingress) and the classifier (cls_bpf) of the clsact path.
 const MODULES: &[&str] = &[
-    "virtio",
-    "virtio_ring",
-    "virtio_pci_modern_dev",
-    "virtio_pci_legacy_dev",
-    "virtio_pci",
-    "virtio_blk",
     "crc32c_generic",
     "ext4",
     "tun",
@@ -101,36 +95,22 @@ const BINARY_TIMEOUT_SECS: u64 = 300;
 /// Scratch disk size.
 const SCRATCH_MIB: u64 = 2048;
 
-/// The VM's `/init`; `@MODULES@` becomes the module names in load order.
+/// The VM's `/init` after [`guest::init_script`]'s common part;
+/// `@BIN_DIR@` and `@BINARY_TIMEOUT@` are filled in.
 ///
 /// Kernel command line parameters:
 /// `cis490.accel=tcg|kvm` (exported as `CIS490_VM_ACCEL` for the tests),
 /// `cis490.tests=a,b` (test binaries to run, in order),
 /// `cis490.skip=x,y` (libtest `--skip` filters),
 /// `cis490.filter=f,g` (libtest name filters).
-pub const INIT: &str = r#"#!/bin/sh
-# cis490 VM test runner (written by `cargo xtask integration-test vm`); PID 1.
-export PATH=/usr/bin:/bin
+pub const INIT: &str = r#"
 export RUST_BACKTRACE=1
-
-say() { echo "cis490-vm: $*"; }
-mnt() {
-    mkdir -p "$3"
-    mount -t "$1" "$2" "$3" || say "error=mount_$1_$3"
-}
-mnt proc proc /proc
-mnt sysfs sysfs /sys
-mnt devtmpfs devtmpfs /dev
 mnt tmpfs tmpfs /run
 mnt tracefs tracefs /sys/kernel/tracing
 mnt debugfs debugfs /sys/kernel/debug
 mnt bpf bpf /sys/fs/bpf
 mnt cgroup2 cgroup2 /sys/fs/cgroup
 ln -s /proc/self/fd /dev/fd
-
-for m in @MODULES@; do
-    insmod "/lib/modules/$m.ko" || say "error=insmod_$m"
-done
 
 tests= skip= filter=
 for arg in $(cat /proc/cmdline); do
@@ -373,12 +353,12 @@ fn ensure_kernel(apt: &mut Apt, spec: &str) -> Result<(String, KernelFiles)> {
         }
     };
     let dir = kernels.join(&package);
-    if let Some(k) = KernelFiles::load(&dir, MODULES) {
+    if let Some(k) = KernelFiles::load(&dir, &guest::modules(MODULES)) {
         return Ok((package, k));
     }
     eprintln!("vm: {spec}: fetching {package}");
     fs::create_dir_all(&kernels)?;
-    let files = guest::fetch_kernel(apt, &package, &cache, &dir, MODULES)
+    let files = guest::fetch_kernel(apt, &package, &cache, &dir, &guest::modules(MODULES))
         .with_context(|| format!("cannot fetch kernel package {package}"))?;
     Ok((package, files))
 }
@@ -484,6 +464,19 @@ impl Tree {
     }
 }
 
+/// The VM's whole `/init` for these modules (in load order).
+fn init_script(modules: &[String]) -> String {
+    let body = INIT
+        .replace("@BIN_DIR@", GUEST_BIN_DIR)
+        .replace("@BINARY_TIMEOUT@", &BINARY_TIMEOUT_SECS.to_string());
+    guest::init_script(
+        "cis490-vm",
+        "cis490 VM test runner (written by `cargo xtask integration-test vm`)",
+        modules,
+        &body,
+    )
+}
+
 /// Writes the initramfs for one kernel into `out`.
 fn write_initramfs(
     out: &Path,
@@ -498,10 +491,7 @@ fn write_initramfs(
         tree.dirs.insert(d.into());
     }
     tree.symlink("var/run", "/run");
-    let init = INIT
-        .replace("@MODULES@", &kernel.order.join(" "))
-        .replace("@BIN_DIR@", GUEST_BIN_DIR)
-        .replace("@BINARY_TIMEOUT@", &BINARY_TIMEOUT_SECS.to_string());
+    let init = init_script(&kernel.order);
     tree.file("init", 0o755, init.into_bytes());
     tree.file("bin/busybox", 0o755, fs::read(busybox)?);
     // root's user and group entries: tcpdump looks up the user it runs as
@@ -916,12 +906,15 @@ mod tests {
 
     #[test]
     fn init_reads_every_parameter_and_reports_a_result() {
+        let init = init_script(&["virtio".into(), "ext4".into()]);
+        assert!(init.starts_with("#!/bin/sh\n") && init.contains("for m in virtio ext4; do"));
+        assert!(!init.contains('@'), "a placeholder left: {init}");
         for p in ["accel", "tests", "skip", "filter"] {
-            assert!(INIT.contains(&format!("cis490.{p}=*)")), "{p}");
+            assert!(init.contains(&format!("cis490.{p}=*)")), "{p}");
         }
-        assert!(INIT.contains("cis490-vm-result: kernel="));
+        assert!(init.contains("cis490-vm-result: kernel="));
         for fs in ["proc", "sysfs", "devtmpfs", "tracefs", "bpf", "cgroup2"] {
-            assert!(INIT.contains(&format!("mnt {fs} ")), "{fs}");
+            assert!(init.contains(&format!("mnt {fs} ")), "{fs}");
         }
     }
 
