@@ -252,16 +252,12 @@ pub fn boot(
     timeout: Duration,
     until_booted: bool,
 ) -> Result<BootOutcome> {
-    let mut cmd = qemu_command(g, launch);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot run {}", g.qemu.display()))?;
-    let lines = spawn_line_reader(child.stdout.take().unwrap());
-    let stderr = spawn_reader(child.stderr.take().unwrap());
+    let Console {
+        mut child,
+        lines,
+        stderr,
+    } = Console::spawn(qemu_command(g, launch))?;
     let deadline = start + timeout;
     let mut out = BootOutcome::default();
     loop {
@@ -346,6 +342,35 @@ pub fn spawn_reader(mut r: impl std::io::Read + Send + 'static) -> thread::JoinH
         let _ = r.read_to_end(&mut s);
         String::from_utf8_lossy(&s).into_owned()
     })
+}
+
+/// A guest's QEMU with its serial console (stdout) read line by line and
+/// its stderr gathered, each on a thread of its own.
+pub struct Console {
+    pub child: Child,
+    /// Each console line with the time it arrived; closed at EOF.
+    pub lines: mpsc::Receiver<(Instant, String)>,
+    /// All of stderr, once QEMU has closed it.
+    pub stderr: thread::JoinHandle<String>,
+}
+
+impl Console {
+    /// Starts `cmd` (a QEMU command line) with no stdin.
+    pub fn spawn(mut cmd: Command) -> Result<Console> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {}", cmd.get_program().to_string_lossy()))?;
+        let lines = spawn_line_reader(child.stdout.take().unwrap());
+        let stderr = spawn_reader(child.stderr.take().unwrap());
+        Ok(Console {
+            child,
+            lines,
+            stderr,
+        })
+    }
 }
 
 /// Kills and reaps a child.

@@ -40,7 +40,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use cis490_tests::guest::{kill, spawn_line_reader, spawn_reader};
+use cis490_tests::guest::{Console, kill};
 
 use crate::{
     guest::{self, Apt, Cpio, KernelFiles},
@@ -675,16 +675,14 @@ pub fn run_kernel(
         opts.timeout.as_secs(),
         console.display()
     );
-    let mut cmd = qemu_command(qemu, accel, opts, &kernel, &initrd, &disk, &append);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot run {}", qemu.display()))?;
-    let lines = spawn_line_reader(child.stdout.take().unwrap());
-    let stderr = spawn_reader(child.stderr.take().unwrap());
+    let Console {
+        mut child,
+        lines,
+        stderr,
+    } = Console::spawn(qemu_command(
+        qemu, accel, opts, &kernel, &initrd, &disk, &append,
+    ))?;
     let mut log = fs::File::create(&console)
         .with_context(|| format!("cannot create {}", console.display()))?;
     let deadline = start + opts.timeout;
