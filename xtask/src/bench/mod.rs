@@ -77,6 +77,13 @@ pub struct Args {
     #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "8,32",
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub scaling_others: Vec<u32>,
+    /// Rounds of the scaling part's paired comparison (through the server,
+    /// the traced storm with no other target and with the most, alternated
+    /// within each round). 11 or more give an interval of the median at
+    /// 98.8% from the 2nd and the next-to-last differences.
+    #[arg(long, value_name = "N", default_value_t = 11,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub scaling_paired_rounds: u32,
     /// Wait (up to this many minutes) until the 1-minute load average is
     /// below --quiet-load before starting.
     #[arg(long, value_name = "MIN", default_value_t = 0)]
@@ -272,7 +279,13 @@ pub fn run(args: Args, bin: &Path, guest: Option<Result<GuestJson>>) -> Result<(
             "bench: the scaling part: the pinned storm with {scaling_counts:?} other traced targets"
         );
         let when = utc_now();
-        let s = scaling::run(&env, &setup, &scaling_counts, rounds, &scratch)?;
+        let s = scaling::run(
+            &env,
+            &setup,
+            &scaling_counts,
+            (rounds, args.scaling_paired_rounds),
+            &scratch,
+        )?;
         let text = scaling::render(&s, &command, &when);
         println!("{text}");
         report::write_between(&out, report::SCALE_BEGIN, report::SCALE_END, &text)?;

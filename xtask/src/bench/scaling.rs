@@ -17,7 +17,8 @@
 //! not count) and, from a pass with the kernel's BPF statistics on, the run
 //! time of every tracer's programs per storm round trip. The served part
 //! also reads the server's resident memory with each count of episodes
-//! running, and after they ended.
+//! running, and after they ended, and ends with a paired comparison of the
+//! traced storm with none and with the most other targets ([`paired`]).
 
 use std::{
     fs,
@@ -60,6 +61,11 @@ pub struct ScaleRun {
     pub others: usize,
     pub traced: bool,
     pub stats_pass: bool,
+    /// A run of the paired comparison (the traced storm with none and with
+    /// the most other targets, alternated within each round), kept out of
+    /// the main table.
+    pub paired: bool,
+    pub round: u32,
     pub work_cpu_ns: Option<u64>,
     pub round_trips: u64,
     /// Every tracer's programs (the storm's own and the others'), in the
@@ -250,7 +256,7 @@ pub fn run(
     env: &Env,
     setup: &Setup,
     counts: &[usize],
-    rounds: u32,
+    (rounds, paired_rounds): (u32, u32),
     scratch: &Path,
 ) -> Result<Scaling> {
     let max_targets = counts.iter().max().copied().unwrap_or(0) as u32 + 8;
@@ -301,56 +307,14 @@ pub fn run(
                 None => o.pids(),
             };
             let mut pass = |traced: bool, round: u32, stats_pass: bool| {
-                n += 1;
-                let d = dir.join(format!(
-                    "{n:03}-r{round}-{}",
-                    if traced { "cis490" } else { "untraced" }
-                ));
-                let tracer = if traced { mode.tracer() } else { Tracer::None };
-                // The other tracers' (or the server's) programs, read
-                // around the run in the statistics pass only.
-                let others_bpf = || stats_pass.then(|| bpf_of(&bpf_pids));
-                let b0 = others_bpf();
-                let r = run_once(env, &setup, Kind::Storm, tracer, &d, round, stats_pass);
-                let b1 = others_bpf();
-                match r {
-                    Ok(r) => {
-                        let bpf = b0
-                            .zip(b1)
-                            .map(|(b0, b1)| r.bpf.unwrap_or_default().plus(b1.since(b0)));
-                        let sr = ScaleRun {
-                            mode,
-                            others,
-                            traced,
-                            stats_pass,
-                            work_cpu_ns: r.work_cpu_ns,
-                            round_trips: s.round_trips,
-                            bpf,
-                        };
-                        eprintln!(
-                            "bench: scaling: {mode:?}, {others} others, storm {}{}: workload CPU {:.3} s{}",
-                            tracer.name(),
-                            if stats_pass { " (statistics pass)" } else { "" },
-                            sr.work_cpu_ns.unwrap_or(0) as f64 / 1e9,
-                            sr.bpf
-                                .map(|b| format!(
-                                    ", BPF {:.0} ns per round trip",
-                                    b.run_time_ns as f64 / sr.round_trips as f64
-                                ))
-                                .unwrap_or_default()
-                        );
-                        s.runs.push(sr);
-                    }
-                    Err(e) => {
-                        let msg = format!(
-                            "scaling: {mode:?}, {others} others, storm {}: {e:#}",
-                            tracer.name()
-                        );
-                        eprintln!("bench: FAILED {msg}");
-                        s.failures.push(msg);
-                    }
-                }
-                settle();
+                let key = RunKey {
+                    mode,
+                    others,
+                    traced,
+                    stats_pass,
+                    paired: false,
+                };
+                storm(&mut s, &mut n, env, &setup, &dir, &bpf_pids, key, round);
             };
             for round in 0..rounds {
                 let first = round % 2 == 0;
@@ -372,6 +336,21 @@ pub fn run(
                 s.server_rss.push((others, running, sv.rss_kib()));
             }
         }
+        if let Some(sv) = &server
+            && let Some(&most) = counts.last()
+            && most > 0
+        {
+            paired(
+                &mut s,
+                &mut n,
+                env,
+                &setup,
+                sv,
+                most,
+                paired_rounds,
+                scratch,
+            )?;
+        }
         if let Some(sv) = server
             && let Err(e) = sv.stop()
         {
@@ -381,11 +360,283 @@ pub fn run(
     Ok(s)
 }
 
+/// What one storm run is: how traced, beside how many other targets, and
+/// for which table.
+#[derive(Clone, Copy)]
+struct RunKey {
+    mode: Mode,
+    others: usize,
+    traced: bool,
+    stats_pass: bool,
+    paired: bool,
+}
+
+/// One storm run, its result pushed to `s` (or its failure). In a
+/// statistics pass the programs of `bpf_pids` (the other tracers, or the
+/// server) are read around it and added to the storm's own tracer's.
+#[allow(clippy::too_many_arguments)]
+fn storm(
+    s: &mut Scaling,
+    n: &mut usize,
+    env: &Env,
+    setup: &Setup,
+    dir: &Path,
+    bpf_pids: &[u32],
+    key: RunKey,
+    round: u32,
+) {
+    let RunKey {
+        mode,
+        others,
+        traced,
+        stats_pass,
+        ..
+    } = key;
+    *n += 1;
+    let d = dir.join(format!(
+        "{n:03}-r{round}-{}{}",
+        if traced { "cis490" } else { "untraced" },
+        if key.paired { "-paired" } else { "" }
+    ));
+    let tracer = if traced { mode.tracer() } else { Tracer::None };
+    let others_bpf = || stats_pass.then(|| bpf_of(bpf_pids));
+    let b0 = others_bpf();
+    let r = run_once(env, setup, Kind::Storm, tracer, &d, round, stats_pass);
+    let b1 = others_bpf();
+    match r {
+        Ok(r) => {
+            let bpf = b0
+                .zip(b1)
+                .map(|(b0, b1)| r.bpf.unwrap_or_default().plus(b1.since(b0)));
+            let sr = ScaleRun {
+                mode,
+                others,
+                traced,
+                stats_pass,
+                paired: key.paired,
+                round,
+                work_cpu_ns: r.work_cpu_ns,
+                round_trips: s.round_trips,
+                bpf,
+            };
+            eprintln!(
+                "bench: scaling: {mode:?}, {others} others, storm {}{}{}: workload CPU {:.3} s{}",
+                tracer.name(),
+                if key.paired { " (paired)" } else { "" },
+                if stats_pass { " (statistics pass)" } else { "" },
+                sr.work_cpu_ns.unwrap_or(0) as f64 / 1e9,
+                sr.bpf
+                    .map(|b| format!(
+                        ", BPF {:.0} ns per round trip",
+                        b.run_time_ns as f64 / sr.round_trips as f64
+                    ))
+                    .unwrap_or_default()
+            );
+            s.runs.push(sr);
+        }
+        Err(e) => {
+            let msg = format!(
+                "scaling: {mode:?}, {others} others, storm {}: {e:#}",
+                tracer.name()
+            );
+            eprintln!("bench: FAILED {msg}");
+            s.failures.push(msg);
+        }
+    }
+    settle();
+}
+
+/// How many statistics passes of each side the paired comparison makes.
+const PAIRED_STATS_PASSES: u32 = 3;
+
+/// The 1-point target, paired: in each round the traced storm runs through
+/// the server with no other target and with `most` (started for that run
+/// and ended after it), in an order that alternates, so each round's
+/// difference is of two runs a few seconds apart; then
+/// [`PAIRED_STATS_PASSES`] such pairs with the BPF statistics on.
+#[allow(clippy::too_many_arguments)]
+fn paired(
+    s: &mut Scaling,
+    n: &mut usize,
+    env: &Env,
+    setup: &Setup,
+    server: &Server,
+    most: usize,
+    rounds: u32,
+    scratch: &Path,
+) -> Result<()> {
+    let dir = scratch.join("scaling-Served-paired");
+    fs::create_dir_all(&dir)?;
+    let bpf_pids = [server.pid()];
+    eprintln!(
+        "bench: scaling: paired, the traced storm through the server with 0 and {most} other \
+         targets, alternated in each of {rounds} round(s)"
+    );
+    let pair = |s: &mut Scaling, n: &mut usize, round: u32, stats_pass: bool| -> Result<()> {
+        let order = if round.is_multiple_of(2) {
+            [0, most]
+        } else {
+            [most, 0]
+        };
+        for others in order {
+            let o = if others > 0 {
+                let d = dir.join(format!("others-r{round}"));
+                Some(Others::start(setup, Mode::Served.tracer(), others, &d)?)
+            } else {
+                None
+            };
+            let key = RunKey {
+                mode: Mode::Served,
+                others,
+                traced: true,
+                stats_pass,
+                paired: true,
+            };
+            storm(s, n, env, setup, &dir, &bpf_pids, key, round);
+            if let Some(o) = o
+                && let Err(e) = o.finish()
+            {
+                s.failures
+                    .push(format!("scaling: paired, {others} others: a tracer: {e:#}"));
+            }
+        }
+        Ok(())
+    };
+    for round in 0..rounds {
+        pair(s, n, round, false)?;
+    }
+    let _stats = BpfStats::enable()?;
+    for i in 0..PAIRED_STATS_PASSES {
+        pair(s, n, rounds + i, true)?;
+    }
+    Ok(())
+}
+
+/// Per round of the paired comparison: (the traced storm's CPU time, or
+/// its BPF run time per round trip in a statistics pass) with `most`
+/// others minus with none, in percentage points of `base_per_trip` (the
+/// untraced storm's CPU time per round trip).
+fn paired_diffs(s: &Scaling, most: usize, stats_pass: bool, base_per_trip: f64) -> Vec<f64> {
+    let runs: Vec<&ScaleRun> = s
+        .runs
+        .iter()
+        .filter(|r| r.paired && r.stats_pass == stats_pass)
+        .collect();
+    let value = |r: &ScaleRun| -> Option<f64> {
+        let trips = r.round_trips.max(1) as f64;
+        if stats_pass {
+            r.bpf.map(|b| b.run_time_ns as f64 / trips)
+        } else {
+            r.work_cpu_ns.map(|c| c as f64 / trips)
+        }
+    };
+    let mut rounds: Vec<u32> = runs.iter().map(|r| r.round).collect();
+    rounds.sort();
+    rounds.dedup();
+    rounds
+        .into_iter()
+        .filter_map(|round| {
+            let at = |k: usize| {
+                runs.iter()
+                    .find(|r| r.round == round && r.others == k)
+                    .and_then(|r| value(r))
+            };
+            Some((at(most)? - at(0)?) / base_per_trip * 100.0)
+        })
+        .collect()
+}
+
+/// A distribution-free interval of the median of `v` (sorted): the
+/// order statistics k and n+1-k, k the largest with a confidence of at
+/// least 95%; with the confidence it has. None under 6 values.
+fn median_interval(v: &[f64]) -> Option<(f64, f64, f64)> {
+    let n = v.len();
+    if n < 6 {
+        return None;
+    }
+    // P(Binomial(n, 1/2) <= j).
+    let cdf = |j: usize| -> f64 {
+        let mut c = 1.0f64; // C(n, 0)
+        let mut sum = 0.0;
+        for i in 0..=j {
+            if i > 0 {
+                c = c * (n + 1 - i) as f64 / i as f64;
+            }
+            sum += c;
+        }
+        sum / 2f64.powi(n as i32)
+    };
+    let mut k = 1;
+    while k < n / 2 && 1.0 - 2.0 * cdf(k) >= 0.95 {
+        k += 1;
+    }
+    let conf = 1.0 - 2.0 * cdf(k - 1);
+    (conf >= 0.95).then(|| (v[k - 1], v[n - k], conf))
+}
+
+/// The paired comparison's verdict on the 1-point target.
+fn paired_paragraph(s: &Scaling, most: usize, base_per_trip: f64) -> String {
+    let mut cpu = paired_diffs(s, most, false, base_per_trip);
+    let mut bpf = paired_diffs(s, most, true, base_per_trip);
+    if cpu.is_empty() {
+        return String::new();
+    }
+    cpu.sort_by(f64::total_cmp);
+    bpf.sort_by(f64::total_cmp);
+    let verdict = |lo: f64, hi: f64| {
+        if hi <= 1.0 {
+            "yes"
+        } else if lo > 1.0 {
+            "no"
+        } else {
+            "not shown (the range crosses it)"
+        }
+    };
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|d| format!("{d:+.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (lo, hi) = (cpu[0], cpu[cpu.len() - 1]);
+    let mut t = format!(
+        "\nPaired, through the server: in each of {} round(s) the traced storm ran with no \
+         other target and with {most} (started for that run), in an order that alternates. \
+         The storm's CPU time with {most} others minus with none, in percentage points of the \
+         untraced storm's, round by round (sorted): {}. Median {:+.2}; per-round range \
+         {lo:+.1}..{hi:+.1}: at most 1 point more with {most} others: {}.",
+        cpu.len(),
+        list(&cpu),
+        median(&cpu).unwrap_or(f64::NAN),
+        verdict(lo, hi)
+    );
+    if let Some((a, b, conf)) = median_interval(&cpu) {
+        t += &format!(
+            " The median's distribution-free {:.1}% interval (order statistics): \
+             {a:+.2}..{b:+.2}: {}.",
+            conf * 100.0,
+            verdict(a, b)
+        );
+    }
+    if !bpf.is_empty() {
+        t += &format!(
+            " BPF run time per round trip, {} statistics pass(es) of each, paired the same \
+             way: {} points: {}.",
+            bpf.len(),
+            list(&bpf),
+            verdict(bpf[0], bpf[bpf.len() - 1])
+        );
+    }
+    t + "\n"
+}
+
 fn cpu_median(s: &Scaling, mode: Mode, others: usize, traced: bool) -> Option<(f64, f64, f64)> {
     let v: Vec<f64> = s
         .runs
         .iter()
-        .filter(|r| r.mode == mode && r.others == others && r.traced == traced && !r.stats_pass)
+        .filter(|r| {
+            r.mode == mode && r.others == others && r.traced == traced && !r.stats_pass && !r.paired
+        })
         .filter_map(|r| r.work_cpu_ns.map(|c| c as f64))
         .collect();
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -396,7 +647,9 @@ fn cpu_median(s: &Scaling, mode: Mode, others: usize, traced: bool) -> Option<(f
 fn bpf_per_trip(s: &Scaling, mode: Mode, others: usize, traced: bool) -> Option<f64> {
     s.runs
         .iter()
-        .find(|r| r.mode == mode && r.others == others && r.traced == traced && r.stats_pass)
+        .find(|r| {
+            r.mode == mode && r.others == others && r.traced == traced && r.stats_pass && !r.paired
+        })
         .and_then(|r| r.bpf)
         .map(|b| b.run_time_ns as f64 / s.round_trips.max(1) as f64)
 }
@@ -492,6 +745,11 @@ pub fn render(s: &Scaling, command: &str, when: &str) -> String {
             .unwrap_or_default()
         );
     }
+    if let Some(b) = base
+        && last > 0
+    {
+        t += &paired_paragraph(s, last, b / s.round_trips.max(1) as f64);
+    }
     if !s.server_rss.is_empty() {
         t += "\nThe server's resident memory (VmRSS) with N other episodes running (their clients idle), and after they ended:\n\n";
         t += "| other episodes | running: KiB | after: KiB |\n| ---: | ---: | ---: |\n";
@@ -522,4 +780,22 @@ pub fn render(s: &Scaling, command: &str, when: &str) -> String {
         }
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_interval;
+
+    #[test]
+    fn the_median_interval_is_of_order_statistics() {
+        // n = 11: k = 2 (1 - 2 * 12/2048 = 98.8%); k = 3 would be 93.5%.
+        let v: Vec<f64> = (1..=11).map(f64::from).collect();
+        let (lo, hi, conf) = median_interval(&v).unwrap();
+        assert_eq!((lo, hi), (2.0, 10.0));
+        assert!((conf - (1.0 - 24.0 / 2048.0)).abs() < 1e-12);
+        // n = 7: only k = 1 reaches 95% (1 - 2/128).
+        let v: Vec<f64> = (1..=7).map(f64::from).collect();
+        assert_eq!(median_interval(&v).map(|m| (m.0, m.1)), Some((1.0, 7.0)));
+        assert!(median_interval(&v[..5]).is_none());
+    }
 }
