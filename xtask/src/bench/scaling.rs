@@ -81,6 +81,9 @@ pub struct Scaling {
     /// The server's resident memory (KiB) with N other episodes running
     /// (the storm's not), and once they ended.
     pub server_rss: Vec<(usize, u64, u64)>,
+    /// The server's resident memory (KiB) after each pair of the paired
+    /// comparison (its `most` episodes started and ended once more).
+    pub paired_rss: Vec<u64>,
     /// The server's maps' locked kernel memory (bytes), fixed at load.
     pub server_map_bytes: Option<u64>,
     pub max_targets: u32,
@@ -266,6 +269,7 @@ pub fn run(
         round_trips: env.sizes.storm_round_trips,
         runs: Vec::new(),
         server_rss: Vec::new(),
+        paired_rss: Vec::new(),
         server_map_bytes: None,
         max_targets,
         failures: Vec::new(),
@@ -500,6 +504,8 @@ fn paired(
                     .push(format!("scaling: paired, {others} others: a tracer: {e:#}"));
             }
         }
+        std::thread::sleep(Duration::from_millis(300));
+        s.paired_rss.push(server.rss_kib());
         Ok(())
     };
     for round in 0..rounds {
@@ -764,6 +770,16 @@ pub fn render(s: &Scaling, command: &str, when: &str) -> String {
                 rn.saturating_sub(r0) as f64 / n as f64
             );
         }
+    }
+    if let (Some(lo), Some(hi)) = (s.paired_rss.iter().min(), s.paired_rss.iter().max()) {
+        t += &format!(
+            "\nAfter each pair of the paired comparison ({} times {} episodes started and \
+             ended again): {lo}..{hi} KiB (first {}, last {}).\n",
+            s.paired_rss.len(),
+            s.counts.last().copied().unwrap_or(0),
+            s.paired_rss[0],
+            s.paired_rss[s.paired_rss.len() - 1]
+        );
     }
     if let Some(b) = s.server_map_bytes {
         t += &format!(
