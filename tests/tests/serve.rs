@@ -609,6 +609,164 @@ fn a_killed_server_leaves_no_program() {
     );
 }
 
+/// Every episode's lifecycle records go through the server's one ring
+/// buffer. With the server frozen (SIGSTOP) while one target starts and
+/// ends 6000 threads (12001 records for a 256 KiB ring, about 5400 fit),
+/// the kernel drops records and counts each against its own target's
+/// slot: that episode's received + dropped equal what its target did,
+/// exactly, and its `drops` events say so; an episode running beside it
+/// through the flood drops nothing.
+#[test]
+fn a_flooded_ring_buffer_counts_each_drop_in_its_own_episode() {
+    require_root();
+    let dir = scratch("serve-flood");
+    let server = Server::start(&dir, &["--ringbuf-kib", "256"]);
+    let (f_dir, q_dir) = (dir.join("flood"), dir.join("quiet"));
+    std::fs::create_dir_all(&f_dir).unwrap();
+    std::fs::create_dir_all(&q_dir).unwrap();
+    let out_json = f_dir.join("burst.json");
+    let count = 6000u64;
+    let mut wl = Command::new(bin("cis490-workload"))
+        .args(["thread-burst", "--count", &count.to_string(), "--out"])
+        .arg(&out_json)
+        .spawn()
+        .unwrap();
+    wait_for_file(&out_json.with_extension("json.ready"), T);
+    let flood = spawn_piped(server.trace(&f_dir).args([
+        "--target-pid",
+        &wl.id().to_string(),
+        "--duration",
+        "60",
+    ]));
+    started(&f_dir);
+    let quiet = spawn_piped(server.trace(&q_dir).args(["--", "sleep", "60"]));
+    started(&q_dir);
+
+    let server_pid = server.child.as_ref().unwrap().id() as i32;
+    kill(server_pid, libc::SIGSTOP);
+    kill(wl.id() as i32, libc::SIGUSR1);
+    assert!(wl.wait().unwrap().success());
+    kill(server_pid, libc::SIGCONT);
+
+    let f = Episode::from_output(&wait_output(flood, T));
+    assert_eq!(f.meta["end_reason"], "target_exited");
+    let dropped = f.sum("ebpf", "dropped_events");
+    assert!(dropped > 0, "the ring buffer did not overflow");
+    assert_eq!(f.meta["ebpf"]["dropped_events"].as_u64(), Some(dropped));
+    let received = f.meta["ebpf"]["records_received"].as_u64().unwrap();
+    assert_eq!(f.meta["ebpf"]["records_undecodable"], 0);
+    // One start and one exit per burst thread, and the main thread's exit.
+    assert_eq!(
+        received + dropped,
+        2 * count + 1,
+        "received {received} + dropped {dropped}"
+    );
+    let lines = f.events_named("thread_started").count() + f.events_named("thread_exited").count();
+    assert_eq!(lines as u64, received);
+    let said: u64 = f
+        .events_named("drops")
+        .map(|e| e["dropped_records"].as_u64().unwrap())
+        .sum();
+    assert_eq!(said, dropped, "drops events");
+    assert_eq!(f.rows("ebpf").last().unwrap()["threads"], 0);
+    assert_check_passes(&f.dir);
+
+    kill(quiet.id() as i32, libc::SIGINT);
+    let q = Episode::from_output(&wait_output(quiet, T));
+    assert_eq!(q.meta["end_reason"], "signal");
+    assert_eq!(q.sum("ebpf", "dropped_events"), 0);
+    assert_eq!(q.meta["ebpf"]["dropped_events"], 0);
+    assert_eq!(q.events_named("drops").count(), 0);
+    assert_check_passes(&q.dir);
+    eprintln!("flooded episode: {received} records received, {dropped} dropped; quiet: 0 dropped");
+    let out = server.stop(libc::SIGTERM);
+    assert!(out.status.success());
+}
+
+/// A second signal to a client while its episode finishes aborts that
+/// episode, as it does the standalone command: the client exits 130 at
+/// once with one error line, its command is killed, the episode gets no
+/// done.marker and `check` calls it incomplete; the server goes on.
+#[test]
+fn a_second_signal_to_a_client_aborts_its_episode_only() {
+    require_root();
+    let dir = scratch("serve-abort");
+    let server = Server::start(&dir, &[]);
+    let (a_dir, b_dir) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    // SIG_IGN survives execve: sleep ignores SIGTERM too, which holds the
+    // episode in its 5 s finishing window.
+    let client =
+        spawn_piped(
+            server
+                .trace(&a_dir)
+                .args(["--", "sh", "-c", "trap '' TERM; exec sleep 60"]),
+        );
+    let ep = started(&a_dir);
+    let target = read_meta(&ep)["target"]["pid"].as_i64().unwrap() as i32;
+    let target_fd = pidfd_open(target);
+    let pid = client.id() as i32;
+    std::thread::sleep(Duration::from_millis(300));
+    kill(pid, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        proc_state(pid).map(|s| s != 'Z'),
+        Some(true),
+        "the client did not wait for the episode"
+    );
+    assert!(
+        !pidfd_wait_exit(&target_fd, Duration::ZERO),
+        "the command ended on SIGTERM"
+    );
+    let t0 = Instant::now();
+    kill(pid, libc::SIGINT);
+    let out = wait_output(client, T);
+    let took = t0.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(took < Duration::from_secs(1), "the abort took {took:?}");
+    assert!(
+        stderr.contains("error: second signal while finishing"),
+        "{stderr}"
+    );
+    assert!(
+        pidfd_wait_exit(&target_fd, Duration::from_secs(2)),
+        "the command survived the abort"
+    );
+    // The server ends the episode where it stood, with no done.marker.
+    let t0 = Instant::now();
+    while read_meta(&ep)["status"] == "running" {
+        assert!(t0.elapsed() < T, "the server did not end the episode");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let meta = read_meta(&ep);
+    assert_eq!(meta["status"], "failed");
+    assert!(
+        meta["error"].as_str().unwrap().contains("second signal"),
+        "{meta}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!ep.join("done.marker").exists());
+    let (ok, text) = check_episode(&ep);
+    assert!(!ok);
+    assert!(
+        text.contains("incomplete: no done.marker (failed"),
+        "{text}"
+    );
+    // The server goes on.
+    let b = spawn_piped(
+        server
+            .trace(&b_dir)
+            .args(["--duration", "0.5", "--", "sleep", "5"]),
+    );
+    let b = Episode::from_output(&wait_output(b, T));
+    assert!(b.is_done());
+    eprintln!("aborted {took:?} after the second SIGINT");
+    let out = server.stop(libc::SIGTERM);
+    assert!(out.status.success());
+}
+
 /// Waits until the kernel has freed every BPF object of `held` (it frees
 /// maps a moment after the last program that used them).
 fn wait_freed(held: &bpf::Held) {

@@ -122,8 +122,8 @@ async fn talk(
                     ToClient::Error { error } => return Err(anyhow!("{error}")),
                 }
             }
-            _ = int.recv() => stop(&mut write, "SIGINT", &mut signalled, &send).await?,
-            _ = term.recv() => stop(&mut write, "SIGTERM", &mut signalled, &send).await?,
+            _ = int.recv() => stop(&mut write, "SIGINT", &mut signalled, &send, target.as_deref()).await?,
+            _ = term.recv() => stop(&mut write, "SIGTERM", &mut signalled, &send, target.as_deref()).await?,
             r = async { exited.as_ref().unwrap().readable().await }, if exited.is_some() && !exit_sent => {
                 r?.retain_ready();
                 exit_sent = true;
@@ -142,16 +142,22 @@ async fn talk(
 }
 
 /// The first signal asks the server to finish the episode; a second one
-/// ends the client at once (the server then finishes the episode as
-/// `client_gone`).
+/// aborts it, as the standalone command does: the client's command is
+/// killed, the server told to end the episode with no done.marker, and the
+/// client exits 130.
 async fn stop(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     signal: &str,
     signalled: &mut bool,
     send: &impl Fn(&ToServer) -> Vec<u8>,
+    target: Option<&Target>,
 ) -> Result<()> {
     if *signalled {
-        eprintln!("error: second signal: the client stops; the server finishes the episode");
+        if let Some(fd) = target.and_then(Target::killer) {
+            let _ = crate::target::pidfd_send_signal(&fd, libc::SIGKILL);
+        }
+        let _ = write.write_all(&send(&ToServer::Abort)).await;
+        eprintln!("error: second signal while finishing: aborted, the episode has no done.marker");
         std::process::exit(130);
     }
     *signalled = true;

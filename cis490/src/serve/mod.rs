@@ -113,8 +113,13 @@ pub struct Shared {
     btf: PathBuf,
     data_dir: PathBuf,
     routes: Arc<Mutex<HashMap<u32, UnboundedSender<Record>>>>,
+    /// Episodes waiting for the dispatcher to have routed every record
+    /// the ring buffer holds (each told on its channel).
+    flushes: Flushes,
     dispatcher: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
+
+type Flushes = Arc<Mutex<Vec<std::sync::mpsc::SyncSender<()>>>>;
 
 impl Shared {
     pub fn facts(&self) -> &KernelFacts {
@@ -180,6 +185,24 @@ impl Lease {
         self.slot
     }
 
+    /// Waits until the dispatcher has routed every record the ring buffer
+    /// holds now, so that the episode's last records are in its receiver
+    /// (as a standalone trace drains the ring buffer itself at its end).
+    pub fn flush_records(&self) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.shared
+            .flushes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(tx);
+        if rx.recv_timeout(Duration::from_secs(2)).is_err() {
+            log::warn!(
+                "the record dispatcher did not answer within 2 s: the episode's last \
+                 lifecycle records may come after its end (counted in the server's log)"
+            );
+        }
+    }
+
     pub fn probes(&self) -> &Probes {
         &self.shared.probes
     }
@@ -211,10 +234,13 @@ impl Drop for Lease {
 fn dispatch(
     mut ring: RingBuf<MapData>,
     routes: Arc<Mutex<HashMap<u32, UnboundedSender<Record>>>>,
+    flushes: Flushes,
     stop: Arc<AtomicBool>,
 ) {
     let (mut unrouted, mut undecodable) = (0u64, 0u64);
     while !stop.load(Ordering::Relaxed) {
+        // Those who asked before this drain are told after it.
+        let waiting = std::mem::take(&mut *flushes.lock().unwrap_or_else(PoisonError::into_inner));
         while let Some(item) = ring.next() {
             match crate::ebpf::decode_record(&item) {
                 Ok(r) => {
@@ -232,13 +258,17 @@ fn dispatch(
                 }
             }
         }
+        for w in waiting {
+            let _ = w.send(());
+        }
         let mut pfd = libc::pollfd {
             fd: ring.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: poll on one valid pollfd.
-        unsafe { libc::poll(&mut pfd, 1, 50) };
+        // SAFETY: poll on one valid pollfd. A flush waits for this
+        // timeout at most.
+        unsafe { libc::poll(&mut pfd, 1, 20) };
     }
     if unrouted > 0 {
         log::info!("{unrouted} lifecycle records came after their episode ended");
@@ -279,13 +309,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
     }
     let routes = Arc::new(Mutex::new(HashMap::new()));
+    let flushes = Flushes::default();
     let stop = Arc::new(AtomicBool::new(false));
     let ring = probes.records_ring()?;
     let dispatcher = {
-        let (routes, stop) = (routes.clone(), stop.clone());
+        let (routes, flushes, stop) = (routes.clone(), flushes.clone(), stop.clone());
         std::thread::Builder::new()
             .name("records".into())
-            .spawn(move || dispatch(ring, routes, stop))
+            .spawn(move || dispatch(ring, routes, flushes, stop))
             .context("cannot start the record dispatcher")?
     };
     let shared = Arc::new(Shared {
@@ -295,6 +326,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         btf: args.probes.btf.clone(),
         data_dir: cwd.join(&args.data_dir),
         routes,
+        flushes,
         dispatcher: Some((stop, dispatcher)),
     });
     let running = Arc::new(Mutex::new(Running::default()));
@@ -548,6 +580,9 @@ fn listen(
                 } else {
                     "SIGTERM"
                 }));
+            }
+            Ok(Some(ToServer::Abort)) => {
+                let _ = stops.send(Stop::Abort);
             }
             Ok(Some(ToServer::Exited { exit: e })) => {
                 *exit.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);

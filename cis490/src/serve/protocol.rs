@@ -40,6 +40,10 @@ pub enum ToServer {
     },
     /// The client got SIGINT or SIGTERM: finish the episode.
     Stop { signal: String },
+    /// The client got a second signal while the episode was finishing:
+    /// abort it at once, with no done.marker (as the standalone command
+    /// does).
+    Abort,
     /// The client's command ended (the client is its parent).
     Exited { exit: RemoteExit },
     /// The client's command could not `execve`.
@@ -107,6 +111,7 @@ mod tests {
             ToServer::Stop {
                 signal: "SIGINT".into(),
             },
+            ToServer::Abort,
             ToServer::Exited {
                 exit: RemoteExit {
                     status: ExitStatus::Code(3),

@@ -309,5 +309,14 @@ async fn trace(
     let mut run = phases::Run::attach(cfg, facts, target, episode, meta, backend).await?;
     let mut grid = run.begin().await?;
     let reason = run.event_loop(&mut grid, &mut stops).await?;
-    run.finish(grid, reason, stops).await
+    match stops {
+        phases::Stops::Signals(s) => run.finish(grid, reason, Some(s)).await,
+        // A served episode's client asks for an abort on its second
+        // signal: the finishing is dropped where it stands, so no
+        // done.marker is written.
+        phases::Stops::Served(rx) => tokio::select! {
+            r = run.finish(grid, reason, None) => r,
+            () = phases::abort_asked(rx) => Err(anyhow::anyhow!(phases::ABORTED)),
+        },
+    }
 }

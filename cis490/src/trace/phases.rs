@@ -71,6 +71,9 @@ pub enum Stop {
     ClientGone,
     /// A server's client could not start its command.
     ExecFailed(String),
+    /// A server's client got a second signal while the episode finished:
+    /// abort, with no done.marker.
+    Abort,
 }
 
 impl Stops {
@@ -125,6 +128,14 @@ impl Held {
         match self {
             Held::Own(p) => p,
             Held::Lease { lease, .. } => lease.probes(),
+        }
+    }
+
+    /// Makes every record now in a server's ring buffer reach this
+    /// episode's stream (a trace's own ring buffer is drained directly).
+    fn flush_records(&self) {
+        if let Held::Lease { lease, .. } = self {
+            lease.flush_records();
         }
     }
 
@@ -394,6 +405,7 @@ impl<'a> Run<'a> {
                             break EndReason::ClientGone;
                         }
                         Stop::ExecFailed(e) => anyhow::bail!("{e}"),
+                        Stop::Abort => anyhow::bail!("{ABORTED}"),
                     }
                 }
                 r = pidfd.readable() => {
@@ -476,7 +488,7 @@ impl<'a> Run<'a> {
         self,
         mut grid: Grid,
         reason: EndReason,
-        stops: Stops,
+        signals: Option<Signals>,
     ) -> Result<()> {
         let Self {
             target,
@@ -488,7 +500,7 @@ impl<'a> Run<'a> {
             probes,
             ..
         } = self;
-        if let (EndReason::Signal, Stops::Signals(signals)) = (reason, stops) {
+        if let (EndReason::Signal, Some(signals)) = (reason, signals) {
             abort_on_second_signal(target, signals);
         }
         if reason == EndReason::TargetExited {
@@ -506,6 +518,7 @@ impl<'a> Run<'a> {
         let (start, clock) = (grid.start, &mut grid.clock);
         let last = sources.close_bucket(clock, &mut out, end).await?;
         // Detach: no more events after the final row.
+        probes.flush_records();
         records.drain(|Record::Lifecycle(l)| {
             let at = ClockPair {
                 mono_ns: l.ts_ns,
@@ -651,6 +664,23 @@ fn qemu_argv(cfg: &TraceConfig, pid: i32) -> Vec<String> {
             .map(|a| a.to_string_lossy().into_owned())
             .collect()
     }
+}
+
+/// Why a served episode ended with no done.marker when its client got a
+/// second signal.
+pub(super) const ABORTED: &str =
+    "aborted: the client got a second signal while finishing; the episode has no done.marker";
+
+/// Resolves when a served episode's client asks for an abort (its other
+/// messages are of no use once the episode finishes); never if the client
+/// is gone without asking.
+pub(super) async fn abort_asked(mut rx: tokio::sync::mpsc::UnboundedReceiver<Stop>) {
+    while let Some(stop) = rx.recv().await {
+        if let Stop::Abort = stop {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// A second SIGINT or SIGTERM while finishing aborts at once: no
