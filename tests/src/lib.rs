@@ -232,6 +232,22 @@ pub fn report(path: &Path) -> Value {
         .unwrap()
 }
 
+/// `cis490-workload thread-burst`: a process that starts and ends `count`
+/// threads once it gets SIGUSR1, its report in `out_json`; returned once
+/// it is ready for the signal.
+pub fn thread_burst(out_json: &Path, count: u64) -> Child {
+    let wl = Command::new(bin("cis490-workload"))
+        .args(["thread-burst", "--count", &count.to_string(), "--out"])
+        .arg(out_json)
+        .spawn()
+        .unwrap();
+    wait_for_file(
+        &out_json.with_extension("json.ready"),
+        Duration::from_secs(30),
+    );
+    wl
+}
+
 /// Waits for a file to appear.
 pub fn wait_for_file(path: &Path, timeout: Duration) {
     let t0 = Instant::now();

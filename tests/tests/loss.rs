@@ -1,7 +1,7 @@
 //! Nothing is lost silently: when the ring buffer overflows, every lost
 //! record is counted, and the rows (aggregated in the kernel) stay exact.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use cis490_tests::*;
 
@@ -15,15 +15,7 @@ fn ring_buffer_overflow_is_counted_and_rows_stay_exact() {
     let dir = scratch("overflow");
     let out_json = dir.join("burst.json");
     let count = 6000u64;
-    let mut wl = Command::new(bin("cis490-workload"))
-        .args(["thread-burst", "--count", &count.to_string(), "--out"])
-        .arg(&out_json)
-        .spawn()
-        .unwrap();
-    wait_for_file(
-        &out_json.with_extension("json.ready"),
-        Duration::from_secs(30),
-    );
+    let mut wl = thread_burst(&out_json, count);
     let pid = wl.id() as i32;
     let trace = start_trace(
         &dir,

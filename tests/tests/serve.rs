@@ -626,12 +626,7 @@ fn a_flooded_ring_buffer_counts_each_drop_in_its_own_episode() {
     std::fs::create_dir_all(&q_dir).unwrap();
     let out_json = f_dir.join("burst.json");
     let count = 6000u64;
-    let mut wl = Command::new(bin("cis490-workload"))
-        .args(["thread-burst", "--count", &count.to_string(), "--out"])
-        .arg(&out_json)
-        .spawn()
-        .unwrap();
-    wait_for_file(&out_json.with_extension("json.ready"), T);
+    let mut wl = thread_burst(&out_json, count);
     let flood = spawn_piped(server.trace(&f_dir).args([
         "--target-pid",
         &wl.id().to_string(),
@@ -669,7 +664,21 @@ fn a_flooded_ring_buffer_counts_each_drop_in_its_own_episode() {
         .sum();
     assert_eq!(said, dropped, "drops events");
     assert_eq!(f.rows("ebpf").last().unwrap()["threads"], 0);
-    assert_check_passes(&f.dir);
+    // The /proc oracle polls from the server's process: frozen through the
+    // target's whole work, and the target reaped before it woke, it never
+    // saw that work (a poller sees nothing of a process gone between two of
+    // its reads), so its comparisons with eBPF may fail, and only those.
+    let proc_only: &[&str] = &["proc"];
+    assert_check_passes_but(
+        &f.dir,
+        &[
+            ("cpu_ns", proc_only),
+            ("ctx_switches", proc_only),
+            ("migrations", proc_only),
+            ("page_faults_minor", proc_only),
+            ("page_faults_major", proc_only),
+        ],
+    );
 
     kill(quiet.id() as i32, libc::SIGINT);
     let q = Episode::from_output(&wait_output(quiet, T));
