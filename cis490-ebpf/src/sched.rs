@@ -122,7 +122,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         }
         let prev_state: u64 = ctx.arg(3);
         if prev_state as u32 & TASK_DEAD != 0 {
-            account_dead(s, prev);
+            account_dead(s, prev, prev_tid != prev_tgid);
         }
         if !delays_from_sched_info() {
             runnable_since_on_switch_out(ctx, s, prev_tid, prev_state as u32);
@@ -182,11 +182,24 @@ fn compiler_barrier() {
 
 /// A target thread's final switch-out: its counters are final; they move
 /// from the live threads (the iterator skips `TASK_DEAD`) to the dead.
+///
+/// The kernel counted this switch in the thread's `nvcsw` just before the
+/// tracepoint, but a thread other than the leader was folded into the
+/// process's totals (`getrusage`, `wait4`, `/proc/PID/stat`) when it was
+/// released, before this switch: so the switch is left out for such a
+/// thread, and the process's switches are counted as the kernel counts
+/// them. (A leader's own counters are added when its process is reaped,
+/// after its final switch: that one stays.)
 #[inline(always)]
-fn account_dead(s: *mut SchedStats, prev: *const u8) {
+fn account_dead(s: *mut SchedStats, prev: *const u8, folded_before: bool) {
     let c = task_counters(prev);
     bump(unsafe { &raw mut (*s).dead_runtime_ns }, c.runtime_ns);
-    bump(unsafe { &raw mut (*s).dead_nvcsw }, c.nvcsw);
+    let nvcsw = if folded_before {
+        c.nvcsw.saturating_sub(1)
+    } else {
+        c.nvcsw
+    };
+    bump(unsafe { &raw mut (*s).dead_nvcsw }, nvcsw);
     bump(unsafe { &raw mut (*s).dead_nivcsw }, c.nivcsw);
     bump(unsafe { &raw mut (*s).dead_migrations }, c.migrations);
     bump(unsafe { &raw mut (*s).dead_run_delay_ns }, c.run_delay_ns);

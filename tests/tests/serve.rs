@@ -216,7 +216,7 @@ fn three_overlapping_episodes_are_each_exact() {
     );
     // Switches against the process's own totals at its exit, as the
     // standalone test holds them (`sched::cpu_time_matches_ground_truth_and_oracle`),
-    // and against /proc (which misses the exited threads' final switches).
+    // and against /proc.
     let late = if software_emulated() { 2 } else { 0 };
     for (f, x) in [
         ("ctx_switches_voluntary", exit.nvcsw),
