@@ -122,8 +122,16 @@ async fn talk(
                     ToClient::Error { error } => return Err(anyhow!("{error}")),
                 }
             }
-            _ = int.recv() => stop(&mut write, "SIGINT", &mut signalled, &send, target.as_deref()).await?,
-            _ = term.recv() => stop(&mut write, "SIGTERM", &mut signalled, &send, target.as_deref()).await?,
+            _ = int.recv() => {
+                if stop(&mut write, "SIGINT", &mut signalled, &send).await? {
+                    abort(&mut lines, target.as_deref()).await;
+                }
+            }
+            _ = term.recv() => {
+                if stop(&mut write, "SIGTERM", &mut signalled, &send).await? {
+                    abort(&mut lines, target.as_deref()).await;
+                }
+            }
             r = async { exited.as_ref().unwrap().readable().await }, if exited.is_some() && !exit_sent => {
                 r?.retain_ready();
                 exit_sent = true;
@@ -142,23 +150,16 @@ async fn talk(
 }
 
 /// The first signal asks the server to finish the episode; a second one
-/// aborts it, as the standalone command does: the client's command is
-/// killed, the server told to end the episode with no done.marker, and the
-/// client exits 130.
+/// asks it to abort the episode (true).
 async fn stop(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     signal: &str,
     signalled: &mut bool,
     send: &impl Fn(&ToServer) -> Vec<u8>,
-    target: Option<&Target>,
-) -> Result<()> {
+) -> Result<bool> {
     if *signalled {
-        if let Some(fd) = target.and_then(Target::killer) {
-            let _ = crate::target::pidfd_send_signal(&fd, libc::SIGKILL);
-        }
         let _ = write.write_all(&send(&ToServer::Abort)).await;
-        eprintln!("error: second signal while finishing: aborted, the episode has no done.marker");
-        std::process::exit(130);
+        return Ok(true);
     }
     *signalled = true;
     write
@@ -166,5 +167,22 @@ async fn stop(
             signal: signal.to_owned(),
         }))
         .await
-        .map_err(|e| anyhow!("cannot tell the server to stop: {e}"))
+        .map_err(|e| anyhow!("cannot tell the server to stop: {e}"))?;
+    Ok(false)
+}
+
+/// The abort, as the standalone command's: the server ends the episode
+/// where it stands (no done.marker) and kills the command; the client
+/// waits for its word (up to 1 s; the command is killed here too then),
+/// says so and exits 130.
+async fn abort(
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    target: Option<&Target>,
+) -> ! {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), lines.next_line()).await;
+    if let Some(fd) = target.and_then(Target::killer) {
+        let _ = crate::target::pidfd_send_signal(&fd, libc::SIGKILL);
+    }
+    eprintln!("error: second signal while finishing: aborted, the episode has no done.marker");
+    std::process::exit(130);
 }

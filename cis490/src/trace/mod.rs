@@ -306,6 +306,9 @@ async fn trace(
     // SIGINT/SIGTERM handled from here on: a signal during setup still
     // ends in a complete episode.
     let mut stops = stops()?;
+    // A served episode's abort kills a command the trace started, as the
+    // standalone command's does.
+    let killer = target.killer();
     let mut run = phases::Run::attach(cfg, facts, target, episode, meta, backend).await?;
     let mut grid = run.begin().await?;
     let reason = run.event_loop(&mut grid, &mut stops).await?;
@@ -315,8 +318,15 @@ async fn trace(
         // signal: the finishing is dropped where it stands, so no
         // done.marker is written.
         phases::Stops::Served(rx) => tokio::select! {
+            // The abort first whenever both are ready.
+            biased;
+            () = phases::abort_asked(rx) => {
+                if let Some(fd) = &killer {
+                    let _ = crate::target::pidfd_send_signal(fd, libc::SIGKILL);
+                }
+                Err(anyhow::anyhow!(phases::ABORTED))
+            }
             r = run.finish(grid, reason, None) => r,
-            () = phases::abort_asked(rx) => Err(anyhow::anyhow!(phases::ABORTED)),
         },
     }
 }
