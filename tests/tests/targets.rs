@@ -28,9 +28,9 @@ const KNOWN_DIFFERENCES: &[(&str, &[&str])] = &[
 /// (voluntary, one per thread) the tracer leaves out as the kernel's totals
 /// do, but any preemption in between is in the eBPF counts only. So
 /// voluntary = getrusage (+-5: the main thread's report and exit come after
-/// its getrusage), and getrusage <= involuntary; the upper bound, getrusage
-/// + 2 per exited thread + 5, is a sanity bound (about 0.6 per thread seen
-/// with 400 threads on 2 busy CPUs), not an exact count.
+/// its getrusage), and getrusage <= involuntary; the upper bound (getrusage
+/// plus 2 per exited thread, plus 5) is a sanity bound (about 0.6 per
+/// thread seen with 400 threads on 2 busy CPUs), not an exact count.
 #[track_caller]
 fn assert_switches_match_rusage(ep: &Episode, truth: &serde_json::Value, exited: u64) {
     let r = |k: &str| truth["rusage_self"][k].as_u64().unwrap();
