@@ -312,9 +312,7 @@ pub fn create_disk(path: &Path, mib: usize) -> Result<()> {
 
 /// Sends each line of `r` (without trailing whitespace), with the instant it
 /// was read, from a thread of its own.
-pub fn spawn_line_reader(
-    r: impl std::io::Read + Send + 'static,
-) -> mpsc::Receiver<(Instant, String)> {
+fn spawn_line_reader(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut r = BufReader::new(r);
@@ -336,7 +334,7 @@ pub fn spawn_line_reader(
 }
 
 /// Reads all of `r` on a thread.
-pub fn spawn_reader(mut r: impl std::io::Read + Send + 'static) -> thread::JoinHandle<String> {
+fn spawn_reader(mut r: impl std::io::Read + Send + 'static) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut s = Vec::new();
         let _ = r.read_to_end(&mut s);

@@ -57,10 +57,11 @@ pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12"];
 /// Modules the VM loads beyond [`guest::VIRTIO_MODULES`] (the scratch disk's
 /// transport and device), with their dependencies from each module's
 /// `depends=`: ext4 for the scratch disk's filesystem (crc32c is only a
-/// soft dependency of ext4, so named), tun for the tap tests, loop for the failing-disk test (an ext4 image mounted
-/// through a loop device), and kvm for its tracepoints (`kvm:kvm_exit`,
-/// `kvm:kvm_userspace_exit`, classic ones through tracefs: the kvm family
-/// attaches there, though without VMX/SVM under emulation no VM runs).
+/// soft dependency of ext4, so named), tun for the tap tests, loop for the
+/// failing-disk test (an ext4 image mounted through a loop device), and kvm
+/// for its tracepoints (`kvm:kvm_exit`, `kvm:kvm_userspace_exit`, classic
+/// ones through tracefs: the kvm family attaches there, though without
+/// VMX/SVM under emulation no VM runs).
 /// The gateway test's lab: veth pairs on a bridge, the clsact qdisc
 /// (sch_ingress) and the classifier (cls_bpf) of the clsact path.
 const MODULES: &[&str] = &[

@@ -266,9 +266,9 @@ fn dispatch(
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: poll on one valid pollfd. A flush waits for this
-        // timeout at most.
-        unsafe { libc::poll(&mut pfd, 1, 20) };
+        // SAFETY: poll on one valid pollfd. A flush (once at each
+        // episode's end) waits for this timeout at most.
+        unsafe { libc::poll(&mut pfd, 1, 50) };
     }
     if unrouted > 0 {
         log::info!("{unrouted} lifecycle records came after their episode ended");

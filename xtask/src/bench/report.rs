@@ -434,17 +434,38 @@ fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "**no**" }
 }
 
+/// Whether a measured range meets "at most `limit`": only when all of it
+/// does; it misses only when none of it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    Yes,
+    No,
+    /// The range crosses the limit.
+    NotShown,
+}
+
+impl Verdict {
+    pub(super) fn of(lo: f64, hi: f64, limit: f64) -> Self {
+        if hi <= limit {
+            Verdict::Yes
+        } else if lo > limit {
+            Verdict::No
+        } else {
+            Verdict::NotShown
+        }
+    }
+}
+
 /// Whether a measured (median, lowest round, highest round) meets "at most
 /// `limit`": yes only when every round does, no when every round misses,
 /// and not shown when the rounds fall on both sides.
 fn within((_, lo, hi): (f64, f64, f64), limit: f64) -> String {
-    if hi <= limit {
-        "yes".into()
-    } else if lo > limit {
-        "**no**".into()
-    } else {
-        "**not shown** (the rounds fall on both sides)".into()
+    match Verdict::of(lo, hi, limit) {
+        Verdict::Yes => "yes",
+        Verdict::No => "**no**",
+        Verdict::NotShown => "**not shown** (the rounds fall on both sides)",
     }
+    .into()
 }
 
 fn targets(res: &Results, ringbuf: u64) -> Vec<(String, String, String)> {

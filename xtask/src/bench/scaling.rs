@@ -31,6 +31,7 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{
     measure::{self, BpfRun, BpfStats, median},
+    report::Verdict,
     run_once, settle,
     tracers::{Running, Setup, Tracer},
     workloads::{Env, Kind},
@@ -87,6 +88,8 @@ pub struct Scaling {
     /// The server's maps' locked kernel memory (bytes), fixed at load.
     pub server_map_bytes: Option<u64>,
     pub max_targets: u32,
+    /// Storm runs started so far (numbering their directories).
+    pub started: usize,
     pub failures: Vec<String>,
 }
 
@@ -272,9 +275,9 @@ pub fn run(
         paired_rss: Vec::new(),
         server_map_bytes: None,
         max_targets,
+        started: 0,
         failures: Vec::new(),
     };
-    let mut n = 0usize;
     for mode in [Mode::Standalone, Mode::Served] {
         let server = match mode {
             Mode::Standalone => None,
@@ -318,7 +321,7 @@ pub fn run(
                     stats_pass,
                     paired: false,
                 };
-                storm(&mut s, &mut n, env, &setup, &dir, &bpf_pids, key, round);
+                storm(&mut s, env, &setup, &dir, &bpf_pids, key, round);
             };
             for round in 0..rounds {
                 let first = round % 2 == 0;
@@ -344,16 +347,7 @@ pub fn run(
             && let Some(&most) = counts.last()
             && most > 0
         {
-            paired(
-                &mut s,
-                &mut n,
-                env,
-                &setup,
-                sv,
-                most,
-                paired_rounds,
-                scratch,
-            )?;
+            paired(&mut s, env, &setup, sv, most, paired_rounds, scratch)?;
         }
         if let Some(sv) = server
             && let Err(e) = sv.stop()
@@ -378,10 +372,8 @@ struct RunKey {
 /// One storm run, its result pushed to `s` (or its failure). In a
 /// statistics pass the programs of `bpf_pids` (the other tracers, or the
 /// server) are read around it and added to the storm's own tracer's.
-#[allow(clippy::too_many_arguments)]
 fn storm(
     s: &mut Scaling,
-    n: &mut usize,
     env: &Env,
     setup: &Setup,
     dir: &Path,
@@ -396,9 +388,10 @@ fn storm(
         stats_pass,
         ..
     } = key;
-    *n += 1;
+    s.started += 1;
     let d = dir.join(format!(
-        "{n:03}-r{round}-{}{}",
+        "{:03}-r{round}-{}{}",
+        s.started,
         if traced { "cis490" } else { "untraced" },
         if key.paired { "-paired" } else { "" }
     ));
@@ -458,10 +451,8 @@ const PAIRED_STATS_PASSES: u32 = 3;
 /// and ended after it), in an order that alternates, so each round's
 /// difference is of two runs a few seconds apart; then
 /// [`PAIRED_STATS_PASSES`] such pairs with the BPF statistics on.
-#[allow(clippy::too_many_arguments)]
 fn paired(
     s: &mut Scaling,
-    n: &mut usize,
     env: &Env,
     setup: &Setup,
     server: &Server,
@@ -476,7 +467,7 @@ fn paired(
         "bench: scaling: paired, the traced storm through the server with 0 and {most} other \
          targets, alternated in each of {rounds} round(s)"
     );
-    let pair = |s: &mut Scaling, n: &mut usize, round: u32, stats_pass: bool| -> Result<()> {
+    let pair = |s: &mut Scaling, round: u32, stats_pass: bool| -> Result<()> {
         let order = if round.is_multiple_of(2) {
             [0, most]
         } else {
@@ -496,7 +487,7 @@ fn paired(
                 stats_pass,
                 paired: true,
             };
-            storm(s, n, env, setup, &dir, &bpf_pids, key, round);
+            storm(s, env, setup, &dir, &bpf_pids, key, round);
             if let Some(o) = o
                 && let Err(e) = o.finish()
             {
@@ -509,11 +500,11 @@ fn paired(
         Ok(())
     };
     for round in 0..rounds {
-        pair(s, n, round, false)?;
+        pair(s, round, false)?;
     }
     let _stats = BpfStats::enable()?;
     for i in 0..PAIRED_STATS_PASSES {
-        pair(s, n, rounds + i, true)?;
+        pair(s, rounds + i, true)?;
     }
     Ok(())
 }
@@ -580,6 +571,16 @@ fn median_interval(v: &[f64]) -> Option<(f64, f64, f64)> {
     (conf >= 0.95).then(|| (v[k - 1], v[n - k], conf))
 }
 
+/// The 1-point target (at most 1 percentage point more with the most other
+/// targets) for a measured range of differences.
+fn one_point(lo: f64, hi: f64) -> &'static str {
+    match Verdict::of(lo, hi, 1.0) {
+        Verdict::Yes => "yes",
+        Verdict::No => "no",
+        Verdict::NotShown => "not shown (the range crosses it)",
+    }
+}
+
 /// The paired comparison's verdict on the 1-point target.
 fn paired_paragraph(s: &Scaling, most: usize, base_per_trip: f64) -> String {
     let mut cpu = paired_diffs(s, most, false, base_per_trip);
@@ -589,15 +590,6 @@ fn paired_paragraph(s: &Scaling, most: usize, base_per_trip: f64) -> String {
     }
     cpu.sort_by(f64::total_cmp);
     bpf.sort_by(f64::total_cmp);
-    let verdict = |lo: f64, hi: f64| {
-        if hi <= 1.0 {
-            "yes"
-        } else if lo > 1.0 {
-            "no"
-        } else {
-            "not shown (the range crosses it)"
-        }
-    };
     let list = |v: &[f64]| {
         v.iter()
             .map(|d| format!("{d:+.1}"))
@@ -614,14 +606,14 @@ fn paired_paragraph(s: &Scaling, most: usize, base_per_trip: f64) -> String {
         cpu.len(),
         list(&cpu),
         median(&cpu).unwrap_or(f64::NAN),
-        verdict(lo, hi)
+        one_point(lo, hi)
     );
     if let Some((a, b, conf)) = median_interval(&cpu) {
         t += &format!(
             " The median's distribution-free {:.1}% interval (order statistics): \
              {a:+.2}..{b:+.2}: {}.",
             conf * 100.0,
-            verdict(a, b)
+            one_point(a, b)
         );
     }
     if !bpf.is_empty() {
@@ -630,7 +622,7 @@ fn paired_paragraph(s: &Scaling, most: usize, base_per_trip: f64) -> String {
              way: {} points: {}.",
             bpf.len(),
             list(&bpf),
-            verdict(bpf[0], bpf[bpf.len() - 1])
+            one_point(bpf[0], bpf[bpf.len() - 1])
         );
     }
     t + "\n"
@@ -734,13 +726,7 @@ pub fn render(s: &Scaling, command: &str, when: &str) -> String {
         let bpf = bpf_per_trip(s, Mode::Served, last, true)
             .zip(bpf_per_trip(s, Mode::Served, first, true))
             .map(|(a, z)| (a - z) / (b / s.round_trips.max(1) as f64) * 100.0);
-        let holds = if hi <= 1.0 {
-            "yes"
-        } else if lo > 1.0 {
-            "no"
-        } else {
-            "not shown (the range crosses it)"
-        };
+        let holds = one_point(lo, hi);
         t += &format!(
             "\nServed, {last} other targets against none, the traced storm: {pp:+.1} percentage \
              points of the untraced storm's CPU time (medians; {lo:+.1}..{hi:+.1} between the \
