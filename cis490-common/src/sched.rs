@@ -59,6 +59,7 @@ crate::names! {
         TASK_RUN_DELAY_OFFSET,
         TASK_MIN_FLT_OFFSET,
         TASK_MAJ_FLT_OFFSET,
+        TASK_IO_WRITE_BYTES_OFFSET,
         TASK_STATE_OFFSET,
         TASK_CPU_OFFSET,
         TASK_ON_CPU_OFFSET,
@@ -110,6 +111,9 @@ pub struct SchedStats {
     pub dead_min_flt: u64,
     /// Exited threads' `maj_flt` (page faults that needed I/O).
     pub dead_maj_flt: u64,
+    /// Exited threads' `ioac.write_bytes` (bytes they dirtied in the page
+    /// cache or wrote with direct I/O; 0 without CONFIG_TASK_IO_ACCOUNTING).
+    pub dead_io_write_bytes: u64,
     /// Target threads that began to exit (`sched_process_exit`).
     pub exits_started: u64,
     /// Target threads whose final switch-out was counted (`dead_*`): the
@@ -148,6 +152,7 @@ impl SchedStats {
         dead_run_delay_ns: 0,
         dead_min_flt: 0,
         dead_maj_flt: 0,
+        dead_io_write_bytes: 0,
         exits_started: 0,
         exits_accounted: 0,
         wakeups: 0,
@@ -169,6 +174,9 @@ impl SchedStats {
         self.dead_run_delay_ns = self.dead_run_delay_ns.wrapping_add(other.dead_run_delay_ns);
         self.dead_min_flt = self.dead_min_flt.wrapping_add(other.dead_min_flt);
         self.dead_maj_flt = self.dead_maj_flt.wrapping_add(other.dead_maj_flt);
+        self.dead_io_write_bytes = self
+            .dead_io_write_bytes
+            .wrapping_add(other.dead_io_write_bytes);
         self.exits_started = self.exits_started.wrapping_add(other.exits_started);
         self.exits_accounted = self.exits_accounted.wrapping_add(other.exits_accounted);
         self.wakeups = self.wakeups.wrapping_add(other.wakeups);
@@ -204,6 +212,9 @@ pub struct LiveCounters {
     /// `min_flt`, `maj_flt`: page faults.
     pub min_flt: u64,
     pub maj_flt: u64,
+    /// `ioac.write_bytes`: bytes dirtied in the page cache or written with
+    /// direct I/O.
+    pub io_write_bytes: u64,
     /// Live threads visited.
     pub threads: u64,
     /// Of them, threads on a CPU whose running slice was added.
@@ -226,6 +237,7 @@ impl LiveCounters {
         run_delay_ns: 0,
         min_flt: 0,
         maj_flt: 0,
+        io_write_bytes: 0,
         threads: 0,
         running: 0,
         dying: 0,
@@ -314,6 +326,10 @@ pub struct ThreadCounters {
     pub min_flt: u64,
     /// `maj_flt`: page faults that needed I/O.
     pub maj_flt: u64,
+    /// `ioac.write_bytes`: bytes the thread dirtied in the page cache (when
+    /// it dirtied them) or wrote with direct I/O (when it issued them), as
+    /// the kernel's I/O accounting counts them (`/proc/PID/io`).
+    pub io_write_bytes: u64,
 }
 
 impl ThreadCounters {
@@ -331,10 +347,10 @@ pub struct MaxSlot {
     pub max_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SchedStats>() == (16 + HIST_BUCKETS) * 8);
-const _: () = assert!(core::mem::size_of::<LiveCounters>() == 11 * 8);
+const _: () = assert!(core::mem::size_of::<SchedStats>() == (17 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<LiveCounters>() == 12 * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 64);
-const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 7 * 8);
+const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 8 * 8);
 const _: () = assert!(core::mem::size_of::<MaxSlot>() == 16);
 
 #[cfg(feature = "user")]

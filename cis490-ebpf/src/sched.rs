@@ -205,6 +205,10 @@ fn account_dead(s: *mut SchedStats, prev: *const u8, folded_before: bool) {
     bump(unsafe { &raw mut (*s).dead_run_delay_ns }, c.run_delay_ns);
     bump(unsafe { &raw mut (*s).dead_min_flt }, c.min_flt);
     bump(unsafe { &raw mut (*s).dead_maj_flt }, c.maj_flt);
+    bump(
+        unsafe { &raw mut (*s).dead_io_write_bytes },
+        c.io_write_bytes,
+    );
     bump(unsafe { &raw mut (*s).exits_accounted }, 1);
 }
 
@@ -366,6 +370,7 @@ fn try_iter(ctx: *const *const u8) -> Res {
     live.migrations += c.migrations;
     live.min_flt += c.min_flt;
     live.maj_flt += c.maj_flt;
+    live.io_write_bytes += c.io_write_bytes;
     if has_run_delay() {
         live.run_delay_ns += c.run_delay_ns;
     }

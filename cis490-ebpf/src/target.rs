@@ -66,6 +66,11 @@ static TASK_RUN_DELAY_OFFSET: Global<u32> = Global::new(0);
 static TASK_MIN_FLT_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static TASK_MAJ_FLT_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.ioac.write_bytes`: the thread's bytes dirtied in the page
+/// cache or written with direct I/O; 0 when the kernel has no
+/// CONFIG_TASK_IO_ACCOUNTING (the member is never at offset 0).
+#[unsafe(no_mangle)]
+static TASK_IO_WRITE_BYTES_OFFSET: Global<u32> = Global::new(0);
 /// `task_struct.__state` (the task iterator skips `TASK_DEAD` threads).
 #[unsafe(no_mangle)]
 static TASK_STATE_OFFSET: Global<u32> = Global::new(0);
@@ -272,5 +277,10 @@ pub fn task_counters(task: *const u8) -> ThreadCounters {
         migrations: load(task, &TASK_MIGRATIONS_OFFSET),
         min_flt: load(task, &TASK_MIN_FLT_OFFSET),
         maj_flt: load(task, &TASK_MAJ_FLT_OFFSET),
+        io_write_bytes: if TASK_IO_WRITE_BYTES_OFFSET.load() != 0 {
+            load(task, &TASK_IO_WRITE_BYTES_OFFSET)
+        } else {
+            0
+        },
     }
 }

@@ -99,10 +99,26 @@ pub struct EbpfTotals {
     #[serde(default)]
     pub torn_slice_reads: u64,
     /// Block requests whose completion the kernel did not deliver; their
-    /// bytes were accounted when their address was reused or at the end.
+    /// bytes were accounted when found (their address reused, the reader's
+    /// scan of requests in flight over 2 s, or the end).
     pub block_missed_completions: u64,
+    /// Per loaded program: runs the kernel skipped during the episode
+    /// because the program would have run nested on its own CPU (the
+    /// program's `recursion_misses`; a server's programs are shared, so
+    /// there it counts every episode's). Empty on kernels before 5.12.
+    #[serde(default)]
+    pub recursion_misses: std::collections::BTreeMap<String, u64>,
     pub records_received: u64,
     pub records_undecodable: u64,
+}
+
+/// What meta.json says about the /proc oracle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcInfo {
+    /// Buckets whose `blk_read_bytes` and `io_write_bytes` are `null`
+    /// because the target reaped a child in them (the kernel then adds the
+    /// child's whole lifetime of I/O to the target's `/proc/PID/io`).
+    pub children_reaped_buckets: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -140,6 +156,8 @@ pub struct Meta {
     pub perf: Option<crate::sources::perf::PerfInfo>,
     /// Why the perf source is off, if it is.
     pub perf_error: Option<String>,
+    /// The /proc oracle's notes, when it ran.
+    pub proc: Option<ProcInfo>,
     /// The QMP source: what it could read, or why not.
     pub qmp: Option<serde_json::Value>,
     /// The guest agent source's socket, caps and counts (`--guest-agent`).

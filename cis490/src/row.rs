@@ -117,6 +117,9 @@ pub struct Measures {
     pub blk_read_bytes: Option<u64>,
     /// Bytes written to block devices.
     pub blk_write_bytes: Option<u64>,
+    /// Bytes the target dirtied in the page cache or wrote with direct I/O,
+    /// as the kernel's per-task I/O accounting counts them.
+    pub io_write_bytes: Option<u64>,
     /// Sum of block request latencies (issue to completion), ns.
     pub blk_latency_ns_sum: Option<u64>,
     /// Longest block request latency in the bucket, ns.
@@ -211,6 +214,27 @@ pub struct NetCounters {
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub rx_packets: u64,
+}
+
+impl NetCounters {
+    /// What the counters gained since `earlier` (each saturating at 0).
+    pub fn since(&self, earlier: &NetCounters) -> NetCounters {
+        NetCounters {
+            tx_bytes: self.tx_bytes.saturating_sub(earlier.tx_bytes),
+            rx_bytes: self.rx_bytes.saturating_sub(earlier.rx_bytes),
+            tx_packets: self.tx_packets.saturating_sub(earlier.tx_packets),
+            rx_packets: self.rx_packets.saturating_sub(earlier.rx_packets),
+        }
+    }
+
+    /// Adds `other` (each saturating at `u64::MAX`): two interfaces of one
+    /// name.
+    pub fn add(&mut self, other: &NetCounters) {
+        self.tx_bytes = self.tx_bytes.saturating_add(other.tx_bytes);
+        self.rx_bytes = self.rx_bytes.saturating_add(other.rx_bytes);
+        self.tx_packets = self.tx_packets.saturating_add(other.tx_packets);
+        self.rx_packets = self.rx_packets.saturating_add(other.rx_packets);
+    }
 }
 
 impl Measures {
@@ -430,6 +454,7 @@ mod tests {
             blk_write_ops: Some(n),
             blk_read_bytes: Some(n),
             blk_write_bytes: Some(n),
+            io_write_bytes: Some(n),
             blk_latency_ns_sum: Some(n),
             blk_latency_max_ns: Some(n),
             blk_latency_hist_log2: Some(vec![0, n]),

@@ -168,14 +168,18 @@ pub fn proc_files(data: &[u8]) {
         assert_eq!(st.comm, &s[open + 1..close]);
         assert_eq!(Ok(st.pid), s[..open].trim().parse::<i32>());
         let line = format!(
-            "{} ({}) {} 1 1 1 0 -1 4194560 {} 0 {} 0 {} {} 0 0 20 0 {} 0 {} 123 456\n",
+            "{} ({}) {} 1 1 1 0 -1 4194560 {} {} {} {} {} {} {} {} 20 0 {} 0 {} 123 456\n",
             st.pid,
             st.comm,
             st.state,
             st.minflt,
+            st.cminflt,
             st.majflt,
+            st.cmajflt,
             st.utime,
             st.stime,
+            st.cutime,
+            st.cstime,
             st.num_threads,
             st.start_time
         );

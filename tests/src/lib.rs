@@ -343,6 +343,11 @@ impl Netns {
         Netns(name)
     }
 
+    /// The namespace's file (`/run/netns/NAME`).
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.0))
+    }
+
     /// `ip netns exec NAME` + `argv`.
     pub fn cmd(&self, program: &Path) -> Command {
         let mut c = Command::new("ip");
@@ -379,6 +384,24 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
+}
+
+/// Starts `cis490-workload dio ARGS --wait-signal --linger-ms 250` on
+/// `DIR/target.bin` with its report at `DIR/dio.json`, and returns once it
+/// is ready (waiting for SIGUSR1): the child and the report's path.
+pub fn dio_workload(dir: &Path, args: &[&str]) -> (Child, PathBuf) {
+    let out = dir.join("dio.json");
+    let child = Command::new(bin("cis490-workload"))
+        .arg("dio")
+        .args(args)
+        .args(["--wait-signal", "--linger-ms", "250", "--file"])
+        .arg(dir.join("target.bin"))
+        .arg("--out")
+        .arg(&out)
+        .spawn()
+        .expect("spawn cis490-workload dio");
+    wait_for_file(&out.with_extension("json.ready"), Duration::from_secs(60));
+    (child, out)
 }
 
 /// Starts `cis490 trace ARGS` in the background (data dir under `dir`) and

@@ -25,18 +25,42 @@ fn tap_workload(
     args: &[&str],
 ) -> (std::process::Child, std::path::PathBuf) {
     let out = dir.join(format!("{name}.json"));
-    let child = ns
-        .cmd(&bin("cis490-workload"))
+    let cmd = ns.cmd(&bin("cis490-workload"));
+    (start_tap(cmd, name, args, &out, Some(ns)), out)
+}
+
+/// Runs `cmd` (the workload, wherever it runs) as `tap --name NAME
+/// --wait-signal ARGS --out OUT`, waits until the tap exists and brings it
+/// up where it lives (`ns`, or the root namespace), IPv6 off.
+fn start_tap(
+    mut cmd: Command,
+    name: &str,
+    args: &[&str],
+    out: &std::path::Path,
+    ns: Option<&Netns>,
+) -> std::process::Child {
+    let child = cmd
         .args(["tap", "--name", name, "--wait-signal"])
         .args(args)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .spawn()
         .unwrap();
     wait_for_file(&out.with_extension("json.ready"), T);
-    ns.sh(&format!("sysctl -q -w net.ipv6.conf.{name}.disable_ipv6=1"));
-    ns.ip(&["link", "set", name, "up"]);
-    (child, out)
+    let up = format!("sysctl -q -w net.ipv6.conf.{name}.disable_ipv6=1 && ip link set {name} up");
+    match ns {
+        Some(ns) => {
+            ns.sh(&up);
+        }
+        None => assert!(
+            Command::new("sh")
+                .args(["-c", &up])
+                .status()
+                .unwrap()
+                .success()
+        ),
+    }
+    child
 }
 
 /// The target's tap: eBPF's per-interface counts equal what the target
@@ -237,4 +261,146 @@ fn socket_traffic_is_counted_in_the_target() {
     assert!(by_if(&ep, "ebpf", "sockets", "tx_packets") >= 1);
     assert_eq!(ep.sum("ebpf", "net_tx_bytes"), received);
     assert_eq!(by_if(&ep, "ebpf", "sockets", "rx_bytes"), 0);
+}
+
+/// The tap workload wrote `frames` frames, `bytes` bytes (its report), and
+/// eBPF and the oracle each counted exactly that as `name`'s tx.
+fn assert_tap_tx_exact(ep: &Episode, truth: &Value, name: &str, frames: u64, bytes: u64) {
+    assert_eq!(
+        (
+            truth["frames_written"].as_u64(),
+            truth["bytes_written"].as_u64()
+        ),
+        (Some(frames), Some(bytes)),
+        "the workload's report"
+    );
+    for source in ["ebpf", "proc"] {
+        assert_eq!(
+            (
+                by_if(ep, source, name, "tx_packets"),
+                by_if(ep, source, name, "tx_bytes")
+            ),
+            (frames, bytes),
+            "{source}: the tx of {name}"
+        );
+    }
+}
+
+/// A tap lives in the network namespace where it was created, not
+/// necessarily the target's: the target (in the root namespace) holds a tap
+/// it created in a test namespace, while another process's tap of the same
+/// name lives in the root namespace, busy at the same time. The target's
+/// tap is found from its fd (its namespace and index), so its frames are
+/// counted exactly, by eBPF and by the oracle (that namespace's
+/// interface counters), and the same-named neighbour's are not. (Looked up
+/// by name in the target's namespace, as before, the neighbour was counted
+/// instead.)
+#[test]
+fn a_tap_in_another_namespace_is_counted_there_not_by_its_name() {
+    require_root();
+    let dir = scratch("tap-elsewhere");
+    let ns = Netns::new("tapelse");
+    let name = "c490e0";
+    // The target in the root namespace, its tap in `ns`.
+    let out = dir.join("target.json");
+    let ns_path = ns.path().display().to_string();
+    let mut wl = start_tap(
+        Command::new(bin("cis490-workload")),
+        name,
+        &[
+            "--frames",
+            "1000",
+            "--size",
+            "700",
+            "--linger-ms",
+            "400",
+            "--netns",
+            &ns_path,
+        ],
+        &out,
+        Some(&ns),
+    );
+    // The neighbour: the same name, in the root namespace.
+    let mut noise = start_tap(
+        Command::new(bin("cis490-workload")),
+        name,
+        &["--frames", "1500", "--size", "300"],
+        &dir.join("noise.json"),
+        None,
+    );
+
+    let pid = wl.id() as i32;
+    let trace = start_trace(
+        &dir,
+        &["--target-pid", &pid.to_string(), "--duration", "60"],
+    );
+    let tap = wait_for_event(&episode_dir(&dir), "tap_attached", |e| e["name"] == name, T);
+    let ns_inum = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(ns.path()).unwrap().ino()
+    };
+    assert_eq!(tap["netns_inum"], ns_inum, "{tap}");
+    kill(noise.id() as i32, libc::SIGUSR1);
+    kill(pid, libc::SIGUSR1);
+    assert!(wl.wait().unwrap().success());
+    assert!(noise.wait().unwrap().success());
+    let ep = Episode::from_output(&wait_output(trace, T));
+    let truth = report(&out);
+    // The target's tap, not its namesake's 1500 frames of 300 B.
+    assert_tap_tx_exact(&ep, &truth, name, 1000, 700_000);
+    assert_eq!(ep.events_named("tap_attached").count(), 1);
+    assert_check_passes(&ep.dir);
+}
+
+/// QEMU re-creates a tap under the same name when a NIC is hot-plugged
+/// again (`netdev_del`, `netdev_add`): a new interface (a new index). The
+/// target writes 600 frames, waits, closes its tap, creates it again,
+/// brings it up, and writes 400 more: both interfaces are counted, under
+/// the one name, exactly (eBPF and the oracle, which sees the old one's
+/// last counts in the wait), and each has its `tap_attached` event.
+/// (Registered by name, as before, the new one was never counted.)
+#[test]
+fn a_tap_created_again_under_its_name_is_counted_again() {
+    require_root();
+    let dir = scratch("tap-again");
+    let ns = Netns::new("tapagain");
+    let name = "c490a0";
+    let (mut wl, out) = tap_workload(
+        &ns,
+        &dir,
+        name,
+        &[
+            "--frames",
+            "1000",
+            "--size",
+            "500",
+            "--recreate-at",
+            "600",
+            "--recreate-pause-ms",
+            "800",
+            "--linger-ms",
+            "400",
+        ],
+    );
+    let pid = wl.id() as i32;
+    let trace = start_trace(
+        &dir,
+        &["--target-pid", &pid.to_string(), "--duration", "60"],
+    );
+    wait_for_event(&episode_dir(&dir), "tap_attached", |e| e["name"] == name, T);
+    kill(pid, libc::SIGUSR1);
+    assert!(wl.wait().unwrap().success());
+    let ep = Episode::from_output(&wait_output(trace, T));
+    let truth = report(&out);
+    let attached: Vec<u64> = ep
+        .events_named("tap_attached")
+        .map(|e| e["ifindex"].as_u64().unwrap())
+        .collect();
+    let again = truth["recreated_ifindexes"][0].as_u64().unwrap();
+    eprintln!("tap_attached ifindexes {attached:?}; the tap made again has {again}");
+    assert_eq!(attached.len(), 2, "{attached:?}");
+    assert!(attached[0] != again && attached[1] == again, "{attached:?}");
+    // Both interfaces of the name.
+    assert_tap_tx_exact(&ep, &truth, name, 1000, 500_000);
+    assert_check_passes(&ep.dir);
 }

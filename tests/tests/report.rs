@@ -135,6 +135,7 @@ fn check_page(ep: &Episode, html: &str) {
         ("runq_max", "runq_delay_max_ns", " max"),
         ("blk_bytes", "blk_read_bytes", " read"),
         ("blk_bytes", "blk_write_bytes", " write"),
+        ("blk_bytes", "io_write_bytes", " written (I/O accounting)"),
         ("blk_ops", "blk_read_ops", " read"),
         ("blk_ops", "blk_write_ops", " write"),
         ("blk_latency", "blk_latency_max_ns", " max"),

@@ -70,25 +70,7 @@ fn three_overlapping_episodes_are_each_exact() {
 
     // Episode 2: direct I/O of a process attached to.
     std::fs::create_dir_all(&dio_dir).unwrap();
-    let dio_json = dio_dir.join("dio.json");
-    let mut dio_wl = Command::new(bin("cis490-workload"))
-        .args([
-            "dio",
-            "--write-mb",
-            "16",
-            "--read-mb",
-            "8",
-            "--wait-signal",
-            "--linger-ms",
-            "250",
-            "--file",
-        ])
-        .arg(dio_dir.join("target.bin"))
-        .arg("--out")
-        .arg(&dio_json)
-        .spawn()
-        .unwrap();
-    wait_for_file(&dio_json.with_extension("json.ready"), T);
+    let (mut dio_wl, dio_json) = dio_workload(&dio_dir, &["--write-mb", "16", "--read-mb", "8"]);
     let ctl = dio_dir.join("ctl.sock");
     let dio = spawn_piped(
         server

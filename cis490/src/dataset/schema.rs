@@ -86,6 +86,7 @@ measures!(
     u64 blk_write_ops,
     u64 blk_read_bytes,
     u64 blk_write_bytes,
+    u64 io_write_bytes,
     u64 blk_latency_ns_sum,
     u64 blk_latency_max_ns,
     hist blk_latency_hist_log2,

@@ -6,6 +6,8 @@
 //! The reader: Block I/O rows from `BLOCK_STATS` and `BLOCK_MAX` (probes in
 //! `cis490-ebpf/src/block.rs`).
 
+use std::time::{Duration, Instant};
+
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
@@ -161,7 +163,19 @@ pub struct BlockReader {
     /// Requests accounted here rather than in the kernel (see `settle`).
     settled: BlockStats,
     prev: BlockStats,
+    /// When `REQS` was last scanned for requests completed unseen.
+    last_scan: Instant,
 }
+
+/// How often `REQS` is scanned for requests whose completion the probes
+/// did not get.
+const SCAN_EVERY: Duration = Duration::from_millis(250);
+/// An issued request still in `REQS` this long after its issue completed
+/// unseen (a device request takes milliseconds; the emulated disks here
+/// tens at worst). One that was only slow is then counted here, without
+/// its latency, and its late completion finds no entry: its bytes count
+/// once either way.
+const STALE_AFTER_NS: u64 = 2_000_000_000;
 
 impl BlockReader {
     pub fn new(ebpf: &Ebpf, slot: Slot) -> Result<Self> {
@@ -172,6 +186,7 @@ impl BlockReader {
             slot: slot.index(),
             settled: BlockStats::ZERO,
             prev: BlockStats::ZERO,
+            last_scan: Instant::now(),
         })
     }
 
@@ -185,9 +200,12 @@ impl BlockReader {
 
     /// Accounts requests still in the kernel map that were issued but never
     /// seen completing (their completion event was not delivered): all of
-    /// them once the target is gone, else those issued over a second ago.
-    /// Called before the last row.
+    /// them once the target is gone, else those issued over
+    /// [`STALE_AFTER_NS`] ago. Called every [`SCAN_EVERY`] (from
+    /// [`Self::sample`]) and before the last row, so such a request lands
+    /// in a row a few seconds after its issue at most, not at the end.
     pub fn settle(&mut self, target_gone: bool) {
+        self.last_scan = Instant::now();
         let now = mono_now_ns();
         let stale: Vec<(u64, ReqStart)> = self
             .reqs
@@ -196,7 +214,7 @@ impl BlockReader {
             .filter(|(_, r)| {
                 r.slot == self.slot
                     && r.issued != 0
-                    && (target_gone || now.saturating_sub(r.ts_ns) > 1_000_000_000)
+                    && (target_gone || now.saturating_sub(r.ts_ns) > STALE_AFTER_NS)
             })
             .collect();
         for (rq, r) in stale {
@@ -216,6 +234,9 @@ impl BlockReader {
     }
 
     pub fn sample(&mut self, ended: u64, m: &mut Measures) -> Result<()> {
+        if self.last_scan.elapsed() >= SCAN_EVERY {
+            self.settle(false);
+        }
         let mut c = read_percpu(
             &self.stats,
             map::BLOCK_STATS,

@@ -237,6 +237,24 @@ pub(super) struct Handoff {
 }
 
 impl Probes {
+    /// Runs of each loaded program that the kernel skipped since it was
+    /// loaded, because the program would have run nested on its own CPU (an
+    /// interrupt on a CPU already running it: a block completion in a hard
+    /// interrupt while the same program handles one in a soft interrupt, for
+    /// one): `recursion_misses` in the program's fdinfo (Linux 5.12+; a
+    /// kernel without it gives no entry).
+    pub fn recursion_misses(&self) -> BTreeMap<String, u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let fd = p.fd().ok()?.as_fd().as_raw_fd();
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+                fdinfo_recursion_misses(&info).map(|n| (name.to_owned(), n))
+            })
+            .collect()
+    }
+
     /// Loads the programs, adds thread group `first` as a target if given
     /// (before anything attaches) and attaches every family. Only the
     /// scheduler family's required probes are fatal.
@@ -386,6 +404,13 @@ fn raise_memlock_limit() {
     }
 }
 
+/// The `recursion_misses:` value of a BPF program's fdinfo.
+fn fdinfo_recursion_misses(info: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("recursion_misses:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -394,6 +419,15 @@ mod tests {
     use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
     use super::*;
+
+    #[test]
+    fn recursion_misses_are_read_from_a_programs_fdinfo() {
+        let info = "pos:\t0\nflags:\t02000002\nprog_type:\t26\nprog_id:\t61\n\
+                    run_time_ns:\t0\nrun_cnt:\t0\nrecursion_misses:\t7\nverified_insns:\t12\n";
+        assert_eq!(fdinfo_recursion_misses(info), Some(7));
+        assert_eq!(fdinfo_recursion_misses("prog_id:\t61\n"), None);
+        assert_eq!(fdinfo_recursion_misses("recursion_misses:\tx\n"), None);
+    }
 
     /// The names `cis490_common` declares, by kind, over every family.
     fn declared(kind: &str) -> BTreeSet<&'static str> {
@@ -475,6 +509,7 @@ mod tests {
                         run_delay: sched::RunDelaySource::SchedInfo,
                         counters: true,
                         wakeups: true,
+                        io_accounting: true,
                     },
                     block: Err(String::new()),
                     net: super::net::NetPlan {

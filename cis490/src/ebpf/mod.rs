@@ -94,7 +94,7 @@ impl EbpfSource {
             None => None,
         };
         let net = match handoff.net {
-            Some(attached) => Some(net::NetReader::new(ebpf, slot, pid, attached)?),
+            Some(attached) => Some(net::NetReader::new(ebpf, slot, attached)?),
             None => None,
         };
         let kvm = match handoff.kvm {

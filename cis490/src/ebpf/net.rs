@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     row::{Measures, NetCounters},
-    taps::{self, Tap},
+    taps::Tap,
 };
 
 pub const FAMILY: &str = "net";
@@ -183,7 +183,6 @@ pub fn attach(a: &mut Attacher<'_>, plan: &NetPlan) -> (FamilyStatus, Option<Att
 // ---- the reader ----------------------------------------------------------
 
 pub struct NetReader {
-    pid: i32,
     /// The target's slot.
     target: u32,
     stats: PerCpuArray<MapData, NetStats>,
@@ -212,9 +211,8 @@ fn delta(now: &IfStats, prev: &IfStats) -> NetCounters {
 }
 
 impl NetReader {
-    pub fn new(ebpf: &Ebpf, slot: Slot, pid: i32, attached: Attached) -> Result<Self> {
+    pub fn new(ebpf: &Ebpf, slot: Slot, attached: Attached) -> Result<Self> {
         Ok(Self {
-            pid,
             target: slot.index(),
             stats: open(ebpf, map::NET_STATS)?,
             tap_ifs: open(ebpf, map::TAP_IFS)?,
@@ -233,24 +231,16 @@ impl NetReader {
     }
 
     /// Gives taps the target opened since the last call a slot, so the
-    /// probes count their traffic from now on.
-    fn register(&mut self, names: &[String]) {
-        let fresh: Vec<String> = names
-            .iter()
-            .filter(|n| !self.slots.contains(n))
-            .cloned()
-            .collect();
-        if fresh.is_empty() {
-            return;
-        }
-        let resolved = match taps::resolve(self.pid, &fresh) {
-            Ok(r) => r,
-            Err(e) => {
-                log::debug!("taps of {}: {e}", self.pid);
-                return;
+    /// probes count their traffic from now on. A tap is an interface in a
+    /// namespace (`TAP_IFS`'s key), not a name: one re-created under its old
+    /// name (a NIC hot-plugged again) is a new one, counted under the same
+    /// name in the rows.
+    fn register(&mut self, taps: &[Tap]) {
+        for tap in taps {
+            let key = if_key(tap.netns_inum, tap.ifindex);
+            if self.keys.contains(&key) {
+                continue;
             }
-        };
-        for tap in resolved {
             if self.slots.len() >= MAX_IFS {
                 log::warn!(
                     "the target holds more than {MAX_IFS} taps: {} is not counted",
@@ -270,12 +260,11 @@ impl NetReader {
                 log::warn!("cannot count tap {}: {e}", tap.name);
                 continue;
             }
-            let key = if_key(tap.netns_inum, tap.ifindex);
             match self.tap_ifs.insert(key, tap_value(self.target, slot), 0) {
                 Ok(()) => {
                     self.slots.push(tap.name.clone());
                     self.keys.push(key);
-                    self.new_taps.push(tap);
+                    self.new_taps.push(tap.clone());
                 }
                 Err(e) => log::warn!("cannot count tap {}: {e}", tap.name),
             }
@@ -284,7 +273,7 @@ impl NetReader {
 
     pub fn sample(&mut self, ctx: &SampleCtx<'_>, m: &mut Measures) -> Result<()> {
         if self.taps_on {
-            self.register(&ctx.holdings.taps);
+            self.register(&ctx.holdings.tap_ifs);
         }
         let c = read_percpu(
             &self.stats,
@@ -293,9 +282,12 @@ impl NetReader {
             NetStats::ZERO,
             NetStats::accumulate,
         )?;
-        let mut by_if = BTreeMap::new();
+        let mut by_if: BTreeMap<String, NetCounters> = BTreeMap::new();
         for (i, name) in self.slots.iter().enumerate() {
-            by_if.insert(name.clone(), delta(&c.slots[i], &self.prev.slots[i]));
+            by_if
+                .entry(name.clone())
+                .or_default()
+                .add(&delta(&c.slots[i], &self.prev.slots[i]));
         }
         if self.sockets_on {
             by_if.insert(

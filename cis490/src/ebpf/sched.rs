@@ -128,6 +128,12 @@ pub const OFFSETS: &[OffsetSpec] = &[
         ty: "task_struct",
         path: "maj_flt",
     },
+    // Absent without CONFIG_TASK_IO_ACCOUNTING: io_write_bytes is then null.
+    OffsetSpec {
+        global: global::TASK_IO_WRITE_BYTES_OFFSET,
+        ty: "task_struct",
+        path: "ioac.write_bytes",
+    },
     // Absent without CONFIG_SCHED_INFO: run-queue delay then comes from events.
     OffsetSpec {
         global: global::TASK_RUN_DELAY_OFFSET,
@@ -198,6 +204,12 @@ pub fn plan(facts: &KernelFacts, counters: bool, wakeups: bool) -> SchedPlan {
         run_delay,
         counters,
         wakeups: counters && (wakeups || run_delay != RunDelaySource::SchedInfo),
+        io_accounting: facts
+            .offsets
+            .get(global::TASK_IO_WRITE_BYTES_OFFSET)
+            .copied()
+            .flatten()
+            .is_some(),
     }
 }
 
@@ -267,6 +279,10 @@ fn is_wakeup(spec: &ProbeSpec) -> bool {
 /// Why the wakeup probes are left out when the counters run.
 pub const WAKEUPS_NOT_ASKED: &str = "wakeups not counted (--wakeups)";
 
+/// Why `io_write_bytes` is null on a kernel without per-task I/O accounting.
+pub const NO_IO_ACCOUNTING: &str =
+    "no task_struct.ioac (CONFIG_TASK_IO_ACCOUNTING): io_write_bytes is null";
+
 /// What the loader's plan decided for this family.
 #[derive(Clone, Copy, Debug)]
 pub struct SchedPlan {
@@ -275,6 +291,9 @@ pub struct SchedPlan {
     pub counters: bool,
     /// The wakeup probes attach (with the counters).
     pub wakeups: bool,
+    /// The kernel keeps per-thread I/O accounting (`task_struct.ioac`,
+    /// CONFIG_TASK_IO_ACCOUNTING): else `io_write_bytes` is null.
+    pub io_accounting: bool,
 }
 
 /// Attaches every scheduler probe the plan asks for and loads the task
@@ -301,11 +320,17 @@ pub fn attach(a: &mut Attacher<'_>, plan: SchedPlan) -> Result<(FamilyStatus, At
         }
     }
     let (path, mut note) = path_and_note(run_delay);
-    if counters && !plan.wakeups {
-        note = Some(match note {
-            Some(n) => format!("{n}; {WAKEUPS_NOT_ASKED}: wakeups is null"),
-            None => format!("{WAKEUPS_NOT_ASKED}: wakeups is null"),
+    let mut add_note = |more: &str| {
+        note = Some(match note.take() {
+            Some(n) => format!("{n}; {more}"),
+            None => more.to_owned(),
         });
+    };
+    if counters && !plan.wakeups {
+        add_note(&format!("{WAKEUPS_NOT_ASKED}: wakeups is null"));
+    }
+    if counters && !plan.io_accounting {
+        add_note(NO_IO_ACCOUNTING);
     }
     let status = if counters {
         FamilyStatus {
@@ -366,6 +391,7 @@ struct Totals {
     runq_delay_ns: u64,
     min_flt: u64,
     maj_flt: u64,
+    io_write_bytes: u64,
     threads: u64,
     /// This read's torn slice copies (`LiveCounters::torn`).
     torn: u64,
@@ -386,6 +412,7 @@ impl Totals {
             runq_delay_ns: self.runq_delay_ns.max(prev.runq_delay_ns),
             min_flt: self.min_flt.max(prev.min_flt),
             maj_flt: self.maj_flt.max(prev.maj_flt),
+            io_write_bytes: self.io_write_bytes.max(prev.io_write_bytes),
             ..self
         }
     }
@@ -414,6 +441,9 @@ pub struct SchedReader {
     torn: u64,
     /// Whether the wakeup probes run (else `wakeups` is null).
     wakeups: bool,
+    /// Whether the kernel keeps per-thread I/O accounting (else
+    /// `io_write_bytes` is null).
+    io_accounting: bool,
 }
 
 impl SchedReader {
@@ -425,6 +455,7 @@ impl SchedReader {
                     run_delay,
                     counters,
                     wakeups,
+                    io_accounting,
                 },
         } = attached;
         Ok(Self {
@@ -440,6 +471,7 @@ impl SchedReader {
             counters,
             torn: 0,
             wakeups,
+            io_accounting,
         })
     }
 
@@ -562,6 +594,7 @@ impl SchedReader {
             },
             min_flt: stats.dead_min_flt.wrapping_add(live.min_flt),
             maj_flt: stats.dead_maj_flt.wrapping_add(live.maj_flt),
+            io_write_bytes: stats.dead_io_write_bytes.wrapping_add(live.io_write_bytes),
             threads: live.threads,
             torn: live.torn,
         })
@@ -594,6 +627,9 @@ impl SchedReader {
             m.migrations = d(cur.migrations, prev.migrations);
             m.page_faults_minor = d(cur.min_flt, prev.min_flt);
             m.page_faults_major = d(cur.maj_flt, prev.maj_flt);
+            if self.io_accounting {
+                m.io_write_bytes = d(cur.io_write_bytes, prev.io_write_bytes);
+            }
         }
         m.wakeups = self.wakeups.then(|| c.wakeups.saturating_sub(p.wakeups));
         // No delay measured in the bucket: the maximum is 0, not unknown.

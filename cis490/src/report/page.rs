@@ -474,6 +474,7 @@ const GROUPED: &[&str] = &[
     "runq_delay_max_ns",
     "blk_read_bytes",
     "blk_write_bytes",
+    "io_write_bytes",
     "blk_read_ops",
     "blk_write_ops",
     "blk_latency_ns_sum",
@@ -566,6 +567,11 @@ fn charts(h: &mut String, f: &Canvas, ing: &Ingest, meta: &Meta) {
     section(h, "Block I/O", "");
     let mut bytes = by_source(ing, "blk_read_bytes", " read");
     bytes.extend(by_source(ing, "blk_write_bytes", " write"));
+    bytes.extend(by_source(
+        ing,
+        "io_write_bytes",
+        " written (I/O accounting)",
+    ));
     let mut ops = by_source(ing, "blk_read_ops", " read");
     ops.extend(by_source(ing, "blk_write_ops", " write"));
     let mut lat = by_source(ing, BLK_MEAN, " mean");
@@ -575,7 +581,7 @@ fn charts(h: &mut String, f: &Canvas, ing: &Ingest, meta: &Meta) {
             h,
             f,
             "blk_bytes",
-            "Block bytes (blk_read_bytes, blk_write_bytes)",
+            "Block bytes (blk_read_bytes, blk_write_bytes, io_write_bytes)",
             &Unit::Bytes,
             bytes,
         ),

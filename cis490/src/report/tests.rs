@@ -142,6 +142,7 @@ fn worst(kind: SourceKind, seq: u64, keys: u64) -> Measures {
         blk_write_ops: Some(n(90)),
         blk_read_bytes: Some(n(91)),
         blk_write_bytes: Some(n(92)),
+        io_write_bytes: Some(n(111)),
         blk_latency_ns_sum: Some(n(93)),
         blk_latency_max_ns: Some(n(94)),
         blk_latency_hist_log2: Some(hist),

@@ -18,6 +18,9 @@ use crate::{
 #[derive(Clone, Debug, Default)]
 pub struct SampleCtx<'a> {
     pub holdings: std::borrow::Cow<'a, Holdings>,
+    /// Where the taps in `holdings` live, with each namespace's
+    /// `/proc/net/dev` (for the /proc oracle).
+    pub taps: Option<&'a crate::taps::Resolver>,
 }
 
 /// A source sampled at every bucket boundary.
@@ -32,7 +35,11 @@ impl Source for proc::ProcSource {
         SourceKind::Proc
     }
     fn sample(&mut self, ctx: &SampleCtx<'_>) -> anyhow::Result<Measures> {
-        Ok(proc::ProcSource::sample(self, &ctx.holdings.taps))
+        Ok(proc::ProcSource::sample(
+            self,
+            &ctx.holdings.tap_ifs,
+            ctx.taps,
+        ))
     }
 }
 

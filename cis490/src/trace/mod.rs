@@ -243,6 +243,7 @@ fn episode(
         skipped_boundaries: 0,
         perf: None,
         perf_error: None,
+        proc: None,
         tracer: None,
         qmp: None,
         guest_agent: None,

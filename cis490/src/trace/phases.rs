@@ -101,6 +101,8 @@ pub(super) struct Run<'a> {
     /// The probes: this trace's own loaded object (dropping it detaches
     /// every program), or a server's, with this episode's target slot.
     probes: Held,
+    /// The programs' skipped nested runs when the episode began.
+    recursion_misses: std::collections::BTreeMap<String, u64>,
 }
 
 /// Where a trace's probes come from.
@@ -228,6 +230,7 @@ impl<'a> Run<'a> {
             }
         };
         let probes = held.probes();
+        let recursion_misses = probes.recursion_misses();
         meta.probes = probes.status.clone();
         meta.families = probes.families.clone();
         let attached_at = ClockPair::now();
@@ -293,6 +296,7 @@ impl<'a> Run<'a> {
                 .clamp(Duration::from_millis(20), Duration::from_millis(500)),
             holdings: Holdings::default(),
             holdings_at: None,
+            taps: Default::default(),
             qmp_empty_buckets: 0,
             gateway,
         };
@@ -306,6 +310,7 @@ impl<'a> Run<'a> {
             records,
             sources,
             probes: held,
+            recursion_misses,
         })
     }
 
@@ -498,6 +503,7 @@ impl<'a> Run<'a> {
             mut records,
             mut sources,
             probes,
+            recursion_misses: misses_before,
             ..
         } = self;
         if let (EndReason::Signal, Some(signals)) = (reason, signals) {
@@ -548,6 +554,19 @@ impl<'a> Run<'a> {
         if let Some(p) = &sources.perf {
             meta.perf = Some(p.info());
         }
+        if let Some(p) = &sources.proc {
+            let info = crate::meta::ProcInfo {
+                children_reaped_buckets: p.children_reaped_buckets(),
+            };
+            if info.children_reaped_buckets > 0 {
+                log::warn!(
+                    "the target reaped children in {} buckets: the /proc oracle's I/O fields are \
+                     null there (/proc/PID/io then holds each child's whole lifetime of I/O)",
+                    info.children_reaped_buckets
+                );
+            }
+            meta.proc = Some(info);
+        }
         if let Some(g) = &sources.guest {
             meta.guest_agent = Some(g.info());
         }
@@ -561,6 +580,15 @@ impl<'a> Run<'a> {
         }
         let block_map_errors = sources.ebpf.block_map_errors();
         meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();
+        meta.ebpf.recursion_misses = probes
+            .probes()
+            .recursion_misses()
+            .into_iter()
+            .map(|(name, n)| {
+                let before = misses_before.get(&name).copied().unwrap_or(0);
+                (name, n.saturating_sub(before))
+            })
+            .collect();
         drop(sources);
         let served = matches!(probes, Held::Lease { .. });
         drop(probes);
@@ -618,6 +646,19 @@ impl<'a> Run<'a> {
                 rows: f.lines(),
             })
             .collect();
+        let skipped: Vec<String> = meta
+            .ebpf
+            .recursion_misses
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect();
+        if !skipped.is_empty() {
+            log::warn!(
+                "the kernel skipped runs of programs that would have run nested on their own CPU:                  {} (see meta.json ebpf.recursion_misses)",
+                skipped.join(", ")
+            );
+        }
         if meta.ebpf.block_missed_completions > 0 {
             log::warn!(
                 "{} block request completions were not delivered by the kernel; their bytes were \

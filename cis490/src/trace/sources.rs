@@ -38,6 +38,8 @@ pub(super) struct Sources {
     pub(super) qmp_empty_buckets: u64,
     pub(super) holdings: Holdings,
     pub(super) holdings_at: Option<Instant>,
+    /// Where the target's taps live (from its tun/tap fds).
+    pub(super) taps: taps::Resolver,
 }
 
 impl Sources {
@@ -50,7 +52,10 @@ impl Sources {
         }
         self.holdings_at = Some(Instant::now());
         match taps::holdings(self.pid) {
-            Ok(h) => self.holdings = h,
+            Ok(mut h) => {
+                h.tap_ifs = self.taps.resolve(self.pid, &h.tap_fds);
+                self.holdings = h;
+            }
             Err(e) => log::debug!("fds of {}: {e}", self.pid),
         }
     }
@@ -60,6 +65,7 @@ impl Sources {
         self.refresh_holdings();
         let ctx = SampleCtx {
             holdings: Cow::Borrowed(&self.holdings),
+            taps: Some(&self.taps),
         };
         Source::sample(&mut self.ebpf, &ctx)?;
         sample_opt(&mut self.proc, &ctx)?;
@@ -85,6 +91,7 @@ impl Sources {
         let tick = clock.close(now);
         let ctx = SampleCtx {
             holdings: Cow::Borrowed(&self.holdings),
+            taps: Some(&self.taps),
         };
         let mut drops = 0;
         for (kind, file) in &mut out.rows {

@@ -19,6 +19,9 @@
 //!   exited, and threads born and dead between two samples, cannot be seen
 //!   by polling: they are missing from the per-thread fields (not from
 //!   `cpu_ns`).
+//! - `/proc/PID/io` gets a child's whole lifetime of I/O added when the
+//!   process reaps it: a bucket where that happened (the reaped children's
+//!   faults or CPU in `/proc/PID/stat` grew) has `null` I/O fields.
 //! - A field whose file this kernel does not have (`sched` without
 //!   `CONFIG_SCHED_DEBUG`, `schedstat` without `CONFIG_SCHED_INFO`) is `None`,
 //!   never 0.
@@ -35,6 +38,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow, ensure};
 
 use crate::row::{Measures, NetCounters};
+use crate::taps::{Resolver, Tap};
 
 // The parsers are `pub(crate)`: the fuzz targets (`fuzz/`, which compile
 // this module from its file) drive them.
@@ -73,10 +77,13 @@ pub struct ProcSource {
     /// was never readable).
     io_path: PathBuf,
     prev_io: Option<io_bytes::IoBytes>,
+    /// Buckets whose I/O fields are `null` because a child was reaped in
+    /// them (see `sample_io`).
+    children_reaped_buckets: u64,
     /// `ROOT/PID/net/dev`, and the target's taps there at the previous
     /// sample (cumulative, from the target's side).
     net_dev_path: PathBuf,
-    prev_taps: BTreeMap<String, NetCounters>,
+    prev_taps: BTreeMap<(u32, u32), NetCounters>,
     /// Reused buffers for one scan.
     tids: Vec<i32>,
     stale: Vec<ThreadKey>,
@@ -131,6 +138,7 @@ impl ProcSource {
             io,
             io_path: proc_dir.join("io"),
             prev_io: None,
+            children_reaped_buckets: 0,
             net_dev_path: proc_dir.join("net/dev"),
             prev_taps: BTreeMap::new(),
             tids: Vec::new(),
@@ -149,10 +157,11 @@ impl ProcSource {
     /// `runq_delay_max_ns`, `runq_delay_hist_log2`, `events` and
     /// `dropped_events` are always `None` (/proc does not have them).
     ///
-    /// `taps` are the target's tap interfaces (from its fds): their counters
-    /// in `net/dev` fill the `net_*` fields (`null` without taps: /proc has
-    /// no per-process socket traffic).
-    pub fn sample(&mut self, taps: &[String]) -> Measures {
+    /// `taps` are the target's tap interfaces (from its fds, each where it
+    /// lives; `spaces` has the namespaces' `/proc/net/dev`): their counters
+    /// fill the `net_*` fields (`null` without taps: /proc has no
+    /// per-process socket traffic).
+    pub fn sample(&mut self, taps: &[Tap], spaces: Option<&Resolver>) -> Measures {
         let Some(stat) = self.read_process_stat() else {
             return Measures::default();
         };
@@ -160,10 +169,17 @@ impl ProcSource {
         let now = self.snapshot(&stat);
         let mut m = self.measures(&now, stat.num_threads);
         m.set_ctx_total();
+        let reaped = now.children != self.prev.children;
         self.prev = now;
-        self.sample_io(&mut m);
-        self.sample_taps(taps, &mut m);
+        self.sample_io(&mut m, reaped);
+        self.sample_taps(taps, spaces, &mut m);
         m
+    }
+
+    /// Buckets whose `blk_read_bytes` and `io_write_bytes` are `null`
+    /// because the target reaped a child in them.
+    pub fn children_reaped_buckets(&self) -> u64 {
+        self.children_reaped_buckets
     }
 
     fn read_io(&mut self) -> Option<io_bytes::IoBytes> {
@@ -176,53 +192,63 @@ impl ProcSource {
         }
     }
 
-    /// `blk_read_bytes`/`blk_write_bytes` from `/proc/PID/io`.
-    fn sample_io(&mut self, m: &mut Measures) {
+    /// `blk_read_bytes` and `io_write_bytes` from `/proc/PID/io`: its
+    /// `write_bytes` counts pages as they are dirtied (and direct writes as
+    /// they are issued), not requests to a device, so it is not a
+    /// `blk_write_bytes` (null here). When the process reaped a child since
+    /// the last sample (`reaped`), the kernel has added the child's whole
+    /// lifetime of I/O to the file: both fields are `null` in that bucket
+    /// (counted in [`Self::children_reaped_buckets`]).
+    fn sample_io(&mut self, m: &mut Measures, reaped: bool) {
         let now = self.read_io();
-        if let (Some(now), Some(prev)) = (now, self.prev_io) {
+        if reaped && now.is_some() && self.prev_io.is_some() {
+            self.children_reaped_buckets += 1;
+        } else if let (Some(now), Some(prev)) = (now, self.prev_io) {
             m.blk_read_bytes = Some(now.read_bytes.saturating_sub(prev.read_bytes));
-            m.blk_write_bytes = Some(now.write_bytes.saturating_sub(prev.write_bytes));
+            m.io_write_bytes = Some(now.write_bytes.saturating_sub(prev.write_bytes));
         }
         if now.is_some() {
             self.prev_io = now;
         }
     }
 
-    /// `net_*` and `net_by_if` from the target's taps in `net/dev`. A tap
-    /// counts from the first sample that sees it.
-    fn sample_taps(&mut self, taps: &[String], m: &mut Measures) {
+    /// `net_*` and `net_by_if` from the target's taps' interface counters,
+    /// in the `/proc/net/dev` of the namespace each lives in (`spaces` keeps
+    /// one for each namespace a tap was found in from its fd; else the
+    /// target's own `/proc/PID/net/dev`). A tap is an interface in a
+    /// namespace: one re-created under its old name is a new one, summed
+    /// under the name. A tap counts from the first sample that sees it.
+    fn sample_taps(&mut self, taps: &[Tap], spaces: Option<&Resolver>, m: &mut Measures) {
         if taps.is_empty() && self.prev_taps.is_empty() {
             return;
         }
-        let all = match self
-            .io
-            .read_with(&self.net_dev_path, |s| Ok(net_dev::parse_net_dev(s)))
-        {
-            Ok(all) => all,
-            Err(e) => {
-                log::debug!("proc source: {}: {e}", self.net_dev_path.display());
-                return;
+        let mut tables: BTreeMap<u32, Option<BTreeMap<String, NetCounters>>> = BTreeMap::new();
+        let mut now_of: BTreeMap<(u32, u32), (String, NetCounters)> = BTreeMap::new();
+        for tap in taps {
+            let table = tables.entry(tap.netns_inum).or_insert_with(|| {
+                let text = match spaces.and_then(|r| r.net_dev(tap.netns_inum)) {
+                    Some(Ok(text)) => Ok(net_dev::parse_net_dev(&text)),
+                    Some(Err(e)) => Err(format!("net/dev of namespace {}: {e}", tap.netns_inum)),
+                    None => self
+                        .io
+                        .read_with(&self.net_dev_path, |s| Ok(net_dev::parse_net_dev(s)))
+                        .map_err(|e| format!("{}: {e}", self.net_dev_path.display())),
+                };
+                text.map_err(|e| log::debug!("proc source: {e}")).ok()
+            });
+            if let Some(c) = table.as_ref().and_then(|t| t.get(&tap.name)) {
+                now_of.insert((tap.netns_inum, tap.ifindex), (tap.name.clone(), *c));
             }
-        };
-        let mut by_if = BTreeMap::new();
-        for name in taps.iter().chain(self.prev_taps.keys()) {
-            let (Some(now), Some(prev)) = (all.get(name), self.prev_taps.get(name)) else {
+        }
+        let mut by_if: BTreeMap<String, NetCounters> = BTreeMap::new();
+        for (key, (name, now)) in &now_of {
+            let Some(prev) = self.prev_taps.get(key) else {
                 continue;
             };
-            by_if.insert(
-                name.clone(),
-                NetCounters {
-                    tx_bytes: now.tx_bytes.saturating_sub(prev.tx_bytes),
-                    rx_bytes: now.rx_bytes.saturating_sub(prev.rx_bytes),
-                    tx_packets: now.tx_packets.saturating_sub(prev.tx_packets),
-                    rx_packets: now.rx_packets.saturating_sub(prev.rx_packets),
-                },
-            );
+            by_if.entry(name.clone()).or_default().add(&now.since(prev));
         }
-        for name in taps {
-            if let Some(now) = all.get(name) {
-                self.prev_taps.insert(name.clone(), *now);
-            }
+        for (key, (_, now)) in now_of {
+            self.prev_taps.insert(key, now);
         }
         m.set_net(Some(by_if));
     }
@@ -399,6 +425,7 @@ impl ProcSource {
             cpu_ns: ticks_to_ns(stat.cpu_ticks, self.clk_tck),
             minflt: stat.minflt,
             majflt: stat.majflt,
+            children: stat.children,
             totals,
         }
     }
@@ -484,6 +511,8 @@ struct Snapshot {
     cpu_ns: u64,
     minflt: u64,
     majflt: u64,
+    /// [`ProcessStat::children`].
+    children: u64,
     totals: Counters,
 }
 
@@ -494,6 +523,10 @@ struct ProcessStat {
     minflt: u64,
     majflt: u64,
     cpu_ticks: u64,
+    /// What the kernel adds to the process's own stat when it reaps a child
+    /// (its faults and CPU ticks, and those of the child's own reaped
+    /// children): grows when a child was reaped.
+    children: u64,
     num_threads: u64,
     start_time: u64,
 }
@@ -505,6 +538,9 @@ impl From<&Stat<'_>> for ProcessStat {
             minflt: st.minflt,
             majflt: st.majflt,
             cpu_ticks: st.utime.saturating_add(st.stime),
+            children: [st.cminflt, st.cmajflt, st.cutime, st.cstime]
+                .into_iter()
+                .fold(0, u64::saturating_add),
             num_threads: st.num_threads,
             start_time: st.start_time,
         }
@@ -614,12 +650,19 @@ pub(crate) struct Stat<'a> {
     pub(crate) state: char,
     /// Field 10: minor faults (whole process when read from PID/stat).
     pub(crate) minflt: u64,
+    /// Field 11: minor faults of reaped children (whole process).
+    pub(crate) cminflt: u64,
     /// Field 12: major faults.
     pub(crate) majflt: u64,
+    /// Field 13: major faults of reaped children.
+    pub(crate) cmajflt: u64,
     /// Field 14, clock ticks.
     pub(crate) utime: u64,
     /// Field 15, clock ticks.
     pub(crate) stime: u64,
+    /// Fields 16 and 17: CPU of reaped children, clock ticks.
+    pub(crate) cutime: u64,
+    pub(crate) cstime: u64,
     /// Field 20.
     pub(crate) num_threads: u64,
     /// Field 22, clock ticks since boot.
@@ -659,9 +702,13 @@ pub(crate) fn parse_stat(s: &str) -> anyhow::Result<Stat<'_>> {
         comm: &s[open + 1..close],
         state: st,
         minflt: field(10)?,
+        cminflt: field(11)?,
         majflt: field(12)?,
+        cmajflt: field(13)?,
         utime: field(14)?,
         stime: field(15)?,
+        cutime: field(16)?,
+        cstime: field(17)?,
         num_threads: field(20)?,
         start_time: field(22)?,
     })
@@ -791,9 +838,13 @@ mod tests {
                 comm: "qemu-system-x86",
                 state: 'S',
                 minflt: 120,
+                cminflt: 0,
                 majflt: 3,
+                cmajflt: 0,
                 utime: 7,
                 stime: 9,
+                cutime: 0,
+                cstime: 0,
                 num_threads: 5,
                 start_time: 1234
             }
@@ -1057,6 +1108,27 @@ mod tests {
             }
         }
 
+        /// The process's own stat with `cminflt` and `cutime` set (what
+        /// reaping a child adds), and its `io` file.
+        fn set_process_io(&self, cminflt: u64, cutime: u64, read: u64, write: u64) {
+            let line = format!(
+                "{PID} (sh) S 1 {PID} {PID} 0 -1 4194304 120 {cminflt} 3 0 \
+                 7 9 {cutime} 0 20 0 1 0 5000 \
+                 1000000 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 \
+                 0 0 0 0 0 0 0\n"
+            );
+            fs::create_dir_all(self.pid_dir().join("task")).unwrap();
+            fs::write(self.pid_dir().join("stat"), line).unwrap();
+            fs::write(
+                self.pid_dir().join("io"),
+                format!(
+                    "rchar: 0\nwchar: 0\nsyscr: 0\nsyscw: 0\nread_bytes: {read}\n\
+                     write_bytes: {write}\ncancelled_write_bytes: 0\n"
+                ),
+            )
+            .unwrap();
+        }
+
         fn remove_thread(&self, tid: i32) {
             fs::remove_dir_all(self.thread_dir(tid)).unwrap();
         }
@@ -1096,6 +1168,38 @@ mod tests {
             page_faults_major: Some(0),
             ..Measures::default()
         }
+    }
+
+    /// Reaping a child adds its whole lifetime of I/O to the parent's
+    /// `/proc/PID/io`: the bucket where that happened (the reaped
+    /// children's faults or CPU in the process's stat grew) has `null` I/O
+    /// fields, and the next bucket counts from the new value.
+    #[test]
+    fn a_bucket_where_a_child_was_reaped_has_null_io() {
+        let f = Fake::new();
+        f.set_process_io(0, 0, 4096, 8192);
+        let mut src = f.source();
+        f.set_process_io(0, 0, 4096, 8192 + 4096);
+        let m = src.sample(&[], None);
+        assert_eq!((m.blk_read_bytes, m.io_write_bytes), (Some(0), Some(4096)));
+        // A child reaped: 64 MiB of its writes folded in, its faults too.
+        f.set_process_io(250, 0, 4096, 12288 + (64 << 20));
+        let m = src.sample(&[], None);
+        assert_eq!((m.blk_read_bytes, m.io_write_bytes), (None, None));
+        assert_eq!(src.children_reaped_buckets(), 1);
+        // Its CPU ticks alone also tell.
+        f.set_process_io(250, 3, 4096, 12288 + (64 << 20) + 100);
+        let m = src.sample(&[], None);
+        assert_eq!(m.io_write_bytes, None);
+        // Then the process's own again.
+        f.set_process_io(250, 3, 8192, 12288 + (64 << 20) + 4196);
+        let m = src.sample(&[], None);
+        assert_eq!(
+            (m.blk_read_bytes, m.io_write_bytes),
+            (Some(4096), Some(4096))
+        );
+        assert_eq!(src.children_reaped_buckets(), 2);
+        assert_eq!(m.cpu_ns, Some(0), "a child's CPU is not the process's");
     }
 
     #[test]
@@ -1146,7 +1250,7 @@ mod tests {
         f.set_thread(PID, a);
         f.set_thread(101, b);
         assert_eq!(
-            src.sample(&[]),
+            src.sample(&[], None),
             expect(7, 2, 5 + 20, 1 + 1, 500 + 100, Some(1 + 2))
         );
 
@@ -1169,7 +1273,7 @@ mod tests {
             ..a
         };
         f.set_thread(PID, a);
-        assert_eq!(src.sample(&[]), expect(6, 1, 3, 1, 200, Some(1)));
+        assert_eq!(src.sample(&[], None), expect(6, 1, 3, 1, 200, Some(1)));
         assert_eq!(src.threads.len(), 1, "101 is retired");
         assert_eq!(
             src.retired,
@@ -1182,7 +1286,7 @@ mod tests {
         );
 
         // Nothing changes: all zero, not None.
-        assert_eq!(src.sample(&[]), expect(0, 1, 0, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[], None), expect(0, 1, 0, 0, 0, Some(0)));
 
         // A new thread is counted from its birth.
         let c = T {
@@ -1201,7 +1305,7 @@ mod tests {
                 ..proc(0, 2)
             },
         );
-        assert_eq!(src.sample(&[]), expect(1, 2, 7, 1, 30, Some(2)));
+        assert_eq!(src.sample(&[], None), expect(1, 2, 7, 1, 30, Some(2)));
     }
 
     #[test]
@@ -1235,13 +1339,13 @@ mod tests {
             migr: Some(1),
         };
         f.set_thread(101, new);
-        assert_eq!(src.sample(&[]), expect(0, 2, 3, 2, 70, Some(1)));
+        assert_eq!(src.sample(&[], None), expect(0, 2, 3, 2, 70, Some(1)));
         assert_eq!(src.threads.len(), 2);
         assert_eq!(src.retired.voluntary, 50);
 
         let new = T { vol: 4, ..new };
         f.set_thread(101, new);
-        assert_eq!(src.sample(&[]), expect(0, 2, 1, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[], None), expect(0, 2, 1, 0, 0, Some(0)));
     }
 
     #[test]
@@ -1277,14 +1381,14 @@ mod tests {
         };
         f.set_thread(101, b);
         fs::remove_file(f.thread_dir(101).join("status")).unwrap();
-        assert_eq!(src.sample(&[]), expect(0, 2, 0, 0, 30, Some(2)));
+        assert_eq!(src.sample(&[], None), expect(0, 2, 0, 0, 30, Some(2)));
 
         // 101 is listed but its stat is gone (it exited between the listing
         // and the reads): skipped, and its last-seen values stay counted.
         fs::remove_file(f.thread_dir(101).join("stat")).unwrap();
         let a = T { vol: 2, ..a };
         f.set_thread(PID, a);
-        assert_eq!(src.sample(&[]), expect(0, 2, 1, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[], None), expect(0, 2, 1, 0, 0, Some(0)));
         assert_eq!(
             src.retired.voluntary, 40,
             "retired with its last-seen counts"
@@ -1308,11 +1412,11 @@ mod tests {
         // Garbage is not proof the thread is gone: keep it, and do not
         // count it twice when it reads well again.
         fs::write(f.thread_dir(101).join("stat"), "garbage").unwrap();
-        assert_eq!(src.sample(&[]), expect(0, 2, 0, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[], None), expect(0, 2, 0, 0, 0, Some(0)));
         assert_eq!(src.threads.len(), 1);
         let b = T { vol: 41, ..b };
         f.set_thread(101, b);
-        assert_eq!(src.sample(&[]), expect(0, 2, 1, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[], None), expect(0, 2, 1, 0, 0, Some(0)));
     }
 
     #[test]
@@ -1331,7 +1435,7 @@ mod tests {
         );
         let mut src = f.source();
         fs::remove_dir_all(f.pid_dir()).unwrap();
-        let m = src.sample(&[]);
+        let m = src.sample(&[], None);
         assert_eq!(m, Measures::default());
         assert!(m.cpu_ns.is_none() && m.threads.is_none() && m.migrations.is_none());
     }
@@ -1368,10 +1472,10 @@ mod tests {
                 migr: Some(1),
             },
         );
-        assert_eq!(src.sample(&[]), Measures::default());
+        assert_eq!(src.sample(&[], None), Measures::default());
         // And it stays gone even if the start time looked right again.
         f.set_process('S', proc(30, 1));
-        assert_eq!(src.sample(&[]), Measures::default());
+        assert_eq!(src.sample(&[], None), Measures::default());
     }
 
     #[test]
@@ -1389,7 +1493,7 @@ mod tests {
         let mut src = f.source();
         f.set_process('Z', proc(12, 1));
         f.set_thread(PID, T { vol: 3, ..a });
-        assert_eq!(src.sample(&[]), expect(2, 1, 2, 0, 0, Some(0)));
+        assert_eq!(src.sample(&[], None), expect(2, 1, 2, 0, 0, Some(0)));
     }
 
     #[test]
@@ -1423,7 +1527,7 @@ mod tests {
             },
         );
         f.set_thread(101, T { invol: 5, ..b });
-        let m = src.sample(&[]);
+        let m = src.sample(&[], None);
         assert_eq!(m, expect(3, 2, 3, 3, 5, None));
         assert_eq!(m.migrations, None);
     }
@@ -1482,7 +1586,7 @@ mod tests {
             own_ctxt()
         });
         let (tid, worker_cpu, worker_ctxt) = ready_rx.recv().unwrap();
-        let m = src.sample(&[]);
+        let m = src.sample(&[], None);
         let elapsed = t0.elapsed().as_nanos() as u64;
         go_tx.send(()).unwrap();
         let final_ctxt = worker.join().unwrap();
@@ -1522,7 +1626,7 @@ mod tests {
             thread::sleep(Duration::from_millis(1));
         }
         assert!(!task.exists(), "worker {tid} still in /proc");
-        let m2 = src.sample(&[]);
+        let m2 = src.sample(&[], None);
         assert!(m2.cpu_ns.is_some() && m2.ctx_switches_voluntary.is_some());
         // Its last-seen counts are those of the first sample, taken after
         // `worker_ctxt` was read and before `final_ctxt`.

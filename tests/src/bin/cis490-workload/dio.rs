@@ -27,16 +27,21 @@ use crate::signals::ready_then_wait;
 /// With --wait-signal, then writes PATH.ready ({"kind":"ready","pid"}) and waits for
 /// SIGUSR1 (at most --timeout-ms). Then sleeps --start-delay-ms.
 ///
-/// Direct phase: reads /proc/self/io, opens the file with O_DIRECT, writes W MiB from
+/// Direct phase: reads /proc/self/io; with --buffered-mb B, writes B MiB with ordinary
+/// buffered writes into a new file PATH.buffered (any old one removed first), without
+/// fsync, then pauses --buffered-pause-ms; opens the file with O_DIRECT, writes W MiB from
 /// offset 0 with pwrite() in blocks of --block-kb from a 4096-aligned buffer (with
 /// --scattered: pwritev() of every other 4 KiB page of a buffer twice as large), calls
 /// fdatasync() once, reads R MiB from offset 0 with pread() (preadv()) in the same blocks, and reads
 /// /proc/self/io again. Nothing else in the process does file I/O in between, so
-/// write_bytes in /proc/self/io grows by exactly W MiB and read_bytes by R MiB (direct
-/// reads are accounted when their bios are submitted, direct writes when issued).
+/// write_bytes in /proc/self/io grows by exactly (B +) W MiB and read_bytes by R MiB
+/// (buffered writes are accounted as their pages are dirtied, direct reads when their bios
+/// are submitted, direct writes when issued).
 ///
 /// Report: {"kind":"dio", "pid", "file", "block_bytes", "prealloc_bytes", "write_bytes",
-/// "read_bytes", "write_calls", "read_calls", "write_ns" (the pwrite() calls), "fdatasync_ns",
+/// "read_bytes", "buffered_bytes", "buffered_start_mono_ns" and "buffered_end_mono_ns"
+/// (CLOCK_MONOTONIC around the buffered writes), "write_calls", "read_calls", "write_ns" (the
+/// pwrite() calls), "fdatasync_ns",
 /// "read_ns" (the pread() calls), "proc_io_before":{...}, "proc_io_after":{...}}, where
 /// proc_io_* hold every field of /proc/self/io (rchar, wchar, syscr, syscw, read_bytes,
 /// write_bytes, cancelled_write_bytes). Without --out the report goes to stdout. The file
@@ -64,6 +69,13 @@ pub struct DioArgs {
     /// into several requests whatever memory the buffer got. --block-kb at most 4096 then.
     #[arg(long)]
     scattered: bool,
+    /// MiB to write with ordinary buffered writes (no fsync) into PATH.buffered, a new file,
+    /// before the direct writes.
+    #[arg(long, value_name = "B", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    buffered_mb: u64,
+    /// Idle sleep after the buffered writes, before the direct ones.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    buffered_pause_ms: u64,
     /// Idle sleep before the direct phase (after the preallocation and any signal wait).
     #[arg(long, value_name = "MS", default_value_t = 0)]
     start_delay_ms: u64,
@@ -199,6 +211,9 @@ pub fn cmd_dio(a: &DioArgs) -> Result<()> {
         prealloc_bytes: u64,
         write_bytes: u64,
         read_bytes: u64,
+        buffered_bytes: u64,
+        buffered_start_mono_ns: u64,
+        buffered_end_mono_ns: u64,
         write_calls: u64,
         read_calls: u64,
         write_ns: u64,
@@ -263,7 +278,38 @@ pub fn cmd_dio(a: &DioArgs) -> Result<()> {
         .open(&a.file)
         .with_context(|| format!("cannot open {} with O_DIRECT", a.file.display()))?;
 
+    let buffered_path = {
+        let mut p = a.file.clone().into_os_string();
+        p.push(".buffered");
+        PathBuf::from(p)
+    };
+    let buffered_bytes = a.buffered_mb * MIB;
+    if buffered_bytes > 0 {
+        // A new file: ext4 flushes a file truncated over old data at close, in the
+        // closing thread, which would make these writes direct in effect.
+        match std::fs::remove_file(&buffered_path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("remove {}", buffered_path.display()));
+            }
+            _ => {}
+        }
+    }
+    let zeros = vec![0x5au8; MIB as usize];
+
     let proc_io_before = proc_self_io()?;
+    let buffered_start_mono_ns = crate::clock::clock_ns(libc::CLOCK_MONOTONIC);
+    if buffered_bytes > 0 {
+        let mut f = std::fs::File::create_new(&buffered_path)
+            .with_context(|| format!("cannot create {}", buffered_path.display()))?;
+        for _ in 0..a.buffered_mb {
+            f.write_all(&zeros)
+                .with_context(|| format!("buffered write to {}", buffered_path.display()))?;
+        }
+    }
+    let buffered_end_mono_ns = crate::clock::clock_ns(libc::CLOCK_MONOTONIC);
+    if buffered_bytes > 0 {
+        thread::sleep(Duration::from_millis(a.buffered_pause_ms));
+    }
     let start = Instant::now();
     let (mut off, mut write_calls) = (0u64, 0u64);
     while off < write_bytes {
@@ -314,6 +360,9 @@ pub fn cmd_dio(a: &DioArgs) -> Result<()> {
         prealloc_bytes,
         write_bytes,
         read_bytes,
+        buffered_bytes,
+        buffered_start_mono_ns,
+        buffered_end_mono_ns,
         write_calls,
         read_calls,
         write_ns,

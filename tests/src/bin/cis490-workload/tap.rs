@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -76,6 +76,72 @@ pub struct TapArgs {
     /// Where to write the JSON report; the ready file is PATH.ready.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
+    /// Create the tap in the network namespace at this path (e.g. /run/netns/NS) instead of
+    /// the process's own: a thread that enters it opens /dev/net/tun (a tap lives where its
+    /// /dev/net/tun was opened); the process stays where it is.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// After K of the N frames, wait --recreate-pause-ms, close the tap (the interface goes)
+    /// and create it again under the same name (a new interface, as QEMU does on a NIC
+    /// hot-plug), bring it up itself, and wait --recreate-pause-ms again before writing the
+    /// rest.
+    #[arg(long, value_name = "K")]
+    recreate_at: Option<u64>,
+    /// With --recreate-at: the wait before the old tap is closed and after the new one is up.
+    #[arg(long, value_name = "MS", default_value_t = 800)]
+    recreate_pause_ms: u64,
+}
+
+/// Runs `f` in a thread that entered the network namespace at `netns` (or in this thread
+/// when `None`): what it opens stays bound to that namespace.
+fn in_netns<T: Send + 'static>(
+    netns: Option<&std::path::Path>,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let Some(path) = netns else {
+        return f();
+    };
+    let ns = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    thread::spawn(move || {
+        // SAFETY: setns on an open namespace fd, for this thread only.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+}
+
+/// Sets IFF_UP on interface `name` of the calling thread's network namespace; returns its
+/// index.
+fn bring_up(name: &str) -> Result<u32> {
+    // SAFETY: socket() returns a new fd or -1.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket");
+    }
+    // SAFETY: a new fd, owned from here on.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(s) };
+    // SAFETY: an all-zero ifreq is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, c) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *d = *c as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS / SIOCSIFFLAGS / SIOCGIFINDEX read the name and read or write the
+    // union of `ifr`, a struct ifreq.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) };
+    ioctl_result(rc, &format!("SIOCGIFFLAGS {name}"))?;
+    // SAFETY: the kernel filled the flags member.
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut ifr) };
+    ioctl_result(rc, &format!("SIOCSIFFLAGS {name} up"))?;
+    // SAFETY: as above.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFINDEX as _, &mut ifr) };
+    ioctl_result(rc, &format!("SIOCGIFINDEX {name}"))?;
+    // SAFETY: the kernel filled the index member.
+    Ok(unsafe { ifr.ifr_ifru.ifru_ifindex } as u32)
 }
 
 /// `struct ifreq` as TUNSETIFF uses it: the interface name, then `short ifr_flags` at the
@@ -147,6 +213,8 @@ pub fn cmd_tap(a: &TapArgs) -> Result<()> {
         read_timed_out: bool,
         write_ns: u64,
         read_ns: u64,
+        /// With --recreate-at: the index of the tap made again.
+        recreated_ifindexes: Vec<u32>,
     }
     // Blocked before anything else, so that a SIGUSR1 sent as soon as the tap shows up stays
     // pending instead of killing the process.
@@ -155,7 +223,10 @@ pub fn cmd_tap(a: &TapArgs) -> Result<()> {
     } else {
         None
     };
-    let (mut tap, name) = create_tap(&a.name)?;
+    let netns = a.netns.clone();
+    let wanted = a.name.clone();
+    let (mut tap, name) = in_netns(netns.as_deref(), move || create_tap(&wanted))?;
+    let mut ifindexes = Vec::new();
     if let Some(set) = &sigset {
         write_ready(
             &a.out,
@@ -173,6 +244,23 @@ pub fn cmd_tap(a: &TapArgs) -> Result<()> {
     let (mut frames_written, mut bytes_written) = (0u64, 0u64);
     let mut frame = ethernet_frame(TAP_SRC_MAC, 0, a.size as usize);
     for i in 0..a.frames {
+        if a.recreate_at == Some(i) {
+            // Kept a while first, so a poller sees the old interface's last counts.
+            thread::sleep(Duration::from_millis(a.recreate_pause_ms));
+            drop(tap);
+            let (again, pause) = (name.clone(), a.recreate_pause_ms);
+            let (new_tap, new_name, ifindex) = in_netns(netns.as_deref(), move || {
+                let (t, n) = create_tap(&again)?;
+                let ifindex = bring_up(&n)?;
+                Ok((t, n, ifindex))
+            })?;
+            if new_name != name {
+                bail!("the tap came back as {new_name}, not {name}");
+            }
+            tap = new_tap;
+            ifindexes.push(ifindex);
+            thread::sleep(Duration::from_millis(pause));
+        }
         set_frame_seq(&mut frame, i as u32);
         let n = match tap.write(&frame) {
             Ok(n) => n,
@@ -234,6 +322,7 @@ pub fn cmd_tap(a: &TapArgs) -> Result<()> {
         read_timed_out,
         write_ns,
         read_ns,
+        recreated_ifindexes: ifindexes,
     };
     write_json_atomic(&a.out, &report)?;
     thread::sleep(Duration::from_millis(a.linger_ms));
