@@ -77,10 +77,14 @@ fn add_total(acc: &mut Option<u64>, v: Option<u64>) {
 
 /// What the check keeps of one source's rows.
 struct Scan {
+    /// The source's file.
+    path: std::path::PathBuf,
     /// `(seq, t_mono_ns, t_wall_ns)` of each row.
     clocks: Vec<(u64, u64, u64)>,
     /// Per entry of [`TOLERANCES`], the source's total.
     totals: Vec<Option<u64>>,
+    /// Per row, bit `i` set where entry `i` of [`TOLERANCES`] is null.
+    nulls: Vec<u8>,
     /// The VM's frames, for the gateway-vs-taps comparison.
     frames: Option<crate::sources::gateway::check::Frames>,
     /// Per tap of the target: its counters summed over the rows of
@@ -111,6 +115,52 @@ fn add_taps(acc: &mut BTreeMap<String, NetCounters>, m: &Measures) {
     }
 }
 
+/// Two sources' totals of entry `ti` of [`TOLERANCES`] over the buckets
+/// where both measured it, and how many of the rows that is: a bucket one
+/// source could not measure (the /proc oracle's last one when the target's
+/// parent reaped it first, its I/O where the target reaped a child) is left
+/// out of both. `None` when no bucket has both.
+fn common_totals(a: &Scan, b: &Scan, ti: usize) -> Result<Option<(u64, u64, usize)>> {
+    let (Some(x), Some(y)) = (a.totals[ti], b.totals[ti]) else {
+        return Ok(None);
+    };
+    let bit = 1u8 << ti;
+    let rows = a.nulls.len().min(b.nulls.len());
+    let only = |this: &Scan, other: &Scan| -> Vec<bool> {
+        (0..this.nulls.len())
+            .map(|i| this.nulls[i] & bit == 0 && other.nulls.get(i).is_none_or(|n| n & bit != 0))
+            .collect()
+    };
+    let (only_a, only_b) = (only(a, b), only(b, a));
+    let both = (0..rows)
+        .filter(|&i| (a.nulls[i] | b.nulls[i]) & bit == 0)
+        .count();
+    if both == 0 {
+        return Ok(None);
+    }
+    let x = x.saturating_sub(sum_rows(a, ti, &only_a)?);
+    let y = y.saturating_sub(sum_rows(b, ti, &only_b)?);
+    Ok(Some((x, y, both)))
+}
+
+/// The sum of entry `ti` of [`TOLERANCES`] over the rows of `scan` marked
+/// in `rows` (read again from its file; rows are numbered as the first
+/// read numbered them: those that parse).
+fn sum_rows(scan: &Scan, ti: usize, rows: &[bool]) -> Result<u64> {
+    if !rows.iter().any(|&r| r) {
+        return Ok(0);
+    }
+    let mut sum = 0u64;
+    let lines = BufReader::new(fs::File::open(&scan.path)?).lines();
+    let parsed = lines.filter_map(|l| serde_json::from_str::<Row>(&l.ok()?).ok());
+    for (i, row) in parsed.enumerate() {
+        if rows.get(i).copied().unwrap_or(false) {
+            sum = sum.saturating_add((TOLERANCES[ti].get)(&row.m).unwrap_or(0));
+        }
+    }
+    Ok(sum)
+}
+
 /// How far two sources may be apart on a total: a relative share plus an
 /// absolute floor (one clock tick, a few switches per thread, a request).
 struct Tolerance {
@@ -128,10 +178,6 @@ struct Tolerance {
 /// the host's page cache turns guest I/O into. Its block totals are a
 /// different quantity from the process's, so they are not held to them.
 const GUEST_SCOPE: &[&str] = &["qmp"];
-
-/// The /proc oracle's fields from `/proc/PID/io`, `null` where the target
-/// reaped a child (`meta.json` `proc.children_reaped_buckets`).
-const PROC_IO: &[&str] = &["blk_read_bytes", "io_write_bytes"];
 
 const TOLERANCES: &[Tolerance] = &[
     Tolerance {
@@ -299,8 +345,10 @@ pub fn check(dir: &Path) -> Result<Report> {
             }
         };
         let mut scan = Scan {
+            path: dir.join(file),
             clocks: Vec::new(),
             totals: vec![None; TOLERANCES.len()],
+            nulls: Vec::new(),
             frames: None,
             taps: BTreeMap::new(),
         };
@@ -351,9 +399,13 @@ pub fn check(dir: &Path) -> Result<Report> {
             };
             let idx = scan.clocks.len();
             scan.clocks.push((row.seq, row.t_mono_ns, row.t_wall_ns));
-            for (t, acc) in TOLERANCES.iter().zip(scan.totals.iter_mut()) {
-                add_total(acc, (t.get)(&row.m));
+            let mut nulls = 0u8;
+            for (i, (t, acc)) in TOLERANCES.iter().zip(scan.totals.iter_mut()).enumerate() {
+                let v = (t.get)(&row.m);
+                nulls |= u8::from(v.is_none()) << i;
+                add_total(acc, v);
             }
+            scan.nulls.push(nulls);
             crate::sources::gateway::check::add_row(&mut scan.frames, row.source, &row.m);
             if matches!(row.source, SourceKind::Ebpf | SourceKind::Proc) {
                 add_taps(&mut scan.taps, &row.m);
@@ -432,34 +484,22 @@ pub fn check(dir: &Path) -> Result<Report> {
         }
     }
 
-    // Totals of shared fields agree.
+    // Totals of shared fields agree, over the buckets both sources measured.
     let names: Vec<&String> = by_source.keys().collect();
-    // Buckets where the /proc oracle's I/O is null (the target reaped a
-    // child there): its totals miss the target's own I/O of those buckets.
-    let reaped = meta.proc.map_or(0, |p| p.children_reaped_buckets);
     for (ti, t) in TOLERANCES.iter().enumerate() {
         for (i, a) in names.iter().enumerate() {
             for b in &names[i + 1..] {
                 if t.except.contains(&a.as_str()) || t.except.contains(&b.as_str()) {
                     continue;
                 }
-                if reaped > 0
-                    && PROC_IO.contains(&t.field)
-                    && (a.as_str() == "proc" || b.as_str() == "proc")
-                {
-                    r.check(
-                        true,
-                        format!(
-                            "{}: {a} vs {b} not compared (the /proc oracle's is null in the \
-                             {reaped} bucket(s) where the target reaped a child)",
-                            t.field
-                        ),
-                    );
+                let Some((x, y, both)) = common_totals(&by_source[*a], &by_source[*b], ti)? else {
                     continue;
-                }
-                let (Some(x), Some(y)) = (by_source[*a].totals[ti], by_source[*b].totals[ti])
-                else {
-                    continue;
+                };
+                let rows = by_source[*a].nulls.len();
+                let over = if both < rows {
+                    format!(" over the {both} of {rows} buckets both measured")
+                } else {
+                    String::new()
                 };
                 let mut allowed = allowed(x, y, t.relative, t.absolute);
                 // perf's task-clock keeps counting while the hypervisor
@@ -470,7 +510,7 @@ pub fn check(dir: &Path) -> Result<Report> {
                 }
                 r.check(
                     x.abs_diff(y) <= allowed,
-                    format!("{}: {a} {x} vs {b} {y} (allowed {allowed})", t.field),
+                    format!("{}: {a} {x} vs {b} {y}{over} (allowed {allowed})", t.field),
                 );
             }
         }
@@ -600,15 +640,28 @@ mod tests {
     /// One bucket per source, each with `field` set to the given total
     /// (every other measure null), and `host_steal_ns` in meta.json.
     fn write_sources(dir: &Path, field: &str, totals: &[(SourceKind, u64)], steal: Option<u64>) {
+        let rows: Vec<(SourceKind, Vec<Option<u64>>)> =
+            totals.iter().map(|&(s, v)| (s, vec![Some(v)])).collect();
+        write_rows(dir, field, &rows, steal);
+    }
+
+    /// Per source, one bucket per value with `field` set to it (`None`:
+    /// null; every other measure null), and `host_steal_ns` in meta.json.
+    fn write_rows(
+        dir: &Path,
+        field: &str,
+        sources: &[(SourceKind, Vec<Option<u64>>)],
+        steal: Option<u64>,
+    ) {
         let id = dir.file_name().unwrap().to_str().unwrap();
-        let sources: Vec<Value> = totals
+        let list: Vec<Value> = sources
             .iter()
-            .map(|(s, _)| {
-                serde_json::json!({"source": s.name(), "file": format!("telemetry-{}.jsonl", s.name()), "rows": 1})
+            .map(|(s, values)| {
+                serde_json::json!({"source": s.name(), "file": format!("telemetry-{}.jsonl", s.name()), "rows": values.len()})
             })
             .collect();
         let mut meta = serde_json::json!({"id": id, "status": "complete",
-            "start": {"t_mono_ns": 1000}, "sources": sources});
+            "start": {"t_mono_ns": 1000}, "sources": list});
         if let Some(steal) = steal {
             meta["host_steal_ns"] = steal.into();
         }
@@ -620,24 +673,24 @@ mod tests {
         .unwrap();
         fs::write(dir.join(LABELS), "").unwrap();
         fs::write(dir.join(DONE), "").unwrap();
-        for (source, value) in totals {
-            let mut v = serde_json::to_value(Row {
-                episode_id: id.into(),
-                source: *source,
-                available_in_deployment: false,
-                t_mono_ns: 1100,
-                t_wall_ns: 1105,
-                interval_ns: 100,
-                seq: 0,
-                m: Measures::default(),
-            })
-            .unwrap();
-            v[field] = (*value).into();
-            fs::write(
-                dir.join(format!("telemetry-{}.jsonl", source.name())),
-                format!("{v}\n"),
-            )
-            .unwrap();
+        for (source, values) in sources {
+            let mut text = String::new();
+            for (seq, value) in values.iter().enumerate() {
+                let mut v = serde_json::to_value(Row {
+                    episode_id: id.into(),
+                    source: *source,
+                    available_in_deployment: false,
+                    t_mono_ns: 1100 + 100 * seq as u64,
+                    t_wall_ns: 1105 + 100 * seq as u64,
+                    interval_ns: 100,
+                    seq: seq as u64,
+                    m: Measures::default(),
+                })
+                .unwrap();
+                v[field] = (*value).into();
+                text.push_str(&format!("{v}\n"));
+            }
+            fs::write(dir.join(format!("telemetry-{}.jsonl", source.name())), text).unwrap();
         }
     }
 
@@ -669,38 +722,58 @@ mod tests {
         ("page_faults_minor", 0.05, 50, &[]),
     ];
 
-    /// Where the target reaped a child, the /proc oracle's I/O fields are
-    /// null in those buckets, so its totals are not held to the others';
-    /// every other field still is.
+    /// A bucket one source could not measure (null: the /proc oracle's
+    /// last one when the target's parent reaped it before the last sample,
+    /// its I/O where the target reaped a child) is left out of both totals:
+    /// the rest is compared, and says so.
     #[test]
-    fn proc_io_is_not_compared_where_the_target_reaped_a_child() {
+    fn totals_are_compared_over_the_buckets_both_sources_measured() {
         use SourceKind::{Ebpf, Proc};
-        for field in PROC_IO {
-            let totals = [(Ebpf, 100 << 20), (Proc, 10 << 20)];
-            assert_eq!(problems_with(field, &totals, None).len(), 1, "{field}");
+        for field in ["cpu_ns", "blk_read_bytes", "io_write_bytes"] {
             let base = tempfile::tempdir().unwrap();
-            let dir = base.path().join("01REAP");
+            let dir = base.path().join("01GONE");
             fs::create_dir(&dir).unwrap();
-            write_sources(&dir, field, &totals, None);
-            let mut meta: Value =
-                serde_json::from_slice(&fs::read(dir.join(META)).unwrap()).unwrap();
-            meta["proc"] = serde_json::json!({"children_reaped_buckets": 2});
-            fs::write(dir.join(META), meta.to_string()).unwrap();
+            // The last bucket: 80 ms (or MiB) that /proc could not read.
+            let big = 80u64 << 20;
+            let rows = [
+                (Ebpf, vec![Some(10 << 20), Some(big)]),
+                (Proc, vec![Some(10 << 20), None]),
+            ];
+            write_rows(&dir, field, &rows, None);
+            let r = check(&dir).unwrap();
+            assert!(r.problems.is_empty(), "{field}: {:?}", r.problems);
+            let want = format!(
+                "{field}: ebpf {} vs proc {} over the 1 of 2 buckets both measured",
+                10 << 20,
+                10 << 20
+            );
+            assert!(
+                r.passed.iter().any(|p| p.starts_with(&want)),
+                "{want}: {:?}",
+                r.passed
+            );
+            // A difference in the buckets both measured is still found.
+            let rows = [
+                (Ebpf, vec![Some(100 << 20), Some(big)]),
+                (Proc, vec![Some(10 << 20), None]),
+            ];
+            write_rows(&dir, field, &rows, None);
+            let r = check(&dir).unwrap();
+            assert_eq!(r.problems.len(), 1, "{field}: {:?}", r.problems);
+            assert!(
+                r.problems[0].contains("over the 1 of 2 buckets"),
+                "{:?}",
+                r.problems
+            );
+            // No bucket with both: nothing to compare.
+            let rows = [(Ebpf, vec![Some(big), None]), (Proc, vec![None, Some(1)])];
+            write_rows(&dir, field, &rows, None);
             let r = check(&dir).unwrap();
             assert!(r.problems.is_empty(), "{field}: {:?}", r.problems);
             assert!(
-                r.passed
+                !r.passed
                     .iter()
-                    .any(|p| p.starts_with(&format!("{field}: ebpf vs proc not compared"))),
-                "{:?}",
-                r.passed
-            );
-            write_sources(&dir, "cpu_ns", &[(Ebpf, 100 << 20), (Proc, 10 << 20)], None);
-            fs::write(dir.join(META), meta.to_string()).unwrap();
-            assert_eq!(
-                check(&dir).unwrap().problems.len(),
-                1,
-                "cpu_ns still compared"
+                    .any(|p| p.starts_with(&format!("{field}: ebpf")))
             );
         }
     }
