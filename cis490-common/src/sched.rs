@@ -67,6 +67,8 @@ crate::names! {
         TASK_CFS_RQ_OFFSET,
         CFS_RQ_RQ_OFFSET,
         RQ_CLOCK_OFFSET,
+        TASK_EXEC_START_OFFSET,
+        RQ_CLOCK_TASK_OFFSET,
         RUN_DELAY_SOURCE,
     }
 }
@@ -247,9 +249,12 @@ impl LiveCounters {
 
 /// What runs on one CPU, as the `sched_switch` program last saw it
 /// (map `CPU_SLICE`, one slot, `PerCpuArray`). The task iterator counts a
-/// thread that is on a CPU as `base_runtime_ns + (now - since_ns)`, so a
-/// thread that never leaves the CPU is still counted bucket by bucket (its
-/// `se.sum_exec_runtime` is only brought up to date at ticks).
+/// thread that is on a CPU as its `se.sum_exec_runtime` plus the time since
+/// the kernel last brought it up to date (on the run queue's clock, through
+/// `cal_clock_ns` and `cal_rq_ns`), or, without the members that takes, as
+/// `base_runtime_ns + (now - since_ns)`: so a thread that never leaves the
+/// CPU is still counted bucket by bucket (its runtime is only brought up to
+/// date at ticks).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuSlice {

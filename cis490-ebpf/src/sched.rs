@@ -28,9 +28,9 @@ use cis490_common::{
 use crate::{
     maps::{add, bump, bump_hist, emit, raise_max},
     target::{
-        TARGET_GONE, arrival_delay, current, delays_from_sched_info, has_run_delay, rq_clock,
-        target_slot, target_slot_cached, task_counters, task_cpu, task_on_cpu, task_runtime,
-        task_state, task_tgid, task_tid,
+        TARGET_GONE, arrival_delay, current, delays_from_sched_info, has_exec_start, has_run_delay,
+        rq_clock, rq_clocks, target_slot, target_slot_cached, task_counters, task_cpu,
+        task_exec_start, task_on_cpu, task_runtime, task_state, task_tgid, task_tid,
     },
 };
 
@@ -355,12 +355,17 @@ fn try_iter(ctx: *const *const u8) -> Res {
         };
         if !whole {
             live.torn += 1;
-        } else if state == CpuSlice::TARGET && sl.tid == task_tid(task) && now > sl.since_ns {
-            // On a CPU: its runtime is only brought up to date at ticks. Not
-            // below that: where the run queue's clock and this one run at
-            // different rates (a guest's TSC against its clocksource) the
-            // estimate drifts over a long slice; the tick bounds the lag.
-            runtime = runtime.max(sl.base_runtime_ns + (now - sl.since_ns));
+        } else if state == CpuSlice::TARGET && sl.tid == task_tid(task) {
+            // On a CPU: its runtime is only brought up to date at ticks
+            // (and switches, and wakeups on its run queue).
+            if sl.cal_clock_ns != 0 && has_exec_start() {
+                runtime += running_tail(task, now);
+            } else if now > sl.since_ns {
+                // Timed from its switch-in: not below the kernel's runtime
+                // (where the two clocks run at different rates the estimate
+                // of a long slice drifts; the tick bounds the lag).
+                runtime = runtime.max(sl.base_runtime_ns + (now - sl.since_ns));
+            }
             live.running += 1;
         }
     }
@@ -376,6 +381,31 @@ fn try_iter(ctx: *const *const u8) -> Res {
     }
     live.threads += 1;
     Ok(())
+}
+
+/// At most this much of a running thread's time is taken from the clock
+/// conversion, ns: one tick at the coarsest x86 tick rate (HZ=100). The
+/// kernel adds a running thread's time to its runtime at every tick, so
+/// more means the conversion is wrong.
+const TAIL_MAX_NS: u64 = 10_000_000;
+
+/// The time a running thread has run since the kernel last added it to its
+/// `sum_exec_runtime` (read before this): the part up to its run queue's
+/// last clock update on `rq.clock_task`, the clock the runtime advances on
+/// (no IRQ or steal time where the kernel accounts them), and the part since
+/// then, `now` (on the run queue's clock) less that update, at most
+/// [`TAIL_MAX_NS`]. So an error of the clock conversion, or IRQ and steal
+/// time, can only shift less than a tick's worth between buckets, however
+/// long the thread stays on its CPU. Each read that races with an update
+/// can only miss time (`exec_start` is written before the runtime, `clock`
+/// before `clock_task`, and they are read the other way round), never count
+/// it twice.
+#[inline(always)]
+fn running_tail(task: *const u8, now: u64) -> u64 {
+    let exec_start = task_exec_start(task);
+    let (clock_task, clock) = rq_clocks(task);
+    let pending = clock_task.saturating_sub(exec_start).min(TAIL_MAX_NS);
+    pending + now.saturating_sub(clock).min(TAIL_MAX_NS)
 }
 
 fn lifecycle(

@@ -94,6 +94,15 @@ static CFS_RQ_RQ_OFFSET: Global<u32> = Global::new(0);
 /// `rq.clock`.
 #[unsafe(no_mangle)]
 static RQ_CLOCK_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.se.exec_start`: when the kernel last added a running
+/// thread's time to `sum_exec_runtime` (on `rq.clock_task`).
+#[unsafe(no_mangle)]
+static TASK_EXEC_START_OFFSET: Global<u32> = Global::new(0);
+/// `rq.clock_task`: the run queue's clock less IRQ and steal time (where
+/// the kernel accounts them), the clock `sum_exec_runtime` advances on.
+/// These two are 0 where the kernel lacks them (never at offset 0).
+#[unsafe(no_mangle)]
+static RQ_CLOCK_TASK_OFFSET: Global<u32> = Global::new(0);
 /// Where run-queue delays come from (`cis490_common::sched::RunDelaySource`),
 /// decided by the loader.
 #[unsafe(no_mangle)]
@@ -247,6 +256,34 @@ pub fn rq_clock(next: *const u8) -> u64 {
     let cfs_rq: *const u8 = load(next, &TASK_CFS_RQ_OFFSET);
     let rq: *const u8 = load(cfs_rq, &CFS_RQ_RQ_OFFSET);
     load(rq, &RQ_CLOCK_OFFSET)
+}
+
+/// Whether a running thread's time since the kernel last updated its
+/// runtime can be read ([`task_exec_start`], [`rq_clocks`]).
+#[inline(always)]
+pub fn has_exec_start() -> bool {
+    TASK_EXEC_START_OFFSET.load() != 0 && RQ_CLOCK_TASK_OFFSET.load() != 0
+}
+
+/// `se.exec_start` of a task: where its `sum_exec_runtime` was last brought
+/// up to date, on its run queue's `clock_task`. Only call when
+/// [`has_exec_start`].
+#[inline(always)]
+pub fn task_exec_start(task: *const u8) -> u64 {
+    load(task, &TASK_EXEC_START_OFFSET)
+}
+
+/// `(rq->clock_task, rq->clock)` of the run queue a task is on, read in
+/// that order: the kernel writes `clock` first, so a `clock_task` that is
+/// already new comes with a new `clock` (x86 keeps stores and loads in
+/// order; the loads are volatile). Only call when [`has_exec_start`] and
+/// [`delays_from_sched_info`].
+#[inline(always)]
+pub fn rq_clocks(task: *const u8) -> (u64, u64) {
+    let cfs_rq: *const u8 = load(task, &TASK_CFS_RQ_OFFSET);
+    let rq: *const u8 = load(cfs_rq, &CFS_RQ_RQ_OFFSET);
+    let clock_task = load(rq, &RQ_CLOCK_TASK_OFFSET);
+    (clock_task, load(rq, &RQ_CLOCK_OFFSET))
 }
 
 /// The single run-queue delay of a task being switched in, ns, read off the

@@ -727,7 +727,8 @@ fn run_queue_delay_matches_the_workloads_own_wake_to_run_delays() {
 /// running thread's count may lag by up to a scheduler tick, 10 ms at the
 /// slowest HZ, caught up at its switch-out) and 100 ms under software
 /// emulation (the VM matrix, two emulated kernels side by side on these
-/// cores, gave 18 ms in a 2 ms bucket; not explained yet), a tenth of what
+/// cores, gave 18 ms in a 2 ms bucket: the tracer reads the threads later
+/// than it stamps a row's end there, as the next test measures), a tenth of what
 /// one torn copy would add;
 /// the total stays within 2% (+20 ms) of the process's own CPU clock.
 #[test]
@@ -799,4 +800,100 @@ fn no_bucket_holds_more_cpu_than_it_lasted() {
         "ebpf {total} vs process {own}"
     );
     assert!(truth["round_trips"].as_u64().unwrap() > 0);
+}
+
+/// A thread that never blocks is counted per bucket as its own CPU clock
+/// counts it. The kernel adds a running thread's time to its runtime only at
+/// ticks (4 ms at HZ=250): at each boundary the iterator adds the time since
+/// the kernel last did, on the clock the runtime advances on (so neither a
+/// tick's lag nor the IRQ and steal time the kernel leaves out, however long
+/// the thread stays on its CPU). Truth: the thread's CLOCK_THREAD_CPUTIME_ID
+/// sampled every 2 ms, interpolated at each row's two ends (reading it brings
+/// the runtime up to date, so samples every 100 µs would hide a missing
+/// running part: measured here, without it the buckets were off by a median
+/// 0.55 ms and only 81% within 1 ms; with it, a median 3 µs and a 95th
+/// percentile of 76 µs). At 5 ms buckets: the median bucket within 0.25 ms,
+/// 95% of them within 0.5 ms and every one within 5 ms (the tracer reads the
+/// threads a moment after it stamps a row's end, later when the machine is
+/// busy). Under emulation the tracer's reads come later still (at 10 ms
+/// buckets, medians of 46 to 129 µs and 95th percentiles of 1.2 to 4.4 ms in
+/// five runs): the median within 1 ms, every bucket within 20 ms.
+#[test]
+fn a_thread_that_never_blocks_is_counted_per_bucket_as_its_own_clock() {
+    require_root();
+    let dir = scratch("spin");
+    let out_json = dir.join("spin.json");
+    let emulated = software_emulated();
+    let (interval, median, far) = if emulated {
+        ("10", 1_000_000u64, 20_000_000u64)
+    } else {
+        ("5", 250_000, 5_000_000)
+    };
+    let close = 500_000u64;
+    let out = run_with_timeout(
+        default_trace_cmd(&dir)
+            .args(["--sources", "ebpf", "--interval-ms", interval, "--"])
+            .arg(bin("cis490-workload"))
+            .args(["spin", "--ms", "3000", "--sample-us", "2000", "--out"])
+            .arg(&out_json),
+        Duration::from_secs(120),
+    );
+    let ep = Episode::from_output(&out);
+    let truth = report(&out_json);
+    let samples: Vec<(u64, u64)> = truth["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s[0].as_u64().unwrap(), s[1].as_u64().unwrap()))
+        .collect();
+    // The thread's CPU clock at `t` (CLOCK_MONOTONIC), between two samples.
+    let cpu_at = |t: u64| -> Option<f64> {
+        let i = samples.partition_point(|s| s.0 <= t);
+        if i == 0 || i == samples.len() {
+            return None;
+        }
+        let ((t0, c0), (t1, c1)) = (samples[i - 1], samples[i]);
+        Some(c0 as f64 + (c1 - c0) as f64 * (t - t0) as f64 / (t1 - t0).max(1) as f64)
+    };
+    let mut errors = Vec::new();
+    for r in ep.rows("ebpf") {
+        let (end, len) = (
+            r["t_mono_ns"].as_u64().unwrap(),
+            r["interval_ns"].as_u64().unwrap(),
+        );
+        let (Some(a), Some(b)) = (cpu_at(end - len), cpu_at(end)) else {
+            continue;
+        };
+        let cpu = r["cpu_ns"].as_u64().expect("cpu_ns measured") as f64;
+        errors.push(((cpu - (b - a)).abs() as u64, r["seq"].as_u64().unwrap()));
+    }
+    assert!(
+        errors.len() >= 200,
+        "{} buckets inside the run",
+        errors.len()
+    );
+    errors.sort();
+    let pct = |p: usize| errors[(errors.len() - 1) * p / 100].0;
+    let within = errors.iter().filter(|e| e.0 <= close).count();
+    eprintln!(
+        "{} buckets: |ebpf - own clock| median {} ns, 95th {} ns, max {} ns (seq {}); {} within {close} ns",
+        errors.len(),
+        pct(50),
+        pct(95),
+        errors.last().unwrap().0,
+        errors.last().unwrap().1,
+        within
+    );
+    assert!(pct(50) <= median, "median bucket off by {} ns", pct(50));
+    assert!(
+        emulated || within * 100 >= errors.len() * 95,
+        "{within} of {} buckets within {close} ns",
+        errors.len()
+    );
+    assert!(
+        errors.last().unwrap().0 <= far,
+        "bucket {} off by {} ns",
+        errors.last().unwrap().1,
+        errors.last().unwrap().0
+    );
 }

@@ -177,6 +177,18 @@ pub const OFFSETS: &[OffsetSpec] = &[
         ty: "rq",
         path: "clock",
     },
+    // A running thread's time since its last tick, on the clock its runtime
+    // advances on; without them, since its switch-in on `rq.clock`.
+    OffsetSpec {
+        global: global::TASK_EXEC_START_OFFSET,
+        ty: "task_struct",
+        path: "se.exec_start",
+    },
+    OffsetSpec {
+        global: global::RQ_CLOCK_TASK_OFFSET,
+        ty: "rq",
+        path: "clock_task",
+    },
 ];
 
 /// Offsets without which the trace fails (all but the run-delay ones).

@@ -49,6 +49,7 @@ mod report;
 mod send_frames;
 mod signals;
 mod sink;
+mod spin;
 mod storm;
 mod tap;
 mod thread_burst;
@@ -100,6 +101,7 @@ enum Command {
     Faults(faults::FaultsArgs),
     IoUring(io_uring::IoUringArgs),
     Wakeups(wakeups::WakeupsArgs),
+    Spin(spin::SpinArgs),
 }
 
 fn main() {
@@ -130,7 +132,7 @@ fn main() {
         Err(e) => {
             let msg = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 "missing subcommand (cpu, pingpong, exit-after, wait-signal, demo, thread-burst, dio, \
-                 tap, send-frames, kvm, sink, exec, main-exits, storm, wakeburn, faults, io-uring or wakeups)".to_string()
+                 tap, send-frames, kvm, sink, exec, main-exits, storm, wakeburn, faults, io-uring, wakeups or spin)".to_string()
             } else {
                 // clap's first paragraph (the error and any list under it), on one line.
                 let text = e.to_string();
@@ -163,6 +165,7 @@ fn main() {
         Command::Faults(a) => faults::cmd_faults(&a),
         Command::IoUring(a) => io_uring::cmd_io_uring(&a),
         Command::Wakeups(a) => wakeups::cmd_wakeups(&a),
+        Command::Spin(a) => spin::cmd_spin(&a),
     };
     let result = result.and_then(|()| match &exit_stamp {
         Some(path) => report::write_exit_stamp(path),
