@@ -115,6 +115,22 @@ fn add_taps(acc: &mut BTreeMap<String, NetCounters>, m: &Measures) {
     }
 }
 
+/// What a bucket's CPU time may be at most: its length times the machine's
+/// CPUs, plus [`CPU_SLACK_NS`].
+fn cpu_cap(interval_ns: u64, cpus: u64) -> u64 {
+    interval_ns
+        .saturating_mul(cpus)
+        .saturating_add(CPU_SLACK_NS)
+}
+
+/// What a bucket's CPU time may hold beyond its length times the CPUs: the
+/// tracer reads the counters a moment after it stamps a bucket's end, so a
+/// bucket can hold what ran until then and the next one less (up to 44 ms
+/// over on 2 CPUs seen under software emulation, `sched::
+/// no_bucket_holds_more_cpu_than_it_lasted`), and the /proc oracle's is
+/// read in clock ticks.
+const CPU_SLACK_NS: u64 = 100_000_000;
+
 /// Two sources' totals of entry `ti` of [`TOLERANCES`] over the buckets
 /// where both measured it, and how many of the rows that is: a bucket one
 /// source could not measure (the /proc oracle's last one when the target's
@@ -331,6 +347,7 @@ pub fn check(dir: &Path) -> Result<Report> {
 
     let keys = row_keys();
     let start = meta.start.map(|c| c.t_mono_ns);
+    let cpus = meta.host.cpus as u64;
     // Per source, streamed (an hour at 1 ms is 3.6M rows a source): each
     // row's clock triple for the alignment check and the totals the
     // tolerances compare, never the rows themselves.
@@ -399,6 +416,17 @@ pub fn check(dir: &Path) -> Result<Report> {
             };
             let idx = scan.clocks.len();
             scan.clocks.push((row.seq, row.t_mono_ns, row.t_wall_ns));
+            if let Some(cpu) = row.m.cpu_ns
+                && cpus > 0
+                && cpu > cpu_cap(row.interval_ns, cpus)
+            {
+                problem(format!(
+                    "{file}: seq {} holds {cpu} ns of CPU in {} ns on {cpus} CPUs (at most {})",
+                    row.seq,
+                    row.interval_ns,
+                    cpu_cap(row.interval_ns, cpus)
+                ));
+            }
             let mut nulls = 0u8;
             for (i, (t, acc)) in TOLERANCES.iter().zip(scan.totals.iter_mut()).enumerate() {
                 let v = (t.get)(&row.m);
@@ -776,6 +804,45 @@ mod tests {
                     .any(|p| p.starts_with(&format!("{field}: ebpf")))
             );
         }
+    }
+
+    /// No bucket holds more CPU time than it lasted times the machine's CPUs
+    /// (plus the stated slack): one row raised by a second is named, one at
+    /// the cap is not; without the CPU count nothing is claimed.
+    #[test]
+    fn a_bucket_with_more_cpu_than_it_lasted_is_named() {
+        use SourceKind::{Ebpf, Proc};
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("01CPUS");
+        fs::create_dir(&dir).unwrap();
+        // Buckets of 100 ns (write_rows): on 2 CPUs, at most 200 ns + slack.
+        let cap = cpu_cap(100, 2);
+        assert_eq!(cap, 200 + CPU_SLACK_NS);
+        let over = cap + 1_000_000_000;
+        let rows = [
+            (Ebpf, vec![Some(cap), Some(over)]),
+            (Proc, vec![Some(cap), Some(over)]),
+        ];
+        write_rows(&dir, "cpu_ns", &rows, None);
+        let set_cpus = |cpus: u64| {
+            let mut meta: Value =
+                serde_json::from_slice(&fs::read(dir.join(META)).unwrap()).unwrap();
+            meta["host"] = serde_json::json!({"cpus": cpus});
+            fs::write(dir.join(META), meta.to_string()).unwrap();
+        };
+        set_cpus(2);
+        let r = check(&dir).unwrap();
+        let want = format!("seq 1 holds {over} ns of CPU in 100 ns on 2 CPUs (at most {cap})");
+        assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
+        for (p, source) in r.problems.iter().zip(["ebpf", "proc"]) {
+            assert!(
+                p.contains(&format!("telemetry-{source}.jsonl: {want}")),
+                "{p}"
+            );
+        }
+        // Unknown CPU count: no claim.
+        set_cpus(0);
+        assert!(check(&dir).unwrap().problems.is_empty());
     }
 
     #[test]

@@ -60,7 +60,11 @@ impl Host {
             hostname: read("/proc/sys/kernel/hostname"),
             kernel_release: read("/proc/sys/kernel/osrelease"),
             kernel_version: read("/proc/sys/kernel/version"),
-            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            // Online CPUs, not this process's affinity: what the target
+            // can run on.
+            // SAFETY: sysconf has no preconditions.
+            cpus: usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
+                .unwrap_or(0),
         }
     }
 }

@@ -168,6 +168,32 @@ fn assert_rejects_broken_lines(s: &Schemas, dir: &Path) {
     assert!(!s.label.is_valid(&label), "bad label accepted");
 }
 
+/// `cis490 check` is not vacuous about CPU time either: a copy of a real
+/// episode with one eBPF bucket raised by 10 s (more than the bucket lasted
+/// times the CPUs) fails, naming that bucket; the original passes.
+fn assert_check_names_an_impossible_bucket(dir: &Path, copy: &Path) {
+    assert_check_passes(dir);
+    fs::create_dir_all(copy).unwrap();
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    let file = copy.join("telemetry-ebpf.jsonl");
+    let text = fs::read_to_string(&file).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut row: Value = serde_json::from_str(&lines[1]).unwrap();
+    let raised = row["cpu_ns"].as_u64().expect("cpu_ns measured") + 10_000_000_000;
+    row["cpu_ns"] = raised.into();
+    lines[1] = row.to_string();
+    fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let (ok, text) = check_episode(copy);
+    assert!(!ok, "a bucket with 10 s more CPU passed:\n{text}");
+    assert!(
+        text.contains(&format!("seq 1 holds {raised} ns of CPU in")),
+        "{text}"
+    );
+}
+
 #[test]
 fn every_line_of_real_episodes_matches_the_schemas() {
     require_root();
@@ -236,6 +262,7 @@ fn every_line_of_real_episodes_matches_the_schemas() {
         );
     }
     assert_rejects_broken_lines(&s, &ep.dir);
+    assert_check_names_an_impossible_bucket(&ep.dir, &dir.join("corrupt"));
 
     // 2. The tiny KVM VMM: the KVM exit maps.
     let dir = scratch("schema-kvm");
