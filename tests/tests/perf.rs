@@ -79,11 +79,16 @@ fn perf_counters_agree_with_ebpf_and_ground_truth() {
     // when its perf context is torn down at exit, before its final
     // switch-out: a migration in between (it happened once in many runs
     // natively, more often under software emulation) is seen by eBPF only.
-    // At most one per exited thread (3 here).
+    // At most one per exited thread (3 here). And perf counts a migration
+    // at the thread's next switch-in, the scheduler's `nr_migrations` (eBPF)
+    // when the thread is moved: a runnable thread moved before eBPF's
+    // baseline read and switched in after perf's (read next) is perf's only.
+    // At most one per thread counted at the baseline (the main thread and 2
+    // workers). Seen once on 6.12 under emulation: perf 11, ebpf 10.
     let (pm, em) = (ep.sum("perf", "migrations"), ep.sum("ebpf", "migrations"));
     assert!(
-        pm <= em && em <= pm + 3,
-        "migrations: perf {pm}, ebpf {em} (ebpf may exceed perf by one per exited thread, 3)"
+        pm <= em + 3 && em <= pm + 3,
+        "migrations: perf {pm}, ebpf {em} (either may exceed the other by one per thread, 3)"
     );
     // Page faults: perf's software event and the whole-process counts of
     // /proc/PID/stat, the same kernel accounting.

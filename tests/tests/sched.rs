@@ -646,7 +646,8 @@ fn run_queue_delay_matches_the_workloads_own_wake_to_run_delays() {
     eprintln!(
         "{n} wakeups: the workload's delays sum {user_sum} ns, max {user_max}; ebpf runq_delay sum \
          {ebpf_sum}, max {ebpf_max}, {samples} delays in its histogram; {preempted} involuntary \
-         switches; /proc {}",
+         switches; {} sleeps that never left the CPU; /proc {}",
+        truth["not_slept"],
         ep.sum("proc", "runq_delay_ns")
     );
     let hist_text: Vec<String> = hist
@@ -694,9 +695,15 @@ fn run_queue_delay_matches_the_workloads_own_wake_to_run_delays() {
          {preempted} preemptions; at least its sum without its longest {late_elsewhere}, \
          {user_sum_rest}, - {overhead} per wakeup)"
     );
+    // A sleep whose deadline passed before the thread left its CPU never
+    // waited on the run queue, so it has no delay: the workload counts those
+    // (its voluntary switches did not grow across the sleep). Seen: 499
+    // delays for 500 wakeups and no preemption, in two full runs.
+    let not_slept = truth["not_slept"].as_u64().unwrap();
     assert!(
-        samples >= n && samples <= n + preempted + 10,
-        "{samples} delays in the histogram for {n} wakeups and {preempted} preemptions"
+        samples + not_slept >= n && samples + not_slept <= n + preempted + 10,
+        "{samples} delays in the histogram for {n} wakeups ({not_slept} of them never slept) \
+         and {preempted} preemptions"
     );
     for k in 0..64usize {
         let t = 1u64 << k;

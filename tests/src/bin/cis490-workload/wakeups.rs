@@ -17,8 +17,12 @@ use crate::report::write_json_atomic;
 /// absolute CLOCK_MONOTONIC deadline --period-us after the previous one's wake-up
 /// (clock_nanosleep TIMER_ABSTIME), and reads the clock as soon as it runs: each delay is
 /// `woke - deadline`, the timer's expiry, the wait on the run queue (what the kernel counts
-/// as `sched_info.run_delay`) and the return to user space. Report: {"kind":"wakeups", "pid",
-/// "count", "period_us", "delays_ns":[...], "sum_ns", "max_ns", "rusage_self",
+/// as `sched_info.run_delay`) and the return to user space. A sleep whose deadline passed
+/// before the thread left its CPU (the thread stalled between reading the clock and
+/// sleeping, or the timer fired while it was still switching out) never waits on the run
+/// queue: `not_slept` counts the sleeps across which the thread's voluntary switches
+/// (getrusage RUSAGE_THREAD `ru_nvcsw`) did not grow. Report: {"kind":"wakeups", "pid",
+/// "count", "period_us", "delays_ns":[...], "sum_ns", "max_ns", "not_slept", "rusage_self",
 /// "process_cpu_ns"}.
 #[derive(Args, Debug)]
 pub struct WakeupsArgs {
@@ -45,6 +49,7 @@ pub fn cmd_wakeups(a: &WakeupsArgs) -> Result<()> {
         delays_ns: Vec<u64>,
         sum_ns: u64,
         max_ns: u64,
+        not_slept: u64,
         rusage_self: Rusage,
         process_cpu_ns: u64,
     }
@@ -53,6 +58,7 @@ pub fn cmd_wakeups(a: &WakeupsArgs) -> Result<()> {
         bail!("prctl(PR_SET_TIMERSLACK): {}", io::Error::last_os_error());
     }
     let mut delays = Vec::with_capacity(a.count as usize);
+    let mut not_slept = 0;
     let mut now = clock_ns(libc::CLOCK_MONOTONIC);
     for _ in 0..a.count {
         let deadline = now + a.period_us * 1000;
@@ -60,6 +66,7 @@ pub fn cmd_wakeups(a: &WakeupsArgs) -> Result<()> {
             tv_sec: (deadline / 1_000_000_000) as libc::time_t,
             tv_nsec: (deadline % 1_000_000_000) as libc::c_long,
         };
+        let switches_before = rusage(libc::RUSAGE_THREAD).nvcsw;
         loop {
             // SAFETY: `ts` is a valid timespec; a null remainder is allowed with TIMER_ABSTIME.
             let rc = unsafe {
@@ -78,6 +85,9 @@ pub fn cmd_wakeups(a: &WakeupsArgs) -> Result<()> {
         }
         now = clock_ns(libc::CLOCK_MONOTONIC);
         delays.push(now.saturating_sub(deadline));
+        if rusage(libc::RUSAGE_THREAD).nvcsw == switches_before {
+            not_slept += 1;
+        }
     }
     let report = Report {
         kind: "wakeups",
@@ -87,6 +97,7 @@ pub fn cmd_wakeups(a: &WakeupsArgs) -> Result<()> {
         sum_ns: delays.iter().sum(),
         max_ns: delays.iter().copied().max().unwrap_or(0),
         delays_ns: delays,
+        not_slept,
         rusage_self: rusage(libc::RUSAGE_SELF),
         process_cpu_ns: process_cpu_ns(),
     };
