@@ -253,9 +253,14 @@ pub fn task_runtime(task: *const u8) -> u64 {
 /// reads 0 (fault-safe loads).
 #[inline(always)]
 pub fn rq_clock(next: *const u8) -> u64 {
-    let cfs_rq: *const u8 = load(next, &TASK_CFS_RQ_OFFSET);
-    let rq: *const u8 = load(cfs_rq, &CFS_RQ_RQ_OFFSET);
-    load(rq, &RQ_CLOCK_OFFSET)
+    load(task_rq(next), &RQ_CLOCK_OFFSET)
+}
+
+/// The run queue a task is on (`se.cfs_rq->rq`).
+#[inline(always)]
+fn task_rq(task: *const u8) -> *const u8 {
+    let cfs_rq: *const u8 = load(task, &TASK_CFS_RQ_OFFSET);
+    load(cfs_rq, &CFS_RQ_RQ_OFFSET)
 }
 
 /// Whether a running thread's time since the kernel last updated its
@@ -280,8 +285,7 @@ pub fn task_exec_start(task: *const u8) -> u64 {
 /// [`delays_from_sched_info`].
 #[inline(always)]
 pub fn rq_clocks(task: *const u8) -> (u64, u64) {
-    let cfs_rq: *const u8 = load(task, &TASK_CFS_RQ_OFFSET);
-    let rq: *const u8 = load(cfs_rq, &CFS_RQ_RQ_OFFSET);
+    let rq = task_rq(task);
     let clock_task = load(rq, &RQ_CLOCK_TASK_OFFSET);
     (clock_task, load(rq, &RQ_CLOCK_OFFSET))
 }

@@ -131,50 +131,76 @@ fn cpu_cap(interval_ns: u64, cpus: u64) -> u64 {
 /// read in clock ticks.
 const CPU_SLACK_NS: u64 = 100_000_000;
 
+/// Bits of the [`TOLERANCES`] entries that `a` measured in row `i` and `b`
+/// did not (a row `b` lacks counts as not measured).
+fn lone_bits(a: &Scan, b: &Scan, i: usize) -> u8 {
+    const ALL: u8 = (1u16 << TOLERANCES.len()).wrapping_sub(1) as u8;
+    !a.nulls[i] & b.nulls.get(i).copied().unwrap_or(ALL) & ALL
+}
+
+/// Per ordered pair of sources `(a, b)`, per entry of [`TOLERANCES`]: the
+/// sum of `a`'s values in the rows where `b` has that field `null`. Each
+/// source's file is read again at most once, and only when such a row
+/// exists (rows are numbered as the first read numbered them: those that
+/// parse).
+fn lone_sums(by_source: &BTreeMap<String, Scan>) -> Result<BTreeMap<(&str, &str), Vec<u64>>> {
+    let mut out = BTreeMap::new();
+    for (a, sa) in by_source {
+        let others: Vec<(&str, &Scan)> = by_source
+            .iter()
+            .filter(|(b, _)| *b != a)
+            .map(|(b, sb)| (b.as_str(), sb))
+            .collect();
+        let lone = |i: usize| others.iter().any(|(_, sb)| lone_bits(sa, sb, i) != 0);
+        if !(0..sa.nulls.len()).any(lone) {
+            continue;
+        }
+        let mut sums = vec![vec![0u64; TOLERANCES.len()]; others.len()];
+        let lines = BufReader::new(fs::File::open(&sa.path)?).lines();
+        let rows = lines.filter_map(|l| serde_json::from_str::<Row>(&l.ok()?).ok());
+        for (i, row) in rows.enumerate().take(sa.nulls.len()) {
+            for ((_, sb), sum) in others.iter().zip(sums.iter_mut()) {
+                let bits = lone_bits(sa, sb, i);
+                for (ti, t) in TOLERANCES.iter().enumerate() {
+                    if bits >> ti & 1 == 1 {
+                        sum[ti] = sum[ti].saturating_add((t.get)(&row.m).unwrap_or(0));
+                    }
+                }
+            }
+        }
+        for ((b, _), sum) in others.into_iter().zip(sums) {
+            out.insert((a.as_str(), b), sum);
+        }
+    }
+    Ok(out)
+}
+
 /// Two sources' totals of entry `ti` of [`TOLERANCES`] over the buckets
 /// where both measured it, and how many of the rows that is: a bucket one
 /// source could not measure (the /proc oracle's last one when the target's
 /// parent reaped it first, its I/O where the target reaped a child) is left
-/// out of both. `None` when no bucket has both.
-fn common_totals(a: &Scan, b: &Scan, ti: usize) -> Result<Option<(u64, u64, usize)>> {
-    let (Some(x), Some(y)) = (a.totals[ti], b.totals[ti]) else {
-        return Ok(None);
-    };
+/// out of both (`lone`: [`lone_sums`]). `None` when no bucket has both.
+fn common_totals(
+    (a, sa): (&str, &Scan),
+    (b, sb): (&str, &Scan),
+    ti: usize,
+    lone: &BTreeMap<(&str, &str), Vec<u64>>,
+) -> Option<(u64, u64, usize)> {
+    let (x, y) = (sa.totals[ti]?, sb.totals[ti]?);
     let bit = 1u8 << ti;
-    let rows = a.nulls.len().min(b.nulls.len());
-    let only = |this: &Scan, other: &Scan| -> Vec<bool> {
-        (0..this.nulls.len())
-            .map(|i| this.nulls[i] & bit == 0 && other.nulls.get(i).is_none_or(|n| n & bit != 0))
-            .collect()
-    };
-    let (only_a, only_b) = (only(a, b), only(b, a));
+    let rows = sa.nulls.len().min(sb.nulls.len());
     let both = (0..rows)
-        .filter(|&i| (a.nulls[i] | b.nulls[i]) & bit == 0)
+        .filter(|&i| (sa.nulls[i] | sb.nulls[i]) & bit == 0)
         .count();
     if both == 0 {
-        return Ok(None);
+        return None;
     }
-    let x = x.saturating_sub(sum_rows(a, ti, &only_a)?);
-    let y = y.saturating_sub(sum_rows(b, ti, &only_b)?);
-    Ok(Some((x, y, both)))
-}
-
-/// The sum of entry `ti` of [`TOLERANCES`] over the rows of `scan` marked
-/// in `rows` (read again from its file; rows are numbered as the first
-/// read numbered them: those that parse).
-fn sum_rows(scan: &Scan, ti: usize, rows: &[bool]) -> Result<u64> {
-    if !rows.iter().any(|&r| r) {
-        return Ok(0);
-    }
-    let mut sum = 0u64;
-    let lines = BufReader::new(fs::File::open(&scan.path)?).lines();
-    let parsed = lines.filter_map(|l| serde_json::from_str::<Row>(&l.ok()?).ok());
-    for (i, row) in parsed.enumerate() {
-        if rows.get(i).copied().unwrap_or(false) {
-            sum = sum.saturating_add((TOLERANCES[ti].get)(&row.m).unwrap_or(0));
-        }
-    }
-    Ok(sum)
+    let less = |p: (&str, &str)| lone.get(&p).map_or(0, |s| s[ti]);
+    Some((
+        x.saturating_sub(less((a, b))),
+        y.saturating_sub(less((b, a))),
+        both,
+    ))
 }
 
 /// How far two sources may be apart on a total: a relative share plus an
@@ -416,15 +442,14 @@ pub fn check(dir: &Path) -> Result<Report> {
             };
             let idx = scan.clocks.len();
             scan.clocks.push((row.seq, row.t_mono_ns, row.t_wall_ns));
+            let cap = cpu_cap(row.interval_ns, cpus);
             if let Some(cpu) = row.m.cpu_ns
                 && cpus > 0
-                && cpu > cpu_cap(row.interval_ns, cpus)
+                && cpu > cap
             {
                 problem(format!(
-                    "{file}: seq {} holds {cpu} ns of CPU in {} ns on {cpus} CPUs (at most {})",
-                    row.seq,
-                    row.interval_ns,
-                    cpu_cap(row.interval_ns, cpus)
+                    "{file}: seq {} holds {cpu} ns of CPU in {} ns on {cpus} CPUs (at most {cap})",
+                    row.seq, row.interval_ns
                 ));
             }
             let mut nulls = 0u8;
@@ -514,13 +539,19 @@ pub fn check(dir: &Path) -> Result<Report> {
 
     // Totals of shared fields agree, over the buckets both sources measured.
     let names: Vec<&String> = by_source.keys().collect();
+    let lone = lone_sums(&by_source)?;
     for (ti, t) in TOLERANCES.iter().enumerate() {
         for (i, a) in names.iter().enumerate() {
             for b in &names[i + 1..] {
                 if t.except.contains(&a.as_str()) || t.except.contains(&b.as_str()) {
                     continue;
                 }
-                let Some((x, y, both)) = common_totals(&by_source[*a], &by_source[*b], ti)? else {
+                let Some((x, y, both)) = common_totals(
+                    (a.as_str(), &by_source[*a]),
+                    (b.as_str(), &by_source[*b]),
+                    ti,
+                    &lone,
+                ) else {
                     continue;
                 };
                 let rows = by_source[*a].nulls.len();
