@@ -63,7 +63,7 @@ pub mod target;
 pub use block::{BlockStats, ReqStart};
 pub use kvm::KvmStats;
 pub use net::{IfStats, NetStats};
-pub use record::{DecodeError, LifecycleKind, LifecycleRecord, RecordKind};
+pub use record::{DecodeError, LifecycleKind, LifecycleRecord, RecordKind, ThreadTotals};
 pub use sched::{CpuSlice, HIST_BUCKETS, LiveCounters, MaxSlot, SchedStats, ThreadCounters};
 
 /// Length of a kernel task name (`TASK_COMM_LEN`).

@@ -54,7 +54,7 @@ impl TryFrom<u32> for LifecycleKind {
     }
 }
 
-/// A thread lifecycle record (40 bytes, no padding).
+/// A thread lifecycle record (80 bytes, no padding).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LifecycleRecord {
@@ -74,10 +74,31 @@ pub struct LifecycleRecord {
     pub slot: u32,
     /// Zero.
     pub reserved: u32,
+    /// At a thread's exit, its own counters then (before its final
+    /// switch-out); zero for the other kinds.
+    pub totals: ThreadTotals,
 }
 
-const _: () =
-    assert!(core::mem::size_of::<LifecycleRecord>() == 4 + 4 + 8 + 4 + 4 + COMM_LEN + 4 + 4);
+/// A thread's own scheduler counters over its life, read as it exits
+/// (`sched_process_exit`, in the thread, before the kernel folds them into
+/// its process's totals): what a poller of `/proc/PID/task` misses of a
+/// thread that exits between two polls.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadTotals {
+    /// `se.sum_exec_runtime`, ns.
+    pub cpu_ns: u64,
+    /// `nvcsw`.
+    pub voluntary: u64,
+    /// `nivcsw`.
+    pub involuntary: u64,
+    /// `se.nr_migrations`.
+    pub migrations: u64,
+}
+
+const _: () = assert!(
+    core::mem::size_of::<LifecycleRecord>() == 4 + 4 + 8 + 4 + 4 + COMM_LEN + 4 + 4 + 4 * 8
+);
 
 /// Why a ring-buffer record could not be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,6 +183,12 @@ impl TryFrom<&[u8]> for LifecycleRecord {
             comm: f.bytes(),
             slot: f.u32(),
             reserved: f.u32(),
+            totals: ThreadTotals {
+                cpu_ns: f.u64(),
+                voluntary: f.u64(),
+                involuntary: f.u64(),
+                migrations: f.u64(),
+            },
         })
     }
 }
@@ -202,6 +229,9 @@ mod tests {
         v.extend_from_slice(&c);
         v.extend_from_slice(&slot.to_le_bytes());
         v.extend_from_slice(&0u32.to_le_bytes());
+        for t in [5u64, 6, 7, 8] {
+            v.extend_from_slice(&t.to_le_bytes());
+        }
         v
     }
 
@@ -216,6 +246,15 @@ mod tests {
         assert_eq!(r.aux, 4240);
         assert_eq!(r.comm_bytes(), b"CPU 0/TCG");
         assert_eq!(r.slot, 7);
+        assert_eq!(
+            r.totals,
+            ThreadTotals {
+                cpu_ns: 5,
+                voluntary: 6,
+                involuntary: 7,
+                migrations: 8
+            }
+        );
     }
 
     #[test]
@@ -229,8 +268,8 @@ mod tests {
     fn rejects_short_and_unknown() {
         let buf = encode(2, 1, 2, 0, b"x");
         assert_eq!(
-            LifecycleRecord::try_from(&buf[..47]),
-            Err(DecodeError::Short { need: 48, got: 47 })
+            LifecycleRecord::try_from(&buf[..79]),
+            Err(DecodeError::Short { need: 80, got: 79 })
         );
         assert_eq!(
             record_kind(&buf[..3]),
@@ -259,6 +298,12 @@ mod tests {
             comm: *b"workload\0\0\0\0\0\0\0\0",
             slot: 3,
             reserved: 0,
+            totals: ThreadTotals {
+                cpu_ns: 1_000_001,
+                voluntary: 12,
+                involuntary: 3,
+                migrations: 4,
+            },
         };
         // SAFETY: LifecycleRecord is repr(C) without padding (asserted above).
         let bytes = unsafe {

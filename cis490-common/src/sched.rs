@@ -118,6 +118,10 @@ pub struct SchedStats {
     pub dead_io_write_bytes: u64,
     /// Target threads that began to exit (`sched_process_exit`).
     pub exits_started: u64,
+    /// Their `se.sum_exec_runtime` then, ns: `dead_runtime_ns` less this is
+    /// the CPU time exited threads spent on their way out, from the start
+    /// of their exit to their final switch-out.
+    pub exit_start_runtime_ns: u64,
     /// Target threads whose final switch-out was counted (`dead_*`): the
     /// loader's last row waits until this reaches `exits_started`.
     pub exits_accounted: u64,
@@ -156,6 +160,7 @@ impl SchedStats {
         dead_maj_flt: 0,
         dead_io_write_bytes: 0,
         exits_started: 0,
+        exit_start_runtime_ns: 0,
         exits_accounted: 0,
         wakeups: 0,
         runq_delay_ns: 0,
@@ -180,6 +185,9 @@ impl SchedStats {
             .dead_io_write_bytes
             .wrapping_add(other.dead_io_write_bytes);
         self.exits_started = self.exits_started.wrapping_add(other.exits_started);
+        self.exit_start_runtime_ns = self
+            .exit_start_runtime_ns
+            .wrapping_add(other.exit_start_runtime_ns);
         self.exits_accounted = self.exits_accounted.wrapping_add(other.exits_accounted);
         self.wakeups = self.wakeups.wrapping_add(other.wakeups);
         self.runq_delay_ns = self.runq_delay_ns.wrapping_add(other.runq_delay_ns);
@@ -352,7 +360,7 @@ pub struct MaxSlot {
     pub max_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SchedStats>() == (17 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<SchedStats>() == (18 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<LiveCounters>() == 12 * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 8 * 8);

@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use cis490_common::{
     COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, LiveCounters, MAX_THREADS, MaxSlot,
-    RecordKind, SchedStats,
+    RecordKind, SchedStats, ThreadTotals,
 };
 
 use crate::{
@@ -424,6 +424,7 @@ fn lifecycle(
         comm,
         slot,
         reserved: 0,
+        totals: ThreadTotals::default(),
     }
 }
 
@@ -477,7 +478,7 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-fn try_exit(_ctx: &BtfTracePointContext) -> Res {
+fn try_exit(ctx: &BtfTracePointContext) -> Res {
     let (tgid, tid) = current();
     let Some(slot) = target_slot(tgid) else {
         return Ok(());
@@ -489,7 +490,19 @@ fn try_exit(_ctx: &BtfTracePointContext) -> Res {
         let _ = RUNNABLE_SINCE.remove(tid);
     }
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    emit(&lifecycle(LifecycleKind::ThreadExit, slot, tid, 0, comm), s);
+    let mut r = lifecycle(LifecycleKind::ThreadExit, slot, tid, 0, comm);
+    // The exiting thread itself (`p` is current): its counters as its
+    // process's totals will hold them (folded in after this, before its
+    // final switch-out).
+    let c = task_counters(ctx.arg(0));
+    add(unsafe { &raw mut (*s).exit_start_runtime_ns }, c.runtime_ns);
+    r.totals = ThreadTotals {
+        cpu_ns: c.runtime_ns,
+        voluntary: c.nvcsw,
+        involuntary: c.nivcsw,
+        migrations: c.migrations,
+    };
+    emit(&r, s);
     Ok(())
 }
 

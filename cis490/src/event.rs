@@ -73,8 +73,16 @@ pub enum Event<'a> {
         parent_tid: u32,
         comm: String,
     },
-    /// A thread of the target exited.
-    ThreadExited { tid: u32, comm: String },
+    /// A thread of the target exited, with its own counters over its life
+    /// as it exited (before its final switch-out).
+    ThreadExited {
+        tid: u32,
+        comm: String,
+        cpu_ns: u64,
+        ctx_switches_voluntary: u64,
+        ctx_switches_involuntary: u64,
+        migrations: u64,
+    },
     /// A thread of the target called `execve` (`old_tid`: the thread that
     /// called it, when not the leader).
     Exec {
@@ -129,7 +137,14 @@ impl Event<'_> {
                 parent_tid: r.aux,
                 comm,
             },
-            Ok(LifecycleKind::ThreadExit) => Event::ThreadExited { tid: r.tid, comm },
+            Ok(LifecycleKind::ThreadExit) => Event::ThreadExited {
+                tid: r.tid,
+                comm,
+                cpu_ns: r.totals.cpu_ns,
+                ctx_switches_voluntary: r.totals.voluntary,
+                ctx_switches_involuntary: r.totals.involuntary,
+                migrations: r.totals.migrations,
+            },
             Ok(LifecycleKind::Exec) => Event::Exec {
                 tid: r.tid,
                 old_tid: r.aux,

@@ -95,6 +95,14 @@ pub struct EbpfTotals {
     /// own counters at switch-out); only the split of that slice across
     /// buckets is late.
     pub slice_mismatches: u64,
+    /// CPU time the target's exited threads spent from the start of their
+    /// exit (`sched_process_exit`) to their final switch-out, ns. The
+    /// kernel folds a thread into its process's totals (getrusage,
+    /// `/proc/PID/stat`, the process CPU clock) on that way, so eBPF's
+    /// `cpu_ns`, which counts each thread to its final switch-out, is above
+    /// those by less than this.
+    #[serde(default)]
+    pub exit_path_cpu_ns: u64,
     /// Times the task iterator found a CPU's running-slice record being
     /// rewritten (a switch-in on that CPU) while it copied it, and counted
     /// that thread with the kernel's own runtime (current to the last tick)

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use cis490_common::{
-    COMM_LEN, DecodeError, LifecycleKind, LifecycleRecord, RecordKind,
+    COMM_LEN, DecodeError, LifecycleKind, LifecycleRecord, RecordKind, ThreadTotals,
     kvm::{self, ISA_SVM, ISA_VMX, KVM_REASON_SLOTS, OTHER_SLOT, USERSPACE_SLOTS},
     log2_bucket,
     record::record_kind,
@@ -28,6 +28,10 @@ fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
+fn le64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().unwrap())
+}
+
 /// `r` encoded field by field, little-endian (what the decoder expects).
 fn encode(r: &LifecycleRecord) -> [u8; RECORD_LEN] {
     let mut out = [0u8; RECORD_LEN];
@@ -39,6 +43,14 @@ fn encode(r: &LifecycleRecord) -> [u8; RECORD_LEN] {
     out[24..24 + COMM_LEN].copy_from_slice(&r.comm);
     out[24 + COMM_LEN..28 + COMM_LEN].copy_from_slice(&r.slot.to_le_bytes());
     out[28 + COMM_LEN..32 + COMM_LEN].copy_from_slice(&r.reserved.to_le_bytes());
+    let t = &r.totals;
+    for (i, v) in [t.cpu_ns, t.voluntary, t.involuntary, t.migrations]
+        .into_iter()
+        .enumerate()
+    {
+        let at = 32 + COMM_LEN + 8 * i;
+        out[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
     out
 }
 
@@ -113,6 +125,12 @@ pub fn record(data: &[u8]) {
         comm: b[24..24 + COMM_LEN].try_into().unwrap(),
         slot: le32(&b[24 + COMM_LEN..]),
         reserved: le32(&b[28 + COMM_LEN..]),
+        totals: ThreadTotals {
+            cpu_ns: le64(&b[32 + COMM_LEN..]),
+            voluntary: le64(&b[40 + COMM_LEN..]),
+            involuntary: le64(&b[48 + COMM_LEN..]),
+            migrations: le64(&b[56 + COMM_LEN..]),
+        },
     };
     let bytes = encode(&x);
     assert_eq!(memory_bytes(&x), bytes);

@@ -517,3 +517,88 @@ fn threads_the_kernel_creates_for_the_target_are_in_the_events() {
         "the io_uring thread {tid} never exited"
     );
 }
+
+/// A minute of thread churn (8 threads started and joined every 10 ms, each
+/// 100 µs of CPU and one 200 µs sleep: some 48000 threads, most of them
+/// born and gone between two polls of /proc), traced with the default
+/// sources: every source against the process's own totals, and `cis490
+/// check` passing with nothing tolerated. Switches: eBPF's are the
+/// process's getrusage; the /proc oracle's at most those and at least
+/// those less the exited threads' own (their `thread_exited` lines). CPU:
+/// eBPF's at least the process's total at its exit and at most that plus
+/// the exited threads' CPU on their way out (`meta.json`
+/// `ebpf.exit_path_cpu_ns`); the /proc oracle's within a tick per read of
+/// the process's total.
+#[test]
+fn a_minute_of_thread_churn_agrees_with_the_process_totals() {
+    require_root();
+    let dir = scratch("churn");
+    let out_json = dir.join("churn.json");
+    // Under software emulation a thread's start and end take far longer:
+    // 20 s there.
+    let seconds = if software_emulated() { 20 } else { 60 };
+    let out = run_with_timeout(
+        default_trace_cmd(&dir)
+            .arg("--")
+            .arg(bin("cis490-workload"))
+            .args(["churn", "--seconds", &seconds.to_string(), "--out"])
+            .arg(&out_json),
+        Duration::from_secs(seconds + 120),
+    );
+    let ep = Episode::from_output(&out);
+    let truth = report(&out_json);
+    let threads = truth["threads"].as_u64().unwrap();
+    let exits: Vec<_> = ep.events_named("thread_exited").collect();
+    let dropped = ep.meta["ebpf"]["dropped_events"].as_u64().unwrap();
+    eprintln!(
+        "{threads} threads; {} thread_exited lines, {dropped} records dropped",
+        exits.len()
+    );
+    assert!(threads >= 8 * 100 * seconds / 4, "only {threads} threads");
+    assert_eq!(exits.len() as u64 + dropped, threads + 1);
+    assert_switches_match_rusage(&ep, &truth, threads + 1);
+
+    // The /proc oracle: never above the process's switches, and short of
+    // them by at most what the exited threads did.
+    let own = |e: &serde_json::Value| {
+        e["ctx_switches_voluntary"].as_u64().unwrap()
+            + e["ctx_switches_involuntary"].as_u64().unwrap()
+    };
+    let exited_switches: u64 = exits.iter().map(|e| own(e)).sum();
+    let r = |k: &str| truth["rusage_self"][k].as_u64().unwrap();
+    let rusage = r("nvcsw") + r("nivcsw");
+    let proc = ep.sum("proc", "ctx_switches");
+    eprintln!(
+        "switches: getrusage {rusage}, ebpf {}, /proc {proc} (the exited threads' own: \
+         {exited_switches})",
+        ep.sum("ebpf", "ctx_switches")
+    );
+    assert!(
+        proc <= rusage + 5 && proc + exited_switches + 5 >= rusage,
+        "/proc switches {proc}: getrusage {rusage}, the exited threads' own {exited_switches}"
+    );
+
+    // CPU against the process's total at its exit (wait4).
+    let total = ExitUsage::from_meta(&ep).cpu_ns;
+    let ebpf = ep.sum("ebpf", "cpu_ns");
+    let way_out = ep.meta["ebpf"]["exit_path_cpu_ns"].as_u64().unwrap();
+    eprintln!(
+        "cpu: process {total}, ebpf {ebpf} ({:+.0} ns per exited thread; their way out {:.0} ns \
+         each), /proc {}",
+        (ebpf as f64 - total as f64) / threads as f64,
+        way_out as f64 / threads as f64,
+        ep.sum("proc", "cpu_ns")
+    );
+    assert!(
+        ebpf + unseen_before_baseline_ns(total) >= total && ebpf <= total + way_out,
+        "ebpf cpu_ns {ebpf}: the process's {total}, their way out {way_out}"
+    );
+    assert!(way_out > 0);
+    assert_close(
+        "/proc cpu_ns vs the process's total",
+        ep.sum("proc", "cpu_ns") as f64,
+        total as f64,
+        0.02,
+    );
+    assert_check_passes(&ep.dir);
+}

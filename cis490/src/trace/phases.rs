@@ -633,6 +633,9 @@ impl<'a> Run<'a> {
         meta.ebpf.dropped_events = totals.dropped;
         meta.ebpf.map_errors = totals.map_errors + block_map_errors;
         meta.ebpf.slice_mismatches = totals.slice_mismatches;
+        meta.ebpf.exit_path_cpu_ns = totals
+            .dead_runtime_ns
+            .saturating_sub(totals.exit_start_runtime_ns);
         meta.ebpf.torn_slice_reads = torn_slice_reads;
         meta.ebpf.records_received = records.received;
         meta.ebpf.records_undecodable = records.undecodable;

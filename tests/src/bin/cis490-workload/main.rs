@@ -30,6 +30,7 @@ use clap::{Parser, Subcommand};
 
 mod affinity;
 mod burn;
+mod churn;
 mod clock;
 mod cpu;
 mod demo;
@@ -102,6 +103,7 @@ enum Command {
     IoUring(io_uring::IoUringArgs),
     Wakeups(wakeups::WakeupsArgs),
     Spin(spin::SpinArgs),
+    Churn(churn::ChurnArgs),
 }
 
 fn main() {
@@ -132,7 +134,7 @@ fn main() {
         Err(e) => {
             let msg = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 "missing subcommand (cpu, pingpong, exit-after, wait-signal, demo, thread-burst, dio, \
-                 tap, send-frames, kvm, sink, exec, main-exits, storm, wakeburn, faults, io-uring, wakeups or spin)".to_string()
+                 tap, send-frames, kvm, sink, exec, main-exits, storm, wakeburn, faults, io-uring, wakeups, spin or churn)".to_string()
             } else {
                 // clap's first paragraph (the error and any list under it), on one line.
                 let text = e.to_string();
@@ -166,6 +168,7 @@ fn main() {
         Command::IoUring(a) => io_uring::cmd_io_uring(&a),
         Command::Wakeups(a) => wakeups::cmd_wakeups(&a),
         Command::Spin(a) => spin::cmd_spin(&a),
+        Command::Churn(a) => churn::cmd_churn(&a),
     };
     let result = result.and_then(|()| match &exit_stamp {
         Some(path) => report::write_exit_stamp(path),
