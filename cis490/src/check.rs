@@ -239,6 +239,71 @@ impl Exited {
     }
 }
 
+/// QMP's block bytes against eBPF's, where they are the same I/O: every
+/// guest disk (as `query-block` listed them when the QMP source connected,
+/// `meta.json` `qmp.disks`) a raw image QEMU opened with O_DIRECT
+/// (`cache=none`). Each direction holds the bound that must hold there: the
+/// host never writes more than the guest asked (it may write less: a
+/// guest's write-zeroes can be served without writing data) and never reads
+/// less (it also reads QEMU's own files). 1% or 1 MiB.
+fn qmp_against_the_host(
+    r: &mut Report,
+    meta: &Meta,
+    by_source: &BTreeMap<String, Scan>,
+    lone: &BTreeMap<(&str, &str), Vec<u64>>,
+) {
+    let (Some(q), Some(e)) = (by_source.get("qmp"), by_source.get("ebpf")) else {
+        return;
+    };
+    let disks: Vec<&Value> = meta
+        .qmp
+        .as_ref()
+        .and_then(|m| m.get("disks"))
+        .and_then(Value::as_array)
+        .map(|d| d.iter().collect())
+        .unwrap_or_default();
+    let unlike: Vec<String> = disks
+        .iter()
+        .filter(|d| !(d["driver"] == "raw" && d["direct"] == true))
+        .map(|d| format!("{} ({}, direct {})", d["name"], d["driver"], d["direct"]))
+        .collect();
+    if disks.is_empty() || !unlike.is_empty() {
+        r.check(
+            true,
+            if disks.is_empty() {
+                "blk_*: qmp not held to ebpf (the guest's disks are not known)".to_owned()
+            } else {
+                format!(
+                    "blk_*: qmp not held to ebpf (not a raw image opened with O_DIRECT: {})",
+                    unlike.join(", ")
+                )
+            },
+        );
+        return;
+    }
+    for (field, host_at_most) in [("blk_write_bytes", true), ("blk_read_bytes", false)] {
+        let Some(ti) = TOLERANCES.iter().position(|t| t.field == field) else {
+            continue;
+        };
+        let Some((guest, host, both)) = common_totals(("qmp", q), ("ebpf", e), ti, lone) else {
+            continue;
+        };
+        let allowed = allowed(guest, host, 0.01, 1 << 20);
+        let (ok, bound) = if host_at_most {
+            (host <= guest.saturating_add(allowed), "at most")
+        } else {
+            (host.saturating_add(allowed) >= guest, "at least")
+        };
+        r.check(
+            ok,
+            format!(
+                "{field}: ebpf {host} vs qmp {guest} over {both} buckets (the host {bound} the \
+                 guest's, allowed {allowed}: raw images opened with O_DIRECT)"
+            ),
+        );
+    }
+}
+
 /// How far two sources may be apart on a total: a relative share plus an
 /// absolute floor (one clock tick, a few switches per thread, a request).
 struct Tolerance {
@@ -645,6 +710,7 @@ pub fn check(dir: &Path) -> Result<Report> {
             }
         }
     }
+    qmp_against_the_host(&mut r, &meta, &by_source, &lone);
     // Each tap's counters: eBPF against /proc (the tap's own counters).
     // Sent: eBPF counts what the host received from the target. Received:
     // eBPF counts what the host queued to the tap, the tap's counters what
@@ -1141,6 +1207,72 @@ mod tests {
                     "{:?}",
                     r.passed
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn qmp_block_bytes_are_held_to_the_hosts_for_raw_images_opened_with_o_direct() {
+        use SourceKind::{Ebpf, Qmp};
+        let direct = serde_json::json!([{"name": "virtio0", "driver": "raw", "direct": true}]);
+        let qcow2 = serde_json::json!([{"name": "virtio0", "driver": "qcow2", "direct": true},
+            {"name": "virtio1", "driver": "raw", "direct": true}]);
+        const MIB: u64 = 1 << 20;
+        for (field, disks, ebpf, qmp, pass) in [
+            // The host wrote what the guest asked, 4 KiB more.
+            (
+                "blk_write_bytes",
+                Some(&direct),
+                40 * MIB + 4096,
+                40 * MIB,
+                true,
+            ),
+            // QMP's writes zeroed: the host wrote 4 MiB the guest never asked for.
+            ("blk_write_bytes", Some(&direct), 4 * MIB, 0, false),
+            // The host wrote less (write-zeroes served without data): allowed.
+            ("blk_write_bytes", Some(&direct), 20 * MIB, 40 * MIB, true),
+            // Reads: the host also reads QEMU's own files ...
+            ("blk_read_bytes", Some(&direct), 50 * MIB, 40 * MIB, true),
+            // ... but never less than the guest read.
+            ("blk_read_bytes", Some(&direct), 30 * MIB, 40 * MIB, false),
+            // Not a raw image opened with O_DIRECT, or not known: not held.
+            ("blk_write_bytes", Some(&qcow2), 4 * MIB, 0, true),
+            ("blk_write_bytes", None, 4 * MIB, 0, true),
+        ] {
+            let base = tempfile::tempdir().unwrap();
+            let dir = base.path().join("01QMP");
+            fs::create_dir(&dir).unwrap();
+            write_sources(&dir, field, &[(Ebpf, ebpf), (Qmp, qmp)], None);
+            let mut meta: Value =
+                serde_json::from_slice(&fs::read(dir.join(META)).unwrap()).unwrap();
+            if let Some(d) = disks {
+                meta["qmp"] = serde_json::json!({"disks": d});
+            }
+            fs::write(dir.join(META), meta.to_string()).unwrap();
+            let r = check(&dir).unwrap();
+            assert_eq!(
+                r.problems.is_empty(),
+                pass,
+                "{field} ebpf {ebpf} qmp {qmp} {disks:?}: {:?} {:?}",
+                r.problems,
+                r.passed
+            );
+            let said = r
+                .passed
+                .iter()
+                .chain(&r.problems)
+                .find(|l| l.contains(" vs qmp ") || l.contains("qmp not held"));
+            let said = said.map(String::as_str).unwrap_or("");
+            match disks {
+                Some(d) if d == &direct => assert!(
+                    said.starts_with(&format!("{field}: ebpf {ebpf} vs qmp {qmp} over 1 buckets")),
+                    "{said}"
+                ),
+                Some(_) => assert!(
+                    said.contains("not held to ebpf (not a raw image opened with O_DIRECT: \"virtio0\" (\"qcow2\""),
+                    "{said}"
+                ),
+                None => assert!(said.contains("the guest's disks are not known"), "{said}"),
             }
         }
     }

@@ -307,6 +307,11 @@ pub fn qmp_stream(data: &[u8]) {
                     blk_prev = Some(cur);
                 }
                 let _ = qmp_source::sum_kvm_exits(value);
+                // `query-block`: every disk it lists had a medium and a name.
+                if let Ok(disks) = qmp_source::parse_block(value) {
+                    assert!(disks.iter().all(|d| !d.name.is_empty()));
+                    let _ = serde_json::to_string(&disks).unwrap();
+                }
             }
             Message::Event(e) => {
                 let _ = e.t_wall_ns();

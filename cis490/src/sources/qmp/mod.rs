@@ -72,6 +72,24 @@ pub struct QmpInfo {
     /// QMP events dropped (oldest first) because more than 4096 arrived
     /// between two buckets; they are missing from events.jsonl.
     pub dropped_events: u64,
+    /// The guest's disks as `query-block` described them when the source
+    /// connected (those with a medium); empty when that failed.
+    pub disks: Vec<QmpDisk>,
+    /// "ok", or why `disks` is empty.
+    pub disks_note: String,
+}
+
+/// One guest disk, as `query-block` describes it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct QmpDisk {
+    /// Its name in `blk_by_dev` (`device`, else `qdev`, else `node-name`).
+    pub name: String,
+    /// The image's format driver (`raw`, `qcow2`, ...).
+    pub driver: String,
+    /// `cache.direct`: QEMU opened the image with O_DIRECT (`cache=none`
+    /// or `directsync`), so the guest's I/O is QEMU's block I/O on the
+    /// host, not the host's page cache.
+    pub direct: bool,
 }
 
 /// Events kept for [`QmpSource::take_events`] at most (the oldest are
@@ -109,6 +127,7 @@ pub struct QmpSource {
     saw_shutdown: bool,
     events: Vec<QmpEvent>,
     dropped_events: u64,
+    disks: Result<Vec<QmpDisk>, String>,
 }
 
 impl QmpSource {
@@ -156,7 +175,9 @@ impl QmpSource {
             saw_shutdown: false,
             events: Vec::new(),
             dropped_events: 0,
+            disks: Err("not asked".into()),
         };
+        s.query_disks(deadline).await;
         // The baseline: a sample whose deltas are all None (no previous).
         let _ = s.sample_until(deadline).await;
         Ok(s)
@@ -189,6 +210,35 @@ impl QmpSource {
             closed: self.closed,
             dropped_events: self.dropped_events
                 + self.client.as_ref().map_or(0, |c| c.dropped_events()),
+            disks: self.disks.clone().unwrap_or_default(),
+            disks_note: match &self.disks {
+                Ok(_) => "ok".into(),
+                Err(why) => why.clone(),
+            },
+        }
+    }
+
+    /// Asks once, at connect time, how the guest's disks are opened (for
+    /// `cis490 check`, which holds QMP's block bytes to the host's only for
+    /// raw images opened with O_DIRECT). A failure is said in
+    /// `QmpInfo::disks_note`, not counted: the rows do not depend on it.
+    async fn query_disks(&mut self, deadline: Instant) {
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        self.disks = match client.execute_until("query-block", None, deadline).await {
+            Ok(v) => parse_block(&v).map_err(|e| format!("unexpected query-block reply: {e}")),
+            Err(QmpError::Command { class, desc }) => {
+                Err(format!("query-block failed: {class}: {desc}"))
+            }
+            Err(QmpError::Closed) => {
+                self.close();
+                Err("QEMU closed the socket".into())
+            }
+            Err(e) => Err(format!("query-block: {e}")),
+        };
+        if let Err(why) = &self.disks {
+            log::info!("QMP: the guest's disks are not known: {why}");
         }
     }
 
@@ -445,6 +495,45 @@ pub(crate) fn parse_blockstats(v: &Value) -> Result<BTreeMap<String, BlkCounters
     Ok(out)
 }
 
+/// The disks with a medium in a `query-block` reply, named as
+/// [`parse_blockstats`] names them.
+pub(crate) fn parse_block(v: &Value) -> Result<Vec<QmpDisk>, String> {
+    let list = v.as_array().ok_or("not a list")?;
+    let mut out = Vec::new();
+    for (i, dev) in list.iter().enumerate() {
+        let Some(inserted) = dev.get("inserted") else {
+            // No medium: no guest I/O.
+            continue;
+        };
+        let name = [
+            dev.get("device"),
+            dev.get("qdev"),
+            inserted.get("node-name"),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|s| !s.is_empty())
+        .map_or_else(|| format!("#{i}"), str::to_owned);
+        let driver = inserted
+            .get("drv")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("disk {name} has no string 'drv'"))?
+            .to_owned();
+        let direct = inserted
+            .get("cache")
+            .and_then(|c| c.get("direct"))
+            .and_then(Value::as_bool)
+            .ok_or_else(|| format!("disk {name} has no boolean 'cache.direct'"))?;
+        out.push(QmpDisk {
+            name,
+            driver,
+            direct,
+        });
+    }
+    Ok(out)
+}
+
 /// Growth per disk; a new disk, or one whose counters went backwards (a new
 /// device under the same name), counts from zero.
 pub(crate) fn blk_delta(
@@ -661,8 +750,64 @@ mod tests {
             }
             Some("query-stats") => vec![ret(req, "[]")],
             Some("query-kvm") => vec![ret(req, r#"{"enabled": false, "present": true}"#)],
+            Some("query-block") => {
+                // One line, as QEMU sends it.
+                let line = serde_json::from_str::<Value>(QUERY_BLOCK)
+                    .unwrap()
+                    .to_string();
+                vec![ret(req, &line)]
+            }
             _ => vec![err(req, "CommandNotFound", "unknown")],
         })
+    }
+
+    /// QEMU 7.2's `query-block` (abridged) for a `-drive if=virtio,
+    /// cache=none,format=raw` disk, a `-blockdev` + `-device` qcow2 disk
+    /// with the default cache, and an empty CD drive.
+    const QUERY_BLOCK: &str = r##"[
+        {"device": "virtio0", "qdev": "/machine/peripheral-anon/device[0]/virtio-backend",
+         "locked": false, "removable": false, "type": "unknown",
+         "inserted": {"node-name": "#block123", "drv": "raw", "ro": false, "file": "/tmp/d.img",
+                      "cache": {"writeback": true, "direct": true, "no-flush": false}}},
+        {"device": "", "qdev": "/machine/peripheral/disk1/virtio-backend",
+         "locked": false, "removable": false, "type": "unknown",
+         "inserted": {"node-name": "disk1", "drv": "qcow2", "ro": false, "file": "/tmp/e.qcow2",
+                      "cache": {"writeback": true, "direct": false, "no-flush": false}}},
+        {"device": "ide1-cd0", "qdev": "/machine/unattached/device[23]", "locked": false,
+         "removable": true, "type": "unknown", "tray_open": false}
+    ]"##;
+
+    #[test]
+    fn query_block_names_each_disk_with_its_format_and_cache() {
+        let v: Value = serde_json::from_str(QUERY_BLOCK).unwrap();
+        assert_eq!(
+            parse_block(&v).unwrap(),
+            vec![
+                QmpDisk {
+                    name: "virtio0".into(),
+                    driver: "raw".into(),
+                    direct: true
+                },
+                QmpDisk {
+                    name: "/machine/peripheral/disk1/virtio-backend".into(),
+                    driver: "qcow2".into(),
+                    direct: false
+                },
+            ]
+        );
+        assert_eq!(parse_block(&json!([])).unwrap(), vec![]);
+        assert!(parse_block(&json!({})).unwrap_err().contains("not a list"));
+        let no_cache = json!([{"device": "virtio0", "inserted": {"drv": "raw"}}]);
+        assert_eq!(
+            parse_block(&no_cache).unwrap_err(),
+            "disk virtio0 has no boolean 'cache.direct'"
+        );
+        let no_drv =
+            json!([{"device": "", "inserted": {"node-name": "n1", "cache": {"direct": true}}}]);
+        assert_eq!(
+            parse_block(&no_drv).unwrap_err(),
+            "disk n1 has no string 'drv'"
+        );
     }
 
     #[tokio::test]
@@ -696,6 +841,7 @@ mod tests {
         let info = s.info();
         assert_eq!(info.qemu_version.as_deref(), Some("7.2.22 (Fake 1)"));
         assert_eq!(info.blockstats, "ok");
+        assert_eq!((info.disks.len(), info.disks_note.as_str()), (2, "ok"));
         assert!(
             info.vcpu_stats.contains("TCG") && info.vcpu_stats.contains("0 entries"),
             "{}",
