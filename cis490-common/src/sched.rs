@@ -27,6 +27,7 @@ crate::names! {
         RUNQ_MAX,
         LIVE,
         RUNNABLE_SINCE,
+        EXITING,
     }
 }
 
@@ -41,6 +42,7 @@ crate::names! {
         SCHED_PROCESS_EXIT = "sched_process_exit",
         SCHED_PROCESS_EXEC = "sched_process_exec",
         TASK_RENAME = "task_rename",
+        SCHED_PROCESS_FREE = "sched_process_free",
         SCHED_ITER = "sched_iter",
     }
 }
@@ -70,6 +72,8 @@ crate::names! {
         TASK_EXEC_START_OFFSET,
         RQ_CLOCK_TASK_OFFSET,
         RUN_DELAY_SOURCE,
+        SKIP_FINAL_SWITCH_OF_TID_MULTIPLES,
+        COUNTING,
     }
 }
 
@@ -122,6 +126,10 @@ pub struct SchedStats {
     /// the CPU time exited threads spent on their way out, from the start
     /// of their exit to their final switch-out.
     pub exit_start_runtime_ns: u64,
+    /// Exited target threads whose final switch-out the probe never saw,
+    /// found when the kernel freed them (`sched_process_free`) and counted
+    /// then from their final counters (in `dead_*` and `exits_accounted`).
+    pub final_switch_repairs: u64,
     /// Target threads whose final switch-out was counted (`dead_*`): the
     /// loader's last row waits until this reaches `exits_started`.
     pub exits_accounted: u64,
@@ -161,6 +169,7 @@ impl SchedStats {
         dead_io_write_bytes: 0,
         exits_started: 0,
         exit_start_runtime_ns: 0,
+        final_switch_repairs: 0,
         exits_accounted: 0,
         wakeups: 0,
         runq_delay_ns: 0,
@@ -189,6 +198,9 @@ impl SchedStats {
             .exit_start_runtime_ns
             .wrapping_add(other.exit_start_runtime_ns);
         self.exits_accounted = self.exits_accounted.wrapping_add(other.exits_accounted);
+        self.final_switch_repairs = self
+            .final_switch_repairs
+            .wrapping_add(other.final_switch_repairs);
         self.wakeups = self.wakeups.wrapping_add(other.wakeups);
         self.runq_delay_ns = self.runq_delay_ns.wrapping_add(other.runq_delay_ns);
         self.runq_delay_count = self.runq_delay_count.wrapping_add(other.runq_delay_count);
@@ -360,7 +372,7 @@ pub struct MaxSlot {
     pub max_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SchedStats>() == (18 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<SchedStats>() == (19 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<LiveCounters>() == 12 * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 8 * 8);

@@ -14,6 +14,7 @@
 //! are streamed.
 
 use aya_ebpf::{
+    Global,
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
     macros::{btf_tracepoint, map},
@@ -64,6 +65,24 @@ pub static LIVE: Array<LiveCounters> = Array::with_max_entries(1, 0);
 /// Only on kernels whose `sched_info` cannot give single delays.
 #[map]
 pub static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+/// Target threads that began to exit and whose final switch-out has not
+/// been counted yet, by `struct task_struct *` (unique until the task is
+/// freed, which comes after its final switch-out), with their slot.
+#[map]
+pub static EXITING: HashMap<u64, u32> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+/// Fault injection for the tests only (0 otherwise): the final switch-out
+/// of a thread whose id is a multiple of this is left uncounted, as if the
+/// probe had not seen it, so that its repair at `sched_process_free` runs.
+#[unsafe(no_mangle)]
+static SKIP_FINAL_SWITCH_OF_TID_MULTIPLES: Global<u32> = Global::new(0);
+
+/// 1 when the counting probes (`sched_switch`, `sched_process_free`) are
+/// attached, set by the loader: else nothing would take a thread out of
+/// `EXITING` again.
+#[unsafe(no_mangle)]
+static COUNTING: Global<u32> = Global::new(0);
 
 type Res = Result<(), i32>;
 /// How often (at most) a CPU's slice record pairs the clock with its run
@@ -122,7 +141,11 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         }
         let prev_state: u64 = ctx.arg(3);
         if prev_state as u32 & TASK_DEAD != 0 {
-            account_dead(s, prev, prev_tid != prev_tgid);
+            let skip = SKIP_FINAL_SWITCH_OF_TID_MULTIPLES.load();
+            if skip == 0 || !prev_tid.is_multiple_of(skip) {
+                let _ = EXITING.remove(prev as u64);
+                account_dead(s, prev, prev_tid != prev_tgid, bump);
+            }
         }
         if !delays_from_sched_info() {
             runnable_since_on_switch_out(ctx, s, prev_tid, prev_state as u32);
@@ -190,26 +213,53 @@ fn compiler_barrier() {
 /// thread, and the process's switches are counted as the kernel counts
 /// them. (A leader's own counters are added when its process is reaped,
 /// after its final switch: that one stays.)
+///
+/// `plus` adds to a counter: a plain add where nothing can run nested
+/// (`sched_switch`, interrupts off), an atomic one elsewhere.
 #[inline(always)]
-fn account_dead(s: *mut SchedStats, prev: *const u8, folded_before: bool) {
+fn account_dead(s: *mut SchedStats, prev: *const u8, folded_before: bool, plus: fn(*mut u64, u64)) {
     let c = task_counters(prev);
-    bump(unsafe { &raw mut (*s).dead_runtime_ns }, c.runtime_ns);
+    plus(unsafe { &raw mut (*s).dead_runtime_ns }, c.runtime_ns);
     let nvcsw = if folded_before {
         c.nvcsw.saturating_sub(1)
     } else {
         c.nvcsw
     };
-    bump(unsafe { &raw mut (*s).dead_nvcsw }, nvcsw);
-    bump(unsafe { &raw mut (*s).dead_nivcsw }, c.nivcsw);
-    bump(unsafe { &raw mut (*s).dead_migrations }, c.migrations);
-    bump(unsafe { &raw mut (*s).dead_run_delay_ns }, c.run_delay_ns);
-    bump(unsafe { &raw mut (*s).dead_min_flt }, c.min_flt);
-    bump(unsafe { &raw mut (*s).dead_maj_flt }, c.maj_flt);
-    bump(
+    plus(unsafe { &raw mut (*s).dead_nvcsw }, nvcsw);
+    plus(unsafe { &raw mut (*s).dead_nivcsw }, c.nivcsw);
+    plus(unsafe { &raw mut (*s).dead_migrations }, c.migrations);
+    plus(unsafe { &raw mut (*s).dead_run_delay_ns }, c.run_delay_ns);
+    plus(unsafe { &raw mut (*s).dead_min_flt }, c.min_flt);
+    plus(unsafe { &raw mut (*s).dead_maj_flt }, c.maj_flt);
+    plus(
         unsafe { &raw mut (*s).dead_io_write_bytes },
         c.io_write_bytes,
     );
-    bump(unsafe { &raw mut (*s).exits_accounted }, 1);
+    plus(unsafe { &raw mut (*s).exits_accounted }, 1);
+}
+
+/// `sched_process_free(struct task_struct *p)`: the kernel frees a task,
+/// an RCU grace period after both its release and its final switch-out.
+/// A target thread still in `EXITING` then began to exit but its final
+/// switch-out was never counted (the probe did not run for it): its
+/// counters, final now, are counted here, and the repair is counted.
+#[btf_tracepoint(function = "sched_process_free")]
+pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_free(&ctx);
+    0
+}
+
+fn try_free(ctx: &BtfTracePointContext) -> Res {
+    let p: *const u8 = ctx.arg(0);
+    // SAFETY: a copy of the value, read at once.
+    let Some(slot) = (unsafe { EXITING.get(p as u64) }).copied() else {
+        return Ok(());
+    };
+    let _ = EXITING.remove(p as u64);
+    let s = stats(slot)?;
+    account_dead(s, p, task_tid(p) != task_tgid(p), add);
+    add(unsafe { &raw mut (*s).final_switch_repairs }, 1);
+    Ok(())
 }
 
 #[inline(always)]
@@ -494,7 +544,11 @@ fn try_exit(ctx: &BtfTracePointContext) -> Res {
     // The exiting thread itself (`p` is current): its counters as its
     // process's totals will hold them (folded in after this, before its
     // final switch-out).
-    let c = task_counters(ctx.arg(0));
+    let task: *const u8 = ctx.arg(0);
+    if COUNTING.load() != 0 && EXITING.insert(task as u64, slot, BPF_ANY as u64).is_err() {
+        add(unsafe { &raw mut (*s).map_errors }, 1);
+    }
+    let c = task_counters(task);
     add(unsafe { &raw mut (*s).exit_start_runtime_ns }, c.runtime_ns);
     r.totals = ThreadTotals {
         cpu_ns: c.runtime_ns,

@@ -103,6 +103,11 @@ pub struct EbpfTotals {
     /// those by less than this.
     #[serde(default)]
     pub exit_path_cpu_ns: u64,
+    /// Exited target threads whose final switch-out the probe never saw:
+    /// counted when the kernel freed them, from their final counters.
+    /// Should stay 0.
+    #[serde(default)]
+    pub final_switch_repairs: u64,
     /// Times the task iterator found a CPU's running-slice record being
     /// rewritten (a switch-in on that CPU) while it copied it, and counted
     /// that thread with the kernel's own runtime (current to the last tick)

@@ -201,15 +201,31 @@ impl Plan {
     fn globals(&self) -> Vec<(&'static str, u32)> {
         let mut g = vec![
             (sched_names::RUN_DELAY_SOURCE, self.sched.run_delay as u32),
+            (sched_names::COUNTING, self.sched.counters as u32),
             (
                 block_names::BLOCK_LEGACY,
                 matches!(self.block, Ok(block::BlockPath::Rq)) as u32,
             ),
         ];
         g.extend(kvm::globals(&self.kvm));
+        let skip = std::env::var(SKIP_FINAL_SWITCH_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
+        if skip > 0 {
+            log::warn!(
+                "{SKIP_FINAL_SWITCH_ENV}={skip}: for tests only, the final switch-out of every \
+                 target thread whose id is a multiple of {skip} is left to the repair at its free"
+            );
+        }
+        g.push((sched_names::SKIP_FINAL_SWITCH_OF_TID_MULTIPLES, skip));
         g
     }
 }
+
+/// Fault injection for the tests (docs/reliability.md): a thread id
+/// multiple N whose final switch-outs the probe leaves uncounted.
+pub const SKIP_FINAL_SWITCH_ENV: &str = "CIS490_TEST_SKIP_FINAL_SWITCH_OF_TID_MULTIPLES";
 
 /// The loaded object and what became of each probe and family.
 pub struct Probes {

@@ -75,6 +75,12 @@ pub const PROBES: &[ProbeSpec] = &[
         kind: TpBtf,
         required: false,
     },
+    ProbeSpec {
+        program: prog::SCHED_PROCESS_FREE,
+        tracepoint: "sched_process_free",
+        kind: TpBtf,
+        required: false,
+    },
 ];
 
 /// The task iterator that reads the live threads' counters at every bucket
@@ -281,7 +287,7 @@ pub struct Attached {
 /// The probes that count (on every switch and wakeup of the machine); the
 /// others carry the thread lifecycle to `events.jsonl`.
 fn counts(spec: &ProbeSpec) -> bool {
-    spec.program == prog::SCHED_SWITCH || is_wakeup(spec)
+    [prog::SCHED_SWITCH, prog::SCHED_PROCESS_FREE].contains(&spec.program) || is_wakeup(spec)
 }
 
 fn is_wakeup(spec: &ProbeSpec) -> bool {

@@ -12,7 +12,8 @@ use serde::Serialize;
 use crate::clock::{Rusage, clock_ns, process_cpu_ns, rusage, sleep_until};
 use crate::report::write_json_atomic;
 
-/// Thread churn: every --every-ms, start --batch threads and join them, for --seconds.
+/// Thread churn: every --every-ms, start --batch threads and join them, for --seconds (then
+/// --linger-ms idle).
 ///
 /// Each thread spins --spin-us of its own CPU clock, sleeps --sleep-us (one voluntary switch)
 /// and exits; most live less than a poll of /proc, so a poller misses them. Report:
@@ -36,6 +37,10 @@ pub struct ChurnArgs {
     /// Each thread's sleep, in µs.
     #[arg(long, value_name = "US", default_value_t = 200)]
     sleep_us: u64,
+    /// After the last batch, sleep this long before the report (every
+    /// thread gone, the process idle).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    linger_ms: u64,
     /// Where to write the JSON report.
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
@@ -74,6 +79,7 @@ pub fn cmd_churn(a: &ChurnArgs) -> Result<()> {
         next += Duration::from_millis(a.every_ms);
         sleep_until(next);
     }
+    thread::sleep(Duration::from_millis(a.linger_ms));
     let report = Report {
         kind: "churn",
         pid: std::process::id(),
