@@ -68,9 +68,10 @@ pub static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THR
 
 /// Target threads that began to exit and whose final switch-out has not
 /// been counted yet, by `struct task_struct *` (unique until the task is
-/// freed, which comes after its final switch-out), with their slot.
+/// freed, which comes after its final switch-out), with their process's
+/// id and slot (`tgid << 32 | slot`).
 #[map]
-pub static EXITING: HashMap<u64, u32> = HashMap::with_max_entries(MAX_THREADS, 0);
+pub static EXITING: HashMap<u64, u64> = HashMap::with_max_entries(MAX_THREADS, 0);
 
 /// Fault injection for the tests only (0 otherwise): the final switch-out
 /// of a thread whose id is a multiple of this is left uncounted, as if the
@@ -252,10 +253,16 @@ pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
 fn try_free(ctx: &BtfTracePointContext) -> Res {
     let p: *const u8 = ctx.arg(0);
     // SAFETY: a copy of the value, read at once.
-    let Some(slot) = (unsafe { EXITING.get(p as u64) }).copied() else {
+    let Some(entry) = (unsafe { EXITING.get(p as u64) }).copied() else {
         return Ok(());
     };
     let _ = EXITING.remove(p as u64);
+    // The slot must still trace that process (a server may have ended the
+    // episode and given the slot to another since).
+    let (tgid, slot) = ((entry >> 32) as u32, entry as u32);
+    if target_slot(tgid) != Some(slot) {
+        return Ok(());
+    }
     let s = stats(slot)?;
     account_dead(s, p, task_tid(p) != task_tgid(p), add);
     add(unsafe { &raw mut (*s).final_switch_repairs }, 1);
@@ -545,7 +552,8 @@ fn try_exit(ctx: &BtfTracePointContext) -> Res {
     // process's totals will hold them (folded in after this, before its
     // final switch-out).
     let task: *const u8 = ctx.arg(0);
-    if COUNTING.load() != 0 && EXITING.insert(task as u64, slot, BPF_ANY as u64).is_err() {
+    let entry = (tgid as u64) << 32 | slot as u64;
+    if COUNTING.load() != 0 && EXITING.insert(task as u64, entry, BPF_ANY as u64).is_err() {
         add(unsafe { &raw mut (*s).map_errors }, 1);
     }
     let c = task_counters(task);
