@@ -114,7 +114,8 @@ fn ring_buffer_overflow_is_counted_and_rows_stay_exact() {
 /// second, then the process lingers 11 s, so every exited thread is freed
 /// before the last row: the kernel frees a task from an RCU callback, and
 /// lazy RCU (`rcutree.enable_rcu_lazy`, on here) may hold one back up to
-/// 10 s (with 2 s, 3 of 80 were freed after the end in one run of seven).
+/// 10 s (with 2 s, 3 of 80 were not repaired by the end in one run of
+/// seven; a late free is the likely cause, not shown).
 /// Repairs: exactly the exited threads with even ids other than the main
 /// one; switches and CPU as exact as without the miss. Without it: no
 /// repair.
