@@ -573,9 +573,17 @@ fn a_minute_of_thread_churn_agrees_with_the_process_totals() {
          {exited_switches})",
         ep.sum("ebpf", "ctx_switches")
     );
+    // The exited threads' own are read as each begins to exit; switches
+    // later in its exit path, before the kernel folds it into the process's
+    // totals (waits for the address space's lock as 8 threads exit at once,
+    // preemptions), are in getrusage only. Natively the margin is wide;
+    // under software emulation /proc fell short by 764 more than the
+    // exited threads' own of 35871 (2.1%) once: 5% allowed there.
+    let slack = if software_emulated() { rusage / 20 } else { 5 };
     assert!(
-        proc <= rusage + 5 && proc + exited_switches + 5 >= rusage,
-        "/proc switches {proc}: getrusage {rusage}, the exited threads' own {exited_switches}"
+        proc <= rusage + 5 && proc + exited_switches + slack >= rusage,
+        "/proc switches {proc}: getrusage {rusage}, the exited threads' own {exited_switches} \
+         (+ {slack})"
     );
 
     // CPU against the process's total at its exit (wait4).
