@@ -962,6 +962,7 @@ mod tests {
     fn threads_churning_while_opening_are_counted_once() {
         let mut w = Workload::spawn("churn");
         let pid = w.pid();
+        let steal0 = crate::meta::machine_steal_ns();
         let before = process_cpu_ns(pid);
         let mut src = PerfSource::new(pid).unwrap();
         let after = process_cpu_ns(pid);
@@ -986,10 +987,17 @@ mod tests {
         // the more the busier the machine (90 at a load average of 11).
         // Allowed: 2%, plus 200 us per exited thread below. What this test
         // is for is the upper bound: a thread counted twice.
+        // Above, task-clock may also count the machine's steal time since
+        // the start, as assert_task_clock explains (CI's clean run: perf
+        // 190.7 ms against 155.5 ms of process CPU clock).
+        let steal = crate::meta::machine_steal_ns()
+            .zip(steal0)
+            .map_or(0, |(now, before)| now.saturating_sub(before));
         let floor = lo as f64 * 0.98 - exited as f64 * 200e3;
+        let ceiling = hi as f64 * 1.02 + steal as f64;
         assert!(
-            perf as f64 >= floor && perf as f64 <= hi as f64 * 1.02,
-            "perf {perf} outside the process CPU clock's {lo}..{hi} (2%, and 200 us per exited thread below)"
+            perf as f64 >= floor && perf as f64 <= ceiling,
+            "perf {perf} outside the process CPU clock's {lo}..{hi} (2%, and 200 us per exited thread below, {steal} ns of the machine's steal above)"
         );
     }
 
