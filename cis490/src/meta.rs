@@ -326,16 +326,60 @@ impl TracerUsage {
         unsafe { libc::getrusage(who, &mut ru) };
         let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
         Self {
-            max_rss_kib: ru.ru_maxrss as u64,
+            max_rss_kib: own_peak_rss_kib().unwrap_or(ru.ru_maxrss as u64),
             cpu_user_ns: ns(ru.ru_utime),
             cpu_sys_ns: ns(ru.ru_stime),
         }
     }
 }
 
+/// This process's own peak resident memory, KiB: `VmHWM` in
+/// `/proc/self/status`, the high-water mark of the memory it has now.
+/// Not `getrusage`'s `ru_maxrss`: at `execve` the kernel carries the old
+/// memory's high-water mark into it, and a process started by `vfork` or
+/// `posix_spawn` (Rust's `Command`, Python's `subprocess`) execs from its
+/// parent's memory, so `ru_maxrss` is at least the parent's peak (a test
+/// harness at 73 MiB made a 50 MiB tracer report 73).
+pub fn own_peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm(&status)
+}
+
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peak_rss_is_read_from_vm_hwm() {
+        let status =
+            "Name:\tcis490\nVmPeak:\t  300000 kB\nVmHWM:\t   51234 kB\nVmRSS:\t   40000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(51234));
+        assert_eq!(parse_vm_hwm("VmRSS:\t 1 kB\n"), None);
+        assert_eq!(parse_vm_hwm("VmHWM:\t lots kB\n"), None);
+        // This process's, live: at least what it holds now.
+        let now: u64 = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(own_peak_rss_kib().unwrap() >= now);
+    }
 
     /// meta.json is written and read as one type: what the tracer writes
     /// reads back to the same document.

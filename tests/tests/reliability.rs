@@ -743,3 +743,47 @@ fn episode_ids_are_never_reused() {
     assert_eq!(fs::read(old.join("meta.json")).unwrap(), b"{\"old\": true}");
     assert_eq!(fs::read_dir(&old).unwrap().count(), 1);
 }
+
+/// `meta.json`'s `tracer.max_rss_kib` is the tracer's own peak memory, not
+/// its parent's. A program started by `vfork`/`posix_spawn` (Rust's
+/// `Command`, Python's `subprocess`) or `fork` execs from its parent's
+/// memory, and `getrusage`'s `ru_maxrss` keeps that memory's high-water
+/// mark across `execve`: started from this test holding 192 MiB, a tracer
+/// reported by `ru_maxrss` would say at least 192 MiB. Truth: the tracer's
+/// own `VmHWM` read from outside while it runs (a lower bound), and its
+/// resident memory on its own, well under 128 MiB (about 50 here).
+#[test]
+fn the_tracers_peak_memory_is_its_own_not_its_parents() {
+    require_root();
+    let dir = scratch("own-rss");
+    let mut ballast = vec![0u8; 192 << 20];
+    for i in (0..ballast.len()).step_by(4096) {
+        ballast[i] = 1;
+    }
+    std::hint::black_box(&ballast);
+    let trace = start_trace(&dir, &["--", "sleep", "3"]);
+    drop(ballast);
+    std::thread::sleep(Duration::from_millis(1500));
+    let vm_hwm = |pid: u32| -> u64 {
+        fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let seen = vm_hwm(trace.id());
+    let out = wait_output(trace, T);
+    assert!(out.status.success(), "{out:?}");
+    let ep = Episode::from_output(&out);
+    let reported = ep.meta["tracer"]["max_rss_kib"].as_u64().unwrap();
+    eprintln!("tracer peak RSS: {reported} KiB reported, {seen} KiB seen from outside mid-run");
+    assert!(
+        reported >= seen,
+        "reported {reported} KiB, below the {seen} KiB seen while it ran"
+    );
+    assert!(
+        reported < 128 * 1024,
+        "reported {reported} KiB: the parent's 192 MiB, not the tracer's own"
+    );
+}
