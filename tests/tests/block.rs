@@ -555,3 +555,212 @@ fn a_childs_io_folded_in_at_reaping_is_kept_out_of_the_proc_rows() {
     assert!(ei < 65536 && pi < 65536, "ebpf {ei}, /proc {pi}");
     assert_check_passes(&ep.dir);
 }
+
+/// A loop device of the test's own over a sparse file, detached when
+/// dropped: a whole block device nothing else writes, so its
+/// `/sys/block/loopN/stat` counts the target's requests alone.
+struct LoopDev {
+    dev: std::fs::File,
+    path: String,
+    sys: std::path::PathBuf,
+}
+
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+
+impl LoopDev {
+    fn new(backing: &std::path::Path, bytes: u64) -> LoopDev {
+        use std::os::fd::AsRawFd;
+        let rw = |p: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(backing)
+            .unwrap();
+        file.set_len(bytes).unwrap();
+        let ctl = rw("/dev/loop-control").expect("open /dev/loop-control");
+        for _ in 0..20 {
+            // SAFETY: LOOP_CTL_GET_FREE takes no argument.
+            let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+            assert!(n >= 0, "LOOP_CTL_GET_FREE: {}", std::io::Error::last_os_error());
+            let path = format!("/dev/loop{n}");
+            let Ok(dev) = rw(&path) else {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            // SAFETY: LOOP_SET_FD takes the backing file's fd.
+            if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD, file.as_raw_fd()) } == 0 {
+                let sys = std::path::PathBuf::from(format!("/sys/block/loop{n}"));
+                return LoopDev { dev, path, sys };
+            }
+            // Taken meanwhile (EBUSY): ask again.
+        }
+        panic!("no free loop device");
+    }
+
+    /// `/sys/block/loopN/stat`, every field.
+    fn stat(&self) -> Vec<u64> {
+        std::fs::read_to_string(self.sys.join("stat"))
+            .unwrap()
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect()
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: LOOP_CLR_FD takes no argument.
+        unsafe { libc::ioctl(self.dev.as_raw_fd(), LOOP_CLR_FD, 0) };
+    }
+}
+
+/// Requests the I/O scheduler merges, and requests the block probes do not
+/// count (flushes, discards) between those they do, at the same request
+/// addresses: four threads write 16 MiB of a loop device of the test's own
+/// in interleaved 4 KiB pieces (neighbours in flight at once, for
+/// mq-deadline to merge), each with an fdatasync every 64 pieces, while a
+/// fifth discards 16 MiB beside them 256 KiB at a time, over and over; then
+/// 4 MiB are read back. Nothing else writes that device, so its own
+/// `/sys/block/loopN/stat` is the truth for every request: the target's
+/// written bytes and write requests exactly, its read bytes exactly (the
+/// workload's own count), and no flush or discard in either. Before the
+/// fix, a request merged into another stayed in the probes' request table,
+/// and a flush or discard that later took its address was counted as that
+/// request (`block_rq_merge` now drops it; a request that is not a read or
+/// write drops any entry at its address).
+fn merges_flushes_and_discards(block_probes: &str, expected_path: &str) {
+    require_root();
+    let dir = scratch(&format!("blkdev-{block_probes}"));
+    let lo = LoopDev::new(&dir.join("disk.img"), 40 * MIB);
+    let set = std::fs::write(lo.sys.join("queue/scheduler"), "mq-deadline");
+    let sched = std::fs::read_to_string(lo.sys.join("queue/scheduler")).unwrap();
+    assert!(
+        set.is_ok() && sched.contains("[mq-deadline]"),
+        "{}: cannot select mq-deadline ({set:?}): {sched}",
+        lo.path
+    );
+    let discard_max: u64 = std::fs::read_to_string(lo.sys.join("queue/discard_max_bytes"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let discard_mb = if discard_max > 0 { "16" } else { "0" };
+    let out = dir.join("blkdev.json");
+    let mut wl = Command::new(bin("cis490-workload"))
+        .args(["blkdev", "--device", &lo.path, "--threads", "4"])
+        .args(["--write-mb", "16", "--chunk-kb", "4", "--fsync-every", "64"])
+        .args(["--discard-mb", discard_mb, "--discard-kb", "256", "--read-mb", "4"])
+        .arg("--wait-signal")
+        .arg("--out")
+        .arg(&out)
+        .spawn()
+        .unwrap();
+    wait_for_file(&out.with_extension("json.ready"), T);
+    let pid = wl.id() as i32;
+    let before = lo.stat();
+    let trace = start_trace(
+        &dir,
+        &[
+            "--target-pid",
+            &pid.to_string(),
+            "--block-probes",
+            block_probes,
+        ],
+    );
+    kill(pid, libc::SIGUSR1);
+    assert!(wl.wait().unwrap().success());
+    let ep = Episode::from_output(&wait_output(trace, T));
+    let after = lo.stat();
+    drop(lo);
+    let d = |i: usize| after[i] - before[i];
+    let truth = report(&out);
+    assert_eq!(family(&ep, "block")["path"], expected_path);
+    let t = |k: &str| truth[k].as_u64().unwrap();
+    let (ew, wo, er, ro) = (
+        ep.sum("ebpf", "blk_write_bytes"),
+        ep.sum("ebpf", "blk_write_ops"),
+        ep.sum("ebpf", "blk_read_bytes"),
+        ep.sum("ebpf", "blk_read_ops"),
+    );
+    let merged = &ep.meta["ebpf"]["block_requests_merged"];
+    let missed = ep.meta["ebpf"]["block_missed_completions"]
+        .as_u64()
+        .unwrap();
+    eprintln!(
+        "{block_probes}: the workload: {truth}\n\
+         the device: {} writes ({} merged), {} B written; {} reads ({} merged), {} B read; \
+         {} discards, {} B; {} flushes\n\
+         ebpf: {wo} writes, {ew} B; {ro} reads, {er} B; {merged} merged away; \
+         {missed} missed completions",
+        d(4),
+        d(5),
+        d(6) * 512,
+        d(0),
+        d(1),
+        d(2) * 512,
+        d(11),
+        d(13) * 512,
+        d(15)
+    );
+    assert_eq!(t("write_bytes"), 16 * MIB);
+    assert_eq!(d(6) * 512, t("write_bytes"), "the device's own count");
+    assert_eq!(ew, t("write_bytes"), "blk_write_bytes");
+    assert_eq!(wo, d(4), "blk_write_ops against the device's writes");
+    assert_eq!(er, t("read_bytes"), "blk_read_bytes");
+    assert!(
+        ro <= d(0) && er <= d(2) * 512,
+        "reads: {ro} requests, {er} B, against the device's {} and {} B",
+        d(0),
+        d(2) * 512
+    );
+    assert!(t("fsyncs") > 0 && d(15) > 0, "no flush: {truth}");
+    if discard_max > 0 {
+        assert!(t("discards") >= 64 && d(11) > 0, "no discard: {truth}");
+    }
+    let hist: u64 = ep
+        .rows("ebpf")
+        .iter()
+        .flat_map(|row| {
+            row["blk_latency_hist_log2"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+        })
+        .sum();
+    assert!(
+        missed <= 2 && hist + missed == wo + ro,
+        "{hist} latencies for {} requests, {missed} missed completions",
+        wo + ro
+    );
+    assert!(
+        merged.as_u64().is_some_and(|m| m <= d(1) + d(5)),
+        "{merged} merged away, more than the device's {} merges",
+        d(1) + d(5)
+    );
+    assert_check_passes(&ep.dir);
+}
+
+#[test]
+fn merges_flushes_and_discards_through_block_io_start_and_done() {
+    if !kernel_has_tracepoint("block_io_start") {
+        eprintln!("this kernel has no block_io_start: the block_rq test covers it");
+        return;
+    }
+    merges_flushes_and_discards("io", "block_io");
+}
+
+#[test]
+fn merges_flushes_and_discards_through_the_older_block_rq_tracepoints() {
+    merges_flushes_and_discards("rq", "block_rq");
+}

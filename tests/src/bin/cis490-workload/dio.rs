@@ -104,13 +104,13 @@ fn parse_block_kb(s: &str) -> Result<u64, String> {
 }
 
 /// A zero-initialised heap buffer whose address is a multiple of `align` (for O_DIRECT).
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: NonNull<u8>,
     layout: Layout,
 }
 
 impl AlignedBuf {
-    fn new(len: usize, align: usize) -> Result<Self> {
+    pub(crate) fn new(len: usize, align: usize) -> Result<Self> {
         let layout = Layout::from_size_align(len.max(1), align)
             .with_context(|| format!("bad buffer layout ({len} bytes, align {align})"))?;
         // SAFETY: `layout` has a non-zero size (at least 1 byte, see above).
@@ -120,13 +120,13 @@ impl AlignedBuf {
         Ok(AlignedBuf { ptr, layout })
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` points to `layout.size()` initialised (zeroed) bytes owned by `self`,
         // borrowed immutably for as long as `self` is.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and `&mut self` makes this the only borrow.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
     }

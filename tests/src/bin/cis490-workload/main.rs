@@ -29,6 +29,7 @@ use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 
 mod affinity;
+mod blkdev;
 mod burn;
 mod churn;
 mod clock;
@@ -91,6 +92,7 @@ enum Command {
     Demo(demo::DemoArgs),
     ThreadBurst(thread_burst::ThreadBurstArgs),
     Dio(dio::DioArgs),
+    Blkdev(blkdev::BlkdevArgs),
     Tap(tap::TapArgs),
     SendFrames(send_frames::SendFramesArgs),
     Kvm(kvm::KvmArgs),
@@ -134,7 +136,7 @@ fn main() {
         Err(e) => {
             let msg = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 "missing subcommand (cpu, pingpong, exit-after, wait-signal, demo, thread-burst, dio, \
-                 tap, send-frames, kvm, sink, exec, main-exits, storm, wakeburn, faults, io-uring, wakeups, spin or churn)".to_string()
+                 blkdev, tap, send-frames, kvm, sink, exec, main-exits, storm, wakeburn, faults, io-uring, wakeups, spin or churn)".to_string()
             } else {
                 // clap's first paragraph (the error and any list under it), on one line.
                 let text = e.to_string();
@@ -156,6 +158,7 @@ fn main() {
         Command::Demo(a) => demo::cmd_demo(&a),
         Command::ThreadBurst(a) => thread_burst::cmd_thread_burst(&a),
         Command::Dio(a) => dio::cmd_dio(&a),
+        Command::Blkdev(a) => blkdev::cmd_blkdev(&a),
         Command::Tap(a) => tap::cmd_tap(&a),
         Command::SendFrames(a) => send_frames::cmd_send_frames(&a),
         Command::Kvm(a) => kvm::cmd_kvm(&a),
