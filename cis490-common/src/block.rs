@@ -23,6 +23,7 @@ crate::names! {
         BLOCK_RQ_ISSUE = "block_rq_issue",
         BLOCK_RQ_COMPLETE = "block_rq_complete",
         BLOCK_IO_DONE = "block_io_done",
+        BLOCK_RQ_MERGE = "block_rq_merge",
     }
 }
 
@@ -60,6 +61,10 @@ pub struct BlockStats {
     /// tracing ended, and accounted then with the bytes they were issued
     /// with.
     pub missed_completions: u64,
+    /// The target's requests merged into another request in the I/O
+    /// scheduler after they were attributed (`block_rq_merge`): their bytes
+    /// complete with that request, counted as it is.
+    pub merged: u64,
     /// log2 histogram of latencies (bucket `i`: `[2^i, 2^(i+1))` ns).
     pub latency_hist: [u64; HIST_BUCKETS],
 }
@@ -74,6 +79,7 @@ impl BlockStats {
         latency_count: 0,
         map_errors: 0,
         missed_completions: 0,
+        merged: 0,
         latency_hist: [0; HIST_BUCKETS],
     };
 
@@ -89,6 +95,7 @@ impl BlockStats {
         self.missed_completions = self
             .missed_completions
             .wrapping_add(other.missed_completions);
+        self.merged = self.merged.wrapping_add(other.merged);
         for (a, b) in self.latency_hist.iter_mut().zip(other.latency_hist.iter()) {
             *a = a.wrapping_add(*b);
         }
@@ -130,7 +137,7 @@ pub const REQ_OP_MASK: u32 = 0xff;
 pub const REQ_OP_READ: u32 = 0;
 pub const REQ_OP_WRITE: u32 = 1;
 
-const _: () = assert!(core::mem::size_of::<BlockStats>() == (8 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<BlockStats>() == (9 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<ReqStart>() == 48);
 
 #[cfg(feature = "user")]

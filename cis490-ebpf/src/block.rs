@@ -15,8 +15,12 @@
 //! `block_bio_queue` and is the first bio of its request; it takes its
 //! parent's mark (the parent, the rest, goes on as a bio already queued).
 //! Completion runs in interrupt context, where the current task is
-//! anyone: it only looks the request up. A request or bio address that a
-//! non-target reuses drops any stale entry or mark.
+//! anyone: it only looks the request up. A request merged into another in
+//! the I/O scheduler (`block_rq_merge`) goes away unissued: its entry is
+//! dropped (its bytes complete with the request it joined, counted as that
+//! one is). A request or bio address that a non-target reuses, or a request
+//! that is not a read or write (a flush, a discard), drops any stale entry
+//! or mark.
 
 use aya_ebpf::{
     Global,
@@ -92,10 +96,17 @@ fn block_stats(slot: u32) -> Result<*mut BlockStats, i32> {
 fn start(ctx: &BtfTracePointContext, legacy: bool, by_current: bool) -> Res {
     let rq: u64 = ctx.arg(0);
     let bio: u64 = field(rq as *const u8, &REQ_BIO_OFFSET)?;
-    if let Some(r) = REQS.get_ptr(rq) {
-        let r = unsafe { &*r };
+    if let Some(r) = REQS.get_ptr_mut(rq) {
+        let r = unsafe { &mut *r };
         if legacy && r.bio == bio {
             // The same request again (inserted, then issued; requeued).
+            return Ok(());
+        }
+        if legacy && r.issued != 0 && r.done_bytes > 0 && r.done_bytes < r.issued_bytes {
+            // Issued again after a part of it completed (a driver requeues
+            // the rest of a short transfer): the same request, its first
+            // bio now the next one.
+            r.bio = bio;
             return Ok(());
         }
         // A new request at the address of one that was issued: that one
@@ -116,7 +127,13 @@ fn start(ctx: &BtfTracePointContext, legacy: bool, by_current: bool) -> Res {
     };
     let flags: u32 = field(rq as *const u8, &REQ_CMD_FLAGS_OFFSET)?;
     let op = flags & REQ_OP_MASK;
-    if op != REQ_OP_READ && op != REQ_OP_WRITE {
+    let len: u32 = field(rq as *const u8, &REQ_DATA_LEN_OFFSET)?;
+    if (op != REQ_OP_READ && op != REQ_OP_WRITE) || len == 0 {
+        // Not counted: a flush, a discard, or the empty write that carries
+        // an fsync's flush (it is never issued itself; the older path never
+        // sees it). Nor is a stale entry at its address, which would
+        // otherwise be counted with this request's issue and completion.
+        let _ = REQS.remove(rq);
         return Ok(());
     }
     let start = ReqStart {
@@ -212,7 +229,9 @@ fn try_issue(ctx: &BtfTracePointContext) -> Res {
                 (*r).ts_ns = bpf_ktime_get_ns();
                 (*r).issued = 1;
             }
-            (*r).issued_bytes = len as u64;
+            // What is left of it (less, issued again after a part
+            // completed) on top of what completed.
+            (*r).issued_bytes = (*r).done_bytes + len as u64;
         }
     }
     Ok(())
@@ -246,8 +265,35 @@ fn try_complete(ctx: &BtfTracePointContext) -> Res {
         }
     }
     if BLOCK_LEGACY.load() != 0 {
-        finish(s, rq, r);
+        // Over when this part is its last: `__data_len` is what was left
+        // before this part (the kernel takes the part off after the
+        // tracepoint; a whole completion, or an error's, is all of it).
+        let left: u32 = field(rq as *const u8, &REQ_DATA_LEN_OFFSET)?;
+        if nr_bytes & 0xffff_ffff >= left as u64 {
+            finish(s, rq, r);
+        }
     }
+    Ok(())
+}
+
+/// `block_rq_merge(struct request *rq)` (5.11+): `rq` was merged into
+/// another request in the I/O scheduler and goes away unissued; its bytes
+/// complete with that request, counted as that one is. Its entry goes (else
+/// it would wait for its address to be taken again), and is counted.
+#[btf_tracepoint(function = "block_rq_merge")]
+pub fn block_rq_merge(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_merge(&ctx);
+    0
+}
+
+fn try_merge(ctx: &BtfTracePointContext) -> Res {
+    let rq: u64 = ctx.arg(0);
+    let Some(r) = REQS.get_ptr(rq) else {
+        return Ok(());
+    };
+    let slot = unsafe { (*r).slot };
+    let _ = REQS.remove(rq);
+    add(unsafe { &raw mut (*block_stats(slot)?).merged }, 1);
     Ok(())
 }
 

@@ -119,6 +119,11 @@ pub struct EbpfTotals {
     /// bytes were accounted when found (their address reused, the reader's
     /// scan of requests in flight over 2 s, or the end).
     pub block_missed_completions: u64,
+    /// The target's block requests merged into another request in the I/O
+    /// scheduler after they were attributed (`block_rq_merge`): their bytes
+    /// complete with the request they joined and count as that one does.
+    #[serde(default)]
+    pub block_requests_merged: u64,
     /// Per loaded program: runs the kernel skipped during the episode
     /// because the program would have run nested on its own CPU (the
     /// program's `recursion_misses`; a server's programs are shared, so

@@ -80,6 +80,7 @@ pub const OFFSETS: &[OffsetSpec] = &[
 
 pub(super) const IO: &[ProbeSpec] = &[
     ProbeSpec::tp_btf(prog::BLOCK_IO_START),
+    ProbeSpec::tp_btf(prog::BLOCK_RQ_MERGE),
     ProbeSpec::tp_btf(prog::BLOCK_RQ_ISSUE),
     ProbeSpec::tp_btf(prog::BLOCK_RQ_COMPLETE),
     ProbeSpec::tp_btf(prog::BLOCK_IO_DONE),
@@ -88,9 +89,18 @@ pub(super) const RQ: &[ProbeSpec] = &[
     ProbeSpec::tp_btf(prog::BLOCK_BIO_QUEUE),
     ProbeSpec::tp_btf(prog::BLOCK_SPLIT),
     ProbeSpec::tp_btf(prog::BLOCK_RQ_INSERT),
+    ProbeSpec::tp_btf(prog::BLOCK_RQ_MERGE),
     ProbeSpec::tp_btf(prog::BLOCK_RQ_ISSUE),
     ProbeSpec::tp_btf(prog::BLOCK_RQ_COMPLETE),
 ];
+
+/// Every program of both paths, once.
+fn every_probe() -> impl Iterator<Item = &'static ProbeSpec> {
+    IO.iter().chain(
+        RQ.iter()
+            .filter(|s| !IO.iter().any(|i| i.program == s.program)),
+    )
+}
 
 fn probes(path: BlockPath) -> &'static [ProbeSpec] {
     match path {
@@ -120,14 +130,10 @@ pub fn attach(
     a: &mut Attacher<'_>,
     plan: &Result<BlockPath, String>,
 ) -> (FamilyStatus, Option<BlockPath>) {
-    let all = IO
-        .iter()
-        .chain(RQ)
-        .filter(|s| s.program != prog::BLOCK_RQ_ISSUE && s.program != prog::BLOCK_RQ_COMPLETE);
     let path = match plan {
         Ok(p) => *p,
         Err(why) => {
-            for s in all.chain(&IO[1..3]) {
+            for s in every_probe() {
                 a.skip(FAMILY, s, why);
             }
             return (FamilyStatus::off(FAMILY, why), None);
@@ -139,7 +145,7 @@ pub fn attach(
             failed = Some(format!("{} did not attach", s.program));
         }
     }
-    for s in all.filter(|s| !probes(path).iter().any(|p| p.program == s.program)) {
+    for s in every_probe().filter(|s| !probes(path).iter().any(|p| p.program == s.program)) {
         a.skip(FAMILY, s, &format!("path {} taken", path.name()));
     }
     let active = failed.is_none();
@@ -196,6 +202,10 @@ impl BlockReader {
 
     pub fn missed_completions(&self) -> u64 {
         self.prev.missed_completions
+    }
+
+    pub fn merged(&self) -> u64 {
+        self.prev.merged
     }
 
     /// Accounts requests still in the kernel map that were issued but never

@@ -148,6 +148,11 @@ impl EbpfSource {
         self.block.as_ref().map_or(0, |b| b.missed_completions())
     }
 
+    /// The target's block requests merged into others, so far.
+    pub fn block_requests_merged(&self) -> u64 {
+        self.block.as_ref().map_or(0, |b| b.merged())
+    }
+
     /// Before the last row: waits for an exited target's last final
     /// switch-outs, and accounts what the kernel will not report any more
     /// (block requests whose completion was never delivered).

@@ -580,6 +580,7 @@ impl<'a> Run<'a> {
         }
         let block_map_errors = sources.ebpf.block_map_errors();
         meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();
+        meta.ebpf.block_requests_merged = sources.ebpf.block_requests_merged();
         meta.ebpf.recursion_misses = probes
             .probes()
             .recursion_misses()

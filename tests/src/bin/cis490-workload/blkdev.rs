@@ -101,7 +101,11 @@ pub fn cmd_blkdev(a: &BlkdevArgs) -> Result<()> {
         fsyncs: u64,
     }
     if a.read_mb > a.write_mb {
-        bail!("--read-mb {} is more than --write-mb {}", a.read_mb, a.write_mb);
+        bail!(
+            "--read-mb {} is more than --write-mb {}",
+            a.read_mb,
+            a.write_mb
+        );
     }
     let dev = Arc::new(
         std::fs::OpenOptions::new()
