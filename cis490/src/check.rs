@@ -666,17 +666,24 @@ pub fn check(dir: &Path) -> Result<Report> {
                     String::new()
                 };
                 let mut allowed = allowed(x, y, t.relative, t.absolute);
+                // The named source's total and the other's, if it is one
+                // of the two.
+                let side = |name: &str| match name {
+                    _ if name == a.as_str() => Some((x, y)),
+                    _ if name == b.as_str() => Some((y, x)),
+                    _ => None,
+                };
+                let above = |name: &str| side(name).is_some_and(|(s, o)| s > o);
+                let below = |name: &str| side(name).is_some_and(|(s, o)| s < o);
                 // perf's task-clock keeps counting while the hypervisor
                 // steals the CPU; the scheduler's runtime does not.
-                let perf_above = (a.as_str() == "perf" && x > y) || (b.as_str() == "perf" && y > x);
-                if t.field == "cpu_ns" && perf_above {
+                if t.field == "cpu_ns" && above("perf") {
                     allowed = allowed.saturating_add(meta.host_steal_ns.unwrap_or(0));
                 }
                 // eBPF counts each exited thread to its final switch-out;
                 // the process's totals stop where the kernel folded the
                 // thread into them, on its way out.
-                let ebpf_above = (a.as_str() == "ebpf" && x > y) || (b.as_str() == "ebpf" && y > x);
-                let tail = if t.field == "cpu_ns" && ebpf_above {
+                let tail = if t.field == "cpu_ns" && above("ebpf") {
                     meta.ebpf.exit_path_cpu_ns
                 } else {
                     0
@@ -684,9 +691,8 @@ pub fn check(dir: &Path) -> Result<Report> {
                 allowed = allowed.saturating_add(tail);
                 // The /proc oracle's blind spot: what a thread did after
                 // its last poll, up to its exit.
-                let proc_below = (a.as_str() == "proc" && x < y) || (b.as_str() == "proc" && y < x);
                 let blind = match exited.blind_spot(t.field) {
-                    Some(n) if proc_below && n > 0 => n,
+                    Some(n) if below("proc") && n > 0 => n,
                     _ => 0,
                 };
                 allowed = allowed.saturating_add(blind);

@@ -174,6 +174,20 @@ pub fn restore_on_signal() {
     }
 }
 
+/// This process's own peak resident memory, KiB (`VmHWM`): what the
+/// kernel carries into a child's `ru_maxrss` across `execve`.
+pub fn own_peak_rss_kib() -> Option<u64> {
+    fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// How a child process ended and what it used (`wait4`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Usage {

@@ -300,6 +300,7 @@ pub fn render(res: &Results) -> String {
         }
     }
     let _ = writeln!(s);
+    let bench_peak = super::measure::own_peak_rss_kib().map_or("?".to_owned(), mib);
     let _ = writeln!(
         s,
         "*work time*: the workload's own measure of its fixed work (its wall clock from start \
@@ -314,7 +315,10 @@ pub fn render(res: &Results) -> String {
          BPF programs run in the traced tasks' context and are not in it (see the next table). \
          *whole run*: `wait4` user + sys of the tracer process from start to exit (loading and \
          verifying programs, BTF parsing, bpftrace's LLVM compile included). *peak RSS*: \
-         `ru_maxrss`, the maximum over the rounds. *events/s into rows*: for cis490, \
+         `wait4`'s `ru_maxrss`, the maximum over the rounds: an upper bound of the tracer's \
+         own peak, as the kernel carries the peak of the memory a program was started from \
+         (this bench's, {bench_peak} MiB at the report) into it across `execve` (cis490's own \
+         figure is `meta.json` `tracer.max_rss_kib`). *events/s into rows*: for cis490, \
          `meta.json` `ebpf.events` (scheduler tracepoint hits attributed to the target and \
          aggregated in the kernel into the rows' counters; block, network and KVM hits are \
          aggregated too but not counted there) over the work time; for bpftrace, its `@events` \
