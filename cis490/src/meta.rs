@@ -347,13 +347,14 @@ impl TracerUsage {
 /// harness at 73 MiB made a 50 MiB tracer report 73).
 pub fn own_peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    parse_vm_hwm(&status)
+    status_kib(&status, "VmHWM")
 }
 
-fn parse_vm_hwm(status: &str) -> Option<u64> {
+/// A `KEY:  N kB` line of a `/proc/PID/status` text, KiB.
+fn status_kib(status: &str, key: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
         .trim()
         .strip_suffix("kB")?
         .trim()
@@ -369,20 +370,12 @@ mod tests {
     fn peak_rss_is_read_from_vm_hwm() {
         let status =
             "Name:\tcis490\nVmPeak:\t  300000 kB\nVmHWM:\t   51234 kB\nVmRSS:\t   40000 kB\n";
-        assert_eq!(parse_vm_hwm(status), Some(51234));
-        assert_eq!(parse_vm_hwm("VmRSS:\t 1 kB\n"), None);
-        assert_eq!(parse_vm_hwm("VmHWM:\t lots kB\n"), None);
+        assert_eq!(status_kib(status, "VmHWM"), Some(51234));
+        assert_eq!(status_kib("VmRSS:\t 1 kB\n", "VmHWM"), None);
+        assert_eq!(status_kib("VmHWM:\t lots kB\n", "VmHWM"), None);
         // This process's, live: at least what it holds now.
-        let now: u64 = std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .unwrap()
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .unwrap();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let now = status_kib(&status, "VmRSS").unwrap();
         assert!(own_peak_rss_kib().unwrap() >= now);
     }
 

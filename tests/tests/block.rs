@@ -40,6 +40,20 @@ fn disk_sysfs(path: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
+/// The requests in the eBPF rows' latency histograms, all rows.
+fn latencies_counted(ep: &Episode) -> u64 {
+    ep.rows("ebpf")
+        .iter()
+        .flat_map(|row| {
+            row["blk_latency_hist_log2"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+        })
+        .sum()
+}
+
 /// `/sys/block/DEV/stat`: (reads completed, sectors read, writes
 /// completed, sectors written), in the kernel's own count of the device.
 fn disk_stat(disk: &std::path::Path) -> [u64; 4] {
@@ -233,17 +247,7 @@ fn direct_io(block_probes: &str, expected_path: &str) {
     // Usually none; seen here natively: 2 of 98 requests in one run of
     // about six (the block_io path, with the neighbour's I/O beside it).
     // At most 2 allowed: a tracer that missed completions wholesale fails.
-    let hist: u64 = ep
-        .rows("ebpf")
-        .iter()
-        .flat_map(|row| {
-            row["blk_latency_hist_log2"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-        })
-        .sum();
+    let hist = latencies_counted(&ep);
     let missed = ep.meta["ebpf"]["block_missed_completions"]
         .as_u64()
         .unwrap();
@@ -741,17 +745,7 @@ fn merges_flushes_and_discards(block_probes: &str, expected_path: &str) {
     if discard_max > 0 {
         assert!(t("discards") >= 64 && d(11) > 0, "no discard: {truth}");
     }
-    let hist: u64 = ep
-        .rows("ebpf")
-        .iter()
-        .flat_map(|row| {
-            row["blk_latency_hist_log2"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-        })
-        .sum();
+    let hist = latencies_counted(&ep);
     assert!(
         missed <= 2 && hist + missed == wo + ro,
         "{hist} latencies for {} requests, {missed} missed completions",

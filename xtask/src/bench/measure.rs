@@ -174,18 +174,23 @@ pub fn restore_on_signal() {
     }
 }
 
+/// A memory line of `/proc/WHO/status` (`WHO`: a pid, or `self`), KiB:
+/// `VmRSS` (resident now), `VmHWM` (its peak).
+pub fn status_kib(who: &str, key: &str) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{who}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// This process's own peak resident memory, KiB (`VmHWM`): what the
 /// kernel carries into a child's `ru_maxrss` across `execve`.
 pub fn own_peak_rss_kib() -> Option<u64> {
-    fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()
+    status_kib("self", "VmHWM")
 }
 
 /// How a child process ended and what it used (`wait4`).

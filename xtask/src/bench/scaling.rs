@@ -133,14 +133,7 @@ impl Server {
 
     /// Resident memory, KiB.
     fn rss_kib(&self) -> u64 {
-        fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            })
-            .unwrap_or(0)
+        measure::status_kib(&self.pid().to_string(), "VmRSS").unwrap_or(0)
     }
 
     /// The locked kernel memory of the maps it holds, bytes.
