@@ -36,14 +36,16 @@ names! {
         /// The traced thread groups: tgid -> target slot
         /// ([`target`](crate::target)).
         TARGETS,
-        /// The target filter: a bit per tgid modulo [`target::FILTER_BITS`],
-        /// set for every traced tgid (checked before `TARGETS`).
-        TARGET_FILTER,
+        /// The target filter and the count of changes of `TARGETS`
+        /// ([`target::TargetsData`]): a global of the programs, in a data
+        /// section of its own, which the loader opens as a map of one entry.
+        TARGETS_DATA = ".data.targets",
+        /// A count the programs raise each time they mark a slot gone (a
+        /// global in a data section of its own that only the programs
+        /// write; the loader never opens it).
+        GONE_COUNT = ".bss.gone",
         /// Per target slot: 1 once its pid went to a new process.
         TARGET_GONE,
-        /// A count the loader raises after every change of `TARGETS`: a
-        /// slot cached with an older count is looked up again.
-        TARGETS_GEN,
         /// The bucket epoch the loader publishes at each boundary, per
         /// target slot (each episode has its own grid).
         EPOCH,

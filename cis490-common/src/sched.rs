@@ -15,16 +15,15 @@
 //! So the per-switch work is a few loads, and nothing depends on an event
 //! being delivered. What only events give (wakeups, single run-queue delays
 //! for the histogram and the per-bucket maximum) is counted per CPU in
-//! [`SchedStats`]; the per-bucket maximum lives in [`MaxSlot`], tagged with
-//! the bucket epoch the loader publishes.
+//! [`SchedStats`], the per-bucket maximum in its two [`MaxSlot`]s, tagged
+//! with the bucket epoch the loader publishes.
 
 crate::names! {
     /// The scheduler family's maps (`cis490-ebpf/src/sched.rs`). Per target
-    /// slot: `SCHED_STATS`, `LIVE`, and `RUNQ_MAX` (two per slot).
+    /// slot: `SCHED_STATS` and `LIVE`.
     pub mod map {
         SCHED_STATS,
         CPU_SLICE,
-        RUNQ_MAX,
         LIVE,
         RUNNABLE_SINCE,
         EXITING,
@@ -153,6 +152,11 @@ pub struct SchedStats {
     /// of that slice was not counted at boundaries before it (the thread's
     /// counters catch up). Should stay 0.
     pub slice_mismatches: u64,
+    /// The largest single run-queue delay of the bucket on this CPU, ns:
+    /// two, at `epoch & 1`, each valid for its `epoch` only (the loader reads
+    /// the ended bucket's while the programs write the next one's). Here,
+    /// not in a map of their own, so that a switch-in costs one lookup.
+    pub runq_max: [MaxSlot; 2],
     /// log2 histogram of run-queue delays (bucket `i`: `[2^i, 2^(i+1))` ns).
     pub runq_hist: [u64; HIST_BUCKETS],
 }
@@ -178,10 +182,12 @@ impl SchedStats {
         dropped: 0,
         map_errors: 0,
         slice_mismatches: 0,
+        runq_max: [MaxSlot::ZERO; 2],
         runq_hist: [0; HIST_BUCKETS],
     };
 
-    /// Adds `other` into `self` (summing CPUs).
+    /// Adds `other` into `self` (summing CPUs); `runq_max`, a maximum per
+    /// CPU, is left as it was.
     pub fn accumulate(&mut self, other: &Self) {
         self.dead_runtime_ns = self.dead_runtime_ns.wrapping_add(other.dead_runtime_ns);
         self.dead_nvcsw = self.dead_nvcsw.wrapping_add(other.dead_nvcsw);
@@ -363,8 +369,8 @@ impl ThreadCounters {
 }
 
 /// Per-bucket maximum of a latency on one CPU, valid for bucket `epoch` only
-/// (maps `RUNQ_MAX`, `BLOCK_MAX`: two entries per target slot, at
-/// `2 * slot + (epoch & 1)`, `PerCpuArray`).
+/// (two per target slot, at `epoch & 1`: `SchedStats::runq_max`, and map
+/// `BLOCK_MAX` at `2 * slot + (epoch & 1)`, a `PerCpuArray`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaxSlot {
@@ -372,7 +378,14 @@ pub struct MaxSlot {
     pub max_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SchedStats>() == (19 + HIST_BUCKETS) * 8);
+impl MaxSlot {
+    pub const ZERO: Self = Self {
+        epoch: 0,
+        max_ns: 0,
+    };
+}
+
+const _: () = assert!(core::mem::size_of::<SchedStats>() == (19 + 4 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<LiveCounters>() == 12 * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 8 * 8);
@@ -410,8 +423,14 @@ mod tests {
         let mut a = SchedStats::ZERO;
         a.accumulate(&b);
         a.accumulate(&b);
+        // Every word but the per-CPU maxima, which are not sums (the loader
+        // reads them CPU by CPU).
+        let max_words = core::mem::offset_of!(SchedStats, runq_max) / 8
+            ..core::mem::offset_of!(SchedStats, runq_hist) / 8;
+        assert_eq!(max_words.len(), 4);
         for (i, (got, v)) in words(&a).iter().zip(vals).enumerate() {
-            assert_eq!(*got, 2 * v, "word {i} of SchedStats not summed");
+            let want = if max_words.contains(&i) { 0 } else { 2 * v };
+            assert_eq!(*got, want, "word {i} of SchedStats");
         }
         // And by name, the ones the rows need.
         assert_eq!(a.dead_runtime_ns, 2 * b.dead_runtime_ns);

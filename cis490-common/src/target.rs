@@ -4,11 +4,11 @@
 //! array indexed by slot, sized by the loader: 1 for a standalone trace,
 //! `--max-targets` for a server.
 //!
-//! A program finds a task's slot in two steps: the filter (`TARGET_FILTER`,
-//! a bit per tgid modulo [`FILTER_BITS`], an array the kernel inlines)
-//! rejects almost every task of the machine in a few instructions whatever
-//! the number of targets, and only a task whose bit is set is looked up in
-//! `TARGETS` (tgid -> slot).
+//! A program finds a task's slot in two steps: the filter (a bit per tgid
+//! modulo [`FILTER_BITS`] in [`TargetsData`], a global the programs read
+//! with one load, no map lookup) rejects almost every task of the machine
+//! whatever the number of targets, and only a task whose bit is set is
+//! looked up in `TARGETS` (tgid -> slot).
 
 /// Bits of the target filter (a power of two).
 pub const FILTER_BITS: u32 = 65_536;
@@ -21,6 +21,40 @@ pub const fn filter_bit(tgid: u32) -> (u32, u64) {
     let b = tgid & (FILTER_BITS - 1);
     (b / 64, 1u64 << (b % 64))
 }
+
+/// The loader's global of the target filter (the eBPF side's
+/// `TARGETS_DATA`, in its own data section, `map::TARGETS_DATA`): only the
+/// loader writes it, always whole (one map update), so no program write can
+/// be lost to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetsData {
+    /// A count the loader raises after every change of `TARGETS`: a slot
+    /// `sched_switch` cached with an older count is looked up again.
+    pub generation: u64,
+    /// A bit per tgid modulo [`FILTER_BITS`] ([`filter_bit`]), set for every
+    /// traced tgid.
+    pub filter: [u64; FILTER_WORDS as usize],
+}
+
+impl TargetsData {
+    pub const ZERO: Self = Self {
+        generation: 0,
+        filter: [0; FILTER_WORDS as usize],
+    };
+
+    /// Whether `tgid`'s filter bit is set.
+    pub fn may_be(&self, tgid: u32) -> bool {
+        let (word, bit) = filter_bit(tgid);
+        self.filter[word as usize] & bit != 0
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<TargetsData>() == 8 + FILTER_BITS as usize / 8);
+
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)] u64s without padding (asserted above).
+unsafe impl aya::Pod for TargetsData {}
 
 /// The most targets one server traces at once (`cis490 serve
 /// --max-targets`).

@@ -88,14 +88,31 @@ pub fn bump_hist(hist: *mut [u64; HIST_BUCKETS], v: u64) {
 pub fn raise_max(slots: &PerCpuArray<MaxSlot>, target: u32, v: u64) {
     let e = epoch(target);
     if let Some(slot) = slots.get_ptr_mut(2 * target + (e & 1) as u32) {
-        // SAFETY: a map value pointer, valid for this program run.
-        let slot = unsafe { &mut *slot };
-        if slot.epoch != e {
-            slot.epoch = e;
-            slot.max_ns = v;
-        } else if v > slot.max_ns {
-            slot.max_ns = v;
-        }
+        raise(slot, e, v);
+    }
+}
+
+/// [`raise_max`] in a pair of maxima inside a map value (`pair[e & 1]`),
+/// for bucket epoch `e`.
+#[inline(always)]
+pub fn raise_max_in(pair: *mut [MaxSlot; 2], e: u64, v: u64) {
+    // SAFETY: `pair` points into a map value; the index is 0 or 1.
+    raise(
+        unsafe { (pair as *mut MaxSlot).add((e & 1) as usize) },
+        e,
+        v,
+    );
+}
+
+#[inline(always)]
+fn raise(slot: *mut MaxSlot, e: u64, v: u64) {
+    // SAFETY: a map value pointer, valid for this program run.
+    let slot = unsafe { &mut *slot };
+    if slot.epoch != e {
+        slot.epoch = e;
+        slot.max_ns = v;
+    } else if v > slot.max_ns {
+        slot.max_ns = v;
     }
 }
 

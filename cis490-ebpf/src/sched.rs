@@ -22,14 +22,14 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use cis490_common::{
-    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, LiveCounters, MAX_THREADS, MaxSlot,
-    RecordKind, SchedStats, ThreadTotals,
+    COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, LiveCounters, MAX_THREADS, RecordKind,
+    SchedStats, ThreadTotals,
 };
 
 use crate::{
-    maps::{add, bump, bump_hist, emit, raise_max},
+    maps::{add, bump, bump_hist, emit, epoch, raise_max_in},
     target::{
-        TARGET_GONE, arrival_delay, current, delays_from_sched_info, has_exec_start, has_run_delay,
+        arrival_delay, current, delays_from_sched_info, has_exec_start, has_run_delay, mark_gone,
         rq_clock, rq_clocks, target_slot, target_slot_cached, task_counters, task_cpu,
         task_exec_start, task_on_cpu, task_runtime, task_state, task_tgid, task_tid,
     },
@@ -49,11 +49,6 @@ fn stats(slot: u32) -> Result<*mut SchedStats, i32> {
 /// Which target thread runs on each CPU, and since when.
 #[map]
 pub static CPU_SLICE: PerCpuArray<CpuSlice> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-bucket run-queue delay maximum, two per target slot and CPU
-/// (`2 * slot + (epoch & 1)`). Sized by the loader.
-#[map]
-pub static RUNQ_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0);
 
 /// What the task iterator summed over each target's live threads at its
 /// last boundary (zeroed by the loader, written by `sched_iter`, read by
@@ -111,15 +106,16 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
     let slice = CPU_SLICE.get_ptr_mut(0).ok_or(NO_MAP)?;
     // SAFETY: map value pointers from lookups are valid for this program run.
     let slice = unsafe { &mut *slice };
-    // The filter decides almost every switch with two inlined loads; only
-    // a set bit costs the slot lookup (and `TARGET_GONE`'s).
+    // The filter decides almost every switch with two loads; only a set
+    // bit costs a look at this CPU's cached answer, and only a stale one
+    // the slot lookup.
     let prev_slot = target_slot_cached(prev_tgid, slice);
     let next_slot = if next_tgid == prev_tgid {
         prev_slot
     } else {
         target_slot_cached(next_tgid, slice)
     };
-    if prev_slot.is_none() && next_slot.is_none() {
+    if prev_slot == CpuSlice::NO_SLOT && next_slot == CpuSlice::NO_SLOT {
         // Hot path: the switch does not concern a target.
         if slice.state != CpuSlice::OTHER {
             slice.state = CpuSlice::OTHER;
@@ -127,8 +123,15 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         return Ok(());
     }
 
-    if let Some(slot) = prev_slot {
-        let s = stats(slot)?;
+    // This CPU's counters of the previous thread's target, kept for the
+    // next thread's when both are the same target's (one lookup, not two).
+    // (Slots are plain numbers here, `NO_SLOT` for none: an `Option`'s
+    // undefined payload, kept in a register across paths, is a register the
+    // verifier refuses to read.)
+    let mut prev_stats: *mut SchedStats = core::ptr::null_mut();
+    if prev_slot != CpuSlice::NO_SLOT {
+        let s = stats(prev_slot)?;
+        prev_stats = s;
         bump(unsafe { &raw mut (*s).events }, 1);
         // The task iterator may read this record from another CPU
         // meanwhile: closed first, it is never counted as running after the
@@ -155,11 +158,15 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         slice.state = CpuSlice::OTHER;
     }
 
-    if let Some(slot) = next_slot {
-        let s = stats(slot)?;
-        if prev_slot != next_slot {
+    if next_slot != CpuSlice::NO_SLOT {
+        let slot = next_slot;
+        let s = if next_slot == prev_slot && !prev_stats.is_null() {
+            prev_stats
+        } else {
+            let s = stats(slot)?;
             bump(unsafe { &raw mut (*s).events }, 1);
-        }
+            s
+        };
         // Odd while the record is rewritten (see `CpuSlice::seq`); only this
         // CPU writes it, with interrupts off.
         let seq = slice.seq;
@@ -274,8 +281,8 @@ fn record_runq_delay(s: *mut SchedStats, slot: u32, delay: u64) {
     bump(unsafe { &raw mut (*s).runq_delay_ns }, delay);
     bump(unsafe { &raw mut (*s).runq_delay_count }, 1);
     bump_hist(unsafe { &raw mut (*s).runq_hist }, delay);
-    // Only sched_switch (interrupts off) touches RUNQ_MAX: no nesting.
-    raise_max(&RUNQ_MAX, slot, delay);
+    // Only sched_switch (interrupts off) writes the maxima: no nesting.
+    raise_max_in(unsafe { &raw mut (*s).runq_max }, epoch(slot), delay);
 }
 
 /// Without single delays from `sched_info`: a thread that leaves the CPU
@@ -510,10 +517,7 @@ fn try_newtask(ctx: &BtfTracePointContext) -> Res {
         // exited and it was reaped). It is not the target, and nothing with
         // this tgid is from now on. The target existed before the probes
         // (attached to, or forked before them), so this is the only way.
-        if let Some(gone) = TARGET_GONE.get_ptr_mut(slot) {
-            // SAFETY: a map value pointer, valid for this program run.
-            unsafe { *gone = 1 };
-        }
+        mark_gone(slot);
         return Ok(());
     }
     let s = stats(slot)?;

@@ -10,6 +10,8 @@
 //! kernel's BTF, instead of a `bpf_probe_read_kernel` helper call: the
 //! `sched_switch` program runs on every context switch of the machine.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
@@ -19,7 +21,7 @@ use aya_ebpf::{
 use cis490_common::{
     CpuSlice, ThreadCounters,
     sched::RunDelaySource,
-    target::{FILTER_WORDS, filter_bit},
+    target::{TargetsData, filter_bit},
 };
 
 /// The traced thread groups: tgid -> target slot (`cis490_common::target`).
@@ -27,15 +29,23 @@ use cis490_common::{
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(1, 0);
 
-/// The target filter: a bit per tgid modulo `FILTER_BITS`, set by the
-/// loader for every traced tgid.
-#[map]
-pub static TARGET_FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
+/// The target filter (a bit per tgid modulo `FILTER_BITS`, set by the
+/// loader for every traced tgid) and the loader's count of changes of
+/// `TARGETS`. A global, not a map of its own, so that reading it is a load,
+/// not a lookup: the filter runs on every context switch of the machine.
+/// The loader writes it whole, through the map of its data section
+/// (`map::TARGETS_DATA`); no program writes it.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".data.targets")]
+static mut TARGETS_DATA: TargetsData = TargetsData::ZERO;
 
-/// Raised by the loader after every change of `TARGETS` (a cached answer
-/// with an older count is asked again: [`target_slot_cached`]).
-#[map]
-pub static TARGETS_GEN: Array<u64> = Array::with_max_entries(1, 0);
+/// Raised by the new-task probe each time it marks a slot gone, after the
+/// mark: with the loader's count it makes the count a cached answer is
+/// checked against ([`target_slot_cached`]). Only programs write it (the
+/// loader writes its own count whole, which would undo a raise here).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".bss.gone")]
+static mut GONE_COUNT: u64 = 0;
 
 /// Per target slot: set to 1 by the new-task probe when a new process gets
 /// the target's pid: the target is gone and its pid reused. From then on no
@@ -120,30 +130,53 @@ pub fn target_slot(tgid: u32) -> Option<u32> {
 }
 
 /// [`target_slot`] for `sched_switch`, through this CPU's cached answer in
-/// its slice record (see `CpuSlice::cache_tgid`): the `TARGETS` lookup
-/// only when the tgid or the count of changes differs. Only for a program
-/// that runs with interrupts off (nothing else writes the cache meanwhile).
+/// its slice record (see `CpuSlice::cache_tgid`): the `TARGETS` lookup (and
+/// `TARGET_GONE`'s) only when the tgid or the count of changes differs.
+/// Only for a program that runs with interrupts off (nothing else writes
+/// the cache meanwhile). `CpuSlice::NO_SLOT` when `tgid` is not traced.
 #[inline(always)]
-pub fn target_slot_cached(tgid: u32, cache: &mut CpuSlice) -> Option<u32> {
+pub fn target_slot_cached(tgid: u32, cache: &mut CpuSlice) -> u32 {
     if !may_be_target(tgid) {
-        return None;
+        return CpuSlice::NO_SLOT;
     }
-    let generation = TARGETS_GEN.get(0).copied().unwrap_or(0);
-    let slot = if cache.cache_tgid == tgid && cache.cache_gen == generation {
+    let count = changes();
+    if cache.cache_tgid == tgid && cache.cache_gen == count {
         cache.cache_slot
     } else {
         // The count before the lookup: a change after it raises the count
         // again, so the answer is asked again.
-        // SAFETY: a copy of the value, read at once.
-        let slot = unsafe { TARGETS.get(tgid) }
-            .copied()
-            .unwrap_or(CpuSlice::NO_SLOT);
+        let slot = target_slot(tgid).unwrap_or(CpuSlice::NO_SLOT);
         cache.cache_tgid = tgid;
         cache.cache_slot = slot;
-        cache.cache_gen = generation;
+        cache.cache_gen = count;
         slot
-    };
-    (slot != CpuSlice::NO_SLOT && !target_gone(slot)).then_some(slot)
+    }
+}
+
+/// The count of changes a cached answer of [`target_slot_cached`] holds
+/// for: the loader's count plus the gone marks' (both only grow, so the
+/// sum moves whenever either does). The loader's count is read first, then
+/// the marks': the new-task probe raises its count after it marked the slot
+/// gone, so an answer that missed the mark holds an older count (x86 keeps
+/// loads in order, and stores).
+#[inline(always)]
+fn changes() -> u64 {
+    // SAFETY: globals of the programs' data sections (map values), aligned.
+    let loader = unsafe { core::ptr::read_volatile(&raw const TARGETS_DATA.generation) };
+    let gone = unsafe { core::ptr::read_volatile(&raw const GONE_COUNT) };
+    loader.wrapping_add(gone)
+}
+
+/// Marks target slot `slot` gone (its pid went to a new process): the flag
+/// first, then the count every cached answer is checked against.
+#[inline(always)]
+pub fn mark_gone(slot: u32) {
+    if let Some(gone) = TARGET_GONE.get_ptr_mut(slot) {
+        // SAFETY: a map value pointer, valid for this program run.
+        unsafe { core::ptr::write_volatile(gone, 1) };
+        // SAFETY: a global of the programs' data (a map value), aligned.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut GONE_COUNT, 1) };
+    }
 }
 
 /// The target slot of `tgid`, gone or not (the new-task probe marks a slot
@@ -161,7 +194,16 @@ pub fn traced_slot(tgid: u32) -> Option<u32> {
 #[inline(always)]
 pub fn may_be_target(tgid: u32) -> bool {
     let (word, bit) = filter_bit(tgid);
-    TARGET_FILTER.get(word).copied().unwrap_or(0) & bit != 0
+    // SAFETY: `word` < FILTER_WORDS (`filter_bit`); a global of the
+    // programs' data (a map value), aligned.
+    let w = unsafe {
+        core::ptr::read_volatile(
+            (&raw const TARGETS_DATA.filter)
+                .cast::<u64>()
+                .add(word as usize),
+        )
+    };
+    w & bit != 0
 }
 
 /// Whether target slot `slot`'s pid went to a new process (`TARGET_GONE`).

@@ -149,7 +149,6 @@ const PER_TARGET_MAPS: &[(&str, u32)] = &[
     (map::EPOCH, 1),
     (sched_maps::SCHED_STATS, 1),
     (sched_maps::LIVE, 1),
-    (sched_maps::RUNQ_MAX, 2),
     (block_maps::BLOCK_STATS, 1),
     (block_maps::BLOCK_MAX, 2),
     (net_maps::NET_STATS, 1),
@@ -496,7 +495,14 @@ mod tests {
     /// at load time on some kernel.
     #[test]
     fn the_objects_names_are_the_declared_ones() {
-        let maps = symbols(|s| s == "maps" || s == ".maps");
+        let mut maps = symbols(|s| s == "maps" || s == ".maps");
+        // And the globals that are maps of their own: a data section each.
+        let obj = object::File::parse(EBPF_OBJECT).unwrap();
+        maps.extend(
+            obj.sections()
+                .filter_map(|s| s.name().ok().map(str::to_owned))
+                .filter(|n| n.starts_with(".data.") || n.starts_with(".bss.")),
+        );
         let globals = symbols(|s| s.starts_with(".rodata"));
         let programs = symbols(|s| {
             ["tp_btf", "iter", "tracepoint", "classifier", "tc"]

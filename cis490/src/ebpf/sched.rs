@@ -2,8 +2,8 @@
 //! one the tracer cannot run without.
 //!
 //! Its reader makes the scheduler fields of the eBPF rows from
-//! `SCHED_STATS` (exited threads, events), the task iterator's `LIVE`
-//! (threads alive at the boundary) and `RUNQ_MAX`.
+//! `SCHED_STATS` (exited threads, events, the per-bucket maxima) and the
+//! task iterator's `LIVE` (threads alive at the boundary).
 
 use std::os::fd::{AsFd as _, OwnedFd};
 
@@ -13,12 +13,12 @@ use aya::{
     maps::{Array, MapData, PerCpuArray},
 };
 use cis490_common::{
-    LiveCounters, MaxSlot, SchedStats, map as common_map,
+    LiveCounters, SchedStats, map as common_map,
     sched::{RunDelaySource, global, map, prog},
 };
 
 use super::{
-    maps::{hist_delta, max_of, open, read_percpu},
+    maps::{hist_delta, open, read_percpu},
     spec::{
         Attacher, FamilyStatus, KernelFacts, OffsetSpec,
         ProbeKind::{Iter, TpBtf},
@@ -442,7 +442,6 @@ pub struct SchedReader {
     stats: PerCpuArray<MapData, SchedStats>,
     live: Array<MapData, LiveCounters>,
     iter_link: OwnedFd,
-    runq_max: PerCpuArray<MapData, MaxSlot>,
     /// Whether the kernel keeps `sched_info.run_delay` per thread.
     run_delay: bool,
     prev: Option<Totals>,
@@ -481,7 +480,6 @@ impl SchedReader {
             stats: open(ebpf, map::SCHED_STATS)?,
             live: open(ebpf, map::LIVE)?,
             iter_link,
-            runq_max: open(ebpf, map::RUNQ_MAX)?,
             run_delay: run_delay != RunDelaySource::WakeupMarks,
             prev: None,
             gone: open(ebpf, common_map::TARGET_GONE)?,
@@ -579,6 +577,21 @@ impl SchedReader {
         self.live.get(&self.slot, 0).context(map::LIVE)
     }
 
+    /// The largest single run-queue delay of bucket epoch `ended` on any
+    /// CPU.
+    fn runq_max(&self, ended: u64) -> Result<Option<u64>> {
+        let i = (ended & 1) as usize;
+        Ok(self
+            .stats
+            .get(&self.slot, 0)
+            .context(map::SCHED_STATS)?
+            .iter()
+            .map(|s| s.runq_max[i])
+            .filter(|m| m.epoch == ended)
+            .map(|m| m.max_ns)
+            .max())
+    }
+
     /// Cumulative event counters so far (for meta.json and progress).
     pub fn totals(&self) -> &SchedStats {
         static ZERO: SchedStats = SchedStats::ZERO;
@@ -626,7 +639,7 @@ impl SchedReader {
     pub fn sample(&mut self, ended: u64, m: &mut Measures) -> Result<()> {
         let cur = self.read()?;
         self.torn += cur.torn;
-        let max = max_of(&self.runq_max, self.slot, ended).context(map::RUNQ_MAX)?;
+        let max = self.runq_max(ended)?;
         let Some(prev) = self.prev else {
             // The baseline.
             self.prev = Some(cur);

@@ -1,6 +1,7 @@
 //! The traced thread groups and their slots in the per-target maps
 //! (`cis490_common::target`): the loader's side of `TARGETS`, the target
-//! filter, `TARGET_GONE` and `EPOCH`. A standalone trace has one slot; a
+//! filter and its count of changes (`TARGETS_DATA`), `TARGET_GONE` and
+//! `EPOCH`. A standalone trace has one slot; a
 //! server as many as `--max-targets`, each given to an episode and taken
 //! back when it ends.
 
@@ -9,7 +10,12 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
 };
-use cis490_common::{ReqStart, block::map as block_map, map, target::filter_bit};
+use cis490_common::{
+    ReqStart,
+    block::map as block_map,
+    map,
+    target::{TargetsData, filter_bit},
+};
 
 use super::maps::open;
 
@@ -26,10 +32,12 @@ impl Slot {
 /// The table of traced thread groups, kept in the kernel's maps.
 pub struct Targets {
     map: HashMap<MapData, u32, u32>,
-    filter: Array<MapData, u64>,
+    /// The programs' global of the filter and the count of changes, and
+    /// what this loader last wrote there (it is the only writer).
+    data: Array<MapData, TargetsData>,
+    written: Box<TargetsData>,
     gone: Array<MapData, u32>,
     epoch: Array<MapData, u64>,
-    generation: Array<MapData, u64>,
     /// Block requests in flight and bio marks, each with its slot: a freed
     /// slot's are forgotten before the slot is given again.
     reqs: HashMap<MapData, u64, ReqStart>,
@@ -43,10 +51,10 @@ impl Targets {
     pub fn new(ebpf: &Ebpf, slots: u32) -> Result<Self> {
         Ok(Self {
             map: open(ebpf, map::TARGETS)?,
-            filter: open(ebpf, map::TARGET_FILTER)?,
+            data: open(ebpf, map::TARGETS_DATA)?,
+            written: Box::new(TargetsData::ZERO),
             gone: open(ebpf, map::TARGET_GONE)?,
             epoch: open(ebpf, map::EPOCH)?,
-            generation: open(ebpf, map::TARGETS_GEN)?,
             reqs: open(ebpf, block_map::REQS)?,
             bios: open(ebpf, block_map::BIOS)?,
             tgids: vec![None; slots as usize],
@@ -70,12 +78,13 @@ impl Targets {
         self.gone.set(slot, 0, 0).context(map::TARGET_GONE)?;
         self.epoch.set(slot, 0, 0).context(map::EPOCH)?;
         self.map.insert(tgid, slot, 0).context(map::TARGETS)?;
-        self.changed()?;
+        // The count first, then the bit, in two writes (one copy does not
+        // order its stores): a program that sees the bit sees the count.
+        self.written.generation = self.written.generation.wrapping_add(1);
+        self.write()?;
         let (word, bit) = filter_bit(tgid);
-        let w = self.filter.get(&word, 0).context(map::TARGET_FILTER)?;
-        self.filter
-            .set(word, w | bit, 0)
-            .context(map::TARGET_FILTER)?;
+        self.written.filter[word as usize] |= bit;
+        self.write()?;
         self.tgids[i] = Some(tgid);
         Ok(Slot(slot))
     }
@@ -97,14 +106,14 @@ impl Targets {
             .filter_map(|(_, t)| *t)
             .any(|t| filter_bit(t) == (word, bit));
         if !shared {
-            let w = self.filter.get(&word, 0).context(map::TARGET_FILTER)?;
-            self.filter
-                .set(word, w & !bit, 0)
-                .context(map::TARGET_FILTER)?;
+            self.written.filter[word as usize] &= !bit;
+            self.write()?;
         }
-        // Only the loader adds and removes entries.
+        // Only the loader adds and removes entries; the count after the
+        // entry is gone, so that no answer cached meanwhile outlives it.
         self.map.remove(&tgid).context(map::TARGETS)?;
-        self.changed()?;
+        self.written.generation = self.written.generation.wrapping_add(1);
+        self.write()?;
         // No program adds entries of the slot any more.
         let reqs: Vec<u64> = self
             .reqs
@@ -131,13 +140,12 @@ impl Targets {
         Ok(())
     }
 
-    /// Raises the count of changes of `TARGETS`: every CPU's cached answer
-    /// is asked again.
-    fn changed(&mut self) -> Result<()> {
-        let g = self.generation.get(&0, 0).context(map::TARGETS_GEN)?;
-        self.generation
-            .set(0, g.wrapping_add(1), 0)
-            .context(map::TARGETS_GEN)
+    /// Writes the filter and the count as this loader holds them (whole:
+    /// the programs never write them).
+    fn write(&mut self) -> Result<()> {
+        self.data
+            .set(0, *self.written, 0)
+            .context(map::TARGETS_DATA)
     }
 
     /// The thread group traced in `slot`.
