@@ -172,8 +172,10 @@ pub struct ProbeArgs {
     /// Count the wakeups of the target's threads (the eBPF source's
     /// `wakeups` field, null without this). It runs one more program on
     /// every wakeup of the machine, whatever the process: on a pinned
-    /// context-switch storm here the traced process spent 11.8% more CPU
-    /// time with it, 6.5% without (medians of 7 rounds; docs/benchmarks.md).
+    /// context-switch storm here the traced process spent 8.2% more CPU
+    /// time with it, 5.2% without (medians of 7 rounds, each spread over
+    /// several points; docs/benchmarks.md), and the BPF programs took 5.00%
+    /// of its CPU with it, 2.74% without.
     /// Kernels without
     /// `sched_info` run that program anyway (their run-queue delays are
     /// timed from the wakeup) and count wakeups without being asked.
@@ -273,9 +275,9 @@ pub struct TraceArgs {
     /// switches, migrations, page faults) and the hardware ones on every
     /// thread of the target, and the kernel saves and restores them at every
     /// context switch of a traced thread: on a context-switch storm here the
-    /// traced process spent 24.6% more CPU time under perf alone (median of
-    /// 7 rounds), against 7.7% under ebpf alone and 0.3% under proc alone
-    /// (docs/benchmarks.md). eBPF and /proc give the same software counts;
+    /// traced process spent 24.6% more CPU time under perf alone (medians of
+    /// 7 rounds on 2026-12-05), against 7.7% under ebpf alone and 0.3% under
+    /// proc alone then (docs/benchmarks.md). eBPF and /proc give the same software counts;
     /// only the hardware counters (cycles, instructions, cache references
     /// and misses, branch misses, where the machine has a PMU) are perf's
     /// alone.
