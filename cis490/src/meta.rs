@@ -108,6 +108,13 @@ pub struct EbpfTotals {
     /// Should stay 0.
     #[serde(default)]
     pub final_switch_repairs: u64,
+    /// Target threads that began to exit and whose final counters were in
+    /// no row by the end: neither their final switch-out nor, where the
+    /// probe missed it, their free was counted before the last row (the
+    /// tracer warns about them too). Their counters are missing from the
+    /// rows. Should stay 0.
+    #[serde(default)]
+    pub exits_unaccounted: u64,
     /// Times the task iterator found a CPU's running-slice record being
     /// rewritten (a switch-in on that CPU) while it copied it, and counted
     /// that thread with the kernel's own runtime (current to the last tick)
