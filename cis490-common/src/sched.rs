@@ -72,6 +72,7 @@ crate::names! {
         RQ_CLOCK_TASK_OFFSET,
         RUN_DELAY_SOURCE,
         SKIP_FINAL_SWITCH_OF_TID_MULTIPLES,
+        SKIP_FREE_OF_TID_MULTIPLES,
         COUNTING,
     }
 }
@@ -129,6 +130,14 @@ pub struct SchedStats {
     /// found when the kernel freed them (`sched_process_free`) and counted
     /// then from their final counters (in `dead_*` and `exits_accounted`).
     pub final_switch_repairs: u64,
+    /// Exited target threads whose final switch-out and free the probes
+    /// both missed, counted (in `dead_*` and `exits_accounted`) from their
+    /// counters when they began to exit, with their final switch-out
+    /// ([`ThreadCounters::final_from_exit_start`]): by `sched_process_exit`
+    /// when a new thread's task has the address of one still listed in
+    /// `EXITING` (so it was freed), and by the loader for those still listed
+    /// once the target ended.
+    pub exits_estimated: u64,
     /// Target threads whose final switch-out was counted (`dead_*`): the
     /// loader's last row waits until this reaches `exits_started`.
     pub exits_accounted: u64,
@@ -174,6 +183,7 @@ impl SchedStats {
         exits_started: 0,
         exit_start_runtime_ns: 0,
         final_switch_repairs: 0,
+        exits_estimated: 0,
         exits_accounted: 0,
         wakeups: 0,
         runq_delay_ns: 0,
@@ -185,6 +195,21 @@ impl SchedStats {
         runq_max: [MaxSlot::ZERO; 2],
         runq_hist: [0; HIST_BUCKETS],
     };
+
+    /// Counts an exited thread's counters ([`ThreadCounters::as_exited`])
+    /// as the exited threads' (the loader's estimates: the programs add
+    /// theirs field by field, atomically where they may run nested).
+    pub fn add_exited(&mut self, c: &ThreadCounters) {
+        self.dead_runtime_ns = self.dead_runtime_ns.wrapping_add(c.runtime_ns);
+        self.dead_nvcsw = self.dead_nvcsw.wrapping_add(c.nvcsw);
+        self.dead_nivcsw = self.dead_nivcsw.wrapping_add(c.nivcsw);
+        self.dead_migrations = self.dead_migrations.wrapping_add(c.migrations);
+        self.dead_run_delay_ns = self.dead_run_delay_ns.wrapping_add(c.run_delay_ns);
+        self.dead_min_flt = self.dead_min_flt.wrapping_add(c.min_flt);
+        self.dead_maj_flt = self.dead_maj_flt.wrapping_add(c.maj_flt);
+        self.dead_io_write_bytes = self.dead_io_write_bytes.wrapping_add(c.io_write_bytes);
+        self.exits_accounted = self.exits_accounted.wrapping_add(1);
+    }
 
     /// Adds `other` into `self` (summing CPUs); `runq_max`, a maximum per
     /// CPU, is left as it was.
@@ -203,6 +228,7 @@ impl SchedStats {
         self.exit_start_runtime_ns = self
             .exit_start_runtime_ns
             .wrapping_add(other.exit_start_runtime_ns);
+        self.exits_estimated = self.exits_estimated.wrapping_add(other.exits_estimated);
         self.exits_accounted = self.exits_accounted.wrapping_add(other.exits_accounted);
         self.final_switch_repairs = self
             .final_switch_repairs
@@ -366,6 +392,61 @@ pub struct ThreadCounters {
 impl ThreadCounters {
     /// A counter whose value is not known.
     pub const UNKNOWN: u64 = u64::MAX;
+
+    /// What an exited thread adds to its process's exited threads'
+    /// counters (`SchedStats::dead_*`), from its final counters.
+    ///
+    /// The kernel counted its final switch-out in `nvcsw` just before the
+    /// switch tracepoint, but a thread other than the leader
+    /// (`folded_before`) was folded into the process's totals (`getrusage`,
+    /// `wait4`, `/proc/PID/stat`) when it was released, before that switch:
+    /// so that switch is left out for such a thread, and the process's
+    /// switches are counted as the kernel counts them. (A leader's own
+    /// counters are added when its process is reaped, after its final
+    /// switch: that one stays.)
+    #[must_use]
+    pub const fn as_exited(self, folded_before: bool) -> Self {
+        let mut c = self;
+        if folded_before {
+            c.nvcsw = c.nvcsw.saturating_sub(1);
+        }
+        c
+    }
+
+    /// A thread's final counters estimated from its counters when it began
+    /// to exit (`sched_process_exit`): its final switch-out (a voluntary
+    /// one) added. Short of what it ran on its way out after that (its
+    /// share of `meta.json` `ebpf.exit_path_cpu_ns`, microseconds), and of
+    /// any switch, migration or fault there.
+    #[must_use]
+    pub const fn final_from_exit_start(self) -> Self {
+        let mut c = self;
+        c.nvcsw = c.nvcsw.wrapping_add(1);
+        c
+    }
+}
+
+/// Entries of `EXITING`: threads between the start of their exit and their
+/// final switch-out (or, where the probe missed that, their free), over
+/// every target. More at once are not listed (`map_errors`): only their
+/// repair is lost, not their final switch-out.
+pub const EXITING_MAX: u32 = 16_384;
+
+/// A target thread that began to exit and whose final counters are not
+/// counted yet (map `EXITING`, by `struct task_struct *`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitingThread {
+    /// Its process's id.
+    pub tgid: u32,
+    /// Its process's target slot.
+    pub slot: u32,
+    /// 1 for a thread other than its process's leader
+    /// ([`ThreadCounters::as_exited`]).
+    pub folded_before: u32,
+    pub reserved: u32,
+    /// Its own counters when it began to exit.
+    pub at_exit: ThreadCounters,
 }
 
 /// Per-bucket maximum of a latency on one CPU, valid for bucket `epoch` only
@@ -385,7 +466,7 @@ impl MaxSlot {
     };
 }
 
-const _: () = assert!(core::mem::size_of::<SchedStats>() == (19 + 4 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<SchedStats>() == (20 + 4 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<LiveCounters>() == 12 * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 8 * 8);
@@ -399,11 +480,57 @@ mod pod {
     unsafe impl aya::Pod for super::CpuSlice {}
     unsafe impl aya::Pod for super::MaxSlot {}
     unsafe impl aya::Pod for super::ThreadCounters {}
+    unsafe impl aya::Pod for super::ExitingThread {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel's count of a process's voluntary switches: a thread other
+    /// than the leader was folded into its process before its final
+    /// switch-out, the leader after. An estimate from a thread's counters
+    /// at exit start adds that switch, so it agrees with its final counters
+    /// in every field but the exit path's own.
+    #[test]
+    fn an_exited_threads_switches_are_counted_as_the_kernel_counts_its_process() {
+        let at_exit = ThreadCounters {
+            runtime_ns: 1_000,
+            nvcsw: 7,
+            nivcsw: 2,
+            run_delay_ns: 30,
+            migrations: 1,
+            min_flt: 40,
+            maj_flt: 0,
+            io_write_bytes: 4_096,
+        };
+        // Its final counters: the final switch-out counted in nvcsw, 50 ns
+        // more on the way out.
+        let last = ThreadCounters {
+            runtime_ns: 1_050,
+            nvcsw: 8,
+            ..at_exit
+        };
+        for folded_before in [true, false] {
+            let exact = last.as_exited(folded_before);
+            let estimate = at_exit.final_from_exit_start().as_exited(folded_before);
+            assert_eq!(exact.nvcsw, if folded_before { 7 } else { 8 });
+            assert_eq!(
+                estimate,
+                ThreadCounters {
+                    runtime_ns: 1_000,
+                    ..exact
+                }
+            );
+        }
+        let mut s = SchedStats::ZERO;
+        s.add_exited(&last.as_exited(true));
+        assert_eq!(
+            (s.dead_runtime_ns, s.dead_nvcsw, s.dead_io_write_bytes),
+            (1_050, 7, 4_096)
+        );
+        assert_eq!((s.exits_accounted, s.exits_estimated), (1, 0));
+    }
 
     #[test]
     fn accumulate_sums_every_field() {

@@ -42,12 +42,6 @@ impl TargetsData {
         generation: 0,
         filter: [0; FILTER_WORDS as usize],
     };
-
-    /// Whether `tgid`'s filter bit is set.
-    pub fn may_be(&self, tgid: u32) -> bool {
-        let (word, bit) = filter_bit(tgid);
-        self.filter[word as usize] & bit != 0
-    }
 }
 
 const _: () = assert!(core::mem::size_of::<TargetsData>() == 8 + FILTER_BITS as usize / 8);

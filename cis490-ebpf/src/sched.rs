@@ -23,7 +23,8 @@ use aya_ebpf::{
 };
 use cis490_common::{
     COMM_LEN, CpuSlice, LifecycleKind, LifecycleRecord, LiveCounters, MAX_THREADS, RecordKind,
-    SchedStats, ThreadTotals,
+    SchedStats, ThreadCounters, ThreadTotals,
+    sched::{EXITING_MAX, ExitingThread},
 };
 
 use crate::{
@@ -64,15 +65,24 @@ pub static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THR
 /// Target threads that began to exit and whose final switch-out has not
 /// been counted yet, by `struct task_struct *` (unique until the task is
 /// freed, which comes after its final switch-out), with their process's
-/// id and slot (`tgid << 32 | slot`).
+/// id and slot and their counters then. Whoever removes an entry counts the
+/// thread: its final switch-out, its free, or the loader after the target
+/// ended (for one whose switch-out and free the probes both missed).
 #[map]
-pub static EXITING: HashMap<u64, u64> = HashMap::with_max_entries(MAX_THREADS, 0);
+pub static EXITING: HashMap<u64, ExitingThread> = HashMap::with_max_entries(EXITING_MAX, 0);
 
 /// Fault injection for the tests only (0 otherwise): the final switch-out
 /// of a thread whose id is a multiple of this is left uncounted, as if the
 /// probe had not seen it, so that its repair at `sched_process_free` runs.
 #[unsafe(no_mangle)]
 static SKIP_FINAL_SWITCH_OF_TID_MULTIPLES: Global<u32> = Global::new(0);
+
+/// Fault injection for the tests only (0 otherwise): the free of a thread
+/// whose id is a multiple of this is left alone, as if the kernel had not
+/// run the program for it (it happens), so that the loader's count of it
+/// from its counters at exit start runs.
+#[unsafe(no_mangle)]
+static SKIP_FREE_OF_TID_MULTIPLES: Global<u32> = Global::new(0);
 
 /// 1 when the counting probes (`sched_switch`, `sched_process_free`) are
 /// attached, set by the loader: else nothing would take a thread out of
@@ -159,11 +169,10 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
     }
 
     if next_slot != CpuSlice::NO_SLOT {
-        let slot = next_slot;
         let s = if next_slot == prev_slot && !prev_stats.is_null() {
             prev_stats
         } else {
-            let s = stats(slot)?;
+            let s = stats(next_slot)?;
             bump(unsafe { &raw mut (*s).events }, 1);
             s
         };
@@ -179,7 +188,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
             // the dearest thing this program would do on every switch.
             let rq_now = rq_clock(next);
             if let Some(delay) = arrival_delay(next, rq_now) {
-                record_runq_delay(s, slot, delay);
+                record_runq_delay(s, next_slot, delay);
             }
             if slice.cal_clock_ns == 0 || rq_now.wrapping_sub(slice.cal_rq_ns) > CALIBRATE_NS {
                 slice.cal_rq_ns = rq_now;
@@ -187,7 +196,7 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
             }
             rq_now
         } else {
-            delay_from_wakeup(s, slot, task_tid(next));
+            delay_from_wakeup(s, next_slot, task_tid(next));
             slice.cal_clock_ns = 0;
             unsafe { bpf_ktime_get_ns() }
         };
@@ -212,28 +221,22 @@ fn compiler_barrier() {
 }
 
 /// A target thread's final switch-out: its counters are final; they move
-/// from the live threads (the iterator skips `TASK_DEAD`) to the dead.
-///
-/// The kernel counted this switch in the thread's `nvcsw` just before the
-/// tracepoint, but a thread other than the leader was folded into the
-/// process's totals (`getrusage`, `wait4`, `/proc/PID/stat`) when it was
-/// released, before this switch: so the switch is left out for such a
-/// thread, and the process's switches are counted as the kernel counts
-/// them. (A leader's own counters are added when its process is reaped,
-/// after its final switch: that one stays.)
+/// from the live threads (the iterator skips `TASK_DEAD`) to the dead, as
+/// [`ThreadCounters::as_exited`] says (`folded_before`: not the leader).
 ///
 /// `plus` adds to a counter: a plain add where nothing can run nested
 /// (`sched_switch`, interrupts off), an atomic one elsewhere.
 #[inline(always)]
 fn account_dead(s: *mut SchedStats, prev: *const u8, folded_before: bool, plus: fn(*mut u64, u64)) {
-    let c = task_counters(prev);
+    account_exited(s, &task_counters(prev).as_exited(folded_before), plus);
+}
+
+/// Adds an exited thread's counters ([`ThreadCounters::as_exited`]) to the
+/// exited threads' (`SchedStats::add_exited`, field by field with `plus`).
+#[inline(always)]
+fn account_exited(s: *mut SchedStats, c: &ThreadCounters, plus: fn(*mut u64, u64)) {
     plus(unsafe { &raw mut (*s).dead_runtime_ns }, c.runtime_ns);
-    let nvcsw = if folded_before {
-        c.nvcsw.saturating_sub(1)
-    } else {
-        c.nvcsw
-    };
-    plus(unsafe { &raw mut (*s).dead_nvcsw }, nvcsw);
+    plus(unsafe { &raw mut (*s).dead_nvcsw }, c.nvcsw);
     plus(unsafe { &raw mut (*s).dead_nivcsw }, c.nivcsw);
     plus(unsafe { &raw mut (*s).dead_migrations }, c.migrations);
     plus(unsafe { &raw mut (*s).dead_run_delay_ns }, c.run_delay_ns);
@@ -244,6 +247,25 @@ fn account_dead(s: *mut SchedStats, prev: *const u8, folded_before: bool, plus: 
         c.io_write_bytes,
     );
     plus(unsafe { &raw mut (*s).exits_accounted }, 1);
+}
+
+/// Counts a listed exited thread whose final switch-out and free the
+/// programs both missed, from its counters when it began to exit
+/// ([`ThreadCounters::final_from_exit_start`]), if its slot still traces
+/// its process.
+#[inline(always)]
+fn account_estimated(e: &ExitingThread) -> Res {
+    if target_slot(e.tgid) != Some(e.slot) {
+        return Ok(());
+    }
+    let s = stats(e.slot)?;
+    let c = e
+        .at_exit
+        .final_from_exit_start()
+        .as_exited(e.folded_before != 0);
+    account_exited(s, &c, add);
+    add(unsafe { &raw mut (*s).exits_estimated }, 1);
+    Ok(())
 }
 
 /// `sched_process_free(struct task_struct *p)`: the kernel frees a task,
@@ -263,15 +285,21 @@ fn try_free(ctx: &BtfTracePointContext) -> Res {
     let Some(entry) = (unsafe { EXITING.get(p as u64) }).copied() else {
         return Ok(());
     };
-    let _ = EXITING.remove(p as u64);
-    // The slot must still trace that process (a server may have ended the
-    // episode and given the slot to another since).
-    let (tgid, slot) = ((entry >> 32) as u32, entry as u32);
-    if target_slot(tgid) != Some(slot) {
+    let skip = SKIP_FREE_OF_TID_MULTIPLES.load();
+    if skip != 0 && task_tid(p).is_multiple_of(skip) {
         return Ok(());
     }
-    let s = stats(slot)?;
-    account_dead(s, p, task_tid(p) != task_tgid(p), add);
+    if EXITING.remove(p as u64).is_err() {
+        // The loader took it meanwhile (and counts it).
+        return Ok(());
+    }
+    // The slot must still trace that process (a server may have ended the
+    // episode and given the slot to another since).
+    if target_slot(entry.tgid) != Some(entry.slot) {
+        return Ok(());
+    }
+    let s = stats(entry.slot)?;
+    account_dead(s, p, entry.folded_before != 0, add);
     add(unsafe { &raw mut (*s).final_switch_repairs }, 1);
     Ok(())
 }
@@ -556,11 +584,26 @@ fn try_exit(ctx: &BtfTracePointContext) -> Res {
     // process's totals will hold them (folded in after this, before its
     // final switch-out).
     let task: *const u8 = ctx.arg(0);
-    let entry = (tgid as u64) << 32 | slot as u64;
-    if COUNTING.load() != 0 && EXITING.insert(task as u64, entry, BPF_ANY as u64).is_err() {
-        add(unsafe { &raw mut (*s).map_errors }, 1);
-    }
     let c = task_counters(task);
+    let entry = ExitingThread {
+        tgid,
+        slot,
+        folded_before: u32::from(tid != tgid),
+        reserved: 0,
+        at_exit: c,
+    };
+    if COUNTING.load() != 0 {
+        // A thread still listed at this task's address was freed (its
+        // memory is this live task's now) with its final switch-out and its
+        // free both missed: counted now, before its entry is overwritten.
+        // SAFETY: a copy of the value, read at once.
+        if let Some(old) = unsafe { EXITING.get(task as u64) }.copied() {
+            account_estimated(&old)?;
+        }
+        if EXITING.insert(task as u64, entry, BPF_ANY as u64).is_err() {
+            add(unsafe { &raw mut (*s).map_errors }, 1);
+        }
+    }
     add(unsafe { &raw mut (*s).exit_start_runtime_ns }, c.runtime_ns);
     r.totals = ThreadTotals {
         cpu_ns: c.runtime_ns,

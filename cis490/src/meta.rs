@@ -115,6 +115,13 @@ pub struct EbpfTotals {
     /// rows. Should stay 0.
     #[serde(default)]
     pub exits_unaccounted: u64,
+    /// Target threads that exited and whose final switch-out and free the
+    /// probes both missed (the kernel ran neither program for them): counted
+    /// in the last row from their counters when they began to exit, with
+    /// their final switch-out; short of the CPU time of their last
+    /// microseconds on the way out. Should stay 0.
+    #[serde(default)]
+    pub exits_estimated: u64,
     /// Times the task iterator found a CPU's running-slice record being
     /// rewritten (a switch-in on that CPU) while it copied it, and counted
     /// that thread with the kernel's own runtime (current to the last tick)

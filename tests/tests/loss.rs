@@ -111,104 +111,151 @@ fn ring_buffer_overflow_is_counted_and_rows_stay_exact() {
 /// `ebpf.final_switch_repairs` counts it. The miss is injected
 /// (`CIS490_TEST_SKIP_FINAL_SWITCH_OF_TID_MULTIPLES=2`: every thread with
 /// an even id); 160 threads (2 ms of CPU each) start and exit over a
-/// second, then the process lingers 11 s, so every exited thread is freed
-/// before the last row: the kernel frees a task from an RCU callback, and
-/// lazy RCU (`rcutree.enable_rcu_lazy`, on here) may hold one back up to
-/// 10 s (with 2 s, 3 of 80 were not repaired by the end in one run of
-/// seven; a late free is the likely cause, not shown).
-/// Repairs: the exited threads with even ids other than the main one, each
-/// repaired or else counted in `meta.json` `ebpf.exits_unaccounted` (at most
-/// a tenth of them: see below); switches and CPU as exact as without the
-/// miss.
-/// Without it: no repair, nothing unaccounted.
+/// second, then the process lingers 3 s, so every exited thread is freed
+/// before the last row (an RCU grace period after its exit: within 128 ms
+/// here for every thread but the main ones, over 2254 exits).
+/// The kernel now and then runs no program for a free (seen here: 2 of 966
+/// frees that its own trace event recorded, both in a softirq on top of
+/// the same host process; 1 to 3 of 80 injected misses in 2 of 8 runs of
+/// this test): such a thread, still listed once the target ended, is
+/// counted by the tracer from its counters when it began to exit, and
+/// `ebpf.exits_estimated` counts it. So is the main thread when its id is
+/// even: it is freed only when the tracer reaps it, after the last row.
+/// Repairs + estimates: exactly the exited threads with even ids, plus the
+/// main one if its id is even; nothing unaccounted; switches and CPU as
+/// exact as without the miss (an estimate lacks only the CPU time of the
+/// thread's last microseconds, after `sched_process_exit`).
+/// Without it: no repair, no estimate, nothing unaccounted.
 #[test]
 fn a_missed_final_switch_out_is_repaired_when_the_thread_is_freed() {
     require_root();
     for skip in [true, false] {
-        let dir = scratch(&format!("repair-{skip}"));
-        let out_json = dir.join("cpu.json");
-        let stamp_json = dir.join("exit.json");
-        let mut cmd = default_trace_cmd(&dir);
-        let linger = if skip {
-            cmd.env("CIS490_TEST_SKIP_FINAL_SWITCH_OF_TID_MULTIPLES", "2");
-            "11000"
-        } else {
-            "1000"
-        };
-        // Once the churn is over, the pending RCU callbacks (the frees
-        // among them) are run (`rcu_barrier()`, where the kernel offers it):
-        // a free held back by lazy RCU beyond the linger once left one of
-        // 80 threads uncounted (79 repairs, in a clean-clone run).
-        let barrier = std::thread::spawn(|| {
-            std::thread::sleep(Duration::from_secs(4));
-            let _ = std::fs::write("/sys/module/rcutree/parameters/do_rcu_barrier", "1");
-        });
-        let out = run_with_timeout(
-            cmd.arg("--")
-                .arg(bin("cis490-workload"))
-                .arg("--exit-stamp")
-                .arg(&stamp_json)
-                .args(["churn", "--seconds", "1", "--every-ms", "50"])
-                .args(["--spin-us", "2000", "--linger-ms", linger, "--out"])
-                .arg(&out_json),
-            Duration::from_secs(60),
-        );
-        barrier.join().unwrap();
-        let ep = Episode::from_output(&out);
-        let truth = report(&out_json);
-        let pid = ep.meta["target"]["pid"].as_u64().unwrap();
-        let even = ep
-            .events_named("thread_exited")
-            .filter(|e| e["tid"].as_u64().unwrap() % 2 == 0 && e["tid"] != pid)
-            .count() as u64;
-        let repairs = ep.meta["ebpf"]["final_switch_repairs"].as_u64().unwrap();
-        let unaccounted = ep.meta["ebpf"]["exits_unaccounted"].as_u64().unwrap();
-        // The main thread is freed when the tracer reaps it, after the last
-        // row: with an even id, its skipped final switch is never repaired
-        // in time, and is counted as unaccounted.
-        let main_skipped = u64::from(skip && pid.is_multiple_of(2));
-        eprintln!(
-            "skip {skip}: {repairs} repairs, {unaccounted} unaccounted exits (main thread \
-             skipped: {main_skipped}), {even} exited threads with an even id"
-        );
+        let c = churn_with_misses(&format!("repair-{skip}"), skip.then_some(2), None);
         if skip {
-            // Every injected miss is repaired, or else counted in meta.json:
-            // never lost silently. Some were neither repaired nor counted at
-            // a final switch in clean-clone runs (1 of 80 in two, 2 of 80 in
-            // one, all on 2026-12-06; none in 11 runs of this test
-            // alone here): their counters are missing from the rows, and the
-            // cause is not found (not a late free: the kernel's pending RCU
-            // callbacks are run 4 s in). Up to a tenth is allowed, and must
-            // show as unaccounted.
             assert_eq!(
-                repairs + unaccounted,
-                even + main_skipped,
-                "repairs + unaccounted"
+                c.repairs + c.estimated,
+                c.even + c.main_skipped,
+                "repairs + estimates"
             );
-            assert!(
-                unaccounted.saturating_sub(main_skipped) <= even / 10,
-                "{} injected misses neither repaired nor counted in time",
-                unaccounted.saturating_sub(main_skipped)
-            );
+            assert!(c.even >= 40, "only {} even thread ids of 160", c.even);
         } else {
-            assert_eq!((repairs, unaccounted), (0, 0));
+            assert_eq!((c.repairs, c.estimated), (0, 0));
         }
-        if skip {
-            assert!(even >= 40, "only {even} even thread ids of 160");
-        }
-        let r = |k: &str| truth["rusage_self"][k].as_u64().unwrap();
-        let vol = ep.sum("ebpf", "ctx_switches_voluntary");
-        assert!(
-            vol.abs_diff(r("nvcsw")) <= 5,
-            "voluntary: ebpf {vol} vs getrusage {}",
-            r("nvcsw")
-        );
-        assert_traced_cpu_vs_stamp(
-            "ebpf cpu_ns vs the process's own clock",
-            ep.sum("ebpf", "cpu_ns"),
-            ExitUsage::from_stamp(&stamp_json).cpu_ns,
-            161 * per_exited_thread_ns(),
-        );
-        assert_eq!(ep.meta["ebpf"]["map_errors"], 0);
     }
+}
+
+/// A thread whose final switch-out and free the programs both miss is
+/// counted from its counters when it began to exit, once the target ended
+/// (`meta.json` `ebpf.exits_estimated`). Both misses are injected: the final
+/// switch-outs of the threads with an even id, the frees of those with an
+/// id that is a multiple of 4 (`CIS490_TEST_SKIP_FREE_OF_TID_MULTIPLES=4`).
+/// Repairs: exactly the even ids that are not multiples of 4; estimates:
+/// exactly the multiples of 4, plus the main thread if its id is even;
+/// nothing unaccounted; switches and CPU as exact as without the misses.
+#[test]
+fn a_thread_whose_final_switch_out_and_free_are_both_missed_is_counted_from_its_exit_start() {
+    require_root();
+    let c = churn_with_misses("estimate", Some(2), Some(4));
+    assert_eq!(c.repairs, c.even - c.fours, "repairs");
+    assert_eq!(c.estimated, c.fours + c.main_skipped, "estimates");
+    assert!(
+        c.fours >= 20,
+        "only {} thread ids that are multiples of 4",
+        c.fours
+    );
+}
+
+/// What [`churn_with_misses`] found.
+struct Churned {
+    repairs: u64,
+    estimated: u64,
+    /// Exited threads other than the main one with an even id.
+    even: u64,
+    /// ... with an id that is a multiple of 4.
+    fours: u64,
+    /// 1 when the main thread's final switch-out was skipped (even id).
+    main_skipped: u64,
+}
+
+/// 160 threads (2 ms of CPU each) start and exit over a second under the
+/// default trace, the process lingering 3 s after them, with the final
+/// switch-outs (`final_skip`) and the frees (`free_skip`) of the threads
+/// whose id is a multiple of those left unseen by the programs. Checks
+/// what holds whatever the misses: nothing unaccounted, no map error,
+/// voluntary switches = `getrusage` (± 5), CPU within the exit stamp's
+/// bounds.
+fn churn_with_misses(name: &str, final_skip: Option<u32>, free_skip: Option<u32>) -> Churned {
+    let dir = scratch(name);
+    let out_json = dir.join("cpu.json");
+    let stamp_json = dir.join("exit.json");
+    let mut cmd = default_trace_cmd(&dir);
+    if let Some(n) = final_skip {
+        cmd.env(
+            "CIS490_TEST_SKIP_FINAL_SWITCH_OF_TID_MULTIPLES",
+            n.to_string(),
+        );
+    }
+    if let Some(n) = free_skip {
+        cmd.env("CIS490_TEST_SKIP_FREE_OF_TID_MULTIPLES", n.to_string());
+    }
+    let out = run_with_timeout(
+        cmd.arg("--")
+            .arg(bin("cis490-workload"))
+            .arg("--exit-stamp")
+            .arg(&stamp_json)
+            .args(["churn", "--seconds", "1", "--every-ms", "50"])
+            .args(["--spin-us", "2000", "--linger-ms", "3000", "--out"])
+            .arg(&out_json),
+        Duration::from_secs(60),
+    );
+    let ep = Episode::from_output(&out);
+    let truth = report(&out_json);
+    let pid = ep.meta["target"]["pid"].as_u64().unwrap();
+    let exited: Vec<u64> = ep
+        .events_named("thread_exited")
+        .map(|e| e["tid"].as_u64().unwrap())
+        .filter(|&t| t != pid)
+        .collect();
+    let c = Churned {
+        repairs: ep.meta["ebpf"]["final_switch_repairs"].as_u64().unwrap(),
+        estimated: ep.meta["ebpf"]["exits_estimated"].as_u64().unwrap(),
+        even: exited.iter().filter(|&&t| t % 2 == 0).count() as u64,
+        fours: exited.iter().filter(|&&t| t % 4 == 0).count() as u64,
+        main_skipped: u64::from(final_skip.is_some_and(|n| pid.is_multiple_of(u64::from(n)))),
+    };
+    let unaccounted = ep.meta["ebpf"]["exits_unaccounted"].as_u64().unwrap();
+    eprintln!(
+        "{name}: {} repairs, {} estimates, {unaccounted} unaccounted (main thread skipped: \
+         {}), of {} exited threads {} with an even id, {} with a multiple of 4",
+        c.repairs,
+        c.estimated,
+        c.main_skipped,
+        exited.len(),
+        c.even,
+        c.fours
+    );
+    assert_eq!(unaccounted, 0, "exits unaccounted");
+    let r = |k: &str| truth["rusage_self"][k].as_u64().unwrap();
+    let vol = ep.sum("ebpf", "ctx_switches_voluntary");
+    assert!(
+        vol.abs_diff(r("nvcsw")) <= 5,
+        "voluntary: ebpf {vol} vs getrusage {}",
+        r("nvcsw")
+    );
+    // An estimate lacks the CPU time of the thread's way out after
+    // `sched_process_exit`, which the same run's other exited threads show
+    // (`ebpf.exit_path_cpu_ns`, theirs only: about 80 us each here): twice
+    // their mean is allowed below for each estimate.
+    let exit_path = ep.meta["ebpf"]["exit_path_cpu_ns"].as_u64().unwrap();
+    let whole = (exited.len() as u64 + 1).saturating_sub(c.estimated).max(1);
+    let stamp = ExitUsage::from_stamp(&stamp_json).cpu_ns;
+    assert_cpu_vs_stamp(
+        "ebpf cpu_ns vs the process's own clock",
+        ep.sum("ebpf", "cpu_ns"),
+        stamp,
+        unseen_before_baseline_ns(stamp) + c.estimated * 2 * (exit_path / whole),
+        161 * per_exited_thread_ns(),
+    );
+    assert_eq!(ep.meta["ebpf"]["map_errors"], 0);
+    c
 }

@@ -207,24 +207,45 @@ impl Plan {
             ),
         ];
         g.extend(kvm::globals(&self.kvm));
-        let skip = std::env::var(SKIP_FINAL_SWITCH_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(0);
-        if skip > 0 {
-            log::warn!(
-                "{SKIP_FINAL_SWITCH_ENV}={skip}: for tests only, the final switch-out of every \
-                 target thread whose id is a multiple of {skip} is left to the repair at its free"
-            );
-        }
-        g.push((sched_names::SKIP_FINAL_SWITCH_OF_TID_MULTIPLES, skip));
+        g.push((
+            sched_names::SKIP_FINAL_SWITCH_OF_TID_MULTIPLES,
+            injected(SKIP_FINAL_SWITCH_ENV, "the final switch-out"),
+        ));
+        g.push((
+            sched_names::SKIP_FREE_OF_TID_MULTIPLES,
+            injected(SKIP_FREE_ENV, "the free"),
+        ));
         g
     }
 }
 
+/// A test's fault injection from environment variable `var` (0 without
+/// it), with a warning on stderr when set: `what` of every target thread
+/// whose id is a multiple of it goes unseen by the programs.
+fn injected(var: &str, what: &str) -> u32 {
+    let n = std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    if n > 0 {
+        log::warn!(
+            "{var}={n}: for tests only, the programs leave {what} of every target thread whose \
+             id is a multiple of {n} unseen"
+        );
+    }
+    n
+}
+
 /// Fault injection for the tests (docs/reliability.md): a thread id
-/// multiple N whose final switch-outs the probe leaves uncounted.
+/// multiple N whose final switch-outs the probe leaves uncounted (they are
+/// repaired at the thread's free).
 pub const SKIP_FINAL_SWITCH_ENV: &str = "CIS490_TEST_SKIP_FINAL_SWITCH_OF_TID_MULTIPLES";
+
+/// Fault injection for the tests (docs/reliability.md): a thread id
+/// multiple N whose frees the probe leaves unseen (with its final switch-out
+/// missed too, the tracer counts such a thread from its counters at exit
+/// start once the target ended).
+pub const SKIP_FREE_ENV: &str = "CIS490_TEST_SKIP_FREE_OF_TID_MULTIPLES";
 
 /// The loaded object and what became of each probe and family.
 pub struct Probes {

@@ -158,8 +158,25 @@ impl EbpfSource {
     /// (block requests whose completion was never delivered).
     pub fn settle(&mut self, target_gone: bool) {
         if target_gone {
-            self.sched
-                .wait_for_final_switches(std::time::Duration::from_secs(1));
+            let limit = std::time::Duration::from_secs(1);
+            let pending = self.sched.wait_for_final_switches(limit);
+            let estimated = self.sched.sweep_exiting(true);
+            if estimated > 0 {
+                log::warn!(
+                    "{estimated} exited threads of the target counted from their counters when \
+                     they began to exit: the kernel ran the programs for neither their final \
+                     switch-out nor their free (meta.json ebpf.exits_estimated)"
+                );
+            }
+            if pending > estimated {
+                log::warn!(
+                    "the target's last threads had not left their CPUs after {limit:?}: {} \
+                     final switch-outs not counted (meta.json ebpf.exits_unaccounted)",
+                    pending - estimated
+                );
+            }
+        } else {
+            self.sched.sweep_exiting(false);
         }
         if let Some(b) = &mut self.block {
             b.settle(target_gone);

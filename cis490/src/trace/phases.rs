@@ -635,6 +635,7 @@ impl<'a> Run<'a> {
         meta.ebpf.map_errors = totals.map_errors + block_map_errors;
         meta.ebpf.slice_mismatches = totals.slice_mismatches;
         meta.ebpf.final_switch_repairs = totals.final_switch_repairs;
+        meta.ebpf.exits_estimated = totals.exits_estimated;
         meta.ebpf.exits_unaccounted = totals.exits_started.saturating_sub(totals.exits_accounted);
         meta.ebpf.exit_path_cpu_ns = totals
             .dead_runtime_ns
