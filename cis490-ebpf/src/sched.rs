@@ -598,7 +598,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Res {
         // free both missed: counted now, before its entry is overwritten.
         // SAFETY: a copy of the value, read at once.
         if let Some(old) = unsafe { EXITING.get(task as u64) }.copied() {
-            account_estimated(&old)?;
+            let _ = account_estimated(&old);
         }
         if EXITING.insert(task as u64, entry, BPF_ANY as u64).is_err() {
             add(unsafe { &raw mut (*s).map_errors }, 1);

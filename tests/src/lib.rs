@@ -1225,6 +1225,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path, args: &[&str]) -> Server {
+        Self::start_with_env(dir, args, &[])
+    }
+
+    /// [`Server::start`] with environment variables `env` set for it.
+    pub fn start_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let socket = dir.join("cis490.sock");
         let child = Command::new(bin("cis490"))
             .arg("serve")
@@ -1233,6 +1238,7 @@ impl Server {
             .arg("--data-dir")
             .arg(dir.join("server-data"))
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -813,29 +813,15 @@ fn exiting_entries(pid: u32) -> usize {
 fn an_episode_ended_while_its_target_runs_leaves_no_exiting_thread_listed() {
     require_root();
     let dir = scratch("serve-exiting");
-    let socket = dir.join("cis490.sock");
-    let child = Command::new(bin("cis490"))
-        .arg("serve")
-        .arg("--control")
-        .arg(&socket)
-        .arg("--data-dir")
-        .arg(dir.join("server-data"))
-        .env("CIS490_TEST_SKIP_FINAL_SWITCH_OF_TID_MULTIPLES", "2")
-        .env("CIS490_TEST_SKIP_FREE_OF_TID_MULTIPLES", "4")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let server_pid = child.id();
-    let server = Server {
-        child: Some(child),
-        socket,
-    };
-    let t0 = Instant::now();
-    while !server.socket.exists() {
-        assert!(t0.elapsed() < T, "the server did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let server = Server::start_with_env(
+        &dir,
+        &[],
+        &[
+            ("CIS490_TEST_SKIP_FINAL_SWITCH_OF_TID_MULTIPLES", "2"),
+            ("CIS490_TEST_SKIP_FREE_OF_TID_MULTIPLES", "4"),
+        ],
+    );
+    let server_pid = server.child.as_ref().unwrap().id();
     let mut workload = Command::new(bin("cis490-workload"))
         .args(["churn", "--seconds", "12", "--every-ms", "50"])
         .args(["--spin-us", "2000", "--out"])

@@ -160,7 +160,7 @@ impl EbpfSource {
         if target_gone {
             let limit = std::time::Duration::from_secs(1);
             let pending = self.sched.wait_for_final_switches(limit);
-            let estimated = self.sched.sweep_exiting(true);
+            let estimated = self.sched.sweep_exiting();
             if estimated > 0 {
                 log::warn!(
                     "{estimated} exited threads of the target counted from their counters when \
@@ -175,8 +175,6 @@ impl EbpfSource {
                     pending - estimated
                 );
             }
-        } else {
-            self.sched.sweep_exiting(false);
         }
         if let Some(b) = &mut self.block {
             b.settle(target_gone);

@@ -14,7 +14,7 @@ use aya::{
 };
 use cis490_common::{
     LiveCounters, SchedStats, map as common_map,
-    sched::{ExitingThread, RunDelaySource, global, map, prog},
+    sched::{EXITING_MAX, ExitingThread, RunDelaySource, global, map, prog},
 };
 
 use super::{
@@ -570,33 +570,38 @@ impl SchedReader {
         pending.unwrap_or(0)
     }
 
-    /// At the end of the episode: takes the target's threads still listed
-    /// as exiting (`EXITING`) off the list, and returns how many it counted.
-    ///
     /// Once the target has ended and the wait for its final switch-outs is
-    /// over (`estimate`), such a thread is one whose final switch-out and
-    /// free the probes both missed. The second happens: here the kernel now
-    /// and then runs no program for a free that its own trace event records
-    /// (2 of 966 frees in one measurement, both in a softirq on top of the
-    /// same host process), and counts no recursion miss for it. Such a
-    /// thread is counted from its counters when it began to exit
+    /// over: counts the target's threads still listed as exiting
+    /// (`EXITING`), taking them off the list, and returns how many.
+    ///
+    /// Such a thread is one whose final switch-out and free the probes both
+    /// missed. The second happens: here the kernel now and then runs no
+    /// program for a free that its own trace event records (2 of 966 frees
+    /// in one measurement, both in a softirq on top of the same host
+    /// process), and counts no recursion miss for it. Such a thread is
+    /// counted from its counters when it began to exit
     /// ([`ThreadCounters::final_from_exit_start`]), in the last row, and
-    /// `meta.json` `ebpf.exits_estimated` counts it. While the target still
-    /// runs, its entries are only removed, so that a long-running server's
-    /// list does not fill with them. An entry the kernel removes meanwhile
-    /// is the kernel's to count.
+    /// `meta.json` `ebpf.exits_estimated` counts it. An entry the kernel
+    /// removes meanwhile is the kernel's to count. (An episode that ends
+    /// while its target runs estimates none: a thread may still be on its
+    /// way out; its entries are forgotten when the slot is freed,
+    /// `Targets::remove`.)
     ///
     /// [`ThreadCounters::final_from_exit_start`]: cis490_common::ThreadCounters::final_from_exit_start
-    pub fn sweep_exiting(&mut self, estimate: bool) -> u64 {
+    pub fn sweep_exiting(&mut self) -> u64 {
+        // The kernel changes the table meanwhile (a key gone under the walk
+        // restarts it): bounded, and a thread listed twice is counted once
+        // (only one remove succeeds).
         let mine: Vec<(u64, ExitingThread)> = self
             .exiting
             .iter()
+            .take(2 * EXITING_MAX as usize)
             .filter_map(Result::ok)
             .filter(|(_, e)| e.slot == self.slot && e.tgid == self.tgid)
             .collect();
         let mut counted = 0;
         for (task, e) in mine {
-            if self.exiting.remove(&task).is_err() || !estimate {
+            if self.exiting.remove(&task).is_err() {
                 continue;
             }
             let c = e

@@ -14,6 +14,7 @@ use cis490_common::{
     ReqStart,
     block::map as block_map,
     map,
+    sched::{EXITING_MAX, ExitingThread, map as sched_map},
     target::{TargetsData, filter_bit},
 };
 
@@ -42,6 +43,10 @@ pub struct Targets {
     /// slot's are forgotten before the slot is given again.
     reqs: HashMap<MapData, u64, ReqStart>,
     bios: HashMap<MapData, u64, u32>,
+    /// Exiting threads not counted yet, each with its slot: a freed slot's
+    /// are forgotten too (else one whose final switch-out and free the
+    /// programs both missed would stay listed for the server's life).
+    exiting: HashMap<MapData, u64, ExitingThread>,
     /// The tgid in each slot, if any.
     tgids: Vec<Option<u32>>,
 }
@@ -57,6 +62,7 @@ impl Targets {
             epoch: open(ebpf, map::EPOCH)?,
             reqs: open(ebpf, block_map::REQS)?,
             bios: open(ebpf, block_map::BIOS)?,
+            exiting: open(ebpf, sched_map::EXITING)?,
             tgids: vec![None; slots as usize],
         })
     }
@@ -92,7 +98,9 @@ impl Targets {
     /// Stops tracing the thread group in `slot` and frees the slot. Its
     /// filter bit stays set while another target shares it. Its block
     /// requests still in flight and its bio marks are forgotten before the
-    /// slot is free, so that none completes into the next target given it.
+    /// slot is free, so that none completes into the next target given it,
+    /// and so are its threads listed as exiting (their episode has had its
+    /// last row).
     pub fn remove(&mut self, slot: Slot) -> Result<()> {
         let Some(tgid) = self.tgid(slot) else {
             return Ok(());
@@ -135,6 +143,18 @@ impl Targets {
             .collect();
         for k in bios {
             let _ = self.bios.remove(&k);
+        }
+        // Bounded: a key gone under the walk restarts it.
+        let exiting: Vec<u64> = self
+            .exiting
+            .iter()
+            .take(2 * EXITING_MAX as usize)
+            .filter_map(Result::ok)
+            .filter(|(_, e)| e.slot == slot.0)
+            .map(|(k, _)| k)
+            .collect();
+        for k in exiting {
+            let _ = self.exiting.remove(&k);
         }
         self.tgids[slot.0 as usize] = None;
         Ok(())
