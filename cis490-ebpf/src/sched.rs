@@ -66,8 +66,10 @@ pub static RUNNABLE_SINCE: HashMap<u32, u64> = HashMap::with_max_entries(MAX_THR
 /// been counted yet, by `struct task_struct *` (unique until the task is
 /// freed, which comes after its final switch-out), with their process's
 /// id and slot and their counters then. Whoever removes an entry counts the
-/// thread: its final switch-out, its free, or the loader after the target
-/// ended (for one whose switch-out and free the probes both missed).
+/// thread: its final switch-out, its free, or, for one whose final
+/// switch-out and free the programs both missed, `sched_process_exit` when a
+/// new thread's task has its address, or the loader once the target ended.
+/// A freed slot's entries are removed uncounted (`Targets::remove`).
 #[map]
 pub static EXITING: HashMap<u64, ExitingThread> = HashMap::with_max_entries(EXITING_MAX, 0);
 
