@@ -102,6 +102,13 @@ impl BlockStats {
     }
 }
 
+/// Entries of `REQS`: target block requests in flight at once, over every
+/// target.
+pub const REQS_MAX: u32 = 16_384;
+
+/// Entries of `BIOS`: target bios marked on the legacy path (LRU).
+pub const BIOS_MAX: u32 = 16_384;
+
 /// A target request in flight (map `REQS`, keyed by `struct request *`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -32,7 +32,7 @@ use aya_ebpf::{
 };
 use cis490_common::{
     BlockStats, MaxSlot, ReqStart,
-    block::{REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE},
+    block::{BIOS_MAX, REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE, REQS_MAX},
 };
 
 use crate::{
@@ -52,13 +52,13 @@ pub static BLOCK_MAX: PerCpuArray<MaxSlot> = PerCpuArray::with_max_entries(2, 0)
 
 /// Target block requests in flight, keyed by `struct request *`.
 #[map]
-pub static REQS: HashMap<u64, ReqStart> = HashMap::with_max_entries(16_384, 0);
+pub static REQS: HashMap<u64, ReqStart> = HashMap::with_max_entries(REQS_MAX, 0);
 
 /// Bios a target queued (legacy block path) and the bios split from
 /// them, keyed by `struct bio *`, with the target's slot; LRU, so marks of
 /// bios merged into another request age out.
 #[map]
-pub static BIOS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16_384, 0);
+pub static BIOS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(BIOS_MAX, 0);
 
 /// `struct request`: `cmd_flags` (the op in its low bits).
 #[unsafe(no_mangle)]

@@ -15,11 +15,11 @@ use aya::{
 };
 use cis490_common::{
     BlockStats, MaxSlot, ReqStart,
-    block::{REQ_OP_READ, global, map, prog},
+    block::{REQ_OP_READ, REQS_MAX, global, map, prog},
 };
 
 use super::{
-    maps::{hist_delta, max_of, open, read_percpu},
+    maps::{hist_delta, max_of, open, read_percpu, take_where},
     spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeSpec},
     targets::Slot,
 };
@@ -217,20 +217,13 @@ impl BlockReader {
     pub fn settle(&mut self, target_gone: bool) {
         self.last_scan = Instant::now();
         let now = mono_now_ns();
-        let stale: Vec<(u64, ReqStart)> = self
-            .reqs
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, r)| {
-                r.slot == self.slot
-                    && r.issued != 0
-                    && (target_gone || now.saturating_sub(r.ts_ns) > STALE_AFTER_NS)
-            })
-            .collect();
-        for (rq, r) in stale {
-            if self.reqs.remove(&rq).is_err() {
-                continue; // completed meanwhile
-            }
+        let (slot, gone) = (self.slot, target_gone);
+        let stale = take_where(&mut self.reqs, 2 * REQS_MAX, |r| {
+            r.slot == slot
+                && r.issued != 0
+                && (gone || now.saturating_sub(r.ts_ns) > STALE_AFTER_NS)
+        });
+        for (_, r) in stale {
             let s = &mut self.settled;
             if r.op == REQ_OP_READ {
                 s.read_bytes += r.missing_bytes();

@@ -6,7 +6,7 @@ use std::os::fd::AsFd as _;
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use cis490_common::{HIST_BUCKETS, MaxSlot};
 
@@ -34,6 +34,30 @@ pub(super) fn open<T: TryFrom<Map, Error = MapError>>(ebpf: &Ebpf, name: &str) -
         _ => bail!("map {name}: a kind of map cis490 does not read"),
     };
     T::try_from(own).with_context(|| format!("map {name}"))
+}
+
+/// Takes the entries of hash map `map` that `keep` selects off it, and
+/// returns those this call removed.
+///
+/// The programs add and remove entries meanwhile, and a key removed under
+/// the walk restarts it: so the walk stops after `steps` entries (twice the
+/// map's capacity, say), an entry may be seen twice, and only an entry whose
+/// remove succeeds here is returned (one the kernel removed meanwhile is
+/// the kernel's to count).
+pub(super) fn take_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    steps: u32,
+    keep: impl Fn(&V) -> bool,
+) -> Vec<(K, V)> {
+    let seen: Vec<(K, V)> = map
+        .iter()
+        .take(steps as usize)
+        .filter_map(Result::ok)
+        .filter(|(_, v)| keep(v))
+        .collect();
+    seen.into_iter()
+        .filter(|(k, _)| map.remove(k).is_ok())
+        .collect()
 }
 
 /// Sums a per-CPU value (entry `key`: a target slot) over all CPUs.

@@ -18,7 +18,7 @@ use cis490_common::{
 };
 
 use super::{
-    maps::{hist_delta, open, read_percpu},
+    maps::{hist_delta, open, read_percpu, take_where},
     spec::{
         Attacher, FamilyStatus, KernelFacts, OffsetSpec,
         ProbeKind::{Iter, TpBtf},
@@ -589,28 +589,18 @@ impl SchedReader {
     ///
     /// [`ThreadCounters::final_from_exit_start`]: cis490_common::ThreadCounters::final_from_exit_start
     pub fn sweep_exiting(&mut self) -> u64 {
-        // The kernel changes the table meanwhile (a key gone under the walk
-        // restarts it): bounded, and a thread listed twice is counted once
-        // (only one remove succeeds).
-        let mine: Vec<(u64, ExitingThread)> = self
-            .exiting
-            .iter()
-            .take(2 * EXITING_MAX as usize)
-            .filter_map(Result::ok)
-            .filter(|(_, e)| e.slot == self.slot && e.tgid == self.tgid)
-            .collect();
-        let mut counted = 0;
-        for (task, e) in mine {
-            if self.exiting.remove(&task).is_err() {
-                continue;
-            }
+        let (slot, tgid) = (self.slot, self.tgid);
+        let mine = take_where(&mut self.exiting, 2 * EXITING_MAX, |e| {
+            e.slot == slot && e.tgid == tgid
+        });
+        let counted = mine.len() as u64;
+        for (_, e) in mine {
             let c = e
                 .at_exit
                 .final_from_exit_start()
                 .as_exited(e.folded_before != 0);
             self.estimated.add_exited(&c);
             self.estimated.exits_estimated += 1;
-            counted += 1;
         }
         counted
     }

@@ -12,13 +12,13 @@ use aya::{
 };
 use cis490_common::{
     ReqStart,
-    block::map as block_map,
+    block::{BIOS_MAX, REQS_MAX, map as block_map},
     map,
     sched::{EXITING_MAX, ExitingThread, map as sched_map},
     target::{TargetsData, filter_bit},
 };
 
-use super::maps::open;
+use super::maps::{open, take_where};
 
 /// A target's slot: the index of its entries in every per-target map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,39 +123,10 @@ impl Targets {
         self.written.generation = self.written.generation.wrapping_add(1);
         self.write()?;
         // No program adds entries of the slot any more.
-        let reqs: Vec<u64> = self
-            .reqs
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, r)| r.slot == slot.0)
-            .map(|(k, _)| k)
-            .collect();
-        for k in reqs {
-            // One that completed meanwhile is gone already.
-            let _ = self.reqs.remove(&k);
-        }
-        let bios: Vec<u64> = self
-            .bios
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|&(_, s)| s == slot.0)
-            .map(|(k, _)| k)
-            .collect();
-        for k in bios {
-            let _ = self.bios.remove(&k);
-        }
-        // Bounded: a key gone under the walk restarts it.
-        let exiting: Vec<u64> = self
-            .exiting
-            .iter()
-            .take(2 * EXITING_MAX as usize)
-            .filter_map(Result::ok)
-            .filter(|(_, e)| e.slot == slot.0)
-            .map(|(k, _)| k)
-            .collect();
-        for k in exiting {
-            let _ = self.exiting.remove(&k);
-        }
+        let mine = |s: u32| s == slot.0;
+        take_where(&mut self.reqs, 2 * REQS_MAX, |r| mine(r.slot));
+        take_where(&mut self.bios, 2 * BIOS_MAX, |&s| mine(s));
+        take_where(&mut self.exiting, 2 * EXITING_MAX, |e| mine(e.slot));
         self.tgids[slot.0 as usize] = None;
         Ok(())
     }
