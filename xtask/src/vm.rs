@@ -243,6 +243,10 @@ pub struct KernelRun {
     /// Why the run failed beyond failed tests: init errors, a panic, a
     /// timeout, a missing result line.
     pub errors: Vec<String>,
+    /// A fault of the emulated machine itself, not of a test: a kernel
+    /// panic, BUG or Oops, no output until the timeout (a lockup), QEMU
+    /// ending without a result line. Only such a run is run once more.
+    pub machine_fault: Option<String>,
     pub console: PathBuf,
 }
 
@@ -277,6 +281,7 @@ impl KernelRun {
             "passed": self.passed,
             "failed": self.failed,
             "errors": self.errors,
+            "machine_fault": self.machine_fault,
             "ok": self.ok(),
             "console": self.console,
         })
@@ -703,16 +708,16 @@ pub fn run_kernel(
                     result_seen = true;
                 }
                 if let Some(why) = fatal {
+                    run.machine_fault = Some(why.clone());
                     run.errors.push(why);
                     kill(&mut child);
                     break;
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                run.errors.push(format!(
-                    "timed out after {} s (QEMU killed)",
-                    opts.timeout.as_secs()
-                ));
+                let why = format!("timed out after {} s (QEMU killed)", opts.timeout.as_secs());
+                run.machine_fault = Some(why.clone());
+                run.errors.push(why);
                 kill(&mut child);
                 break;
             }
@@ -725,7 +730,7 @@ pub fn run_kernel(
     run.elapsed = start.elapsed();
     let stderr = stderr.join().unwrap_or_default();
     if !result_seen && run.errors.is_empty() {
-        run.errors.push(format!(
+        let why = format!(
             "QEMU ended ({}) without a result line{}",
             status.map_or("killed".to_owned(), |s| s.to_string()),
             if stderr.trim().is_empty() {
@@ -733,7 +738,9 @@ pub fn run_kernel(
             } else {
                 format!(": {}", stderr.trim())
             }
-        ));
+        );
+        run.machine_fault = Some(why.clone());
+        run.errors.push(why);
     }
     check_extras(&mut run);
     eprintln!(
@@ -942,13 +949,17 @@ mod tests {
             &mut last,
             t,
         );
-        on_line(
-            "t",
-            &mut run,
-            "test late ... FAILED",
-            Duration::ZERO,
-            &mut last,
-            t,
+        // A failed test is not a fault of the machine (never run again).
+        assert!(
+            on_line(
+                "t",
+                &mut run,
+                "test late ... FAILED",
+                Duration::ZERO,
+                &mut last,
+                t,
+            )
+            .is_none()
         );
         assert_eq!(run.tests.len(), 2);
         assert_eq!(run.tests[1].1, "FAILED");
@@ -990,6 +1001,17 @@ mod tests {
                 "t",
                 &mut run,
                 "[  1.0] Kernel panic - not syncing: x",
+                Duration::ZERO,
+                &mut last,
+                t
+            )
+            .is_some()
+        );
+        assert!(
+            on_line(
+                "t",
+                &mut run,
+                "[ 90.1] watchdog: BUG: soft lockup - CPU#1 stuck for 26s!",
                 Duration::ZERO,
                 &mut last,
                 t
