@@ -2,8 +2,10 @@
 //! out, *rx* what it receives.
 //!
 //! Two vantages: the target's tap interfaces, counted by interface in the
-//! kernel (frames cross a tap in softirq context, so they are matched by
-//! interface, not by the current task); and the target's own IPv4/IPv6
+//! kernel (a frame written into a tap is received by the host, one sent into
+//! it is counted when a reader copies it out, and neither need run in the
+//! target's own threads, so they are matched by interface, not by the
+//! current task); and the target's own IPv4/IPv6
 //! socket traffic, in process context.
 
 crate::names! {
@@ -19,7 +21,7 @@ crate::names! {
     /// The network family's programs, each named for its tracepoint.
     pub mod prog {
         NETIF_RECEIVE_SKB = "netif_receive_skb",
-        NET_DEV_XMIT = "net_dev_xmit",
+        SKB_COPY_DATAGRAM_IOVEC = "skb_copy_datagram_iovec",
         SOCK_SEND_LENGTH = "sock_send_length",
         SOCK_RECV_LENGTH = "sock_recv_length",
     }
@@ -34,6 +36,7 @@ crate::names! {
         SKB_HEAD_OFFSET,
         SKB_MAC_HEADER_OFFSET,
         SKB_DEV_OFFSET,
+        SKB_SK_OFFSET,
         NETDEV_IFINDEX_OFFSET,
         NETDEV_NET_OFFSET,
         NET_INUM_OFFSET,

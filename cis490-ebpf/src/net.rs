@@ -1,10 +1,12 @@
 //! Network probes, from the target's side (tx: what it sends out).
 //!
 //! Taps: a frame the target writes into its tap fd enters the host stack as
-//! a packet *received* on the tap (`netif_receive_skb`, softirq context);
-//! a frame the host sends into the tap for the target goes out through the
-//! tap's transmit (`net_dev_xmit`). Both are matched by interface (its
-//! network namespace and index, `TAP_IFS`), never by the current task.
+//! a packet *received* on the tap (`netif_receive_skb`); a frame the host
+//! sends into the tap waits in the tap's queue until the target (or its
+//! vhost worker) reads it, and is counted then, where the tap's own
+//! counters count it (`skb_copy_datagram_iovec`, the copy to the reader).
+//! Both are matched by interface (its network namespace and index,
+//! `TAP_IFS`), never by the current task.
 //! Sockets: `sock_send_length`/`sock_recv_length` (6.3+) in the target's own
 //! threads, IPv4/IPv6 only (not the unix sockets of QMP or a monitor).
 
@@ -51,6 +53,9 @@ static SKB_HEAD_OFFSET: Global<u32> = Global::new(0);
 static SKB_MAC_HEADER_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static SKB_DEV_OFFSET: Global<u32> = Global::new(0);
+/// `sk_buff.sk`: the socket that owns it (none in a tap's queue).
+#[unsafe(no_mangle)]
+static SKB_SK_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static NETDEV_IFINDEX_OFFSET: Global<u32> = Global::new(0);
 /// `net_device.nd_net.net`: the device's `struct net *`.
@@ -135,26 +140,51 @@ fn try_receive(ctx: &BtfTracePointContext) -> Res {
     Ok(())
 }
 
-/// `net_dev_xmit(struct sk_buff *skb, int rc, struct net_device *dev,
-/// unsigned int skb_len)`: the host sent a packet out of `dev`. On a tap of
-/// the target, that is a frame the target receives.
-#[btf_tracepoint(function = "net_dev_xmit")]
-pub fn net_dev_xmit(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_xmit(&ctx);
+/// `skb_copy_datagram_iovec(const struct sk_buff *skb, int len)`: data of
+/// `skb` copied to a reader. A tap's read (`tun_put_user`, also from a vhost
+/// worker) copies a frame from the tap's queue, where the host's transmit
+/// left it without an owning socket (`tun_net_xmit` orphans it); a socket's
+/// receive copies an skb its socket owns. So an ownerless skb of a tap of
+/// the target is a frame the target reads, counted as the tap's own
+/// counters count it: when read (not when queued: frames dropped at a full
+/// queue, or still queued at the end, are not the target's rx).
+#[btf_tracepoint(function = "skb_copy_datagram_iovec")]
+pub fn skb_copy_datagram_iovec(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_copy(&ctx);
     0
 }
 
-fn try_xmit(ctx: &BtfTracePointContext) -> Res {
-    let rc: u64 = ctx.arg(1);
-    if rc as i32 != 0 {
+/// Bytes of the header copied apart before an accelerated VLAN tag
+/// (`tun_put_user`: the two MAC addresses).
+const VLAN_OFFSET: u32 = 12;
+/// The accelerated VLAN tag that the tap inserts and counts.
+const VLAN_HLEN: u32 = 4;
+
+fn try_copy(ctx: &BtfTracePointContext) -> Res {
+    let skb: *const u8 = ctx.arg(0);
+    // Most copies of the machine are a socket's: one load says so.
+    let sk: u64 = load(skb, &SKB_SK_OFFSET);
+    if sk != 0 {
         return Ok(());
     }
-    let dev: *const u8 = ctx.arg(2);
+    let dev: *const u8 = load(skb, &SKB_DEV_OFFSET);
     let Some((target, slot)) = tap_slot(dev) else {
         return Ok(());
     };
-    let skb_len: u64 = ctx.arg(3);
-    count(target, slot, false, skb_len & 0xffff_ffff);
+    let copied: u64 = ctx.arg(1);
+    let copied = copied as u32;
+    let len: u32 = load(skb, &SKB_LEN_OFFSET);
+    // One copy of the whole frame; or, with an accelerated VLAN tag, the
+    // first 12 bytes, the tag, then the rest: counted once, at the rest,
+    // with the tag as the tap counts it.
+    let bytes = if copied == len {
+        len
+    } else if copied != VLAN_OFFSET && copied.wrapping_add(VLAN_OFFSET) == len {
+        len + VLAN_HLEN
+    } else {
+        return Ok(());
+    };
+    count(target, slot, false, bytes as u64);
     Ok(())
 }
 

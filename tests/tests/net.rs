@@ -170,6 +170,122 @@ fn tap_traffic_matches_ground_truth_and_interface_statistics() {
     );
 }
 
+/// A frame the host sends into the tap is the target's rx when the target
+/// reads it, where the tap's own counters count it: not when it is queued,
+/// and not at all when the full queue drops it. The host sends 400 frames
+/// while the target does not read; the tap's queue holds 300 (txqueuelen),
+/// so the tap drops the rest; the target reads 300 frames 1.5 s later.
+/// eBPF's rx: the 300 read, exactly, all in buckets that end after the
+/// first read, equal to the interface statistics. (Counted at the host's
+/// transmit, as before, it was all 400, in the buckets of the send.)
+#[test]
+fn a_taps_rx_is_counted_when_the_target_reads_it() {
+    require_root();
+    let dir = scratch("tap-read");
+    let ns = Netns::new("tapread");
+    let name = "c490r0";
+    let (mut wl, out) = tap_workload(
+        &ns,
+        &dir,
+        name,
+        &[
+            "--frames",
+            "1",
+            "--size",
+            "60",
+            "--read-frames",
+            "300",
+            "--read-after-ms",
+            "1500",
+            "--timeout-ms",
+            "5000",
+            "--linger-ms",
+            "400",
+        ],
+    );
+    // `qlen`: the keyword both iproute2 and busybox (the VM guests') know.
+    ns.sh(&format!("ip link set {name} qlen 300"));
+    let pid = wl.id() as i32;
+    let trace = start_trace(
+        &dir,
+        &[
+            "--target-pid",
+            &pid.to_string(),
+            "--duration",
+            "60",
+            "--interval-ms",
+            "100",
+        ],
+    );
+    wait_for_event(&episode_dir(&dir), "tap_attached", |e| e["name"] == name, T);
+    // The tap's tx_dropped, from its namespace's /proc/net/dev (the fields
+    // after the name: 8 received, then bytes, packets, errs, drop sent).
+    let tx_dropped = || -> u64 {
+        let dev = ns.sh("cat /proc/net/dev");
+        let line = dev
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("{name} not in /proc/net/dev:\n{dev}"));
+        line.split_whitespace().nth(11).unwrap().parse().unwrap()
+    };
+    let dropped_before = tx_dropped();
+    kill(pid, libc::SIGUSR1);
+    let sent = ns
+        .cmd(&bin("cis490-workload"))
+        .args([
+            "send-frames",
+            "--ifname",
+            name,
+            "--frames",
+            "400",
+            "--size",
+            "500",
+        ])
+        .arg("--out")
+        .arg(dir.join("sent.json"))
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let dropped = tx_dropped() - dropped_before;
+    assert!(wl.wait().unwrap().success());
+    let ep = Episode::from_output(&wait_output(trace, T));
+    let truth = report(&out);
+    let sent = report(&dir.join("sent.json"));
+    assert_eq!(sent["frames_sent"], 400);
+    assert_eq!(
+        (
+            truth["frames_read"].as_u64(),
+            truth["read_timed_out"].as_bool()
+        ),
+        (Some(300), Some(false)),
+        "{truth}"
+    );
+    eprintln!("the tap dropped {dropped} of the 400 frames sent (its queue was full)");
+    assert!(dropped >= 100, "the tap dropped only {dropped} frames");
+    assert_eq!(by_if(&ep, "ebpf", name, "rx_packets"), 300);
+    assert_eq!(by_if(&ep, "ebpf", name, "rx_bytes"), 300 * 500);
+    for field in ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes"] {
+        assert_eq!(
+            by_if(&ep, "ebpf", name, field),
+            by_if(&ep, "proc", name, field),
+            "{field}: ebpf vs the interface statistics"
+        );
+    }
+    // In the buckets of the reads, none before.
+    let read_start = truth["read_start_mono_ns"].as_u64().unwrap();
+    for r in ep.rows("ebpf") {
+        let rx = r["net_by_if"][name]["rx_packets"].as_u64().unwrap_or(0);
+        let end = r["t_mono_ns"].as_u64().unwrap();
+        assert!(
+            rx == 0 || end >= read_start,
+            "{rx} frames in seq {} ending {} ms before the first read",
+            r["seq"],
+            (read_start - end) / 1_000_000
+        );
+    }
+    assert_check_passes(&ep.dir);
+}
+
 /// TCP: what the target receives (3000000 B, counted by the sender) and
 /// what it sends (2000000 B, counted by the peer that received them), to
 /// the byte, in `net_by_if.sockets`.

@@ -1,5 +1,6 @@
 //! The network probe family (programs in `cis490-ebpf/src/net.rs`): the
-//! target's tap interfaces (by interface, in softirq context) and its own
+//! target's tap interfaces (by interface: what it writes as the host
+//! receives it, what it reads as the tap hands it over) and its own
 //! IPv4/IPv6 sockets (in process context, Linux 6.3+).
 //!
 //! The reader: Network rows from `NET_STATS`, and the registry of the target's taps in
@@ -58,6 +59,11 @@ pub const TAP_OFFSETS: &[OffsetSpec] = &[
         path: "dev",
     },
     OffsetSpec {
+        global: global::SKB_SK_OFFSET,
+        ty: "sk_buff",
+        path: "sk",
+    },
+    OffsetSpec {
         global: global::NETDEV_IFINDEX_OFFSET,
         ty: "net_device",
         path: "ifindex",
@@ -91,7 +97,7 @@ pub const OFFSETS: &[OffsetSpec] = &{
 
 pub(super) const TAPS: &[ProbeSpec] = &[
     ProbeSpec::tp_btf(prog::NETIF_RECEIVE_SKB),
-    ProbeSpec::tp_btf(prog::NET_DEV_XMIT),
+    ProbeSpec::tp_btf(prog::SKB_COPY_DATAGRAM_IOVEC),
 ];
 pub(super) const SOCKETS: &[ProbeSpec] = &[
     ProbeSpec::tp_btf(prog::SOCK_SEND_LENGTH),

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 
+use crate::clock::clock_ns;
 use crate::fdutil::{ioctl_result, poll_readable};
 use crate::frames::{TAP_SRC_MAC, ethernet_frame, set_frame_seq};
 use crate::report::{write_json_atomic, write_ready};
@@ -58,6 +59,10 @@ pub struct TapArgs {
     /// Number of frames to read from the tap (sent by the host on NAME) after writing.
     #[arg(long, value_name = "M", default_value_t = 0)]
     read_frames: u64,
+    /// Wait this long after writing before the first read: frames sent meanwhile wait in
+    /// the tap's queue (and past its length, are dropped by it).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    read_after_ms: u64,
     /// Write PATH.ready once the tap exists and wait for SIGUSR1 before writing frames.
     #[arg(long)]
     wait_signal: bool,
@@ -213,6 +218,9 @@ pub fn cmd_tap(a: &TapArgs) -> Result<()> {
         read_timed_out: bool,
         write_ns: u64,
         read_ns: u64,
+        /// CLOCK_MONOTONIC when reading began and ended (after --read-after-ms).
+        read_start_mono_ns: u64,
+        read_end_mono_ns: u64,
         /// With --recreate-at: the index of the tap made again.
         recreated_ifindexes: Vec<u32>,
     }
@@ -280,6 +288,8 @@ pub fn cmd_tap(a: &TapArgs) -> Result<()> {
     }
     let write_ns = start.elapsed().as_nanos() as u64;
 
+    thread::sleep(Duration::from_millis(a.read_after_ms));
+    let read_start_mono_ns = clock_ns(libc::CLOCK_MONOTONIC);
     let start = Instant::now();
     let deadline = Some(start + Duration::from_millis(a.timeout_ms));
     let (mut frames_read, mut bytes_read) = (0u64, 0u64);
@@ -308,6 +318,7 @@ pub fn cmd_tap(a: &TapArgs) -> Result<()> {
         *by_type.entry(key).or_insert(0u64) += 1;
     }
     let read_ns = start.elapsed().as_nanos() as u64;
+    let read_end_mono_ns = clock_ns(libc::CLOCK_MONOTONIC);
 
     let report = Report {
         kind: "tap",
@@ -322,6 +333,8 @@ pub fn cmd_tap(a: &TapArgs) -> Result<()> {
         read_timed_out,
         write_ns,
         read_ns,
+        read_start_mono_ns,
+        read_end_mono_ns,
         recreated_ifindexes: ifindexes,
     };
     write_json_atomic(&a.out, &report)?;
