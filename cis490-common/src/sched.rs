@@ -444,7 +444,9 @@ pub struct ExitingThread {
     /// 1 for a thread other than its process's leader
     /// ([`ThreadCounters::as_exited`]).
     pub folded_before: u32,
-    pub reserved: u32,
+    /// Its own id: another task freed later at the same address (the
+    /// thread's memory reused) is not it.
+    pub tid: u32,
     /// Its own counters when it began to exit.
     pub at_exit: ThreadCounters,
 }

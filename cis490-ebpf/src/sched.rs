@@ -274,7 +274,9 @@ fn account_estimated(e: &ExitingThread) -> Res {
 /// an RCU grace period after both its release and its final switch-out.
 /// A target thread still in `EXITING` then began to exit but its final
 /// switch-out was never counted (the probe did not run for it): its
-/// counters, final now, are counted here, and the repair is counted.
+/// counters, final now, are counted here, and the repair is counted. A
+/// listed entry of another thread (its ids differ) is one whose free was
+/// missed too, its memory now this task's: counted from its exit start.
 #[btf_tracepoint(function = "sched_process_free")]
 pub fn sched_process_free(ctx: BtfTracePointContext) -> i32 {
     let _ = try_free(&ctx);
@@ -287,6 +289,16 @@ fn try_free(ctx: &BtfTracePointContext) -> Res {
     let Some(entry) = (unsafe { EXITING.get(p as u64) }).copied() else {
         return Ok(());
     };
+    if entry.tid != task_tid(p) || entry.tgid != task_tgid(p) {
+        // Another task at the address of a listed thread whose final
+        // switch-out and free were both missed (its memory reused by any
+        // process's task): that thread is counted from its exit start, not
+        // from this task's counters.
+        if EXITING.remove(p as u64).is_ok() {
+            account_estimated(&entry)?;
+        }
+        return Ok(());
+    }
     let skip = SKIP_FREE_OF_TID_MULTIPLES.load();
     if skip != 0 && task_tid(p).is_multiple_of(skip) {
         return Ok(());
@@ -591,7 +603,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Res {
         tgid,
         slot,
         folded_before: u32::from(tid != tgid),
-        reserved: 0,
+        tid,
         at_exit: c,
     };
     if COUNTING.load() != 0 {
