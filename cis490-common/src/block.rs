@@ -10,6 +10,7 @@ crate::names! {
         BLOCK_MAX,
         REQS,
         BIOS,
+        CGROUP_SLOTS,
     }
 }
 
@@ -30,13 +31,21 @@ crate::names! {
 crate::names! {
     /// The block family's read-only globals: `struct request` and
     /// `struct bio` member offsets, and the path taken (1: the `block_rq`
-    /// fallback).
+    /// fallback); the offsets from a bio to its cgroup's id (`bi_blkg`,
+    /// `blkg.blkcg`, `blkcg.css.cgroup`, `cgroup.kn`, `kernfs_node.id`),
+    /// and 1 in `BLOCK_CGROUPS` where the kernel has them all.
     pub mod global {
         REQ_CMD_FLAGS_OFFSET,
         REQ_DATA_LEN_OFFSET,
         REQ_BIO_OFFSET,
         BIO_PRIVATE_OFFSET,
         BLOCK_LEGACY,
+        BIO_BLKG_OFFSET,
+        BLKG_BLKCG_OFFSET,
+        BLKCG_CGROUP_OFFSET,
+        CGROUP_KN_OFFSET,
+        KERNFS_NODE_ID_OFFSET,
+        BLOCK_CGROUPS,
     }
 }
 
@@ -108,6 +117,10 @@ pub const REQS_MAX: u32 = 16_384;
 
 /// Entries of `BIOS`: target bios marked on the legacy path (LRU).
 pub const BIOS_MAX: u32 = 16_384;
+
+/// Entries of `CGROUP_SLOTS`: a target's own cgroup (v2 id) -> its slot.
+/// One per target at most.
+pub const CGROUP_SLOTS_MAX: u32 = crate::target::MAX_TARGETS;
 
 /// A target request in flight (map `REQS`, keyed by `struct request *`).
 #[repr(C)]

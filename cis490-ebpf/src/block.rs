@@ -2,7 +2,9 @@
 //!
 //! A request is attributed when it starts, in the context of the thread
 //! that submits it (`block_io_start`), and remembered by its address in
-//! `REQS`. Kernels before 6.5 have no such tracepoint: there the target's
+//! `REQS`. A target with a cgroup (v2) of its own also owns the requests
+//! the kernel charges to that cgroup whoever submits them (`bi_blkg`;
+//! `CGROUP_SLOTS`): the flusher's writeback of pages the target dirtied. Kernels before 6.5 have no such tracepoint: there the target's
 //! bios are marked when queued (`block_bio_queue`, in the submitter's
 //! context, `BIOS`), and a request is the target's when its first bio is,
 //! seen at `block_rq_insert` or `block_rq_issue` whatever context those run
@@ -32,7 +34,7 @@ use aya_ebpf::{
 };
 use cis490_common::{
     BlockStats, MaxSlot, ReqStart,
-    block::{BIOS_MAX, REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE, REQS_MAX},
+    block::{BIOS_MAX, CGROUP_SLOTS_MAX, REQ_OP_MASK, REQ_OP_READ, REQ_OP_WRITE, REQS_MAX},
 };
 
 use crate::{
@@ -60,6 +62,13 @@ pub static REQS: HashMap<u64, ReqStart> = HashMap::with_max_entries(REQS_MAX, 0)
 #[map]
 pub static BIOS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(BIOS_MAX, 0);
 
+/// Targets that have a cgroup (v2) of their own: the cgroup's id -> the
+/// target's slot. Kept by the loader. I/O the kernel charges to such a
+/// cgroup is the target's whoever submits it: above all the flusher's
+/// writeback of pages the target dirtied.
+#[map]
+pub static CGROUP_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUP_SLOTS_MAX, 0);
+
 /// `struct request`: `cmd_flags` (the op in its low bits).
 #[unsafe(no_mangle)]
 static REQ_CMD_FLAGS_OFFSET: Global<u32> = Global::new(0);
@@ -76,12 +85,51 @@ static BIO_PRIVATE_OFFSET: Global<u32> = Global::new(0);
 /// insert or issue and account each completion as final.
 #[unsafe(no_mangle)]
 static BLOCK_LEGACY: Global<u32> = Global::new(0);
+/// `struct bio`: `bi_blkg`, the cgroup its I/O is charged to (its
+/// submitter's, or for writeback the cgroup that dirtied the pages).
+#[unsafe(no_mangle)]
+static BIO_BLKG_OFFSET: Global<u32> = Global::new(0);
+/// `struct blkcg_gq`: `blkcg`.
+#[unsafe(no_mangle)]
+static BLKG_BLKCG_OFFSET: Global<u32> = Global::new(0);
+/// `struct blkcg`: `css.cgroup`.
+#[unsafe(no_mangle)]
+static BLKCG_CGROUP_OFFSET: Global<u32> = Global::new(0);
+/// `struct cgroup`: `kn`, its directory in the cgroup file system.
+#[unsafe(no_mangle)]
+static CGROUP_KN_OFFSET: Global<u32> = Global::new(0);
+/// `struct kernfs_node`: `id`, the cgroup's id (its directory's inode).
+#[unsafe(no_mangle)]
+static KERNFS_NODE_ID_OFFSET: Global<u32> = Global::new(0);
+/// 1 where the kernel has every offset above (CONFIG_BLK_CGROUP).
+#[unsafe(no_mangle)]
+static BLOCK_CGROUPS: Global<u32> = Global::new(0);
 
 type Res = Result<(), i32>;
 const NO_MAP: i32 = -1;
 
 fn block_stats(slot: u32) -> Result<*mut BlockStats, i32> {
     BLOCK_STATS.get_ptr_mut(slot).ok_or(NO_MAP)
+}
+
+/// The slot of the target whose own cgroup `bio`'s I/O is charged to, if
+/// any: the flusher writes back pages with the cgroup that dirtied them
+/// (CONFIG_CGROUP_WRITEBACK, on cgroup v2 with the memory and io
+/// controllers). Only where the loader listed a target's cgroup.
+#[inline(always)]
+fn cgroup_slot(bio: u64) -> Option<u32> {
+    if BLOCK_CGROUPS.load() == 0 || bio == 0 {
+        return None;
+    }
+    let blkg: u64 = field(bio as *const u8, &BIO_BLKG_OFFSET).ok()?;
+    if blkg == 0 {
+        return None;
+    }
+    let blkcg: u64 = field(blkg as *const u8, &BLKG_BLKCG_OFFSET).ok()?;
+    let cgroup: u64 = field(blkcg as *const u8, &BLKCG_CGROUP_OFFSET).ok()?;
+    let kn: u64 = field(cgroup as *const u8, &CGROUP_KN_OFFSET).ok()?;
+    let id: u64 = field(kn as *const u8, &KERNFS_NODE_ID_OFFSET).ok()?;
+    unsafe { CGROUP_SLOTS.get(id) }.copied()
 }
 
 /// Attributes request `rq` if it is the target's (and the op is a read or
@@ -121,6 +169,11 @@ fn start(ctx: &BtfTracePointContext, legacy: bool, by_current: bool) -> Res {
         let _ = BIOS.remove(bio);
         ours = Some(marked);
     }
+    if ours.is_none() && !legacy {
+        // Submitted by another thread (the flusher) for a target's cgroup.
+        // (On the legacy path its bio was marked so when queued.)
+        ours = cgroup_slot(bio);
+    }
     let Some(slot) = ours else {
         let _ = REQS.remove(rq);
         return Ok(());
@@ -153,12 +206,13 @@ fn start(ctx: &BtfTracePointContext, legacy: bool, by_current: bool) -> Res {
 }
 
 /// `block_bio_queue(struct bio *bio)` (legacy path): a bio is submitted, in
-/// the submitting thread. Marks the target's bios; forgets a stale mark.
+/// the submitting thread. Marks the target's bios (its threads', and those
+/// charged to its own cgroup); forgets a stale mark.
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn block_bio_queue(ctx: BtfTracePointContext) -> i32 {
     let bio: u64 = ctx.arg(0);
     let (tgid, _) = current();
-    if let Some(slot) = target_slot(tgid) {
+    if let Some(slot) = target_slot(tgid).or_else(|| cgroup_slot(bio)) {
         let _ = BIOS.insert(bio, slot, BPF_ANY as u64);
     } else {
         let _ = BIOS.remove(bio);

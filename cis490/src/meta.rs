@@ -138,6 +138,14 @@ pub struct EbpfTotals {
     /// complete with the request they joined and count as that one does.
     #[serde(default)]
     pub block_requests_merged: u64,
+    /// The target's own cgroup (v2, its path), whose block I/O counts as
+    /// the target's whoever submits it (the flusher's writeback of the
+    /// pages it dirtied): `null` when it has none such, and then
+    /// `block_cgroup_note` says why.
+    #[serde(default)]
+    pub block_cgroup: Option<String>,
+    #[serde(default)]
+    pub block_cgroup_note: Option<String>,
     /// Per loaded program: runs the kernel skipped during the episode
     /// because the program would have run nested on its own CPU (the
     /// program's `recursion_misses`; a server's programs are shared, so

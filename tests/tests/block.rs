@@ -569,6 +569,141 @@ struct LoopDev {
     sys: std::path::PathBuf,
 }
 
+/// The unified cgroup hierarchy's mount point, when the memory and io
+/// controllers are on it (a cgroup can then be charged writeback).
+fn unified_with_memory_and_io() -> Option<std::path::PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mnt = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+    })?;
+    let controllers = std::fs::read_to_string(mnt.join("cgroup.controllers")).ok()?;
+    let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+    (has("memory") && has("io")).then_some(mnt)
+}
+
+/// Bytes written by the cgroup at `dir`, over every device (`io.stat`'s
+/// `wbytes`: the kernel's own count of the write bios charged to it).
+fn cgroup_wbytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_to_string(dir.join("io.stat"))
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|kv| kv.strip_prefix("wbytes="))
+        .map(|v| v.parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The flusher's writeback of the pages a target dirtied is the target's
+/// when the target has a cgroup (v2) of its own with the memory and io
+/// controllers: the kernel charges those bios to that cgroup. A process
+/// alone in a new cgroup writes 16 MiB through the page cache and pauses
+/// 4 s; meanwhile the test (outside the cgroup) runs `sync`, so the
+/// flusher writes them. eBPF's `blk_write_bytes` = the cgroup's own
+/// `io.stat` `wbytes` growth (± 64 KiB), at least the 16 MiB, all in the
+/// buckets up to the end of the `sync` (one bucket of slack). Where the
+/// controllers are not on cgroup v2 (this host: cgroup v1), `meta.json`
+/// says why no cgroup is used, and the writeback is not counted (the
+/// process's own requests: under 64 KiB).
+#[test]
+fn writeback_charged_to_the_targets_own_cgroup_counts_as_its_writes() {
+    require_root();
+    let dir = scratch("wb-cgroup");
+    let (mut wl, out_json) = dio_workload(
+        &dir,
+        &[
+            "--buffered-mb",
+            "16",
+            "--buffered-pause-ms",
+            "4000",
+            "--write-mb",
+            "0",
+            "--read-mb",
+            "0",
+        ],
+    );
+    let pid = wl.id();
+    let cgroup = unified_with_memory_and_io().map(|mnt| {
+        std::fs::write(mnt.join("cgroup.subtree_control"), "+memory +io").unwrap();
+        let name = format!("cis490-wb-{pid}");
+        let dir = mnt.join(&name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        (format!("/{name}"), dir)
+    });
+    eprintln!("the target's own cgroup: {cgroup:?}");
+    let before = cgroup.as_ref().map(|(_, d)| cgroup_wbytes(d));
+    let trace = start_trace(
+        &dir,
+        &["--target-pid", &pid.to_string(), "--interval-ms", "100"],
+    );
+    kill(pid as i32, libc::SIGUSR1);
+    // Once its 16 MiB are dirtied (its own accounting), the flusher writes
+    // them back for `sync`, in the process's pause.
+    let deadline = std::time::Instant::now() + T;
+    while proc_io_write_bytes(pid) < 16 * MIB {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writes never came"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("sync").status().unwrap().success());
+    let synced = mono_now_ns();
+    assert!(wl.wait().unwrap().success());
+    let ep = Episode::from_output(&wait_output(trace, T));
+    let truth = report(&out_json);
+    assert!(
+        truth["buffered_end_mono_ns"].as_u64().unwrap() + 4_000_000_000 > synced,
+        "the sync ended after the process's pause (so its writeback may be after the last row): {truth}"
+    );
+    let written = ep.sum("ebpf", "blk_write_bytes");
+    let info = &ep.meta["ebpf"];
+    match (&cgroup, before) {
+        (Some((path, cg_dir)), Some(before)) => {
+            let charged = cgroup_wbytes(cg_dir) - before;
+            eprintln!("blk_write_bytes: ebpf {written}, the cgroup's io.stat wbytes {charged}");
+            assert_eq!(info["block_cgroup"], path.as_str(), "{info}");
+            assert!(charged >= 16 * MIB, "io.stat wbytes grew by {charged}");
+            assert!(
+                written.abs_diff(charged) <= 65536,
+                "ebpf blk_write_bytes {written} vs the cgroup's {charged}"
+            );
+            let by_sync: u64 = ep
+                .rows("ebpf")
+                .iter()
+                .filter(|r| r["t_mono_ns"].as_u64().unwrap() <= synced + 100_000_000)
+                .map(|r| r["blk_write_bytes"].as_u64().unwrap_or(0))
+                .sum();
+            assert!(
+                by_sync >= 16 * MIB,
+                "only {by_sync} B of the writeback in the buckets up to the sync's end"
+            );
+            let _ = std::fs::remove_dir(cg_dir);
+        }
+        _ => {
+            eprintln!("blk_write_bytes: ebpf {written}; {info}");
+            assert!(info["block_cgroup"].is_null(), "{info}");
+            let note = info["block_cgroup_note"].as_str().unwrap();
+            assert!(note.contains("cgroup"), "{note}");
+            assert!(
+                written <= 65536,
+                "ebpf blk_write_bytes {written}: the writeback counted without a cgroup"
+            );
+        }
+    }
+    assert_check_passes(&ep.dir);
+}
+
+/// `write_bytes` of `/proc/PID/io`.
+fn proc_io_write_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
 const LOOP_SET_FD: libc::c_ulong = 0x4C00;
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;

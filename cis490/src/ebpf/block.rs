@@ -19,6 +19,7 @@ use cis490_common::{
 };
 
 use super::{
+    cgroup::{OwnCgroup, own_cgroup},
     maps::{hist_delta, max_of, open, read_percpu, take_where},
     spec::{Attacher, FamilyStatus, KernelFacts, OffsetSpec, ProbeSpec},
     targets::Slot,
@@ -77,6 +78,44 @@ pub const OFFSETS: &[OffsetSpec] = &[
         path: "bi_private",
     },
 ];
+
+/// From a bio to the id of the cgroup its I/O is charged to: optional (a
+/// kernel without CONFIG_BLK_CGROUP counts each target's own threads' I/O
+/// only).
+pub const CGROUP_OFFSETS: &[OffsetSpec] = &[
+    OffsetSpec {
+        global: global::BIO_BLKG_OFFSET,
+        ty: "bio",
+        path: "bi_blkg",
+    },
+    OffsetSpec {
+        global: global::BLKG_BLKCG_OFFSET,
+        ty: "blkcg_gq",
+        path: "blkcg",
+    },
+    OffsetSpec {
+        global: global::BLKCG_CGROUP_OFFSET,
+        ty: "blkcg",
+        path: "css.cgroup",
+    },
+    OffsetSpec {
+        global: global::CGROUP_KN_OFFSET,
+        ty: "cgroup",
+        path: "kn",
+    },
+    OffsetSpec {
+        global: global::KERNFS_NODE_ID_OFFSET,
+        ty: "kernfs_node",
+        path: "id",
+    },
+];
+
+/// The block family as attached, for its readers.
+#[derive(Clone, Debug)]
+pub struct Attached {
+    /// Whether the programs can tell a bio's cgroup (`CGROUP_OFFSETS`).
+    pub cgroups: Result<(), String>,
+}
 
 pub(super) const IO: &[ProbeSpec] = &[
     ProbeSpec::tp_btf(prog::BLOCK_IO_START),
@@ -161,6 +200,9 @@ pub fn attach(
 // ---- the reader ----------------------------------------------------------
 
 pub struct BlockReader {
+    /// The target's own cgroup whose I/O counts as the target's, or why
+    /// none does.
+    own_cgroup: Result<OwnCgroup, String>,
     stats: PerCpuArray<MapData, BlockStats>,
     max: PerCpuArray<MapData, MaxSlot>,
     reqs: HashMap<MapData, u64, ReqStart>,
@@ -184,8 +226,19 @@ const SCAN_EVERY: Duration = Duration::from_millis(250);
 const STALE_AFTER_NS: u64 = 2_000_000_000;
 
 impl BlockReader {
-    pub fn new(ebpf: &Ebpf, slot: Slot) -> Result<Self> {
+    /// The reader of target `slot` (thread group `tgid`). Lists the
+    /// target's own cgroup for the programs when it has one
+    /// ([`own_cgroup`]); `Targets::remove` takes it off.
+    pub fn new(ebpf: &Ebpf, slot: Slot, tgid: u32, attached: &Attached) -> Result<Self> {
+        let own_cgroup = attached.cgroups.clone().and_then(|()| own_cgroup(tgid));
+        if let Ok(c) = &own_cgroup {
+            let mut slots: HashMap<MapData, u64, u32> = open(ebpf, map::CGROUP_SLOTS)?;
+            slots
+                .insert(c.id, slot.index(), 0)
+                .context(map::CGROUP_SLOTS)?;
+        }
         Ok(Self {
+            own_cgroup,
             stats: open(ebpf, map::BLOCK_STATS)?,
             max: open(ebpf, map::BLOCK_MAX)?,
             reqs: open(ebpf, map::REQS)?,
@@ -194,6 +247,15 @@ impl BlockReader {
             prev: BlockStats::ZERO,
             last_scan: Instant::now(),
         })
+    }
+
+    /// The target's own cgroup whose I/O counts as the target's (its
+    /// path), or why none does.
+    pub fn own_cgroup(&self) -> Result<&str, &str> {
+        match &self.own_cgroup {
+            Ok(c) => Ok(&c.path),
+            Err(why) => Err(why),
+        }
     }
 
     pub fn map_errors(&self) -> u64 {

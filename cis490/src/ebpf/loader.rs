@@ -54,6 +54,7 @@ fn all_offsets() -> impl Iterator<Item = &'static OffsetSpec> {
     sched::OFFSETS
         .iter()
         .chain(block::OFFSETS)
+        .chain(block::CGROUP_OFFSETS)
         .chain(net::OFFSETS)
 }
 
@@ -161,6 +162,8 @@ const PER_TARGET_MAPS: &[(&str, u32)] = &[
 pub struct Plan {
     pub sched: sched::SchedPlan,
     pub block: Result<block::BlockPath, String>,
+    /// Whether the block programs can tell the cgroup a bio is charged to.
+    pub block_cgroups: Result<(), String>,
     pub net: net::NetPlan,
     pub kvm: Result<kvm::KvmFormat, String>,
     pub ringbuf_bytes: u32,
@@ -188,6 +191,10 @@ impl Plan {
         };
         Self {
             sched: sched::plan(facts, opts.counters, opts.wakeups),
+            block_cgroups: block
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|_| facts.have_offsets(block::CGROUP_OFFSETS)),
             block,
             net,
             kvm,
@@ -204,6 +211,10 @@ impl Plan {
             (
                 block_names::BLOCK_LEGACY,
                 matches!(self.block, Ok(block::BlockPath::Rq)) as u32,
+            ),
+            (
+                block_names::BLOCK_CGROUPS,
+                self.block_cgroups.is_ok() as u32,
             ),
         ];
         g.extend(kvm::globals(&self.kvm));
@@ -267,7 +278,7 @@ pub struct Probes {
 #[derive(Clone)]
 pub(super) struct Handoff {
     pub sched: Option<sched::Attached>,
-    pub block: Option<block::BlockPath>,
+    pub block: Option<block::Attached>,
     pub net: Option<net::Attached>,
     pub kvm: Option<kvm::Attached>,
 }
@@ -324,7 +335,9 @@ impl Probes {
             families,
             handoff: Handoff {
                 sched: Some(sched),
-                block,
+                block: block.map(|_| block::Attached {
+                    cgroups: plan.block_cgroups.clone(),
+                }),
                 net,
                 kvm,
             },
@@ -555,6 +568,7 @@ mod tests {
                         io_accounting: true,
                     },
                     block: Err(String::new()),
+                    block_cgroups: Err(String::new()),
                     net: super::net::NetPlan {
                         taps: Ok(()),
                         sockets: Ok(()),

@@ -15,6 +15,7 @@
 
 mod block;
 mod btf;
+mod cgroup;
 mod kvm;
 mod loader;
 mod maps;
@@ -90,7 +91,7 @@ impl EbpfSource {
             None => bail!("the scheduler's task iterator is not attached"),
         };
         let block = match handoff.block {
-            Some(_) => Some(block::BlockReader::new(ebpf, slot)?),
+            Some(attached) => Some(block::BlockReader::new(ebpf, slot, pid as u32, &attached)?),
             None => None,
         };
         let net = match handoff.net {
@@ -146,6 +147,12 @@ impl EbpfSource {
     /// Block requests whose completion was not delivered, so far.
     pub fn block_missed_completions(&self) -> u64 {
         self.block.as_ref().map_or(0, |b| b.missed_completions())
+    }
+
+    /// The target's own cgroup whose I/O counts as the target's (its path),
+    /// or why none does (`None`: no block family).
+    pub fn own_cgroup(&self) -> Option<Result<&str, &str>> {
+        self.block.as_ref().map(block::BlockReader::own_cgroup)
     }
 
     /// The target's block requests merged into others, so far.

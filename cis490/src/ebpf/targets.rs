@@ -12,7 +12,7 @@ use aya::{
 };
 use cis490_common::{
     ReqStart,
-    block::{BIOS_MAX, REQS_MAX, map as block_map},
+    block::{BIOS_MAX, CGROUP_SLOTS_MAX, REQS_MAX, map as block_map},
     map,
     sched::{EXITING_MAX, ExitingThread, map as sched_map},
     target::{TargetsData, filter_bit},
@@ -43,6 +43,8 @@ pub struct Targets {
     /// slot's are forgotten before the slot is given again.
     reqs: HashMap<MapData, u64, ReqStart>,
     bios: HashMap<MapData, u64, u32>,
+    /// The targets' own cgroups (listed by the block reader).
+    cgroups: HashMap<MapData, u64, u32>,
     /// Exiting threads not counted yet, each with its slot: a freed slot's
     /// are forgotten too (else one whose final switch-out and free the
     /// programs both missed would stay listed for the server's life).
@@ -62,6 +64,7 @@ impl Targets {
             epoch: open(ebpf, map::EPOCH)?,
             reqs: open(ebpf, block_map::REQS)?,
             bios: open(ebpf, block_map::BIOS)?,
+            cgroups: open(ebpf, block_map::CGROUP_SLOTS)?,
             exiting: open(ebpf, sched_map::EXITING)?,
             tgids: vec![None; slots as usize],
         })
@@ -97,8 +100,8 @@ impl Targets {
 
     /// Stops tracing the thread group in `slot` and frees the slot. Its
     /// filter bit stays set while another target shares it. Its block
-    /// requests still in flight and its bio marks are forgotten before the
-    /// slot is free, so that none completes into the next target given it,
+    /// requests still in flight, its bio marks and its own cgroup are
+    /// forgotten before the slot is free, so that none completes into the next target given it,
     /// and so are its threads listed as exiting (their episode has had its
     /// last row).
     pub fn remove(&mut self, slot: Slot) -> Result<()> {
@@ -126,6 +129,7 @@ impl Targets {
         let mine = |s: u32| s == slot.0;
         take_where(&mut self.reqs, 2 * REQS_MAX, |r| mine(r.slot));
         take_where(&mut self.bios, 2 * BIOS_MAX, |&s| mine(s));
+        take_where(&mut self.cgroups, 2 * CGROUP_SLOTS_MAX, |&s| mine(s));
         take_where(&mut self.exiting, 2 * EXITING_MAX, |e| mine(e.slot));
         self.tgids[slot.0 as usize] = None;
         Ok(())

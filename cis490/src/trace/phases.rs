@@ -581,6 +581,11 @@ impl<'a> Run<'a> {
         let block_map_errors = sources.ebpf.block_map_errors();
         meta.ebpf.block_missed_completions = sources.ebpf.block_missed_completions();
         meta.ebpf.block_requests_merged = sources.ebpf.block_requests_merged();
+        match sources.ebpf.own_cgroup() {
+            Some(Ok(path)) => meta.ebpf.block_cgroup = Some(path.to_owned()),
+            Some(Err(why)) => meta.ebpf.block_cgroup_note = Some(why.to_owned()),
+            None => {}
+        }
         meta.ebpf.recursion_misses = probes
             .probes()
             .recursion_misses()
