@@ -177,7 +177,8 @@ fn tap_traffic_matches_ground_truth_and_interface_statistics() {
 /// so the tap drops the rest; the target reads 300 frames 1.5 s later.
 /// eBPF's rx: the 300 read, exactly, all in buckets that end after the
 /// first read, equal to the interface statistics. (Counted at the host's
-/// transmit, as before, it was all 400, in the buckets of the send.)
+/// transmit, as before, the 300 were in the buckets of the send, before
+/// the first read: this test failed there.)
 #[test]
 fn a_taps_rx_is_counted_when_the_target_reads_it() {
     require_root();
