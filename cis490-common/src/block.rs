@@ -11,6 +11,7 @@ crate::names! {
         REQS,
         BIOS,
         CGROUP_SLOTS,
+        CGROUPS_LISTED,
     }
 }
 

@@ -4,8 +4,9 @@
 //! that submits it (`block_io_start`), and remembered by its address in
 //! `REQS`. A target with a cgroup (v2) of its own also owns the requests
 //! the kernel charges to that cgroup whoever submits them (`bi_blkg`;
-//! `CGROUP_SLOTS`): the flusher's writeback of pages the target dirtied. Kernels before 6.5 have no such tracepoint: there the target's
-//! bios are marked when queued (`block_bio_queue`, in the submitter's
+//! `CGROUP_SLOTS`): the flusher's writeback of pages the target dirtied.
+//! Kernels before 6.5 have no such tracepoint: there the target's bios
+//! (its threads', and those charged to its own cgroup) are marked when queued (`block_bio_queue`, in the submitter's
 //! context, `BIOS`), and a request is the target's when its first bio is,
 //! seen at `block_rq_insert` or `block_rq_issue` whatever context those run
 //! in (a plug flush, kblockd); at insert the submitting thread counts too,
@@ -29,7 +30,7 @@ use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 use cis490_common::{
@@ -68,6 +69,11 @@ pub static BIOS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(BIOS_MAX, 0
 /// writeback of pages the target dirtied.
 #[map]
 pub static CGROUP_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUP_SLOTS_MAX, 0);
+
+/// How many cgroups `CGROUP_SLOTS` lists (one entry, kept by the loader):
+/// while none is, a request or bio of no target costs no cgroup lookup.
+#[map]
+pub static CGROUPS_LISTED: Array<u32> = Array::with_max_entries(1, 0);
 
 /// `struct request`: `cmd_flags` (the op in its low bits).
 #[unsafe(no_mangle)]
@@ -118,7 +124,7 @@ fn block_stats(slot: u32) -> Result<*mut BlockStats, i32> {
 /// controllers). Only where the loader listed a target's cgroup.
 #[inline(always)]
 fn cgroup_slot(bio: u64) -> Option<u32> {
-    if BLOCK_CGROUPS.load() == 0 || bio == 0 {
+    if BLOCK_CGROUPS.load() == 0 || bio == 0 || CGROUPS_LISTED.get(0).copied().unwrap_or(0) == 0 {
         return None;
     }
     let blkg: u64 = field(bio as *const u8, &BIO_BLKG_OFFSET).ok()?;

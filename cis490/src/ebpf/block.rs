@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use cis490_common::{
     BlockStats, MaxSlot, ReqStart,
-    block::{REQ_OP_READ, REQS_MAX, global, map, prog},
+    block::{CGROUP_SLOTS_MAX, REQ_OP_READ, REQS_MAX, global, map, prog},
 };
 
 use super::{
@@ -197,6 +197,30 @@ pub fn attach(
     (status, active.then_some(path))
 }
 
+/// Changes the list of the targets' own cgroups (`CGROUP_SLOTS`) with
+/// `change`, then writes how many it lists (`CGROUPS_LISTED`, which lets
+/// the programs skip the cgroup lookup while none is). One change at a time
+/// in the process, so the count written is never older than a change.
+pub(super) fn change_cgroups<T>(
+    slots: &mut HashMap<MapData, u64, u32>,
+    listed: &mut Array<MapData, u32>,
+    change: impl FnOnce(&mut HashMap<MapData, u64, u32>) -> Result<T>,
+) -> Result<T> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let out = change(slots)?;
+    // Only the loader changes the map, one change at a time: an exact walk.
+    let n = slots
+        .keys()
+        .take(CGROUP_SLOTS_MAX as usize)
+        .filter_map(Result::ok)
+        .count();
+    listed.set(0, n as u32, 0).context(map::CGROUPS_LISTED)?;
+    Ok(out)
+}
+
 // ---- the reader ----------------------------------------------------------
 
 pub struct BlockReader {
@@ -232,10 +256,13 @@ impl BlockReader {
     pub fn new(ebpf: &Ebpf, slot: Slot, tgid: u32, attached: &Attached) -> Result<Self> {
         let own_cgroup = attached.cgroups.clone().and_then(|()| own_cgroup(tgid));
         if let Ok(c) = &own_cgroup {
-            let mut slots: HashMap<MapData, u64, u32> = open(ebpf, map::CGROUP_SLOTS)?;
-            slots
-                .insert(c.id, slot.index(), 0)
-                .context(map::CGROUP_SLOTS)?;
+            let (mut slots, mut listed) = (
+                open(ebpf, map::CGROUP_SLOTS)?,
+                open(ebpf, map::CGROUPS_LISTED)?,
+            );
+            change_cgroups(&mut slots, &mut listed, |s| {
+                s.insert(c.id, slot.index(), 0).context(map::CGROUP_SLOTS)
+            })?;
         }
         Ok(Self {
             own_cgroup,

@@ -18,7 +18,10 @@ use cis490_common::{
     target::{TargetsData, filter_bit},
 };
 
-use super::maps::{open, take_where};
+use super::{
+    block::change_cgroups,
+    maps::{open, take_where},
+};
 
 /// A target's slot: the index of its entries in every per-target map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,8 +46,10 @@ pub struct Targets {
     /// slot's are forgotten before the slot is given again.
     reqs: HashMap<MapData, u64, ReqStart>,
     bios: HashMap<MapData, u64, u32>,
-    /// The targets' own cgroups (listed by the block reader).
+    /// The targets' own cgroups (listed by the block reader) and their
+    /// count.
     cgroups: HashMap<MapData, u64, u32>,
+    cgroups_listed: Array<MapData, u32>,
     /// Exiting threads not counted yet, each with its slot: a freed slot's
     /// are forgotten too (else one whose final switch-out and free the
     /// programs both missed would stay listed for the server's life).
@@ -65,6 +70,7 @@ impl Targets {
             reqs: open(ebpf, block_map::REQS)?,
             bios: open(ebpf, block_map::BIOS)?,
             cgroups: open(ebpf, block_map::CGROUP_SLOTS)?,
+            cgroups_listed: open(ebpf, block_map::CGROUPS_LISTED)?,
             exiting: open(ebpf, sched_map::EXITING)?,
             tgids: vec![None; slots as usize],
         })
@@ -129,7 +135,9 @@ impl Targets {
         let mine = |s: u32| s == slot.0;
         take_where(&mut self.reqs, 2 * REQS_MAX, |r| mine(r.slot));
         take_where(&mut self.bios, 2 * BIOS_MAX, |&s| mine(s));
-        take_where(&mut self.cgroups, 2 * CGROUP_SLOTS_MAX, |&s| mine(s));
+        change_cgroups(&mut self.cgroups, &mut self.cgroups_listed, |c| {
+            Ok(take_where(c, 2 * CGROUP_SLOTS_MAX, |&s| mine(s)))
+        })?;
         take_where(&mut self.exiting, 2 * EXITING_MAX, |e| mine(e.slot));
         self.tgids[slot.0 as usize] = None;
         Ok(())
