@@ -99,6 +99,9 @@ async fn talk(
     let mut signalled = false;
     loop {
         tokio::select! {
+            // The server's messages first: a `Done` already received ends
+            // the episode before any news of the command is sent.
+            biased;
             line = lines.next_line() => {
                 let Some(line) = line.map_err(|e| anyhow!("reading from the server: {e}"))? else {
                     bail!("the cis490 server closed the connection before the episode ended (was it killed?)");
@@ -111,10 +114,9 @@ async fn talk(
                             && let Err(e) = t.release()
                         {
                             let error = format!("{e:#}");
-                            write
-                                .write_all(&send(&ToServer::ExecFailed { error }))
-                                .await
-                                .map_err(|e| anyhow!("cannot reach the server: {e}"))?;
+                            if let Err(e) = write.write_all(&send(&ToServer::ExecFailed { error })).await {
+                                return after_failed_write(&mut lines, e).await;
+                            }
                         }
                     }
                     ToClient::Log { line } => eprintln!("{line}"),
@@ -139,14 +141,32 @@ async fn talk(
                     && let Some(status) = t.exit_status()
                 {
                     let exit = RemoteExit { status, usage: t.exit_usage() };
-                    write
-                        .write_all(&send(&ToServer::Exited { exit }))
-                        .await
-                        .map_err(|e| anyhow!("cannot reach the server: {e}"))?;
+                    if let Err(e) = write.write_all(&send(&ToServer::Exited { exit })).await {
+                        return after_failed_write(&mut lines, e).await;
+                    }
                 }
             }
         }
     }
+}
+
+/// A message to the server could not be written: the server may have ended
+/// the episode and closed the connection meanwhile (the command's exit, say,
+/// raced with the episode's end), and then its last messages wait unread.
+/// They decide; only without a `Done` is this an error.
+async fn after_failed_write(
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    e: std::io::Error,
+) -> Result<PathBuf> {
+    while let Ok(Some(line)) = lines.next_line().await {
+        match serde_json::from_str(&line) {
+            Ok(ToClient::Done { episode }) => return Ok(episode),
+            Ok(ToClient::Error { error }) => bail!("{error}"),
+            Ok(ToClient::Log { line }) => eprintln!("{line}"),
+            _ => {}
+        }
+    }
+    bail!("cannot reach the server: {e}")
 }
 
 /// The first signal asks the server to finish the episode; a second one
