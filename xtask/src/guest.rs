@@ -110,6 +110,9 @@ const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// `proc_pids=`),
 /// `cis490.disk_write_mb=N` (N MiB of zeros to /dev/vda from offset 0, direct I/O),
 /// `cis490.disk_read_mb=N` (read N MiB back, direct I/O),
+/// `cis490.write_phases=A,B,...` (A MiB, then B MiB... of zeros to /dev/vda,
+/// each after the last, direct I/O; `cis490.phase_gap_ms=G` idle before
+/// each phase: `phaseI_write_bytes=` for each),
 /// `cis490.send=HOST:PORT:BYTES` (BYTES zero bytes over TCP, then close),
 /// then the counters again (`..._after=`), `cis490.sleep_ms=N` (idle).
 /// Then `done` and power off. `/bin/cis490-agent` starts before the
@@ -126,7 +129,7 @@ wait_for() {
     while [ ! -e "$1" ] && [ $n -lt 50 ]; do usleep 100000; n=$((n + 1)); done
 }
 
-ip= write_mb= read_mb= send= sleep_ms= wait_ms= procs=
+ip= write_mb= read_mb= send= sleep_ms= wait_ms= procs= write_phases= phase_gap_ms=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         cis490.wait_ms=*) wait_ms=${arg#*=} ;;
@@ -134,6 +137,8 @@ for arg in $(cat /proc/cmdline); do
         cis490.ip=*) ip=${arg#*=} ;;
         cis490.disk_write_mb=*) write_mb=${arg#*=} ;;
         cis490.disk_read_mb=*) read_mb=${arg#*=} ;;
+        cis490.write_phases=*) write_phases=${arg#*=} ;;
+        cis490.phase_gap_ms=*) phase_gap_ms=${arg#*=} ;;
         cis490.send=*) send=${arg#*=} ;;
         cis490.sleep_ms=*) sleep_ms=${arg#*=} ;;
     esac
@@ -194,6 +199,27 @@ if [ -n "$read_mb" ]; then
     else
         say "error=disk_read"
     fi
+fi
+
+if [ -n "$write_phases" ]; then
+    wait_for /dev/vda
+    i=0
+    seek=0
+    # The list is split on commas once, as the loop starts.
+    oldifs=$IFS
+    IFS=,
+    for mb in $write_phases; do
+        IFS=$oldifs
+        usleep $((${phase_gap_ms:-0} * 1000))
+        if dd if=/dev/zero of=/dev/vda bs=1M count="$mb" seek="$seek" oflag=direct 2>/dev/null; then
+            say "phase${i}_write_bytes=$((mb * 1048576))"
+        else
+            say "error=phase_write"
+        fi
+        seek=$((seek + mb))
+        i=$((i + 1))
+    done
+    IFS=$oldifs
 fi
 
 if [ -n "$send" ]; then
@@ -900,7 +926,17 @@ mod tests {
 
     #[test]
     fn init_script_parses_every_parameter() {
-        for p in ["ip", "disk_write_mb", "disk_read_mb", "send", "sleep_ms"] {
+        for p in [
+            "ip",
+            "wait_ms",
+            "procs",
+            "disk_write_mb",
+            "disk_read_mb",
+            "write_phases",
+            "phase_gap_ms",
+            "send",
+            "sleep_ms",
+        ] {
             assert!(INIT_SCRIPT.contains(&format!("cis490.{p}=*)")), "{p}");
         }
         assert!(INIT_SCRIPT.contains("oflag=direct") && INIT_SCRIPT.contains("iflag=direct"));
