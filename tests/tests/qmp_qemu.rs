@@ -503,3 +503,70 @@ async fn a_wrapper_of_qemu_is_named_with_qemus_pid() {
         "{line}"
     );
 }
+
+/// A QMP socket another client holds (the lab's orchestration, or a second
+/// tracer): QEMU serves one client per socket, so cis490's connection is
+/// refused at once (EAGAIN); the message says why and what to do (a `-qmp`
+/// socket of cis490's own), its cause once, and the episode's QMP rows are
+/// null with `check` failing it, as for any QMP source that never connected.
+#[tokio::test(flavor = "current_thread")]
+async fn a_qmp_socket_another_client_holds_is_said_busy_with_the_remedy() {
+    cis490_tests::require_root();
+    let Some(mut q) = Qemu::spawn(&["-m", "64"], tempfile::tempdir().unwrap()) else {
+        return;
+    };
+    let sock = q.socket("qmp.sock").await;
+    // The other client: connected, greeted, holding the socket.
+    let mut holder = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    holder.set_read_timeout(Some(T)).unwrap();
+    let mut greeting = [0u8; 256];
+    let n = std::io::Read::read(&mut holder, &mut greeting).unwrap();
+    assert!(
+        String::from_utf8_lossy(&greeting[..n]).contains("\"QMP\""),
+        "no QMP greeting"
+    );
+    let dir = cis490_tests::scratch("qmp-busy");
+    let out = cis490_tests::run_with_timeout(
+        cis490_tests::default_trace_cmd(&dir)
+            .args(["--target-pid", &q.child.id().to_string(), "--qmp"])
+            .arg(&sock)
+            .args(["--duration", "2"]),
+        Duration::from_secs(60),
+    );
+    drop(holder);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("the socket is busy"))
+        .collect();
+    assert!(!said.is_empty(), "busy never said:\n{stderr}");
+    eprintln!("said: {}", said[0]);
+    assert!(
+        said[0].contains("give cis490 a -qmp socket of its own, QEMU accepts several"),
+        "{}",
+        said[0]
+    );
+    assert_eq!(
+        said[0].matches("Resource temporarily unavailable").count(),
+        1,
+        "the cause not once: {}",
+        said[0]
+    );
+    let ep = cis490_tests::Episode::from_output(&out);
+    assert!(ep.is_done());
+    assert!(
+        ep.rows("qmp")
+            .iter()
+            .all(|r| r["blk_write_bytes"].is_null())
+    );
+    let (ok, text) = cis490_tests::check_episode(&ep.dir);
+    assert!(
+        !ok,
+        "check passed an episode whose QMP never connected:\n{text}"
+    );
+    assert!(
+        text.contains("qmp: the QMP source was asked for but never connected"),
+        "{text}"
+    );
+}
