@@ -391,6 +391,30 @@ pub struct GuestNet {
     pub port: u16,
 }
 
+/// Starts `cmd` (the workload, wherever it runs) as a TCP sink on `port`
+/// for the guest's stream (170 s at most), its report at `dir/sink.json`;
+/// returns once it listens.
+pub fn start_sink(mut cmd: Command, dir: &Path, port: u16) -> (Child, PathBuf) {
+    let sink_out = dir.join("sink.json");
+    let sink = cmd
+        .args([
+            "sink",
+            "--port",
+            &port.to_string(),
+            "--timeout-ms",
+            "170000",
+        ])
+        .arg("--out")
+        .arg(&sink_out)
+        .spawn()
+        .expect("cannot start the sink");
+    crate::wait_for_file(
+        &sink_out.with_extension("json.ready"),
+        Duration::from_secs(30),
+    );
+    (sink, sink_out)
+}
+
 impl GuestNet {
     pub fn start(dir: &Path, tag: &str, tap: &str, subnet: u8, port: u16) -> GuestNet {
         let ns = crate::Netns::new(tag);
@@ -398,24 +422,7 @@ impl GuestNet {
         ns.sh(&format!("sysctl -q -w net.ipv6.conf.{tap}.disable_ipv6=1"));
         ns.ip(&["addr", "add", &format!("10.{subnet}.0.1/24"), "dev", tap]);
         ns.ip(&["link", "set", tap, "up"]);
-        let sink_out = dir.join("sink.json");
-        let sink = ns
-            .cmd(&crate::bin("cis490-workload"))
-            .args([
-                "sink",
-                "--port",
-                &port.to_string(),
-                "--timeout-ms",
-                "170000",
-            ])
-            .arg("--out")
-            .arg(&sink_out)
-            .spawn()
-            .expect("cannot start the sink");
-        crate::wait_for_file(
-            &sink_out.with_extension("json.ready"),
-            std::time::Duration::from_secs(30),
-        );
+        let (sink, sink_out) = start_sink(ns.cmd(&crate::bin("cis490-workload")), dir, port);
         GuestNet {
             ns,
             tap: tap.to_owned(),

@@ -702,6 +702,21 @@ pub fn one_line_error_after_start(out: &Output, data: &Path) -> String {
     line
 }
 
+/// `cis490 check` fails an episode whose requested QMP source never
+/// connected, and says so.
+#[track_caller]
+pub fn assert_check_fails_qmp_never_connected(dir: &Path) {
+    let (ok, text) = check_episode(dir);
+    assert!(
+        !ok,
+        "check passed an episode whose QMP never connected:\n{text}"
+    );
+    assert!(
+        text.contains("qmp: the QMP source was asked for but never connected"),
+        "{text}"
+    );
+}
+
 /// Runs `cis490 check EPISODE`: whether it passed, and its stdout + stderr.
 /// Whatever the verdict, `check` must have ended the way it documents:
 /// exit 0 with a `valid (N checks)` line and no `FAIL` line, or exit 1 with

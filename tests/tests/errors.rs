@@ -306,13 +306,5 @@ fn a_mistyped_qmp_path_is_said_at_once_with_its_cause_once() {
         stderr.contains(&format!("QMP: {rows} of {rows} buckets have no QMP data")),
         "{stderr}"
     );
-    let (ok, text) = check_episode(&ep.dir);
-    assert!(
-        !ok,
-        "check passed an episode whose QMP never connected:\n{text}"
-    );
-    assert!(
-        text.contains("qmp: the QMP source was asked for but never connected"),
-        "{text}"
-    );
+    assert_check_fails_qmp_never_connected(&ep.dir);
 }

@@ -67,14 +67,23 @@ fn traced_guest(
     );
     let ep = Episode::from_output(&out);
     assert!(net.sink.wait().unwrap().success());
-    let console = fs::read_to_string(&console).unwrap();
+    (ep, guest_said(g, &console))
+}
+
+/// What the guest reported on its console (`key=value` lines); a failed
+/// step fails the test.
+fn guest_said(
+    g: &GuestJson,
+    console: &std::path::Path,
+) -> std::collections::BTreeMap<String, String> {
+    let console = fs::read_to_string(console).unwrap();
     let guest = console_values(&console);
     eprintln!("accel {}; guest said {guest:?}", g.accel);
     assert!(
         !guest.contains_key("error"),
         "the guest failed a step:\n{console}"
     );
-    (ep, guest)
+    guest
 }
 
 #[test]
@@ -478,22 +487,10 @@ fn a_vm_the_lab_started_is_traced_by_pid_with_disk_and_tap_in_their_buckets() {
     ));
     let _tap = RootLink::add(tap, &format!("ip tuntap add dev {tap} mode tap"));
     RootLink::sh(&format!("ip link set {tap} master {bridge} up"));
-    let sink_out = dir.join("sink.json");
-    let mut sink = std::process::Command::new(bin("cis490-workload"))
-        .args([
-            "sink",
-            "--port",
-            &port.to_string(),
-            "--timeout-ms",
-            "170000",
-        ])
-        .arg("--out")
-        .arg(&sink_out)
-        .spawn()
-        .unwrap();
-    wait_for_file(
-        &sink_out.with_extension("json.ready"),
-        Duration::from_secs(30),
+    let (mut sink, sink_out) = cis490_tests::guest::start_sink(
+        std::process::Command::new(bin("cis490-workload")),
+        &dir,
+        port,
     );
     warm_page_cache(&g);
 
@@ -586,13 +583,7 @@ fn a_vm_the_lab_started_is_traced_by_pid_with_disk_and_tap_in_their_buckets() {
     let _ = qemu.wait();
     assert!(sink.wait().unwrap().success());
     let ep = Episode::from_output(&out);
-    let console = fs::read_to_string(&console).unwrap();
-    let guest = console_values(&console);
-    eprintln!("accel {}; guest said {guest:?}", g.accel);
-    assert!(
-        !guest.contains_key("error"),
-        "the guest failed a step:\n{console}"
-    );
+    let guest = guest_said(&g, &console);
     for (i, mb) in phases.iter().enumerate() {
         assert_eq!(
             guest
