@@ -25,6 +25,10 @@ fn ring_buffer_overflow_is_counted_and_rows_stay_exact() {
     kill(tracer, libc::SIGSTOP);
     kill(pid, libc::SIGUSR1);
     wl.wait().unwrap();
+    // Frozen for at least 3 more buckets (100 ms each), so the tracer wakes
+    // up after two boundaries or more whatever the burst took (a clean-clone
+    // run's burst was too short for one: no skipped boundary).
+    std::thread::sleep(Duration::from_millis(350));
     kill(tracer, libc::SIGCONT);
     let out = wait_output(trace, Duration::from_secs(60));
     let ep = Episode::from_output(&out);
