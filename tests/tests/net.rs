@@ -286,36 +286,45 @@ fn a_taps_rx_is_counted_when_the_target_reads_it() {
         );
     }
     // Per bucket against the tap's own counters (the /proc oracle, read at
-    // the same boundaries a moment apart): the counts so far differ at most
-    // by the frames the target read between the two reads.
-    let so_far = |source: &str| -> std::collections::BTreeMap<u64, u64> {
+    // the same boundaries a moment after eBPF's counters): the counts so far
+    // are equal at every boundary away from the target's reads. At a
+    // boundary within 50 ms of the read (its 300 frames take a few ms), the
+    // target may read frames between the two sources' reads: up to all 300
+    // apart there (52 seen once in the 6.12 guest).
+    let read_end = truth["read_end_mono_ns"].as_u64().unwrap();
+    let margin = 50_000_000;
+    let so_far = |source: &str| -> std::collections::BTreeMap<u64, (u64, u64)> {
         let mut sum = 0;
         ep.rows(source)
             .iter()
             .map(|r| {
                 sum += r["net_by_if"][name]["rx_packets"].as_u64().unwrap_or(0);
-                (r["seq"].as_u64().unwrap(), sum)
+                let end = r["t_mono_ns"].as_u64().unwrap();
+                (r["seq"].as_u64().unwrap(), (end, sum))
             })
             .collect()
     };
     let (e, p) = (so_far("ebpf"), so_far("proc"));
-    let worst = e
-        .iter()
-        .filter_map(|(seq, a)| p.get(seq).map(|b| (a.abs_diff(*b), *seq)))
-        .max()
-        .unwrap();
+    let (mut away, mut near) = (0, Vec::new());
+    for (seq, (end, a)) in &e {
+        let Some((_, b)) = p.get(seq) else {
+            continue;
+        };
+        if *end + margin >= read_start && *end <= read_end + margin {
+            near.push((*seq, a.abs_diff(*b)));
+            continue;
+        }
+        away += 1;
+        assert_eq!(
+            a, b,
+            "rx so far at seq {seq}, away from the reads: eBPF vs the tap's counters"
+        );
+    }
     eprintln!(
-        "rx frames so far, eBPF against the tap's counters: at most {} apart (seq {}), over {} buckets",
-        worst.0,
-        worst.1,
-        e.len()
+        "rx frames so far, eBPF against the tap's counters: equal at {away} boundaries away \
+         from the reads; near them (seq, frames apart): {near:?}"
     );
-    assert!(
-        worst.0 <= 16,
-        "rx so far: eBPF and the tap's counters {} frames apart at seq {}",
-        worst.0,
-        worst.1
-    );
+    assert!(away >= 10, "only {away} boundaries away from the reads");
     assert_check_passes(&ep.dir);
 }
 
