@@ -64,6 +64,7 @@ crate::names! {
         TASK_STATE_OFFSET,
         TASK_CPU_OFFSET,
         TASK_ON_CPU_OFFSET,
+        TASK_FLAGS_OFFSET,
         TASK_LAST_QUEUED_OFFSET,
         TASK_CFS_RQ_OFFSET,
         CFS_RQ_RQ_OFFSET,
@@ -126,6 +127,15 @@ pub struct SchedStats {
     /// the CPU time exited threads spent on their way out, from the start
     /// of their exit to their final switch-out.
     pub exit_start_runtime_ns: u64,
+    /// Target threads that began to exit and are not counted yet (listed in
+    /// `EXITING`): their own counters when they began to exit. Added at
+    /// `sched_process_exit`, taken off where the thread is counted (its
+    /// final switch-out, its free, an estimate); the task iterator skips
+    /// such a thread, so from the start of its exit to its final switch-out
+    /// it is counted here, never missing from the sum however long that
+    /// takes, never twice. Per CPU a field can wrap below zero (taken off on
+    /// another CPU); the sum over the CPUs cannot.
+    pub exiting: ThreadCounters,
     /// Exited target threads whose final switch-out the probe never saw,
     /// found when the kernel freed them (`sched_process_free`) and counted
     /// then from their final counters (in `dead_*` and `exits_accounted`).
@@ -182,6 +192,7 @@ impl SchedStats {
         dead_io_write_bytes: 0,
         exits_started: 0,
         exit_start_runtime_ns: 0,
+        exiting: ThreadCounters::ZERO,
         final_switch_repairs: 0,
         exits_estimated: 0,
         exits_accounted: 0,
@@ -228,6 +239,7 @@ impl SchedStats {
         self.exit_start_runtime_ns = self
             .exit_start_runtime_ns
             .wrapping_add(other.exit_start_runtime_ns);
+        self.exiting = self.exiting.wrapping_add(&other.exiting);
         self.exits_estimated = self.exits_estimated.wrapping_add(other.exits_estimated);
         self.exits_accounted = self.exits_accounted.wrapping_add(other.exits_accounted);
         self.final_switch_repairs = self
@@ -393,6 +405,47 @@ impl ThreadCounters {
     /// A counter whose value is not known.
     pub const UNKNOWN: u64 = u64::MAX;
 
+    pub const ZERO: Self = Self {
+        runtime_ns: 0,
+        nvcsw: 0,
+        nivcsw: 0,
+        run_delay_ns: 0,
+        migrations: 0,
+        min_flt: 0,
+        maj_flt: 0,
+        io_write_bytes: 0,
+    };
+
+    /// Field by field, modulo 2^64.
+    #[must_use]
+    pub const fn wrapping_add(&self, o: &Self) -> Self {
+        Self {
+            runtime_ns: self.runtime_ns.wrapping_add(o.runtime_ns),
+            nvcsw: self.nvcsw.wrapping_add(o.nvcsw),
+            nivcsw: self.nivcsw.wrapping_add(o.nivcsw),
+            run_delay_ns: self.run_delay_ns.wrapping_add(o.run_delay_ns),
+            migrations: self.migrations.wrapping_add(o.migrations),
+            min_flt: self.min_flt.wrapping_add(o.min_flt),
+            maj_flt: self.maj_flt.wrapping_add(o.maj_flt),
+            io_write_bytes: self.io_write_bytes.wrapping_add(o.io_write_bytes),
+        }
+    }
+
+    /// Field by field, modulo 2^64.
+    #[must_use]
+    pub const fn wrapping_sub(&self, o: &Self) -> Self {
+        Self {
+            runtime_ns: self.runtime_ns.wrapping_sub(o.runtime_ns),
+            nvcsw: self.nvcsw.wrapping_sub(o.nvcsw),
+            nivcsw: self.nivcsw.wrapping_sub(o.nivcsw),
+            run_delay_ns: self.run_delay_ns.wrapping_sub(o.run_delay_ns),
+            migrations: self.migrations.wrapping_sub(o.migrations),
+            min_flt: self.min_flt.wrapping_sub(o.min_flt),
+            maj_flt: self.maj_flt.wrapping_sub(o.maj_flt),
+            io_write_bytes: self.io_write_bytes.wrapping_sub(o.io_write_bytes),
+        }
+    }
+
     /// What an exited thread adds to its process's exited threads'
     /// counters (`SchedStats::dead_*`), from its final counters.
     ///
@@ -468,7 +521,7 @@ impl MaxSlot {
     };
 }
 
-const _: () = assert!(core::mem::size_of::<SchedStats>() == (20 + 4 + HIST_BUCKETS) * 8);
+const _: () = assert!(core::mem::size_of::<SchedStats>() == (20 + 8 + 4 + HIST_BUCKETS) * 8);
 const _: () = assert!(core::mem::size_of::<LiveCounters>() == 12 * 8);
 const _: () = assert!(core::mem::size_of::<CpuSlice>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadCounters>() == 8 * 8);

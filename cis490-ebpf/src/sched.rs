@@ -32,7 +32,7 @@ use crate::{
     target::{
         arrival_delay, current, delays_from_sched_info, has_exec_start, has_run_delay, mark_gone,
         rq_clock, rq_clocks, target_slot, target_slot_cached, task_counters, task_cpu,
-        task_exec_start, task_on_cpu, task_runtime, task_state, task_tgid, task_tid,
+        task_exec_start, task_exiting, task_on_cpu, task_runtime, task_state, task_tgid, task_tid,
     },
 };
 
@@ -159,7 +159,20 @@ fn try_sched_switch(ctx: &BtfTracePointContext) -> Res {
         if prev_state as u32 & TASK_DEAD != 0 {
             let skip = SKIP_FINAL_SWITCH_OF_TID_MULTIPLES.load();
             if skip == 0 || !prev_tid.is_multiple_of(skip) {
-                let _ = EXITING.remove(prev as u64);
+                // Its entry (rare: a target thread's final switch-out) comes
+                // off the list, and its counters at exit start off the
+                // exiting ones; another thread's left at its address (its
+                // final switch-out and free both missed) is estimated.
+                // SAFETY: a copy of the value, read at once.
+                if let Some(e) = unsafe { EXITING.get(prev as u64) }.copied()
+                    && EXITING.remove(prev as u64).is_ok()
+                {
+                    if e.tid != prev_tid {
+                        let _ = account_estimated(&e);
+                    } else if e.slot == prev_slot {
+                        exiting(s, &e.at_exit, false, bump);
+                    }
+                }
                 account_dead(s, prev, prev_tid != prev_tgid, bump);
             }
         }
@@ -222,6 +235,23 @@ fn compiler_barrier() {
     unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
 }
 
+/// Adds a thread's counters at exit start to the exiting threads'
+/// (`SchedStats::exiting`), or takes them off (`on` false) as the thread is
+/// counted, field by field with `plus` (see [`account_dead`]).
+#[inline(always)]
+fn exiting(s: *mut SchedStats, c: &ThreadCounters, on: bool, plus: fn(*mut u64, u64)) {
+    let v = |x: u64| if on { x } else { x.wrapping_neg() };
+    let e = unsafe { &raw mut (*s).exiting };
+    plus(unsafe { &raw mut (*e).runtime_ns }, v(c.runtime_ns));
+    plus(unsafe { &raw mut (*e).nvcsw }, v(c.nvcsw));
+    plus(unsafe { &raw mut (*e).nivcsw }, v(c.nivcsw));
+    plus(unsafe { &raw mut (*e).migrations }, v(c.migrations));
+    plus(unsafe { &raw mut (*e).run_delay_ns }, v(c.run_delay_ns));
+    plus(unsafe { &raw mut (*e).min_flt }, v(c.min_flt));
+    plus(unsafe { &raw mut (*e).maj_flt }, v(c.maj_flt));
+    plus(unsafe { &raw mut (*e).io_write_bytes }, v(c.io_write_bytes));
+}
+
 /// A target thread's final switch-out: its counters are final; they move
 /// from the live threads (the iterator skips `TASK_DEAD`) to the dead, as
 /// [`ThreadCounters::as_exited`] says (`folded_before`: not the leader).
@@ -261,6 +291,7 @@ fn account_estimated(e: &ExitingThread) -> Res {
         return Ok(());
     }
     let s = stats(e.slot)?;
+    exiting(s, &e.at_exit, false, add);
     let c = e
         .at_exit
         .final_from_exit_start()
@@ -313,6 +344,7 @@ fn try_free(ctx: &BtfTracePointContext) -> Res {
         return Ok(());
     }
     let s = stats(entry.slot)?;
+    exiting(s, &entry.at_exit, false, add);
     account_dead(s, p, entry.folded_before != 0, add);
     add(unsafe { &raw mut (*s).final_switch_repairs }, 1);
     Ok(())
@@ -423,6 +455,16 @@ fn try_iter(ctx: *const *const u8) -> Res {
         if task_on_cpu(task) {
             live.dying += 1;
         }
+        return Ok(());
+    }
+    if task_exiting(task)
+        // SAFETY: a copy of the value, read at once.
+        && unsafe { EXITING.get(task as u64) }.is_some_and(|e| e.tid == task_tid(task))
+    {
+        // Began to exit: counted with the exiting threads
+        // (`SchedStats::exiting`) until its final switch-out, even once it
+        // has left the thread list.
+        live.threads += 1;
         return Ok(());
     }
     let c = task_counters(task);
@@ -614,7 +656,9 @@ fn try_exit(ctx: &BtfTracePointContext) -> Res {
         if let Some(old) = unsafe { EXITING.get(task as u64) }.copied() {
             let _ = account_estimated(&old);
         }
-        if EXITING.insert(task as u64, entry, BPF_ANY as u64).is_err() {
+        if EXITING.insert(task as u64, entry, BPF_ANY as u64).is_ok() {
+            exiting(s, &c, true, add);
+        } else {
             add(unsafe { &raw mut (*s).map_errors }, 1);
         }
     }

@@ -90,6 +90,9 @@ static TASK_CPU_OFFSET: Global<u32> = Global::new(0);
 /// `task_struct.on_cpu`: 1 from switch-in until just after switch-out.
 #[unsafe(no_mangle)]
 static TASK_ON_CPU_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.flags`.
+#[unsafe(no_mangle)]
+static TASK_FLAGS_OFFSET: Global<u32> = Global::new(0);
 /// `task_struct.sched_info.last_queued`: when the thread was queued on a
 /// run queue (rq clock); 0 when not queued. These last four are 0 where the
 /// kernel lacks them: single run-queue delays then come from events.
@@ -269,6 +272,16 @@ pub fn task_tid(task: *const u8) -> u32 {
 #[inline(always)]
 pub fn task_state(task: *const u8) -> u32 {
     load(task, &TASK_STATE_OFFSET)
+}
+
+/// `PF_EXITING` in `task_struct.flags`: set as a thread begins to exit,
+/// before `sched_process_exit`.
+const PF_EXITING: u32 = 0x4;
+
+/// Whether a task began to exit.
+#[inline(always)]
+pub fn task_exiting(task: *const u8) -> bool {
+    load::<u32>(task, &TASK_FLAGS_OFFSET) & PF_EXITING != 0
 }
 
 /// The CPU a task is on (or last ran on).
