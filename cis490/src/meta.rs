@@ -220,6 +220,13 @@ pub struct Meta {
     /// counts it, the scheduler's runtime does not, so `cis490 check`
     /// allows perf's `cpu_ns` that much more. `null` where not readable.
     pub host_steal_ns: Option<u64>,
+    /// The longest time the tracer took, at one bucket boundary, from the
+    /// start of its first host-side source's read (eBPF, /proc, perf) to the
+    /// end of its last one's, ns: what one source can have counted at a
+    /// boundary that another counts in the next bucket. `cis490 check`
+    /// allows each CPU that long of CPU time between two sources' running
+    /// totals. `null` in episodes written before it was recorded.
+    pub read_spread_max_ns: Option<u64>,
     /// The gateway collector: interface, attach mode, the VM's MAC
     /// addresses and where they came from, capture counts (`null` without
     /// `--gateway-if`).

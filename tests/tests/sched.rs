@@ -341,6 +341,12 @@ fn threads_started_after_attach_are_counted() {
     );
     // At the end every thread is gone.
     assert_eq!(ep.rows("ebpf").last().unwrap()["threads"], 0);
+    // Every bucket's CPU time where it was spent, the exits' too: a thread
+    // preempted on its way out (three burners on two CPUs) once left a
+    // 20 ms bucket with no CPU time and the next with two buckets' (eBPF 0
+    // and 60 ms where /proc had 40 and 20), which `check`'s running totals
+    // name.
+    assert_check_passes(&ep.dir);
 }
 
 /// N round trips over pipes, each side blocking every round: at least 2N

@@ -194,6 +194,93 @@ fn assert_check_names_an_impossible_bucket(dir: &Path, copy: &Path) {
     );
 }
 
+/// Nor about a bucket's count landing in another bucket: a copy of a real
+/// episode whose eBPF rows have the CPU time of the second half's buckets
+/// moved into the first half's (each bucket still under its cap, the total
+/// unchanged, so the totals still agree) fails at the bucket ends between,
+/// naming `cpu_ns` and the running totals; the original passes, its
+/// running totals compared (`read_spread_max_ns` recorded: the spread of
+/// the tracer's reads at one boundary, under a bucket's length).
+fn assert_check_names_a_moved_bucket(dir: &Path, copy: &Path) {
+    let (ok, text) = check_episode(dir);
+    assert!(ok, "{text}");
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("ok    cpu_ns: ebpf ") && l.contains("(running totals, allowed ")
+        ),
+        "the running totals were not compared:\n{text}"
+    );
+    let meta: Value = serde_json::from_slice(&fs::read(dir.join("meta.json")).unwrap()).unwrap();
+    let spread = meta["read_spread_max_ns"]
+        .as_u64()
+        .expect("read_spread_max_ns");
+    let interval = meta["interval_ns"].as_u64().unwrap();
+    assert!(
+        spread > 0 && spread < interval,
+        "read_spread_max_ns {spread}"
+    );
+    let cpus = meta["host"]["cpus"].as_u64().unwrap();
+    fs::create_dir_all(copy).unwrap();
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    let file = copy.join("telemetry-ebpf.jsonl");
+    let mut rows: Vec<Value> = fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cpu = |r: &Value| r["cpu_ns"].as_u64().expect("cpu_ns measured");
+    let total_before: u64 = rows.iter().map(cpu).sum();
+    let half = rows.len() / 2;
+    // What `check` allows a bucket: (its length + 100 ms) times the CPUs;
+    // each first-half bucket takes up to nine tenths of that, from the
+    // second half's buckets, the last first.
+    let room: u64 = rows[..half]
+        .iter()
+        .map(|r| {
+            ((r["interval_ns"].as_u64().unwrap() + 100_000_000) * cpus * 9 / 10)
+                .saturating_sub(cpu(r))
+        })
+        .sum();
+    let mut moved = 0;
+    for r in rows[half..].iter_mut().rev() {
+        let take = cpu(r).min(room - moved);
+        r["cpu_ns"] = (cpu(r) - take).into();
+        moved += take;
+    }
+    let mut left = moved;
+    for r in &mut rows[..half] {
+        let cap = (r["interval_ns"].as_u64().unwrap() + 100_000_000) * cpus * 9 / 10;
+        let add = cap.saturating_sub(cpu(r)).min(left);
+        r["cpu_ns"] = (cpu(r) + add).into();
+        left -= add;
+    }
+    assert_eq!(left, 0);
+    assert_eq!(rows.iter().map(cpu).sum::<u64>(), total_before);
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    fs::write(&file, text).unwrap();
+    let (ok, text) = check_episode(copy);
+    assert!(
+        !ok,
+        "{moved} ns of CPU moved between buckets passed:\n{text}"
+    );
+    let fails: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("FAIL  "))
+        .collect();
+    assert!(
+        !fails.is_empty()
+            && fails.iter().all(|l| {
+                l.starts_with("cpu_ns: ebpf ")
+                    && l.contains(" by the end of seq ")
+                    && l.contains("(running totals, allowed ")
+            }),
+        "{text}"
+    );
+}
+
 /// Nor about QMP's block bytes: the QEMU episode's guest disk is a raw
 /// image opened with O_DIRECT (`meta.json` `qmp.disks` says so), so a copy
 /// with every QMP `blk_write_bytes` set to 0 fails, naming the field; the
@@ -301,6 +388,7 @@ fn every_line_of_real_episodes_matches_the_schemas() {
     }
     assert_rejects_broken_lines(&s, &ep.dir);
     assert_check_names_an_impossible_bucket(&ep.dir, &dir.join("corrupt"));
+    assert_check_names_a_moved_bucket(&ep.dir, &dir.join("corrupt-moved"));
     assert_check_holds_qmp_to_the_host(&ep.dir, &dir.join("corrupt-qmp"));
 
     // 2. The tiny KVM VMM: the KVM exit maps.

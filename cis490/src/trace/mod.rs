@@ -241,6 +241,7 @@ fn episode(
             ..Default::default()
         },
         skipped_boundaries: 0,
+        read_spread_max_ns: None,
         perf: None,
         perf_error: None,
         proc: None,

@@ -297,6 +297,7 @@ impl<'a> Run<'a> {
             holdings: Holdings::default(),
             holdings_at: None,
             taps: Default::default(),
+            read_spread_max_ns: 0,
             qmp_empty_buckets: 0,
             gateway,
         };
@@ -595,6 +596,7 @@ impl<'a> Run<'a> {
                 (name, n.saturating_sub(before))
             })
             .collect();
+        let read_spread_max_ns = sources.read_spread_max_ns;
         drop(sources);
         let served = matches!(probes, Held::Lease { .. });
         drop(probes);
@@ -635,6 +637,7 @@ impl<'a> Run<'a> {
             .zip(crate::meta::machine_steal_ns())
             .map(|(a, b)| b.saturating_sub(a));
         meta.skipped_boundaries = clock.skipped();
+        meta.read_spread_max_ns = Some(read_spread_max_ns);
         meta.ebpf.events = totals.events;
         meta.ebpf.dropped_events = totals.dropped;
         meta.ebpf.map_errors = totals.map_errors + block_map_errors;

@@ -40,6 +40,38 @@ pub(super) struct Sources {
     pub(super) holdings_at: Option<Instant>,
     /// Where the target's taps live (from its tun/tap fds).
     pub(super) taps: taps::Resolver,
+    /// The longest spread of the host-side sources' reads at one boundary
+    /// (`meta.json` `read_spread_max_ns`).
+    pub(super) read_spread_max_ns: u64,
+}
+
+/// Times the host-side sources' reads at one boundary: from the start of
+/// the first to the end of the last.
+#[derive(Default)]
+struct Spread {
+    first: Option<std::time::Instant>,
+    last: Option<std::time::Instant>,
+}
+
+impl Spread {
+    /// Runs one source's read, timed when `host` (eBPF, /proc, perf).
+    fn read<T>(&mut self, host: bool, f: impl FnOnce() -> T) -> T {
+        if !host {
+            return f();
+        }
+        let start = std::time::Instant::now();
+        self.first.get_or_insert(start);
+        let out = f();
+        self.last = Some(std::time::Instant::now());
+        out
+    }
+
+    fn ns(&self) -> u64 {
+        match (self.first, self.last) {
+            (Some(a), Some(b)) => u64::try_from(b.duration_since(a).as_nanos()).unwrap_or(u64::MAX),
+            _ => 0,
+        }
+    }
 }
 
 impl Sources {
@@ -67,9 +99,11 @@ impl Sources {
             holdings: Cow::Borrowed(&self.holdings),
             taps: Some(&self.taps),
         };
-        Source::sample(&mut self.ebpf, &ctx)?;
-        sample_opt(&mut self.proc, &ctx)?;
-        sample_opt(&mut self.perf, &ctx)?;
+        let mut spread = Spread::default();
+        spread.read(true, || Source::sample(&mut self.ebpf, &ctx))?;
+        spread.read(true, || sample_opt(&mut self.proc, &ctx))?;
+        spread.read(true, || sample_opt(&mut self.perf, &ctx))?;
+        self.read_spread_max_ns = self.read_spread_max_ns.max(spread.ns());
         if let Some(g) = &mut self.gateway {
             g.sample()?;
         }
@@ -94,11 +128,13 @@ impl Sources {
             taps: Some(&self.taps),
         };
         let mut drops = 0;
+        let mut spread = Spread::default();
         for (kind, file) in &mut out.rows {
+            let host = matches!(kind, SourceKind::Ebpf | SourceKind::Proc | SourceKind::Perf);
             let m = match kind {
-                SourceKind::Ebpf => Source::sample(&mut self.ebpf, &ctx)?,
-                SourceKind::Proc => sample_opt(&mut self.proc, &ctx)?,
-                SourceKind::Perf => sample_opt(&mut self.perf, &ctx)?,
+                SourceKind::Ebpf => spread.read(host, || Source::sample(&mut self.ebpf, &ctx))?,
+                SourceKind::Proc => spread.read(host, || sample_opt(&mut self.proc, &ctx))?,
+                SourceKind::Perf => spread.read(host, || sample_opt(&mut self.perf, &ctx))?,
                 SourceKind::Qmp => match &mut self.qmp {
                     Some(q) => {
                         let m = q.sample(self.qmp_timeout, self.pid).await?;
@@ -137,6 +173,7 @@ impl Sources {
                 drops = n;
             }
         }
+        self.read_spread_max_ns = self.read_spread_max_ns.max(spread.ns());
         if drops > 0 {
             // Not silent: the loss shows in events.jsonl and on stderr.
             out.event(

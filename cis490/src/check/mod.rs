@@ -12,6 +12,8 @@ use std::{
 use anyhow::{Result, bail};
 use serde_json::Value;
 
+mod running;
+
 use crate::{
     episode::{DONE, EVENTS, LABELS, META},
     meta::{Meta, Status},
@@ -55,8 +57,8 @@ pub fn row_keys() -> BTreeSet<String> {
 
 /// The schemas of `events.jsonl` and `labels.jsonl` lines (the documented
 /// contract, embedded).
-const EVENT_SCHEMA: &str = include_str!("../../docs/event.schema.json");
-const LABEL_SCHEMA: &str = include_str!("../../docs/label.schema.json");
+const EVENT_SCHEMA: &str = include_str!("../../../docs/event.schema.json");
+const LABEL_SCHEMA: &str = include_str!("../../../docs/label.schema.json");
 
 fn read_jsonl(path: &Path) -> Result<Vec<(usize, Result<Value, String>)>> {
     let text = fs::read_to_string(path)?;
@@ -213,21 +215,55 @@ struct Exited {
     threads: u64,
     switches: u64,
     migrations: u64,
+    /// Per bucket (`seq`, ascending; a line without one counts as after
+    /// the last) in which threads exited: the threads, switches and
+    /// migrations of every exit up to it.
+    by_seq: Vec<(u64, [u64; 3])>,
 }
 
 impl Exited {
     fn of<'a>(lines: impl Iterator<Item = &'a Value>) -> Self {
         let mut e = Self::default();
+        let mut each = Vec::new();
         for v in lines.filter(|v| v["event"] == "thread_exited") {
             let n = |k: &str| v[k].as_u64().unwrap_or(0);
+            let switches =
+                n("ctx_switches_voluntary").saturating_add(n("ctx_switches_involuntary"));
+            let migrations = n("migrations");
             e.threads += 1;
-            e.switches = e
-                .switches
-                .saturating_add(n("ctx_switches_voluntary"))
-                .saturating_add(n("ctx_switches_involuntary"));
-            e.migrations = e.migrations.saturating_add(n("migrations"));
+            e.switches = e.switches.saturating_add(switches);
+            e.migrations = e.migrations.saturating_add(migrations);
+            each.push((v["seq"].as_u64().unwrap_or(u64::MAX), switches, migrations));
+        }
+        each.sort_unstable();
+        let mut sum = [0u64; 3];
+        for (seq, switches, migrations) in each {
+            sum = [
+                sum[0] + 1,
+                sum[1].saturating_add(switches),
+                sum[2].saturating_add(migrations),
+            ];
+            match e.by_seq.last_mut() {
+                Some((s, at)) if *s == seq => *at = sum,
+                _ => e.by_seq.push((seq, sum)),
+            }
         }
         e
+    }
+
+    /// The exited threads of the buckets up to `seq` and what they did of
+    /// `field`, where the /proc oracle may have missed it.
+    fn blind_spot_until(&self, field: &str, seq: u64) -> Option<(u64, u64)> {
+        let i = match field {
+            "ctx_switches" => 1,
+            "migrations" => 2,
+            _ => return None,
+        };
+        let upto = self.by_seq.partition_point(|(s, _)| *s <= seq);
+        Some(
+            upto.checked_sub(1)
+                .map_or((0, 0), |k| (self.by_seq[k].1[0], self.by_seq[k].1[i])),
+        )
     }
 
     /// The /proc oracle may be this much below another source on `field`.
@@ -238,6 +274,58 @@ impl Exited {
             _ => None,
         }
     }
+}
+
+/// How much more than its tolerance two sources' totals of `field` (`x`
+/// of `a`, `y` of `b`) may differ for reasons the episode states, and
+/// the words for it. `blind`: the exited threads so far and what they did
+/// of `field` (the /proc oracle's blind spot), where it applies.
+fn explained(
+    field: &str,
+    (a, x): (&str, u64),
+    (b, y): (&str, u64),
+    meta: &Meta,
+    blind: Option<(u64, u64)>,
+) -> (u64, String) {
+    // The named source's total and the other's, if it is one of the two.
+    let side = |name: &str| match name {
+        _ if name == a => Some((x, y)),
+        _ if name == b => Some((y, x)),
+        _ => None,
+    };
+    let above = |name: &str| side(name).is_some_and(|(s, o)| s > o);
+    let below = |name: &str| side(name).is_some_and(|(s, o)| s < o);
+    // perf's task-clock keeps counting while the hypervisor steals the
+    // CPU; the scheduler's runtime does not.
+    let steal = if field == "cpu_ns" && above("perf") {
+        meta.host_steal_ns.unwrap_or(0)
+    } else {
+        0
+    };
+    // eBPF counts each exited thread to its final switch-out; the
+    // process's totals stop where the kernel folded the thread into them,
+    // on its way out.
+    let tail = if field == "cpu_ns" && above("ebpf") {
+        meta.ebpf.exit_path_cpu_ns
+    } else {
+        0
+    };
+    // The /proc oracle's blind spot: what a thread did after its last
+    // poll, up to its exit.
+    let (threads, blind) = match blind {
+        Some((threads, n)) if below("proc") && n > 0 => (threads, n),
+        _ => (0, 0),
+    };
+    let why = if blind > 0 {
+        format!(
+            ", of which {blind} the /proc oracle's blind spot: the {threads} exited threads' own"
+        )
+    } else if tail > 0 {
+        format!(", of which {tail} the exited threads' CPU on their way out")
+    } else {
+        String::new()
+    };
+    (steal.saturating_add(tail).saturating_add(blind), why)
 }
 
 /// QMP's block bytes against eBPF's, where they are the same I/O: every
@@ -666,47 +754,9 @@ pub fn check(dir: &Path) -> Result<Report> {
                 } else {
                     String::new()
                 };
-                let mut allowed = allowed(x, y, t.relative, t.absolute);
-                // The named source's total and the other's, if it is one
-                // of the two.
-                let side = |name: &str| match name {
-                    _ if name == a.as_str() => Some((x, y)),
-                    _ if name == b.as_str() => Some((y, x)),
-                    _ => None,
-                };
-                let above = |name: &str| side(name).is_some_and(|(s, o)| s > o);
-                let below = |name: &str| side(name).is_some_and(|(s, o)| s < o);
-                // perf's task-clock keeps counting while the hypervisor
-                // steals the CPU; the scheduler's runtime does not.
-                if t.field == "cpu_ns" && above("perf") {
-                    allowed = allowed.saturating_add(meta.host_steal_ns.unwrap_or(0));
-                }
-                // eBPF counts each exited thread to its final switch-out;
-                // the process's totals stop where the kernel folded the
-                // thread into them, on its way out.
-                let tail = if t.field == "cpu_ns" && above("ebpf") {
-                    meta.ebpf.exit_path_cpu_ns
-                } else {
-                    0
-                };
-                allowed = allowed.saturating_add(tail);
-                // The /proc oracle's blind spot: what a thread did after
-                // its last poll, up to its exit.
-                let blind = match exited.blind_spot(t.field) {
-                    Some(n) if below("proc") && n > 0 => n,
-                    _ => 0,
-                };
-                allowed = allowed.saturating_add(blind);
-                let why = if blind > 0 {
-                    format!(
-                        ", of which {blind} the /proc oracle's blind spot: the {} exited threads' own",
-                        exited.threads
-                    )
-                } else if tail > 0 {
-                    format!(", of which {tail} the exited threads' CPU on their way out")
-                } else {
-                    String::new()
-                };
+                let blind = exited.blind_spot(t.field).map(|n| (exited.threads, n));
+                let (known, why) = explained(t.field, (a, x), (b, y), &meta, blind);
+                let allowed = allowed(x, y, t.relative, t.absolute).saturating_add(known);
                 r.check(
                     x.abs_diff(y) <= allowed,
                     format!(
@@ -717,6 +767,9 @@ pub fn check(dir: &Path) -> Result<Report> {
             }
         }
     }
+    // The same, at every bucket end.
+    let sources: Vec<(&str, &Scan)> = by_source.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    running::check(&mut r, &meta, &sources, &exited)?;
     qmp_against_the_host(&mut r, &meta, &by_source, &lone);
     // Each tap's counters: eBPF against /proc (the tap's own counters).
     // Sent: eBPF counts what the host received from the target. Received:
@@ -1216,6 +1269,115 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// An episode of one field's rows per source, with `meta.json` patched.
+    fn check_rows(
+        field: &str,
+        sources: &[(SourceKind, Vec<Option<u64>>)],
+        patch: impl FnOnce(&mut Value),
+    ) -> Report {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("01RUN");
+        fs::create_dir(&dir).unwrap();
+        write_rows(&dir, field, sources, None);
+        let mut meta: Value = serde_json::from_slice(&fs::read(dir.join(META)).unwrap()).unwrap();
+        patch(&mut meta);
+        fs::write(dir.join(META), meta.to_string()).unwrap();
+        check(&dir).unwrap()
+    }
+
+    #[test]
+    fn a_count_moved_to_another_bucket_is_named_though_the_totals_agree() {
+        use SourceKind::{Ebpf, Proc};
+        let ms = |v: u64| Some(v * 1_000_000);
+        // CPU: /proc has 60 ms of bucket 6's in bucket 3; totals equal.
+        let ebpf: Vec<_> = (0..10).map(|_| ms(100)).collect();
+        let mut proc = ebpf.clone();
+        proc[3] = ms(160);
+        proc[6] = ms(40);
+        let cpu = [(Ebpf, ebpf), (Proc, proc)];
+        // The tracer's reads spread over 10 ms at most, on 2 CPUs: 20 ms of
+        // CPU can be counted a bucket early. Allowed at the end of seq 3:
+        // 20 ms (the floor) + 20 ms; 60 ms apart.
+        let r = check_rows("cpu_ns", &cpu, |m| {
+            m["read_spread_max_ns"] = 10_000_000.into();
+            m["host"] = serde_json::json!({"cpus": 2});
+        });
+        assert!(
+            r.passed
+                .iter()
+                .any(|p| p.starts_with("cpu_ns: ebpf 1000000000 vs proc 1000000000 (allowed")),
+            "{:?}",
+            r.passed
+        );
+        assert_eq!(
+            r.problems,
+            [
+                "cpu_ns: ebpf 400000000 vs proc 460000000 by the end of seq 3 (running totals, \
+              allowed 40000000: the totals' tolerance 20000000 + 20000000 that one source can \
+              count before the other at that boundary); 3 of the 9 bucket ends before the last over"
+            ]
+        );
+        // An episode that does not say how far the reads spread: a whole
+        // next bucket may have been counted early (100 ms), and that hides it.
+        let r = check_rows("cpu_ns", &cpu, |_| {});
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        // Counts: a move of more than a bucket's worth is named (switches:
+        // 1000 of buckets 7 to 9 in bucket 2), one of less is not.
+        let ebpf: Vec<_> = (0..10).map(|_| Some(400)).collect();
+        for (moved, named) in [(1000, true), (300, false)] {
+            let mut proc = ebpf.clone();
+            proc[2] = Some(400 + moved);
+            let mut left = moved;
+            for v in proc[7..].iter_mut().rev() {
+                let take = left.min(400);
+                *v = Some(400 - take);
+                left -= take;
+            }
+            let r = check_rows(
+                "ctx_switches",
+                &[(Ebpf, ebpf.clone()), (Proc, proc)],
+                |_| {},
+            );
+            let expected: &[&str] = if named {
+                &[
+                    "ctx_switches: ebpf 3200 vs proc 4000 by the end of seq 7 (running totals, \
+                   allowed 400: the totals' tolerance 200 + 200 that one source can count \
+                   before the other at that boundary); 7 of the 9 bucket ends before the last over",
+                ]
+            } else {
+                &[]
+            };
+            assert_eq!(r.problems, expected, "moved {moved}");
+        }
+    }
+
+    #[test]
+    fn the_blind_spot_grows_with_the_buckets_threads_exited_in() {
+        let exit = |seq: Value, v: u64, m: u64| {
+            serde_json::json!({"event": "thread_exited", "seq": seq,
+                "ctx_switches_voluntary": v, "ctx_switches_involuntary": 1, "migrations": m})
+        };
+        let lines = [
+            exit(3.into(), 10, 1),
+            exit(1.into(), 20, 2),
+            exit(3.into(), 30, 4),
+            exit(Value::Null, 40, 8),
+        ];
+        let e = Exited::of(lines.iter());
+        assert_eq!((e.threads, e.switches, e.migrations), (4, 104, 15));
+        assert_eq!(e.blind_spot_until("ctx_switches", 0), Some((0, 0)));
+        assert_eq!(e.blind_spot_until("ctx_switches", 1), Some((1, 21)));
+        assert_eq!(e.blind_spot_until("ctx_switches", 2), Some((1, 21)));
+        assert_eq!(e.blind_spot_until("migrations", 3), Some((3, 7)));
+        // A line without a bucket counts as after the last.
+        assert_eq!(
+            e.blind_spot_until("ctx_switches", u64::MAX - 1),
+            Some((3, 63))
+        );
+        assert_eq!(e.blind_spot_until("ctx_switches", u64::MAX), Some((4, 104)));
+        assert_eq!(e.blind_spot_until("cpu_ns", 9), None);
     }
 
     #[test]
