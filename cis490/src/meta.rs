@@ -224,8 +224,9 @@ pub struct Meta {
     /// start of its first host-side source's read (eBPF, /proc, perf) to the
     /// end of its last one's, ns: what one source can have counted at a
     /// boundary that another counts in the next bucket. `cis490 check`
-    /// allows each CPU that long of CPU time between two sources' running
-    /// totals. `null` in episodes written before it was recorded.
+    /// allows each CPU that long plus a 10 ms tick of CPU time between two
+    /// sources' running totals. `null` in episodes written before it was
+    /// recorded.
     pub read_spread_max_ns: Option<u64>,
     /// The gateway collector: interface, attach mode, the VM's MAC
     /// addresses and where they came from, capture counts (`null` without

@@ -170,7 +170,8 @@ fn assert_rejects_broken_lines(s: &Schemas, dir: &Path) {
 
 /// `cis490 check` is not vacuous about CPU time either: a copy of a real
 /// episode with one eBPF bucket raised by 10 s (more than the bucket lasted
-/// times the CPUs) fails, naming that bucket; the original passes.
+/// times the CPUs) fails, naming that bucket; the original passes. Raised
+/// by 80 ms instead (the case a review found passing), it fails too.
 fn assert_check_names_an_impossible_bucket(dir: &Path, copy: &Path) {
     assert_check_passes(dir);
     fs::create_dir_all(copy).unwrap();
@@ -190,6 +191,22 @@ fn assert_check_names_an_impossible_bucket(dir: &Path, copy: &Path) {
     assert!(!ok, "a bucket with 10 s more CPU passed:\n{text}");
     assert!(
         text.contains(&format!("seq 1 holds {raised} ns of CPU in")),
+        "{text}"
+    );
+    // Raised by 80 ms, within the bucket's cap: the running totals name it
+    // (allowed at a bucket end: 20 ms, the tracer's read spread plus a tick
+    // on each CPU, the exit tail; 2% of the running total only once that
+    // is more than 1 s), at the bucket end furthest past its allowance.
+    let mut row: Value = serde_json::from_str(&lines[1]).unwrap();
+    row["cpu_ns"] = (row["cpu_ns"].as_u64().unwrap() - 10_000_000_000 + 80_000_000).into();
+    lines[1] = row.to_string();
+    fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let (ok, text) = check_episode(copy);
+    assert!(!ok, "a bucket with 80 ms more CPU passed:\n{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("FAIL  cpu_ns: ebpf ")
+            && l.contains(" by the end of seq ")
+            && l.contains(" (running totals, allowed ")),
         "{text}"
     );
 }
@@ -220,6 +237,8 @@ fn assert_check_names_a_moved_bucket(dir: &Path, copy: &Path) {
         "read_spread_max_ns {spread}"
     );
     let cpus = meta["host"]["cpus"].as_u64().unwrap();
+    // Under the episode's own name, as `check` wants it.
+    let copy = &copy.join(dir.file_name().unwrap());
     fs::create_dir_all(copy).unwrap();
     for entry in fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();

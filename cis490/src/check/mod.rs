@@ -772,31 +772,17 @@ pub fn check(dir: &Path) -> Result<Report> {
     running::check(&mut r, &meta, &sources, &exited)?;
     qmp_against_the_host(&mut r, &meta, &by_source, &lone);
     // Each tap's counters: eBPF against /proc (the tap's own counters).
-    // Sent: eBPF counts what the host received from the target. Received:
-    // eBPF counts what the host queued to the tap, the tap's counters what
-    // the target read, so they also differ by the frames in the tap's queue
-    // at the two ends (docs/data-model.md); the same allowance holds both.
+    // Sent: what the host received from the target; received: what the
+    // target read from the tap (docs/data-model.md). The two are read at
+    // the same boundary a moment apart: traffic then is in one and not yet
+    // in the other. (At every bucket end too: `running`.)
     if let (Some(e), Some(p)) = (by_source.get("ebpf"), by_source.get("proc")) {
         for (tap, ec) in &e.taps {
             let Some(pc) = p.taps.get(tap) else {
                 continue;
             };
-            for (what, x, y, abs) in [
-                ("tx_bytes", ec.tx_bytes, pc.tx_bytes, TAP_ABSOLUTE_BYTES),
-                (
-                    "tx_packets",
-                    ec.tx_packets,
-                    pc.tx_packets,
-                    TAP_ABSOLUTE_FRAMES,
-                ),
-                ("rx_bytes", ec.rx_bytes, pc.rx_bytes, TAP_ABSOLUTE_BYTES),
-                (
-                    "rx_packets",
-                    ec.rx_packets,
-                    pc.rx_packets,
-                    TAP_ABSOLUTE_FRAMES,
-                ),
-            ] {
+            for (what, get, abs) in running::TAP_COUNTERS {
+                let (x, y) = (get(ec), get(pc));
                 let allowed = allowed(x, y, TAP_RELATIVE, abs);
                 r.check(
                     x.abs_diff(y) <= allowed,
@@ -1291,15 +1277,16 @@ mod tests {
     fn a_count_moved_to_another_bucket_is_named_though_the_totals_agree() {
         use SourceKind::{Ebpf, Proc};
         let ms = |v: u64| Some(v * 1_000_000);
-        // CPU: /proc has 60 ms of bucket 6's in bucket 3; totals equal.
+        // CPU: /proc has 80 ms of bucket 6's in bucket 3; totals equal.
         let ebpf: Vec<_> = (0..10).map(|_| ms(100)).collect();
         let mut proc = ebpf.clone();
-        proc[3] = ms(160);
-        proc[6] = ms(40);
+        proc[3] = ms(180);
+        proc[6] = ms(20);
         let cpu = [(Ebpf, ebpf), (Proc, proc)];
-        // The tracer's reads spread over 10 ms at most, on 2 CPUs: 20 ms of
-        // CPU can be counted a bucket early. Allowed at the end of seq 3:
-        // 20 ms (the floor) + 20 ms; 60 ms apart.
+        // The tracer's reads spread over 10 ms at most, plus a tick (10
+        // ms), on 2 CPUs: 40 ms of CPU can be counted a bucket early.
+        // Allowed at the end of seq 3: 20 ms (the floor) + 40 ms; 80 ms
+        // apart.
         let r = check_rows("cpu_ns", &cpu, |m| {
             m["read_spread_max_ns"] = 10_000_000.into();
             m["host"] = serde_json::json!({"cpus": 2});
@@ -1314,8 +1301,8 @@ mod tests {
         assert_eq!(
             r.problems,
             [
-                "cpu_ns: ebpf 400000000 vs proc 460000000 by the end of seq 3 (running totals, \
-              allowed 40000000: the totals' tolerance 20000000 + 20000000 that one source can \
+                "cpu_ns: ebpf 400000000 vs proc 480000000 by the end of seq 3 (running totals, \
+              allowed 60000000: the totals' tolerance 20000000 + 40000000 that one source can \
               count before the other at that boundary); 3 of the 9 bucket ends before the last over"
             ]
         );
@@ -1588,6 +1575,67 @@ mod tests {
         let p = run(rx(1000, 100), rx(1000, 35));
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].starts_with("net_by_if.tap0.rx_packets"), "{p:?}");
+    }
+
+    #[test]
+    fn tap_frames_moved_to_another_bucket_are_named() {
+        use SourceKind::{Ebpf, Proc};
+        // 10 buckets of 100 frames read; /proc has 250 of the last three
+        // buckets' in bucket 1, the totals equal.
+        let ebpf = [100u64; 10];
+        let mut proc = ebpf;
+        proc[1] = 350;
+        proc[7] = 50;
+        proc[8] = 0;
+        proc[9] = 0;
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("01TAPS");
+        fs::create_dir(&dir).unwrap();
+        let none = vec![None; 10];
+        write_rows(&dir, "cpu_ns", &[(Ebpf, none.clone()), (Proc, none)], None);
+        for (source, frames) in [(Ebpf, ebpf), (Proc, proc)] {
+            let f = dir.join(format!("telemetry-{}.jsonl", source.name()));
+            let text: String = fs::read_to_string(&f)
+                .unwrap()
+                .lines()
+                .zip(frames)
+                .map(|(l, n)| {
+                    let mut v: Value = serde_json::from_str(l).unwrap();
+                    v["net_by_if"] = serde_json::json!({"tap0": {"tx_bytes": 0,
+                        "tx_packets": 0, "rx_bytes": 1000 * n, "rx_packets": n}});
+                    format!("{v}\n")
+                })
+                .collect();
+            fs::write(&f, text).unwrap();
+        }
+        let r = check(&dir).unwrap();
+        assert!(
+            r.passed
+                .iter()
+                .any(|p| p.starts_with("net_by_if.tap0.rx_packets: ebpf 1000 vs proc 1000 (")),
+            "{:?}",
+            r.passed
+        );
+        // Furthest past its allowance at the end of seq 7: 800 vs 1000,
+        // allowed 64 frames + the 50 that /proc's bucket 7 and eBPF's
+        // bucket 8 could both hold.
+        assert!(
+            r.problems.iter().any(|p| p.starts_with(
+                "net_by_if.tap0.rx_packets: ebpf 800 vs proc 1000 by the end of seq 7 (running \
+                 totals, allowed 114: the totals' tolerance 64 + 50 that one source can count \
+                 before the other at that boundary); 8 of the 9 bucket ends before the last over"
+            )),
+            "{:?}",
+            r.problems
+        );
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.starts_with("net_by_if.tap0.rx_bytes: ebpf ")),
+            "{:?}",
+            r.problems
+        );
+        assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! still agree.
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::{BufRead as _, BufReader},
     iter::Peekable,
@@ -25,16 +26,77 @@ use std::{
 
 use anyhow::Result;
 
-use super::{Exited, Report, Scan, TOLERANCES, allowed, explained};
-use crate::{meta::Meta, row::Row};
+use super::{
+    Exited, Report, Scan, TAP_ABSOLUTE_BYTES, TAP_ABSOLUTE_FRAMES, TAP_RELATIVE, TOLERANCES,
+    allowed, explained,
+};
+use crate::{
+    meta::Meta,
+    row::{NetCounters, Row},
+};
 
 const N: usize = TOLERANCES.len();
 
-/// One row of a source, as this check needs it: `seq` and each
-/// [`TOLERANCES`] entry.
+/// One row of a source, as this check needs it: `seq`, each
+/// [`TOLERANCES`] entry, and the taps' counters (`net_by_if` but
+/// `sockets`).
 struct Values {
     seq: u64,
     v: [Option<u64>; N],
+    taps: Option<BTreeMap<String, NetCounters>>,
+}
+
+/// What a pair of sources compares.
+enum Field {
+    /// Entry `i` of [`TOLERANCES`].
+    Table(usize),
+    /// One counter of a tap that both count (eBPF and /proc: the tap's own
+    /// counters), as [`TAP_COUNTERS`] lists them.
+    Tap { name: String, counter: usize },
+}
+
+/// One of a tap's counters: its name, its value, the absolute floor of its
+/// tolerance.
+pub(super) type TapCounter = (&'static str, fn(&NetCounters) -> u64, u64);
+
+/// A tap's counters.
+pub(super) const TAP_COUNTERS: [TapCounter; 4] = [
+    ("tx_bytes", |c| c.tx_bytes, TAP_ABSOLUTE_BYTES),
+    ("tx_packets", |c| c.tx_packets, TAP_ABSOLUTE_FRAMES),
+    ("rx_bytes", |c| c.rx_bytes, TAP_ABSOLUTE_BYTES),
+    ("rx_packets", |c| c.rx_packets, TAP_ABSOLUTE_FRAMES),
+];
+
+impl Field {
+    /// The row's value; a tap missing from a row's `net_by_if` (not known
+    /// yet) counts 0 there.
+    fn of(&self, v: &Values) -> Option<u64> {
+        match self {
+            Field::Table(i) => v.v[*i],
+            Field::Tap { name, counter } => v
+                .taps
+                .as_ref()
+                .map(|t| t.get(name).map_or(0, TAP_COUNTERS[*counter].1)),
+        }
+    }
+
+    /// How it is named in the lines (as in the totals' lines).
+    fn label(&self) -> String {
+        match self {
+            Field::Table(i) => TOLERANCES[*i].field.to_owned(),
+            Field::Tap { name, counter } => {
+                format!("net_by_if.{name}.{}", TAP_COUNTERS[*counter].0)
+            }
+        }
+    }
+
+    /// The totals' tolerance: share and floor.
+    fn tolerance(&self) -> (f64, u64) {
+        match self {
+            Field::Table(i) => (TOLERANCES[*i].relative, TOLERANCES[*i].absolute),
+            Field::Tap { counter, .. } => (TAP_RELATIVE, TAP_COUNTERS[*counter].2),
+        }
+    }
 }
 
 type Rows = Peekable<Box<dyn Iterator<Item = Values>>>;
@@ -49,6 +111,10 @@ fn rows(scan: &Scan) -> Result<Rows> {
             .map(|row| Values {
                 seq: row.seq,
                 v: std::array::from_fn(|i| (TOLERANCES[i].get)(&row.m)),
+                taps: row.m.net_by_if.map(|mut t| {
+                    t.remove("sockets");
+                    t
+                }),
             }),
     );
     Ok(it.peekable())
@@ -71,7 +137,7 @@ struct Nearest {
 struct Pair {
     a: usize,
     b: usize,
-    field: usize,
+    field: Field,
     x: u64,
     y: u64,
     ends: u64,
@@ -94,11 +160,17 @@ impl Pair {
     }
 }
 
+/// One scheduler tick at the coarsest rate (HZ=100), ns: the /proc
+/// oracle's CPU time (the process's `utime + stime`) leaves out what each
+/// running thread ran since its last tick, which eBPF and perf count.
+const TICK_NS: u64 = 10_000_000;
+
 /// What one source can have counted at a bucket's end that the other
 /// counts in the next bucket: the later-read one's bucket and the
 /// earlier-read one's next bucket both hold it (which one was read first
 /// is not known, so the larger of the two ways), and, for CPU time, no
-/// more than every CPU running for the tracer's longest spread of reads.
+/// more than every CPU running for the tracer's longest spread of reads
+/// and a tick ([`TICK_NS`]).
 fn gap(field: &str, (a, b): (u64, u64), next: (u64, u64), cpu_window: Option<u64>) -> u64 {
     let g = b.min(next.0).max(a.min(next.1));
     match cpu_window {
@@ -120,9 +192,21 @@ pub(super) fn check(
     if sources.windows(2).any(|w| w[0].1.clocks != w[1].1.clocks) {
         return Ok(());
     }
-    let cpu_window = meta
-        .read_spread_max_ns
-        .map(|w| w.saturating_mul(meta.host.cpus as u64));
+    let cpu_window = meta.read_spread_max_ns.map(|w| {
+        w.saturating_add(TICK_NS)
+            .saturating_mul(meta.host.cpus as u64)
+    });
+    let pair = |a, b, field| Pair {
+        a,
+        b,
+        field,
+        x: 0,
+        y: 0,
+        ends: 0,
+        over: 0,
+        nearest: None,
+        pending: None,
+    };
     let mut pairs = Vec::new();
     for (field, t) in TOLERANCES.iter().enumerate() {
         for a in 0..sources.len() {
@@ -133,17 +217,20 @@ pub(super) fn check(
                 }
                 let measured = |s: &Scan| s.totals[field].is_some();
                 if measured(sources[a].1) && measured(sources[b].1) {
-                    pairs.push(Pair {
-                        a,
-                        b,
-                        field,
-                        x: 0,
-                        y: 0,
-                        ends: 0,
-                        over: 0,
-                        nearest: None,
-                        pending: None,
-                    });
+                    pairs.push(pair(a, b, Field::Table(field)));
+                }
+            }
+        }
+    }
+    // Each tap that eBPF and the /proc oracle both count.
+    let at = |name: &str| sources.iter().position(|(n, _)| *n == name);
+    if let (Some(e), Some(p)) = (at("ebpf"), at("proc")) {
+        let (a, b) = (e.min(p), e.max(p));
+        for name in sources[e].1.taps.keys() {
+            if sources[p].1.taps.contains_key(name) {
+                for counter in 0..TAP_COUNTERS.len() {
+                    let name = name.clone();
+                    pairs.push(pair(a, b, Field::Tap { name, counter }));
                 }
             }
         }
@@ -161,26 +248,27 @@ pub(super) fn check(
             break;
         }
         let now: Vec<Values> = now.into_iter().flatten().collect();
-        let next: Vec<Option<[Option<u64>; N]>> =
-            readers.iter_mut().map(|r| r.peek().map(|v| v.v)).collect();
         let seq = now[0].seq;
         for p in &mut pairs {
-            let t = &TOLERANCES[p.field];
-            let (Some(va), Some(vb)) = (now[p.a].v[p.field], now[p.b].v[p.field]) else {
+            let (Some(va), Some(vb)) = (p.field.of(&now[p.a]), p.field.of(&now[p.b])) else {
                 continue;
             };
+            let label = p.field.label();
             p.x = p.x.saturating_add(va);
             p.y = p.y.saturating_add(vb);
             // The previous bucket end both measured was not the last.
             if let Some(n) = p.pending.take() {
                 p.commit(n);
             }
-            let after = |s: usize| next[s].and_then(|v| v[p.field]).unwrap_or(0);
-            let gap = gap(t.field, (va, vb), (after(p.a), after(p.b)), cpu_window);
-            let tolerance = allowed(p.x, p.y, t.relative, t.absolute);
-            let blind = exited.blind_spot_until(t.field, seq.saturating_add(1));
+            let field = &p.field;
+            let mut after = |s: usize| readers[s].peek().and_then(|v| field.of(v)).unwrap_or(0);
+            let next = (after(p.a), after(p.b));
+            let gap = gap(&label, (va, vb), next, cpu_window);
+            let (relative, absolute) = p.field.tolerance();
+            let tolerance = allowed(p.x, p.y, relative, absolute);
+            let blind = exited.blind_spot_until(&label, seq.saturating_add(1));
             let (known, why) = explained(
-                t.field,
+                &label,
                 (sources[p.a].0, p.x),
                 (sources[p.b].0, p.y),
                 meta,
@@ -203,7 +291,7 @@ pub(super) fn check(
     // comparison, made on its own.
     for p in pairs {
         let Some(n) = p.nearest else { continue };
-        let (field, a, b) = (TOLERANCES[p.field].field, sources[p.a].0, sources[p.b].0);
+        let (field, a, b) = (p.field.label(), sources[p.a].0, sources[p.b].0);
         let Nearest {
             seq,
             x,
