@@ -215,55 +215,21 @@ struct Exited {
     threads: u64,
     switches: u64,
     migrations: u64,
-    /// Per bucket (`seq`, ascending; a line without one counts as after
-    /// the last) in which threads exited: the threads, switches and
-    /// migrations of every exit up to it.
-    by_seq: Vec<(u64, [u64; 3])>,
 }
 
 impl Exited {
     fn of<'a>(lines: impl Iterator<Item = &'a Value>) -> Self {
         let mut e = Self::default();
-        let mut each = Vec::new();
         for v in lines.filter(|v| v["event"] == "thread_exited") {
             let n = |k: &str| v[k].as_u64().unwrap_or(0);
-            let switches =
-                n("ctx_switches_voluntary").saturating_add(n("ctx_switches_involuntary"));
-            let migrations = n("migrations");
             e.threads += 1;
-            e.switches = e.switches.saturating_add(switches);
-            e.migrations = e.migrations.saturating_add(migrations);
-            each.push((v["seq"].as_u64().unwrap_or(u64::MAX), switches, migrations));
-        }
-        each.sort_unstable();
-        let mut sum = [0u64; 3];
-        for (seq, switches, migrations) in each {
-            sum = [
-                sum[0] + 1,
-                sum[1].saturating_add(switches),
-                sum[2].saturating_add(migrations),
-            ];
-            match e.by_seq.last_mut() {
-                Some((s, at)) if *s == seq => *at = sum,
-                _ => e.by_seq.push((seq, sum)),
-            }
+            e.switches = e
+                .switches
+                .saturating_add(n("ctx_switches_voluntary"))
+                .saturating_add(n("ctx_switches_involuntary"));
+            e.migrations = e.migrations.saturating_add(n("migrations"));
         }
         e
-    }
-
-    /// The exited threads of the buckets up to `seq` and what they did of
-    /// `field`, where the /proc oracle may have missed it.
-    fn blind_spot_until(&self, field: &str, seq: u64) -> Option<(u64, u64)> {
-        let i = match field {
-            "ctx_switches" => 1,
-            "migrations" => 2,
-            _ => return None,
-        };
-        let upto = self.by_seq.partition_point(|(s, _)| *s <= seq);
-        Some(
-            upto.checked_sub(1)
-                .map_or((0, 0), |k| (self.by_seq[k].1[0], self.by_seq[k].1[i])),
-        )
     }
 
     /// The /proc oracle may be this much below another source on `field`.
@@ -1338,33 +1304,6 @@ mod tests {
             };
             assert_eq!(r.problems, expected, "moved {moved}");
         }
-    }
-
-    #[test]
-    fn the_blind_spot_grows_with_the_buckets_threads_exited_in() {
-        let exit = |seq: Value, v: u64, m: u64| {
-            serde_json::json!({"event": "thread_exited", "seq": seq,
-                "ctx_switches_voluntary": v, "ctx_switches_involuntary": 1, "migrations": m})
-        };
-        let lines = [
-            exit(3.into(), 10, 1),
-            exit(1.into(), 20, 2),
-            exit(3.into(), 30, 4),
-            exit(Value::Null, 40, 8),
-        ];
-        let e = Exited::of(lines.iter());
-        assert_eq!((e.threads, e.switches, e.migrations), (4, 104, 15));
-        assert_eq!(e.blind_spot_until("ctx_switches", 0), Some((0, 0)));
-        assert_eq!(e.blind_spot_until("ctx_switches", 1), Some((1, 21)));
-        assert_eq!(e.blind_spot_until("ctx_switches", 2), Some((1, 21)));
-        assert_eq!(e.blind_spot_until("migrations", 3), Some((3, 7)));
-        // A line without a bucket counts as after the last.
-        assert_eq!(
-            e.blind_spot_until("ctx_switches", u64::MAX - 1),
-            Some((3, 63))
-        );
-        assert_eq!(e.blind_spot_until("ctx_switches", u64::MAX), Some((4, 104)));
-        assert_eq!(e.blind_spot_until("cpu_ns", 9), None);
     }
 
     #[test]

@@ -266,7 +266,12 @@ pub(super) fn check(
             let gap = gap(&label, (va, vb), next, cpu_window);
             let (relative, absolute) = p.field.tolerance();
             let tolerance = allowed(p.x, p.y, relative, absolute);
-            let blind = exited.blind_spot_until(&label, seq.saturating_add(1));
+            // The exited threads' own switches and migrations bound what
+            // the /proc oracle missed of them, but only the lines of the
+            // whole episode: a line holds a thread's counters as it began
+            // to exit, and its switches on its way out (many under
+            // emulation) can be missed before a later thread's line comes.
+            let blind = exited.blind_spot(&label).map(|n| (exited.threads, n));
             let (known, why) = explained(
                 &label,
                 (sources[p.a].0, p.x),
