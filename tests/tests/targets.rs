@@ -367,13 +367,43 @@ fn a_live_process_with_a_zombie_main_thread_is_traced() {
     let ep = Episode::from_output(&out);
     let truth = report(&out_json);
     assert_eq!(ep.meta["end_reason"], "target_exited");
-    let before = truth["cpu_ns_before_burn"].as_f64().unwrap();
-    assert_cpu_vs_truth(
-        "ebpf cpu_ns vs the survivor's burn",
-        ep.sum("ebpf", "cpu_ns") as f64,
-        exit.cpu_ns as f64 - before,
-        truth["process_cpu_ns"].as_f64().unwrap() - before,
-        0.02,
+    // The tracer attached while the survivor slept: eBPF holds what the
+    // process ran from its clock's reading before that sleep (waking up
+    // included: under software emulation that alone took up to ~5 ms of
+    // CPU here, code run for the first time) to its exit.
+    let get = |k: &str| truth[k].as_u64().unwrap();
+    let since = get("cpu_ns_before_sleep");
+    let measured = ep.sum("ebpf", "cpu_ns");
+    assert!(get("process_cpu_ns") - get("cpu_ns_before_burn") >= 300_000_000);
+    assert_traced_cpu_vs_stamp(
+        "ebpf cpu_ns vs the process CPU clock since before the sleep",
+        measured,
+        get("process_cpu_ns") - since,
+        0,
+    );
+    // wait4's total also holds the report's writing and the exit up to
+    // where the kernel folded the survivor into the process's total; eBPF
+    // adds only what the survivor ran after that, to its final switch-out.
+    // That thread's exit ends the process (its parent is notified).
+    // Measured: eBPF 2 to 35 µs above natively (with both CPUs busy too),
+    // 0.03 to 2.1 ms under software emulation (code run for the first
+    // time). Allowed: 100 µs natively, 10 ms emulated.
+    let reaped = exit.cpu_ns - since;
+    let above = if software_emulated() {
+        10_000_000
+    } else {
+        100_000
+    };
+    let below = unseen_before_baseline_ns(reaped);
+    eprintln!(
+        "ebpf cpu_ns vs wait4's total since before the sleep: {measured} vs {reaped} ({:+} ns; \
+         allowed -{below} to +{above})",
+        measured as i64 - reaped as i64
+    );
+    assert!(
+        measured + below >= reaped && measured <= reaped + above,
+        "ebpf cpu_ns {measured} not in wait4's total since before the sleep {reaped} \
+         -{below} to +{above}"
     );
     // The /proc oracle keeps a thread's last-seen counts: what the last
     // thread did after the oracle's last read before the process ended is

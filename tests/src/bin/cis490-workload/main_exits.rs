@@ -18,9 +18,10 @@ use crate::report::{write_json_atomic, write_ready};
 /// The main thread starts thread "survivor", then ends itself alone (the raw exit
 /// syscall, not exit_group): the process lives on with a zombie main thread, which is
 /// what /proc/PID/stat then shows (state Z). The survivor writes PATH.ready
-/// ({"kind":"ready","pid"}), sleeps --delay-ms, burns --burn-ms of its own CPU clock,
-/// writes {"kind":"main-exits", "pid", "cpu_ns_before_burn", "process_cpu_ns"} to PATH
-/// and exits the process with code 0.
+/// ({"kind":"ready","pid"}), reads the process CPU clock, sleeps --delay-ms (a tracer
+/// attaches meanwhile), reads it again, burns --burn-ms of its own CPU clock, writes
+/// {"kind":"main-exits", "pid", "cpu_ns_before_sleep", "cpu_ns_before_burn",
+/// "process_cpu_ns"} to PATH and exits the process with code 0.
 #[derive(Args, Debug)]
 pub struct MainExitsArgs {
     /// Sleep before burning, in ms (time to attach a tracer).
@@ -39,6 +40,7 @@ pub fn cmd_main_exits(a: &MainExitsArgs) -> Result<()> {
     struct Report {
         kind: &'static str,
         pid: u32,
+        cpu_ns_before_sleep: u64,
         cpu_ns_before_burn: u64,
         process_cpu_ns: u64,
     }
@@ -54,6 +56,7 @@ pub fn cmd_main_exits(a: &MainExitsArgs) -> Result<()> {
                 }
                 let pid = std::process::id();
                 write_ready(&out, &Ready { kind: "ready", pid })?;
+                let before_sleep = process_cpu_ns();
                 thread::sleep(Duration::from_millis(delay));
                 let before = process_cpu_ns();
                 burn_for_ns(burn_ns);
@@ -62,6 +65,7 @@ pub fn cmd_main_exits(a: &MainExitsArgs) -> Result<()> {
                     &Report {
                         kind: "main-exits",
                         pid,
+                        cpu_ns_before_sleep: before_sleep,
                         cpu_ns_before_burn: before,
                         process_cpu_ns: process_cpu_ns(),
                     },
