@@ -65,6 +65,16 @@ pub fn wait_for_sigusr1(set: &libc::sigset_t, timeout: Option<Duration>) -> Resu
 
 /// Writes PATH.ready and waits for SIGUSR1 (blocked first, so an early signal stays pending).
 pub fn ready_then_wait(out: &Path, timeout_ms: u64) -> Result<()> {
+    ready_then_wait_with(out, timeout_ms, || ())
+}
+
+/// [`ready_then_wait`], running `before_wait` between the two and returning
+/// what it returns.
+pub fn ready_then_wait_with<T>(
+    out: &Path,
+    timeout_ms: u64,
+    before_wait: impl FnOnce() -> T,
+) -> Result<T> {
     #[derive(Serialize)]
     struct Ready {
         kind: &'static str,
@@ -78,6 +88,8 @@ pub fn ready_then_wait(out: &Path, timeout_ms: u64) -> Result<()> {
             pid: std::process::id(),
         },
     )?;
+    let value = before_wait();
     let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
-    wait_for_sigusr1(&set, timeout)
+    wait_for_sigusr1(&set, timeout)?;
+    Ok(value)
 }

@@ -9,7 +9,7 @@ use crate::clock::{process_cpu_ns, rusage};
 use crate::cpu::CpuReport;
 use crate::phases::burn_phase;
 use crate::report::write_json_atomic;
-use crate::signals::ready_then_wait;
+use crate::signals::ready_then_wait_with;
 
 /// Write PATH.ready, wait for SIGUSR1, then do what `cpu` does.
 ///
@@ -17,9 +17,10 @@ use crate::signals::ready_then_wait;
 /// sigtimedwait() until SIGUSR1 arrives (at most --timeout-ms). Then starts N threads that
 /// each burn --burn-ms of their own CPU clock, and writes a `cpu` report (kind "cpu") with
 /// two extra fields: "cpu_ns_before_signal" (CLOCK_PROCESS_CPUTIME_ID just before the
-/// work started) and "rusage_before_signal" (getrusage(RUSAGE_SELF) at the same moment),
-/// so only the work after the signal can be told apart. For testing attach to a running
-/// process.
+/// wait for the signal) and "rusage_before_signal" (getrusage(RUSAGE_SELF) at the same
+/// moment), so the work after the signal, its wake-up included, can be told apart. For
+/// testing attach to a running process: a tracer that attaches during the wait sees all of
+/// that window but its first switch, the switch-out into the wait.
 #[derive(Args, Debug)]
 pub struct WaitSignalArgs {
     /// CPU time each thread burns after the signal, in ms of its own thread CPU clock.
@@ -41,10 +42,12 @@ pub struct WaitSignalArgs {
 }
 
 pub fn cmd_wait_signal(a: &WaitSignalArgs) -> Result<()> {
-    ready_then_wait(&a.out, a.timeout_ms)?;
-
-    let cpu_before = process_cpu_ns();
-    let rusage_before = rusage(libc::RUSAGE_SELF);
+    // Read before the wait, not after: waking up is work after the signal
+    // (under software emulation up to ~5 ms of CPU, code run for the first
+    // time), which a tracer attached during the wait counts.
+    let (cpu_before, rusage_before) = ready_then_wait_with(&a.out, a.timeout_ms, || {
+        (process_cpu_ns(), rusage(libc::RUSAGE_SELF))
+    })?;
     let phase = burn_phase(a.threads, a.burn_ms, 0, 0, a.linger_ms)?;
     let mut report = CpuReport::new(a.burn_ms, phase);
     report.cpu_ns_before_signal = Some(cpu_before);
