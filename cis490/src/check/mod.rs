@@ -242,17 +242,64 @@ impl Exited {
     }
 }
 
+/// How much more than their tolerance two sources' totals of a field may
+/// differ for reasons the episode states ([`explained`]); its `Display` is
+/// the words for it (empty, or ", of which ...").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Explained {
+    /// perf's task-clock while the hypervisor stole the CPU.
+    steal: u64,
+    /// The exited threads' CPU on their way out (eBPF above).
+    tail: u64,
+    /// The /proc oracle's blind spot (below), and the exited threads it is
+    /// theirs.
+    blind: u64,
+    threads: u64,
+}
+
+impl Explained {
+    fn ns(self) -> u64 {
+        self.steal
+            .saturating_add(self.tail)
+            .saturating_add(self.blind)
+    }
+}
+
+impl std::fmt::Display for Explained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Explained {
+            tail,
+            blind,
+            threads,
+            ..
+        } = *self;
+        if blind > 0 {
+            write!(
+                f,
+                ", of which {blind} the /proc oracle's blind spot: the {threads} exited threads' own"
+            )
+        } else if tail > 0 {
+            write!(
+                f,
+                ", of which {tail} the exited threads' CPU on their way out"
+            )
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// How much more than its tolerance two sources' totals of `field` (`x`
-/// of `a`, `y` of `b`) may differ for reasons the episode states, and
-/// the words for it. `blind`: the exited threads so far and what they did
-/// of `field` (the /proc oracle's blind spot), where it applies.
+/// of `a`, `y` of `b`) may differ for reasons the episode states.
+/// `blind`: the exited threads so far and what they did of `field` (the
+/// /proc oracle's blind spot), where it applies.
 fn explained(
     field: &str,
     (a, x): (&str, u64),
     (b, y): (&str, u64),
     meta: &Meta,
     blind: Option<(u64, u64)>,
-) -> (u64, String) {
+) -> Explained {
     // The named source's total and the other's, if it is one of the two.
     let side = |name: &str| match name {
         _ if name == a => Some((x, y)),
@@ -282,16 +329,12 @@ fn explained(
         Some((threads, n)) if below("proc") && n > 0 => (threads, n),
         _ => (0, 0),
     };
-    let why = if blind > 0 {
-        format!(
-            ", of which {blind} the /proc oracle's blind spot: the {threads} exited threads' own"
-        )
-    } else if tail > 0 {
-        format!(", of which {tail} the exited threads' CPU on their way out")
-    } else {
-        String::new()
-    };
-    (steal.saturating_add(tail).saturating_add(blind), why)
+    Explained {
+        steal,
+        tail,
+        blind,
+        threads,
+    }
 }
 
 /// QMP's block bytes against eBPF's, where they are the same I/O: every
@@ -721,7 +764,8 @@ pub fn check(dir: &Path) -> Result<Report> {
                     String::new()
                 };
                 let blind = exited.blind_spot(t.field).map(|n| (exited.threads, n));
-                let (known, why) = explained(t.field, (a, x), (b, y), &meta, blind);
+                let why = explained(t.field, (a, x), (b, y), &meta, blind);
+                let known = why.ns();
                 let allowed = allowed(x, y, t.relative, t.absolute).saturating_add(known);
                 r.check(
                     x.abs_diff(y) <= allowed,

@@ -27,8 +27,8 @@ use std::{
 use anyhow::Result;
 
 use super::{
-    Exited, Report, Scan, TAP_ABSOLUTE_BYTES, TAP_ABSOLUTE_FRAMES, TAP_RELATIVE, TOLERANCES,
-    allowed, explained,
+    Exited, Explained, Report, Scan, TAP_ABSOLUTE_BYTES, TAP_ABSOLUTE_FRAMES, TAP_RELATIVE,
+    TOLERANCES, allowed, explained,
 };
 use crate::{
     meta::Meta,
@@ -130,7 +130,7 @@ struct Nearest {
     allowed: u64,
     tolerance: u64,
     gap: u64,
-    why: String,
+    why: Explained,
 }
 
 /// Two sources' running totals of one field.
@@ -138,6 +138,8 @@ struct Pair {
     a: usize,
     b: usize,
     field: Field,
+    /// `field`'s name in the lines.
+    label: String,
     x: u64,
     y: u64,
     ends: u64,
@@ -196,9 +198,10 @@ pub(super) fn check(
         w.saturating_add(TICK_NS)
             .saturating_mul(meta.host.cpus as u64)
     });
-    let pair = |a, b, field| Pair {
+    let pair = |a, b, field: Field| Pair {
         a,
         b,
+        label: field.label(),
         field,
         x: 0,
         y: 0,
@@ -253,7 +256,6 @@ pub(super) fn check(
             let (Some(va), Some(vb)) = (p.field.of(&now[p.a]), p.field.of(&now[p.b])) else {
                 continue;
             };
-            let label = p.field.label();
             p.x = p.x.saturating_add(va);
             p.y = p.y.saturating_add(vb);
             // The previous bucket end both measured was not the last.
@@ -263,7 +265,7 @@ pub(super) fn check(
             let field = &p.field;
             let mut after = |s: usize| readers[s].peek().and_then(|v| field.of(v)).unwrap_or(0);
             let next = (after(p.a), after(p.b));
-            let gap = gap(&label, (va, vb), next, cpu_window);
+            let gap = gap(&p.label, (va, vb), next, cpu_window);
             let (relative, absolute) = p.field.tolerance();
             let tolerance = allowed(p.x, p.y, relative, absolute);
             // The exited threads' own switches and migrations bound what
@@ -271,15 +273,15 @@ pub(super) fn check(
             // whole episode: a line holds a thread's counters as it began
             // to exit, and its switches on its way out (many under
             // emulation) can be missed before a later thread's line comes.
-            let blind = exited.blind_spot(&label).map(|n| (exited.threads, n));
-            let (known, why) = explained(
-                &label,
+            let blind = exited.blind_spot(&p.label).map(|n| (exited.threads, n));
+            let why = explained(
+                &p.label,
                 (sources[p.a].0, p.x),
                 (sources[p.b].0, p.y),
                 meta,
                 blind,
             );
-            let allowed = tolerance.saturating_add(gap).saturating_add(known);
+            let allowed = tolerance.saturating_add(gap).saturating_add(why.ns());
             p.pending = Some(Nearest {
                 ratio: p.x.abs_diff(p.y) as f64 / allowed.max(1) as f64,
                 seq,
@@ -296,7 +298,7 @@ pub(super) fn check(
     // comparison, made on its own.
     for p in pairs {
         let Some(n) = p.nearest else { continue };
-        let (field, a, b) = (p.field.label(), sources[p.a].0, sources[p.b].0);
+        let (field, a, b) = (&p.label, sources[p.a].0, sources[p.b].0);
         let Nearest {
             seq,
             x,

@@ -54,11 +54,8 @@ struct Spread {
 }
 
 impl Spread {
-    /// Runs one source's read, timed when `host` (eBPF, /proc, perf).
-    fn read<T>(&mut self, host: bool, f: impl FnOnce() -> T) -> T {
-        if !host {
-            return f();
-        }
+    /// Runs one host-side source's read (eBPF, /proc, perf), timed.
+    fn read<T>(&mut self, f: impl FnOnce() -> T) -> T {
         let start = std::time::Instant::now();
         self.first.get_or_insert(start);
         let out = f();
@@ -100,9 +97,9 @@ impl Sources {
             taps: Some(&self.taps),
         };
         let mut spread = Spread::default();
-        spread.read(true, || Source::sample(&mut self.ebpf, &ctx))?;
-        spread.read(true, || sample_opt(&mut self.proc, &ctx))?;
-        spread.read(true, || sample_opt(&mut self.perf, &ctx))?;
+        spread.read(|| Source::sample(&mut self.ebpf, &ctx))?;
+        spread.read(|| sample_opt(&mut self.proc, &ctx))?;
+        spread.read(|| sample_opt(&mut self.perf, &ctx))?;
         self.read_spread_max_ns = self.read_spread_max_ns.max(spread.ns());
         if let Some(g) = &mut self.gateway {
             g.sample()?;
@@ -130,11 +127,10 @@ impl Sources {
         let mut drops = 0;
         let mut spread = Spread::default();
         for (kind, file) in &mut out.rows {
-            let host = matches!(kind, SourceKind::Ebpf | SourceKind::Proc | SourceKind::Perf);
             let m = match kind {
-                SourceKind::Ebpf => spread.read(host, || Source::sample(&mut self.ebpf, &ctx))?,
-                SourceKind::Proc => spread.read(host, || sample_opt(&mut self.proc, &ctx))?,
-                SourceKind::Perf => spread.read(host, || sample_opt(&mut self.perf, &ctx))?,
+                SourceKind::Ebpf => spread.read(|| Source::sample(&mut self.ebpf, &ctx))?,
+                SourceKind::Proc => spread.read(|| sample_opt(&mut self.proc, &ctx))?,
+                SourceKind::Perf => spread.read(|| sample_opt(&mut self.perf, &ctx))?,
                 SourceKind::Qmp => match &mut self.qmp {
                     Some(q) => {
                         let m = q.sample(self.qmp_timeout, self.pid).await?;
