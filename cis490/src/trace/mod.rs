@@ -9,6 +9,7 @@
 //! phases), [`sources`] (sampling every source at a boundary), [`outputs`]
 //! (the episode's open files).
 
+mod boundary;
 mod outputs;
 mod phases;
 mod sources;
