@@ -9,7 +9,6 @@
 //! phases), [`sources`] (sampling every source at a boundary), [`outputs`]
 //! (the episode's open files).
 
-mod boundary;
 mod outputs;
 mod phases;
 mod sources;

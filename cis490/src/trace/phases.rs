@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use cis490_common::LifecycleKind;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
@@ -15,7 +15,6 @@ use tokio::{
 
 use super::{
     TraceConfig,
-    boundary::BoundaryTimer,
     outputs::Outputs,
     sources::{QmpSlot, Sources, kick_cpus},
     stop_signals,
@@ -395,9 +394,8 @@ impl<'a> Run<'a> {
         timed_labels.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
         let mut last_flush = Instant::now();
 
-        let mut boundary = BoundaryTimer::new().context("cannot create the bucket timer")?;
         let reason = loop {
-            let deadline = clock.next_deadline_ns();
+            let deadline = mono_to_instant(clock.next_deadline_ns());
             tokio::select! {
                 biased;
                 stop = stops.next() => {
@@ -455,8 +453,7 @@ impl<'a> Run<'a> {
                         }
                     }
                 }
-                r = boundary.wait_until(deadline) => {
-                    r.context("the bucket timer")?;
+                _ = sleep_until(deadline) => {
                     let tick = sources.close_bucket(clock, out, ClockPair::now()).await?;
                     if last_flush.elapsed() >= Duration::from_secs(1) {
                         out.flush()?;
