@@ -830,7 +830,9 @@ fn no_bucket_holds_more_cpu_than_it_lasted() {
 /// threads a moment after it stamps a row's end, later when the machine is
 /// busy). Under emulation the tracer's reads come later still (at 10 ms
 /// buckets, medians of 46 to 129 µs and 95th percentiles of 1.2 to 4.4 ms in
-/// five runs): the median within 1 ms, every bucket within 20 ms.
+/// five runs; with the VM matrix's two guests side by side, as CI runs them,
+/// medians of 61 to 788 µs in four runs, 2026-12-07): the median within
+/// 2 ms, every bucket within 20 ms.
 #[test]
 fn a_thread_that_never_blocks_is_counted_per_bucket_as_its_own_clock() {
     require_root();
@@ -838,7 +840,7 @@ fn a_thread_that_never_blocks_is_counted_per_bucket_as_its_own_clock() {
     let out_json = dir.join("spin.json");
     let emulated = software_emulated();
     let (interval, median, far) = if emulated {
-        ("10", 1_000_000u64, 20_000_000u64)
+        ("10", 2_000_000u64, 20_000_000u64)
     } else {
         ("5", 250_000, 5_000_000)
     };
