@@ -228,6 +228,10 @@ pub struct Meta {
     /// sources' running totals. `null` in episodes written before it was
     /// recorded.
     pub read_spread_max_ns: Option<u64>,
+    /// How the thread that closed the buckets was scheduled (`--priority`).
+    /// `null` in episodes written before it was recorded.
+    #[serde(default)]
+    pub tracer_scheduling: Option<crate::trace::priority::Scheduling>,
     /// The gateway collector: interface, attach mode, the VM's MAC
     /// addresses and where they came from, capture counts (`null` without
     /// `--gateway-if`).

@@ -912,3 +912,94 @@ fn a_thread_that_never_blocks_is_counted_per_bucket_as_its_own_clock() {
         errors.last().unwrap().0
     );
 }
+
+/// Fields 19 (nice), 40 (rt_priority) and 41 (policy) of a
+/// `/proc/PID/stat` line.
+fn scheduling_of(stat: &str) -> (i64, i64, i64) {
+    // The fields after the command name (field 2, in parentheses) start at 3.
+    let rest = stat.rsplit_once(") ").expect("a /proc stat line").1;
+    let f: Vec<i64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(-1))
+        .collect();
+    (f[19 - 3], f[40 - 3], f[41 - 3])
+}
+
+/// `--priority`: by default the thread that closes buckets (the tracer's
+/// main thread) runs at SCHED_FIFO 1 and a spawned target at the normal
+/// policy; `--priority normal` leaves the tracer as started; without
+/// CAP_SYS_NICE the trace still completes, with one warning and the reason
+/// in `meta.json`. Each side read from `/proc` by the target itself.
+#[test]
+fn the_bucket_reader_runs_realtime_and_its_target_does_not() {
+    require_root();
+    // sh is the target; its parent is the tracer.
+    let probe = "cat /proc/self/stat > \"$0/target\"; cat /proc/$PPID/stat > \"$0/tracer\"";
+    let run = |name: &str, wrap: &[&str], extra: &[&str]| {
+        let dir = scratch(name);
+        let mut cmd = if wrap.is_empty() {
+            default_trace_cmd(&dir)
+        } else {
+            let inner = default_trace_cmd(&dir);
+            let mut c = Command::new(wrap[0]);
+            c.args(&wrap[1..])
+                .arg(inner.get_program())
+                .args(inner.get_args());
+            c
+        };
+        cmd.args(["--sources", "ebpf"])
+            .args(extra)
+            .args(["--", "sh", "-c", probe])
+            .arg(&dir);
+        let out = run_with_timeout(&mut cmd, T);
+        let ep = Episode::from_output(&out);
+        assert_eq!(ep.meta["status"], "complete");
+        let read = |f: &str| scheduling_of(&std::fs::read_to_string(dir.join(f)).unwrap());
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            read("tracer"),
+            read("target"),
+            ep.meta["tracer_scheduling"].clone(),
+            stderr,
+        )
+    };
+    const OTHER: i64 = 0;
+    const FIFO: i64 = 1;
+
+    let (tracer, target, meta, _) = run("prio-default", &[], &[]);
+    eprintln!("default: tracer (nice, rt, policy) {tracer:?}, target {target:?}; {meta}");
+    assert_eq!(tracer, (0, 1, FIFO));
+    assert_eq!(target, (0, 0, OTHER));
+    assert_eq!(meta["asked"], "realtime");
+    assert_eq!(meta["policy"], "SCHED_FIFO");
+    assert_eq!(meta["rt_priority"], 1);
+    assert_eq!(meta["error"], serde_json::Value::Null);
+
+    let (tracer, target, meta, _) = run("prio-normal", &[], &["--priority", "normal"]);
+    eprintln!("normal: tracer {tracer:?}, target {target:?}; {meta}");
+    assert_eq!(tracer, (0, 0, OTHER));
+    assert_eq!(target, (0, 0, OTHER));
+    assert_eq!(meta["asked"], "normal");
+    assert_eq!(meta["policy"], "SCHED_OTHER");
+
+    // Root without CAP_SYS_NICE (and a zero RLIMIT_RTPRIO): refused.
+    let no_nice = [
+        "setpriv",
+        "--bounding-set",
+        "-sys_nice",
+        "--inh-caps",
+        "-sys_nice",
+    ];
+    let (tracer, target, meta, stderr) = run("prio-refused", &no_nice, &[]);
+    eprintln!("refused: tracer {tracer:?}, target {target:?}; {meta}");
+    assert_eq!(tracer, (0, 0, OTHER));
+    assert_eq!(target, (0, 0, OTHER));
+    assert_eq!(meta["policy"], "SCHED_OTHER");
+    let why = meta["error"].as_str().expect("the reason in meta.json");
+    assert!(why.contains("Operation not permitted"), "{why}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("cannot run at SCHED_FIFO"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+}

@@ -11,6 +11,7 @@
 
 mod outputs;
 mod phases;
+pub mod priority;
 mod sources;
 
 use std::{
@@ -55,6 +56,8 @@ pub struct TraceConfig {
     /// Where to write the episode directory's path once it exists
     /// (`--episode-file PATH`).
     pub episode_file: Option<PathBuf>,
+    /// How the thread that closes buckets is scheduled (`--priority`).
+    pub priority: priority::Priority,
     /// The gateway collector (`--gateway-if` and co).
     pub gateway: Option<crate::sources::gateway::GatewayConfig>,
     /// This process's own argv, for meta.json.
@@ -242,6 +245,7 @@ fn episode(
         },
         skipped_boundaries: 0,
         read_spread_max_ns: None,
+        tracer_scheduling: None,
         perf: None,
         perf_error: None,
         proc: None,
@@ -254,6 +258,9 @@ fn episode(
         host_steal_ns: None,
         gateway: None,
     };
+    // This thread runs the event loop (a current-thread runtime), in a
+    // server too (one thread per episode).
+    meta.tracer_scheduling = Some(priority::apply(cfg.priority));
     episode.write_meta(&meta)?;
     log::info!("episode {} -> {}", episode.id(), episode.path().display());
     if let Some(path) = &cfg.episode_file {
