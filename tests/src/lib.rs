@@ -551,18 +551,32 @@ pub fn unseen_before_baseline_ns(stamp: u64) -> u64 {
 /// a few µs per exited thread).
 #[track_caller]
 pub fn assert_cpu_vs_stamp(what: &str, measured: u64, stamp: u64, below: u64, above: u64) {
-    let (least, most) = (stamp.saturating_sub(below), stamp + exit_tail_ns() + above);
+    assert_within(
+        &format!(
+            "{what} (the process's own clock at its exit stamp; above: {} ns for its exit \
+             and {above} ns the test allows)",
+            exit_tail_ns()
+        ),
+        measured,
+        stamp,
+        below,
+        exit_tail_ns() + above,
+    );
+}
+
+/// `measured` at least `truth - below` and at most `truth + above`, said on
+/// stderr either way.
+#[track_caller]
+pub fn assert_within(what: &str, measured: u64, truth: u64, below: u64, above: u64) {
+    let (least, most) = (truth.saturating_sub(below), truth + above);
     eprintln!(
-        "{what}: {measured} vs the process's own clock at its exit stamp {stamp} ({:+} ns, {:+.4}%; allowed -{below} to +{} ns)",
-        measured as i64 - stamp as i64,
-        (measured as f64 - stamp as f64) / stamp as f64 * 100.0,
-        most - stamp
+        "{what}: {measured} vs {truth} ({:+} ns, {:+.4}%; allowed -{below} to +{above} ns)",
+        measured as i64 - truth as i64,
+        (measured as f64 - truth as f64) / truth as f64 * 100.0,
     );
     assert!(
         measured >= least && measured <= most,
-        "{what}: {measured} ns not in [{least}, {most}]: the process's own clock at its exit \
-         stamp {stamp}, less {below} ns, plus {} ns for its exit and {above} ns the test allows",
-        exit_tail_ns()
+        "{what}: {measured} ns not in [{least}, {most}]"
     );
 }
 

@@ -427,12 +427,13 @@ fn attach_to_a_running_process() {
     let truth = report(&out_json);
     assert_eq!(ep.meta["target"]["mode"], "attach");
     assert_eq!(ep.meta["end_reason"], "target_exited");
-    // Work after attach: from the workload's clock at the signal to the
-    // process's total at its exit (wait4); the workload's own clock before
-    // its report is a lower bound (see cpu_time_matches_ground_truth_and_oracle).
-    // Natively within 1 ms of that (0.08% of the 1.2 s; wait4's µs
-    // resolution and the clock read at the signal); 2% under software
-    // emulation, as before.
+    // Work after attach: from the workload's clock as it began to wait for
+    // the signal (`cpu_ns_before_signal`, read before the tracer attached)
+    // to the process's total at its exit (wait4); the workload's own clock
+    // before its report is a lower bound (see
+    // cpu_time_matches_ground_truth_and_oracle). Natively within 1 ms of
+    // that (0.08% of the 1.2 s; wait4's µs resolution and the waiting
+    // thread's wake-up); 2% under software emulation.
     let before = truth["cpu_ns_before_signal"].as_u64().unwrap();
     let ebpf = ep.sum("ebpf", "cpu_ns");
     let after = exit.cpu_ns - before;
@@ -442,7 +443,7 @@ fn attach_to_a_running_process() {
         1_000_000
     };
     eprintln!(
-        "ebpf cpu_ns vs work after attach (wait4's total at exit - the clock at the signal): {ebpf} vs {after} ({:+} ns, allowed ±{allowed})",
+        "ebpf cpu_ns vs work after attach (wait4's total at exit - the clock before the wait): {ebpf} vs {after} ({:+} ns, allowed ±{allowed})",
         ebpf as i64 - after as i64
     );
     assert!(

@@ -412,16 +412,12 @@ fn a_live_process_with_a_zombie_main_thread_is_traced() {
     } else {
         100_000
     };
-    let below = unseen_before_baseline_ns(reaped);
-    eprintln!(
-        "ebpf cpu_ns vs wait4's total since before the sleep: {measured} vs {reaped} ({:+} ns; \
-         allowed -{below} to +{above})",
-        measured as i64 - reaped as i64
-    );
-    assert!(
-        measured + below >= reaped && measured <= reaped + above,
-        "ebpf cpu_ns {measured} not in wait4's total since before the sleep {reaped} \
-         -{below} to +{above}"
+    assert_within(
+        "ebpf cpu_ns vs wait4's total since before the sleep",
+        measured,
+        reaped,
+        unseen_before_baseline_ns(reaped),
+        above,
     );
     // The /proc oracle keeps a thread's last-seen counts: what the last
     // thread did after the oracle's last read before the process ended is

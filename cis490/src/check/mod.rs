@@ -245,7 +245,7 @@ impl Exited {
 /// How much more than their tolerance two sources' totals of a field may
 /// differ for reasons the episode states ([`explained`]); its `Display` is
 /// the words for it (empty, or ", of which ...").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 struct Explained {
     /// perf's task-clock while the hypervisor stole the CPU.
     steal: u64,
