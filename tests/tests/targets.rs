@@ -301,23 +301,27 @@ fn hundreds_of_threads_come_and_go() {
     let tolerated = assert_check_passes_but(&ep.dir, &known);
     eprintln!("check: tolerated {tolerated:?}");
     // The tracer reads at SCHED_FIFO (`--priority`), ahead of the 200
-    // runnable threads: the reads at one boundary took 10-25 ms here in 10
-    // runs, 31 and 48 ms in the emulated guests (at the normal policy
-    // 268-565 ms in 9 runs, 4 to 8 boundaries skipped, and once a bucket
-    // held the CPU time of the next ones: 499 ms in 112 ms on 2 CPUs).
+    // runnable threads: natively the reads at one boundary took 10-25 ms in
+    // 11 runs, none skipped (at the normal policy 268-565 ms in 9 runs, 4 to
+    // 8 boundaries skipped, and once a bucket held the CPU time of the next
+    // ones: 499 ms in 112 ms on 2 CPUs). In the emulated guests the reads'
+    // own work is slower: 28 to 111 ms in 32 runs, none skipped.
     let spread = ep.meta["read_spread_max_ns"].as_u64().unwrap();
     let skipped = ep.meta["skipped_boundaries"].as_u64().unwrap();
     eprintln!("reads at one boundary took up to {spread} ns; {skipped} boundaries skipped");
     assert_eq!(ep.meta["tracer_scheduling"]["policy"], "SCHED_FIFO");
-    let spread_max = if software_emulated() {
-        100_000_000
+    if software_emulated() {
+        assert!(
+            spread <= 250_000_000,
+            "reads at one boundary took {spread} ns"
+        );
     } else {
-        50_000_000
-    };
-    assert!(
-        spread <= spread_max,
-        "reads at one boundary took {spread} ns"
-    );
+        assert!(
+            spread <= 50_000_000,
+            "reads at one boundary took {spread} ns"
+        );
+        assert_eq!(skipped, 0, "boundaries skipped");
+    }
     eprintln!(
         "{started} starts, {exited} exits, {dropped} dropped; peak {} threads in a bucket",
         ep.max("ebpf", "threads")
@@ -353,21 +357,14 @@ fn a_zombie_target_is_refused() {
 
 /// A process whose main thread exited while another thread runs shows as
 /// a zombie in /proc/PID/stat, but it is alive: it is traced (the survivor
-/// burns 300 ms after attach: cpu_ns within 2%), until it really ends.
+/// burns 300 ms once the tracer has started), until it really ends.
 #[test]
 fn a_live_process_with_a_zombie_main_thread_is_traced() {
     require_root();
     let dir = scratch("zombie-main");
     let out_json = dir.join("main-exits.json");
     let mut wl = Command::new(bin("cis490-workload"))
-        .args([
-            "main-exits",
-            "--delay-ms",
-            "1500",
-            "--burn-ms",
-            "300",
-            "--out",
-        ])
+        .args(["main-exits", "--burn-ms", "300", "--out"])
         .arg(&out_json)
         .spawn()
         .unwrap();
@@ -380,21 +377,26 @@ fn a_live_process_with_a_zombie_main_thread_is_traced() {
         std::thread::sleep(Duration::from_millis(2));
     }
     assert_eq!(proc_state(pid), Some('Z'), "the main thread did not exit");
-    let out = run_with_timeout(trace_cmd(&dir).args(["--target-pid", &pid.to_string()]), T);
+    // The survivor burns only once the tracer has taken its baseline (a
+    // fixed 1.5 s sleep instead was too short once in 6 runs in the
+    // emulated guests, where attaching took 0.75 to 1.56 s).
+    let trace = start_trace(&dir, &["--target-pid", &pid.to_string()]);
+    kill(pid, libc::SIGUSR1);
+    let out = wait_output(trace, T);
     let exit = wait_rusage(&mut wl);
     let ep = Episode::from_output(&out);
     let truth = report(&out_json);
     assert_eq!(ep.meta["end_reason"], "target_exited");
-    // The tracer attached while the survivor slept: eBPF holds what the
-    // process ran from its clock's reading before that sleep (waking up
+    // The tracer attached while the survivor waited: eBPF holds what the
+    // process ran from its clock's reading before that wait (waking up
     // included: under software emulation that alone took up to ~5 ms of
     // CPU here, code run for the first time) to its exit.
     let get = |k: &str| truth[k].as_u64().unwrap();
-    let since = get("cpu_ns_before_sleep");
+    let since = get("cpu_ns_before_wait");
     let measured = ep.sum("ebpf", "cpu_ns");
     assert!(get("process_cpu_ns") - get("cpu_ns_before_burn") >= 300_000_000);
     assert_traced_cpu_vs_stamp(
-        "ebpf cpu_ns vs the process CPU clock since before the sleep",
+        "ebpf cpu_ns vs the process CPU clock since before the wait",
         measured,
         get("process_cpu_ns") - since,
         0,
@@ -403,9 +405,12 @@ fn a_live_process_with_a_zombie_main_thread_is_traced() {
     // where the kernel folded the survivor into the process's total; eBPF
     // adds only what the survivor ran after that, to its final switch-out.
     // That thread's exit ends the process (its parent is notified).
-    // Measured: eBPF 2 to 35 µs above natively (with both CPUs busy too),
-    // 0.03 to 2.1 ms under software emulation (code run for the first
-    // time). Allowed: 100 µs natively, 10 ms emulated.
+    // Measured: eBPF 2 to 35 µs above natively (with both CPUs busy too;
+    // +15 to +27 µs in 3 runs since the survivor waits for a signal),
+    // -3.7 to +3.6 ms under software emulation in 44 runs with the tracer
+    // at SCHED_FIFO (0.03 to 2.1 ms above at the normal policy, with a
+    // sleep). Allowed: 100 µs natively, 10 ms emulated; below, as for the
+    // exit stamp.
     let reaped = exit.cpu_ns - since;
     let above = if software_emulated() {
         10_000_000
@@ -413,7 +418,7 @@ fn a_live_process_with_a_zombie_main_thread_is_traced() {
         100_000
     };
     assert_within(
-        "ebpf cpu_ns vs wait4's total since before the sleep",
+        "ebpf cpu_ns vs wait4's total since before the wait",
         measured,
         reaped,
         unseen_before_baseline_ns(reaped),
