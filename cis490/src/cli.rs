@@ -403,9 +403,9 @@ pub struct TraceArgs {
     /// SCHED_FIFO priority 1, so a bucket is read when it ends even while
     /// the target keeps every CPU busy (at the normal policy, with 200 busy
     /// threads on 2 CPUs, the reads at one boundary took up to 0.57 s, and a
-    /// bucket held its successors' CPU time); the target and any helper start at
-    /// the normal policy, and the kernel's real-time throttling bounds the
-    /// tracer. normal: the policy cis490 was started with. If realtime is
+    /// bucket held its successors' CPU time); a command it traces, and any
+    /// thread it starts, run at the normal policy, and the kernel's real-time
+    /// throttling bounds the tracer. normal: the policy cis490 was started with. If realtime is
     /// refused (no CAP_SYS_NICE), a warning, and meta.json
     /// `tracer_scheduling` says why.
     #[arg(long, value_name = "POLICY", value_enum, default_value_t = crate::trace::priority::Priority::Realtime)]
@@ -577,6 +577,7 @@ mod tests {
         // an explicit oracle, not a default.
         assert_eq!(t.sources, [SourceKind::Ebpf, SourceKind::Proc]);
         assert_eq!(t.data_dir, PathBuf::from("data"));
+        assert_eq!(t.priority, crate::trace::priority::Priority::Realtime);
     }
 
     #[test]

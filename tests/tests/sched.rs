@@ -212,7 +212,8 @@ fn cpu_time_matches_ground_truth_and_oracle() {
 /// against the command's own totals taken as its last act before exiting
 /// (`--exit-stamp`): CPU at least the stamp (less the µs its resolution
 /// drops) and at most the stamp plus the exit (`exit_tail_ns`); context
-/// switches at least the stamp's and at most 2 more (the exit's own).
+/// switches at least the stamp's and at most 2 more (the exit's own; 8
+/// under software emulation, below).
 #[test]
 fn target_rusage_is_the_process_total_at_exit() {
     require_root();
@@ -240,13 +241,20 @@ fn target_rusage_is_the_process_total_at_exit() {
         2_000,
         0,
     );
+    // Under software emulation the exit takes up to 100 ms, and the
+    // tracer, at SCHED_FIFO (`--priority`), preempts an exiting thread on
+    // its CPU whenever it wakes there meanwhile (the threads' exit records,
+    // a bucket boundary): 3 involuntary switches more than the stamp's seen
+    // once in the 6.1 guest.
+    let exit_switches = if software_emulated() { 8 } else { 2 };
     for (what, m, s) in [
         ("nvcsw", meta.nvcsw, stamp.nvcsw),
         ("nivcsw", meta.nivcsw, stamp.nivcsw),
     ] {
         assert!(
-            m >= s && m <= s + 2,
-            "target_rusage.{what} {m} vs the workload's own {s} at its exit stamp"
+            m >= s && m <= s + exit_switches,
+            "target_rusage.{what} {m} vs the workload's own {s} at its exit stamp \
+             (at most {exit_switches} more)"
         );
     }
     // Every field the data model lists, from the same wait4.

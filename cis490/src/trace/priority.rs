@@ -7,9 +7,10 @@
 //! ones (and `cis490 check` failed it); at `SCHED_FIFO` up to 25 ms. At `SCHED_FIFO` priority 1 it runs as soon as it
 //! wakes, before any normal thread; the kernel's real-time throttling
 //! (`kernel.sched_rt_runtime_us`, 95% of each second by default) still
-//! bounds it. Its children and any thread it starts are created at the
-//! normal policy (`SCHED_RESET_ON_FORK`), so a spawned target and the
-//! helpers (tcpdump, the /proc poller) run as they would without it.
+//! bounds it. Any thread or process it starts afterwards is created at the
+//! normal policy (`SCHED_RESET_ON_FORK`): the threads that make every CPU
+//! switch before the baseline, the guest agent's reader; a command to trace
+//! is started before, from the tracer's original policy.
 
 use serde::{Deserialize, Serialize};
 
