@@ -405,9 +405,9 @@ pub struct TraceArgs {
     /// threads on 2 CPUs, the reads at one boundary took up to 0.57 s, and a
     /// bucket held its successors' CPU time); a command it traces, and any
     /// thread it starts, run at the normal policy, and the kernel's real-time
-    /// throttling bounds the tracer. normal: the policy cis490 was started with. If realtime is
-    /// refused (no CAP_SYS_NICE), a warning, and meta.json
-    /// `tracer_scheduling` says why.
+    /// throttling bounds the tracer. normal: the policy cis490 was started
+    /// with. If realtime is refused (no CAP_SYS_NICE), a warning, and
+    /// meta.json `tracer_scheduling` says why.
     #[arg(long, value_name = "POLICY", value_enum, default_value_t = crate::trace::priority::Priority::Realtime)]
     pub priority: crate::trace::priority::Priority,
 

@@ -904,18 +904,23 @@ pub fn pidfd_wait_exit(pidfd: &std::os::fd::OwnedFd, timeout: Duration) -> bool 
 /// there is no such process.
 pub fn proc_state(pid: i32) -> Option<char> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
+    stat_field(&stat, 3)?.chars().next()
 }
 
 /// Start time of a process (field 22 of `/proc/PID/stat`, clock ticks).
 pub fn proc_starttime(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_field(&stat, 22)?.parse().ok()
+}
+
+/// Field `n` (numbered from 1, as in proc(5), n >= 3) of a
+/// `/proc/PID/stat` line: the fields after the command name, which is in
+/// parentheses and may hold spaces and ')'.
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
     stat.rsplit_once(')')?
         .1
         .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+        .nth(n.checked_sub(3)?)
 }
 
 fn c_path(p: &Path) -> std::ffi::CString {

@@ -925,13 +925,12 @@ fn a_thread_that_never_blocks_is_counted_per_bucket_as_its_own_clock() {
 /// Fields 19 (nice), 40 (rt_priority) and 41 (policy) of a
 /// `/proc/PID/stat` line.
 fn scheduling_of(stat: &str) -> (i64, i64, i64) {
-    // The fields after the command name (field 2, in parentheses) start at 3.
-    let rest = stat.rsplit_once(") ").expect("a /proc stat line").1;
-    let f: Vec<i64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(-1))
-        .collect();
-    (f[19 - 3], f[40 - 3], f[41 - 3])
+    let field = |n| {
+        stat_field(stat, n)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("field {n} of {stat:?}"))
+    };
+    (field(19), field(40), field(41))
 }
 
 /// `--priority`: by default the thread that closes buckets (the tracer's

@@ -378,7 +378,7 @@ fn a_live_process_with_a_zombie_main_thread_is_traced() {
     }
     assert_eq!(proc_state(pid), Some('Z'), "the main thread did not exit");
     // The survivor burns only once the tracer has taken its baseline (a
-    // fixed 1.5 s sleep instead was too short once in 6 runs in the
+    // fixed 1.5 s sleep instead was too short in 4 of 12 runs in the
     // emulated guests, where attaching took 0.75 to 1.56 s).
     let trace = start_trace(&dir, &["--target-pid", &pid.to_string()]);
     kill(pid, libc::SIGUSR1);

@@ -245,7 +245,9 @@ fn episode(
         },
         skipped_boundaries: 0,
         read_spread_max_ns: None,
-        tracer_scheduling: None,
+        // This thread runs the event loop (a current-thread runtime), in a
+        // server too (one thread per episode).
+        tracer_scheduling: Some(priority::apply(cfg.priority)),
         perf: None,
         perf_error: None,
         proc: None,
@@ -258,9 +260,6 @@ fn episode(
         host_steal_ns: None,
         gateway: None,
     };
-    // This thread runs the event loop (a current-thread runtime), in a
-    // server too (one thread per episode).
-    meta.tracer_scheduling = Some(priority::apply(cfg.priority));
     episode.write_meta(&meta)?;
     log::info!("episode {} -> {}", episode.id(), episode.path().display());
     if let Some(path) = &cfg.episode_file {

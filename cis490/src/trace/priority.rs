@@ -4,8 +4,9 @@
 //! default policy it waits its turn behind the target's runnable threads:
 //! with 200 threads burning both CPUs of this machine its reads at one
 //! boundary took up to 0.57 s, and one bucket held the CPU time of the next
-//! ones (and `cis490 check` failed it); at `SCHED_FIFO` up to 25 ms. At `SCHED_FIFO` priority 1 it runs as soon as it
-//! wakes, before any normal thread; the kernel's real-time throttling
+//! ones (and `cis490 check` failed it); at `SCHED_FIFO` up to 25 ms. At
+//! `SCHED_FIFO` priority 1 it runs as soon as it wakes, before any normal
+//! thread; the kernel's real-time throttling
 //! (`kernel.sched_rt_runtime_us`, 95% of each second by default) still
 //! bounds it. Any thread or process it starts afterwards is created at the
 //! normal policy (`SCHED_RESET_ON_FORK`): the threads that make every CPU
@@ -85,6 +86,11 @@ fn set_fifo(priority: i32) -> std::io::Result<()> {
 fn current() -> (String, i32) {
     // SAFETY: pid 0 is the calling thread.
     let policy = unsafe { libc::sched_getscheduler(0) };
+    let name = if policy < 0 {
+        format!("unreadable ({})", std::io::Error::last_os_error())
+    } else {
+        policy_name(policy)
+    };
     let mut param = libc::sched_param { sched_priority: 0 };
     // SAFETY: as above; `param` is a valid out-pointer.
     let prio = if unsafe { libc::sched_getparam(0, &mut param) } == 0 {
@@ -92,7 +98,7 @@ fn current() -> (String, i32) {
     } else {
         0
     };
-    (policy_name(policy), prio)
+    (name, prio)
 }
 
 /// The name of a policy as `sched_getscheduler` returns it.
@@ -104,7 +110,6 @@ fn policy_name(policy: i32) -> String {
         libc::SCHED_BATCH => "SCHED_BATCH".into(),
         libc::SCHED_IDLE => "SCHED_IDLE".into(),
         6 => "SCHED_DEADLINE".into(),
-        p if p < 0 => format!("unknown ({})", std::io::Error::last_os_error()),
         p => format!("policy {p}"),
     }
 }
