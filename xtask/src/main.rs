@@ -85,10 +85,13 @@ enum Task {
         target: Option<String>,
     },
     /// Benchmark cis490's overhead beside bpftrace and a /proc poller on
-    /// five workloads (a context-switch storm, a many-thread CPU burn with
-    /// wakeups, direct I/O, tap traffic, the demo's QEMU guest); write the
-    /// table into docs/benchmarks.md and print it. Needs root; installs
-    /// bpftrace with apt if missing; about 15 minutes (--quick: about 3).
+    /// eight workloads (context-switch storms: pinned, unpinned, one per
+    /// CPU, and yield storms one per CPU; a many-thread CPU burn with
+    /// wakeups, direct I/O, tap traffic, the demo's QEMU guest), then the
+    /// gateway and scaling parts; write the tables into docs/benchmarks.md
+    /// and print them. Needs root; installs bpftrace with apt if missing.
+    /// Long: every workload runs 7 rounds under every tracer (pick some
+    /// with --workloads and --tracers; --quick for a short check).
     Bench(bench::Args),
     /// Build the in-guest agent (cis490-agent) as a static executable and
     /// print its path (the guest images include it and start it at boot).

@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: cis490's overhead beside bpftrace's and a /proc
-//! poller's, measured side by side in one run, on five workloads; writes
+//! poller's, measured side by side in one run, on eight workloads; writes
 //! the table into `docs/benchmarks.md` and prints it.
 //!
 //! Each round runs every workload once untraced and once under each tracer,
@@ -43,7 +43,7 @@ pub struct Args {
     /// Smaller workloads and 2 rounds (unless --rounds is given): for development.
     #[arg(long)]
     pub quick: bool,
-    /// Workloads to run, comma-separated (default: all five).
+    /// Workloads to run, comma-separated (default: all).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
     pub workloads: Vec<Kind>,
     /// Tracers to compare, comma-separated (default: all; `none` is always run).

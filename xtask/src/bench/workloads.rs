@@ -1,8 +1,8 @@
-//! The five workloads. Each is started held (so every tracer attaches to
+//! The eight workloads. Each is started held (so every tracer attaches to
 //! the same process before it does anything), released with a signal,
 //! and measures itself: the time its fixed amount of work took.
 //!
-//! - `storm`, `wakeburn`, `dio`, `net`: `cis490-workload` subcommands with
+//! - `storm` (and `storm-free`, `storms`, `yields`), `wakeburn`, `dio`, `net`: `cis490-workload` subcommands with
 //!   `--wait-signal` (they write `OUT.ready`, wait for SIGUSR1, do the work,
 //!   write their report, then linger a little so a tracer's cost can be read
 //!   while the target is still alive).
@@ -39,6 +39,11 @@ pub enum Kind {
     /// Two storms at once in one process, one pinned to each CPU: the most
     /// events per second this machine makes for one target.
     Storms,
+    /// Two yield storms at once in one process, one pinned to each CPU: each
+    /// pair's threads hand their CPU to each other with `sched_yield` (one
+    /// switch per call, no wakeup): the most context switches per second a
+    /// process makes here.
+    Yields,
     /// Many-thread CPU burn with frequent wakeups (more threads than CPUs).
     Wakeburn,
     /// Direct-I/O block writes, then reads.
@@ -50,8 +55,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Storm,
+        Kind::StormFree,
+        Kind::Storms,
+        Kind::Yields,
         Kind::Wakeburn,
         Kind::Dio,
         Kind::Net,
@@ -63,6 +71,7 @@ impl Kind {
             Kind::Storm => "storm",
             Kind::StormFree => "storm-free",
             Kind::Storms => "storms",
+            Kind::Yields => "yields",
             Kind::Wakeburn => "wakeburn",
             Kind::Dio => "dio",
             Kind::Net => "net",
@@ -76,6 +85,7 @@ impl Kind {
 pub struct Sizes {
     pub storm_round_trips: u64,
     pub storm_free_round_trips: u64,
+    pub yield_round_trips: u64,
     pub wakeburn_threads: u32,
     pub wakeburn_cycles: u64,
     pub wakeburn_spin_iters: u64,
@@ -92,6 +102,7 @@ impl Sizes {
         Sizes {
             storm_round_trips: 1_000_000,
             storm_free_round_trips: 300_000,
+            yield_round_trips: 2_000_000,
             wakeburn_threads: 8,
             wakeburn_cycles: 4_000,
             wakeburn_spin_iters: 8_000,
@@ -108,6 +119,7 @@ impl Sizes {
         Sizes {
             storm_round_trips: 300_000,
             storm_free_round_trips: 50_000,
+            yield_round_trips: 500_000,
             wakeburn_cycles: 1_200,
             dio_mib: 32,
             net_frames: 500_000,
@@ -131,6 +143,10 @@ impl Sizes {
             Kind::Storms => format!(
                 "`cis490-workload storm --round-trips {} --pairs 2`: two such pairs in one process, one pinned to each CPU",
                 self.storm_round_trips
+            ),
+            Kind::Yields => format!(
+                "`cis490-workload storm --via yield --round-trips {} --pairs 2`: two pairs, one pinned to each CPU, whose two threads hand the CPU to each other with `sched_yield` (a round trip is one yield each: two context switches, no wakeup)",
+                self.yield_round_trips
             ),
             Kind::Wakeburn => format!(
                 "`cis490-workload wakeburn --threads {} --cycles {} --spin-iters {}`: each thread spins, then sleeps 1 us (plus the timer slack), {} times",
@@ -236,6 +252,12 @@ impl Env {
                 let mut c = self.workload();
                 c.args(["storm", "--pairs", "2", "--round-trips"])
                     .arg(s.storm_round_trips.to_string());
+                c
+            }
+            Kind::Yields => {
+                let mut c = self.workload();
+                c.args(["storm", "--via", "yield", "--pairs", "2", "--round-trips"])
+                    .arg(s.yield_round_trips.to_string());
                 c
             }
             Kind::Wakeburn => {
@@ -485,7 +507,7 @@ impl Held {
         let r: Value = serde_json::from_slice(&fs::read(&self.out)?)
             .with_context(|| format!("{}", self.out.display()))?;
         let (work_ns, rate) = match self.kind {
-            Kind::Storm | Kind::StormFree | Kind::Storms => {
+            Kind::Storm | Kind::StormFree | Kind::Storms | Kind::Yields => {
                 (r["wall_ns"].as_u64(), r["round_trips_per_s"].as_f64())
             }
             Kind::Wakeburn => (r["wall_ns"].as_u64(), r["cycles_per_s"].as_f64()),
