@@ -13,7 +13,7 @@ crate::names! {
     pub mod map {
         NET_STATS,
         TAP_IFS,
-        TAP_IFINDEXES,
+        TAP_TABLE,
     }
 }
 
@@ -49,18 +49,34 @@ pub const MAX_IFS: usize = 16;
 /// Slot of [`NetStats::slots`] that counts socket traffic.
 pub const SOCKET_SLOT: usize = MAX_IFS;
 
-/// Words of the tap ifindex filter (map `TAP_IFINDEXES`, `Array<u64>`): a
-/// bit per ifindex modulo 64 x this, set for every tap of the target. The
-/// network probes run on every packet of the machine; a packet whose
-/// interface's bit is clear is not the target's, decided with two loads
-/// before the namespace and the `TAP_IFS` hash lookup (the bit is a
-/// filter, not the answer: ifindexes repeat across namespaces).
-pub const TAP_IFINDEX_WORDS: u32 = 16;
+/// Entries of the tap table (map `TAP_TABLE`, `Array<TapEntry>`), indexed
+/// by an interface's index modulo this ([`tap_entry`]). The network probes
+/// run on every packet of the machine: an entry that holds another
+/// interface (most often none) says "not a tap of a target" with one
+/// inlined array load; one that holds this interface's index and namespace
+/// gives its slots without the `TAP_IFS` hash lookup.
+pub const TAP_TABLE_ENTRIES: u32 = 1024;
 
-/// The word and bit of `ifindex` in the tap ifindex filter.
+/// The tap table's entry for `ifindex`.
 #[inline(always)]
-pub fn ifindex_bit(ifindex: u32) -> (u32, u64) {
-    ((ifindex >> 6) % TAP_IFINDEX_WORDS, 1u64 << (ifindex & 63))
+pub const fn tap_entry(ifindex: u32) -> u32 {
+    ifindex % TAP_TABLE_ENTRIES
+}
+
+/// One entry of the tap table: the tap registered first at this entry
+/// (`ifindex` 0: none; no interface has index 0), and whether others that
+/// share the entry (the same index in another namespace, or an index
+/// [`TAP_TABLE_ENTRIES`] apart) are in `TAP_IFS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TapEntry {
+    pub ifindex: u32,
+    /// The inode number of the tap's network namespace.
+    pub netns_inum: u32,
+    /// [`tap_value`] of the tap.
+    pub value: u32,
+    /// Nonzero: look other interfaces of this entry up in `TAP_IFS`.
+    pub overflow: u32,
 }
 
 /// Counters of one interface (or of the sockets), from the target's side.
@@ -136,12 +152,14 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
 const _: () = assert!(core::mem::size_of::<IfStats>() == 32);
+const _: () = assert!(core::mem::size_of::<TapEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<NetStats>() == 32 * (MAX_IFS + 1));
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain #[repr(C)] integers without padding (asserted above).
     unsafe impl aya::Pod for super::NetStats {}
+    unsafe impl aya::Pod for super::TapEntry {}
 }
 
 #[cfg(test)]
@@ -155,13 +173,12 @@ mod tests {
     }
 
     #[test]
-    fn ifindex_bits_cover_every_index() {
-        assert_eq!(ifindex_bit(1), (0, 2));
-        assert_eq!(ifindex_bit(63), (0, 1 << 63));
-        assert_eq!(ifindex_bit(64), (1, 1));
-        // Indexes past the filter's 1024 bits share bits (a filter).
-        assert_eq!(ifindex_bit(1024 + 5), ifindex_bit(5));
-        assert!(ifindex_bit(u32::MAX).0 < TAP_IFINDEX_WORDS);
+    fn tap_entries_cover_every_index() {
+        assert_eq!(tap_entry(1), 1);
+        assert_eq!(tap_entry(TAP_TABLE_ENTRIES - 1), TAP_TABLE_ENTRIES - 1);
+        // Indexes past the table share entries (the overflow flag's case).
+        assert_eq!(tap_entry(TAP_TABLE_ENTRIES + 5), tap_entry(5));
+        assert!(tap_entry(u32::MAX) < TAP_TABLE_ENTRIES);
     }
 
     #[test]

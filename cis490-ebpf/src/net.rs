@@ -5,8 +5,9 @@
 //! sends into the tap waits in the tap's queue until the target (or its
 //! vhost worker) reads it, and is counted then, where the tap's own
 //! counters count it (`skb_copy_datagram_iovec`, the copy to the reader).
-//! Both are matched by interface (its network namespace and index,
-//! `TAP_IFS`), never by the current task.
+//! Both are matched by interface (its network namespace and index:
+//! `TAP_TABLE`, and `TAP_IFS` for taps that share a table entry), never by
+//! the current task.
 //! Sockets: `sock_send_length`/`sock_recv_length` (6.3+) in the target's own
 //! threads, IPv4/IPv6 only (not the unix sockets of QMP or a monitor).
 
@@ -18,11 +19,11 @@ use aya_ebpf::{
 };
 use cis490_common::{
     IfStats, NetStats,
-    net::{AF_INET, AF_INET6, MAX_IFS, SOCKET_SLOT, if_key, ifindex_bit, tap_slots},
+    net::{AF_INET, AF_INET6, MAX_IFS, SOCKET_SLOT, TapEntry, if_key, tap_entry, tap_slots},
 };
 
 use crate::{
-    maps::add,
+    maps::bump,
     target::{current, field, load, target_slot},
 };
 
@@ -31,17 +32,18 @@ use crate::{
 #[map]
 pub static NET_STATS: PerCpuArray<NetStats> = PerCpuArray::with_max_entries(1, 0);
 
-/// The targets' tap interfaces: `if_key(netns inode, ifindex)` ->
-/// `tap_value(target slot, slot of its NetStats::slots)`. Kept by the
-/// loader as targets open taps.
+/// The targets' taps that share a `TAP_TABLE` entry with another tap:
+/// `if_key(netns inode, ifindex)` -> `tap_value(target slot, slot of its
+/// NetStats::slots)`. Kept by the loader as targets open taps.
 #[map]
 pub static TAP_IFS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_IFS as u32, 0);
 
-/// The tap ifindex filter (`cis490_common::net::ifindex_bit`): a set bit
-/// may be a tap of the target, a clear one is not. Set by the loader.
+/// The targets' taps by interface index (`cis490_common::net::tap_entry`):
+/// the first registered at each entry, and whether more are in `TAP_IFS`.
+/// Set by the loader.
 #[map]
-pub static TAP_IFINDEXES: Array<u64> =
-    Array::with_max_entries(cis490_common::net::TAP_IFINDEX_WORDS, 0);
+pub static TAP_TABLE: Array<TapEntry> =
+    Array::with_max_entries(cis490_common::net::TAP_TABLE_ENTRIES, 0);
 
 #[unsafe(no_mangle)]
 static SKB_LEN_OFFSET: Global<u32> = Global::new(0);
@@ -77,20 +79,33 @@ const MSG_PEEK: u64 = 2;
 #[inline(always)]
 fn tap_slot(dev: *const u8) -> Option<(u32, usize)> {
     let ifindex: u32 = load(dev, &NETDEV_IFINDEX_OFFSET);
-    // Most packets of the machine are not on a tap of the target: the
-    // ifindex filter says so with two loads.
-    let (word, bit) = ifindex_bit(ifindex);
-    if TAP_IFINDEXES.get(word).copied().unwrap_or(0) & bit == 0 {
+    // Most packets of the machine are not on a tap of a target: its table
+    // entry (an inlined array load) says so.
+    let entry = TAP_TABLE.get(tap_entry(ifindex))?;
+    if entry.ifindex != ifindex && entry.overflow == 0 {
         return None;
     }
     let net: *const u8 = load(dev, &NETDEV_NET_OFFSET);
     let inum: u32 = load(net, &NET_INUM_OFFSET);
-    unsafe { TAP_IFS.get(if_key(inum, ifindex)) }
-        .map(|&value| tap_slots(value))
-        .filter(|&(_, slot)| slot < MAX_IFS)
+    let value = if entry.ifindex == ifindex && entry.netns_inum == inum {
+        entry.value
+    } else if entry.overflow != 0 {
+        *unsafe { TAP_IFS.get(if_key(inum, ifindex)) }?
+    } else {
+        return None;
+    };
+    Some(tap_slots(value)).filter(|&(_, slot)| slot < MAX_IFS)
 }
 
 /// Adds one packet of `bytes` to `slot`, as sent (`tx`) or received.
+///
+/// Plain adds, not atomic ones: each counter of a slot has one writer, a
+/// tap's tx `netif_receive_skb`, its rx `skb_copy_datagram_iovec`, the
+/// sockets' tx `sock_send_length` and rx `sock_recv_length`; and the kernel
+/// never runs a tracing program inside itself on one CPU (a hit while it
+/// runs is skipped and counted in the program's `recursion_misses`, as it
+/// would be with atomic adds). So nothing can come between a counter's
+/// load and its store.
 #[inline(always)]
 fn count(target: u32, slot: usize, tx: bool, bytes: u64) {
     let Some(s) = NET_STATS.get_ptr_mut(target) else {
@@ -102,11 +117,11 @@ fn count(target: u32, slot: usize, tx: bool, bytes: u64) {
     let i: *mut IfStats = unsafe { &raw mut (*s).slots[slot] };
     unsafe {
         if tx {
-            add(&raw mut (*i).tx_bytes, bytes);
-            add(&raw mut (*i).tx_packets, 1);
+            bump(&raw mut (*i).tx_bytes, bytes);
+            bump(&raw mut (*i).tx_packets, 1);
         } else {
-            add(&raw mut (*i).rx_bytes, bytes);
-            add(&raw mut (*i).rx_packets, 1);
+            bump(&raw mut (*i).rx_bytes, bytes);
+            bump(&raw mut (*i).rx_packets, 1);
         }
     }
 }

@@ -562,3 +562,63 @@ fn a_tap_created_again_under_its_name_is_counted_again() {
     assert_tap_tx_exact(&ep, &truth, name, 1000, 500_000);
     assert_check_passes(&ep.dir);
 }
+
+/// Taps are found by a table indexed by interface index, whose entry holds
+/// one tap; a second tap at the same entry (here the same index in another
+/// namespace) is looked up in a hash the entry points to. Two targets
+/// traced through one server each create a tap in a namespace of their own
+/// (the first interface after `lo` in each: the same index) and write
+/// different frames: each target's rows hold exactly its own, by eBPF and
+/// by the oracle.
+#[test]
+fn two_targets_taps_with_one_index_in_two_namespaces_are_each_counted() {
+    require_root();
+    let dir = scratch("tap-same-index");
+    let server = Server::start(&dir, &[]);
+    let mut runs = Vec::new();
+    for (k, (frames, size)) in [(800u64, 500u64), (1200, 400)].into_iter().enumerate() {
+        let ns = Netns::new(&format!("tapidx{k}"));
+        let name = format!("c490i{k}");
+        let wdir = dir.join(format!("t{k}"));
+        std::fs::create_dir_all(&wdir).unwrap();
+        let (wl, out) = tap_workload(
+            &ns,
+            &wdir,
+            &name,
+            &[
+                "--frames",
+                &frames.to_string(),
+                "--size",
+                &size.to_string(),
+                // The oracle reads the tap's counters while it still exists.
+                "--linger-ms",
+                "400",
+            ],
+        );
+        let trace = server
+            .trace(&wdir)
+            .args(["--target-pid", &wl.id().to_string(), "--duration", "60"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ep = wait_trace_started(&wdir.join("data"), T);
+        let tap = wait_for_event(&ep, "tap_attached", |e| e["name"] == name, T);
+        runs.push((ns, name, wdir, wl, out, trace, tap, frames, size));
+    }
+    assert_eq!(
+        runs[0].6["ifindex"], runs[1].6["ifindex"],
+        "the two taps should share an index: {} and {}",
+        runs[0].6, runs[1].6
+    );
+    assert_ne!(runs[0].6["netns_inum"], runs[1].6["netns_inum"]);
+    for r in &runs {
+        kill(r.3.id() as i32, libc::SIGUSR1);
+    }
+    for (_ns, name, _wdir, mut wl, out, trace, _tap, frames, size) in runs {
+        assert!(wl.wait().unwrap().success());
+        let ep = Episode::from_output(&wait_output(trace, T));
+        assert_tap_tx_exact(&ep, &report(&out), &name, frames, frames * size);
+    }
+    drop(server);
+}

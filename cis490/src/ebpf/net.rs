@@ -4,9 +4,9 @@
 //! IPv4/IPv6 sockets (in process context, Linux 6.3+).
 //!
 //! The reader: Network rows from `NET_STATS`, and the registry of the target's taps in
-//! `TAP_IFS` (probes in `cis490-ebpf/src/net.rs`).
+//! `TAP_TABLE` and `TAP_IFS` (probes in `cis490-ebpf/src/net.rs`).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Mutex};
 
 use anyhow::Result;
 use aya::{
@@ -15,7 +15,7 @@ use aya::{
 };
 use cis490_common::{
     IfStats, NetStats,
-    net::{MAX_IFS, SOCKET_SLOT, global, if_key, ifindex_bit, map, prog, tap_value},
+    net::{MAX_IFS, SOCKET_SLOT, TapEntry, global, if_key, map, prog, tap_entry, tap_value},
 };
 
 use crate::sources::SampleCtx;
@@ -193,14 +193,14 @@ pub struct NetReader {
     target: u32,
     stats: PerCpuArray<MapData, NetStats>,
     tap_ifs: HashMap<MapData, u64, u32>,
-    /// The probes' ifindex filter: a bit for every registered tap.
-    tap_ifindexes: Array<MapData, u64>,
+    /// The taps by interface index: the first at each entry.
+    tap_table: Array<MapData, TapEntry>,
     taps_on: bool,
     sockets_on: bool,
     /// Interface name of each slot in use, in slot order.
     slots: Vec<String>,
     /// Their `TAP_IFS` keys, removed when the reader goes (the slot may
-    /// go to another target).
+    /// go to another target) from `TAP_TABLE` or `TAP_IFS`.
     keys: Vec<u64>,
     new_taps: Vec<Tap>,
     prev: NetStats,
@@ -222,7 +222,7 @@ impl NetReader {
             target: slot.index(),
             stats: open(ebpf, map::NET_STATS)?,
             tap_ifs: open(ebpf, map::TAP_IFS)?,
-            tap_ifindexes: open(ebpf, map::TAP_IFINDEXES)?,
+            tap_table: open(ebpf, map::TAP_TABLE)?,
             taps_on: attached.taps,
             sockets_on: attached.sockets,
             slots: Vec::new(),
@@ -254,19 +254,8 @@ impl NetReader {
                 );
                 continue;
             }
-            let slot = self.slots.len() as u32;
-            // The filter bit first: a frame between the two is then only
-            // looked up in vain, never missed once the tap is in TAP_IFS.
-            let (word, bit) = ifindex_bit(tap.ifindex);
-            let set = self
-                .tap_ifindexes
-                .get(&word, 0)
-                .and_then(|w| self.tap_ifindexes.set(word, w | bit, 0));
-            if let Err(e) = set {
-                log::warn!("cannot count tap {}: {e}", tap.name);
-                continue;
-            }
-            match self.tap_ifs.insert(key, tap_value(self.target, slot), 0) {
+            let value = tap_value(self.target, self.slots.len() as u32);
+            match self.enter(tap, value) {
                 Ok(()) => {
                     self.slots.push(tap.name.clone());
                     self.keys.push(key);
@@ -275,6 +264,24 @@ impl NetReader {
                 Err(e) => log::warn!("cannot count tap {}: {e}", tap.name),
             }
         }
+    }
+
+    /// Puts a tap into the table, or into `TAP_IFS` with its table entry's
+    /// overflow flag set when another tap holds the entry.
+    fn enter(&mut self, tap: &Tap, value: u32) -> Result<(), aya::maps::MapError> {
+        let _one_writer = TAP_TABLE_WRITER.lock().unwrap_or_else(|e| e.into_inner());
+        let i = tap_entry(tap.ifindex);
+        let mut entry = self.tap_table.get(&i, 0)?;
+        if entry.ifindex == 0 {
+            entry.ifindex = tap.ifindex;
+            entry.netns_inum = tap.netns_inum;
+            entry.value = value;
+        } else {
+            self.tap_ifs
+                .insert(if_key(tap.netns_inum, tap.ifindex), value, 0)?;
+            entry.overflow = 1;
+        }
+        self.tap_table.set(i, entry, 0)
     }
 
     pub fn sample(&mut self, ctx: &SampleCtx<'_>, m: &mut Measures) -> Result<()> {
@@ -307,12 +314,30 @@ impl NetReader {
     }
 }
 
+/// One writer of `TAP_TABLE` at a time: a server's episodes register taps
+/// from their own threads, and an entry is written whole.
+static TAP_TABLE_WRITER: Mutex<()> = Mutex::new(());
+
 impl Drop for NetReader {
-    /// The target's taps are no longer counted for its slot. (Their filter
-    /// bits stay: a bit is a filter, not the answer.)
+    /// The target's taps are no longer counted for its slot. (An entry's
+    /// overflow flag stays: it only sends a lookup to `TAP_IFS`.)
     fn drop(&mut self) {
-        for key in &self.keys {
-            let _ = self.tap_ifs.remove(key);
+        let _one_writer = TAP_TABLE_WRITER.lock().unwrap_or_else(|e| e.into_inner());
+        for &key in &self.keys {
+            let (netns_inum, ifindex) = ((key >> 32) as u32, key as u32);
+            let i = tap_entry(ifindex);
+            match self.tap_table.get(&i, 0) {
+                Ok(e) if e.ifindex == ifindex && e.netns_inum == netns_inum => {
+                    let cleared = TapEntry {
+                        overflow: e.overflow,
+                        ..TapEntry::default()
+                    };
+                    let _ = self.tap_table.set(i, cleared, 0);
+                }
+                _ => {
+                    let _ = self.tap_ifs.remove(&key);
+                }
+            }
         }
     }
 }
