@@ -1316,3 +1316,41 @@ impl Drop for Server {
         }
     }
 }
+
+/// Context switches against the kernel's own process-wide count
+/// (`getrusage`, which keeps the whole process's across execve) for a
+/// workload `exited` of whose threads exited (the final one included).
+/// The kernel folds an exiting thread's counters into the process's
+/// (release_task) before the thread's last moments: its final switch-out
+/// (voluntary, one per thread) the tracer leaves out as the kernel's totals
+/// do, but any preemption in between is in the eBPF counts only. So
+/// voluntary = getrusage (+-5: the main thread's report and exit come after
+/// its getrusage), and getrusage <= involuntary (2 below allowed under
+/// emulation, see below); the upper bound (getrusage
+/// plus 2 per exited thread, plus 5) is a sanity bound (about 0.6 per
+/// thread seen with 400 threads on 2 busy CPUs), not an exact count.
+#[track_caller]
+pub fn assert_switches_match_rusage(ep: &Episode, truth: &Value, exited: u64) {
+    let r = |k: &str| truth["rusage_self"][k].as_u64().unwrap();
+    let vol = ep.sum("ebpf", "ctx_switches_voluntary");
+    let inv = ep.sum("ebpf", "ctx_switches_involuntary");
+    eprintln!(
+        "voluntary: ebpf {vol}, getrusage {} ({exited} exited); involuntary: ebpf {inv}, getrusage {}",
+        r("nvcsw"),
+        r("nivcsw")
+    );
+    assert!(
+        vol.abs_diff(r("nvcsw")) <= 5,
+        "voluntary: ebpf {vol} vs getrusage {} ({exited} threads exited)",
+        r("nvcsw")
+    );
+    // Under emulation one short was seen once, in the 6.12 guest (a yield
+    // storm: 179315 against 179316; the next two runs +2 and +0): not
+    // explained yet, so allowed there and nowhere else.
+    let below = if software_emulated() { 2 } else { 0 };
+    assert!(
+        inv + below >= r("nivcsw") && inv <= r("nivcsw") + 2 * exited + 5,
+        "involuntary: ebpf {inv} vs getrusage {} (- {below}, + up to 2 x {exited} + 5)",
+        r("nivcsw")
+    );
+}
