@@ -268,14 +268,21 @@ impl NetReader {
 
     /// Puts a tap into the table, or into `TAP_IFS` with its table entry's
     /// overflow flag set when another tap holds the entry.
+    ///
+    /// The probes may read an entry while it is written, so no write may
+    /// show them a mix that matches a tap with another's value: an empty
+    /// entry (`ifindex` 0, matching nothing) first gets the namespace and
+    /// the value, then, in a second write, the index; a tap leaves by its
+    /// index alone (see `Drop`).
     fn enter(&mut self, tap: &Tap, value: u32) -> Result<(), aya::maps::MapError> {
         let _one_writer = TAP_TABLE_WRITER.lock().unwrap_or_else(|e| e.into_inner());
         let i = tap_entry(tap.ifindex);
         let mut entry = self.tap_table.get(&i, 0)?;
         if entry.ifindex == 0 {
-            entry.ifindex = tap.ifindex;
             entry.netns_inum = tap.netns_inum;
             entry.value = value;
+            self.tap_table.set(i, entry, 0)?;
+            entry.ifindex = tap.ifindex;
         } else {
             self.tap_ifs
                 .insert(if_key(tap.netns_inum, tap.ifindex), value, 0)?;
@@ -328,11 +335,9 @@ impl Drop for NetReader {
             let i = tap_entry(ifindex);
             match self.tap_table.get(&i, 0) {
                 Ok(e) if e.ifindex == ifindex && e.netns_inum == netns_inum => {
-                    let cleared = TapEntry {
-                        overflow: e.overflow,
-                        ..TapEntry::default()
-                    };
-                    let _ = self.tap_table.set(i, cleared, 0);
+                    // The index alone: a read during the write sees the
+                    // whole tap or none.
+                    let _ = self.tap_table.set(i, TapEntry { ifindex: 0, ..e }, 0);
                 }
                 _ => {
                     let _ = self.tap_ifs.remove(&key);
